@@ -1,0 +1,51 @@
+# The two commands a newcomer needs: `make run` (the lifecycle on a small CPU default) and
+# `make test`. Both set themselves up on a fresh machine (scripts/setup.sh, once).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+OUT ?= out
+PRESET ?= tinyllama-19m
+PYTEST_ARGS ?=
+export TOKENIZERS_PARALLELISM ?= false
+
+# Re-run set-up only when what it installs changes.
+SETUP_STAMP := $(VENV)/.setup-done
+SETUP_INPUTS := pyproject.toml scripts/setup.sh
+
+.PHONY: help setup run test test-fast bench clean distclean
+
+help:
+	@echo "make setup   create $(VENV), install torch (CPU build here), llama-cpp-python (portable), the project, the tokenizer"
+	@echo "make run     the main job on a small CPU default (PRESET=$(PRESET), outputs under $(OUT)/)"
+	@echo "make test    the whole test suite (what CI runs)"
+	@echo "make bench   benchmarks: ours vs the reference, side by side; rewrites bench/RESULTS.md"
+	@echo "make clean   remove $(OUT)/ and caches; distclean also removes $(VENV)"
+
+setup: $(SETUP_STAMP)
+
+$(SETUP_STAMP): $(SETUP_INPUTS)
+	PYTHON=$(PYTHON) VENV=$(VENV) bash scripts/setup.sh
+	@touch $@
+
+run: setup
+	@mkdir -p $(OUT)/run
+	$(PY) -m tinyllama presets
+	$(PY) -m tinyllama init --preset $(PRESET) --out $(OUT)/run/init
+	$(PY) -m tinyllama inspect $(OUT)/run/init --verify-hf
+
+test: setup
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: setup
+	$(PY) -m pytest -m "not slow" -x -q $(PYTEST_ARGS)
+
+bench: setup
+	$(PY) -m bench
+
+clean:
+	rm -rf $(OUT) .pytest_cache build *.egg-info
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +
+
+distclean: clean
+	rm -rf $(VENV)

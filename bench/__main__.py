@@ -1,0 +1,59 @@
+"""Runs every benchmark and rewrites bench/RESULTS.md with the machine and the date.
+
+    python -m bench [--quick]      (make bench)
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import platform
+import sys
+from pathlib import Path
+
+import torch
+
+from tinyllama.atomic import atomic_file
+
+from . import bench_core
+
+RESULTS = Path(__file__).with_name("RESULTS.md")
+GPU_MARKER = "<!-- gpu -->"
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return (f"{cpu}, {os.cpu_count()} cores, {gpu}; Python {platform.python_version()}, torch {torch.__version__}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args(argv)
+    sections = [("Core: tokenizer and model (`python -m bench.bench_core`)", bench_core.run(quick=args.quick))]
+    for title, tbl in sections:
+        print(f"\n## {title}\n\n{tbl}")
+    head = (f"# Benchmark results\n\nWritten by `make bench` on {dt.date.today().isoformat()}.\n"
+            f"Machine: {machine()}.\n\nEach row measures ours and the reference in the same run; "
+            "'ours vs ref' > 1 means ours is faster.\n")
+    body = "".join(f"\n## {t}\n\n{tbl}\n" for t, tbl in sections)
+    # Figures measured on a lent GPU machine live below this marker and survive a CPU re-run.
+    old = RESULTS.read_text() if RESULTS.exists() else ""
+    gpu_part = old[old.index(GPU_MARKER):] if GPU_MARKER in old else ""
+    with atomic_file(RESULTS) as tmp:
+        tmp.write_text(head + body + ("\n" + gpu_part if gpu_part else ""))
+    print(f"\nwrote {RESULTS}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""GGUF export and llama.cpp quantization (not built yet)."""

@@ -1,0 +1,89 @@
+#!/usr/bin/env bash
+# Creates .venv and installs everything the project needs, in the order that avoids the
+# two known traps on these machines (../shared/ENVIRONMENT.md):
+#   1. torch first, pinned: a bare `torch` requirement on a clean venv pulls a multi-GB CUDA
+#      build. On a CPU-only machine we install TORCH_SPEC (default torch==2.13.0; the CPU wheel
+#      is found locally here). Elsewhere set PIP_EXTRA_INDEX_URL to PyTorch's CPU index.
+#   2. llama-cpp-python as a *portable* build: the default -march=native build segfaults on
+#      quantized GGUFs on AVX-512/AMX Xeons. The wheel is built once per machine and cached in
+#      $TINYLLAMA_CACHE/wheels, so later set-ups (and CI on the same machine) reuse it.
+# Then the offline Llama-2 tokenizer is built from llama.cpp's vocabulary file, which the
+# llama-cpp-python sdist carries (no model hub needed).
+#
+# Usage: scripts/setup.sh            (make setup calls it; it is idempotent)
+# Env:   PYTHON=python3  VENV=.venv  TORCH_SPEC=torch==2.13.0  EXTRAS=dev,sft,gguf,serve,demo,eval
+#        TINYLLAMA_CACHE=~/.cache/tinyllama  LLAMA_CPP_VERSION=0.3.36
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-python3}
+VENV=${VENV:-.venv}
+LLAMA_CPP_VERSION=${LLAMA_CPP_VERSION:-0.3.36}
+CACHE=${TINYLLAMA_CACHE:-$HOME/.cache/tinyllama}
+export TINYLLAMA_CACHE=$CACHE
+
+if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+  HAS_CUDA=1
+  DEFAULT_TORCH=torch
+  DEFAULT_EXTRAS=dev,sft,gguf,serve,demo,eval
+else
+  HAS_CUDA=0
+  DEFAULT_TORCH=torch==2.13.0
+  DEFAULT_EXTRAS=dev,sft,gguf,serve,demo,eval
+fi
+TORCH_SPEC=${TORCH_SPEC:-$DEFAULT_TORCH}
+EXTRAS=${EXTRAS:-$DEFAULT_EXTRAS}
+
+step() { printf '\n== %s\n' "$*"; }
+
+if [ ! -x "$VENV/bin/python" ]; then
+  step "creating $VENV with $($PYTHON --version)"
+  "$PYTHON" -m venv "$VENV"
+fi
+PY="$VENV/bin/python"
+PIP=("$PY" -m pip install --disable-pip-version-check -q)
+
+if ! "$PY" -c "import torch" >/dev/null 2>&1; then
+  step "installing $TORCH_SPEC (cuda=$HAS_CUDA)"
+  "${PIP[@]}" "$TORCH_SPEC"
+fi
+
+# --- llama-cpp-python: portable build, cached per machine --------------------------------
+SDIST="$CACHE/sdist/llama_cpp_python-$LLAMA_CPP_VERSION.tar.gz"
+if [ ! -f "$SDIST" ]; then
+  step "downloading the llama-cpp-python $LLAMA_CPP_VERSION sdist (77 MB; it carries llama.cpp, its converter and the Llama-2 vocabulary)"
+  mkdir -p "$CACHE/sdist"
+  tmp=$(mktemp -d "$CACHE/sdist/.dl.XXXXXX")
+  "$PY" -m pip download --disable-pip-version-check -q --no-deps --no-binary :all: \
+    "llama-cpp-python==$LLAMA_CPP_VERSION" -d "$tmp"
+  mv "$tmp"/llama_cpp_python-"$LLAMA_CPP_VERSION".tar.gz "$SDIST"
+  rm -rf "$tmp"
+fi
+
+if [[ ",$EXTRAS," == *",gguf,"* || ",$EXTRAS," == *",serve,"* ]]; then
+  if ! "$PY" -c "import llama_cpp" >/dev/null 2>&1; then
+    WHEELS="$CACHE/wheels/portable-$(uname -m)"
+    if ! ls "$WHEELS"/llama_cpp_python-"$LLAMA_CPP_VERSION"-*.whl >/dev/null 2>&1; then
+      step "building llama-cpp-python $LLAMA_CPP_VERSION, portable (about 4 minutes on 2 cores, once per machine)"
+      mkdir -p "$WHEELS"
+      tmp=$(mktemp -d "$WHEELS/.build.XXXXXX")
+      CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON" \
+        "$PY" -m pip wheel --disable-pip-version-check -q --no-deps --no-cache-dir -w "$tmp" "$SDIST"
+      mv "$tmp"/*.whl "$WHEELS"/
+      rm -rf "$tmp"
+    fi
+    step "installing the cached portable llama-cpp-python wheel"
+    "${PIP[@]}" --no-deps "$WHEELS"/llama_cpp_python-"$LLAMA_CPP_VERSION"-*.whl
+    "${PIP[@]}" "numpy>=1.20" "typing-extensions>=4.5" "diskcache>=5.6.1" "jinja2>=2.11.3"
+  fi
+fi
+
+# --- the project, editable, with the chosen extras ---------------------------------------
+step "installing the project with extras [$EXTRAS]"
+"${PIP[@]}" -e ".[$EXTRAS]"
+
+# --- the offline Llama-2 tokenizer -------------------------------------------------------
+step "building the offline Llama-2 tokenizer"
+"$PY" -m tinyllama tokenizer build
+
+step "set-up done: $("$PY" -c 'import torch, sys; print(f"python {sys.version.split()[0]}, torch {torch.__version__}, cuda {torch.cuda.is_available()}")')"

@@ -1,0 +1,1 @@
+"""llama.cpp inference, speculative decoding and the OpenAI-compatible server (not built yet)."""

@@ -1,0 +1,1 @@
+"""Chat fine-tuning with trl + peft: full, LoRA, QLoRA (not built yet)."""

@@ -1,0 +1,48 @@
+"""Shared fixtures: tiny random configs, the offline Llama-2 tokenizer, a saved checkpoint."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from tinyllama import ModelConfig, Llama, Tokenizer  # noqa: E402
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def llama2_tokenizer() -> Tokenizer:
+    # No skip: the tokenizer is part of the foundation and `make setup` builds it.
+    return Tokenizer.llama2()
+
+
+@pytest.fixture
+def small_config() -> ModelConfig:
+    """A random small GQA config: 3 query heads per KV group, odd sizes on purpose."""
+    return ModelConfig(name="test-gqa", n_layer=3, d_model=96, n_head=6, n_kv_head=2, ffn_dim=200,
+                       vocab_size=320, max_seq_len=64, rope_base=10000.0, norm_eps=1e-5)
+
+
+@pytest.fixture
+def small_model(small_config) -> Llama:
+    torch.manual_seed(0)
+    model = Llama(small_config).eval()
+    # Norm weights start at 1; randomise them so parity tests would notice a misplaced weight.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.uniform_(0.5, 1.5)
+    return model

@@ -1,0 +1,112 @@
+"""Attention kernels behind one function, chosen by what is installed and where tensors live.
+
+    y = attention(q, k, v)   # q (B, H, T, hd); k, v (B, Hkv, S, hd) with S >= T -> (B, H, T, hd)
+
+Causal with the mask aligned bottom-right: query t sits at absolute position S - T + t, so
+the same call serves training (S == T), prefill, one-token decoding (T == 1) and speculative
+verification (1 < T < S). Grouped-query attention (H a multiple of Hkv) never materialises
+repeated K/V on the backends that support it.
+
+Order: flash-attn 2 (`flash_attn_func`, CUDA, fp16/bf16) > xformers memory-efficient
+attention (CUDA) > torch `scaled_dot_product_attention`. `TINYLLAMA_ATTENTION=sdpa|flash|xformers`
+forces one (an error if it cannot run). `reference_attention` is the plain-math definition
+that the tests hold every backend to.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import torch.nn.functional as F
+
+try:  # optional GPU extra
+    from flash_attn import flash_attn_func as _flash_attn_func
+except Exception:  # ImportError, or a build that does not match this torch/CUDA
+    _flash_attn_func = None
+
+try:
+    import xformers.ops as _xops
+except Exception:
+    _xops = None
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def available_backends() -> list[str]:
+    out = ["sdpa"]
+    if _xops is not None and torch.cuda.is_available():
+        out.insert(0, "xformers")
+    if _flash_attn_func is not None and torch.cuda.is_available():
+        out.insert(0, "flash")
+    return out
+
+
+def select_backend(q: torch.Tensor) -> str:
+    forced = os.environ.get("TINYLLAMA_ATTENTION", "").strip().lower()
+    if forced:
+        if forced not in ("sdpa", "flash", "xformers"):
+            raise ValueError(f"TINYLLAMA_ATTENTION={forced!r}: expected sdpa, flash or xformers")
+        if forced == "flash" and (_flash_attn_func is None or not q.is_cuda or q.dtype not in _HALF):
+            raise RuntimeError("TINYLLAMA_ATTENTION=flash needs flash-attn installed and fp16/bf16 CUDA tensors")
+        if forced == "xformers" and (_xops is None or not q.is_cuda):
+            raise RuntimeError("TINYLLAMA_ATTENTION=xformers needs xformers installed and CUDA tensors")
+        return forced
+    if q.is_cuda and q.dtype in _HALF and _flash_attn_func is not None:
+        return "flash"
+    if q.is_cuda and _xops is not None:
+        return "xformers"
+    return "sdpa"
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    backend = select_backend(q)
+    if backend == "flash":
+        return flash_attention(q, k, v)
+    if backend == "xformers":
+        return xformers_attention(q, k, v)
+    return sdpa_attention(q, k, v)
+
+
+def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    T, S = q.shape[2], k.shape[2]
+    mask, causal = None, False
+    if T == S:
+        causal = T > 1
+    elif T > 1:  # queries are the last T of S positions: a bottom-right-aligned causal mask
+        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=S - T)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                          enable_gqa=q.shape[1] != k.shape[1])
+
+
+def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    # flash-attn takes (B, T, H, hd); its causal mask is bottom-right aligned (>= 2.1) and it
+    # handles GQA natively when H is a multiple of Hkv.
+    y = _flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True)
+    return y.transpose(1, 2)
+
+
+def xformers_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    B, H, T, hd = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    g = H // Hkv
+    # xformers' GQA layout (B, M, Hkv, g, hd): K/V are expanded as views, not copied.
+    q5 = q.transpose(1, 2).reshape(B, T, Hkv, g, hd)
+    k5 = k.transpose(1, 2).unsqueeze(3).expand(B, S, Hkv, g, hd)
+    v5 = v.transpose(1, 2).unsqueeze(3).expand(B, S, Hkv, g, hd)
+    bias = _xops.fmha.attn_bias.LowerTriangularFromBottomRightMask() if T > 1 else None
+    y = _xops.memory_efficient_attention(q5, k5, v5, attn_bias=bias)   # (B, T, Hkv, g, hd)
+    return y.reshape(B, T, H, hd).transpose(1, 2)
+
+
+def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """softmax(q kᵀ / sqrt(hd) + causal mask) v with K/V repeated per query group, in float32."""
+    T, S = q.shape[2], k.shape[2]
+    g = q.shape[1] // k.shape[1]
+    k = k.repeat_interleave(g, dim=1).float()
+    v = v.repeat_interleave(g, dim=1).float()
+    scores = q.float() @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])          # (B, H, T, S)
+    allowed = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=S - T)
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    return (scores.softmax(-1) @ v).to(q.dtype)

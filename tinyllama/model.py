@@ -1,0 +1,235 @@
+"""The one model definition: a Llama-2-architecture decoder, written for a single device.
+
+    model = Llama(ModelConfig.from_name("tinyllama-debug"))
+    logits = model(ids)                               # ids (B, T) -> logits (B, T, vocab)
+    model.setup_kv_cache(batch_size=1, max_seq_len=512)
+    logits = model(prompt, start_pos=0)               # prefill: cache positions [0, T)
+    logits = model(next_id, start_pos=T)              # decode one step at position T
+
+Pre-norm RMSNorm, rotary embeddings (HF rotate-half convention), SwiGLU MLP, grouped-query
+attention, untied lm_head. Parameter names are exactly the Hugging Face Llama names, so a
+state dict moves between this module and `transformers.LlamaForCausalLM` unchanged.
+LoRA, quantization, FSDP, activation checkpointing and torch.compile wrap this module from
+outside; nothing of them lives here.
+
+The KV cache is indexed by absolute position: a step at `start_pos` writes K/V to
+[start_pos, start_pos + T) and attends to [0, start_pos + T). Rolling back (speculative
+decoding) is just calling the next step with a smaller `start_pos`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+from .kernels import attention
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in float32 and cast back before the weight, as transformers does, so
+        # bf16 checkpoints give the same numbers in both implementations.
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin tables for positions [0, max_seq_len); shape (max_seq_len, head_dim)."""
+
+    def __init__(self, head_dim: int, max_seq_len: int, base: float) -> None:
+        super().__init__()
+        self.head_dim, self.base = head_dim, base
+        self.build(max_seq_len)
+
+    def build(self, max_seq_len: int, device: torch.device | None = None) -> None:
+        inv_freq = 1.0 / (self.base ** (torch.arange(0, self.head_dim, 2, dtype=torch.float32, device=device) / self.head_dim))
+        t = torch.arange(max_seq_len, dtype=torch.float32, device=device)
+        freqs = torch.outer(t, inv_freq)                  # (S, hd/2)
+        emb = torch.cat((freqs, freqs), dim=-1)           # (S, hd): rotate-half layout
+        self.register_buffer("cos", emb.cos(), persistent=False)
+        self.register_buffer("sin", emb.sin(), persistent=False)
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        # Rebuilt lazily when the tables are on another device (a model built on the meta
+        # device, then loaded with assign=True) or too short for the positions asked for.
+        needed = max(int(positions.max()) + 1 if positions.numel() else 0, self.cos.shape[0])
+        if self.cos.device != positions.device or needed > self.cos.shape[0]:
+            self.build(needed, device=positions.device)
+        return self.cos[positions].to(dtype), self.sin[positions].to(dtype)  # (T, hd) each
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x (B, H, T, hd); cos/sin (T, hd) broadcast over batch and heads
+    return x * cos + rotate_half(x) * sin
+
+
+class KVCache(nn.Module):
+    """Preallocated K/V for one layer: (B, n_kv_head, max_seq_len, head_dim)."""
+
+    def __init__(self, batch_size: int, n_kv_head: int, max_seq_len: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device) -> None:
+        super().__init__()
+        shape = (batch_size, n_kv_head, max_seq_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, start_pos: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # k, v (B, n_kv, T, hd) -> the cache up to start_pos + T
+        end = start_pos + k.shape[2]
+        if end > self.k.shape[2]:
+            raise ValueError(f"KV cache overflow: position {end} > cache length {self.k.shape[2]}; "
+                             "call setup_kv_cache with a larger max_seq_len")
+        if k.shape[0] != self.k.shape[0]:
+            raise ValueError(f"batch size {k.shape[0]} differs from the KV cache's {self.k.shape[0]}")
+        self.k[:, :, start_pos:end] = k
+        self.v[:, :, start_pos:end] = v
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.d_model, cfg.n_head * cfg.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.d_model, cfg.kv_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.d_model, cfg.kv_dim, bias=False)
+        self.o_proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.d_model, bias=False)
+        self.kv_cache: KVCache | None = None
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start_pos: int | None) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)     # (B, H, T, hd)
+        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
+        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if start_pos is not None:
+            if self.kv_cache is None:
+                raise RuntimeError("start_pos given but no KV cache: call model.setup_kv_cache() first")
+            k, v = self.kv_cache.update(start_pos, k, v)                               # (B, Hkv, S, hd)
+        y = attention(q, k, v)                                                         # (B, H, T, hd)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.d_model, cfg.ffn_dim, bias=False)
+        self.up_proj = nn.Linear(cfg.d_model, cfg.ffn_dim, bias=False)
+        self.down_proj = nn.Linear(cfg.ffn_dim, cfg.d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start_pos: int | None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, start_pos)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Decoder(nn.Module):
+    """`model.*` in HF names: embeddings, blocks, final norm."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+
+
+class Llama(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.model = Decoder(cfg)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.rope = RotaryEmbedding(cfg.head_dim, cfg.max_seq_len, cfg.rope_base)
+        self.reset_parameters()
+
+    # ---- initialisation ----------------------------------------------------------------
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """TinyLlama's initialisation: N(0, sqrt(2/(5d))) everywhere (embeddings, projections,
+        lm_head); the residual-branch outputs (o_proj, down_proj) N(0, 1/sqrt(d)/n_layer);
+        RMSNorm weights 1. A no-op on the meta device."""
+        cfg = self.config
+        std = math.sqrt(2.0 / (5 * cfg.d_model))
+        out_std = 1.0 / math.sqrt(cfg.d_model) / cfg.n_layer
+        for name, p in self.named_parameters():
+            if p.is_meta:
+                continue
+            if name.endswith(("o_proj.weight", "down_proj.weight")):
+                nn.init.normal_(p, mean=0.0, std=out_std)
+            elif name.endswith("norm.weight"):
+                nn.init.ones_(p)
+            else:
+                nn.init.normal_(p, mean=0.0, std=std)
+
+    # ---- KV cache ----------------------------------------------------------------------
+    def setup_kv_cache(self, batch_size: int = 1, max_seq_len: int | None = None,
+                       dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> None:
+        """Allocates per-layer caches of (batch_size, n_kv_head, max_seq_len, head_dim)."""
+        cfg = self.config
+        max_seq_len = max_seq_len or cfg.max_seq_len
+        ref = self.lm_head.weight
+        for layer in self.model.layers:
+            layer.self_attn.kv_cache = KVCache(batch_size, cfg.n_kv_head, max_seq_len, cfg.head_dim,
+                                               dtype or ref.dtype, torch.device(device) if device else ref.device)
+
+    def clear_kv_cache(self) -> None:
+        for layer in self.model.layers:
+            layer.self_attn.kv_cache = None
+
+    @property
+    def kv_cache_len(self) -> int:
+        cache = self.model.layers[0].self_attn.kv_cache
+        return 0 if cache is None else cache.k.shape[2]
+
+    # ---- forward -----------------------------------------------------------------------
+    def forward(self, input_ids: torch.Tensor, start_pos: int | None = None) -> torch.Tensor:
+        """input_ids (B, T) -> logits (B, T, vocab) in float32.
+
+        start_pos None: a plain causal forward over the T tokens (training).
+        start_pos p:    the tokens sit at positions [p, p + T) and use the KV cache.
+        """
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
+        T = input_ids.shape[1]
+        first = 0 if start_pos is None else start_pos
+        positions = torch.arange(first, first + T, device=input_ids.device)
+        x = self.model.embed_tokens(input_ids)                       # (B, T, d)
+        cos, sin = self.rope(positions, x.dtype)                     # (T, hd) each
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, start_pos)
+        x = self.model.norm(x)
+        return self.lm_head(x).float()                               # (B, T, vocab)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())

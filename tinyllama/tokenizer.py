@@ -1,0 +1,322 @@
+"""The Llama-2 tokenizer, offline, on the Rust `tokenizers` library.
+
+    tok = Tokenizer.llama2()                 # built by `make setup`; no model hub needed
+    tok.encode("Hello world")                # [1, 15043, 3186]
+    tok.encode_batch(texts, bos=False)       # batched, parallel in Rust
+    tok.decode([1, 15043, 3186])             # "Hello world"
+    tok = Tokenizer.from_dir("some/hf/dir")  # any HF tokenizer directory
+
+Where the vocabulary comes from: llama.cpp ships Meta's Llama-2 SentencePiece vocabulary as
+`models/ggml-vocab-llama-spm.gguf` (token pieces, scores and types), and the llama-cpp-python
+sdist on PyPI carries that file. `build` reads it with gguf-py and writes an HF
+`tokenizer.json`: a byte-fallback BPE whose merges are ranked by the SentencePiece score of
+the merged piece (what transformers' SentencePiece converter does), with the normalizer
+`Prepend("▁") + Replace(" ", "▁")` and no pre-tokenizer, which reproduces llama.cpp's ids on
+leading spaces and whitespace-only input. The build also keeps llama.cpp's own tokenizer
+test vectors (`.inp`/`.out`) beside it, and the tests hold us to them.
+
+Special tokens typed in text are encoded as text (llama.cpp's `parse_special=False`): a
+prompt containing "</s>" cannot forge an end-of-sequence.
+
+CLI:  python -m tinyllama tokenizer build [--sdist FILE | --gguf FILE] [--out DIR]
+      python -m tinyllama tokenizer encode "some text"
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tarfile
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from tokenizers import AddedToken, decoders, normalizers, processors
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers.models import BPE
+
+from .atomic import atomic_dir
+
+LLAMA2_VOCAB_MEMBER = "vendor/llama.cpp/models/ggml-vocab-llama-spm.gguf"
+LLAMA_CPP_VERSION = "0.3.36"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+# gguf token types (llama.cpp's llama_token_type)
+_NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED, _UNUSED, _BYTE = 1, 2, 3, 4, 5, 6
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("TINYLLAMA_CACHE", Path.home() / ".cache" / "tinyllama"))
+
+
+def llama2_dir() -> Path:
+    return Path(os.environ.get("TINYLLAMA_TOKENIZER_DIR", cache_dir() / "tokenizers" / "llama2"))
+
+
+def default_sdist() -> Path:
+    return cache_dir() / "sdist" / f"llama_cpp_python-{LLAMA_CPP_VERSION}.tar.gz"
+
+
+class Tokenizer:
+    """A Llama tokenizer: ids identical to llama.cpp's for the same vocabulary."""
+
+    def __init__(self, backend: HFTokenizer, *, bos_id: int = 1, eos_id: int = 2, unk_id: int = 0,
+                 pad_id: int | None = None, chat_template: str | None = None, source: str = "") -> None:
+        self.backend = backend
+        # Special tokens in user text are plain text, as in llama.cpp with parse_special=False.
+        self.backend.encode_special_tokens = True
+        self.backend.no_padding()
+        self.backend.no_truncation()
+        self.bos_id, self.eos_id, self.unk_id = bos_id, eos_id, unk_id
+        # Llama-2 has no pad token; padding reuses an existing id (unk) so the vocabulary stays
+        # at 32000 and never grows to 32001 (TinyLlama issues #41, #56).
+        self.pad_id = unk_id if pad_id is None else pad_id
+        self.chat_template = chat_template
+        self.source = source
+
+    # ---- constructors ------------------------------------------------------------------
+    @classmethod
+    def llama2(cls) -> "Tokenizer":
+        """Meta's Llama-2 tokenizer (32000 tokens), built by `make setup` from registry files."""
+        d = llama2_dir()
+        if not (d / "tokenizer.json").exists():
+            sdist = default_sdist()
+            if not sdist.exists():
+                raise FileNotFoundError(
+                    f"the offline Llama-2 tokenizer is not built yet ({d / 'tokenizer.json'} is missing) and "
+                    f"the llama-cpp-python sdist it is built from is not at {sdist}; run `make setup` "
+                    "(or `python -m tinyllama.tokenizer build --gguf ggml-vocab-llama-spm.gguf`)"
+                )
+            build_llama2(sdist=sdist, out_dir=d)
+        return cls.from_dir(d)
+
+    @classmethod
+    def from_dir(cls, path: str | os.PathLike) -> "Tokenizer":
+        """Any HF tokenizer directory: tokenizer.json (+ tokenizer_config.json), or a
+        SentencePiece tokenizer.model converted through transformers when that is installed."""
+        path = Path(path)
+        if not path.is_dir():
+            raise FileNotFoundError(f"{path}: tokenizer directory not found")
+        cfg = _read_json(path / "tokenizer_config.json") if (path / "tokenizer_config.json").exists() else {}
+        if (path / "tokenizer.json").exists():
+            try:
+                backend = HFTokenizer.from_file(str(path / "tokenizer.json"))
+            except Exception as e:
+                raise ValueError(f"{path / 'tokenizer.json'}: not a valid tokenizers file: {e}") from None
+        elif (path / "tokenizer.model").exists():
+            backend = _convert_sentencepiece(path)
+        else:
+            raise FileNotFoundError(f"{path}: no tokenizer.json or tokenizer.model in this directory")
+
+        def special(name: str, default: int) -> int:
+            tok = cfg.get(name)
+            if isinstance(tok, dict):
+                tok = tok.get("content")
+            if isinstance(tok, str):
+                i = backend.token_to_id(tok)
+                if i is not None:
+                    return i
+            return default
+
+        unk = special("unk_token", backend.token_to_id("<unk>") if backend.token_to_id("<unk>") is not None else 0)
+        pad_tok = cfg.get("pad_token")
+        pad = special("pad_token", unk) if pad_tok else None
+        return cls(backend, bos_id=special("bos_token", 1), eos_id=special("eos_token", 2), unk_id=unk,
+                   pad_id=pad, chat_template=cfg.get("chat_template"), source=str(path))
+
+    @classmethod
+    def from_gguf_vocab(cls, gguf_path: str | os.PathLike) -> "Tokenizer":
+        backend, ids = _backend_from_gguf(Path(gguf_path))
+        return cls(backend, bos_id=ids["bos"], eos_id=ids["eos"], unk_id=ids["unk"], source=str(gguf_path))
+
+    # ---- encode / decode ---------------------------------------------------------------
+    @property
+    def vocab_size(self) -> int:
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
+        if not isinstance(text, str):
+            raise TypeError(f"encode() takes a str, got {type(text).__name__}")
+        ids = self.backend.encode(text, add_special_tokens=False).ids
+        return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
+
+    def encode_batch(self, texts: Sequence[str], bos: bool = True, eos: bool = False) -> list[list[int]]:
+        """Encodes many texts at once; the Rust library spreads them over its thread pool
+        (RAYON_NUM_THREADS / TOKENIZERS_PARALLELISM control it)."""
+        head, tail = [self.bos_id] if bos else [], [self.eos_id] if eos else []
+        return [head + e.ids + tail for e in self.backend.encode_batch(list(texts), add_special_tokens=False)]
+
+    def decode(self, ids: Iterable[int], skip_special: bool = True) -> str:
+        return self.backend.decode(list(ids), skip_special_tokens=skip_special)
+
+    def id_to_piece(self, i: int) -> str | None:
+        return self.backend.id_to_token(i)
+
+    def piece_to_id(self, piece: str) -> int | None:
+        return self.backend.token_to_id(piece)
+
+    @property
+    def fingerprint(self) -> str:
+        """sha256 of the vocabulary (piece -> id), for data manifests and mismatch checks."""
+        vocab = sorted(self.backend.get_vocab(with_added_tokens=True).items(), key=lambda kv: kv[1])
+        return hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode()).hexdigest()
+
+    # ---- save --------------------------------------------------------------------------
+    def save(self, out_dir: str | os.PathLike) -> None:
+        """Writes tokenizer.json, tokenizer_config.json and special_tokens_map.json into a
+        directory that transformers' AutoTokenizer loads with ids identical to ours."""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        piece = self.backend.id_to_token
+        self.backend.save(str(out / "tokenizer.json"))
+        specials = {"bos_token": piece(self.bos_id), "eos_token": piece(self.eos_id), "unk_token": piece(self.unk_id)}
+        config = {
+            # Not "LlamaTokenizerFast": transformers 5 rebuilds that class with a Metaspace
+            # pre-tokenizer, which drops the separate "▁" of a leading space and so disagrees
+            # with llama.cpp (and with this file). The generic class uses tokenizer.json as is.
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "add_bos_token": True,
+            "add_eos_token": False,
+            "clean_up_tokenization_spaces": False,
+            "model_max_length": 1_000_000_000_000_000_019_884_624_838_656,
+            "pad_token": piece(self.pad_id),
+            **specials,
+        }
+        if self.chat_template:
+            config["chat_template"] = self.chat_template
+        (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+        (out / "special_tokens_map.json").write_text(
+            json.dumps({**specials, "pad_token": piece(self.pad_id)}, indent=2) + "\n")
+
+    def __repr__(self) -> str:
+        return f"Tokenizer(vocab_size={self.vocab_size}, bos={self.bos_id}, eos={self.eos_id}, source={self.source!r})"
+
+
+# ---- building from llama.cpp's vocabulary file --------------------------------------------
+
+def _backend_from_gguf(gguf_path: Path) -> tuple[HFTokenizer, dict[str, int]]:
+    """A byte-fallback BPE equal to SentencePiece-BPE: merges ranked by the merged piece's score."""
+    from gguf import GGUFReader  # gguf-py, llama.cpp's own reader
+
+    try:
+        reader = GGUFReader(str(gguf_path))
+    except Exception as e:
+        raise ValueError(f"{gguf_path}: not a readable GGUF file: {e}") from None
+
+    def field(name: str):
+        f = reader.fields.get(name)
+        if f is None:
+            raise ValueError(f"{gguf_path}: GGUF field {name} is missing")
+        return f
+
+    model = bytes(field("tokenizer.ggml.model").parts[-1]).decode()
+    if model != "llama":
+        raise ValueError(f"{gguf_path}: tokenizer.ggml.model is {model!r}, expected 'llama' (SentencePiece)")
+    tf = field("tokenizer.ggml.tokens")
+    pieces = [bytes(tf.parts[i]).decode("utf-8") for i in tf.data]
+    sf = field("tokenizer.ggml.scores")
+    scores = [float(sf.parts[i][0]) for i in sf.data]
+    yf = field("tokenizer.ggml.token_type")
+    types = [int(yf.parts[i][0]) for i in yf.data]
+
+    def special_id(name: str, default: int) -> int:
+        f = reader.fields.get(f"tokenizer.ggml.{name}_token_id")
+        return int(f.parts[-1][0]) if f is not None else default
+
+    ids = {"bos": special_id("bos", 1), "eos": special_id("eos", 2), "unk": special_id("unknown", 0)}
+
+    vocab = {p: i for i, p in enumerate(pieces)}
+    merges: list[tuple[str, str, float]] = []
+    for piece, score, typ in zip(pieces, scores, types):
+        if typ != _NORMAL:
+            continue
+        local = [(piece[:k], piece[k:], score) for k in range(1, len(piece))
+                 if piece[:k] in vocab and piece[k:] in vocab]
+        local.sort(key=lambda m: (vocab[m[0]], vocab[m[1]]))
+        merges.extend(local)
+    merges.sort(key=lambda m: m[2], reverse=True)   # stable: ties keep the id order above
+
+    backend = HFTokenizer(BPE(vocab=vocab, merges=[(a, b) for a, b, _ in merges],
+                              unk_token=pieces[ids["unk"]], fuse_unk=True, byte_fallback=True))
+    backend.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    backend.pre_tokenizer = None
+    backend.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(),
+                                         decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+    backend.add_special_tokens([AddedToken(pieces[i], special=True, normalized=False)
+                                for i, t in enumerate(types) if t in (_CONTROL, _UNKNOWN)])
+    # BOS for callers that use add_special_tokens=True (transformers), as in Meta's release;
+    # our own encode() adds BOS/EOS explicitly instead.
+    bos = pieces[ids["bos"]]
+    backend.post_processor = processors.TemplateProcessing(
+        single=f"{bos}:0 $A:0", pair=f"{bos}:0 $A:0 {bos}:1 $B:1", special_tokens=[(bos, ids["bos"])])
+    return backend, ids
+
+
+def _convert_sentencepiece(path: Path) -> HFTokenizer:
+    try:
+        from transformers import LlamaTokenizerFast
+    except ImportError:
+        raise RuntimeError(f"{path}: only tokenizer.model (SentencePiece) is here; converting it needs "
+                           "transformers and sentencepiece (pip install '.[dev]')") from None
+    return LlamaTokenizerFast.from_pretrained(str(path), legacy=True).backend_tokenizer
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not UTF-8 text") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object")
+    return data
+
+
+def _extract_from_sdist(sdist: Path, dest: Path) -> Path:
+    """Copies the vocab file and llama.cpp's tokenizer test vectors out of the sdist."""
+    wanted = {LLAMA2_VOCAB_MEMBER: "ggml-vocab-llama-spm.gguf",
+              LLAMA2_VOCAB_MEMBER + ".inp": "llama-spm-tests.inp",
+              LLAMA2_VOCAB_MEMBER + ".out": "llama-spm-tests.out"}
+    try:
+        with tarfile.open(sdist) as tar:
+            for member in tar.getmembers():
+                rel = member.name.split("/", 1)[-1]
+                if rel in wanted and member.isfile():
+                    src = tar.extractfile(member)
+                    (dest / wanted.pop(rel)).write_bytes(src.read())
+    except (tarfile.TarError, OSError) as e:
+        raise ValueError(f"{sdist}: cannot read the llama-cpp-python sdist: {e}") from None
+    if "ggml-vocab-llama-spm.gguf" in wanted.values():
+        raise ValueError(f"{sdist}: {LLAMA2_VOCAB_MEMBER} is not in this archive")
+    return dest / "ggml-vocab-llama-spm.gguf"
+
+
+def build_llama2(sdist: Path | None = None, gguf: Path | None = None, out_dir: Path | None = None) -> Path:
+    """Builds the Llama-2 tokenizer directory atomically."""
+    out_dir = Path(out_dir or llama2_dir())
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_dir(out_dir) as tmp:
+        if gguf is not None:
+            vocab = Path(gguf)
+            if not vocab.is_file():
+                raise FileNotFoundError(f"{vocab}: GGUF vocabulary file not found")
+            source = str(gguf)
+        else:
+            sdist = Path(sdist or default_sdist())
+            if not sdist.exists():
+                raise FileNotFoundError(f"{sdist}: llama-cpp-python sdist not found (make setup downloads it)")
+            vocab = _extract_from_sdist(sdist, tmp)
+            source = f"{sdist.name}:{LLAMA2_VOCAB_MEMBER}"
+        tok = Tokenizer.from_gguf_vocab(vocab)   # errors name the user's file, not a temp copy
+        tok.save(tmp)
+        if vocab.parent != tmp:
+            vocab = Path(shutil.copyfile(vocab, tmp / "ggml-vocab-llama-spm.gguf"))
+        (tmp / "PROVENANCE.txt").write_text(
+            "Meta's Llama-2 SentencePiece vocabulary (Llama 2 Community License), as shipped by llama.cpp (MIT)\n"
+            f"source: {source}\n"
+            f"gguf sha256: {hashlib.sha256(vocab.read_bytes()).hexdigest()}\n"
+            f"vocab fingerprint: {tok.fingerprint}\n")
+    return out_dir
+
