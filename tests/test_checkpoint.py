@@ -237,6 +237,7 @@ def test_index_listing_a_missing_shard(debug_dir, tmp_path):
 def test_missing_tokenizer(debug_dir, tmp_path):
     d = _copy(debug_dir[0], tmp_path / "d")
     (d / "tokenizer.json").unlink()
+    (d / "tokenizer.model").unlink()
     with pytest.raises(CheckpointError, match="no tokenizer.json"):
         load_checkpoint(d)
     model, tok = load_checkpoint(d, tokenizer=False)

@@ -74,7 +74,11 @@ def test_special_tokens_in_text_are_text(llama2_tokenizer):
 
 
 def test_batch_equals_single(llama2_tokenizer):
-    texts = _random_texts(200, seed=1)
+    """encode_batch's word cache must give exactly the reference encoder's ids."""
+    import json as json_module
+
+    real = [open(m.__file__, encoding="utf-8").read() for m in (random, json_module, pytest)]
+    texts = _random_texts(200, seed=1) + real + real + ["x" * 5000, "1234567890" * 50, "\n\n\t  \n", ""]
     assert llama2_tokenizer.encode_batch(texts) == [llama2_tokenizer.encode(t) for t in texts]
     assert llama2_tokenizer.encode_batch(texts, bos=False, eos=True)[0][-1] == 2
 
@@ -122,3 +126,31 @@ def test_build_cli_is_atomic_and_clear(tmp_path, capsys):
     assert "bad.gguf" in capsys.readouterr().err
     assert not (tmp_path / "tok2").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".build-")]
+
+
+def test_sentencepiece_model_gives_the_same_ids(llama2_tokenizer):
+    """The tokenizer.model written beside tokenizer.json is the same vocabulary for SentencePiece."""
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=str(llama2_dir() / "tokenizer.model"))
+    assert sp.vocab_size() == 32000 and (sp.bos_id(), sp.eos_id(), sp.unk_id()) == (1, 2, 0)
+    for text in _random_texts(500, seed=7) + [t for t, _ in _llama_cpp_vectors()]:
+        assert sp.encode(text) == llama2_tokenizer.encode(text, bos=False), text
+
+
+def test_save_carries_tokenizer_model(llama2_tokenizer, tmp_path):
+    llama2_tokenizer.save(tmp_path)
+    assert (tmp_path / "tokenizer.model").read_bytes() == (llama2_dir() / "tokenizer.model").read_bytes()
+
+
+def test_directory_with_only_tokenizer_model(llama2_tokenizer, tmp_path):
+    """Some Llama repositories ship only SentencePiece's tokenizer.model: same ids."""
+    import shutil
+
+    shutil.copy(llama2_dir() / "tokenizer.model", tmp_path / "tokenizer.model")
+    tok = Tokenizer.from_dir(tmp_path)
+    for text in _random_texts(300, seed=11):
+        assert tok.encode(text) == llama2_tokenizer.encode(text)
+    (tmp_path / "tokenizer.model").write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="tokenizer.model: not a SentencePiece model"):
+        Tokenizer.from_dir(tmp_path)
