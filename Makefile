@@ -6,7 +6,6 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 OUT ?= out
 DATA ?= data
-PRESET ?= tinyllama-19m
 PYTEST_ARGS ?=
 export TOKENIZERS_PARALLELISM ?= false
 
@@ -14,12 +13,16 @@ export TOKENIZERS_PARALLELISM ?= false
 SETUP_STAMP := $(VENV)/.setup-done
 SETUP_INPUTS := pyproject.toml scripts/setup.sh
 
-.PHONY: help setup data run test test-fast bench clean distclean
+PRETRAIN_CONFIG ?= pretrain/configs/cpu.yaml
+PRETRAIN_ARGS ?=
+
+.PHONY: help setup data pretrain run test test-fast bench clean distclean
 
 help:
 	@echo "make setup   create $(VENV), install torch (CPU build here), llama-cpp-python (portable), the project, the tokenizer"
 	@echo "make data    build the default corpus offline and tokenize it into $(DATA)/tokens/{natural,code}"
-	@echo "make run     the main job on a small CPU default (PRESET=$(PRESET), outputs under $(OUT)/)"
+	@echo "make pretrain  pretrain with $(PRETRAIN_CONFIG) (+ PRETRAIN_ARGS='--max-steps 100 ...'); re-run to resume"
+	@echo "make run     the main job on a small CPU default (outputs under $(OUT)/)"
 	@echo "make test    the whole test suite (what CI runs)"
 	@echo "make bench   benchmarks: ours vs the reference, side by side; rewrites bench/RESULTS.md"
 	@echo "make clean   remove $(OUT)/ and caches; distclean also removes $(VENV)"
@@ -37,11 +40,13 @@ $(DATA)/tokens/code/manifest.json: $(SETUP_STAMP) pretrain/corpus.py pretrain/pr
 	@bash scripts/corpus_packages.sh
 	$(PY) -m pretrain.corpus --out $(DATA)
 
+pretrain: setup data
+	$(PY) -m pretrain --config $(PRETRAIN_CONFIG) $(PRETRAIN_ARGS)
+
+# The lifecycle so far: corpus -> shards -> pretrained base model (out/pretrain/final).
 run: setup data
-	@mkdir -p $(OUT)/run
-	$(PY) -m tinyllama presets
-	$(PY) -m tinyllama init --preset $(PRESET) --out $(OUT)/run/init
-	$(PY) -m tinyllama inspect $(OUT)/run/init --verify-hf
+	$(PY) -m pretrain --config $(PRETRAIN_CONFIG) --out-dir $(OUT)/pretrain $(PRETRAIN_ARGS)
+	$(PY) -m tinyllama inspect $(OUT)/pretrain/final --verify-hf --text "To be, or not to be, that is the question:"
 
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -11,7 +11,7 @@
 # llama-cpp-python sdist carries (no model hub needed).
 #
 # Usage: scripts/setup.sh            (make setup calls it; it is idempotent)
-# Env:   PYTHON=python3  VENV=.venv  TORCH_SPEC=torch==2.13.0  EXTRAS=dev,sft,gguf,serve,demo,eval
+# Env:   PYTHON=python3  VENV=.venv  TORCH_SPEC=torch==2.13.0  EXTRAS=dev,train,sft,gguf,serve,demo,eval
 #        TINYLLAMA_CACHE=~/.cache/tinyllama  LLAMA_CPP_VERSION=0.3.36
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -25,11 +25,11 @@ export TINYLLAMA_CACHE=$CACHE
 if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
   HAS_CUDA=1
   DEFAULT_TORCH=torch
-  DEFAULT_EXTRAS=dev,sft,gguf,serve,demo,eval
+  DEFAULT_EXTRAS=dev,train,sft,gguf,serve,demo,eval
 else
   HAS_CUDA=0
   DEFAULT_TORCH=torch==2.13.0
-  DEFAULT_EXTRAS=dev,sft,gguf,serve,demo,eval
+  DEFAULT_EXTRAS=dev,train,sft,gguf,serve,demo,eval
 fi
 TORCH_SPEC=${TORCH_SPEC:-$DEFAULT_TORCH}
 EXTRAS=${EXTRAS:-$DEFAULT_EXTRAS}

@@ -110,3 +110,20 @@ def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> to
     allowed = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=S - T)
     scores = scores.masked_fill(~allowed, float("-inf"))
     return (scores.softmax(-1) @ v).to(q.dtype)
+
+
+# ---- cross-entropy ------------------------------------------------------------------------
+
+try:  # flash-attn's fused Triton cross-entropy (CUDA)
+    from flash_attn.ops.triton.cross_entropy import cross_entropy_loss as _flash_ce
+except Exception:
+    _flash_ce = None
+
+
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean token cross-entropy; logits (N, V), targets (N,). Uses flash-attn's fused kernel
+    on CUDA when installed (it never materialises the softmax), else torch's, in float32."""
+    if logits.is_cuda and _flash_ce is not None and os.environ.get("TINYLLAMA_FUSED_CE", "1") != "0":
+        losses, _ = _flash_ce(logits, targets)
+        return losses.mean()
+    return F.cross_entropy(logits.float(), targets)

@@ -1,0 +1,124 @@
+"""Training-step throughput: ours vs transformers.LlamaForCausalLM, same shape, batch,
+optimizer and device, in one run; each setting in a fresh process (so peak memory is its own).
+
+    python -m bench.train_throughput [--steps 5] [--quick]
+
+Shape (the issue's reference point): hidden 512, 8 layers, 8 query heads / 2 KV groups,
+SwiGLU 1536, vocab 32000, seq 512, micro-batch 4; AdamW (foreach) + grad clipping, as the
+trainer steps. Settings: float32 or bf16 autocast, eager or torch.compile. MFU is against the
+measured matmul peak of this CPU in that dtype (pretrain.metrics).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+
+SETTINGS = [("float32", False), ("float32", True), ("bfloat16", False), ("bfloat16", True)]
+SHAPE = dict(n_layer=8, d_model=512, n_head=8, n_kv_head=2, ffn_dim=1536, vocab_size=32000, max_seq_len=512)
+B, T = 4, 512
+
+
+def _measure(impl: str, dtype_name: str, compiled: bool, steps: int) -> dict:
+    import resource
+
+    import torch
+    import torch.nn.functional as F
+
+    from pretrain.metrics import measured_cpu_peak
+    from tinyllama import Llama, ModelConfig
+    from tinyllama.kernels import cross_entropy
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(name="bench-512", **SHAPE)
+    dtype = torch.bfloat16 if dtype_name == "bfloat16" else None
+    if impl == "ours":
+        model = Llama(cfg)
+        forward = model
+        if compiled:
+            for block in model.model.layers:
+                block.compile()
+
+        def logits_of(x):
+            return model(x)
+    else:
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        hf_cfg = LlamaConfig(**{k: v for k, v in cfg.to_hf_dict().items() if k != "torch_dtype"})
+        hf_cfg._attn_implementation = "sdpa"
+        model = LlamaForCausalLM(hf_cfg)
+        forward = torch.compile(model) if compiled else model
+
+        def logits_of(x):
+            return forward(x).logits.float()
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, foreach=True)
+    x = torch.randint(0, cfg.vocab_size, (B, T + 1), generator=torch.Generator().manual_seed(0))
+
+    def step():
+        with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
+            logits = logits_of(x[:, :-1])
+        loss = (cross_entropy if impl == "ours" else F.cross_entropy)(logits.flatten(0, 1).float(), x[:, 1:].flatten())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.item()
+
+    for _ in range(2):
+        step()
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    dt = sorted(times)[len(times) // 2]
+    tok_s = B * T / dt
+    peak = measured_cpu_peak(torch.bfloat16 if dtype else torch.float32, n=2048)
+    return {"tok_s": tok_s, "mfu": cfg.flops_per_token(T) * tok_s / peak,
+            "rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6}
+
+
+def run(steps: int = 5, quick: bool = False) -> str:
+    settings = SETTINGS[::2] if quick else SETTINGS
+    results = {}
+    for impl in ("ours", "hf"):
+        for dtype, compiled in settings:
+            r = subprocess.run([sys.executable, "-m", "bench.train_throughput", "--child", impl, dtype,
+                                str(int(compiled)), str(steps)], capture_output=True, text=True)
+            if r.returncode != 0:
+                raise RuntimeError(f"{impl} {dtype} compiled={compiled} failed:\n{r.stderr[-2000:]}")
+            results[(impl, dtype, compiled)] = json.loads(r.stdout.strip().splitlines()[-1])
+    rows = []
+    for dtype, compiled in settings:
+        o, h = results[("ours", dtype, compiled)], results[("hf", dtype, compiled)]
+        name = f"{dtype} {'compiled' if compiled else 'eager'}"
+        rows.append((name, f"{o['tok_s']:,.0f} tok/s, MFU {o['mfu']:.0%}, {o['rss_gb']:.1f} GB",
+                     f"{h['tok_s']:,.0f} tok/s, MFU {h['mfu']:.0%}, {h['rss_gb']:.1f} GB", f"{o['tok_s'] / h['tok_s']:.2f}x"))
+    best_o = max(v["tok_s"] for k, v in results.items() if k[0] == "ours")
+    best_h = max(v["tok_s"] for k, v in results.items() if k[0] == "hf")
+    rows.append(("best of each", f"{best_o:,.0f} tok/s", f"{best_h:,.0f} tok/s", f"{best_o / best_h:.2f}x"))
+    head = ("setting (hidden 512, 8 layers, GQA 8:2, seq 512, batch 4)", "ours", "transformers", "ours vs HF")
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(4)]
+    fmt = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"  # noqa: E731
+    return "\n".join([fmt(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(fmt, rows)])
+
+
+def main(argv: list[str] | None = None) -> int:
+    if argv is None and len(sys.argv) > 1 and sys.argv[1] == "--child":
+        impl, dtype, compiled, steps = sys.argv[2:6]
+        print(json.dumps(_measure(impl, dtype, bool(int(compiled)), int(steps))))
+        return 0
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--quick", action="store_true", help="eager settings only")
+    args = ap.parse_args(argv)
+    print(run(args.steps, args.quick))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,86 @@
+"""python -m pretrain: pretrain (or resume) a model from a YAML config and/or flags.
+
+    python -m pretrain --config pretrain/configs/cpu.yaml                 # the CPU default (make pretrain)
+    python -m pretrain --config pretrain/configs/cpu.yaml --max-steps 50 --lr 1e-3
+    torchrun --nproc_per_node=2 -m pretrain --config pretrain/configs/cpu.yaml
+    python -m pretrain --preset tinyllama-19m --data natural=data/tokens/natural code=data/tokens/code \\
+        --weights natural=0.7 code=0.3 --seq-len 256 --micro-batch 8 --global-batch-tokens 4096 --max-steps 100
+
+Every field of the config is a flag (`--field-name value`); flags override the YAML file.
+Re-running the same command resumes from the newest complete checkpoint in --out-dir.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+
+from .config import ConfigError, TrainConfig
+from .data import DataError
+
+_HELP = {
+    "preset": "model preset (python -m tinyllama presets)",
+    "init_from": "continue pretraining from this HF-format model directory",
+    "data": "sources as NAME=SHARD_DIR ... (from python -m pretrain.prepare)",
+    "weights": "mixture weights as NAME=WEIGHT ...",
+    "global_batch_tokens": "tokens per optimizer step, across ranks and accumulation",
+    "max_steps": "optimizer steps (default: max_tokens / global_batch_tokens)",
+    "dtype": "auto (bf16 on CUDA, float32 on CPU), bfloat16 or float32",
+    "save_every": "optimizer steps between checkpoints (0: only the final one)",
+    "keep_last": "training-state checkpoints to keep",
+}
+
+
+def _pairs(values: list[str], flag: str) -> dict[str, str]:
+    out = {}
+    for v in values:
+        if "=" not in v:
+            raise ConfigError(f"--{flag}: expected NAME=VALUE, got {v!r}")
+        k, val = v.split("=", 1)
+        out[k] = val
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m pretrain", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", help="a YAML file of config fields (see pretrain/configs/)")
+    defaults = TrainConfig()
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        default = getattr(defaults, f.name)
+        help_text = f"{_HELP.get(f.name, f.name.replace('_', ' '))} (default: {default})"
+        t = str(f.type)
+        if t == "bool":
+            ap.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        elif t.startswith(("dict", "list")):
+            ap.add_argument(flag, dest=f.name, nargs="+", default=None, help=help_text)
+        else:
+            ap.add_argument(flag, dest=f.name, default=None, help=help_text)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    overrides = {}
+    try:
+        for f in dataclasses.fields(TrainConfig):
+            v = getattr(args, f.name)
+            if v is None:
+                continue
+            overrides[f.name] = _pairs(v, f.name.replace("_", "-")) if str(f.type).startswith("dict") else v
+        cfg = TrainConfig.from_yaml(args.config, overrides).validate()
+        from .train import train   # torch and friends load only once the config is sound
+
+        summary = train(cfg)
+    except (ConfigError, DataError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"done: step {summary['step']}, {summary['tokens']:,} tokens, final train loss {summary['loss']:.4f}"
+          + (f", validation loss {summary['val_loss']:.4f}" if "val_loss" in summary else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

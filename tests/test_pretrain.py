@@ -1,0 +1,197 @@
+"""The pretraining loop: schedule, config errors, exact resume, HF checkpoints, FSDP2 parity."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from pretrain.config import ConfigError, TrainConfig
+from pretrain.prepare import PrepareConfig, prepare
+from pretrain.schedule import lr_at
+from pretrain.train import train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    """Two real sources: English help texts shipped with Python, and the json package's code."""
+    import json as json_pkg
+
+    from pydoc_data.topics import topics
+
+    d = tmp_path_factory.mktemp("shards")
+    natural = d / "natural.jsonl"
+    natural.write_text("".join(json.dumps({"text": t}) + "\n" for _, t in sorted(topics.items())[:60]))
+    out = {}
+    for name, src, kw in [("natural", natural, {}), ("code", Path(json_pkg.__file__).parent, {"extensions": (".py",)})]:
+        prepare(PrepareConfig(source=str(src), out=d / name, workers=1, val_fraction=0.2, progress=False, **kw))
+        out[name] = str(d / name)
+    return out
+
+
+def tiny_config(shards, out_dir, **kw):
+    base = dict(preset="tinyllama-debug", data=shards, weights={"natural": 0.7, "code": 0.3}, seq_len=32,
+                micro_batch=2, global_batch_tokens=128, max_steps=8, lr=3e-3, min_lr=3e-4, warmup_steps=2,
+                dtype="float32", out_dir=str(out_dir), save_every=2, keep_last=2, eval_every=4, eval_batches=2,
+                log_every=1, sample_tokens=0, tensorboard=False, progress=False, seed=5)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+# ---- schedule ---------------------------------------------------------------------------
+
+def test_schedule_warmup_midpoint_and_end():
+    kw = dict(lr=4e-4, min_lr=4e-5, warmup=2000, total=10000)
+    assert lr_at(1, **kw) == pytest.approx(4e-4 / 2000)
+    assert lr_at(2000, **kw) == pytest.approx(4e-4)                     # end of warmup: the peak
+    assert lr_at(6000, **kw) == pytest.approx((4e-4 + 4e-5) / 2)        # halfway through the cosine
+    assert lr_at(10000, **kw) == 4e-5                                   # min_lr really reached
+    values = [lr_at(s, **kw) for s in range(2000, 10001, 100)]
+    assert all(a >= b for a, b in zip(values, values[1:]))
+    with pytest.raises(ValueError):
+        lr_at(0, **kw)
+
+
+def test_schedule_counts_optimizer_steps_not_micro_batches(shards, tmp_path):
+    """With 2 accumulation steps per update, 8 updates see 8 learning rates, ending at min_lr."""
+    train(tiny_config(shards, tmp_path, save_every=0, eval_every=0))
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    lrs = [r["lr"] for r in rows if "lr" in r]
+    assert [r["step"] for r in rows if "lr" in r] == list(range(1, 9))
+    assert lrs[1] == pytest.approx(3e-3) and lrs[-1] == pytest.approx(3e-4)
+    assert rows[-1]["tokens"] == 8 * 128
+
+
+# ---- config errors ----------------------------------------------------------------------
+
+def test_bad_configs_name_the_problem(shards, tmp_path):
+    with pytest.raises(ConfigError, match="preset: unknown preset"):
+        tiny_config(shards, tmp_path, preset="gpt-9").validate()
+    with pytest.raises(ConfigError, match="global_batch_tokens=100 is not divisible"):
+        tiny_config(shards, tmp_path, global_batch_tokens=100).grad_accum_steps(1)
+    with pytest.raises(ConfigError, match="weights: names source"):
+        tiny_config(shards, tmp_path, weights={"natural": 1.0, "web": 1.0}).validate()
+    with pytest.raises(ConfigError, match="min_lr"):
+        tiny_config(shards, tmp_path, min_lr=1.0).validate()
+    with pytest.raises(ConfigError, match=r"data.code: .*manifest.json: not found"):
+        train(tiny_config(shards, tmp_path, data={**shards, "code": str(tmp_path / "nope")}))
+
+
+def test_mismatched_tokenizer_is_refused(shards, tmp_path):
+    import shutil
+
+    other = tmp_path / "other"
+    shutil.copytree(shards["code"], other)
+    m = json.loads((other / "manifest.json").read_text())
+    m["tokenizer"]["fingerprint"] = "0" * 64
+    (other / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(Exception, match="different tokenizer"):
+        train(tiny_config(shards, tmp_path / "run", data={**shards, "code": str(other)}))
+
+
+def test_yaml_and_flags(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("preset: tinyllama-debug\nmax_steps: 5\nlr: 1e-3\n")
+    cfg = TrainConfig.from_yaml(p, {"max_steps": "7", "compile": "false", "weights": {"natural": "1", "code": "0"}})
+    assert (cfg.max_steps, cfg.lr, cfg.compile, cfg.weights["natural"]) == (7, 1e-3, False, 1.0)
+    p.write_text("preset: [unclosed\n")
+    with pytest.raises(ConfigError, match="invalid YAML at line"):
+        TrainConfig.from_yaml(p)
+    with pytest.raises(ConfigError, match="unknown field.*learning_rate"):
+        TrainConfig.from_dict({"learning_rate": 1})
+    with pytest.raises(ConfigError, match="field max_steps: expected an integer"):
+        TrainConfig.from_dict({"max_steps": "many"})
+
+
+def test_cli_errors_are_clear(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "pretrain", "--preset", "nope", "--out-dir", str(tmp_path / "o")],
+                       capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 2 and "preset: unknown preset" in r.stderr and "Traceback" not in r.stderr
+    r = subprocess.run([sys.executable, "-m", "pretrain", "--help"], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0 and "--global-batch-tokens" in r.stdout
+
+
+# ---- checkpoints and exact resume ------------------------------------------------------
+
+def final_weights(out_dir):
+    return load_file(str(Path(out_dir) / "final" / "model.safetensors"))
+
+
+def test_kill_and_resume_is_bitwise_exact(shards, tmp_path):
+    full = train(tiny_config(shards, tmp_path / "full"))
+    cfg = tiny_config(shards, tmp_path / "cut")
+    first = train(cfg, stop_after=3)                 # checkpoints at 2; step 3 is lost, as in a kill
+    assert first["step"] == 3 and not (tmp_path / "cut" / "final").exists()
+    resumed = train(cfg)                             # the same command again
+    assert resumed["step"] == 8
+    a, b = final_weights(tmp_path / "full"), final_weights(tmp_path / "cut")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert resumed["loss"] == full["loss"]
+    # metrics.jsonl holds each step once, as if the run had never stopped
+    steps = [json.loads(line)["step"] for line in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()
+             if "loss" in json.loads(line)]
+    assert steps == list(range(1, 9))
+    # keep-last-2 training states; every HF step directory stays
+    assert sorted(p.name for p in (tmp_path / "cut" / "state").iterdir()) == ["step-00000006", "step-00000008"]
+    assert sorted(p.name for p in (tmp_path / "cut").glob("step-*")) == ["step-00000002", "step-00000004", "step-00000006"]
+
+
+def test_incomplete_checkpoint_is_ignored(shards, tmp_path):
+    cfg = tiny_config(shards, tmp_path, max_steps=4)
+    train(cfg, stop_after=2)
+    state = tmp_path / "state"
+    # a save that was killed half-way leaves only a dot-named temporary
+    (state / ".step-00000004.tmp").mkdir()
+    (state / ".step-00000004.tmp" / "__0_0.distcp").write_bytes(b"partial")
+    summary = train(cfg)
+    assert summary["step"] == 4 and (tmp_path / "final" / "model.safetensors").exists()
+    assert not (state / ".step-00000004.tmp").exists()
+
+
+def test_intermediate_checkpoint_loads_in_transformers(shards, tmp_path):
+    from transformers import LlamaForCausalLM
+
+    from tinyllama import load_checkpoint
+
+    train(tiny_config(shards, tmp_path, max_steps=4))
+    step_dir = tmp_path / "step-00000002"
+    ours, tok = load_checkpoint(step_dir)
+    hf = LlamaForCausalLM.from_pretrained(step_dir).eval()
+    ids = torch.tensor([tok.encode("def loads(s):")])
+    with torch.no_grad():
+        assert (hf(ids).logits - ours(ids)).abs().max().item() < 1e-4
+    assert "max_steps: 4" in (step_dir / "train_config.yaml").read_text()
+    assert (tmp_path / "loss.png").stat().st_size > 1000
+
+
+def test_loss_falls(shards, tmp_path):
+    summary = train(tiny_config(shards, tmp_path, max_steps=30, save_every=0, eval_every=30, lr=1e-2, min_lr=1e-3))
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in rows if "loss" in r]
+    assert sum(losses[-5:]) / 5 < sum(losses[:3]) / 3 - 1.0
+    assert summary["val_loss"] < 9.0
+
+
+# ---- distributed ------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_two_process_fsdp2_equals_one_process(shards, tmp_path):
+    cfg = tiny_config(shards, tmp_path / "one", max_steps=4, save_every=2, eval_every=0)
+    train(cfg)
+    yaml_path = tmp_path / "two.yaml"
+    yaml_path.write_text(tiny_config(shards, tmp_path / "two", max_steps=4, save_every=2, eval_every=0).to_yaml())
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        "-m", "pretrain", "--config", str(yaml_path)], capture_output=True, text=True, cwd=ROOT,
+                       env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, b = final_weights(tmp_path / "one"), final_weights(tmp_path / "two")
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+    # the 2-rank run split each global batch: 2 ranks × 1 accumulation step instead of 1 × 2
+    assert "2 rank(s) × 1 accumulation step(s)" in r.stdout
