@@ -16,7 +16,7 @@ import torch
 
 from tinyllama.atomic import atomic_file
 
-from . import bench_core, data_prep
+from . import bench_core, data_prep, train_throughput
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
 GPU_MARKER = "<!-- gpu -->"
@@ -42,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     sections = [
         ("Core: tokenizer and model (`python -m bench.bench_core`)", bench_core.run(quick=args.quick)),
         ("Data preparation (`python -m bench.data_prep`)", data_prep.run(large_mb=10 if args.quick else 40)),
+        ("Training step (`python -m bench.train_throughput`)", train_throughput.run(quick=args.quick)),
     ]
     for title, tbl in sections:
         print(f"\n## {title}\n\n{tbl}")

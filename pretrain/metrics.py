@@ -30,11 +30,11 @@ GPU_PEAK_BF16 = {
     "B200": 2250e12,
 }
 
-_cpu_peak: dict[torch.dtype, float] = {}
+_cpu_peak: dict[tuple[torch.dtype, int], float] = {}
 
 
 def measured_cpu_peak(dtype: torch.dtype = torch.float32, n: int = 1024) -> float:
-    if dtype not in _cpu_peak:
+    if (dtype, n) not in _cpu_peak:
         a = torch.randn(n, n, dtype=dtype)
         b = torch.randn(n, n, dtype=dtype)
         a @ b
@@ -43,8 +43,8 @@ def measured_cpu_peak(dtype: torch.dtype = torch.float32, n: int = 1024) -> floa
             t0 = time.perf_counter()
             a @ b
             best = min(best, time.perf_counter() - t0)
-        _cpu_peak[dtype] = 2 * n**3 / best
-    return _cpu_peak[dtype]
+        _cpu_peak[(dtype, n)] = 2 * n**3 / best
+    return _cpu_peak[(dtype, n)]
 
 
 def device_peak_flops(device: torch.device, dtype: torch.dtype) -> tuple[float, str]:

@@ -167,3 +167,27 @@ def test_cuda_kernels_match_reference_in_bf16():
         y1 = {"flash": kernels.flash_attention, "xformers": kernels.xformers_attention,
               "sdpa": kernels.sdpa_attention}[backend](q[:, :, -1:], k, v).float()
         assert (y1 - ref[:, :, -1:]).abs().max().item() < 2e-2, backend
+
+
+@pytest.mark.gpu
+def test_fused_kernels_match_the_pytorch_definitions():
+    import os
+
+    from tinyllama import kernels
+
+    x = torch.randn(2, 64, 8, 64, device="cuda", dtype=torch.bfloat16)
+    w = torch.rand(64, device="cuda", dtype=torch.bfloat16) + 0.5
+    cos = torch.randn(64, 32, device="cuda").repeat(1, 2)
+    sin = torch.randn(64, 32, device="cuda").repeat(1, 2)
+    logits = torch.randn(256, 32000, device="cuda")
+    targets = torch.randint(0, 32000, (256,), device="cuda")
+    fused = (kernels.rms_norm(x, w, 1e-5), kernels.apply_rotary(x, cos.bfloat16(), sin.bfloat16()),
+             kernels.cross_entropy(logits, targets))
+    os.environ["TINYLLAMA_FUSED"] = "0"
+    try:
+        plain = (kernels.rms_norm(x, w, 1e-5), kernels.apply_rotary(x, cos.bfloat16(), sin.bfloat16()),
+                 kernels.cross_entropy(logits, targets))
+    finally:
+        del os.environ["TINYLLAMA_FUSED"]
+    for a, b in zip(fused, plain):
+        assert (a.float() - b.float()).abs().max().item() < 3e-2

@@ -195,3 +195,21 @@ def test_two_process_fsdp2_equals_one_process(shards, tmp_path):
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
     # the 2-rank run split each global batch: 2 ranks × 1 accumulation step instead of 1 × 2
     assert "2 rank(s) × 1 accumulation step(s)" in r.stdout
+
+
+def test_activation_checkpointing_gives_the_same_weights(shards, tmp_path):
+    plain = tiny_config(shards, tmp_path / "plain", max_steps=3, save_every=0, eval_every=0)
+    ckpt = tiny_config(shards, tmp_path / "ckpt", max_steps=3, save_every=0, eval_every=0,
+                       activation_checkpointing=True)
+    train(plain)
+    train(ckpt)
+    a, b = final_weights(tmp_path / "plain"), final_weights(tmp_path / "ckpt")
+    assert a.keys() == b.keys()              # no wrapper prefixes leak into the saved names
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
+
+
+@pytest.mark.slow
+def test_compiled_training_tracks_eager(shards, tmp_path):
+    eager = train(tiny_config(shards, tmp_path / "eager", max_steps=3, save_every=0, eval_every=0))
+    compiled = train(tiny_config(shards, tmp_path / "compiled", max_steps=3, save_every=0, eval_every=0, compile=True))
+    assert compiled["loss"] == pytest.approx(eager["loss"], abs=1e-3)

@@ -1,4 +1,7 @@
-"""Attention kernels behind one function, chosen by what is installed and where tensors live.
+"""The model's hot kernels, each behind one function that picks an implementation by what is
+installed and where the tensors live, with a pure-PyTorch fallback that defines the numbers.
+
+Attention:
 
     y = attention(q, k, v)   # q (B, H, T, hd); k, v (B, Hkv, S, hd) with S >= T -> (B, H, T, hd)
 
@@ -11,6 +14,10 @@ Order: flash-attn 2 (`flash_attn_func`, CUDA, fp16/bf16) > xformers memory-effic
 attention (CUDA) > torch `scaled_dot_product_attention`. `TINYLLAMA_ATTENTION=sdpa|flash|xformers`
 forces one (an error if it cannot run). `reference_attention` is the plain-math definition
 that the tests hold every backend to.
+
+RMSNorm, rotary embeddings and cross-entropy use flash-attn's fused Triton kernels on CUDA when
+flash-attn is installed (`TINYLLAMA_FUSED=0` turns them off), else the PyTorch definitions
+below; a GPU-marked test holds the fused versions to them.
 """
 
 from __future__ import annotations
@@ -112,18 +119,56 @@ def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> to
     return (scores.softmax(-1) @ v).to(q.dtype)
 
 
-# ---- cross-entropy ------------------------------------------------------------------------
+# ---- fused elementwise kernels (flash-attn's Triton ops on CUDA) --------------------------
 
-try:  # flash-attn's fused Triton cross-entropy (CUDA)
+try:
     from flash_attn.ops.triton.cross_entropy import cross_entropy_loss as _flash_ce
 except Exception:
     _flash_ce = None
+try:
+    from flash_attn.ops.triton.layer_norm import rms_norm_fn as _flash_rms_norm
+except Exception:
+    _flash_rms_norm = None
+try:
+    from flash_attn.layers.rotary import apply_rotary_emb as _flash_rotary
+except Exception:
+    _flash_rotary = None
+
+
+def _fused(t: torch.Tensor, kernel) -> bool:
+    return kernel is not None and t.is_cuda and os.environ.get("TINYLLAMA_FUSED", "1") != "0"
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x (..., d) -> x / rms(x) * weight. Normalised in float32 and cast back before the weight,
+    as transformers does, so bf16 checkpoints give the same numbers in both."""
+    if _fused(x, _flash_rms_norm) and x.dtype == weight.dtype:
+        return _flash_rms_norm(x, weight, None, eps=eps)
+    dtype = x.dtype
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE in HF's rotate-half layout. x (B, T, H, hd); cos, sin (T, hd) with the two halves
+    equal (RotaryEmbedding builds them so)."""
+    if _fused(x, _flash_rotary) and x.dtype in _HALF:
+        half = cos.shape[-1] // 2
+        return _flash_rotary(x, cos[:, :half].contiguous(), sin[:, :half].contiguous(), interleaved=False)
+    cos, sin = cos[:, None, :], sin[:, None, :]                   # (T, 1, hd): broadcast over heads
+    return x * cos + rotate_half(x) * sin
 
 
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean token cross-entropy; logits (N, V), targets (N,). Uses flash-attn's fused kernel
-    on CUDA when installed (it never materialises the softmax), else torch's, in float32."""
-    if logits.is_cuda and _flash_ce is not None and os.environ.get("TINYLLAMA_FUSED_CE", "1") != "0":
+    """Mean token cross-entropy; logits (N, V), targets (N,), in float32. flash-attn's fused
+    kernel on CUDA never materialises the softmax."""
+    if _fused(logits, _flash_ce):
         losses, _ = _flash_ce(logits, targets)
         return losses.mean()
     return F.cross_entropy(logits.float(), targets)

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
-from .kernels import attention
+from .kernels import apply_rotary, attention, rms_norm
 
 
 class RMSNorm(nn.Module):
@@ -36,12 +36,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in float32 and cast back before the weight, as transformers does, so
-        # bf16 checkpoints give the same numbers in both implementations.
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        return rms_norm(x, self.weight, self.eps)
 
 
 class RotaryEmbedding(nn.Module):
@@ -67,16 +62,6 @@ class RotaryEmbedding(nn.Module):
         if self.cos.device != positions.device or needed > self.cos.shape[0]:
             self.build(needed, device=positions.device)
         return self.cos[positions].to(dtype), self.sin[positions].to(dtype)  # (T, hd) each
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x (B, H, T, hd); cos/sin (T, hd) broadcast over batch and heads
-    return x * cos + rotate_half(x) * sin
 
 
 class KVCache(nn.Module):
@@ -114,10 +99,10 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start_pos: int | None) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)     # (B, H, T, hd)
-        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
-        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q = apply_rotary(self.q_proj(x).view(B, T, self.n_head, self.head_dim), cos, sin)      # (B, T, H, hd)
+        k = apply_rotary(self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim), cos, sin)   # (B, T, Hkv, hd)
+        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)                     # (B, H*, T, hd)
         if start_pos is not None:
             if self.kv_cache is None:
                 raise RuntimeError("start_pos given but no KV cache: call model.setup_kv_cache() first")
