@@ -15,13 +15,16 @@ SETUP_INPUTS := pyproject.toml scripts/setup.sh
 
 PRETRAIN_CONFIG ?= pretrain/configs/cpu.yaml
 PRETRAIN_ARGS ?=
+QUANT_MODEL ?= $(OUT)/pretrain/final
+QUANT_TYPES ?= q4_k_m q8_0
 
-.PHONY: help setup data pretrain run test test-fast bench clean distclean
+.PHONY: help setup data pretrain quantize run test test-fast bench clean distclean
 
 help:
 	@echo "make setup   create $(VENV), install torch (CPU build here), llama-cpp-python (portable), the project, the tokenizer"
 	@echo "make data    build the default corpus offline and tokenize it into $(DATA)/tokens/{natural,code}"
 	@echo "make pretrain  pretrain with $(PRETRAIN_CONFIG) (+ PRETRAIN_ARGS='--max-steps 100 ...'); re-run to resume"
+	@echo "make quantize  GGUF files of QUANT_MODEL=$(QUANT_MODEL) (QUANT_TYPES='$(QUANT_TYPES)') into $(OUT)/gguf"
 	@echo "make run     the main job on a small CPU default (outputs under $(OUT)/)"
 	@echo "make test    the whole test suite (what CI runs)"
 	@echo "make bench   benchmarks: ours vs the reference, side by side; rewrites bench/RESULTS.md"
@@ -43,10 +46,14 @@ $(DATA)/tokens/code/manifest.json: $(SETUP_STAMP) pretrain/corpus.py pretrain/pr
 pretrain: setup data
 	$(PY) -m pretrain --config $(PRETRAIN_CONFIG) $(PRETRAIN_ARGS)
 
-# The lifecycle so far: corpus -> shards -> pretrained base model (out/pretrain/final).
+quantize: setup
+	$(PY) -m quantize --model $(QUANT_MODEL) --type $(QUANT_TYPES) --out $(OUT)/gguf
+
+# The lifecycle so far: corpus -> shards -> pretrained base model -> GGUF for llama.cpp.
 run: setup data
 	$(PY) -m pretrain --config $(PRETRAIN_CONFIG) --out-dir $(OUT)/pretrain $(PRETRAIN_ARGS)
 	$(PY) -m tinyllama inspect $(OUT)/pretrain/final --verify-hf --text "To be, or not to be, that is the question:"
+	$(PY) -m quantize --model $(OUT)/pretrain/final --type $(QUANT_TYPES) --out $(OUT)/gguf
 
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)

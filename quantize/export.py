@@ -1,0 +1,202 @@
+"""HF-format Llama directory -> GGUF, with llama.cpp's own tools: gguf-py writes F32/F16/BF16,
+llama.cpp's quantizer (`llama_cpp.llama_model_quantize`) makes the quantized types.
+
+    write_gguf("out/sft/final", "out/gguf/model-F16.gguf", "f16")
+    quantize_gguf("out/gguf/model-F16.gguf", "out/gguf/model-Q4_K_M.gguf", "q4_k_m")
+
+Tensor names come from gguf-py's `TensorNameMap` for the llama architecture (the table
+llama.cpp's converter uses). Q and K projections are permuted from HF's rotate-half layout to
+the interleaved pairs llama.cpp's RoPE expects: rows (heads, 2, hd/2) -> (heads, hd/2, 2).
+Metadata: architecture hyperparameters, the full tokenizer (pieces, SentencePiece scores and
+token types, BOS/EOS/UNK/PAD ids), the chat template when the directory has one, a name.
+Every file is written under a temporary name and renamed when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from tinyllama.atomic import atomic_file
+from tinyllama.checkpoint import CheckpointError, load_config, load_state_dict
+from tinyllama.tokenizer import Tokenizer
+
+FLOAT_TYPES = ("f32", "f16", "bf16")
+QUANT_TYPES = ("q8_0", "q4_0", "q4_k_m", "q5_k_m", "q6_k")
+ALL_TYPES = FLOAT_TYPES + QUANT_TYPES
+
+
+class ExportError(ValueError):
+    """Bad input to the exporter; the message names the file or value at fault."""
+
+
+def _llama_ftype(name: str) -> int:
+    import llama_cpp
+
+    return getattr(llama_cpp, f"LLAMA_FTYPE_{'ALL_F32' if name == 'f32' else 'MOSTLY_' + name.upper()}")
+
+
+def permute_for_llama_cpp(w: np.ndarray, n_head: int) -> np.ndarray:
+    """HF rotate-half rows -> llama.cpp's interleaved RoPE rows. w (n_head * hd, d_in)."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _vocab_metadata(model_dir: Path, tok: Tokenizer) -> tuple[list[str], list[float], list[int]]:
+    """Pieces, scores and types: from SentencePiece's tokenizer.model when present (exact),
+    else from tokenizer.json (scores by id order, types from the special/byte tokens)."""
+    import gguf
+
+    sp_path = model_dir / "tokenizer.model"
+    if sp_path.exists():
+        from sentencepiece import sentencepiece_model_pb2 as pb
+
+        m = pb.ModelProto()
+        m.ParseFromString(sp_path.read_bytes())
+        return [p.piece for p in m.pieces], [p.score for p in m.pieces], [p.type for p in m.pieces]
+    vocab = tok.backend.get_vocab(with_added_tokens=True)
+    pieces = [""] * len(vocab)
+    for piece, i in vocab.items():
+        pieces[i] = piece
+    special = {tok.bos_id, tok.eos_id}
+    types, scores = [], []
+    for i, p in enumerate(pieces):
+        if i == tok.unk_id:
+            types.append(gguf.TokenType.UNKNOWN)
+        elif i in special:
+            types.append(gguf.TokenType.CONTROL)
+        elif p.startswith("<0x") and p.endswith(">") and len(p) == 6:
+            types.append(gguf.TokenType.BYTE)
+        else:
+            types.append(gguf.TokenType.NORMAL)
+        scores.append(-float(i))
+    return pieces, scores, [int(t) for t in types]
+
+
+def write_gguf(model_dir: str | os.PathLike, out: str | os.PathLike, ftype: str = "f16", name: str | None = None) -> Path:
+    """Writes an F32, F16 or BF16 GGUF of an HF-format Llama directory."""
+    import gguf
+
+    if ftype not in FLOAT_TYPES:
+        raise ExportError(f"write_gguf writes {', '.join(FLOAT_TYPES)}; {ftype!r} is made by quantize_gguf")
+    model_dir, out = Path(model_dir), Path(out)
+    try:
+        cfg = load_config(model_dir)
+        tok = Tokenizer.from_dir(model_dir)
+    except FileNotFoundError as e:
+        raise ExportError(str(e)) from None
+    except (CheckpointError, ValueError, RuntimeError) as e:
+        raise ExportError(str(e)) from None
+    if tok.vocab_size != cfg.vocab_size:
+        raise ExportError(f"{model_dir}: the tokenizer has {tok.vocab_size} tokens but the embedding has "
+                          f"{cfg.vocab_size} rows; llama.cpp needs them equal")
+    sd = load_state_dict(model_dir)
+    pieces, scores, types = _vocab_metadata(model_dir, tok)
+
+    arch = gguf.MODEL_ARCH.LLAMA
+    names = gguf.get_tensor_name_map(arch, cfg.n_layer)
+    file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+                 "bf16": gguf.LlamaFileType.MOSTLY_BF16}[ftype]
+    with atomic_file(out) as tmp:
+        w = gguf.GGUFWriter(str(tmp), gguf.MODEL_ARCH_NAMES[arch])
+        w.add_name(name or cfg.name if cfg.name != "custom" else model_dir.name)
+        w.add_context_length(cfg.max_seq_len)
+        w.add_embedding_length(cfg.d_model)
+        w.add_block_count(cfg.n_layer)
+        w.add_feed_forward_length(cfg.ffn_dim)
+        w.add_head_count(cfg.n_head)
+        w.add_head_count_kv(cfg.n_kv_head)
+        w.add_rope_dimension_count(cfg.head_dim)
+        w.add_rope_freq_base(cfg.rope_base)
+        w.add_layer_norm_rms_eps(cfg.norm_eps)
+        w.add_vocab_size(cfg.vocab_size)
+        w.add_file_type(file_type)
+        w.add_tokenizer_model("llama")
+        w.add_tokenizer_pre("default")
+        w.add_token_list(pieces)
+        w.add_token_scores(scores)
+        w.add_token_types(types)
+        w.add_bos_token_id(tok.bos_id)
+        w.add_eos_token_id(tok.eos_id)
+        w.add_unk_token_id(tok.unk_id)
+        w.add_pad_token_id(tok.pad_id)
+        w.add_add_bos_token(True)
+        w.add_add_eos_token(False)
+        if tok.chat_template:
+            w.add_chat_template(tok.chat_template)
+        if cfg.tie_embeddings and "lm_head.weight" not in sd:
+            sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
+        for hf_name, tensor in sd.items():
+            if hf_name.endswith("rotary_emb.inv_freq"):
+                continue
+            gguf_name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+            if gguf_name is None:
+                raise ExportError(f"{model_dir}: tensor {hf_name} has no GGUF name for the llama architecture")
+            data = tensor.float().numpy()
+            if hf_name.endswith("q_proj.weight"):
+                data = permute_for_llama_cpp(data, cfg.n_head)
+            elif hf_name.endswith("k_proj.weight"):
+                data = permute_for_llama_cpp(data, cfg.n_kv_head)
+            if ftype == "f32" or data.ndim == 1:       # norms stay F32, as llama.cpp's converter does
+                w.add_tensor(gguf_name, data.astype(np.float32))
+            elif ftype == "f16":
+                w.add_tensor(gguf_name, data.astype(np.float16))
+            else:
+                q = gguf.quants.quantize(data.astype(np.float32), gguf.GGMLQuantizationType.BF16)
+                w.add_tensor(gguf_name, q, raw_shape=q.shape, raw_dtype=gguf.GGMLQuantizationType.BF16)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+    return out
+
+
+_QUANTIZE_CHILD = """
+import sys, llama_cpp
+src, dst, ftype, threads = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+params = llama_cpp.llama_model_quantize_default_params()
+params.ftype = ftype
+params.nthread = threads
+rc = llama_cpp.llama_model_quantize(src.encode(), dst.encode(), params)
+sys.exit(0 if rc == 0 else 3)
+"""
+
+
+def quantize_gguf(src: str | os.PathLike, out: str | os.PathLike, qtype: str, threads: int | None = None) -> Path:
+    """llama.cpp's quantizer, in a child process: a crash in native code becomes an error
+    message here, and the temporary output is removed."""
+    if qtype not in QUANT_TYPES:
+        raise ExportError(f"unknown quantization type {qtype!r}; choose from {', '.join(QUANT_TYPES)}")
+    src, out = Path(src), Path(out)
+    with atomic_file(out) as tmp:
+        r = subprocess.run([sys.executable, "-c", _QUANTIZE_CHILD, str(src), str(tmp), str(_llama_ftype(qtype)),
+                            str(threads or os.cpu_count() or 1)], capture_output=True, text=True)
+        if r.returncode != 0:
+            how = f"killed by signal {-r.returncode}" if r.returncode < 0 else f"exit code {r.returncode}"
+            raise ExportError(f"llama.cpp's quantizer failed on {src} -> {qtype} ({how}): {r.stderr.strip()[-800:]}")
+    return out
+
+
+def read_metadata(path: str | os.PathLike) -> dict:
+    """The key/value metadata of a GGUF file (strings, numbers and short arrays)."""
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(path))
+    meta = {}
+    for key, f in reader.fields.items():
+        if key.startswith("GGUF."):
+            continue
+        value = f.contents()
+        meta[key] = value
+    meta["_tensors"] = {t.name: t.tensor_type.name for t in reader.tensors}
+    return meta
+
+
+def gguf_json_summary(path: Path) -> str:
+    meta = read_metadata(path)
+    short = {k: v for k, v in meta.items() if not isinstance(v, list) or len(v) < 8}
+    return json.dumps(short, indent=2, default=str)
