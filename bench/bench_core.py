@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from . import markdown_table
+
 
 def _time(fn, repeat: int) -> float:
     fn()  # warm-up
@@ -141,18 +143,10 @@ def bench_model(preset: str, quick: bool) -> list[tuple[str, str, str, str]]:
     return rows
 
 
-def table(rows: list[tuple[str, str, str, str]]) -> str:
-    head = ("benchmark", "ours", "reference", "ours vs ref")
-    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(4)]
-    line = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"  # noqa: E731
-    sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
-    return "\n".join([line(head), sep, *map(line, rows)])
-
-
 def run(preset: str = "tinyllama-19m", quick: bool = False) -> str:
     torch.set_num_threads(os.cpu_count() or 1)
     rows = bench_tokenizer(quick) + bench_model(preset, quick)
-    return table(rows)
+    return markdown_table(("benchmark", "ours", "reference", "ours vs ref"), rows)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -31,6 +31,8 @@ from pretrain.prepare import PrepareConfig, prepare
 from pretrain.sources import read_documents
 from tinyllama.tokenizer import llama2_dir
 
+from . import markdown_table
+
 
 def sources(corpus: Path) -> list[tuple[str, dict]]:
     natural = corpus / "raw" / "natural.jsonl"
@@ -108,9 +110,7 @@ def run(corpus: Path = Path("data"), workers: int | None = None, large_mb: int =
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     head = ("benchmark", "ours (pretrain.prepare)", "TinyLlama-style (SentencePiece per doc)", "ours vs ref")
-    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(4)]
-    fmt = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"  # noqa: E731
-    return "\n".join([fmt(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(fmt, rows)])
+    return markdown_table(head, rows)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from . import markdown_table
+
 REFERENCE_MB = {"q4_0": 638, "q4_k_m": 669, "q8_0": 1170, "f16": 2200}
 
 
@@ -81,9 +83,7 @@ def run(types: list[str], n_tokens: int = 32) -> str:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     head = ("type", "ours", "llama.cpp reference", "export", "decode (batch 1)", "roofline", "of roofline")
-    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
-    fmt = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"  # noqa: E731
-    lines = [fmt(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(fmt, rows),
+    lines = [markdown_table(head, rows),
              f"\nread bandwidth measured: {bandwidth:.1f} GB/s; tinyllama-1.1b with random weights; {os.cpu_count()} threads"]
     return "\n".join(lines)
 

@@ -17,6 +17,8 @@ import subprocess
 import sys
 import time
 
+from . import markdown_table
+
 SETTINGS = [("float32", False), ("float32", True), ("bfloat16", False), ("bfloat16", True)]
 SHAPE = dict(n_layer=8, d_model=512, n_head=8, n_kv_head=2, ffn_dim=1536, vocab_size=32000, max_seq_len=512)
 B, T = 4, 512
@@ -108,9 +110,7 @@ def run(steps: int = 5, quick: bool = False) -> str:
     rows.append(("measured matmul peak (MFU's denominator)", ", ".join(f"{d} {p / 1e9:.0f} GFLOP/s" for d, p in peaks.items()),
                  "", ""))
     head = ("setting (hidden 512, 8 layers, GQA 8:2, seq 512, batch 4)", "ours", "transformers", "ours vs HF")
-    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(4)]
-    fmt = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"  # noqa: E731
-    return "\n".join([fmt(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(fmt, rows)])
+    return markdown_table(head, rows)
 
 
 def main(argv: list[str] | None = None) -> int:
