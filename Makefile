@@ -21,7 +21,7 @@ QUANT_TYPES ?= q4_k_m q8_0
 .PHONY: help setup data pretrain quantize run test test-fast bench clean distclean
 
 help:
-	@echo "make setup   create $(VENV), install torch (CPU build here), llama-cpp-python (portable), the project, the tokenizer"
+	@echo "make setup   create $(VENV), install torch (CPU build here), llama-cpp-python (built for this CPU), the project, the tokenizer"
 	@echo "make data    build the default corpus offline and tokenize it into $(DATA)/tokens/{natural,code}"
 	@echo "make pretrain  pretrain with $(PRETRAIN_CONFIG) (+ PRETRAIN_ARGS='--max-steps 100 ...'); re-run to resume"
 	@echo "make quantize  GGUF files of QUANT_MODEL=$(QUANT_MODEL) (QUANT_TYPES='$(QUANT_TYPES)') into $(OUT)/gguf"

@@ -4,9 +4,10 @@
 #   1. torch first, pinned: a bare `torch` requirement on a clean venv pulls a multi-GB CUDA
 #      build. On a CPU-only machine we install TORCH_SPEC (default torch==2.13.0; the CPU wheel
 #      is found locally here). Elsewhere set PIP_EXTRA_INDEX_URL to PyTorch's CPU index.
-#   2. llama-cpp-python as a *portable* build: the default -march=native build segfaults on
-#      quantized GGUFs on AVX-512/AMX Xeons. The wheel is built once per machine and cached in
-#      $TINYLLAMA_CACHE/wheels, so later set-ups (and CI on the same machine) reuse it.
+#   2. llama-cpp-python built with explicit CPU flags: the default -march=native build
+#      segfaults on quantized GGUFs on AMX Xeons (AMX weight repacking). The wheel is built once
+#      per machine and CPU-feature set and cached in $TINYLLAMA_CACHE/wheels/<build>, so later
+#      set-ups (and CI on the same machine) reuse it.
 # Then the offline Llama-2 tokenizer is built from llama.cpp's vocabulary file, which the
 # llama-cpp-python sdist carries (no model hub needed).
 #
@@ -51,7 +52,7 @@ if ! "$PY" -c "import torch" >/dev/null 2>&1; then
   "${PIP[@]}" "$TORCH_SPEC"
 fi
 
-# --- llama-cpp-python: portable build, cached per machine --------------------------------
+# --- llama-cpp-python: built for this CPU's features, cached per machine -----------------
 SDIST="$CACHE/sdist/llama_cpp_python-$LLAMA_CPP_VERSION.tar.gz"
 if [ ! -f "$SDIST" ]; then
   step "downloading the llama-cpp-python $LLAMA_CPP_VERSION sdist (77 MB; it carries llama.cpp, its converter and the Llama-2 vocabulary)"
@@ -63,21 +64,41 @@ if [ ! -f "$SDIST" ]; then
   rm -rf "$tmp"
 fi
 
+# Which llama.cpp build: the fastest one that is correct on this CPU. GGML_NATIVE (the default)
+# turns on AMX weight repacking on AMX Xeons, which crashes on quantized files, so the build is
+# always explicit: AVX-512 (with VBMI/VNNI/BF16 where present, AMX off) on CPUs that have it,
+# else AVX2. LLAMA_BUILD=avx2|avx512 overrides the choice.
+has() { grep -qw "$1" /proc/cpuinfo 2>/dev/null; }
+if [ -z "${LLAMA_BUILD:-}" ]; then
+  if has avx512f && has avx512bw && has avx512vl && has avx512dq; then LLAMA_BUILD=avx512; else LLAMA_BUILD=avx2; fi
+fi
+LLAMA_CMAKE="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON"
+BUILD_ID="$LLAMA_BUILD"
+if [ "$LLAMA_BUILD" = "avx512" ]; then
+  LLAMA_CMAKE="$LLAMA_CMAKE -DGGML_AVX512=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF"
+  has avx512vbmi && { LLAMA_CMAKE="$LLAMA_CMAKE -DGGML_AVX512_VBMI=ON"; BUILD_ID="$BUILD_ID-vbmi"; }
+  has avx512_vnni && { LLAMA_CMAKE="$LLAMA_CMAKE -DGGML_AVX512_VNNI=ON"; BUILD_ID="$BUILD_ID-vnni"; }
+  has avx512_bf16 && { LLAMA_CMAKE="$LLAMA_CMAKE -DGGML_AVX512_BF16=ON"; BUILD_ID="$BUILD_ID-bf16"; }
+fi
+BUILD_ID="$BUILD_ID-$(uname -m)"
+
 if [[ ",$EXTRAS," == *",gguf,"* || ",$EXTRAS," == *",serve,"* ]]; then
-  if ! "$PY" -c "import llama_cpp" >/dev/null 2>&1; then
-    WHEELS="$CACHE/wheels/portable-$(uname -m)"
+  MARK="$VENV/.llama-cpp-build"
+  if ! "$PY" -c "import llama_cpp" >/dev/null 2>&1 || [ "$(cat "$MARK" 2>/dev/null)" != "$LLAMA_CPP_VERSION-$BUILD_ID" ]; then
+    WHEELS="$CACHE/wheels/$BUILD_ID"
     if ! ls "$WHEELS"/llama_cpp_python-"$LLAMA_CPP_VERSION"-*.whl >/dev/null 2>&1; then
-      step "building llama-cpp-python $LLAMA_CPP_VERSION, portable (about 4 minutes on 2 cores, once per machine)"
+      step "building llama-cpp-python $LLAMA_CPP_VERSION for $BUILD_ID (about 4 minutes on 2 cores, once per machine)"
       mkdir -p "$WHEELS"
       tmp=$(mktemp -d "$WHEELS/.build.XXXXXX")
-      CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON" \
+      CMAKE_ARGS="$LLAMA_CMAKE" \
         quiet "$PY" -m pip wheel --disable-pip-version-check -q --no-deps --no-cache-dir -w "$tmp" "$SDIST"
       mv "$tmp"/*.whl "$WHEELS"/
       rm -rf "$tmp"
     fi
-    step "installing the cached portable llama-cpp-python wheel"
-    "${PIP[@]}" --no-deps "$WHEELS"/llama_cpp_python-"$LLAMA_CPP_VERSION"-*.whl
+    step "installing the cached llama-cpp-python wheel ($BUILD_ID)"
+    "${PIP[@]}" --no-deps --force-reinstall "$WHEELS"/llama_cpp_python-"$LLAMA_CPP_VERSION"-*.whl
     "${PIP[@]}" "numpy>=1.20" "typing-extensions>=4.5" "diskcache>=5.6.1" "jinja2>=2.11.3"
+    echo "$LLAMA_CPP_VERSION-$BUILD_ID" > "$MARK"
   fi
 fi
 
