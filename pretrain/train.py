@@ -23,7 +23,6 @@ from typing import Callable
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from tinyllama import Llama, ModelConfig, Tokenizer, load_checkpoint
 from tinyllama.generate import generate

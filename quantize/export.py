@@ -14,7 +14,6 @@ Every file is written under a temporary name and renamed when complete.
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -194,9 +193,3 @@ def read_metadata(path: str | os.PathLike) -> dict:
         meta[key] = value
     meta["_tensors"] = {t.name: t.tensor_type.name for t in reader.tensors}
     return meta
-
-
-def gguf_json_summary(path: Path) -> str:
-    meta = read_metadata(path)
-    short = {k: v for k, v in meta.items() if not isinstance(v, list) or len(v) < 8}
-    return json.dumps(short, indent=2, default=str)

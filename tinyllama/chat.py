@@ -97,8 +97,9 @@ def encode_chat(tok: Tokenizer, messages: Sequence[dict], add_generation_prompt:
     for i, m in enumerate(messages):
         header = ("\n" if i else "") + f"<|{m['role']}|>\n"
         piece = tok.encode(header + m["content"], bos=False)
-        n_header = len(tok.encode(header, bos=False))
-        if piece[:n_header] != tok.encode(header, bos=False):
+        header_ids = tok.encode(header, bos=False)
+        n_header = len(header_ids)
+        if piece[:n_header] != header_ids:
             raise ChatFormatError(f"turn {i}: the header does not tokenize as a prefix; this tokenizer "
                                   "merges across the newline, which the chat format assumes it cannot")
         learn = m["role"] == "assistant"
