@@ -20,7 +20,7 @@ from pathlib import Path
 from .export import ALL_TYPES, FLOAT_TYPES, ExportError, quantize_gguf, write_gguf
 
 
-def output_paths(model_dir: Path, out: Path, types: list[str], name: str) -> dict[str, Path]:
+def output_paths(out: Path, types: list[str], name: str) -> dict[str, Path]:
     if out.suffix == ".gguf":
         if len(types) != 1:
             raise ExportError(f"--out {out} is one file but {len(types)} types were asked for; give a folder")
@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         except (FileNotFoundError, CheckpointError) as e:
             raise ExportError(str(e)) from None
         name = args.name or (cfg.name if cfg.name != "custom" else args.model.name)
-        paths = output_paths(args.model, args.out, types, name)
+        paths = output_paths(args.out, types, name)
         rows: list[tuple[str, Path, float]] = []
         intermediate = None
         for t in [t for t in types if t in FLOAT_TYPES]:

@@ -23,7 +23,7 @@ import numpy as np
 
 from tinyllama.atomic import atomic_file
 from tinyllama.checkpoint import CheckpointError, load_config, load_state_dict
-from tinyllama.tokenizer import Tokenizer
+from tinyllama.tokenizer import Tokenizer, read_sentencepiece_vocab
 
 FLOAT_TYPES = ("f32", "f16", "bf16")
 QUANT_TYPES = ("q8_0", "q4_0", "q4_k_m", "q5_k_m", "q6_k")
@@ -52,11 +52,8 @@ def _vocab_metadata(model_dir: Path, tok: Tokenizer) -> tuple[list[str], list[fl
 
     sp_path = model_dir / "tokenizer.model"
     if sp_path.exists():
-        from sentencepiece import sentencepiece_model_pb2 as pb
-
-        m = pb.ModelProto()
-        m.ParseFromString(sp_path.read_bytes())
-        return [p.piece for p in m.pieces], [p.score for p in m.pieces], [p.type for p in m.pieces]
+        pieces, scores, types, _ = read_sentencepiece_vocab(sp_path)
+        return pieces, scores, types
     vocab = tok.backend.get_vocab(with_added_tokens=True)
     pieces = [""] * len(vocab)
     for piece, i in vocab.items():
@@ -94,7 +91,10 @@ def write_gguf(model_dir: str | os.PathLike, out: str | os.PathLike, ftype: str 
         raise ExportError(f"{model_dir}: the tokenizer has {tok.vocab_size} tokens but the embedding has "
                           f"{cfg.vocab_size} rows; llama.cpp needs them equal")
     sd = load_state_dict(model_dir)
-    pieces, scores, types = _vocab_metadata(model_dir, tok)
+    try:
+        pieces, scores, types = _vocab_metadata(model_dir, tok)
+    except (ValueError, RuntimeError) as e:
+        raise ExportError(str(e)) from None
 
     arch = gguf.MODEL_ARCH.LLAMA
     names = gguf.get_tensor_name_map(arch, cfg.n_layer)

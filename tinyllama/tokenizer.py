@@ -317,22 +317,27 @@ def sentencepiece_model(pieces: list[str], scores: list[float], types: list[int]
     return m.SerializeToString()
 
 
-def _convert_sentencepiece(path: Path) -> HFTokenizer:
-    """A SentencePiece BPE tokenizer.model (Llama's) -> the same tokenizers backend as build."""
+def read_sentencepiece_vocab(model_file: Path) -> tuple[list[str], list[float], list[int], dict[str, int]]:
+    """(pieces, scores, token types, special ids) of a SentencePiece BPE tokenizer.model."""
     try:
         from sentencepiece import sentencepiece_model_pb2 as pb
     except ImportError:
-        raise RuntimeError(f"{path}: reading tokenizer.model needs sentencepiece and protobuf") from None
+        raise RuntimeError(f"{model_file}: reading tokenizer.model needs sentencepiece and protobuf") from None
     m = pb.ModelProto()
     try:
-        m.ParseFromString((path / "tokenizer.model").read_bytes())
+        m.ParseFromString(Path(model_file).read_bytes())
     except Exception as e:
-        raise ValueError(f"{path / 'tokenizer.model'}: not a SentencePiece model ({e})") from None
+        raise ValueError(f"{model_file}: not a SentencePiece model ({e})") from None
     if m.trainer_spec.model_type != pb.TrainerSpec.BPE or not m.pieces:
-        raise ValueError(f"{path / 'tokenizer.model'}: only SentencePiece BPE models (Llama's) are supported")
+        raise ValueError(f"{model_file}: only SentencePiece BPE models (Llama's) are supported")
     t = m.trainer_spec
     ids = {"bos": t.bos_id, "eos": t.eos_id, "unk": t.unk_id}
-    return _backend_from_vocab([p.piece for p in m.pieces], [p.score for p in m.pieces], [p.type for p in m.pieces], ids)
+    return [p.piece for p in m.pieces], [p.score for p in m.pieces], [p.type for p in m.pieces], ids
+
+
+def _convert_sentencepiece(path: Path) -> HFTokenizer:
+    """A SentencePiece BPE tokenizer.model (Llama's) -> the same tokenizers backend as build."""
+    return _backend_from_vocab(*read_sentencepiece_vocab(path / "tokenizer.model"))
 
 
 def _word_splitter(backend: HFTokenizer) -> re.Pattern | None:
