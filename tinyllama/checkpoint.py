@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -68,10 +69,12 @@ def _dtype_name(dtype: torch.dtype) -> str:
 def save_checkpoint(model: torch.nn.Module, tokenizer: Tokenizer | None, out_dir: str | os.PathLike, *,
                     generation_config: dict[str, Any] | None = None,
                     extra_files: dict[str, str] | None = None,
+                    extra_dirs: dict[str, str | os.PathLike] | None = None,
                     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> Path:
     """Writes an HF-format directory atomically: into a temp sibling, then renamed over
     `out_dir` (an existing directory is replaced only once the new one is complete).
-    `extra_files` maps file names to text (e.g. the resolved training config)."""
+    `extra_files` maps file names to text (e.g. the resolved training config); `extra_dirs`
+    maps subfolder names to existing folders copied in (e.g. a LoRA adapter)."""
     out = Path(out_dir)
     cfg: ModelConfig = unwrap(model).config
     sd = _unwrap_state_dict(model)
@@ -91,6 +94,8 @@ def save_checkpoint(model: torch.nn.Module, tokenizer: Tokenizer | None, out_dir
             tokenizer.save(tmp)
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
+        for name, src in (extra_dirs or {}).items():
+            shutil.copytree(src, tmp / name)
     return out
 
 

@@ -204,6 +204,11 @@ class Llama(nn.Module):
         start_pos None: a plain causal forward over the T tokens (training).
         start_pos p:    the tokens sit at positions [p, p + T) and use the KV cache.
         """
+        return self.lm_head(self.hidden_states(input_ids, start_pos)).float()   # (B, T, vocab)
+
+    def hidden_states(self, input_ids: torch.Tensor, start_pos: int | None = None) -> torch.Tensor:
+        """input_ids (B, T) -> the final-normed hidden states (B, T, d), before lm_head (what a
+        chunked/fused LM-head loss needs)."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
         T = input_ids.shape[1]
@@ -213,8 +218,7 @@ class Llama(nn.Module):
         cos, sin = self.rope(positions, x.dtype)                     # (T, hd) each
         for layer in self.model.layers:
             x = layer(x, cos, sin, start_pos)
-        x = self.model.norm(x)
-        return self.lm_head(x).float()                               # (B, T, vocab)
+        return self.model.norm(x)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

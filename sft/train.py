@@ -1,0 +1,352 @@
+"""Chat fine-tuning with trl's SFTTrainer: full, LoRA (peft) or QLoRA (bitsandbytes nf4 + LoRA).
+
+    from sft.train import SFTArgs, run_sft
+    out = run_sft(SFTArgs(base="out/pretrain/final", out="out/sft", method="lora"))
+
+Writes one HF-format directory, atomically:
+    out/                  the chat model: LoRA folded into the base weights (or the fully
+                          fine-tuned weights), tokenizer with the chat template,
+                          generation_config.json; what tinyllama.load_checkpoint, transformers
+                          and python -m quantize read
+    out/adapter/          (lora, qlora) the peft adapter alone: adapter_config.json +
+                          adapter_model.safetensors, loadable onto the base with
+                          peft.PeftModel.from_pretrained (ours or transformers' LlamaForCausalLM)
+    out/sft_summary.json  data counts, hyperparameters, losses before and after
+    out/sft_log.jsonl     the trainer's log history (loss, eval_loss, lr, tokens)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tinyllama.chat import CHAT_TEMPLATE
+from tinyllama.checkpoint import CheckpointError, load_config, save_checkpoint
+from tinyllama.tokenizer import Tokenizer
+
+from .data import LoadStats, TokenStats, load_conversations, split_eval, tokenize_conversations
+
+METHODS = ("full", "lora", "qlora")
+ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+DEFAULT_LR = {"full": 2e-5, "lora": 2e-4, "qlora": 2e-4}   # Zephyr's full SFT; QLoRA paper's small models
+log = logging.getLogger("sft")
+# bitsandbytes warns at import when its optional hub kernels cannot be fetched (no hub here);
+# the built-in CPU path it falls back to is the one QLoRA uses on a CPU.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+
+
+class SFTError(ValueError):
+    """A fine-tuning request that cannot run; the message names the argument or file at fault."""
+
+
+@dataclass
+class SFTArgs:
+    base: str | Path
+    out: str | Path
+    data: str = "sample"
+    method: str = "lora"
+    epochs: float = 3.0
+    max_steps: int = -1                    # > 0 overrides epochs
+    lr: float | None = None                # None: DEFAULT_LR[method]
+    batch_size: int = 8
+    grad_accum: int = 1
+    max_len: int = 512
+    packing: bool = False
+    group_by_length: bool = True           # batches of similar length: less padding, same examples
+    eval_fraction: float = 0.05
+    eval_split: str | None = None          # a hub dataset's own held-out split (e.g. "test")
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.0
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    target_modules: list[str] = field(default_factory=lambda: list(ALL_PROJECTIONS))
+    gradient_checkpointing: bool | None = None     # None: on for qlora, off otherwise
+    device: str = "auto"                   # auto | cpu | cuda
+    seed: int = 42
+    skip_invalid: bool = False
+    logging_steps: int = 10
+    progress: bool = True
+
+    def resolved_lr(self) -> float:
+        return self.lr if self.lr is not None else DEFAULT_LR[self.method]
+
+
+def _check(args: SFTArgs) -> None:
+    if args.method not in METHODS:
+        raise SFTError(f"--method {args.method!r}: expected one of {', '.join(METHODS)}")
+    base = Path(args.base)
+    if not (base / "config.json").is_file():
+        raise SFTError(f"--base {base}: not a model directory (no config.json); give an HF-format Llama directory "
+                       "such as out/pretrain/final")
+    try:
+        load_config(base)             # refuses what is not a Llama, naming the field
+    except (CheckpointError, ValueError) as e:
+        raise SFTError(f"--base {base}: {e}") from None
+    for name in ("batch_size", "grad_accum", "max_len", "lora_r", "lora_alpha"):
+        if getattr(args, name) <= 0:
+            raise SFTError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if args.max_steps <= 0 and args.epochs <= 0:
+        raise SFTError("give --epochs > 0 or --max-steps > 0")
+    if not 0 <= args.lora_dropout < 1:
+        raise SFTError(f"--lora-dropout must be in [0, 1), got {args.lora_dropout}")
+    unknown = sorted(set(args.target_modules) - set(ALL_PROJECTIONS))
+    if unknown:
+        raise SFTError(f"--target-modules: unknown {', '.join(unknown)}; choose from {', '.join(ALL_PROJECTIONS)}")
+    if not Path(args.out).resolve().parent.is_dir():
+        raise SFTError(f"--out {args.out}: parent folder does not exist")
+
+
+def _device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise SFTError("--device cuda: no CUDA device is available")
+    if name not in ("cpu", "cuda"):
+        raise SFTError(f"--device {name!r}: expected auto, cpu or cuda")
+    return name
+
+
+def _hf_tokenizer(base: Path, tok: Tokenizer, work: Path):
+    """The transformers tokenizer trl needs as processing_class: our own files, chat template in,
+    padding on the right with an existing id (never a new token)."""
+    from transformers import PreTrainedTokenizerFast
+
+    tok.save(work)
+    hf_tok = PreTrainedTokenizerFast.from_pretrained(str(work))
+    hf_tok.padding_side = "right"
+    return hf_tok
+
+
+def load_model(base: str | Path, method: str, device: str, dtype: torch.dtype):
+    """The base as a trainable transformers model over tinyllama.model.Llama; nf4 for qlora."""
+    from .modeling import TinyLlamaForCausalLM
+
+    kwargs: dict[str, Any] = {"dtype": dtype}
+    if method == "qlora":
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype, llm_int8_skip_modules=["lm_head"])
+        kwargs["device_map"] = {"": 0} if device == "cuda" else {"": "cpu"}
+        model = TinyLlamaForCausalLM.from_pretrained(str(base), **kwargs)
+        if device == "cpu":
+            _keep_nf4_trainable_on_cpu(model)
+    else:
+        model = TinyLlamaForCausalLM.from_pretrained(str(base), **kwargs).to(device)
+    return model
+
+
+def _keep_nf4_trainable_on_cpu(model) -> None:
+    """bitsandbytes (0.50) on a CPU with AVX512-BF16 repacks nf4 weights in place the first time a
+    Linear4bit runs in eval mode without grad (an evaluation pass), and from then on routes even
+    training forwards through `gemv_4bit`, which has no autograd formula: gradients through the
+    frozen layers come out silently wrong (measured: LoRA grads off by 150% after one eval). It
+    also asserts on output sizes that are not multiples of 32. Turning the repacking off keeps
+    every forward on the differentiable dequantize + matmul path."""
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+
+
+def _lora_config(args: SFTArgs):
+    from peft import LoraConfig
+
+    return LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                      target_modules=list(args.target_modules), bias="none", task_type="CAUSAL_LM")
+
+
+@dataclass
+class SFTResult:
+    out: Path
+    model: Any             # the trained transformers model (a peft model for lora/qlora)
+    summary: dict
+
+
+def run_sft(args: SFTArgs) -> SFTResult:
+    """Fine-tunes args.base on args.data and writes args.out (see the module docstring)."""
+    _check(args)
+    from datasets import Dataset
+    from transformers.utils import logging as hf_logging
+    from trl import SFTConfig, SFTTrainer
+
+    hf_logging.set_verbosity_error()      # keep the console to progress and our own summary
+    device = _device(args.device)
+    base, out = Path(args.base), Path(args.out)
+    use_bf16 = device == "cuda" and torch.cuda.is_bf16_supported()
+    dtype = torch.bfloat16 if use_bf16 else torch.float32
+
+    # ---- data ---------------------------------------------------------------------------
+    tok = Tokenizer.from_dir(base)
+    load_stats = LoadStats()
+    convs = load_conversations(args.data, skip_invalid=args.skip_invalid, stats=load_stats)
+    if args.eval_split:
+        train_convs, eval_convs = convs, load_conversations(args.data, split=args.eval_split,
+                                                            skip_invalid=args.skip_invalid, stats=load_stats)
+    elif args.eval_fraction > 0 and len(convs) > 1:
+        train_convs, eval_convs = split_eval(convs, args.eval_fraction, args.seed)
+    else:
+        train_convs, eval_convs = convs, []
+    train_stats, eval_stats = TokenStats(), TokenStats()
+    train_rows = tokenize_conversations(train_convs, tok, args.max_len, train_stats)
+    eval_rows = tokenize_conversations(eval_convs, tok, args.max_len, eval_stats)
+    if not train_rows:
+        raise SFTError(f"--data {args.data}: no training example fits --max-len {args.max_len}")
+    print(f"data: {args.data}: read {load_stats.read} conversations"
+          + (f", skipped {load_stats.skipped} invalid" if load_stats.skipped else ""))
+    print(f"  train: {train_stats.describe()}")
+    if eval_rows:
+        print(f"  eval:  {eval_stats.describe()}")
+
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.work-", dir=out.resolve().parent))
+    try:
+        hf_tok = _hf_tokenizer(base, tok, work / "tokenizer")
+        torch.manual_seed(args.seed)
+        model = load_model(base, args.method, device, dtype)
+        peft_config = None
+        if args.method in ("lora", "qlora"):
+            peft_config = _lora_config(args)
+            if args.method == "qlora":
+                from peft import prepare_model_for_kbit_training
+
+                model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        grad_ckpt = args.method == "qlora" if args.gradient_checkpointing is None else args.gradient_checkpointing
+        optim = "paged_adamw_8bit" if (args.method == "qlora" and device == "cuda") else "adamw_torch"
+        config = SFTConfig(
+            output_dir=str(work / "trainer"),
+            num_train_epochs=args.epochs, max_steps=args.max_steps,
+            per_device_train_batch_size=args.batch_size, per_device_eval_batch_size=args.batch_size,
+            gradient_accumulation_steps=args.grad_accum,
+            learning_rate=args.resolved_lr(), lr_scheduler_type="cosine", warmup_steps=args.warmup_ratio,   # a float in [0, 1) is a ratio of all steps
+            weight_decay=args.weight_decay, max_grad_norm=1.0, optim=optim,
+            max_length=args.max_len, packing=args.packing,
+            activation_checkpointing=grad_ckpt, activation_checkpointing_kwargs={"use_reentrant": False},
+            bf16=use_bf16, use_cpu=device == "cpu",
+            # Per epoch; a --max-steps run is evaluated before and after only.
+            eval_strategy="epoch" if eval_rows and args.max_steps <= 0 else "no",
+            train_sampling_strategy="group_by_length" if args.group_by_length and not args.packing else "random",
+            save_strategy="no", report_to=[], logging_steps=args.logging_steps, logging_first_step=True,
+            disable_tqdm=not args.progress, seed=args.seed, data_seed=args.seed,
+            dataloader_num_workers=0, remove_unused_columns=True,
+        )
+        train_ds = Dataset.from_list(train_rows)
+        eval_ds = Dataset.from_list(eval_rows) if eval_rows else None
+        trainer_cls = SFTTrainer if device == "cuda" else plain_loss_trainer(SFTTrainer)
+        trainer = trainer_cls(model=model, args=config, train_dataset=train_ds, eval_dataset=eval_ds,
+                             processing_class=hf_tok, peft_config=peft_config)
+        if args.method != "full":
+            trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+            total = sum(p.numel() for p in trainer.model.parameters())
+            print(f"{args.method}: training {trainable:,} of {total:,} parameters "
+                  f"(r={args.lora_r}, alpha={args.lora_alpha}, {', '.join(args.target_modules)})")
+
+        eval_before = trainer.evaluate()["eval_loss"] if eval_ds is not None else None
+        t0 = time.perf_counter()
+        result = trainer.train()
+        seconds = time.perf_counter() - t0
+        eval_after = trainer.evaluate()["eval_loss"] if eval_ds is not None else None
+        if eval_before is not None:
+            print(f"eval loss (assistant tokens): {eval_before:.3f} before -> {eval_after:.3f} after")
+
+        summary = {
+            "base": str(base), "data": args.data, "method": args.method,
+            "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(args).items()},
+            "learning_rate": args.resolved_lr(), "device": device, "dtype": str(dtype).removeprefix("torch."),
+            "conversations_read": load_stats.read, "conversations_skipped": load_stats.skipped,
+            "train": dataclasses.asdict(train_stats), "eval": dataclasses.asdict(eval_stats),
+            "steps": result.global_step, "train_loss": result.training_loss, "train_seconds": round(seconds, 1),
+            "eval_loss_before": eval_before, "eval_loss_after": eval_after,
+            "sample_questions": [c[0]["content"] if c[0]["role"] == "user" else c[1]["content"]
+                                 for c in eval_convs[:5]],
+        }
+        log_lines = "".join(json.dumps(r) + "\n" for r in trainer.state.log_history)
+        _write_output(trainer, args, base, tok, out, work, summary, log_lines)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return SFTResult(out=out, model=trainer.model, summary=summary)
+
+
+def plain_loss_trainer(base_cls):
+    """SFTTrainer with the loss computed by one lm_head matmul + cross entropy (the model's own
+    forward) instead of trl's tiled fused LM head. On CUDA the fused head saves the (B, T, 32000)
+    logits' memory and is used as is; on CPU its tiles are ~5x slower than the plain path
+    (measured on the 19M default: 1.3 s vs 0.25 s per step), so CPU runs use this."""
+
+    class PlainLossSFTTrainer(base_cls):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            mode = "train" if self.model.training else "eval"
+            outputs = model(**inputs, num_items_in_batch=num_items_in_batch)
+            with torch.no_grad():
+                labels = inputs["labels"][:, 1:]
+                mask = labels != -100
+                correct = (outputs.logits[:, :-1].argmax(-1) == labels) & mask
+                self._metrics[mode]["mean_token_accuracy"].append(correct.sum().item() / max(1, mask.sum().item()))
+            if mode == "train":
+                self._total_train_tokens += int(inputs["input_ids"].numel() if "attention_mask" not in inputs
+                                                else inputs["attention_mask"].sum())
+            self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
+            return (outputs.loss, outputs) if return_outputs else outputs.loss
+
+    return PlainLossSFTTrainer
+
+
+def _write_output(trainer, args: SFTArgs, base: Path, tok: Tokenizer, out: Path, work: Path,
+                  summary: dict, log_lines: str) -> None:
+    """The merged chat model (+ adapter) as one atomic directory."""
+    extra_dirs = {}
+    if args.method == "full":
+        llama = trainer.model.llama
+    else:
+        adapter_dir = work / "adapter"
+        trainer.model.save_pretrained(str(adapter_dir))
+        _rewrite_adapter_base(adapter_dir, base)
+        llama = merge_adapter(base, adapter_dir)
+        extra_dirs["adapter"] = adapter_dir
+    base_dtype = load_config_dtype(base)
+    llama = llama.to(device="cpu", dtype=base_dtype)
+    if llama.config.name != "custom" and not llama.config.name.endswith("-chat"):
+        # names the GGUF files and their general.name: tinyllama-19m-chat-Q4_K_M.gguf
+        llama.config = llama.config.replace(name=f"{llama.config.name}-chat")
+    chat_tok = Tokenizer(tok.backend, bos_id=tok.bos_id, eos_id=tok.eos_id, unk_id=tok.unk_id, pad_id=tok.pad_id,
+                         chat_template=CHAT_TEMPLATE, source=tok.source, sp_model=tok.sp_model)
+    save_checkpoint(llama, chat_tok, out, generation_config={"pad_token_id": tok.pad_id},
+                    extra_files={"sft_summary.json": json.dumps(summary, indent=2) + "\n",
+                                 "sft_log.jsonl": log_lines},
+                    extra_dirs=extra_dirs)
+    print(f"wrote {out} (chat model{', adapter in ' + str(out / 'adapter') if extra_dirs else ''})")
+
+
+def _rewrite_adapter_base(adapter_dir: Path, base: Path) -> None:
+    cfg_path = adapter_dir / "adapter_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["base_model_name_or_path"] = str(base.resolve())
+    cfg_path.write_text(json.dumps(cfg, indent=2) + "\n")
+
+
+def load_config_dtype(base: Path) -> torch.dtype:
+    name = json.loads((base / "config.json").read_text()).get("torch_dtype") or "float32"
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(name, torch.float32)
+
+
+def merge_adapter(base: str | Path, adapter_dir: str | Path):
+    """base weights (full precision, even after QLoRA) + LoRA -> a plain tinyllama Llama with
+    W + (alpha/r)·B·A folded into every adapted projection."""
+    from peft import PeftModel
+
+    from .modeling import TinyLlamaForCausalLM
+
+    model = TinyLlamaForCausalLM.from_pretrained(str(base), dtype=torch.float32)
+    merged = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
+    return merged.llama
