@@ -1,5 +1,8 @@
 """Benchmarks: each measures ours and the reference in the same run and prints a table."""
 
+import time
+from typing import Callable
+
 
 def markdown_table(head: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
     """A Markdown table with columns padded to their widest cell."""
@@ -9,3 +12,15 @@ def markdown_table(head: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
         return "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"
 
     return "\n".join([line(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)])
+
+
+def median_seconds(step: Callable[[], object], steps: int, warmup: int = 1) -> float:
+    """Median wall time of `steps` calls of `step` after `warmup` untimed calls."""
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]

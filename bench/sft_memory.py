@@ -17,10 +17,9 @@ import json
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-from . import markdown_table
+from . import markdown_table, median_seconds
 
 METHODS = ("full", "lora", "qlora")
 
@@ -79,13 +78,7 @@ def _measure(impl: str, base: str, method: str, seq: int, steps: int) -> dict:
             torch.cuda.synchronize()
         return loss.item()
 
-    step()                                    # warm-up (allocations, kernel choice)
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
-    dt = sorted(times)[len(times) // 2]
+    dt = median_seconds(step, steps, warmup=1)       # warm-up: allocations, kernel choice
     peak = (torch.cuda.max_memory_reserved() if device == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     return {"tok_s": seq / dt, "peak_gb": peak / 1e9, "device": device,

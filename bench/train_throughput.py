@@ -15,9 +15,8 @@ import argparse
 import json
 import subprocess
 import sys
-import time
 
-from . import markdown_table
+from . import markdown_table, median_seconds
 
 SETTINGS = [("float32", False), ("float32", True), ("bfloat16", False), ("bfloat16", True)]
 SHAPE = dict(n_layer=8, d_model=512, n_head=8, n_kv_head=2, ffn_dim=1536, vocab_size=32000, max_seq_len=512)
@@ -68,14 +67,7 @@ def _measure(impl: str, dtype_name: str, compiled: bool, steps: int) -> dict:
         opt.zero_grad(set_to_none=True)
         return loss.item()
 
-    for _ in range(2):
-        step()
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
-    dt = sorted(times)[len(times) // 2]
+    dt = median_seconds(step, steps, warmup=2)
     return {"tok_s": B * T / dt, "rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6}
 
 

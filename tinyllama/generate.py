@@ -1,21 +1,37 @@
-"""The streaming generator over our PyTorch model: prefill once, then one token per step
-from the KV cache.
+"""The one streaming generator, used by the CLI, the server and the demo.
 
-    for token_id in generate(model, prompt_ids, max_new_tokens=64, temperature=0.8, top_k=50):
-        print(tok.decode([token_id]), end="")
+    gen = generate(model, prompt_ids, max_new_tokens=64, temperature=0.8, top_k=50)
+    for token_id in gen:                       # ids as they are produced
+        ...
+    print(gen.stats.describe())                # prompt/generated tokens, tokens/s, acceptance
 
-Sampling: temperature 0 is greedy; otherwise softmax(logits / temperature) restricted by top-k
-and top-p (nucleus), with an optional repetition penalty (CTRL's: divide positive logits,
-multiply negative ones, for tokens already in the context). Generation stops at max_new_tokens
-or after yielding a stop id.
+    gen = generate(target, prompt_ids, draft_model=draft, num_draft=4)   # speculative decoding
+
+`model` and `draft_model` are our `Llama` or any `tinyllama.backends.Backend` (a GGUF in
+llama.cpp included). Sampling: temperature 0 is greedy; otherwise softmax(logits / temperature)
+restricted by top-k and top-p (nucleus), with an optional repetition penalty (CTRL's: divide
+positive logits, multiply negative ones, for tokens already in the context). Generation stops
+at max_new_tokens or after yielding a stop id; `stream_text` adds stop strings.
+
+Speculative decoding (Leviathan et al. 2023; Chen et al. 2023): the draft proposes k tokens
+one at a time from its processed distribution q; the target scores all k (+1) positions in one
+forward pass; draft token x_i is accepted with probability min(1, p_i(x_i) / q_i(x_i)), where
+p_i is the target's distribution after the same processing on the same context. At the first
+rejection a token is drawn from norm(max(0, p_i - q_i)); when all k are accepted a bonus token
+is drawn from p_{k+1}. The output is distributed exactly as sampling from the target alone, and
+at temperature 0 (p and q one-hot) it is token-identical to greedy decoding of the target.
+Both KV caches roll back to the accepted length by prefix reuse (see backends.py).
 """
 
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass
 from typing import Iterable, Iterator, Sequence
 
 import torch
 
+from .backends import Backend, TorchBackend
 from .model import Llama
 
 
@@ -47,35 +63,235 @@ def process_logits(logits: torch.Tensor, context: Sequence[int], temperature: fl
     return probs
 
 
-@torch.no_grad()
-def generate(model: Llama, prompt_ids: Sequence[int], max_new_tokens: int = 64, temperature: float = 0.0,
-             top_k: int | None = None, top_p: float | None = None, repetition_penalty: float = 1.0,
-             stop_ids: Iterable[int] = (), seed: int | None = None) -> Iterator[int]:
-    """Yields new token ids one at a time (batch size 1)."""
-    if not len(prompt_ids):
-        raise ValueError("generate() needs at least one prompt token (e.g. BOS)")
-    if max_new_tokens <= 0:
-        return
-    device = next(model.parameters()).device
-    total = len(prompt_ids) + max_new_tokens
-    model.setup_kv_cache(batch_size=1, max_seq_len=total)
-    generator = torch.Generator(device=device)
-    if seed is not None:
-        generator.manual_seed(seed)
-    else:
-        generator.seed()
-    stop = set(stop_ids)
-    context = list(prompt_ids)
-    try:
-        logits = model(torch.tensor([context], device=device), start_pos=0)[0, -1]     # (vocab,)
-        for i in range(max_new_tokens):
-            probs = process_logits(logits, context, temperature, top_k, top_p, repetition_penalty)
-            next_id = int(probs.argmax()) if temperature <= 0 else int(torch.multinomial(probs, 1, generator=generator))
-            yield next_id
-            if next_id in stop:
+@dataclass
+class GenerationStats:
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0        # time spent producing tokens after the prefill
+    drafted: int = 0                   # speculative: tokens proposed by the draft
+    accepted: int = 0                  # speculative: of those, accepted by the target
+    target_calls: int = 0              # target forward passes after the prefill
+    stop_reason: str | None = None     # "stop_id", "length", "stop_string" or "cancelled"
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.generated_tokens / self.decode_seconds if self.decode_seconds > 0 else 0.0
+
+    @property
+    def acceptance_rate(self) -> float | None:
+        return self.accepted / self.drafted if self.drafted else None
+
+    def as_dict(self) -> dict:
+        d = dict(self.__dict__)
+        d.update(tokens_per_s=round(self.tokens_per_s, 2), acceptance_rate=self.acceptance_rate)
+        return d
+
+    def describe(self) -> str:
+        text = (f"{self.prompt_tokens} prompt tokens ({self.prefill_seconds:.2f} s), "
+                f"{self.generated_tokens} generated at {self.tokens_per_s:.1f} tok/s, stop: {self.stop_reason}")
+        if self.drafted:
+            text += (f"; speculative: {self.accepted}/{self.drafted} drafted tokens accepted "
+                     f"({self.acceptance_rate:.0%}), {self.target_calls} target passes")
+        return text
+
+
+def _as_backend(model: Llama | Backend) -> Backend:
+    if isinstance(model, Backend):
+        return model
+    if isinstance(model, Llama):
+        return TorchBackend(model)
+    raise TypeError(f"expected a tinyllama Llama or Backend, got {type(model).__name__}")
+
+
+class Generation:
+    """An iterator of new token ids (batch size 1) with `.stats`, filled in as it runs."""
+
+    def __init__(self, model: Llama | Backend, prompt_ids: Sequence[int], max_new_tokens: int = 64,
+                 temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+                 repetition_penalty: float = 1.0, stop_ids: Iterable[int] = (), seed: int | None = None,
+                 draft_model: Llama | Backend | None = None, num_draft: int = 4) -> None:
+        if not len(prompt_ids):
+            raise ValueError("generate() needs at least one prompt token (e.g. BOS)")
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        if temperature < 0 or repetition_penalty <= 0:
+            raise ValueError("temperature must be >= 0 and repetition_penalty > 0")
+        if num_draft < 1:
+            raise ValueError(f"num_draft must be >= 1, got {num_draft}")
+        self.target = _as_backend(model)
+        self.draft = _as_backend(draft_model) if draft_model is not None else None
+        if self.draft is not None:
+            check_same_vocabulary(self.target, self.draft)
+        self.sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty)
+        self.greedy = temperature <= 0
+        self.generator = torch.Generator()
+        if seed is not None:
+            self.generator.manual_seed(seed)
+        else:
+            self.generator.seed()
+        self.prompt = list(prompt_ids)
+        self.max_new_tokens = max_new_tokens
+        self.stop_ids = set(stop_ids)
+        self.num_draft = num_draft
+        self.stats = GenerationStats(prompt_tokens=len(self.prompt))
+        # Backends made here for a bare Llama free their KV cache when generation ends.
+        self._owned = [b for b, m in ((self.target, model), (self.draft, draft_model)) if b is not None and b is not m]
+        self._it = self._run()
+
+    def __iter__(self) -> "Generation":
+        return self
+
+    def __next__(self) -> int:
+        return next(self._it)
+
+    def close(self) -> None:
+        """Stops early (a client went away): the stop reason becomes "cancelled"."""
+        if self.stats.stop_reason is None:
+            self.stats.stop_reason = "cancelled"
+        self._it.close()
+
+    def _run(self) -> Iterator[int]:
+        try:
+            yield from (self._speculative() if self.draft is not None else self._plain())
+        finally:
+            for backend in self._owned:
+                backend.close()
+
+    # ---- helpers ---------------------------------------------------------------------------
+    def _probs(self, logits: torch.Tensor, context: Sequence[int]) -> torch.Tensor:
+        return process_logits(logits, context, **self.sampling)
+
+    def _pick(self, probs: torch.Tensor) -> int:
+        if self.greedy:
+            return int(probs.argmax())
+        return int(torch.multinomial(probs, 1, generator=self.generator))
+
+    def _emit(self, token: int) -> bool:
+        """Counts one produced token; True when generation must end after it."""
+        self.stats.generated_tokens += 1
+        if token in self.stop_ids:
+            self.stats.stop_reason = "stop_id"
+            return True
+        if self.stats.generated_tokens >= self.max_new_tokens:
+            self.stats.stop_reason = "length"
+            return True
+        return False
+
+    # ---- plain decoding ----------------------------------------------------------------------
+    def _plain(self) -> Iterator[int]:
+        if self.max_new_tokens == 0:
+            self.stats.stop_reason = "length"
+            return
+        context = list(self.prompt)
+        t0 = time.perf_counter()
+        logits = self.target.logits(context, 1)[0]                         # (vocab,)
+        self.stats.prefill_seconds = time.perf_counter() - t0
+        while True:
+            t0 = time.perf_counter()
+            token = self._pick(self._probs(logits, context))
+            self.stats.decode_seconds += time.perf_counter() - t0
+            done = self._emit(token)
+            yield token
+            if done:
                 return
-            context.append(next_id)
-            if i + 1 < max_new_tokens:
-                logits = model(torch.tensor([[next_id]], device=device), start_pos=len(context) - 1)[0, -1]
-    finally:
-        model.clear_kv_cache()
+            context.append(token)
+            t0 = time.perf_counter()
+            logits = self.target.logits(context, 1)[0]
+            self.stats.target_calls += 1
+            self.stats.decode_seconds += time.perf_counter() - t0
+
+    # ---- speculative decoding ----------------------------------------------------------------
+    def _speculative(self) -> Iterator[int]:
+        if self.max_new_tokens == 0:
+            self.stats.stop_reason = "length"
+            return
+        context = list(self.prompt)
+        t0 = time.perf_counter()
+        # Prefill both; the target's last-position logits serve a plain first step when needed.
+        self.target.logits(context, 1)
+        self.draft.logits(context, 1)
+        self.stats.prefill_seconds = time.perf_counter() - t0
+        while True:
+            t0 = time.perf_counter()
+            left = self.max_new_tokens - self.stats.generated_tokens
+            k = min(self.num_draft, left - 1, self.target.context_length - len(context) - 1,
+                    self.draft.context_length - len(context) - 1)
+            new_tokens = self._plain_step(context) if k < 1 else self._draft_and_verify(context, k)
+            self.stats.decode_seconds += time.perf_counter() - t0
+            for token in new_tokens:
+                done = self._emit(token)
+                yield token
+                if done:
+                    return
+                context.append(token)
+
+    def _plain_step(self, context: list[int]) -> list[int]:
+        logits = self.target.logits(context, 1)[0]
+        self.stats.target_calls += 1
+        return [self._pick(self._probs(logits, context))]
+
+    def _draft_and_verify(self, context: list[int], k: int) -> list[int]:
+        drafts: list[int] = []
+        qs: list[torch.Tensor] = []
+        for _ in range(k):
+            q = self._probs(self.draft.logits(context + drafts, 1)[0], context + drafts)
+            drafts.append(self._pick(q))
+            qs.append(q)
+        target_logits = self.target.logits(context + drafts, k + 1)            # (k+1, vocab)
+        self.stats.target_calls += 1
+        self.stats.drafted += k
+        out: list[int] = []
+        try:
+            return self._accept(context, drafts, qs, target_logits, out)
+        finally:
+            # Roll both caches back to the accepted tokens (the last new token is not cached yet).
+            n_ok = len(context) + max(0, len(out) - 1)
+            self.target.trim(n_ok)
+            self.draft.trim(n_ok)
+
+    def _accept(self, context: list[int], drafts: list[int], qs: list[torch.Tensor], target_logits: torch.Tensor,
+                out: list[int]) -> list[int]:
+        k = len(drafts)
+        for i, (x, q) in enumerate(zip(drafts, qs)):
+            p = self._probs(target_logits[i], context + drafts[:i])
+            if self.greedy:
+                accept = x == int(p.argmax())
+            else:
+                u = float(torch.rand((), generator=self.generator))
+                accept = u * float(q[x]) < float(p[x])                   # u < min(1, p(x)/q(x))
+            if not accept:
+                if self.greedy:
+                    out.append(int(p.argmax()))
+                else:
+                    residual = torch.clamp(p - q, min=0)
+                    out.append(self._pick(residual / residual.sum() if residual.sum() > 0 else p))
+                return out
+            out.append(x)
+            self.stats.accepted += 1
+            if x in self.stop_ids:
+                return out
+        bonus = self._probs(target_logits[k], context + drafts)
+        out.append(self._pick(bonus))
+        return out
+
+
+def generate(model: Llama | Backend, prompt_ids: Sequence[int], max_new_tokens: int = 64, temperature: float = 0.0,
+             top_k: int | None = None, top_p: float | None = None, repetition_penalty: float = 1.0,
+             stop_ids: Iterable[int] = (), seed: int | None = None, draft_model: Llama | Backend | None = None,
+             num_draft: int = 4) -> Generation:
+    """Streams new token ids; see the module docstring. The returned object's `.stats` holds the
+    counts and timings once iteration ends."""
+    return Generation(model, prompt_ids, max_new_tokens, temperature, top_k, top_p, repetition_penalty,
+                      stop_ids, seed, draft_model, num_draft)
+
+
+def check_same_vocabulary(target: Backend, draft: Backend) -> None:
+    """A draft must share the target's vocabulary, id for id (as llama.cpp requires)."""
+    if target.vocab_size != draft.vocab_size:
+        raise ValueError(f"draft {draft.name} has {draft.vocab_size} tokens but target {target.name} has "
+                         f"{target.vocab_size}: speculative decoding needs the same vocabulary")
+    a, b = target.vocab_fingerprint(), draft.vocab_fingerprint()
+    if a is not None and b is not None and a != b:
+        raise ValueError(f"draft {draft.name} and target {target.name} have different vocabularies "
+                         "(same size, different tokens): speculative decoding needs the same tokenizer")

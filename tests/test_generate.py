@@ -1,0 +1,255 @@
+"""The streaming generator: plain decoding against a cache-free reference, stats, and speculative
+decoding: token-identical to greedy at temperature 0 (PyTorch and llama.cpp backends), and
+distributed exactly as the target when sampling (chi-square on stub models with known
+distributions), with both caches rolled back to the accepted tokens after every step."""
+
+from __future__ import annotations
+
+import itertools
+from collections import Counter
+
+import pytest
+import torch
+
+from tinyllama import Llama, ModelConfig
+from tinyllama.backends import Backend, TorchBackend, common_prefix
+from tinyllama.generate import generate, process_logits
+
+
+def random_llama(cfg: ModelConfig, seed: int) -> Llama:
+    torch.manual_seed(seed)
+    model = Llama(cfg).eval()
+    with torch.no_grad():      # sharper distributions than the tiny init gives: fewer near-ties
+        model.lm_head.weight.mul_(30)
+    return model
+
+
+@pytest.fixture
+def pair(small_config):
+    """A target and a draft that agrees with it often but not always: the target's weights
+    plus noise (an unrelated random draft would almost never be accepted)."""
+    target = random_llama(small_config, 0)
+    draft = Llama(small_config).eval()
+    draft.load_state_dict(target.state_dict())
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in draft.parameters():
+            p.add_(torch.randn_like(p) * p.std() * 0.1)
+    return target, draft
+
+
+def naive_greedy(model: Llama, prompt: list[int], n: int) -> list[int]:
+    ids = list(prompt)
+    for _ in range(n):
+        with torch.no_grad():
+            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+    return ids[len(prompt):]
+
+
+# ---- plain decoding ------------------------------------------------------------------------------
+
+def test_plain_greedy_equals_full_forward_and_reports_stats(pair):
+    target, _ = pair
+    prompt = [1, 5, 9, 13]
+    gen = generate(target, prompt, max_new_tokens=20)
+    out = list(gen)
+    assert out == naive_greedy(target, prompt, 20)
+    s = gen.stats
+    assert (s.prompt_tokens, s.generated_tokens, s.stop_reason, s.drafted) == (4, 20, "length", 0)
+    assert s.tokens_per_s > 0 and "20 generated" in s.describe()
+    assert target.kv_cache_len == 0              # a bare Llama gets its cache freed at the end
+
+
+def test_stop_ids_and_cancel(pair):
+    target, _ = pair
+    prompt = [1, 5, 9, 13]
+    full = naive_greedy(target, prompt, 12)
+    stop = full[5]
+    gen = generate(target, prompt, max_new_tokens=12, stop_ids=[stop])
+    out = list(gen)
+    assert out == full[: full.index(stop) + 1] and gen.stats.stop_reason == "stop_id"
+    gen = generate(target, prompt, max_new_tokens=12)
+    next(gen), next(gen)
+    gen.close()
+    assert gen.stats.stop_reason == "cancelled" and gen.stats.generated_tokens == 2
+    assert list(generate(target, prompt, max_new_tokens=0)) == []
+
+
+def test_bad_arguments(pair):
+    target, _ = pair
+    with pytest.raises(ValueError, match="at least one prompt token"):
+        generate(target, [])
+    with pytest.raises(ValueError, match="num_draft"):
+        generate(target, [1], num_draft=0)
+    with pytest.raises(ValueError, match="exceed the context length"):
+        list(generate(target, [1] * 65, max_new_tokens=1))
+
+
+# ---- speculative decoding: greedy identity and rollback --------------------------------------------
+
+class Recording(Backend):
+    """Wraps a backend; after every call checks that its cache holds a prefix of the context."""
+
+    def __init__(self, inner: Backend) -> None:
+        self.inner, self.name = inner, inner.name
+        self.vocab_size, self.context_length = inner.vocab_size, inner.context_length
+        self.calls: list[tuple[int, int]] = []
+
+    def logits(self, context, n_last=1):
+        out = self.inner.logits(context, n_last)
+        self.calls.append((len(context), n_last))
+        return out
+
+    def cached_tokens(self):
+        return self.inner.cached_tokens()
+
+    def trim(self, n):
+        self.inner.trim(n)
+
+
+@pytest.mark.parametrize("num_draft", [1, 3, 6])
+def test_speculative_greedy_is_token_identical(pair, num_draft):
+    target, draft = pair
+    prompt = [1, 7, 3]
+    plain = list(generate(target, prompt, max_new_tokens=40))
+    t, d = TorchBackend(target), TorchBackend(draft)
+    gen = generate(t, prompt, max_new_tokens=40, draft_model=d, num_draft=num_draft)
+    context = list(prompt)
+    snapshots = []
+    for token in gen:
+        context.append(token)
+        snapshots += [list(b._cached) for b in (t, d)]
+    # the caches only ever hold accepted tokens (rejected drafts are rolled back at once):
+    # every snapshot is a prefix of the final sequence, at most one round ahead of the output
+    for cached in snapshots:
+        assert cached == context[: len(cached)]
+    assert max(len(c) for c in snapshots) <= len(context)
+    assert context[len(prompt):] == plain
+    s = gen.stats
+    assert s.generated_tokens == 40 and 0 < s.accepted < s.drafted
+    assert s.target_calls < 40                    # fewer target passes than tokens
+
+
+def test_a_perfect_draft_is_always_accepted(pair):
+    target, _ = pair
+    twin = Llama(target.config).eval()
+    twin.load_state_dict(target.state_dict())
+    gen = generate(target, [1, 2], max_new_tokens=21, draft_model=twin, num_draft=4)
+    assert list(gen) == naive_greedy(target, [1, 2], 21)
+    assert gen.stats.acceptance_rate == 1.0 and gen.stats.target_calls == 21 // 5 + 1
+
+
+def test_vocabulary_mismatch_is_refused(pair, small_config):
+    target, _ = pair
+    other = random_llama(small_config.replace(vocab_size=300), 2)
+    with pytest.raises(ValueError, match="300 tokens but target"):
+        generate(target, [1], draft_model=other)
+
+
+# ---- speculative sampling is exact ------------------------------------------------------------------
+
+class Stub(Backend):
+    """Logits of the next token depend only on the last token: table[last] (V,)."""
+
+    def __init__(self, table: torch.Tensor, name: str) -> None:
+        self.table, self.name = table, name
+        self.vocab_size, self.context_length = table.shape[0], 10_000
+        self.cached: list[int] = []
+
+    def logits(self, context, n_last=1):
+        self.cached = list(context)
+        return torch.stack([self.table[c] for c in context[len(context) - n_last:]])
+
+    def cached_tokens(self):
+        return len(self.cached)
+
+    def trim(self, n):
+        del self.cached[n:]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sampling", [dict(temperature=1.0), dict(temperature=0.7, top_k=4, repetition_penalty=1.5)])
+def test_speculative_sampling_matches_the_target_distribution(sampling):
+    V, n = 6, 3
+    g = torch.Generator().manual_seed(0)
+    target = Stub(torch.randn(V, V, generator=g) * 1.5, "target")
+    draft = Stub(torch.randn(V, V, generator=g) * 1.5, "draft")
+    prompt = [0]
+    # exact distribution of the first n tokens under the target alone
+    expected = {}
+    for seq in itertools.product(range(V), repeat=n):
+        prob, ctx = 1.0, list(prompt)
+        for tok in seq:
+            kw = {"top_k": None, "top_p": None, "repetition_penalty": 1.0, **sampling}
+            prob *= float(process_logits(target.table[ctx[-1]], ctx, **kw)[tok])
+            ctx.append(tok)
+        expected[seq] = prob
+    trials = 6000
+    counts = Counter(tuple(generate(target, prompt, max_new_tokens=n, seed=s, draft_model=draft, num_draft=2,
+                                    **sampling)) for s in range(trials))
+    # chi-square over the outcomes with enough expected mass; the rest pooled
+    cells = [seq for seq, p in expected.items() if p * trials >= 5]
+    obs = [counts[c] for c in cells] + [trials - sum(counts[c] for c in cells)]
+    exp = [expected[c] * trials for c in cells] + [trials * (1 - sum(expected[c] for c in cells))]
+    pairs = [(o, e) for o, e in zip(obs, exp) if e > 0]
+    chi2 = sum((o - e) ** 2 / e for o, e in pairs)
+    dof = len(pairs) - 1
+    # 99.9% quantile of chi-square(dof), Wilson-Hilferty approximation
+    z = 3.09
+    critical = dof * (1 - 2 / (9 * dof) + z * (2 / (9 * dof)) ** 0.5) ** 3
+    assert chi2 < critical, (chi2, critical, dof)
+
+
+# ---- the llama.cpp backend -------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def gguf_pair(tmp_path_factory):
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is built by make setup")
+    from quantize.export import write_gguf
+    from tinyllama import Tokenizer, save_checkpoint
+
+    tok = Tokenizer.llama2()
+    cfg = ModelConfig.from_name("tinyllama-debug")
+    target = random_llama(cfg, 0)
+    draft = Llama(cfg).eval()
+    draft.load_state_dict(target.state_dict())
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in draft.parameters():
+            p.add_(torch.randn_like(p) * p.std() * 0.1)
+    d = tmp_path_factory.mktemp("gguf-pair")
+    files = {}
+    for name, model in (("target", target), ("draft", draft)):
+        save_checkpoint(model, tok, d / name)
+        files[name] = write_gguf(d / name, d / f"{name}.gguf", "f32")
+    return target, draft, tok, files
+
+
+@pytest.mark.llamacpp
+def test_gguf_backend_greedy_and_speculative(gguf_pair):
+    from tinyllama.backends import GGUFBackend, load_backend
+
+    target, draft, tok, files = gguf_pair
+    prompt = tok.encode("The meaning of life is")
+    torch_plain = list(generate(target, prompt, max_new_tokens=24))
+    g_target, g_draft = GGUFBackend(files["target"], n_ctx=128), GGUFBackend(files["draft"], n_ctx=128)
+    try:
+        assert list(generate(g_target, prompt, max_new_tokens=24)) == torch_plain
+        # llama.cpp target and llama.cpp draft; PyTorch target and llama.cpp draft
+        gen = generate(g_target, prompt, max_new_tokens=24, draft_model=g_draft, num_draft=4)
+        snapshots = []
+        for _ in gen:
+            snapshots.append(g_target.llm.input_ids[: g_target.cached_tokens()].tolist())
+        final = prompt + torch_plain
+        assert all(cached == final[: len(cached)] for cached in snapshots)     # rejected drafts rolled back
+        assert gen.stats.generated_tokens == 24 and 0 < gen.stats.accepted < gen.stats.drafted
+        assert list(generate(g_target, prompt, max_new_tokens=24, draft_model=g_draft)) == torch_plain
+        mixed = generate(TorchBackend(target, tok), prompt, max_new_tokens=24, draft_model=g_draft, num_draft=3)
+        assert list(mixed) == torch_plain
+        assert g_target.vocab_fingerprint() == TorchBackend(target, tok).vocab_fingerprint()
+        backend, gguf_tok = load_backend(files["target"])
+        assert gguf_tok.encode("The meaning of life is") == prompt
+        backend.close()
+    finally:
+        g_target.close()
+        g_draft.close()

@@ -1,0 +1,193 @@
+"""The two things the generator can run: our PyTorch model and a GGUF file in llama.cpp.
+
+    backend = load_backend("out/sft")                         # HF-format directory -> PyTorch
+    backend = load_backend("out/gguf/x-Q4_K_M.gguf")          # GGUF -> llama.cpp (llama-cpp-python)
+    logits = backend.logits(context_ids, n_last=3)            # (3, vocab) float32
+
+Both keep a KV cache of the last context they saw. `logits(context, n_last)` reuses the longest
+cached prefix of `context`, drops the rest (rolling back after a rejected speculative draft is
+just asking for a shorter context) and runs the uncached suffix in one forward pass, returning
+the logits at the last `n_last` positions (row i predicts token len(context) - n_last + i + 1).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from .model import Llama
+from .tokenizer import Tokenizer
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+class Backend:
+    """What generate() needs from a model."""
+
+    name: str = "model"
+    vocab_size: int
+    context_length: int
+
+    def logits(self, context: Sequence[int], n_last: int = 1) -> torch.Tensor:
+        raise NotImplementedError
+
+    def cached_tokens(self) -> int:
+        """How many leading context tokens the KV cache currently holds."""
+        raise NotImplementedError
+
+    def trim(self, n: int) -> None:
+        """Forgets cached positions from n on (speculative decoding's rollback)."""
+        raise NotImplementedError
+
+    def vocab_fingerprint(self) -> str | None:
+        """sha256 of the token pieces, to refuse a draft with another vocabulary."""
+        return None
+
+    def reset(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _check(context: Sequence[int], n_last: int, context_length: int, name: str) -> None:
+    if not 1 <= n_last <= len(context):
+        raise ValueError(f"n_last={n_last} must be in [1, {len(context)}]")
+    if len(context) > context_length:
+        raise ValueError(f"{name}: {len(context)} tokens exceed the context length {context_length}")
+
+
+class TorchBackend(Backend):
+    """Our Llama with its positional KV cache (batch 1)."""
+
+    def __init__(self, model: Llama, tokenizer: Tokenizer | None = None, name: str = "model") -> None:
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.name = name
+        self.vocab_size = model.config.vocab_size
+        self.context_length = model.config.max_seq_len
+        self._cached: list[int] = []
+
+    def logits(self, context: Sequence[int], n_last: int = 1) -> torch.Tensor:
+        _check(context, n_last, self.context_length, self.name)
+        context = list(context)
+        if self.model.kv_cache_len < len(context):
+            # grow in steps so a long generation reallocates a handful of times, not per token
+            size = min(self.context_length, max(len(context), 2 * self.model.kv_cache_len, 256))
+            self.model.setup_kv_cache(batch_size=1, max_seq_len=size)
+            self._cached = []
+        start = min(common_prefix(self._cached, context), len(context) - n_last)
+        device = self.model.lm_head.weight.device
+        with torch.no_grad():
+            out = self.model(torch.tensor([context[start:]], device=device), start_pos=start)[0]   # (T, V)
+        self._cached = context
+        return out[-n_last:].float().cpu()
+
+    def cached_tokens(self) -> int:
+        return len(self._cached)
+
+    def trim(self, n: int) -> None:
+        # positional cache: entries past n are simply overwritten by the next step
+        del self._cached[n:]
+
+    def vocab_fingerprint(self) -> str | None:
+        if self.tokenizer is None:
+            return None
+        pieces = [self.tokenizer.id_to_piece(i) or "" for i in range(self.tokenizer.vocab_size)]
+        return hashlib.sha256("\n".join(pieces).encode()).hexdigest()
+
+    def reset(self) -> None:
+        self._cached = []
+
+    def close(self) -> None:
+        self.model.clear_kv_cache()
+        self._cached = []
+
+
+class GGUFBackend(Backend):
+    """A GGUF in llama.cpp through llama-cpp-python, logits at every position (logits_all)."""
+
+    def __init__(self, path: str | os.PathLike, n_ctx: int = 2048, n_threads: int | None = None) -> None:
+        try:
+            import llama_cpp
+        except ImportError:
+            raise ImportError("running a GGUF needs llama-cpp-python (installed by `make setup`)") from None
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no such GGUF file")
+        self._llama_cpp = llama_cpp
+        try:
+            self.llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, logits_all=True, verbose=False,
+                                       n_threads=n_threads or max(1, (os.cpu_count() or 2)))
+        except ValueError as e:
+            raise ValueError(f"{path}: llama.cpp cannot load this file ({e})") from None
+        self.name = path.name
+        self.path = path
+        self.vocab_size = self.llm.n_vocab()
+        self.context_length = self.llm.n_ctx()
+
+    def logits(self, context: Sequence[int], n_last: int = 1) -> torch.Tensor:
+        _check(context, n_last, self.context_length, self.name)
+        cached = self.llm.input_ids[: self.llm.n_tokens].tolist()
+        start = min(common_prefix(cached, context), len(context) - n_last)
+        self.llm.n_tokens = start           # eval() drops the KV cache beyond n_tokens first
+        self.llm.eval(list(context[start:]))
+        return torch.from_numpy(self.llm.scores[len(context) - n_last: len(context)].copy())
+
+    def cached_tokens(self) -> int:
+        return int(self.llm.n_tokens)
+
+    def trim(self, n: int) -> None:
+        if n < self.llm.n_tokens:
+            self.llm._ctx.kv_cache_seq_rm(-1, n, -1)
+            self.llm.n_tokens = n
+
+    def vocab_fingerprint(self) -> str | None:
+        vocab = self.llm._model.vocab
+        pieces = [self._llama_cpp.llama_token_get_text(vocab, i).decode("utf-8", "replace")
+                  for i in range(self.vocab_size)]
+        return hashlib.sha256("\n".join(pieces).encode()).hexdigest()
+
+    def tokenize(self, text: str, bos: bool = True) -> list[int]:
+        return self.llm.tokenize(text.encode(), add_bos=bos, special=False)
+
+    def reset(self) -> None:
+        self.llm.reset()
+
+    def close(self) -> None:
+        self.llm.close()
+
+
+def load_backend(path: str | os.PathLike, device: str = "cpu", dtype: torch.dtype | None = None,
+                 n_ctx: int = 2048) -> tuple[Backend, Tokenizer]:
+    """A checkpoint directory (PyTorch) or a .gguf file (llama.cpp), with its tokenizer: the
+    directory's own, or for a GGUF the one rebuilt from the file's vocabulary."""
+    from .checkpoint import load_checkpoint
+
+    path = Path(path)
+    if path.is_dir():
+        model, tok = load_checkpoint(path, device=device, dtype=dtype)
+        return TorchBackend(model, tok, name=path.name), tok
+    if path.suffix == ".gguf":
+        backend = GGUFBackend(path, n_ctx=n_ctx)
+        tok = Tokenizer.from_gguf_vocab(path)
+        tok.chat_template = _gguf_chat_template(path)
+        return backend, tok
+    raise FileNotFoundError(f"{path}: not a checkpoint directory or a .gguf file")
+
+
+def _gguf_chat_template(path: Path) -> str | None:
+    from gguf import GGUFReader
+
+    field = GGUFReader(str(path)).fields.get("tokenizer.chat_template")
+    return bytes(field.parts[field.data[0]]).decode("utf-8") if field is not None else None
