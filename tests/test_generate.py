@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from tinyllama import Llama, ModelConfig
-from tinyllama.backends import Backend, TorchBackend, common_prefix
+from tinyllama.backends import Backend, TorchBackend
 from tinyllama.generate import generate, process_logits
 
 
