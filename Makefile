@@ -22,8 +22,10 @@ SFT_DATA ?= sample
 SFT_ARGS ?= --method lora --lr 1e-3 --epochs 3
 QUANT_MODEL ?= $(OUT)/sft
 QUANT_TYPES ?= q4_k_m q8_0
+SERVE_MODEL ?= $(OUT)/gguf/tinyllama-19m-chat-Q4_K_M.gguf
+SERVE_ARGS ?=
 
-.PHONY: help setup data pretrain sft quantize run test test-fast bench clean distclean
+.PHONY: help setup data pretrain sft quantize serve run test test-fast bench clean distclean
 
 help:
 	@echo "make setup   create $(VENV), install torch (CPU build here), llama-cpp-python (built for this CPU), the project, the tokenizer"
@@ -31,6 +33,7 @@ help:
 	@echo "make pretrain  pretrain with $(PRETRAIN_CONFIG) (+ PRETRAIN_ARGS='--max-steps 100 ...'); re-run to resume"
 	@echo "make sft     chat fine-tuning of SFT_BASE=$(SFT_BASE) on SFT_DATA=$(SFT_DATA) ($(SFT_ARGS)) into $(OUT)/sft"
 	@echo "make quantize  GGUF files of QUANT_MODEL=$(QUANT_MODEL) (QUANT_TYPES='$(QUANT_TYPES)') into $(OUT)/gguf"
+	@echo "make serve   OpenAI-compatible server for SERVE_MODEL=$(SERVE_MODEL) on 127.0.0.1:8000 (SERVE_ARGS='--draft ...')"
 	@echo "make run     the main job on a small CPU default (outputs under $(OUT)/)"
 	@echo "make test    the whole test suite (what CI runs)"
 	@echo "make bench   benchmarks: ours vs the reference, side by side; rewrites bench/RESULTS.md"
@@ -57,6 +60,9 @@ sft: setup
 
 quantize: setup
 	$(PY) -m quantize --model $(QUANT_MODEL) --type $(QUANT_TYPES) --out $(OUT)/gguf
+
+serve: setup
+	$(PY) -m serve --model $(SERVE_MODEL) $(SERVE_ARGS)
 
 # The lifecycle so far: corpus -> shards -> pretrained base -> chat model (SFT) -> GGUF for llama.cpp.
 run: setup data

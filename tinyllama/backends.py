@@ -126,6 +126,9 @@ class GGUFBackend(Backend):
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no such GGUF file")
         self._llama_cpp = llama_cpp
+        trained = _gguf_field(path, "llama.context_length")
+        if trained:
+            n_ctx = min(n_ctx, int(trained))     # no longer than the model was trained for
         try:
             self.llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, logits_all=True, verbose=False,
                                        n_threads=n_threads or max(1, (os.cpu_count() or 2)))
@@ -186,8 +189,16 @@ def load_backend(path: str | os.PathLike, device: str = "cpu", dtype: torch.dtyp
     raise FileNotFoundError(f"{path}: not a checkpoint directory or a .gguf file")
 
 
-def _gguf_chat_template(path: Path) -> str | None:
-    from gguf import GGUFReader
+def _gguf_field(path: Path, name: str):
+    """One scalar or string metadata value of a GGUF file (None when absent)."""
+    from gguf import GGUFReader, GGUFValueType
 
-    field = GGUFReader(str(path)).fields.get("tokenizer.chat_template")
-    return bytes(field.parts[field.data[0]]).decode("utf-8") if field is not None else None
+    field = GGUFReader(str(path)).fields.get(name)
+    if field is None:
+        return None
+    value = field.parts[field.data[0]]
+    return bytes(value).decode("utf-8") if field.types[0] == GGUFValueType.STRING else value[0]
+
+
+def _gguf_chat_template(path: Path) -> str | None:
+    return _gguf_field(path, "tokenizer.chat_template")

@@ -295,3 +295,72 @@ def check_same_vocabulary(target: Backend, draft: Backend) -> None:
     if a is not None and b is not None and a != b:
         raise ValueError(f"draft {draft.name} and target {target.name} have different vocabularies "
                          "(same size, different tokens): speculative decoding needs the same tokenizer")
+
+
+class TextStream:
+    """A Generation as text deltas, with stop strings:
+
+        stream = TextStream(generate(model, ids, stop_ids=[tok.eos_id]), tok, stop=["\\n\\n"])
+        for delta in stream:
+            print(delta, end="", flush=True)
+        stream.text, stream.finish_reason        # "stop" (stop id or string) or "length"
+
+    Text is decoded from all ids so far (SentencePiece joins pieces with context), held back
+    while it ends in an incomplete UTF-8 character or in what could be the start of a stop
+    string; a stop string ends generation and is not part of the text. Stop ids are not text.
+    """
+
+    def __init__(self, generation: Generation, tokenizer, stop: Sequence[str] = ()) -> None:
+        self.generation = generation
+        self.tokenizer = tokenizer
+        self.stop = [s for s in stop if s]
+        self.ids: list[int] = []
+        self.text = ""
+
+    @property
+    def stats(self) -> GenerationStats:
+        return self.generation.stats
+
+    @property
+    def finish_reason(self) -> str | None:
+        reason = self.generation.stats.stop_reason
+        return {"stop_id": "stop", "stop_string": "stop", "length": "length"}.get(reason, reason)
+
+    def __iter__(self) -> Iterator[str]:
+        stop_ids = self.generation.stop_ids
+        for token in self.generation:
+            if token in stop_ids:
+                break
+            self.ids.append(token)
+            full = self.tokenizer.decode(self.ids)
+            if full.endswith("\ufffd"):
+                continue                          # a multi-byte character still arriving
+            cut = self._first_stop(full)
+            if cut is not None:
+                self.generation.close()
+                self.generation.stats.stop_reason = "stop_string"
+                yield from self._advance(full[:cut])
+                return
+            yield from self._advance(full[: len(full) - self._held_back(full)])
+        if self.ids:
+            yield from self._advance(self.tokenizer.decode(self.ids))
+
+    def _advance(self, upto: str) -> Iterator[str]:
+        if len(upto) > len(self.text) and upto.startswith(self.text):
+            delta, self.text = upto[len(self.text):], upto
+            yield delta
+
+    def _first_stop(self, full: str) -> int | None:
+        start = max(0, len(self.text) - max((len(s) for s in self.stop), default=0))
+        hits = [i for i in (full.find(s, start) for s in self.stop) if i >= 0]
+        return min(hits) if hits else None
+
+    def _held_back(self, full: str) -> int:
+        """Length of the longest suffix of `full` that is a proper prefix of a stop string."""
+        best = 0
+        for s in self.stop:
+            for n in range(min(len(s) - 1, len(full)), best, -1):
+                if full.endswith(s[:n]):
+                    best = n
+                    break
+        return best

@@ -1,0 +1,67 @@
+"""python -m serve.generate: stream a completion to the terminal, then the stats.
+
+    python -m serve.generate --model out/sft --prompt "What does len() do?" --chat
+    python -m serve.generate --model out/gguf/tinyllama-19m-chat-Q4_K_M.gguf --prompt "def fib(n):"
+    python -m serve.generate --model target.gguf --draft draft.gguf --prompt "..." --temperature 0
+
+--model and --draft take a checkpoint directory (PyTorch) or a .gguf file (llama.cpp), in any
+combination; the draft must share the target's vocabulary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m serve.generate", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True, help="checkpoint directory or .gguf file")
+    ap.add_argument("--draft", help="draft model for speculative decoding")
+    ap.add_argument("--num-draft", type=int, default=4, help="tokens drafted per step (default: %(default)s)")
+    ap.add_argument("--prompt", required=True, help="the prompt (with --chat: the user's message)")
+    ap.add_argument("--chat", action="store_true", help="format the prompt as a user turn in the chat template")
+    ap.add_argument("--system", help="with --chat: a system message")
+    ap.add_argument("--max-tokens", type=int, default=128, help="(default: %(default)s)")
+    ap.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default: %(default)s)")
+    ap.add_argument("--top-k", type=int, default=None)
+    ap.add_argument("--top-p", type=float, default=None)
+    ap.add_argument("--repetition-penalty", type=float, default=1.0, help="(default: %(default)s)")
+    ap.add_argument("--stop", nargs="*", default=[], help="stop strings")
+    ap.add_argument("--seed", type=int, default=None)
+    args = ap.parse_args(argv)
+
+    from tinyllama.chat import ChatFormatError
+    from tinyllama.checkpoint import CheckpointError
+
+    from .engine import Engine, RequestError, Sampling
+
+    try:
+        engine = Engine.load(args.model, args.draft, args.num_draft)
+    except (FileNotFoundError, ValueError, CheckpointError, ImportError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    sampling = Sampling(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
+                        top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed, stop=args.stop)
+    try:
+        if args.chat:
+            messages = ([{"role": "system", "content": args.system}] if args.system else [])
+            stream = engine.chat(messages + [{"role": "user", "content": args.prompt}], sampling)
+        else:
+            stream = engine.complete(args.prompt, sampling)
+            print(args.prompt, end="", flush=True)
+        for delta in stream:
+            print(delta, end="", flush=True)
+        print()
+        print(f"[{stream.stats.describe()}]", file=sys.stderr)
+    except (RequestError, ChatFormatError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        engine.close()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
