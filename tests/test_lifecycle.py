@@ -1,13 +1,17 @@
 """One end-to-end smoke test of the lifecycle through the stage CLIs, as a user runs them, on a
-tiny preset: raw text -> shards -> pretrain -> SFT -> GGUF -> a chat turn in llama.cpp."""
+tiny preset: raw text -> shards -> pretrain -> SFT -> GGUF -> a chat turn in llama.cpp and
+through `python -m serve` with the openai client."""
 
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import httpx
 import pytest
 
 pytest.importorskip("trl")
@@ -49,3 +53,26 @@ def test_raw_text_to_a_chat_model_in_llama_cpp(tmp_path):
         assert reply["choices"][0]["message"]["role"] == "assistant"
     finally:
         llm.close()
+
+    # python -m serve (what `make serve` runs) on that GGUF, spoken to by the openai client
+    openai = pytest.importorskip("openai")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "serve", "--model", str(gguf), "--port", str(port)],
+                              cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        for _ in range(300):
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
+        r = client.chat.completions.create(model="x", messages=[{"role": "user", "content": "What does `len()` do?"}],
+                                           max_tokens=8, temperature=0)
+        assert r.choices[0].message.role == "assistant" and r.usage.prompt_tokens > 10
+        assert r.model == "tinyllama-debug-chat-Q8_0"
+    finally:
+        server.terminate()
+        server.wait(timeout=30)

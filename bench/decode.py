@@ -1,0 +1,131 @@
+"""Batch-1 greedy decode speed: our generator vs the reference on the same model, in one run.
+
+    python -m bench.decode [--tokens 64] [--presets tinyllama-19m tinyllama-1.1b]
+
+PyTorch rows: `tinyllama.generate` on our model vs `transformers` `generate` on
+LlamaForCausalLM (sdpa, static KV cache off, the default dynamic cache), same random weights,
+same dtype, `max_new_tokens` forced (no EOS). GGUF row: `tinyllama.generate` over llama.cpp
+(GGUFBackend) vs llama.cpp's own completion loop (`Llama.create_completion`, greedy), same
+Q4_K_M file. Tokens/s count the generated tokens over the wall time after the prefill.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from . import markdown_table
+
+
+def _ours_torch(model, prompt: list[int], n: int) -> float:
+    from tinyllama.generate import generate
+
+    gen = generate(model, prompt, max_new_tokens=n)
+    for _ in gen:
+        pass
+    return gen.stats.generated_tokens / gen.stats.decode_seconds
+
+
+def _hf(model, prompt: list[int], n: int) -> float:
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        model.generate(ids, max_new_tokens=1, min_new_tokens=1, do_sample=False)          # prefill only
+        t1 = time.perf_counter()
+        out = model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, eos_token_id=None,
+                             pad_token_id=0)
+        t2 = time.perf_counter()
+    assert out.shape[1] == len(prompt) + n
+    return (n - 1) / ((t2 - t1) - (t1 - t0))
+
+
+def torch_rows(preset: str, dtype: torch.dtype, n: int, repeats: int = 3) -> tuple:
+    from transformers import LlamaForCausalLM
+
+    from tinyllama import Llama, ModelConfig, Tokenizer, load_checkpoint, save_checkpoint
+
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.manual_seed(0)
+        save_checkpoint(Llama(ModelConfig.from_name(preset)).to(dtype), Tokenizer.llama2(), Path(tmp) / "m")
+        ours, _ = load_checkpoint(Path(tmp) / "m", dtype=dtype)
+        hf = LlamaForCausalLM.from_pretrained(Path(tmp) / "m", dtype=dtype, attn_implementation="sdpa").eval()
+    prompt = list(range(1, 33))
+    _ours_torch(ours, prompt, 4), _hf(hf, prompt, 4)                          # warm-up
+    o = max(_ours_torch(ours, prompt, n) for _ in range(repeats))
+    h = max(_hf(hf, prompt, n) for _ in range(repeats))
+    name = f"{preset} {str(dtype).removeprefix('torch.')} (PyTorch)"
+    return (name, f"{o:,.1f} tok/s", f"{h:,.1f} tok/s (transformers generate)", f"{o / h:.2f}x")
+
+
+def gguf_row(gguf: Path, n: int, repeats: int = 3) -> tuple:
+    import llama_cpp
+
+    from tinyllama.backends import GGUFBackend
+    from tinyllama.generate import generate
+
+    backend = GGUFBackend(gguf, n_ctx=512)
+    llm = llama_cpp.Llama(model_path=str(gguf), n_ctx=512, verbose=False, n_threads=backend.llm.n_threads)
+    prompt = list(range(1, 33))
+    try:
+        def ours() -> float:
+            backend.reset()
+            gen = generate(backend, prompt, max_new_tokens=n)
+            for _ in gen:
+                pass
+            return gen.stats.generated_tokens / gen.stats.decode_seconds
+
+        def theirs() -> float:
+            llm.reset()
+            t0 = time.perf_counter()
+            llm.create_completion(prompt, max_tokens=1, temperature=0.0)
+            t1 = time.perf_counter()
+            llm.reset()
+            out = llm.create_completion(prompt, max_tokens=n, temperature=0.0, logit_bias={2: -1e9})
+            t2 = time.perf_counter()
+            got = out["usage"]["completion_tokens"]
+            return (got - 1) / ((t2 - t1) - (t1 - t0))
+
+        ours(), theirs()
+        o = max(ours() for _ in range(repeats))
+        t = max(theirs() for _ in range(repeats))
+    finally:
+        backend.close()
+        llm.close()
+    return (f"{gguf.name} (llama.cpp)", f"{o:,.1f} tok/s", f"{t:,.1f} tok/s (llama.cpp create_completion)",
+            f"{o / t:.2f}x")
+
+
+def run(presets=("tinyllama-19m", "tinyllama-1.1b"), n: int = 64, gguf_preset: str = "tinyllama-19m") -> str:
+    rows = []
+    for preset in presets:
+        for dtype in (torch.float32, torch.bfloat16):
+            rows.append(torch_rows(preset, dtype, n))
+    with tempfile.TemporaryDirectory() as tmp:
+        from quantize.export import quantize_gguf, write_gguf
+        from tinyllama import Llama, ModelConfig, Tokenizer, save_checkpoint
+
+        torch.manual_seed(0)
+        save_checkpoint(Llama(ModelConfig.from_name(gguf_preset)), Tokenizer.llama2(), Path(tmp) / "m")
+        f32 = write_gguf(Path(tmp) / "m", Path(tmp) / "m-f32.gguf", "f32")
+        q4 = quantize_gguf(f32, Path(tmp) / f"{gguf_preset}-Q4_K_M.gguf", "q4_k_m")
+        rows.append(gguf_row(q4, n))
+    head = (f"model (batch 1, greedy, {n} new tokens, 32-token prompt)", "ours (tinyllama.generate)", "reference",
+            "ours vs ref")
+    return markdown_table(head, rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--presets", nargs="+", default=["tinyllama-19m", "tinyllama-1.1b"])
+    args = ap.parse_args(argv)
+    print(run(args.presets, args.tokens))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
