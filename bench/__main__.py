@@ -16,7 +16,7 @@ import torch
 
 from tinyllama.atomic import atomic_file
 
-from . import bench_core, data_prep, gguf, sft_memory, train_throughput
+from . import bench_core, data_prep, decode, gguf, sft_memory, train_throughput
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
 GPU_MARKER = "<!-- gpu -->"
@@ -43,6 +43,8 @@ def main(argv: list[str] | None = None) -> int:
         ("Core: tokenizer and model (`python -m bench.bench_core`)", bench_core.run(quick=args.quick)),
         ("Data preparation (`python -m bench.data_prep`)", data_prep.run(large_mb=10 if args.quick else 40)),
         ("Training step (`python -m bench.train_throughput`)", train_throughput.run(quick=args.quick)),
+        ("Decode speed (`python -m bench.decode`)",
+         decode.run(["tinyllama-19m"], 64) if args.quick else decode.run(["tinyllama-19m", "tinyllama-1.1b"], 32)),
         ("SFT memory and speed (`python -m bench.sft_memory`)",
          sft_memory.run("tinyllama-120m", 256) if args.quick else sft_memory.run("tinyllama-1.1b", 512)),
         ("GGUF sizes and llama.cpp decode (`python -m bench.gguf`)",
