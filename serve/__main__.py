@@ -14,34 +14,27 @@ every request is decoded speculatively (exact: the same output distribution as t
 from __future__ import annotations
 
 import argparse
-import sys
+
+from .engine import add_model_arguments, load_engine
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m serve", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", required=True, help="checkpoint directory (PyTorch) or .gguf file (llama.cpp)")
-    ap.add_argument("--draft", help="a draft model with the same vocabulary, for speculative decoding")
-    ap.add_argument("--num-draft", type=int, default=4, help="tokens drafted per step (default: %(default)s)")
+    add_model_arguments(ap)
     ap.add_argument("--host", default="127.0.0.1", help="(default: %(default)s)")
     ap.add_argument("--port", type=int, default=8000, help="(default: %(default)s)")
     ap.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/ endpoints")
     ap.add_argument("--max-queue", type=int, default=8,
                     help="requests in flight (running + waiting) before answering 429 (default: %(default)s)")
-    ap.add_argument("--n-ctx", type=int, default=2048, help="context length for GGUF models (default: %(default)s)")
     args = ap.parse_args(argv)
 
     import uvicorn
 
-    from tinyllama.checkpoint import CheckpointError
-
-    from .engine import Engine
     from .server import create_app
 
-    try:
-        engine = Engine.load(args.model, args.draft, args.num_draft, n_ctx=args.n_ctx)
-    except (FileNotFoundError, ValueError, CheckpointError, ImportError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    engine = load_engine(args)
+    if engine is None:
         return 2
     print(f"serving {engine.model_id}" + (f" (draft {args.draft}, k={args.num_draft})" if args.draft else "")
           + f" on http://{args.host}:{args.port}/v1", flush=True)

@@ -10,7 +10,9 @@ bounds how many requests may wait for it.
 
 from __future__ import annotations
 
+import argparse
 import os
+import sys
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -98,3 +100,25 @@ class Engine:
         self.target.close()
         if self.draft is not None:
             self.draft.close()
+
+
+# ---- shared by the CLIs (python -m serve, python -m serve.generate) ------------------------------
+
+def add_model_arguments(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--model", required=True, help="checkpoint directory (PyTorch) or .gguf file (llama.cpp)")
+    ap.add_argument("--draft", help="a draft model with the same vocabulary (directory or .gguf), for "
+                                    "speculative decoding")
+    ap.add_argument("--num-draft", type=int, default=4, help="tokens drafted per step (default: %(default)s)")
+    ap.add_argument("--n-ctx", type=int, default=2048,
+                    help="context length for GGUF models, at most the trained one (default: %(default)s)")
+
+
+def load_engine(args: argparse.Namespace) -> Engine | None:
+    """Engine.load from the CLI arguments; prints one line and returns None on bad input."""
+    from tinyllama.checkpoint import CheckpointError
+
+    try:
+        return Engine.load(args.model, args.draft, args.num_draft, n_ctx=args.n_ctx)
+    except (FileNotFoundError, ValueError, CheckpointError, ImportError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return None

@@ -13,13 +13,13 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .engine import add_model_arguments, load_engine
+
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m serve.generate", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", required=True, help="checkpoint directory or .gguf file")
-    ap.add_argument("--draft", help="draft model for speculative decoding")
-    ap.add_argument("--num-draft", type=int, default=4, help="tokens drafted per step (default: %(default)s)")
+    add_model_arguments(ap)
     ap.add_argument("--prompt", required=True, help="the prompt (with --chat: the user's message)")
     ap.add_argument("--chat", action="store_true", help="format the prompt as a user turn in the chat template")
     ap.add_argument("--system", help="with --chat: a system message")
@@ -33,14 +33,11 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     from tinyllama.chat import ChatFormatError
-    from tinyllama.checkpoint import CheckpointError
 
-    from .engine import Engine, RequestError, Sampling
+    from .engine import RequestError, Sampling
 
-    try:
-        engine = Engine.load(args.model, args.draft, args.num_draft)
-    except (FileNotFoundError, ValueError, CheckpointError, ImportError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    engine = load_engine(args)
+    if engine is None:
         return 2
     sampling = Sampling(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
                         top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed, stop=args.stop)

@@ -24,18 +24,22 @@ def random_llama(cfg: ModelConfig, seed: int) -> Llama:
     return model
 
 
-@pytest.fixture
-def pair(small_config):
+def noisy_pair(cfg: ModelConfig) -> tuple[Llama, Llama]:
     """A target and a draft that agrees with it often but not always: the target's weights
     plus noise (an unrelated random draft would almost never be accepted)."""
-    target = random_llama(small_config, 0)
-    draft = Llama(small_config).eval()
+    target = random_llama(cfg, 0)
+    draft = Llama(cfg).eval()
     draft.load_state_dict(target.state_dict())
     torch.manual_seed(1)
     with torch.no_grad():
         for p in draft.parameters():
             p.add_(torch.randn_like(p) * p.std() * 0.1)
     return target, draft
+
+
+@pytest.fixture
+def pair(small_config):
+    return noisy_pair(small_config)
 
 
 def naive_greedy(model: Llama, prompt: list[int], n: int) -> list[int]:
@@ -209,14 +213,7 @@ def gguf_pair(tmp_path_factory):
     from tinyllama import Tokenizer, save_checkpoint
 
     tok = Tokenizer.llama2()
-    cfg = ModelConfig.from_name("tinyllama-debug")
-    target = random_llama(cfg, 0)
-    draft = Llama(cfg).eval()
-    draft.load_state_dict(target.state_dict())
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for p in draft.parameters():
-            p.add_(torch.randn_like(p) * p.std() * 0.1)
+    target, draft = noisy_pair(ModelConfig.from_name("tinyllama-debug"))
     d = tmp_path_factory.mktemp("gguf-pair")
     files = {}
     for name, model in (("target", target), ("draft", draft)):
