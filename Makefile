@@ -22,10 +22,11 @@ SFT_DATA ?= sample
 SFT_ARGS ?= --method lora --lr 1e-3 --epochs 3
 QUANT_MODEL ?= $(OUT)/sft
 QUANT_TYPES ?= q4_k_m q8_0
+DRAFT_CONFIG ?= pretrain/configs/cpu-draft.yaml
 SERVE_MODEL ?= $(OUT)/gguf/tinyllama-19m-chat-Q4_K_M.gguf
 SERVE_ARGS ?=
 
-.PHONY: help setup data pretrain sft quantize serve run test test-fast bench clean distclean
+.PHONY: help setup data pretrain sft quantize draft serve run test test-fast bench clean distclean
 
 help:
 	@echo "make setup   create $(VENV), install torch (CPU build here), llama-cpp-python (built for this CPU), the project, the tokenizer"
@@ -33,6 +34,7 @@ help:
 	@echo "make pretrain  pretrain with $(PRETRAIN_CONFIG) (+ PRETRAIN_ARGS='--max-steps 100 ...'); re-run to resume"
 	@echo "make sft     chat fine-tuning of SFT_BASE=$(SFT_BASE) on SFT_DATA=$(SFT_DATA) ($(SFT_ARGS)) into $(OUT)/sft"
 	@echo "make quantize  GGUF files of QUANT_MODEL=$(QUANT_MODEL) (QUANT_TYPES='$(QUANT_TYPES)') into $(OUT)/gguf"
+	@echo "make draft   the speculative-decoding draft: tinyllama-debug pretrained and fine-tuned like the default, in $(OUT)/draft"
 	@echo "make serve   OpenAI-compatible server for SERVE_MODEL=$(SERVE_MODEL) on 127.0.0.1:8000 (SERVE_ARGS='--draft ...')"
 	@echo "make run     the main job on a small CPU default (outputs under $(OUT)/)"
 	@echo "make test    the whole test suite (what CI runs)"
@@ -61,6 +63,12 @@ sft: setup
 quantize: setup
 	$(PY) -m quantize --model $(QUANT_MODEL) --type $(QUANT_TYPES) --out $(OUT)/gguf
 
+# The draft for speculative decoding: the same recipe on a 4M-parameter preset.
+draft: setup data
+	$(PY) -m pretrain --config $(DRAFT_CONFIG) --out-dir $(OUT)/draft/pretrain
+	$(PY) -m sft --base $(OUT)/draft/pretrain/final --data $(SFT_DATA) --out $(OUT)/draft/sft $(SFT_ARGS) --samples 0
+	$(PY) -m quantize --model $(OUT)/draft/sft --type q8_0 --out $(OUT)/gguf
+
 serve: setup
 	$(PY) -m serve --model $(SERVE_MODEL) $(SERVE_ARGS)
 
@@ -70,6 +78,7 @@ run: setup data
 	$(PY) -m tinyllama inspect $(OUT)/pretrain/final --verify-hf --text "To be, or not to be, that is the question:"
 	$(PY) -m sft --base $(OUT)/pretrain/final --data $(SFT_DATA) --out $(OUT)/sft $(SFT_ARGS)
 	$(PY) -m quantize --model $(OUT)/sft --type $(QUANT_TYPES) --out $(OUT)/gguf
+	$(MAKE) --no-print-directory draft OUT=$(OUT)
 
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -1,0 +1,110 @@
+"""Speculative decoding on a trained target/draft pair: acceptance, speedup and efficiency
+against the theory, on both backends, in one run.
+
+    python -m bench.speculative [--target out/sft] [--draft out/draft/sft] [--k 1 2 4 6]
+    python -m bench.speculative --target out/gguf/tinyllama-19m-chat-Q8_0.gguf \\
+                                --draft out/gguf/tinyllama-debug-chat-Q8_0.gguf
+
+(`make run` leaves both pairs.) Greedy decoding of held-out questions from the SFT sample in the
+chat template, `--tokens` new tokens each (EOS ignored, so every run decodes the same length).
+For each k: alpha = the per-token acceptance rate, solved from the tokens produced per target
+pass, (1 - alpha^(k+1)) / (1 - alpha) (accepted / drafted, also shown, undercounts it: drafts
+after a rejection are never judged); c = the draft's time per token / the target's (each
+measured decoding alone); speedup = plain target time / speculative time for the same tokens
+(identical outputs, checked); theory = (1 - alpha^(k+1)) / ((1 - alpha)(k c + 1))
+(Leviathan et al. 2023, eq. 1 with their cost model); efficiency = speedup / theory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from . import markdown_table
+
+
+def _prompts(tok, n: int) -> list[list[int]]:
+    from sft.data import load_conversations, split_eval
+    from tinyllama.chat import encode_chat
+
+    _, held = split_eval(load_conversations("sample"), 0.05, seed=42)     # what `make sft` held out
+    return [encode_chat(tok, [c[0]], add_generation_prompt=True)[0] for c in held[:n]]
+
+
+def _decode(target, prompts, tokens: int, draft=None, k: int = 4):
+    from tinyllama.generate import generate
+
+    outs, seconds, drafted, accepted, passes = [], 0.0, 0, 0, 0
+    for ids in prompts:
+        for b in (target, draft):
+            if b is not None:
+                b.reset()
+        t0 = time.perf_counter()
+        gen = generate(target, ids, max_new_tokens=tokens, draft_model=draft, num_draft=k)
+        outs.append(list(gen))
+        seconds += time.perf_counter() - t0 - gen.stats.prefill_seconds
+        drafted, accepted = drafted + gen.stats.drafted, accepted + gen.stats.accepted
+        passes += gen.stats.target_calls
+    return outs, seconds, drafted, accepted, passes
+
+
+def solve_alpha(tokens_per_pass: float, k: int) -> float:
+    """alpha with (1 - alpha^(k+1)) / (1 - alpha) = tokens_per_pass (bisection; increasing in alpha)."""
+    lo, hi = 0.0, 1.0
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        if sum(mid ** i for i in range(k + 1)) < tokens_per_pass:
+            lo = mid
+        else:
+            hi = mid
+    return (lo + hi) / 2
+
+
+def run(target_path: str, draft_path: str, ks=(1, 2, 4, 6), tokens: int = 48, n_prompts: int = 6) -> str:
+    from tinyllama.backends import load_backend
+    from tinyllama.generate import check_same_vocabulary
+
+    target, tok = load_backend(target_path)
+    draft, _ = load_backend(draft_path)
+    check_same_vocabulary(target, draft)
+    prompts = _prompts(tok, n_prompts)
+    _decode(target, prompts[:1], 8), _decode(draft, prompts[:1], 8)                # warm-up
+    plain, t_plain, _, _, _ = _decode(target, prompts, tokens)
+    _, t_draft, _, _, _ = _decode(draft, prompts, tokens)
+    c = t_draft / t_plain
+    n_tokens = tokens * len(prompts)
+    rows = [("plain target", f"{n_tokens / t_plain:,.1f} tok/s", "-", "-", "-", "1.00x", "-", "-"),
+            ("plain draft", f"{n_tokens / t_draft:,.1f} tok/s", "-", "-", "-", "-", "-", "-")]
+    for k in ks:
+        out, t_spec, drafted, accepted, passes = _decode(target, prompts, tokens, draft, k)
+        if out != plain:
+            raise AssertionError(f"k={k}: speculative output differs from plain greedy decoding")
+        # the last pass of a prompt may be cut short by max_new_tokens: a slight underestimate
+        alpha = solve_alpha(n_tokens / passes, k) if passes else 0.0
+        theory = (1 - alpha ** (k + 1)) / ((1 - alpha) * (k * c + 1)) if alpha < 1 else (k + 1) / (k * c + 1)
+        speedup = t_plain / t_spec
+        rows.append((f"speculative k={k}", f"{n_tokens / t_spec:,.1f} tok/s", f"{accepted / drafted:.2f}",
+                     f"{alpha:.2f}", f"{c:.2f}",
+                     f"{speedup:.2f}x", f"{theory:.2f}x", f"{speedup / theory:.0%}"))
+    target.close()
+    draft.close()
+    head = (f"{Path(target_path).name} drafted by {Path(draft_path).name} (greedy, {len(prompts)} prompts x "
+            f"{tokens} tokens)", "tokens/s", "accepted/drafted", "alpha", "c", "speedup", "theory", "efficiency")
+    return markdown_table(head, rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--target", default="out/sft")
+    ap.add_argument("--draft", default="out/draft/sft")
+    ap.add_argument("--k", type=int, nargs="+", default=[1, 2, 4, 6])
+    ap.add_argument("--tokens", type=int, default=48)
+    ap.add_argument("--prompts", type=int, default=6)
+    args = ap.parse_args(argv)
+    print(run(args.target, args.draft, args.k, args.tokens, args.prompts))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
