@@ -26,7 +26,7 @@ DRAFT_CONFIG ?= pretrain/configs/cpu-draft.yaml
 SERVE_MODEL ?= $(OUT)/gguf/tinyllama-19m-chat-Q4_K_M.gguf
 SERVE_ARGS ?=
 
-.PHONY: help setup data pretrain sft quantize draft serve run test test-fast bench clean distclean
+.PHONY: help setup data pretrain sft quantize draft serve demo run test test-fast bench clean distclean
 
 help:
 	@echo "make setup   create $(VENV), install torch (CPU build here), llama-cpp-python (built for this CPU), the project, the tokenizer"
@@ -36,6 +36,7 @@ help:
 	@echo "make quantize  GGUF files of QUANT_MODEL=$(QUANT_MODEL) (QUANT_TYPES='$(QUANT_TYPES)') into $(OUT)/gguf"
 	@echo "make draft   the speculative-decoding draft: tinyllama-debug pretrained and fine-tuned like the default, in $(OUT)/draft"
 	@echo "make serve   OpenAI-compatible server for SERVE_MODEL=$(SERVE_MODEL) on 127.0.0.1:8000 (SERVE_ARGS='--draft ...')"
+	@echo "make demo    the Gradio chat app on 127.0.0.1:7860 over what make run left (DEMO_ARGS='--model ... --draft ...')"
 	@echo "make run     the main job on a small CPU default (outputs under $(OUT)/)"
 	@echo "make test    the whole test suite (what CI runs)"
 	@echo "make bench   benchmarks: ours vs the reference, side by side; rewrites bench/RESULTS.md"
@@ -72,6 +73,10 @@ draft: setup data
 serve: setup
 	$(PY) -m serve --model $(SERVE_MODEL) $(SERVE_ARGS)
 
+DEMO_ARGS ?=
+demo: setup
+	$(PY) -m demo $(DEMO_ARGS)
+
 # The lifecycle so far: corpus -> shards -> pretrained base -> chat model (SFT) -> GGUF for llama.cpp.
 run: setup data
 	$(PY) -m pretrain --config $(PRETRAIN_CONFIG) --out-dir $(OUT)/pretrain $(PRETRAIN_ARGS)
@@ -81,6 +86,7 @@ run: setup data
 	$(MAKE) --no-print-directory draft OUT=$(OUT)
 
 test: setup
+	@bash scripts/browser_packages.sh
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test-fast: setup

@@ -1,1 +1,1 @@
-"""The Gradio chat app (not built yet)."""
+"""demo: the Gradio chat app (python -m demo), over serve.engine.Engine and tinyllama.generate."""

@@ -20,7 +20,7 @@ from typing import Sequence
 
 from tinyllama.backends import Backend, load_backend
 from tinyllama.chat import encode_chat
-from tinyllama.generate import TextStream, generate
+from tinyllama.generate import TextStream, check_same_vocabulary, generate
 from tinyllama.tokenizer import Tokenizer
 
 
@@ -46,6 +46,8 @@ class Sampling:
 class Engine:
     def __init__(self, target: Backend, tokenizer: Tokenizer, model_id: str, draft: Backend | None = None,
                  num_draft: int = 4) -> None:
+        if draft is not None:
+            check_same_vocabulary(target, draft)       # refuse a mismatched draft at load, not per request
         self.target, self.draft, self.tokenizer = target, draft, tokenizer
         self.model_id = model_id
         self.num_draft = num_draft
@@ -63,16 +65,17 @@ class Engine:
         return self.target.context_length
 
     # ---- requests ----------------------------------------------------------------------------
-    def complete(self, prompt: str, sampling: Sampling) -> TextStream:
-        """Plain text continuation of `prompt` (BOS added)."""
-        return self._stream(self.tokenizer.encode(prompt), sampling, stop_at_eos=True)
+    def complete(self, prompt: str, sampling: Sampling, speculative: bool | None = None) -> TextStream:
+        """Plain text continuation of `prompt` (BOS added). speculative None: use the draft
+        when one is loaded."""
+        return self._stream(self.tokenizer.encode(prompt), sampling, speculative)
 
-    def chat(self, messages: list[dict], sampling: Sampling) -> TextStream:
+    def chat(self, messages: list[dict], sampling: Sampling, speculative: bool | None = None) -> TextStream:
         """The assistant's next turn, prompt built by the one chat format."""
         ids, _ = encode_chat(self.tokenizer, messages, add_generation_prompt=True)
-        return self._stream(ids, sampling, stop_at_eos=True)
+        return self._stream(ids, sampling, speculative)
 
-    def _stream(self, ids: list[int], s: Sampling, stop_at_eos: bool) -> TextStream:
+    def _stream(self, ids: list[int], s: Sampling, speculative: bool | None) -> TextStream:
         room = self.context_length - len(ids)
         if room < 1:
             raise RequestError(f"the prompt has {len(ids)} tokens; the context length is {self.context_length}",
@@ -90,10 +93,12 @@ class Engine:
             raise RequestError(f"top_k must be >= 0, got {s.top_k}", "top_k")
         if s.repetition_penalty <= 0:
             raise RequestError(f"repetition_penalty must be > 0, got {s.repetition_penalty}", "repetition_penalty")
+        if speculative and self.draft is None:
+            raise RequestError("speculative decoding was asked for but no draft model is loaded", "speculative")
+        draft = self.draft if speculative is None or speculative else None
         gen = generate(self.target, ids, max_new_tokens=min(s.max_tokens, room), temperature=s.temperature,
                        top_k=s.top_k or None, top_p=s.top_p, repetition_penalty=s.repetition_penalty,
-                       stop_ids=[self.tokenizer.eos_id] if stop_at_eos else [], seed=s.seed,
-                       draft_model=self.draft, num_draft=self.num_draft)
+                       stop_ids=[self.tokenizer.eos_id], seed=s.seed, draft_model=draft, num_draft=self.num_draft)
         return TextStream(gen, self.tokenizer, stop=list(s.stop))
 
     def close(self) -> None:

@@ -1,0 +1,67 @@
+"""python -m demo: the Gradio chat app (make demo).
+
+    python -m demo                              # what `make run` left: the chat GGUF + its draft
+    python -m demo --model out/sft --draft out/draft/sft
+    python -m demo --model llama-2-7b-chat.Q4_K_M.gguf --draft out/gguf/tinyllama-debug-chat-Q8_0.gguf
+
+Binds 127.0.0.1:7860; `--share` asks Gradio for a public link (off by default).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+DEFAULT_MODEL = Path("out/gguf/tinyllama-19m-chat-Q4_K_M.gguf")
+DEFAULT_DRAFT = Path("out/gguf/tinyllama-debug-chat-Q8_0.gguf")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m demo", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None, help=f"checkpoint directory or .gguf (default: {DEFAULT_MODEL})")
+    ap.add_argument("--draft", default=None,
+                    help=f"draft model for speculative decoding (default: {DEFAULT_DRAFT} when it exists)")
+    ap.add_argument("--no-draft", action="store_true", help="no draft even if the default one exists")
+    ap.add_argument("--num-draft", type=int, default=4, help="tokens drafted per step (default: %(default)s)")
+    ap.add_argument("--host", default="127.0.0.1", help="(default: %(default)s)")
+    ap.add_argument("--port", type=int, default=7860, help="(default: %(default)s)")
+    ap.add_argument("--share", action="store_true", help="ask Gradio for a public share link")
+    args = ap.parse_args(argv)
+    model = args.model or str(DEFAULT_MODEL)
+    draft = None if args.no_draft else (args.draft or (str(DEFAULT_DRAFT) if DEFAULT_DRAFT.exists() else None))
+    if not Path(model).exists():
+        hint = " (run `make run` first, or pass --model)" if args.model is None else ""
+        print(f"error: {model}: no such model{hint}", file=sys.stderr)
+        return 2
+
+    from serve.engine import Engine
+    from tinyllama.checkpoint import CheckpointError
+
+    from .app import build_app
+
+    draft_error = None
+    try:
+        try:
+            engine = Engine.load(model, draft, args.num_draft)
+        except (FileNotFoundError, ValueError, CheckpointError, ImportError) as e:
+            if draft is None:
+                raise
+            # the chat still works without the draft: say why in the page, not in a traceback
+            engine = Engine.load(model, None, args.num_draft)
+            draft_error, draft = f"draft {Path(draft).name} not used: {e}", None
+    except (FileNotFoundError, ValueError, CheckpointError, ImportError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if draft_error:
+        print(f"warning: {draft_error}", file=sys.stderr)
+    print(f"chat with {engine.model_id}" + (f", drafted by {draft}" if draft else "") +
+          f" at http://{args.host}:{args.port}", flush=True)
+    build_app(engine, model, draft, draft_error).queue(default_concurrency_limit=1).launch(
+        server_name=args.host, server_port=args.port, share=args.share, show_error=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
