@@ -75,7 +75,7 @@ serve: setup
 
 DEMO_ARGS ?=
 demo: setup
-	$(PY) -m demo $(DEMO_ARGS)
+	$(PY) -m demo --model $(SERVE_MODEL) --draft $(OUT)/gguf/tinyllama-debug-chat-Q8_0.gguf $(DEMO_ARGS)
 
 # The lifecycle so far: corpus -> shards -> pretrained base -> chat model (SFT) -> GGUF for llama.cpp.
 run: setup data
