@@ -26,7 +26,7 @@ DRAFT_CONFIG ?= pretrain/configs/cpu-draft.yaml
 SERVE_MODEL ?= $(OUT)/gguf/tinyllama-19m-chat-Q4_K_M.gguf
 SERVE_ARGS ?=
 
-.PHONY: help setup data pretrain sft quantize draft serve demo run test test-fast bench clean distclean
+.PHONY: help setup data pretrain sft quantize draft serve demo eval run test test-fast bench clean distclean
 
 help:
 	@echo "make setup   create $(VENV), install torch (CPU build here), llama-cpp-python (built for this CPU), the project, the tokenizer"
@@ -37,6 +37,7 @@ help:
 	@echo "make draft   the speculative-decoding draft: tinyllama-debug pretrained and fine-tuned like the default, in $(OUT)/draft"
 	@echo "make serve   OpenAI-compatible server for SERVE_MODEL=$(SERVE_MODEL) on 127.0.0.1:8000 (SERVE_ARGS='--draft ...')"
 	@echo "make demo    the Gradio chat app on 127.0.0.1:7860 over what make run left (DEMO_ARGS='--model ... --draft ...')"
+	@echo "make eval    lm-eval tasks (EVAL_TASKS='$(EVAL_TASKS)') + validation perplexity, chat model and its GGUF side by side"
 	@echo "make run     the main job on a small CPU default (outputs under $(OUT)/)"
 	@echo "make test    the whole test suite (what CI runs)"
 	@echo "make bench   benchmarks: ours vs the reference, side by side; rewrites bench/RESULTS.md"
@@ -72,6 +73,14 @@ draft: setup data
 
 serve: setup
 	$(PY) -m serve --model $(SERVE_MODEL) $(SERVE_ARGS)
+
+# Offline, TinyLlama's seven hub tasks cannot be downloaded: the default is the shipped local
+# task; EVAL_TASKS="hellaswag openbookqa winogrande arc_challenge arc_easy boolq piqa" where online.
+EVAL_TASKS ?= python_builtins_mc
+eval: setup
+	HF_HUB_OFFLINE=$${HF_HUB_OFFLINE:-1} HF_DATASETS_OFFLINE=$${HF_DATASETS_OFFLINE:-1} $(PY) -m tinyllama.eval \
+	  --model $(OUT)/sft $(SERVE_MODEL) --tasks $(EVAL_TASKS) --perplexity $(DATA)/tokens/natural $(DATA)/tokens/code \
+	  --out $(OUT)/eval.json
 
 DEMO_ARGS ?=
 demo: setup
