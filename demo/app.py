@@ -53,8 +53,8 @@ def message_text(content: Any) -> str | None:
     return None
 
 
-def stats_markdown(stats, speculative: bool, last_plain_tps: float | None) -> str:
-    line = f"**{stats.tokens_per_s:.1f} tok/s**, {stats.generated_tokens} tokens"
+def stats_markdown(stats, speculative: bool, last_plain_tps: float | None, done: bool = True) -> str:
+    line = ("" if done else "generating · ") + f"**{stats.tokens_per_s:.1f} tok/s**, {stats.generated_tokens} tokens"
     if speculative and stats.drafted:
         line += (f" · speculative: {stats.accepted}/{stats.drafted} drafted tokens accepted "
                  f"({stats.acceptance_rate:.0%}), {stats.target_calls} target passes")
@@ -93,7 +93,7 @@ def build_app(engine: Engine, model_path: str | None = None, draft_path: str | N
             with engine.lock:
                 for delta in stream:
                     history[-1] = {"role": "assistant", "content": history[-1]["content"] + delta}
-                    yield history, "", stats_markdown(stream.stats, use_draft, state["last_plain_tps"])
+                    yield history, "", stats_markdown(stream.stats, use_draft, state["last_plain_tps"], done=False)
         except Exception as e:               # shown in the page, not a traceback
             raise gr.Error(f"generation failed: {type(e).__name__}: {e}") from None
         if not use_draft and stream.stats.generated_tokens:

@@ -128,7 +128,9 @@ def test_chat_in_a_real_browser(demo, llama2_tokenizer):
         # speculative decoding is on by default when a draft is loaded
         box.send_keys("What does `len()` do?")
         browser.find_element(By.ID, "send").click()
-        wait.until(lambda b: "drafted tokens accepted" in stats(b))
+        # a reply is finished when its stats lose the "generating" mark (a click on Send while
+        # one streams is ignored by Gradio)
+        wait.until(lambda b: "drafted tokens accepted" in stats(b) and not stats(b).startswith("generating"))
         # the reply as rendered (Markdown may drop symbols of a random model's text): compare letters
         reply = expected_reply(engine, llama2_tokenizer, "What does `len()` do?", 128, system=DEFAULT_SYSTEM)
 
@@ -142,7 +144,7 @@ def test_chat_in_a_real_browser(demo, llama2_tokenizer):
         box = browser.find_element(By.CSS_SELECTOR, "#message textarea")
         box.send_keys("And `sorted()`?")
         browser.find_element(By.ID, "send").click()
-        wait.until(lambda b: "plain decoding" in stats(b))
+        wait.until(lambda b: "plain decoding" in stats(b) and not stats(b).startswith("generating"))
         out = Path(__file__).resolve().parents[1] / "test-output"
         out.mkdir(exist_ok=True)
         assert browser.save_screenshot(str(out / "demo-chat.png"))
