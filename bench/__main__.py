@@ -16,7 +16,7 @@ import torch
 
 from tinyllama.atomic import atomic_file
 
-from . import bench_core, data_prep, decode, gguf, sft_memory, train_throughput
+from . import bench_core, data_prep, decode, gguf, sft_memory, speculative, train_throughput
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
 GPU_MARKER = "<!-- gpu -->"
@@ -50,6 +50,14 @@ def main(argv: list[str] | None = None) -> int:
         ("GGUF sizes and llama.cpp decode (`python -m bench.gguf`)",
          gguf.run(["q4_k_m"] if args.quick else ["q4_0", "q4_k_m", "q8_0", "f16"])),
     ]
+    pairs = [("out/sft", "out/draft/sft"),
+             ("out/gguf/tinyllama-19m-chat-Q8_0.gguf", "out/gguf/tinyllama-debug-chat-Q8_0.gguf")]
+    if all(Path(p).exists() for pair in pairs for p in pair):
+        sections.append(("Speculative decoding, the CPU-default pair (`python -m bench.speculative`)",
+                         "\n\n".join(speculative.run(t, d) for t, d in pairs)))
+    else:
+        sections.append(("Speculative decoding (`python -m bench.speculative`)",
+                         "Not measured: run `make run` first (it trains the target and its draft)."))
     for title, tbl in sections:
         print(f"\n## {title}\n\n{tbl}")
     head = (f"# Benchmark results\n\nWritten by `make bench` on {dt.date.today().isoformat()}.\n"

@@ -106,3 +106,28 @@ def test_bad_tasks_and_models(model_dir):
     r = subprocess.run([sys.executable, "-m", "tinyllama.eval", "--model", "/nonexistent/model", "--tasks", "none"],
                        capture_output=True, text=True)
     assert r.returncode == 2 and "no such model" in r.stderr
+
+
+@pytest.mark.slow
+def test_checkpoint_sweep_over_a_pretraining_run(tmp_path, llama2_tokenizer):
+    from pydoc_data.topics import topics
+
+    from pretrain.config import TrainConfig
+    from pretrain.prepare import PrepareConfig, prepare
+    from pretrain.train import train
+    from tinyllama.eval import sweep
+
+    raw = tmp_path / "raw.jsonl"
+    raw.write_text("".join(json.dumps({"text": t}) + "\n" for _, t in sorted(topics.items())[:40]))
+    prepare(PrepareConfig(source=str(raw), out=tmp_path / "shards", workers=1, val_fraction=0.2, progress=False))
+    cfg = TrainConfig(preset="tinyllama-debug", data={"n": str(tmp_path / "shards")}, weights={"n": 1.0}, seq_len=32,
+                      micro_batch=2, global_batch_tokens=128, max_steps=6, lr=3e-3, min_lr=3e-4, warmup_steps=1,
+                      dtype="float32", out_dir=str(tmp_path / "run"), save_every=2, keep_last=3, eval_every=0,
+                      sample_tokens=0, tensorboard=False, progress=False)
+    train(cfg)
+    rows = sweep(tmp_path / "run", [tmp_path / "shards"], seq_len=32, png=tmp_path / "sweep.png")
+    assert [r["step"] for r in rows] == [2, 4, 6] and [r["tokens"] for r in rows] == [256, 512, 768]
+    assert rows[0]["ppl shards"] > rows[-1]["ppl shards"]                  # training lowers it
+    assert (tmp_path / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(EvalError, match="not a pretraining run"):
+        sweep(tmp_path / "shards", [])

@@ -214,10 +214,70 @@ def markdown_report(runs: dict[str, tuple[dict[str, dict[str, float]], dict[str,
     return "\n".join(lines)
 
 
+# ---- checkpoint sweeps ----------------------------------------------------------------------
+
+def sweep(run_dir: str | Path, shards: Sequence[str | Path], tasks: Sequence[str] = (), seq_len: int = 256,
+          include_path: str | Path | None = None, limit: int | None = None,
+          png: str | Path | None = None) -> list[dict]:
+    """Every `step-*` checkpoint of a pretraining run (and `final`), evaluated in order of tokens
+    seen (step x global_batch_tokens from the run's config.yaml); optionally plotted like
+    TinyLlama's Figure 2. Returns [{"checkpoint", "step", "tokens", task/shard: value}, ...]."""
+    import yaml
+
+    run_dir = Path(run_dir)
+    cfg_path = run_dir / "config.yaml"
+    if not cfg_path.exists():
+        raise EvalError(f"{run_dir}: not a pretraining run (no config.yaml)")
+    cfg = yaml.safe_load(cfg_path.read_text())
+    batch_tokens = int(cfg["global_batch_tokens"])
+    points = sorted((int(d.name.split("-")[1]), d) for d in run_dir.glob("step-*") if (d / "config.json").exists())
+    if (run_dir / "final" / "config.json").exists():
+        final_step = int(cfg.get("max_steps") or (points[-1][0] if points else 0))
+        if not points or points[-1][0] < final_step:
+            points.append((final_step, run_dir / "final"))
+    if not points:
+        raise EvalError(f"{run_dir}: no step-*/ or final/ checkpoints")
+    rows = []
+    for step, ckpt in points:
+        backend, tok = load_backend(ckpt)
+        try:
+            row: dict = {"checkpoint": ckpt.name, "step": step, "tokens": step * batch_tokens}
+            if tasks:
+                for task, m in run_tasks(backend, tok, tasks, include_path, limit=limit).items():
+                    row[task] = m.get(PUBLISHED.get(task, (None, "acc_norm"))[1], m.get("acc"))
+            for shard in shards:
+                row[f"ppl {Path(shard).name}"] = perplexity(backend, shard, seq_len)[0]
+        finally:
+            backend.close()
+        rows.append(row)
+    if png:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        keys = [k for k in rows[0] if k not in ("checkpoint", "step", "tokens")]
+        fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.2), squeeze=False)
+        for ax, key in zip(axes[0], keys):
+            ax.plot([r["tokens"] / 1e6 for r in rows], [r[key] for r in rows], marker="o")
+            ax.set_xlabel("tokens seen (M)")
+            ax.set_title(key)
+            ax.grid(alpha=0.3)
+        fig.tight_layout()
+        from .atomic import atomic_file
+
+        with atomic_file(png) as tmp:
+            fig.savefig(tmp, dpi=100, format="png")
+        plt.close(fig)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m tinyllama.eval", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", required=True, nargs="+",
+    ap.add_argument("--sweep", type=Path, default=None, metavar="RUN_DIR",
+                    help="evaluate every step-*/ checkpoint of a pretraining run instead, and plot it")
+    ap.add_argument("--model", nargs="+", default=[],
                     help="checkpoint directories and/or .gguf files (one column each, e.g. a model and its GGUF)")
     ap.add_argument("--tasks", nargs="+", default=None,
                     help=f"lm-eval task names (default: {' '.join(TINYLLAMA_TASKS)} when HF_HUB_OFFLINE is "
@@ -232,6 +292,11 @@ def main(argv: list[str] | None = None) -> int:
     offline = os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1"
     tasks = args.tasks or ([LOCAL_TASK] if offline else TINYLLAMA_TASKS)
     tasks = [] if tasks == ["none"] else tasks
+    if args.sweep is not None:
+        return _main_sweep(args, tasks)
+    if not args.model:
+        print("error: give --model (or --sweep RUN_DIR)", file=sys.stderr)
+        return 2
     missing = [m for m in args.model if not Path(m).exists()]
     if missing:
         print(f"error: {missing[0]}: no such model directory or GGUF", file=sys.stderr)
@@ -256,6 +321,27 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         args.out.write_text(json.dumps({name: {"tasks": res, "perplexity": {k: v[0] for k, v in ppl.items()}}
                                         for name, (res, ppl) in runs.items()}, indent=2) + "\n")
+    return 0
+
+
+def _main_sweep(args: argparse.Namespace, tasks: list[str]) -> int:
+    png = args.out.with_suffix(".png") if args.out else args.sweep / "eval_sweep.png"
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            include = local_task_dir(Path(tmp)) if LOCAL_TASK in tasks else None
+            rows = sweep(args.sweep, args.perplexity, tasks, args.seq_len, include, args.limit, png)
+    except (EvalError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    keys = [k for k in rows[0] if k != "checkpoint"]
+    print("| checkpoint | " + " | ".join(keys) + " |")
+    print("|---|" + "---|" * len(keys))
+    for r in rows:
+        print(f"| {r['checkpoint']} | " + " | ".join(f"{r[k]:,.4g}" if isinstance(r[k], float) else f"{r[k]:,}"
+                                                   for k in keys) + " |")
+    print(f"plot: {png}")
+    if args.out:
+        args.out.write_text(json.dumps(rows, indent=2) + "\n")
     return 0
 
 
