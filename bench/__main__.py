@@ -1,6 +1,6 @@
 """Runs every benchmark and rewrites bench/RESULTS.md with the machine and the date.
 
-    python -m bench [--quick]      (make bench)
+    python -m bench [--quick | --full]      (make bench: the default, ~15 minutes on 2 cores)
 """
 
 from __future__ import annotations
@@ -37,16 +37,26 @@ def machine() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--quick", action="store_true", help="smallest sizes (a few minutes)")
+    ap.add_argument("--full", action="store_true",
+                    help="also SFT memory of tinyllama-1.1b (~25 min on 2 cores) and its fp32 decode")
     args = ap.parse_args(argv)
+    # default: ~15 minutes on 2 CPU cores; SFT memory on the 120M preset, decode of 1.1B in bf16
+    if args.quick:
+        decode_table = decode.run(["tinyllama-19m"], 64)
+    elif args.full:
+        decode_table = decode.run(["tinyllama-19m", "tinyllama-1.1b"], 32)
+    else:
+        decode_table = decode.run(["tinyllama-19m"], 64) + "\n\n" + decode.run(["tinyllama-1.1b"], 16,
+                                                                              dtypes=("bfloat16",), gguf=False)
+    sft_table = (sft_memory.run("tinyllama-1.1b", 512) if args.full else
+                 sft_memory.run("tinyllama-120m", 256, steps=2 if not args.quick else 1))
     sections = [
         ("Core: tokenizer and model (`python -m bench.bench_core`)", bench_core.run(quick=args.quick)),
         ("Data preparation (`python -m bench.data_prep`)", data_prep.run(large_mb=10 if args.quick else 40)),
         ("Training step (`python -m bench.train_throughput`)", train_throughput.run(quick=args.quick)),
-        ("Decode speed (`python -m bench.decode`)",
-         decode.run(["tinyllama-19m"], 64) if args.quick else decode.run(["tinyllama-19m", "tinyllama-1.1b"], 32)),
-        ("SFT memory and speed (`python -m bench.sft_memory`)",
-         sft_memory.run("tinyllama-120m", 256) if args.quick else sft_memory.run("tinyllama-1.1b", 512)),
+        ("Decode speed (`python -m bench.decode`)", decode_table),
+        ("SFT memory and speed (`python -m bench.sft_memory`)", sft_table),
         ("GGUF sizes and llama.cpp decode (`python -m bench.gguf`)",
          gguf.run(["q4_k_m"] if args.quick else ["q4_0", "q4_k_m", "q8_0", "f16"])),
     ]

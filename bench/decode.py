@@ -99,11 +99,16 @@ def gguf_row(gguf: Path, n: int, repeats: int = 3) -> tuple:
             f"{o / t:.2f}x")
 
 
-def run(presets=("tinyllama-19m", "tinyllama-1.1b"), n: int = 64, gguf_preset: str = "tinyllama-19m") -> str:
+def run(presets=("tinyllama-19m", "tinyllama-1.1b"), n: int = 64, gguf_preset: str = "tinyllama-19m",
+        dtypes=("float32", "bfloat16"), gguf: bool = True) -> str:
     rows = []
     for preset in presets:
-        for dtype in (torch.float32, torch.bfloat16):
-            rows.append(torch_rows(preset, dtype, n))
+        for dtype in dtypes:
+            rows.append(torch_rows(preset, getattr(torch, dtype), n))
+    if not gguf:
+        head = (f"model (batch 1, greedy, {n} new tokens, 32-token prompt)", "ours (tinyllama.generate)",
+                "reference", "ours vs ref")
+        return markdown_table(head, rows)
     with tempfile.TemporaryDirectory() as tmp:
         from quantize.export import quantize_gguf, write_gguf
         from tinyllama import Llama, ModelConfig, Tokenizer, save_checkpoint
