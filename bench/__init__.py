@@ -24,3 +24,15 @@ def median_seconds(step: Callable[[], object], steps: int, warmup: int = 1) -> f
         step()
         times.append(time.perf_counter() - t0)
     return sorted(times)[len(times) // 2]
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory since it exec'd (VmHWM). Not ru_maxrss: Linux carries
+    that across fork + exec, so a benchmark child would report its parent's footprint."""
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

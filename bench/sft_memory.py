@@ -19,7 +19,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from . import markdown_table, median_seconds
+from . import markdown_table, median_seconds, peak_rss_bytes
 
 METHODS = ("full", "lora", "qlora")
 
@@ -40,8 +40,6 @@ def _load(impl: str, base: str, method: str, device: str, dtype):
 
 
 def _measure(impl: str, base: str, method: str, seq: int, steps: int) -> dict:
-    import resource
-
     import torch
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -80,7 +78,7 @@ def _measure(impl: str, base: str, method: str, seq: int, steps: int) -> dict:
 
     dt = median_seconds(step, steps, warmup=1)       # warm-up: allocations, kernel choice
     peak = (torch.cuda.max_memory_reserved() if device == "cuda"
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+            else peak_rss_bytes())
     return {"tok_s": seq / dt, "peak_gb": peak / 1e9, "device": device,
             "trainable": sum(p.numel() for p in params)}
 

@@ -16,7 +16,7 @@ import json
 import subprocess
 import sys
 
-from . import markdown_table, median_seconds
+from . import markdown_table, median_seconds, peak_rss_bytes
 
 SETTINGS = [("float32", False), ("float32", True), ("bfloat16", False), ("bfloat16", True)]
 SHAPE = dict(n_layer=8, d_model=512, n_head=8, n_kv_head=2, ffn_dim=1536, vocab_size=32000, max_seq_len=512)
@@ -24,8 +24,6 @@ B, T = 4, 512
 
 
 def _measure(impl: str, dtype_name: str, compiled: bool, steps: int) -> dict:
-    import resource
-
     import torch
     import torch.nn.functional as F
 
@@ -68,7 +66,7 @@ def _measure(impl: str, dtype_name: str, compiled: bool, steps: int) -> dict:
         return loss.item()
 
     dt = median_seconds(step, steps, warmup=2)
-    return {"tok_s": B * T / dt, "rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6}
+    return {"tok_s": B * T / dt, "rss_gb": peak_rss_bytes() / 1e9}
 
 
 def run(steps: int = 5, quick: bool = False) -> str:
