@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from tinyllama.chat import CHAT_TEMPLATE
-from tinyllama.checkpoint import CheckpointError, load_config, save_checkpoint
+from tinyllama.checkpoint import CheckpointError, load_config, save_checkpoint, stored_dtype
 from tinyllama.tokenizer import Tokenizer
 
 from .data import LoadStats, TokenStats, load_conversations, split_eval, tokenize_conversations
@@ -38,7 +38,6 @@ from .data import LoadStats, TokenStats, load_conversations, split_eval, tokeniz
 METHODS = ("full", "lora", "qlora")
 ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 DEFAULT_LR = {"full": 2e-5, "lora": 2e-4, "qlora": 2e-4}   # Zephyr's full SFT; QLoRA paper's small models
-log = logging.getLogger("sft")
 # bitsandbytes warns at import when its optional hub kernels cannot be fetched (no hub here);
 # the built-in CPU path it falls back to is the one QLoRA uses on a CPU.
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
@@ -116,7 +115,7 @@ def _device(name: str) -> str:
     return name
 
 
-def _hf_tokenizer(base: Path, tok: Tokenizer, work: Path):
+def _hf_tokenizer(tok: Tokenizer, work: Path):
     """The transformers tokenizer trl needs as processing_class: our own files, chat template in,
     padding on the right with an existing id (never a new token)."""
     from transformers import PreTrainedTokenizerFast
@@ -212,7 +211,7 @@ def run_sft(args: SFTArgs) -> SFTResult:
 
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.work-", dir=out.resolve().parent))
     try:
-        hf_tok = _hf_tokenizer(base, tok, work / "tokenizer")
+        hf_tok = _hf_tokenizer(tok, work / "tokenizer")
         torch.manual_seed(args.seed)
         model = load_model(base, args.method, device, dtype)
         peft_config = None
@@ -315,7 +314,7 @@ def _write_output(trainer, args: SFTArgs, base: Path, tok: Tokenizer, out: Path,
         _rewrite_adapter_base(adapter_dir, base)
         llama = merge_adapter(base, adapter_dir)
         extra_dirs["adapter"] = adapter_dir
-    base_dtype = load_config_dtype(base)
+    base_dtype = stored_dtype(base)
     llama = llama.to(device="cpu", dtype=base_dtype)
     if llama.config.name != "custom" and not llama.config.name.endswith("-chat"):
         # names the GGUF files and their general.name: tinyllama-19m-chat-Q4_K_M.gguf
@@ -334,11 +333,6 @@ def _rewrite_adapter_base(adapter_dir: Path, base: Path) -> None:
     cfg = json.loads(cfg_path.read_text())
     cfg["base_model_name_or_path"] = str(base.resolve())
     cfg_path.write_text(json.dumps(cfg, indent=2) + "\n")
-
-
-def load_config_dtype(base: Path) -> torch.dtype:
-    name = json.loads((base / "config.json").read_text()).get("torch_dtype") or "float32"
-    return {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(name, torch.float32)
 
 
 def merge_adapter(base: str | Path, adapter_dir: str | Path):

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from .model import Llama
-from .tokenizer import Tokenizer
+from .tokenizer import Tokenizer, gguf_value, open_gguf
 
 
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -69,6 +69,10 @@ def _check(context: Sequence[int], n_last: int, context_length: int, name: str) 
         raise ValueError(f"{name}: {len(context)} tokens exceed the context length {context_length}")
 
 
+# (lm_head weight shape, dtype, device) -> whether `h @ Wᵀ` beat `F.linear` when timed
+_TRANSPOSED_HEAD_IS_FASTER: dict[tuple, bool] = {}
+
+
 class TorchBackend(Backend):
     """Our Llama with its positional KV cache (batch 1)."""
 
@@ -86,8 +90,17 @@ class TorchBackend(Backend):
         """The lm_head GEMV is most of a small model's decode step. On some CPUs `h @ Wᵀ` with
         Wᵀ stored contiguously runs at memory bandwidth while `F.linear(h, W)` does not (measured
         here: 32000×256 fp32, 1.1 ms vs 3.9 ms per token), on others the reverse (1.1B in
-        bf16). Time both once, keep the faster: a transposed copy, or None for F.linear."""
+        bf16). Time both once per weight shape, dtype and device (generate() builds a backend per
+        call for a bare Llama), keep the faster: a transposed copy (of the current weights, which
+        training may have changed), or None for F.linear."""
         w = self.model.lm_head.weight.detach()
+        key = (tuple(w.shape), w.dtype, str(w.device))
+        if key not in _TRANSPOSED_HEAD_IS_FASTER:
+            _TRANSPOSED_HEAD_IS_FASTER[key] = self._time_lm_head_layouts(w)
+        return w.t().contiguous() if _TRANSPOSED_HEAD_IS_FASTER[key] else None
+
+    @staticmethod
+    def _time_lm_head_layouts(w: torch.Tensor) -> bool:
         wt = w.t().contiguous()
         x = torch.randn(2, w.shape[1], dtype=w.dtype, device=w.device)
 
@@ -101,7 +114,7 @@ class TorchBackend(Backend):
 
         with torch.no_grad():
             plain, transposed = median_ms(lambda: F.linear(x, w)), median_ms(lambda: x @ wt)
-        return wt if transposed < 0.9 * plain else None
+        return transposed < 0.9 * plain
 
     def logits(self, context: Sequence[int], n_last: int = 1) -> torch.Tensor:
         _check(context, n_last, self.context_length, self.name)
@@ -146,7 +159,9 @@ class TorchBackend(Backend):
 class GGUFBackend(Backend):
     """A GGUF in llama.cpp through llama-cpp-python, logits at every position (logits_all)."""
 
-    def __init__(self, path: str | os.PathLike, n_ctx: int = 2048, n_threads: int | None = None) -> None:
+    def __init__(self, path: str | os.PathLike, n_ctx: int = 2048, n_threads: int | None = None,
+                 reader=None) -> None:
+        """`reader`: an already-parsed gguf.GGUFReader of the same file, to read it only once."""
         try:
             import llama_cpp
         except ImportError:
@@ -155,7 +170,7 @@ class GGUFBackend(Backend):
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no such GGUF file")
         self._llama_cpp = llama_cpp
-        trained = _gguf_field(path, "llama.context_length")
+        trained = gguf_value(reader if reader is not None else open_gguf(path), "llama.context_length")
         if trained:
             n_ctx = min(n_ctx, int(trained))     # no longer than the model was trained for
         try:
@@ -214,23 +229,9 @@ def load_backend(path: str | os.PathLike, device: str = "cpu", dtype: torch.dtyp
         model, tok = load_checkpoint(path, device=device, dtype=dtype)
         return TorchBackend(model, tok, name=path.name), tok
     if path.suffix == ".gguf":
-        backend = GGUFBackend(path, n_ctx=n_ctx)
-        tok = Tokenizer.from_gguf_vocab(path)
-        tok.chat_template = _gguf_chat_template(path)
-        return backend, tok
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no such GGUF file")
+        reader = open_gguf(path)                       # parsed once, for both
+        return GGUFBackend(path, n_ctx=n_ctx, reader=reader), Tokenizer.from_gguf_vocab(path, reader=reader)
     raise FileNotFoundError(f"{path}: not a checkpoint directory or a .gguf file")
 
-
-def _gguf_field(path: Path, name: str):
-    """One scalar or string metadata value of a GGUF file (None when absent)."""
-    from gguf import GGUFReader, GGUFValueType
-
-    field = GGUFReader(str(path)).fields.get(name)
-    if field is None:
-        return None
-    value = field.parts[field.data[0]]
-    return bytes(value).decode("utf-8") if field.types[0] == GGUFValueType.STRING else value[0]
-
-
-def _gguf_chat_template(path: Path) -> str | None:
-    return _gguf_field(path, "tokenizer.chat_template")

@@ -158,6 +158,13 @@ def _weight_files(path: Path) -> list[Path]:
     raise CheckpointError(f"{path}: no {WEIGHTS_NAME} or {INDEX_NAME}")
 
 
+def stored_dtype(path: str | os.PathLike) -> torch.dtype:
+    """The weights' dtype a directory's config.json declares (`torch_dtype`, or transformers 5's
+    `dtype`); float32 when it names none we write."""
+    hf = json.loads((Path(path) / "config.json").read_text())
+    return _DTYPES.get(hf.get("torch_dtype") or hf.get("dtype") or "float32", torch.float32)
+
+
 def load_state_dict(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
     path = Path(path)
     sd: dict[str, torch.Tensor] = {}

@@ -152,6 +152,9 @@ class Generation:
         self._it.close()
 
     def _run(self) -> Iterator[int]:
+        if self.max_new_tokens == 0:
+            self.stats.stop_reason = "length"
+            return
         try:
             yield from (self._speculative() if self.draft is not None else self._plain())
         finally:
@@ -180,9 +183,6 @@ class Generation:
 
     # ---- plain decoding ----------------------------------------------------------------------
     def _plain(self) -> Iterator[int]:
-        if self.max_new_tokens == 0:
-            self.stats.stop_reason = "length"
-            return
         context = list(self.prompt)
         t0 = time.perf_counter()
         logits = self.target.logits(context, 1)[0]                         # (vocab,)
@@ -203,12 +203,10 @@ class Generation:
 
     # ---- speculative decoding ----------------------------------------------------------------
     def _speculative(self) -> Iterator[int]:
-        if self.max_new_tokens == 0:
-            self.stats.stop_reason = "length"
-            return
         context = list(self.prompt)
         t0 = time.perf_counter()
-        # Prefill both; the target's last-position logits serve a plain first step when needed.
+        # Prefill both caches (timed as the prefill); each later call recomputes only the last
+        # context position, whose logits it needs.
         self.target.logits(context, 1)
         self.draft.logits(context, 1)
         self.stats.prefill_seconds = time.perf_counter() - t0
