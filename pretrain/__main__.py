@@ -16,6 +16,7 @@ import argparse
 import dataclasses
 import sys
 
+from .checkpointing import CorruptCheckpointError
 from .config import ConfigError, TrainConfig
 from .data import DataError
 
@@ -74,9 +75,12 @@ def main(argv: list[str] | None = None) -> int:
         from .train import train   # torch and friends load only once the config is sound
 
         summary = train(cfg)
-    except (ConfigError, DataError, FileNotFoundError) as e:
+    except (ConfigError, DataError, CorruptCheckpointError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if summary["loss"] != summary["loss"]:   # NaN: resumed from the last step, nothing left to train
+        print(f"done: step {summary['step']}, {summary['tokens']:,} tokens (the run was already complete)")
+        return 0
     print(f"done: step {summary['step']}, {summary['tokens']:,} tokens, final train loss {summary['loss']:.4f}"
           + (f", validation loss {summary['val_loss']:.4f}" if "val_loss" in summary else ""))
     return 0

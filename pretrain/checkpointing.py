@@ -3,17 +3,25 @@
 Layout of a run's out_dir:
     config.yaml                     the resolved TrainConfig
     state/step-00000500/            DCP shards of model + optimizer, trainer_state.json
-                                    (step, tokens, data loader position), rng-<rank>.json
+                                    (step, tokens, data loader position), rng-<rank>.json,
+                                    manifest.json (size and sha256 of every other file)
     step-00000500/                  an HF-format model directory (loads in transformers)
     final/                          the last step's HF-format directory
-Every directory is written under a dot-prefixed temporary name and renamed when complete, so
-resuming never sees a half-written checkpoint; keep-last-K prunes old training states.
+Crash safety, in three layers:
+  * every directory is written under a dot-prefixed temporary name, fsynced, and renamed when
+    complete, so a kill at any moment leaves either the whole checkpoint or only a temporary;
+  * manifest.json is written last: a state without one is not a checkpoint;
+  * on resume the newest state is verified against its manifest (each rank hashes a share of
+    the files); one that is truncated or altered on disk is reported and skipped for the
+    previous one (keep_last >= 2 keeps one to fall back to).
 """
 
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
+import os
 import shutil
 import warnings
 from pathlib import Path
@@ -28,6 +36,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from tinyllama import Llama, ModelConfig, Tokenizer, save_checkpoint
 
 STATE_DIR = "state"
+MANIFEST = "manifest.json"
 # A single process saves without a process group on purpose.
 warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 
@@ -45,17 +54,96 @@ def _rank() -> int:
     return dist.get_rank() if _is_dist() else 0
 
 
+def _world() -> int:
+    return dist.get_world_size() if _is_dist() else 1
+
+
+def _gather(obj: Any) -> list[Any]:
+    """Every rank's `obj`, on every rank (a list of one without a process group)."""
+    if not _is_dist():
+        return [obj]
+    out: list[Any] = [None] * _world()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+class CorruptCheckpointError(RuntimeError):
+    """A training state on disk does not match its manifest (or has none)."""
+
+
 def step_name(step: int) -> str:
     return f"step-{step:08d}"
 
 
-def latest_state(out_dir: Path) -> Path | None:
-    """The newest complete training state (temporaries start with a dot and are ignored)."""
+def saved_states(out_dir: Path) -> list[Path]:
+    """Training states that finished saving, oldest first (temporaries start with a dot)."""
     root = out_dir / STATE_DIR
-    if not root.is_dir():
-        return None
-    done = sorted(p for p in root.glob("step-*") if (p / "trainer_state.json").exists() and (p / ".metadata").exists())
-    return done[-1] if done else None
+    return sorted(p for p in root.glob("step-*") if p.is_dir()) if root.is_dir() else []
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 24):
+            h.update(chunk)
+        os.fsync(fh.fileno())   # the bytes reach the disk before the manifest vouches for them
+    return h.hexdigest()
+
+
+def _my_share(names: list[str]) -> list[str]:
+    """This rank's share of the files to hash: round-robin over the sorted names, so the reading
+    (~12 bytes per parameter for 1.1B: 13 GB) is split across ranks."""
+    return sorted(names)[_rank()::_world()]
+
+
+def _describe(path: Path, names: list[str]) -> dict[str, dict[str, Any]]:
+    return {n: {"bytes": (path / n).stat().st_size, "sha256": _sha256(path / n)} for n in _my_share(names)}
+
+
+def verify_state(path: Path) -> list[str]:
+    """Problems with a training state on disk (empty: intact). Collective under torchrun: every
+    rank checks its share of the files and all ranks get the same answer."""
+    problems: list[str] = []
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+        files = manifest["files"]
+    except FileNotFoundError:
+        problems.append(f"{path / MANIFEST}: missing (the save did not finish)")
+        files = {}
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        problems.append(f"{path / MANIFEST}: unreadable ({e})")
+        files = {}
+    if not problems:
+        for name in _my_share(list(files)):
+            f, want = path / name, files[name]
+            if not f.is_file():
+                problems.append(f"{f}: missing")
+            elif f.stat().st_size != want["bytes"]:
+                problems.append(f"{f}: {f.stat().st_size:,} bytes, the manifest says {want['bytes']:,} (truncated?)")
+            elif _sha256(f) != want["sha256"]:
+                problems.append(f"{f}: sha256 does not match the manifest (corrupted on disk)")
+    return sorted({p for rank_problems in _gather(problems) for p in rank_problems})
+
+
+def find_resume_state(out_dir: Path, say=print) -> Path | None:
+    """The newest training state that verifies; corrupt newer ones are reported and skipped.
+    Raises CorruptCheckpointError when states exist but none is intact: starting over from
+    scratch silently would throw away the run."""
+    states = saved_states(out_dir)
+    rejected = []
+    for path in reversed(states):
+        problems = verify_state(path)
+        if not problems:
+            if rejected:
+                say(f"warning: falling back to {path.name}")
+            return path
+        rejected.append(path)
+        say(f"warning: training state {path} is corrupt, not resuming from it: " + "; ".join(problems))
+    if rejected:
+        raise CorruptCheckpointError(
+            f"no intact training state in {out_dir / STATE_DIR} ({', '.join(p.name for p in rejected)} failed "
+            "verification; see the warnings above). Move them away to start the run from scratch.")
+    return None
 
 
 def _rng_state() -> dict[str, str]:
@@ -84,12 +172,21 @@ def save_training_state(out_dir: Path, step: int, model: torch.nn.Module, optimi
     model_sd, optim_sd = get_state_dict(model, optimizer)
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
     (tmp / f"rng-{_rank()}.json").write_text(json.dumps(_rng_state()))
-    _barrier()
     if _rank() == 0:
         (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2))
-        if final.exists():
+    _barrier()
+    names = sorted(p.name for p in tmp.iterdir() if p.is_file())
+    files = {k: v for share in _gather(_describe(tmp, names)) for k, v in share.items()}
+    if _rank() == 0:
+        # The manifest is written last: its presence is what makes the directory a checkpoint.
+        manifest = tmp / MANIFEST
+        manifest.write_text(json.dumps({"step": trainer_state["step"], "world_size": _world(), "files": files},
+                                       indent=1))
+        _sha256(manifest)   # fsync
+        if final.exists():   # the same step saved again after a resume from an older state
             shutil.rmtree(final)
         tmp.rename(final)
+        _fsync_dir(root)
         states = sorted(p for p in root.glob("step-*") if p.is_dir())
         for old in states[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
@@ -97,6 +194,14 @@ def save_training_state(out_dir: Path, step: int, model: torch.nn.Module, optimi
             shutil.rmtree(stale, ignore_errors=True)
     _barrier()
     return final
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)   # makes the rename itself durable
+    finally:
+        os.close(fd)
 
 
 def load_training_state(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:

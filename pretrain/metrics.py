@@ -13,11 +13,14 @@ measured here once per process as the best of a few large matmuls in the trainin
 from __future__ import annotations
 
 import json
+import math
 import resource
 import time
 from pathlib import Path
 
 import torch
+
+from tinyllama.atomic import atomic_file
 
 # Dense (no sparsity) peak FLOP/s per device, bf16 / fp16 tensor cores.
 GPU_PEAK_BF16 = {
@@ -68,6 +71,14 @@ def peak_memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6    # KiB on Linux -> GB
 
 
+def _step_of(line: str) -> float:
+    """The step of one metrics.jsonl line; infinite for a line a kill cut short (dropped)."""
+    try:
+        return json.loads(line).get("step", 0)
+    except (json.JSONDecodeError, AttributeError):
+        return math.inf
+
+
 class MetricsLog:
     """metrics.jsonl (one JSON object per line), TensorBoard and wandb when enabled; rank 0 only."""
 
@@ -79,9 +90,9 @@ class MetricsLog:
         if not enabled:
             return
         if self.path.exists():   # drop what a killed run logged after its last checkpoint
-            keep = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-            self.path.write_text("".join(line + "\n" for line in keep))
+            keep = [line for line in self.path.read_text().splitlines() if _step_of(line) <= resume_step]
+            with atomic_file(self.path) as tmp:
+                tmp.write_text("".join(line + "\n" for line in keep))
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter

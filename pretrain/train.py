@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import shutil
 import sys
 import time
 from datetime import timedelta
@@ -25,10 +26,11 @@ import torch
 import torch.distributed as dist
 
 from tinyllama import Llama, ModelConfig, Tokenizer, load_checkpoint
+from tinyllama.atomic import atomic_file
 from tinyllama.generate import generate
 from tinyllama.kernels import cross_entropy
 
-from .checkpointing import latest_state, load_training_state, save_hf_model, save_training_state, step_name
+from .checkpointing import find_resume_state, load_training_state, save_hf_model, save_training_state, step_name
 from .config import ConfigError, TrainConfig
 from .data import BatchLoader, DataError, Mixture, PackedSource
 from .metrics import MetricsLog, device_peak_flops, peak_memory_gb, plot_loss_curve
@@ -157,6 +159,16 @@ def write_samples(final_dir: Path, cfg: TrainConfig, device: torch.device) -> st
     return text
 
 
+def remove_stale_temporaries(out: Path) -> None:
+    """What a run killed mid-write left: dot-named temporaries of HF directories and files
+    (tinyllama.atomic) and of training states. Nothing reads them; they only take disk."""
+    for stale in [*out.glob(".*.tmp-*"), *out.glob(".*.old-*"), *(out / "state").glob(".step-*.tmp")]:
+        if stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)
+
+
 def train(cfg: TrainConfig, stop_after: int | None = None, on_step: Callable[[int, float], None] | None = None) -> dict:
     """Runs (or resumes) pretraining; returns a summary. `stop_after` ends the process's work
     after that many optimizer steps of this invocation, as if it had been killed (tests)."""
@@ -183,7 +195,7 @@ def _train(cfg: TrainConfig, env: Dist, stop_after: int | None, on_step) -> dict
     step_loss = torch.compile(loss_fn) if (cfg.compile and not env.enabled) else loss_fn
 
     step, tokens = 0, 0
-    resume = latest_state(out)
+    resume = find_resume_state(out, say=print if env.main else (lambda _: None))
     if resume is not None:
         state = load_training_state(resume, model, optimizer)
         step, tokens = state["step"], state["tokens"]
@@ -192,7 +204,9 @@ def _train(cfg: TrainConfig, env: Dist, stop_after: int | None, on_step) -> dict
             print(f"resuming from {resume} (step {step}, {tokens:,} tokens)")
     if env.main:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(cfg.to_yaml())
+        remove_stale_temporaries(out)
+        with atomic_file(out / "config.yaml") as tmp:
+            tmp.write_text(cfg.to_yaml())
     log = MetricsLog(out, env.main, cfg.tensorboard, cfg.wandb, cfg.to_dict(), resume_step=step)
     flops_per_token = model_cfg.flops_per_token(cfg.seq_len)
     peak, peak_source = device_peak_flops(env.device, dtype)
