@@ -204,10 +204,23 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+class WeightsOnlyLoadPlanner(dcp.DefaultLoadPlanner):
+    """DCP's default planner unpickles the non-tensor entries (the optimizer's param_groups:
+    floats, tuples, strings) with `weights_only=False`, which would run code from a crafted
+    checkpoint. Ours restricts them to plain data, as torch.load(weights_only=True) does."""
+
+    def load_bytes(self, read_item, value) -> None:
+        # The restricted unpickler refuses any global outside its allow-list; once it has read
+        # the entry, the default planner's own unpickling of the same bytes can run nothing.
+        torch.load(value, weights_only=True)
+        value.seek(0)
+        super().load_bytes(read_item, value)
+
+
 def load_training_state(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     model_sd, optim_sd = get_state_dict(model, optimizer)
     state = {"model": model_sd, "optim": optim_sd}
-    dcp.load(state, checkpoint_id=str(path))
+    dcp.load(state, checkpoint_id=str(path), planner=WeightsOnlyLoadPlanner())
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     rng = path / f"rng-{_rank()}.json"
     if rng.exists():

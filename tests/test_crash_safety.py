@@ -112,3 +112,31 @@ def test_metrics_line_cut_by_a_kill_is_dropped_on_resume(shards, tmp_path, unint
     steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
     assert steps == [1, 2, 3, 4, 5, 6]
     assert not list(tmp_path.glob(".*.tmp-*")) and same(weights(tmp_path), uninterrupted)
+
+
+def test_training_state_entries_are_never_unpickled_with_code(shards, tmp_path):
+    """A crafted checkpoint whose optimizer entry pickles a callable is refused on load."""
+    import io
+    import pickle
+
+    from torch.distributed.checkpoint.metadata import MetadataIndex
+    from torch.distributed.checkpoint.planner import LoadItemType, ReadItem
+
+    from pretrain.checkpointing import WeightsOnlyLoadPlanner
+
+    class Exploit:
+        def __reduce__(self):
+            return (print, ("owned",))
+
+    planner = WeightsOnlyLoadPlanner()
+    planner.flatten_state_dict = False
+    planner.state_dict = {}
+    item = ReadItem(type=LoadItemType.BYTE_IO, dest_index=MetadataIndex("optim.param_groups"), dest_offsets=(),
+                    storage_index=MetadataIndex("optim.param_groups"), storage_offsets=(), lengths=())
+    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
+        planner.load_bytes(item, io.BytesIO(pickle.dumps(Exploit(), protocol=2)))
+    buf = io.BytesIO()
+    torch.save({"lr": 3e-4, "betas": (0.9, 0.95)}, buf)
+    buf.seek(0)
+    planner.load_bytes(item, buf)
+    assert planner.state_dict["optim.param_groups"] == {"lr": 3e-4, "betas": (0.9, 0.95)}
