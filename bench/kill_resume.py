@@ -89,11 +89,14 @@ def write_config(shards: dict[str, str], out_dir: Path, steps: int, save_every: 
     return path
 
 
-def launch(config: Path, log: Path) -> subprocess.Popen:
+def launch(config: Path, log: Path, launched: list | None = None) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                              "-m", "pretrain", "--config", str(config)], cwd=ROOT, env=env, start_new_session=True,
                             stdout=open(log, "w"), stderr=subprocess.STDOUT)
+    if launched is not None:
+        launched.append(proc)
+    return proc
 
 
 def _children(pid: int) -> list[int]:
@@ -159,6 +162,11 @@ def kill_once(proc: subprocess.Popen, kind: str, out_dir: Path, startup_s: float
             proc.wait(timeout=60)   # torchrun notices and stops the other rank
         except subprocess.TimeoutExpired:
             pass
+        for pid in workers:   # whatever torchrun did not stop, it no longer parents
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
     _kill_job(proc)   # the rest of the job (or all of it), so nothing survives into the next launch
     return Kill(kind, round(after, 2), during, [])
 
@@ -189,6 +197,16 @@ def _final_weights(out_dir: Path) -> dict:
 
 def run_campaign(work: Path, kills: int, steps: int, save_every: int, seed: int = 0,
                  shards: dict[str, str] | None = None, say=print) -> Campaign:
+    launched: list[subprocess.Popen] = []
+    try:
+        return _campaign(work, kills, steps, save_every, seed, shards, say, launched)
+    finally:   # an error in the harness must not leave a training job running
+        for proc in launched:
+            if proc.poll() is None:
+                _kill_job(proc)
+
+
+def _campaign(work, kills, steps, save_every, seed, shards, say, launched) -> Campaign:
     from pretrain.checkpointing import saved_states
 
     rng = random.Random(seed)
@@ -197,7 +215,7 @@ def run_campaign(work: Path, kills: int, steps: int, save_every: int, seed: int 
 
     ref_dir = work / "reference"
     t0 = time.perf_counter()
-    proc = launch(write_config(shards, ref_dir, steps, save_every), work / "reference.log")
+    proc = launch(write_config(shards, ref_dir, steps, save_every), work / "reference.log", launched)
     trained_s = 0.0   # launch to the last training state (plotting and exit come after)
     while proc.poll() is None and not trained_s:
         if not result.startup_s and (ref_dir / "metrics.jsonl").exists():
@@ -218,7 +236,7 @@ def run_campaign(work: Path, kills: int, steps: int, save_every: int, seed: int 
     while len(result.kills) < kills:
         log = work / f"launch-{result.launches}.log"
         logs.append(log)
-        proc = launch(config, log)
+        proc = launch(config, log, launched)
         result.launches += 1
         kind = KINDS[len(result.kills) % len(KINDS)]
         done = json.loads((states[-1] / "trainer_state.json").read_text())["step"] if (states := saved_states(cut_dir)) else 0
@@ -235,7 +253,7 @@ def run_campaign(work: Path, kills: int, steps: int, save_every: int, seed: int 
             f"complete training states: {', '.join(kill.states_after) or 'none'}")
     log = work / f"launch-{result.launches}.log"
     logs.append(log)
-    proc = launch(config, log)
+    proc = launch(config, log, launched)
     result.launches += 1
     if proc.wait() != 0:
         raise RuntimeError(f"the final resumed run failed:\n{log.read_text()[-3000:]}")

@@ -85,6 +85,7 @@ class TinyLlamaForCausalLM(PreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, *args: Any, **kwargs: Any) -> "TinyLlamaForCausalLM":
+        kwargs.setdefault("use_safetensors", True)   # never unpickle a pytorch_model.bin
         model = super().from_pretrained(*args, **kwargs)
         # The cos/sin tables are non-persistent buffers: transformers materialises them from the
         # meta device without values, so rebuild them where the weights landed.

@@ -71,7 +71,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         except ImportError:
             print("error: --verify-hf needs transformers (pip install '.[dev]')", file=sys.stderr)
             return 2
-        hf = LlamaForCausalLM.from_pretrained(args.dir, dtype=dtype).eval()
+        hf = LlamaForCausalLM.from_pretrained(args.dir, dtype=dtype, use_safetensors=True).eval()
         with torch.no_grad():
             ref = hf(ids).logits.float()
         diff = (ref - logits.float().cpu()).abs().max().item()
