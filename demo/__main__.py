@@ -29,6 +29,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--port", type=int, default=7860, help="(default: %(default)s)")
     ap.add_argument("--share", action="store_true", help="ask Gradio for a public share link")
     args = ap.parse_args(argv)
+    if args.num_draft < 1:
+        ap.error(f"--num-draft must be >= 1, got {args.num_draft}")
     model = args.model or str(DEFAULT_MODEL)
     draft = None if args.no_draft else (args.draft or (str(DEFAULT_DRAFT) if DEFAULT_DRAFT.exists() else None))
     if not Path(model).exists():

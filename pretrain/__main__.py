@@ -16,6 +16,8 @@ import argparse
 import dataclasses
 import sys
 
+from tinyllama.checkpoint import CheckpointError
+
 from .checkpointing import CorruptCheckpointError
 from .config import ConfigError, TrainConfig
 from .data import DataError
@@ -75,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         from .train import train   # torch and friends load only once the config is sound
 
         summary = train(cfg)
-    except (ConfigError, DataError, CorruptCheckpointError, FileNotFoundError) as e:
+    except (ConfigError, DataError, CorruptCheckpointError, CheckpointError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if summary["loss"] != summary["loss"]:   # NaN: resumed from the last step, nothing left to train

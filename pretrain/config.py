@@ -98,10 +98,10 @@ class TrainConfig:
                 bad(name, "must be > 0")
         if self.max_steps is not None and self.max_steps <= 0:
             bad("max_steps", "must be > 0")
-        if not 0 <= self.min_lr <= self.lr:
-            bad("min_lr", f"must be within [0, lr={self.lr}]")
         if self.lr <= 0:
             bad("lr", "must be > 0")
+        if not 0 <= self.min_lr <= self.lr:
+            bad("min_lr", f"must be within [0, lr={self.lr}]")
         if self.warmup_steps < 0 or self.warmup_steps > self.total_steps:
             bad("warmup_steps", f"must be within [0, total steps {self.total_steps}]")
         if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
@@ -144,9 +144,13 @@ class TrainConfig:
         if path is not None:
             p = Path(path)
             try:
-                loaded = yaml.safe_load(p.read_text())
+                loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
             except FileNotFoundError:
                 raise ConfigError(f"{p}: config file not found") from None
+            except IsADirectoryError:
+                raise ConfigError(f"{p}: is a folder, not a config file") from None
+            except UnicodeDecodeError as e:
+                raise ConfigError(f"{p}: not UTF-8 text (byte {e.start}: {e.reason})") from None
             except yaml.YAMLError as e:
                 mark = getattr(e, "problem_mark", None)
                 where = f" at line {mark.line + 1}" if mark else ""

@@ -127,6 +127,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workers", type=int, default=max(1, os.cpu_count() or 1), help="tokenizer processes")
     ap.add_argument("--val-fraction", type=float, default=0.02, help="held-out documents (default: %(default)s)")
     args = ap.parse_args(argv)
+    # checked before minutes of reading texts, not after the raw corpus is written
+    if args.workers < 1:
+        ap.error(f"--workers must be >= 1, got {args.workers}")
+    if not 0 <= args.val_fraction < 0.5:
+        ap.error(f"--val-fraction must be in [0, 0.5), got {args.val_fraction}")
+    if args.out.exists() and not args.out.is_dir():
+        ap.error(f"--out {args.out}: not a folder")
     try:
         manifests = build(args.out, args.workers, args.val_fraction)
     except (OSError, ValueError, subprocess.CalledProcessError) as e:

@@ -24,6 +24,7 @@ renamed at the end: an interrupted run leaves nothing that looks complete.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import multiprocessing as mp
@@ -148,7 +149,31 @@ def prepare(cfg: PrepareConfig) -> dict:
     cfg.validate()
     tok = _load_tokenizer(cfg)
     out = Path(cfg.out)
+    created = _make_parents(out)
+    try:
+        return _prepare(cfg, tok, out)
+    except BaseException:
+        for d in created:              # a failed run leaves no new (empty) folders behind either
+            with contextlib.suppress(OSError):
+                d.rmdir()
+        raise
+
+
+def _make_parents(out: Path) -> list[Path]:
+    """Creates the missing folders above `out`; returns them, deepest first."""
+    if out.exists() and not out.is_dir():
+        raise SourceError(f"--out {out}: exists and is not a folder")
+    missing, p = [], out.parent
+    while not p.exists():
+        missing.append(p)
+        p = p.parent
+    if not p.is_dir():
+        raise SourceError(f"--out {out}: {p} is not a folder")
     out.parent.mkdir(parents=True, exist_ok=True)
+    return missing
+
+
+def _prepare(cfg: PrepareConfig, tok: Tokenizer, out: Path) -> dict:
     name = cfg.name or out.name
     stats = ReadStats()
     period = max(2, round(1 / cfg.val_fraction)) if cfg.val_fraction > 0 else 0

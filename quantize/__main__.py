@@ -20,16 +20,26 @@ from pathlib import Path
 from .export import ALL_TYPES, FLOAT_TYPES, ExportError, quantize_gguf, write_gguf
 
 
+def _check_parent(out: Path) -> None:
+    if out.parent.exists() and not out.parent.is_dir():
+        raise ExportError(f"--out {out}: {out.parent} is not a folder")
+    if not out.parent.is_dir():
+        raise ExportError(f"--out {out}: folder {out.parent} does not exist")
+
+
 def output_paths(out: Path, types: list[str], name: str) -> dict[str, Path]:
+    """The file per type; creates the --out folder (the caller removes it if the export fails)."""
     if out.suffix == ".gguf":
         if len(types) != 1:
             raise ExportError(f"--out {out} is one file but {len(types)} types were asked for; give a folder")
-        if not out.parent.is_dir():
-            raise ExportError(f"--out {out}: folder {out.parent} does not exist")
+        _check_parent(out)
+        if out.is_dir():
+            raise ExportError(f"--out {out}: is a folder; give a file name or a folder without .gguf")
         return {types[0]: out}
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"--out {out}: exists and is not a folder")
     if not out.is_dir():
-        if not out.parent.is_dir():
-            raise ExportError(f"--out {out}: folder {out.parent} does not exist")
+        _check_parent(out)
         out.mkdir()
     return {t: out / f"{name}-{t.upper()}.gguf" for t in types}
 
@@ -57,6 +67,9 @@ def main(argv: list[str] | None = None) -> int:
 
     types = [t.lower() for t in args.type]
     unknown = [t for t in types if t not in ALL_TYPES]
+    if args.threads is not None and args.threads < 1:
+        ap.error(f"--threads must be >= 1, got {args.threads}")
+    new_folder = args.out if args.out.suffix != ".gguf" and not args.out.exists() else None
     try:
         if unknown:
             raise ExportError(f"unknown type(s) {', '.join(unknown)}; choose from {', '.join(ALL_TYPES)}")
@@ -118,6 +131,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1 if failed else 0
     except ExportError as e:
         print(f"error: {e}", file=sys.stderr)
+        if new_folder is not None and new_folder.is_dir() and not any(new_folder.iterdir()):
+            new_folder.rmdir()         # the folder this run made for files it did not write
         return 2
 
 

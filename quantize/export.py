@@ -90,7 +90,10 @@ def write_gguf(model_dir: str | os.PathLike, out: str | os.PathLike, ftype: str 
     if tok.vocab_size != cfg.vocab_size:
         raise ExportError(f"{model_dir}: the tokenizer has {tok.vocab_size} tokens but the embedding has "
                           f"{cfg.vocab_size} rows; llama.cpp needs them equal")
-    sd = load_state_dict(model_dir)
+    try:
+        sd = load_state_dict(model_dir)
+    except CheckpointError as e:
+        raise ExportError(str(e)) from None
     try:
         pieces, scores, types = _vocab_metadata(model_dir, tok)
     except (ValueError, RuntimeError) as e:

@@ -31,6 +31,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--stop", nargs="*", default=[], help="stop strings")
     ap.add_argument("--seed", type=int, default=None)
     args = ap.parse_args(argv)
+    for flag in ("num_draft", "n_ctx"):
+        if getattr(args, flag) < 1:
+            ap.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
 
     from tinyllama.chat import ChatFormatError
 

@@ -103,18 +103,20 @@ def read_jsonl(path: str | Path, skip_invalid: bool = False, stats: LoadStats | 
     stats = stats if stats is not None else LoadStats()
     out: list[Conversation] = []
     try:
-        fh = path.open(encoding="utf-8")
+        fh = path.open("rb")             # decoded line by line, so bad bytes are named by line
     except OSError as e:
         raise DataError(f"{path}: cannot read ({e.strerror})") from None
     with fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
+        for lineno, raw in enumerate(fh, 1):
+            if not raw.strip():
                 continue
             stats.read += 1
             try:
-                record = json.loads(line)
+                record = json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError as e:
+                err: Exception = DataError(f"{path}:{lineno}: not UTF-8 text (byte {e.start}: {e.reason})")
             except json.JSONDecodeError as e:
-                err: Exception = DataError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})")
+                err = DataError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})")
             else:
                 try:
                     out.append(record_to_messages(record))

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from tinyllama.chat import CHAT_TEMPLATE
-from tinyllama.checkpoint import CheckpointError, load_config, save_checkpoint, stored_dtype
+from tinyllama.checkpoint import CheckpointError, check_weights, load_config, save_checkpoint, stored_dtype
 from tinyllama.tokenizer import Tokenizer
 
 from .data import LoadStats, TokenStats, load_conversations, split_eval, tokenize_conversations
@@ -89,6 +89,7 @@ def _check(args: SFTArgs) -> None:
                        "such as out/pretrain/final")
     try:
         load_config(base)             # refuses what is not a Llama, naming the field
+        check_weights(base)           # a truncated file, now rather than after the slow imports
     except (CheckpointError, ValueError) as e:
         raise SFTError(f"--base {base}: {e}") from None
     for name in ("batch_size", "grad_accum", "max_len", "lora_r", "lora_alpha"):
@@ -96,6 +97,13 @@ def _check(args: SFTArgs) -> None:
             raise SFTError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     if args.max_steps <= 0 and args.epochs <= 0:
         raise SFTError("give --epochs > 0 or --max-steps > 0")
+    if args.lr is not None and not args.lr > 0:
+        raise SFTError(f"--lr must be positive, got {args.lr}")
+    for name in ("eval_fraction", "warmup_ratio"):
+        if not 0 <= getattr(args, name) < 1:
+            raise SFTError(f"--{name.replace('_', '-')} must be in [0, 1), got {getattr(args, name)}")
+    if args.weight_decay < 0:
+        raise SFTError(f"--weight-decay must be >= 0, got {args.weight_decay}")
     if not 0 <= args.lora_dropout < 1:
         raise SFTError(f"--lora-dropout must be in [0, 1), got {args.lora_dropout}")
     unknown = sorted(set(args.target_modules) - set(ALL_PROJECTIONS))
@@ -103,6 +111,8 @@ def _check(args: SFTArgs) -> None:
         raise SFTError(f"--target-modules: unknown {', '.join(unknown)}; choose from {', '.join(ALL_PROJECTIONS)}")
     if not Path(args.out).resolve().parent.is_dir():
         raise SFTError(f"--out {args.out}: parent folder does not exist")
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise SFTError(f"--out {args.out}: exists and is not a folder")
 
 
 def _device(name: str) -> str:

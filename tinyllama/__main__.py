@@ -61,6 +61,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
           f"ffn {cfg.ffn_dim}, vocab {cfg.vocab_size}, context {cfg.max_seq_len}; loaded in {time.perf_counter() - t0:.2f}s")
     print(f"tokenizer: {tok}")
     ids = torch.tensor([tok.encode(args.text)])
+    if ids.shape[1] < 2:
+        print("error: --text needs at least one token to score after BOS", file=sys.stderr)
+        return 2
     with torch.no_grad():
         logits = model(ids.to(next(model.parameters()).device))
     nll = torch.nn.functional.cross_entropy(logits[0, :-1].float(), ids[0, 1:])

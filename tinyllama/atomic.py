@@ -21,6 +21,8 @@ from typing import Iterator
 
 
 def _parent_must_exist(final: Path) -> None:
+    if final.parent.exists() and not final.parent.is_dir():
+        raise FileNotFoundError(f"{final.parent}: is a file, not a folder")
     if not final.parent.is_dir():
         raise FileNotFoundError(f"{final.parent}: output folder does not exist")
 

@@ -170,7 +170,11 @@ class GGUFBackend(Backend):
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no such GGUF file")
         self._llama_cpp = llama_cpp
-        trained = gguf_value(reader if reader is not None else open_gguf(path), "llama.context_length")
+        reader = reader if reader is not None else open_gguf(path)
+        arch = gguf_value(reader, "general.architecture")
+        if arch != "llama":      # our tokenizer, chat format and cache logic are Llama's
+            raise ValueError(f"{path}: general.architecture is {arch!r}; only Llama-architecture GGUFs are supported")
+        trained = gguf_value(reader, "llama.context_length")
         if trained:
             n_ctx = min(n_ctx, int(trained))     # no longer than the model was trained for
         try:

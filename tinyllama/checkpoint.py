@@ -165,6 +165,18 @@ def stored_dtype(path: str | os.PathLike) -> torch.dtype:
     return _DTYPES.get(hf.get("torch_dtype") or hf.get("dtype") or "float32", torch.float32)
 
 
+def check_weights(path: str | os.PathLike) -> None:
+    """Opens every weight file's header, which is cheap: a missing, truncated or corrupt file is
+    a CheckpointError naming it before anything slow starts (safetensors checks that the header's
+    offsets cover the file)."""
+    for f in _weight_files(Path(path)):
+        try:
+            with safe_open(str(f), framework="pt") as fh:
+                fh.keys()
+        except (SafetensorError, OSError, RuntimeError) as e:
+            raise CheckpointError(f"{f}: corrupt or truncated safetensors file ({e})") from None
+
+
 def load_state_dict(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
     path = Path(path)
     sd: dict[str, torch.Tensor] = {}

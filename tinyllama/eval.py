@@ -289,6 +289,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seq-len", type=int, default=256, help="perplexity block length (default: %(default)s)")
     ap.add_argument("--out", type=Path, default=None, help="also write the results as JSON here")
     args = ap.parse_args(argv)
+    for flag, low in (("seq_len", 1), ("limit", 1), ("num_fewshot", 0)):
+        value = getattr(args, flag)
+        if value is not None and value < low:
+            ap.error(f"--{flag.replace('_', '-')} must be >= {low}, got {value}")
+    if args.out is not None and not args.out.parent.is_dir():    # before minutes of evaluation
+        why = "is a file, not a folder" if args.out.parent.exists() else "output folder does not exist"
+        print(f"error: {args.out.parent}: {why}", file=sys.stderr)
+        return 2
     offline = os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1"
     tasks = args.tasks or ([LOCAL_TASK] if offline else TINYLLAMA_TASKS)
     tasks = [] if tasks == ["none"] else tasks
@@ -319,9 +327,16 @@ def main(argv: list[str] | None = None) -> int:
     table = markdown_report(runs)
     print(table)
     if args.out:
-        args.out.write_text(json.dumps({name: {"tasks": res, "perplexity": {k: v[0] for k, v in ppl.items()}}
-                                        for name, (res, ppl) in runs.items()}, indent=2) + "\n")
+        _write_json(args.out, {name: {"tasks": res, "perplexity": {k: v[0] for k, v in ppl.items()}}
+                               for name, (res, ppl) in runs.items()})
     return 0
+
+
+def _write_json(path: Path, data) -> None:
+    from .atomic import atomic_file
+
+    with atomic_file(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2) + "\n")
 
 
 def _main_sweep(args: argparse.Namespace, tasks: list[str]) -> int:
@@ -341,7 +356,7 @@ def _main_sweep(args: argparse.Namespace, tasks: list[str]) -> int:
                                                    for k in keys) + " |")
     print(f"plot: {png}")
     if args.out:
-        args.out.write_text(json.dumps(rows, indent=2) + "\n")
+        _write_json(args.out, rows)
     return 0
 
 

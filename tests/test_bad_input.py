@@ -1,0 +1,535 @@
+"""The bad-input matrix: every CLI fed malformed input, in one table.
+
+Each case asserts what a user is owed when the input is wrong:
+  (a) one clear message on stderr naming the problem (file, line, field or value),
+  (b) exit status 2 (argparse's, and every CLI's own for bad input),
+  (c) no Python traceback (an escaping exception is not a message), and
+  (d) nothing half-written: the folders the case can write to are the same before and after
+      (no new file or folder at the final name, no `.*.tmp*` leftover, no input overwritten).
+
+Cases run in-process through each CLI's `main(argv)` (a subprocess costs seconds of imports);
+a handful per CLI family run again as real subprocesses to prove the exit status and the
+absence of a traceback end to end. `python -m serve` and `python -m demo` are covered for
+startup errors only: the server and the Gradio app are replaced by stubs that fail the test if
+a case ever gets that far.
+
+    pytest -q tests/test_bad_input.py
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import types
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tinyllama import Llama, ModelConfig, Tokenizer, save_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+
+CLIS = {          # python -m NAME -> module holding main(argv)
+    "pretrain.prepare": "pretrain.prepare",
+    "pretrain.corpus": "pretrain.corpus",
+    "pretrain": "pretrain.__main__",
+    "sft": "sft.__main__",
+    "quantize": "quantize.__main__",
+    "serve.generate": "serve.generate",
+    "serve": "serve.__main__",
+    "demo": "demo.__main__",
+    "tinyllama.eval": "tinyllama.eval",
+    "tinyllama": "tinyllama.__main__",
+}
+
+GOOD_CHAT = json.dumps({"text": "### Human: What does len() do?### Assistant: It counts items."}) + "\n"
+GOOD_DOC = json.dumps({"text": "Some text to tokenize."}) + "\n"
+YAML_SHARDS = ("preset: tinyllama-debug\nout_dir: {out}/run\ndata: {natural: {shards}}\nweights: {natural: 1.0}\n"
+               "seq_len: 16\nmicro_batch: 1\nglobal_batch_tokens: 16\nmax_steps: 2\nwarmup_steps: 0\n"
+               "tensorboard: false\nprogress: false\nsample_tokens: 0\n")
+YAML_OK = "preset: tinyllama-debug\nout_dir: {out}/run\ndata: {natural: {in}/none}\nweights: {natural: 1.0}\n"
+
+
+@dataclass
+class Case:
+    id: str
+    cli: str
+    argv: list[str]                 # {placeholders}: see `paths` below
+    message: str                    # a substring stderr must contain
+    files: dict[str, str | bytes] = field(default_factory=dict)    # inputs written under {in}
+    subprocess: bool = False        # also run it as `python -m CLI ...`
+
+
+def C(id, cli, argv, message, files=None, sub=False):
+    return Case(id, cli, argv, message, files or {}, sub)
+
+
+CASES = [
+    # ---- python -m pretrain.prepare: raw text -> token shards -----------------------------------
+    C("prepare-missing-source", "pretrain.prepare", ["{in}/nope.jsonl", "--out", "{out}/tok"],
+      "nope.jsonl: no such file or directory"),
+    C("prepare-empty-jsonl", "pretrain.prepare", ["{in}/empty.jsonl", "--out", "{out}/tok"],
+      "empty.jsonl: no documents", {"empty.jsonl": ""}),
+    C("prepare-corrupt-jsonl-line", "pretrain.prepare", ["{in}/bad.jsonl", "--out", "{out}/tok"],
+      "bad.jsonl:2: malformed JSON", {"bad.jsonl": GOOD_DOC + "{not json\n" + GOOD_DOC}, sub=True),
+    C("prepare-truncated-jsonl", "pretrain.prepare", ["{in}/cut.jsonl", "--out", "{out}/tok"],
+      "cut.jsonl:3: malformed JSON", {"cut.jsonl": GOOD_DOC * 2 + GOOD_DOC[:12]}),
+    C("prepare-jsonl-not-an-object", "pretrain.prepare", ["{in}/list.jsonl", "--out", "{out}/tok"],
+      "list.jsonl:1: expected a JSON object per line, got list", {"list.jsonl": '["a", "b"]\n'}),
+    C("prepare-jsonl-no-text-field", "pretrain.prepare", ["{in}/f.jsonl", "--out", "{out}/tok"],
+      "f.jsonl:1: no text field; tried text, content (fields: body)", {"f.jsonl": '{"body": "x"}\n'}),
+    C("prepare-jsonl-text-not-a-string", "pretrain.prepare", ["{in}/n.jsonl", "--out", "{out}/tok"],
+      "n.jsonl:2: text field is a int, not a string", {"n.jsonl": GOOD_DOC + '{"text": 7}\n'}),
+    C("prepare-unknown-text-field", "pretrain.prepare", ["{in}/d.jsonl", "--out", "{out}/tok", "--text-field", "body"],
+      "d.jsonl:1: no field 'body'", {"d.jsonl": GOOD_DOC}),
+    C("prepare-truncated-zst", "pretrain.prepare", ["{in}/d.jsonl.zst", "--out", "{out}/tok"],
+      "d.jsonl.zst: truncated zstd stream", {"d.jsonl.zst": "ZST_TRUNCATED"}),
+    C("prepare-corrupt-parquet", "pretrain.prepare", ["{in}/d.parquet", "--out", "{out}/tok"],
+      "d.parquet: not a readable parquet file", {"d.parquet": b"PAR1 this is not parquet PAR1"}),
+    C("prepare-dir-without-matching-files", "pretrain.prepare", ["{in}/src", "--out", "{out}/tok", "--extensions", "py"],
+      "src: no files with extension .py", {"src/notes.bin": b"\x00\x01"}),
+    C("prepare-val-fraction-out-of-range", "pretrain.prepare", ["{in}/d.jsonl", "--out", "{out}/tok",
+                                                               "--val-fraction", "0.7"],
+      "val_fraction must be in [0, 0.5), got 0.7", {"d.jsonl": GOOD_DOC}),
+    C("prepare-shard-tokens-too-small", "pretrain.prepare", ["{in}/d.jsonl", "--out", "{out}/tok",
+                                                            "--shard-tokens", "10"],
+      "shard_tokens must be >= 1024, got 10", {"d.jsonl": GOOD_DOC}),
+    C("prepare-workers-zero", "pretrain.prepare", ["{in}/d.jsonl", "--out", "{out}/tok", "--workers", "0"],
+      "workers must be >= 1, got 0", {"d.jsonl": GOOD_DOC}),
+    C("prepare-workers-not-a-number", "pretrain.prepare", ["{in}/d.jsonl", "--out", "{out}/tok", "--workers", "two"],
+      "argument --workers: invalid int value: 'two'", {"d.jsonl": GOOD_DOC}),
+    C("prepare-out-parent-is-a-file", "pretrain.prepare", ["{in}/d.jsonl", "--out", "{in}/d.jsonl/tok"],
+      "is not a folder", {"d.jsonl": GOOD_DOC}),
+    C("prepare-bad-source-leaves-no-new-parent", "pretrain.prepare", ["{in}/bad.jsonl", "--out", "{out}/new/tok"],
+      "bad.jsonl:1: malformed JSON", {"bad.jsonl": "{oops\n"}),
+    C("prepare-missing-tokenizer-dir", "pretrain.prepare", ["{in}/d.jsonl", "--out", "{out}/tok",
+                                                           "--tokenizer", "{in}/no-tok"],
+      "no-tok: tokenizer directory not found", {"d.jsonl": GOOD_DOC}),
+
+    # ---- python -m pretrain.corpus: the default corpus --------------------------------------------
+    C("corpus-val-fraction-out-of-range", "pretrain.corpus", ["--out", "{out}/data", "--val-fraction", "0.9"],
+      "--val-fraction must be in [0, 0.5), got 0.9", sub=True),
+    C("corpus-workers-zero", "pretrain.corpus", ["--out", "{out}/data", "--workers", "0"],
+      "--workers must be >= 1, got 0"),
+    C("corpus-out-is-a-file", "pretrain.corpus", ["--out", "{in}/f"], "f: not a folder", {"f": "x"}),
+
+    # ---- python -m pretrain: YAML config and flags ------------------------------------------------
+    C("pretrain-config-missing", "pretrain", ["--config", "{in}/nope.yaml"], "nope.yaml: config file not found"),
+    C("pretrain-config-invalid-yaml", "pretrain", ["--config", "{in}/c.yaml"], "c.yaml: invalid YAML at line 2",
+      {"c.yaml": "preset: tinyllama-debug\nlr: 1e-3: x\n"}, sub=True),
+    C("pretrain-config-not-a-mapping", "pretrain", ["--config", "{in}/c.yaml"], "c.yaml: expected a mapping",
+      {"c.yaml": "- lr: 1\n- seq_len: 2\n"}),
+    C("pretrain-config-not-utf8", "pretrain", ["--config", "{in}/c.yaml"], "c.yaml: not UTF-8 text",
+      {"c.yaml": b"preset: tinyllama-debug\nout_dir: \xff\xfe\n"}),
+    C("pretrain-config-unknown-key", "pretrain", ["--config", "{in}/c.yaml"], "unknown field(s) learning_rate",
+      {"c.yaml": "preset: tinyllama-debug\nlearning_rate: 1e-3\n"}),
+    C("pretrain-config-unknown-preset", "pretrain", ["--config", "{in}/c.yaml"],
+      "config field preset: unknown preset; known presets:", {"c.yaml": "preset: gpt-9\n"}),
+    C("pretrain-config-int-field-gets-text", "pretrain", ["--config", "{in}/c.yaml"],
+      "field max_steps: expected an integer (got 'many')", {"c.yaml": "max_steps: many\n"}),
+    C("pretrain-config-int-field-gets-fraction", "pretrain", ["--config", "{in}/c.yaml"],
+      "field micro_batch: expected an integer (got 8.5)", {"c.yaml": "micro_batch: 8.5\n"}),
+    C("pretrain-config-float-field-gets-text", "pretrain", ["--config", "{in}/c.yaml"],
+      "field lr:", {"c.yaml": "lr: fast\n"}),
+    C("pretrain-config-bool-field-gets-text", "pretrain", ["--config", "{in}/c.yaml"],
+      "field compile: expected true or false (got 'maybe')", {"c.yaml": "compile: maybe\n"}),
+    C("pretrain-config-data-not-a-mapping", "pretrain", ["--config", "{in}/c.yaml"],
+      "field data: expected a mapping", {"c.yaml": "data: data/tokens\n"}),
+    C("pretrain-config-negative-lr", "pretrain", ["--config", "{in}/c.yaml"], "config field lr: must be > 0 (got -0.001)",
+      {"c.yaml": "preset: tinyllama-debug\nlr: -1e-3\n"}),
+    C("pretrain-config-zero-seq-len", "pretrain", ["--config", "{in}/c.yaml"], "config field seq_len: must be > 0",
+      {"c.yaml": "preset: tinyllama-debug\nseq_len: 0\n"}),
+    C("pretrain-config-beta-out-of-range", "pretrain", ["--config", "{in}/c.yaml"],
+      "config field beta2: must be in [0, 1) (got 1.5)", {"c.yaml": "preset: tinyllama-debug\nbeta2: 1.5\n"}),
+    C("pretrain-config-bad-dtype", "pretrain", ["--config", "{in}/c.yaml"],
+      "config field dtype: must be auto, bfloat16 or float32 (got 'float16')",
+      {"c.yaml": "preset: tinyllama-debug\ndtype: float16\n"}),
+    C("pretrain-config-weights-without-data", "pretrain", ["--config", "{in}/c.yaml"],
+      "config field weights: names source(s) not in data: web",
+      {"c.yaml": "preset: tinyllama-debug\ndata: {natural: d}\nweights: {natural: 1, web: 1}\n"}),
+    C("pretrain-flag-negative-max-steps", "pretrain", ["--preset", "tinyllama-debug", "--max-steps", "-3"],
+      "config field max_steps: must be > 0 (got -3)"),
+    C("pretrain-flag-bad-weights-pair", "pretrain", ["--preset", "tinyllama-debug", "--weights", "natural"],
+      "--weights: expected NAME=VALUE, got 'natural'"),
+    C("pretrain-init-from-missing", "pretrain", ["--config", "{in}/c.yaml", "--init-from", "{in}/nope"],
+      "nope: checkpoint directory not found", {"c.yaml": YAML_SHARDS}),
+    C("pretrain-init-from-truncated-safetensors", "pretrain", ["--config", "{in}/c.yaml", "--init-from", "{trunc_ckpt}"],
+      "model.safetensors: corrupt or truncated safetensors file", {"c.yaml": YAML_SHARDS}),
+    C("pretrain-missing-data-dir", "pretrain", ["--config", "{in}/c.yaml"], "config field data.natural: {in}/none/manifest.json: not found",
+      {"c.yaml": YAML_OK}),
+
+    # ---- python -m sft --------------------------------------------------------------------------
+    C("sft-base-missing", "sft", ["--base", "{in}/nope", "--out", "{out}/chat"], "--base {in}/nope: not a model directory"),
+    C("sft-base-without-config", "sft", ["--base", "{noconfig}", "--out", "{out}/chat"], "no config.json", sub=True),
+    C("sft-base-not-a-llama", "sft", ["--base", "{gpt2_ckpt}", "--out", "{out}/chat"], "not a Llama model"),
+    C("sft-data-missing", "sft", ["--base", "{ckpt}", "--out", "{out}/chat", "--data", "{in}/nope.jsonl"],
+      "nope.jsonl: cannot read"),
+    C("sft-data-empty", "sft", ["--base", "{ckpt}", "--out", "{out}/chat", "--data", "{in}/e.jsonl"],
+      "e.jsonl: no conversations", {"e.jsonl": "\n\n"}),
+    C("sft-data-corrupt-line", "sft", ["--base", "{ckpt}", "--out", "{out}/chat", "--data", "{in}/d.jsonl"],
+      "d.jsonl:2: invalid JSON", {"d.jsonl": GOOD_CHAT + "{oops\n"}),
+    C("sft-data-truncated", "sft", ["--base", "{ckpt}", "--out", "{out}/chat", "--data", "{in}/d.jsonl"],
+      "d.jsonl:3: invalid JSON", {"d.jsonl": GOOD_CHAT * 2 + GOOD_CHAT[:20]}),
+    C("sft-data-not-utf8", "sft", ["--base", "{ckpt}", "--out", "{out}/chat", "--data", "{in}/d.jsonl"],
+      "d.jsonl:2: not UTF-8", {"d.jsonl": GOOD_CHAT.encode() + b'{"text": "### Human: \xff### Assistant: x"}\n'}),
+    C("sft-data-bad-turns", "sft", ["--base", "{ckpt}", "--out", "{out}/chat", "--data", "{in}/d.jsonl"],
+      "d.jsonl:1: no assistant turn", {"d.jsonl": json.dumps({"text": "### Human: only a question"}) + "\n"}),
+    C("sft-base-truncated-safetensors", "sft", ["--base", "{trunc_ckpt}", "--out", "{out}/chat", "--max-steps", "1"],
+      "model.safetensors: corrupt or truncated safetensors file"),
+    C("sft-epochs-zero", "sft", ["--base", "{ckpt}", "--out", "{out}/chat", "--epochs", "0"],
+      "give --epochs > 0 or --max-steps > 0"),
+    C("sft-negative-lr", "sft", ["--base", "{ckpt}", "--out", "{out}/chat", "--lr", "-0.0001"],
+      "--lr must be positive, got -0.0001"),
+    C("sft-lora-rank-zero", "sft", ["--base", "{ckpt}", "--out", "{out}/chat", "--lora-r", "0"],
+      "--lora-r must be positive, got 0"),
+    C("sft-eval-fraction-out-of-range", "sft", ["--base", "{ckpt}", "--out", "{out}/chat", "--eval-fraction", "1.5"],
+      "--eval-fraction must be in [0, 1), got 1.5"),
+    C("sft-unknown-method", "sft", ["--base", "{ckpt}", "--out", "{out}/chat", "--method", "dpo"],
+      "argument --method: invalid choice: 'dpo'"),
+    C("sft-epochs-not-a-number", "sft", ["--base", "{ckpt}", "--out", "{out}/chat", "--epochs", "three"],
+      "argument --epochs: invalid float value: 'three'"),
+    C("sft-out-parent-missing", "sft", ["--base", "{ckpt}", "--out", "{out}/no/such/chat"],
+      "parent folder does not exist"),
+    C("sft-out-is-a-file", "sft", ["--base", "{ckpt}", "--out", "{in}/f"], "f: exists and is not a folder",
+      {"f": "keep me"}),
+
+    # ---- python -m quantize ------------------------------------------------------------------------
+    C("quantize-unknown-type", "quantize", ["--model", "{ckpt}", "--type", "q3_weird", "--out", "{out}/m.gguf"],
+      "unknown type(s) q3_weird", sub=True),
+    C("quantize-model-missing", "quantize", ["--model", "{in}/nope", "--type", "f16", "--out", "{out}/m.gguf"],
+      "nope: checkpoint directory not found"),
+    C("quantize-model-without-config", "quantize", ["--model", "{noconfig}", "--type", "f16", "--out", "{out}/m.gguf"],
+      "no config.json"),
+    C("quantize-model-is-a-gguf-file", "quantize", ["--model", "{gguf}", "--type", "f16", "--out", "{out}/m.gguf"],
+      "expected an HF-format model directory, got a file"),
+    C("quantize-truncated-safetensors", "quantize", ["--model", "{trunc_ckpt}", "--type", "f16", "--no-verify",
+                                                     "--out", "{out}/gguf"],
+      "model.safetensors: corrupt or truncated safetensors file"),
+    C("quantize-not-a-llama", "quantize", ["--model", "{gpt2_ckpt}", "--type", "f16", "--out", "{out}/m.gguf"],
+      "not a Llama model"),
+    C("quantize-out-parent-missing", "quantize", ["--model", "{ckpt}", "--type", "f16", "--out", "{out}/no/m.gguf"],
+      "does not exist"),
+    C("quantize-out-parent-is-a-file", "quantize", ["--model", "{ckpt}", "--type", "f16", "--out", "{in}/f/m.gguf"],
+      "f is not a folder", {"f": "x"}),
+    C("quantize-out-folder-is-a-file", "quantize", ["--model", "{ckpt}", "--type", "f16", "q8_0", "--out", "{in}/f"],
+      "--out {in}/f: exists and is not a folder", {"f": "x"}),
+    C("quantize-two-types-one-file", "quantize", ["--model", "{ckpt}", "--type", "f16", "q8_0", "--out", "{out}/m.gguf"],
+      "is one file but 2 types were asked for"),
+    C("quantize-threads-zero", "quantize", ["--model", "{ckpt}", "--type", "q8_0", "--threads", "0", "--out", "{out}/m.gguf"],
+      "--threads must be >= 1, got 0"),
+
+    # ---- python -m serve.generate --------------------------------------------------------------------
+    C("generate-model-missing", "serve.generate", ["--model", "{in}/nope", "--prompt", "hi"],
+      "nope: not a checkpoint directory or a .gguf file", sub=True),
+    C("generate-gguf-missing", "serve.generate", ["--model", "{in}/nope.gguf", "--prompt", "hi"],
+      "nope.gguf: no such GGUF file"),
+    C("generate-model-without-config", "serve.generate", ["--model", "{noconfig}", "--prompt", "hi"], "no config.json"),
+    C("generate-truncated-safetensors", "serve.generate", ["--model", "{trunc_ckpt}", "--prompt", "hi"],
+      "corrupt or truncated safetensors file"),
+    C("generate-gguf-not-a-llama", "serve.generate", ["--model", "{gpt2_gguf}", "--prompt", "hi"],
+      "general.architecture is 'gpt2'"),
+    C("generate-truncated-gguf", "serve.generate", ["--model", "{trunc_gguf}", "--prompt", "hi"],
+      "trunc.gguf: not a readable GGUF file"),
+    C("generate-random-bytes-gguf", "serve.generate", ["--model", "{random_gguf}", "--prompt", "hi"],
+      "random.gguf: not a readable GGUF file"),
+    C("generate-draft-other-vocab-size", "serve.generate", ["--model", "{ckpt}", "--draft", "{draft_vocab}",
+                                                             "--prompt", "hi"],
+      "has 320 tokens but target ckpt has 32000: speculative decoding needs the same vocabulary", sub=True),
+    C("generate-draft-other-tokens", "serve.generate", ["--model", "{ckpt}", "--draft", "{draft_swapped}",
+                                                         "--prompt", "hi"],
+      "different vocabularies (same size, different tokens)"),
+    C("generate-draft-missing", "serve.generate", ["--model", "{ckpt}", "--draft", "{in}/nope.gguf", "--prompt", "hi"],
+      "nope.gguf: no such GGUF file"),
+    C("generate-num-draft-zero", "serve.generate", ["--model", "{ckpt}", "--draft", "{ckpt}", "--num-draft", "0",
+                                                     "--prompt", "hi"],
+      "--num-draft must be >= 1, got 0"),
+    C("generate-prompt-longer-than-context", "serve.generate", ["--model", "{ckpt}", "--prompt", "hello " * 300],
+      "the prompt has 302 tokens; the context length is 256"),
+    C("generate-negative-max-tokens", "serve.generate", ["--model", "{ckpt}", "--prompt", "hi", "--max-tokens", "-5"],
+      "max_tokens must be at least 1, got -5"),
+    C("generate-temperature-out-of-range", "serve.generate", ["--model", "{ckpt}", "--prompt", "hi",
+                                                               "--temperature", "5"],
+      "temperature must be in [0, 2], got 5.0"),
+    C("generate-top-p-zero", "serve.generate", ["--model", "{ckpt}", "--prompt", "hi", "--top-p", "0"],
+      "top_p must be in (0, 1], got 0.0"),
+    C("generate-n-ctx-zero", "serve.generate", ["--model", "{gguf}", "--prompt", "hi", "--n-ctx", "0"],
+      "--n-ctx must be >= 1, got 0"),
+
+    # ---- python -m serve (startup only) --------------------------------------------------------------
+    C("serve-model-missing", "serve", ["--model", "{in}/nope.gguf"], "nope.gguf: no such GGUF file", sub=True),
+    C("serve-model-without-config", "serve", ["--model", "{noconfig}"], "no config.json"),
+    C("serve-random-bytes-gguf", "serve", ["--model", "{random_gguf}"], "random.gguf: not a readable GGUF file"),
+    C("serve-gguf-not-a-llama", "serve", ["--model", "{gpt2_gguf}"], "general.architecture is 'gpt2'"),
+    C("serve-draft-other-vocabulary", "serve", ["--model", "{gguf}", "--draft", "{draft_vocab}"],
+      "speculative decoding needs the same vocabulary"),
+    C("serve-num-draft-zero", "serve", ["--model", "{ckpt}", "--draft", "{ckpt}", "--num-draft", "0"],
+      "--num-draft must be >= 1, got 0"),
+    C("serve-max-queue-zero", "serve", ["--model", "{ckpt}", "--max-queue", "0"], "--max-queue must be >= 1, got 0"),
+
+    # ---- python -m demo (startup only) ---------------------------------------------------------------
+    C("demo-model-missing", "demo", ["--model", "{in}/nope.gguf"], "nope.gguf: no such model", sub=True),
+    C("demo-model-without-config", "demo", ["--model", "{noconfig}"], "no config.json"),
+    C("demo-truncated-gguf", "demo", ["--model", "{trunc_gguf}"], "trunc.gguf: not a readable GGUF file"),
+    C("demo-gguf-not-a-llama", "demo", ["--model", "{gpt2_gguf}"], "general.architecture is 'gpt2'"),
+    C("demo-num-draft-zero", "demo", ["--model", "{ckpt}", "--num-draft", "0"], "--num-draft must be >= 1, got 0"),
+
+    # ---- python -m tinyllama.eval ------------------------------------------------------------------
+    C("eval-no-model", "tinyllama.eval", ["--tasks", "none"], "give --model (or --sweep RUN_DIR)"),
+    C("eval-model-missing", "tinyllama.eval", ["--model", "{in}/nope", "--tasks", "none"],
+      "nope: no such model directory or GGUF", sub=True),
+    C("eval-model-without-config", "tinyllama.eval", ["--model", "{noconfig}", "--tasks", "none"], "no config.json"),
+    C("eval-random-bytes-gguf", "tinyllama.eval", ["--model", "{random_gguf}", "--tasks", "none"],
+      "random.gguf: not a readable GGUF file"),
+    C("eval-unknown-task", "tinyllama.eval", ["--model", "{ckpt}", "--tasks", "no_such_task_xyz", "--out", "{out}/r.json"],
+      "unknown task(s): no_such_task_xyz"),
+    C("eval-perplexity-dir-missing", "tinyllama.eval", ["--model", "{ckpt}", "--tasks", "none",
+                                                         "--perplexity", "{in}/no-shards", "--out", "{out}/r.json"],
+      "no-shards/manifest.json: not found"),
+    C("eval-truncated-safetensors", "tinyllama.eval", ["--model", "{trunc_ckpt}", "--tasks", "none"],
+      "model.safetensors: corrupt or truncated safetensors file"),
+    C("eval-limit-zero", "tinyllama.eval", ["--model", "{ckpt}", "--limit", "0"], "--limit must be >= 1, got 0"),
+    C("eval-seq-len-zero", "tinyllama.eval", ["--model", "{ckpt}", "--tasks", "none", "--seq-len", "0"],
+      "--seq-len must be >= 1, got 0"),
+    C("eval-out-parent-missing", "tinyllama.eval", ["--model", "{ckpt}", "--tasks", "none", "--out", "{out}/no/r.json"],
+      "no: output folder does not exist"),
+    C("eval-sweep-not-a-run", "tinyllama.eval", ["--sweep", "{in}", "--tasks", "none"],
+      "not a pretraining run (no config.yaml)"),
+
+    # ---- python -m tinyllama -------------------------------------------------------------------------
+    C("core-init-unknown-preset", "tinyllama", ["init", "--preset", "gpt-5", "--out", "{out}/m"],
+      "argument --preset: invalid choice: 'gpt-5'"),
+    C("core-init-out-parent-missing", "tinyllama", ["init", "--preset", "tinyllama-debug", "--out", "{out}/no/m"],
+      "no: output folder does not exist", sub=True),
+    C("core-init-out-parent-is-a-file", "tinyllama", ["init", "--preset", "tinyllama-debug", "--out", "{in}/f/m"],
+      "f: is a file, not a folder", {"f": "x"}),
+    C("core-inspect-missing", "tinyllama", ["inspect", "{in}/nope"], "nope: checkpoint directory not found"),
+    C("core-inspect-without-config", "tinyllama", ["inspect", "{noconfig}"], "no config.json"),
+    C("core-inspect-corrupt-config", "tinyllama", ["inspect", "{in}/m"], "m/config.json: invalid JSON at line 3",
+      {"m/config.json": '{"model_type": "llama",\n  "hidden_size": \n'}),
+    C("core-inspect-truncated-safetensors", "tinyllama", ["inspect", "{trunc_ckpt}"],
+      "model.safetensors: corrupt or truncated safetensors file"),
+    C("core-inspect-empty-text", "tinyllama", ["inspect", "{ckpt}", "--text", ""], "--text needs at least one token"),
+    C("core-tokenizer-dir-missing", "tinyllama", ["tokenizer", "encode", "hi", "--dir", "{in}/nope"],
+      "nope: tokenizer directory not found"),
+    C("core-tokenizer-corrupt-json", "tinyllama", ["tokenizer", "encode", "hi", "--dir", "{in}/t"],
+      "tokenizer.json: not a valid tokenizers file", {"t/tokenizer.json": '{"model": '}),
+    C("core-tokenizer-build-gguf-not-a-vocab", "tinyllama", ["tokenizer", "build", "--gguf", "{gpt2_gguf}",
+                                                             "--out", "{out}/tok"],
+      "tokenizer.ggml.model is 'gpt2', expected 'llama'"),
+    C("core-tokenizer-build-gguf-random-bytes", "tinyllama", ["tokenizer", "build", "--gguf", "{random_gguf}",
+                                                              "--out", "{out}/tok"],
+      "random.gguf: not a readable GGUF file"),
+]
+
+
+# ---- shared inputs (built once) -----------------------------------------------------------------
+
+def _swap_two_tokens(tokenizer_json: Path) -> None:
+    data = json.loads(tokenizer_json.read_text())
+    vocab = data["model"]["vocab"]
+    vocab["▁the"], vocab["▁a"] = vocab["▁a"], vocab["▁the"]
+    tokenizer_json.write_text(json.dumps(data, ensure_ascii=False))
+
+
+def _small_vocab_tokenizer(n: int) -> Tokenizer:
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import models, pre_tokenizers
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, n)}}
+    backend = HFTokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    return Tokenizer(backend)
+
+
+def _gpt2_gguf(path: Path) -> None:
+    """A well-formed GGUF of another architecture (with a GPT-2 style BPE vocabulary)."""
+    import gguf
+
+    w = gguf.GGUFWriter(str(path), "gpt2")
+    w.add_name("not-a-llama")
+    w.add_context_length(64)
+    w.add_embedding_length(8)
+    w.add_block_count(1)
+    w.add_head_count(2)
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list(["a", "b", "c", "<|endoftext|>"])
+    w.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+@pytest.fixture(scope="session")
+def assets(tmp_path_factory, llama2_tokenizer) -> Path:
+    from pretrain.prepare import PrepareConfig, prepare
+    from quantize.export import write_gguf
+
+    d = tmp_path_factory.mktemp("bad-input-assets")
+    torch.manual_seed(0)
+    save_checkpoint(Llama(ModelConfig.from_name("tinyllama-debug")), llama2_tokenizer, d / "ckpt")
+    write_gguf(d / "ckpt", d / "m-F32.gguf", "f32")
+    data = (d / "m-F32.gguf").read_bytes()
+    (d / "trunc.gguf").write_bytes(data[: len(data) // 2])
+    (d / "random.gguf").write_bytes(np.random.default_rng(0).bytes(4096))
+    _gpt2_gguf(d / "gpt2.gguf")
+
+    shutil.copytree(d / "ckpt", d / "noconfig")
+    (d / "noconfig" / "config.json").unlink()
+    shutil.copytree(d / "ckpt", d / "trunc_ckpt")
+    st = d / "trunc_ckpt" / "model.safetensors"
+    st.write_bytes(st.read_bytes()[: st.stat().st_size // 2])
+    shutil.copytree(d / "ckpt", d / "gpt2_ckpt")
+    cfg = json.loads((d / "gpt2_ckpt" / "config.json").read_text())
+    cfg.update(model_type="gpt2", architectures=["GPT2LMHeadModel"])
+    (d / "gpt2_ckpt" / "config.json").write_text(json.dumps(cfg))
+    shutil.copytree(d / "ckpt", d / "draft_swapped")
+    _swap_two_tokens(d / "draft_swapped" / "tokenizer.json")
+    small = ModelConfig(name="small-vocab", n_layer=1, d_model=32, n_head=2, n_kv_head=1, ffn_dim=64,
+                        vocab_size=320, max_seq_len=64)
+    save_checkpoint(Llama(small), _small_vocab_tokenizer(320), d / "draft_vocab")
+    (d / "docs.jsonl").write_text(GOOD_DOC * 50)
+    prepare(PrepareConfig(source=str(d / "docs.jsonl"), out=d / "shards", workers=1, val_fraction=0.1, progress=False))
+    return d
+
+
+def paths(assets: Path, tmp: Path) -> dict[str, str]:
+    return {"in": str(tmp / "in"), "out": str(tmp / "out"), "ckpt": str(assets / "ckpt"),
+            "gguf": str(assets / "m-F32.gguf"), "trunc_gguf": str(assets / "trunc.gguf"),
+            "random_gguf": str(assets / "random.gguf"), "gpt2_gguf": str(assets / "gpt2.gguf"),
+            "noconfig": str(assets / "noconfig"), "trunc_ckpt": str(assets / "trunc_ckpt"),
+            "gpt2_ckpt": str(assets / "gpt2_ckpt"), "draft_swapped": str(assets / "draft_swapped"),
+            "draft_vocab": str(assets / "draft_vocab"), "shards": str(assets / "shards")}
+
+
+def _truncated_zst() -> bytes:
+    import zstandard
+
+    data = zstandard.ZstdCompressor().compress((GOOD_DOC * 200).encode())
+    return data[: len(data) // 2]
+
+
+def fill(text: str, p: dict[str, str]) -> str:
+    for key, value in p.items():
+        text = text.replace("{" + key + "}", value)
+    return text
+
+
+def setup_case(case: Case, tmp: Path, p: dict[str, str]) -> list[str]:
+    """Writes the case's input files, makes the empty output and working folders; returns argv."""
+    for d in ("in", "out", "cwd"):
+        (tmp / d).mkdir()
+    for name, content in case.files.items():
+        f = tmp / "in" / name
+        f.parent.mkdir(parents=True, exist_ok=True)
+        if content == "ZST_TRUNCATED":
+            content = _truncated_zst()
+        if isinstance(content, bytes):
+            f.write_bytes(content)
+        else:
+            f.write_text(fill(content, p))
+    return [fill(a, p) for a in case.argv]
+
+
+def snapshot(*roots: Path) -> dict[str, tuple]:
+    """Every path under the roots: kind, and for files size and modification time."""
+    out = {}
+    for root in roots:
+        for f in [root, *root.rglob("*")]:
+            st = f.lstat()
+            out[str(f)] = ("dir", 0, 0) if f.is_dir() else ("file", st.st_size, st.st_mtime_ns)
+    return out
+
+
+def assert_nothing_written(before: dict, after: dict, case: Case) -> None:
+    new = sorted(set(after) - set(before))
+    gone = sorted(set(before) - set(after))
+    changed = sorted(k for k in set(before) & set(after) if before[k] != after[k])
+    temps = [k for k in after if Path(k).name.startswith(".") and ".tmp" in Path(k).name]
+    assert not (new or gone or changed or temps), (
+        f"{case.id}: output left behind: new {new}, removed {gone}, changed {changed}, temporaries {temps}")
+
+
+def assert_clear_error(code, err: str, case: Case, p: dict[str, str]) -> None:
+    message = fill(case.message, p)
+    assert "Traceback" not in err, f"{case.id}: a traceback instead of a message:\n{err}"
+    assert code == 2, f"{case.id}: exit status {code!r}, expected 2; stderr:\n{err}"
+    assert message in err, f"{case.id}: stderr does not name the problem ({message!r}):\n{err}"
+    assert "error" in err, f"{case.id}: no 'error' line:\n{err}"
+
+
+# ---- in-process: every case ---------------------------------------------------------------------
+
+class _StartedAnyway(Exception):
+    pass
+
+
+@pytest.fixture
+def no_startup(monkeypatch):
+    """The server and the Gradio app must never start: a case that gets there has failed."""
+    import uvicorn
+
+    def refuse(*a, **k):
+        raise _StartedAnyway("the server would have started: the bad input was accepted")
+
+    monkeypatch.setattr(uvicorn, "run", refuse)
+    fake_app = types.ModuleType("demo.app")
+    fake_app.build_app = refuse
+    monkeypatch.setitem(sys.modules, "demo.app", fake_app)
+
+
+def run_main(cli: str, argv: list[str]) -> tuple[object, BaseException | None]:
+    main = importlib.import_module(CLIS[cli]).main
+    try:
+        return main(argv), None
+    except SystemExit as e:          # argparse
+        return e.code, None
+    except Exception as e:           # noqa: BLE001 - an escaping exception is the failure under test
+        return None, e
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_bad_input_in_process(case, assets, tmp_path, monkeypatch, capfd, no_startup):
+    p = paths(assets, tmp_path)
+    argv = setup_case(case, tmp_path, p)
+    monkeypatch.chdir(tmp_path / "cwd")     # relative default outputs land where they are seen
+    before = snapshot(tmp_path, assets)
+    code, exc = run_main(case.cli, argv)
+    err = capfd.readouterr().err
+    if exc is not None:
+        import traceback
+
+        pytest.fail(f"{case.id}: {type(exc).__name__} escaped main() (a traceback for the user):\n"
+                    + "".join(traceback.format_exception(exc)) + "\nstderr:\n" + err)
+    assert_clear_error(code, err, case, p)
+    assert_nothing_written(before, snapshot(tmp_path, assets), case)
+
+
+# ---- subprocess: a few per CLI family, end to end -----------------------------------------------
+
+SUBPROCESS_CASES = [c for c in CASES if c.subprocess]
+
+
+def test_every_cli_has_a_case_and_a_subprocess_case():
+    assert {c.cli for c in CASES} == set(CLIS)
+    assert {c.cli for c in SUBPROCESS_CASES} == set(CLIS)
+    assert len(CASES) >= 35
+
+
+@pytest.mark.parametrize("case", SUBPROCESS_CASES, ids=[c.id for c in SUBPROCESS_CASES])
+def test_bad_input_subprocess(case, assets, tmp_path):
+    p = paths(assets, tmp_path)
+    argv = setup_case(case, tmp_path, p)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    before = snapshot(tmp_path, assets)
+    r = subprocess.run([sys.executable, "-m", case.cli, *argv], capture_output=True, text=True,
+                       cwd=tmp_path / "cwd", env=env, timeout=300)
+    assert_clear_error(r.returncode, r.stderr, case, p)
+    assert_nothing_written(before, snapshot(tmp_path, assets), case)
