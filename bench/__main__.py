@@ -1,6 +1,7 @@
 """Runs every benchmark and rewrites bench/RESULTS.md with the machine and the date.
 
     python -m bench [--quick | --full]      (make bench: the default, ~15 minutes on 2 cores)
+    python -m bench --only server_load       rerun some benchmarks, replacing only their sections
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ import argparse
 import datetime as dt
 import os
 import platform
+import re
 import sys
 from pathlib import Path
 
@@ -16,7 +18,8 @@ import torch
 
 from tinyllama.atomic import atomic_file
 
-from . import bench_core, data_prep, decode, gguf, sft_memory, speculative, train_throughput
+from . import (bench_core, data_prep, decode, gguf, kill_resume, server_load, sft_memory, speculative,
+               train_throughput)
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
 GPU_MARKER = "<!-- gpu -->"
@@ -40,36 +43,56 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="smallest sizes (a few minutes)")
     ap.add_argument("--full", action="store_true",
                     help="also SFT memory of tinyllama-1.1b (~25 min on 2 cores) and its fp32 decode")
+    ap.add_argument("--only", nargs="+", metavar="NAME",
+                    help="run only these benchmarks (module names: decode, server_load, ...) and replace just "
+                         "their sections of RESULTS.md")
     args = ap.parse_args(argv)
+
     # default: ~15 minutes on 2 CPU cores; SFT memory on the 120M preset, decode of 1.1B in bf16
-    if args.quick:
-        decode_table = decode.run(["tinyllama-19m"], 64)
-    elif args.full:
-        decode_table = decode.run(["tinyllama-19m", "tinyllama-1.1b"], 32)
-    else:
-        decode_table = decode.run(["tinyllama-19m"], 64) + "\n\n" + decode.run(["tinyllama-1.1b"], 16,
-                                                                              dtypes=("bfloat16",), gguf=False)
-    sft_table = (sft_memory.run("tinyllama-1.1b", 512) if args.full else
-                 sft_memory.run("tinyllama-120m", 256, steps=2 if not args.quick else 1))
-    sections = [
-        ("Core: tokenizer and model (`python -m bench.bench_core`)", bench_core.run(quick=args.quick)),
-        ("Data preparation (`python -m bench.data_prep`)", data_prep.run(large_mb=10 if args.quick else 40)),
-        ("Training step (`python -m bench.train_throughput`)", train_throughput.run(quick=args.quick)),
+    def decode_table() -> str:
+        if args.quick:
+            return decode.run(["tinyllama-19m"], 64)
+        if args.full:
+            return decode.run(["tinyllama-19m", "tinyllama-1.1b"], 32)
+        return decode.run(["tinyllama-19m"], 64) + "\n\n" + decode.run(["tinyllama-1.1b"], 16, dtypes=("bfloat16",),
+                                                                      gguf=False)
+
+    def sft_table() -> str:
+        return (sft_memory.run("tinyllama-1.1b", 512) if args.full else
+                sft_memory.run("tinyllama-120m", 256, steps=2 if not args.quick else 1))
+
+    pairs = [("out/sft", "out/draft/sft"),
+             ("out/gguf/tinyllama-19m-chat-Q8_0.gguf", "out/gguf/tinyllama-debug-chat-Q8_0.gguf")]
+    have_pairs = all(Path(p).exists() for pair in pairs for p in pair)
+    # (title naming `python -m bench.MODULE`, what measures it), run lazily so --only skips the rest
+    todo = [
+        ("Core: tokenizer and model (`python -m bench.bench_core`)", lambda: bench_core.run(quick=args.quick)),
+        ("Data preparation (`python -m bench.data_prep`)", lambda: data_prep.run(large_mb=10 if args.quick else 40)),
+        ("Training step (`python -m bench.train_throughput`)", lambda: train_throughput.run(quick=args.quick)),
         ("Decode speed (`python -m bench.decode`)", decode_table),
         ("SFT memory and speed (`python -m bench.sft_memory`)", sft_table),
         ("GGUF sizes and llama.cpp decode (`python -m bench.gguf`)",
-         gguf.run(["q4_k_m"] if args.quick else ["q4_0", "q4_k_m", "q8_0", "f16"])),
+         lambda: gguf.run(["q4_k_m"] if args.quick else ["q4_0", "q4_k_m", "q8_0", "f16"])),
+        ("Speculative decoding, the CPU-default pair (`python -m bench.speculative`)" if have_pairs else
+         "Speculative decoding (`python -m bench.speculative`)",
+         (lambda: "\n\n".join(speculative.run(t, d) for t, d in pairs)) if have_pairs else
+         (lambda: "Not measured: run `make run` first (it trains the target and its draft).")),
+        ("Server under load (`python -m bench.server_load`)",
+         lambda: server_load.run(duration_s=20.0 if args.quick else 60.0)),
+        ("Crash safety: SIGKILLed pretraining resumed (`python -m bench.kill_resume`)",
+         lambda: kill_resume.run(kills=4 if args.quick else 12, steps=12 if args.quick else 24)),
     ]
-    pairs = [("out/sft", "out/draft/sft"),
-             ("out/gguf/tinyllama-19m-chat-Q8_0.gguf", "out/gguf/tinyllama-debug-chat-Q8_0.gguf")]
-    if all(Path(p).exists() for pair in pairs for p in pair):
-        sections.append(("Speculative decoding, the CPU-default pair (`python -m bench.speculative`)",
-                         "\n\n".join(speculative.run(t, d) for t, d in pairs)))
-    else:
-        sections.append(("Speculative decoding (`python -m bench.speculative`)",
-                         "Not measured: run `make run` first (it trains the target and its draft)."))
-    for title, tbl in sections:
-        print(f"\n## {title}\n\n{tbl}")
+    if args.only:
+        known = {module_of(t) for t, _ in todo}
+        if unknown := set(args.only) - known:
+            ap.error(f"--only: no benchmark {', '.join(sorted(unknown))}; one of {', '.join(sorted(known))}")
+        todo = [(t, f) for t, f in todo if module_of(t) in args.only]
+    sections = []
+    for title, measure in todo:
+        sections.append((title, measure()))
+        print(f"\n## {title}\n\n{sections[-1][1]}", flush=True)
+    if args.only:
+        return replace_sections(sections)
     head = (f"# Benchmark results\n\nWritten by `make bench` on {dt.date.today().isoformat()}.\n"
             f"Machine: {machine()}.\n\nEach row measures ours and the reference in the same run; "
             "'ours vs ref' > 1 means ours is faster.\n")
@@ -80,6 +103,31 @@ def main(argv: list[str] | None = None) -> int:
     with atomic_file(RESULTS) as tmp:
         tmp.write_text(head + body + ("\n" + gpu_part if gpu_part else ""))
     print(f"\nwrote {RESULTS}")
+    return 0
+
+
+def module_of(title: str) -> str:
+    return re.search(r"python -m bench\.(\w+)", title).group(1)
+
+
+def replace_sections(sections: list[tuple[str, str]]) -> int:
+    """Puts each section in place of the one for the same benchmark in RESULTS.md (or adds it
+    before the GPU part), leaving the others as they were measured."""
+    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
+    for title, tbl in sections:
+        new = f"## {title}\n\n{tbl}\n"
+        old = re.search(rf"^## [^\n]*python -m bench\.{module_of(title)}\b.*?(?=^## |{GPU_MARKER}|\Z)", text,
+                        re.M | re.S)
+        if old:
+            text = text[:old.start()] + new + ("\n" if old.group(0).endswith("\n\n") else "") + text[old.end():]
+        elif GPU_MARKER in text:
+            at = text.index(GPU_MARKER)
+            text = text[:at] + new + "\n" + text[at:]
+        else:
+            text = text.rstrip("\n") + "\n\n" + new
+    with atomic_file(RESULTS) as tmp:
+        tmp.write_text(text)
+    print(f"\nupdated {', '.join(module_of(t) for t, _ in sections)} in {RESULTS}")
     return 0
 
 

@@ -289,6 +289,17 @@ def table(c: Campaign, steps: int) -> str:
     return markdown_table(("2-process gloo pretraining, tinyllama-debug, CPU", "result"), rows)
 
 
+def run(kills: int = 12, steps: int = 24, save_every: int = 2, seed: int = 0) -> str:
+    """One campaign in a temporary folder; its table (what `make bench` records)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="kill-resume-") as tmp:
+        c = run_campaign(Path(tmp), kills, steps, save_every, seed)
+    if not (c.bitwise_equal and c.metrics_steps_ok):
+        raise RuntimeError("the killed-and-resumed run differs from the uninterrupted one:\n" + table(c, steps))
+    return table(c, steps)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.kill_resume", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)

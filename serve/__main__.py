@@ -1,7 +1,9 @@
-"""python -m serve: an OpenAI-compatible server for a checkpoint directory or a GGUF file.
+"""python -m serve: an OpenAI-compatible server for a checkpoint directory, a GGUF file, or a
+folder of them.
 
     python -m serve --model out/gguf/tinyllama-19m-chat-Q4_K_M.gguf            # make serve
     python -m serve --model llama-2-7b.Q4_K_M.gguf --draft tinyllama-Q4_K_M.gguf --num-draft 4
+    python -m serve --models-dir out/gguf --api-key sk-local                   # "model": "<file name>"
     curl localhost:8000/v1/chat/completions -H 'Content-Type: application/json' \\
          -d '{"messages": [{"role": "user", "content": "What does len() do?"}]}'
 
@@ -9,40 +11,76 @@ Endpoints: GET /health, GET /v1/models, POST /v1/completions, POST /v1/chat/comp
 (stream or not; max_tokens, temperature, top_p, stop, seed; extensions top_k and
 repetition_penalty). Chat prompts use the model's chat format (tinyllama.chat). With --draft,
 every request is decoded speculatively (exact: the same output distribution as the target alone).
+
+Safe by default: listens on 127.0.0.1 only; bodies over --max-body-bytes get 413, max_tokens
+over --max-tokens-limit gets 400, more than --max-queue requests in flight get 429. With
+--models-dir a request's `model` must be a name GET /v1/models lists: a file or folder directly
+in the folder (no paths, no hidden names, no symlinks out of it). Weights load only from
+safetensors or GGUF; nothing is unpickled and no model code is ever run from a checkpoint.
 """
 
 from __future__ import annotations
 
 import argparse
 
-from .engine import add_model_arguments, load_engine
+from .engine import ModelDir, add_model_arguments, load_engine
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m serve", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_model_arguments(ap)
-    ap.add_argument("--host", default="127.0.0.1", help="(default: %(default)s)")
-    ap.add_argument("--port", type=int, default=8000, help="(default: %(default)s)")
-    ap.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/ endpoints")
+    add_model_arguments(ap, required=False)
+    ap.add_argument("--models-dir", metavar="DIR",
+                    help="instead of --model: serve every *.gguf file and checkpoint folder directly in DIR, "
+                         "picked by the request's 'model' field and loaded on first use")
+    ap.add_argument("--max-loaded", type=int, default=2,
+                    help="with --models-dir, models kept loaded at once; the least recently used is closed "
+                         "first (default: %(default)s)")
+    ap.add_argument("--host", default="127.0.0.1",
+                    help="address to listen on; 0.0.0.0 exposes the server to the network, so set --api-key "
+                         "(default: %(default)s)")
+    ap.add_argument("--port", type=int, default=8000, help="port to listen on (default: %(default)s)")
+    ap.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/ endpoints (default: none)")
     ap.add_argument("--max-queue", type=int, default=8,
                     help="requests in flight (running + waiting) before answering 429 (default: %(default)s)")
+    ap.add_argument("--max-body-bytes", type=int, default=1 << 20,
+                    help="largest request body accepted; larger gets 413 (default: %(default)s = 1 MiB)")
+    ap.add_argument("--max-tokens-limit", type=int, default=4096,
+                    help="largest max_tokens a request may ask for (the context length caps it too); the "
+                         "default when a chat request sets none (default: %(default)s)")
     args = ap.parse_args(argv)
+    if (args.model is None) == (args.models_dir is None):
+        ap.error("give exactly one of --model and --models-dir")
+    if args.models_dir and args.draft:
+        ap.error("--draft needs --model (one target model)")
+    for flag in ("num_draft", "n_ctx", "max_queue", "max_loaded", "max_body_bytes", "max_tokens_limit"):
+        if getattr(args, flag) < 1:
+            ap.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
 
     import uvicorn
 
     from .server import create_app
 
-    engine = load_engine(args)
-    if engine is None:
-        return 2
-    print(f"serving {engine.model_id}" + (f" (draft {args.draft}, k={args.num_draft})" if args.draft else "")
-          + f" on http://{args.host}:{args.port}/v1", flush=True)
+    if args.models_dir:
+        try:
+            models = ModelDir(args.models_dir, max_loaded=args.max_loaded, n_ctx=args.n_ctx)
+        except FileNotFoundError as e:
+            ap.error(str(e))
+        if not models.names():
+            ap.error(f"{args.models_dir}: no *.gguf files or checkpoint folders (config.json + *.safetensors) in it")
+        what = f"{len(models.names())} models in {args.models_dir}"
+    else:
+        models = load_engine(args)
+        if models is None:
+            return 2
+        what = models.model_id + (f" (draft {args.draft}, k={args.num_draft})" if args.draft else "")
+    print(f"serving {what} on http://{args.host}:{args.port}/v1", flush=True)
     try:
-        uvicorn.run(create_app(engine, api_key=args.api_key, max_queue=args.max_queue), host=args.host,
-                    port=args.port, log_level="warning")
+        uvicorn.run(create_app(models, api_key=args.api_key, max_queue=args.max_queue,
+                               max_body_bytes=args.max_body_bytes, max_tokens_limit=args.max_tokens_limit),
+                    host=args.host, port=args.port, log_level="warning")
     finally:
-        engine.close()
+        models.close()
     return 0
 
 

@@ -4,8 +4,11 @@
     stream = engine.chat([{"role": "user", "content": "Hi"}], max_tokens=64, temperature=0.7)
     for delta in stream: ...                      # text deltas; stream.stats, stream.finish_reason
 
-A model holds one KV cache, so generations run one at a time (`engine.lock`); the server
-bounds how many requests may wait for it.
+    models = ModelDir("models/")                  # every model in a folder, loaded on demand
+    engine = models.acquire("tinyllama-19m-chat-Q4_K_M.gguf"); ...; models.release(name)
+
+A model holds one KV cache, so generations run one at a time (`engine.lock`, or the folder's
+one `lock` across its models); the server bounds how many requests may wait for it.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import argparse
 import os
 import sys
 import threading
+from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -32,6 +36,14 @@ class RequestError(ValueError):
         self.param = param
 
 
+class ModelNotFound(LookupError):
+    """A model name a ModelDir does not serve: unknown (HTTP 404) or not a plain name (400)."""
+
+    def __init__(self, message: str, malformed: bool = False) -> None:
+        super().__init__(message)
+        self.malformed = malformed
+
+
 @dataclass
 class Sampling:
     max_tokens: int = 256
@@ -46,6 +58,8 @@ class Sampling:
 class Engine:
     def __init__(self, target: Backend, tokenizer: Tokenizer, model_id: str, draft: Backend | None = None,
                  num_draft: int = 4) -> None:
+        if num_draft < 1:
+            raise ValueError(f"num_draft must be >= 1, got {num_draft}")
         if draft is not None:
             check_same_vocabulary(target, draft)       # refuse a mismatched draft at load, not per request
         self.target, self.draft, self.tokenizer = target, draft, tokenizer
@@ -107,10 +121,104 @@ class Engine:
             self.draft.close()
 
 
+class ModelDir:
+    """Every model directly in one folder, named by its file or folder name: `*.gguf` files and
+    checkpoint folders (config.json + *.safetensors). Loaded on first use; at most `max_loaded`
+    stay loaded, the least recently used closed first once no request holds it.
+
+    Names come from clients, so they are confined to the folder: no paths, no hidden names, no
+    symlink that leads out of it. One `lock` serialises loads and generations across all the
+    models (one CPU, one model computing at a time)."""
+
+    def __init__(self, directory: str | os.PathLike, max_loaded: int = 2, n_ctx: int = 2048) -> None:
+        self.root = Path(directory).resolve()
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"{directory}: not a directory")
+        self.max_loaded, self.n_ctx = max_loaded, n_ctx
+        self.lock = threading.Lock()
+        self._state = threading.Lock()          # guards _loaded and _users; held only briefly
+        self._loaded: OrderedDict[str, Engine] = OrderedDict()
+        self._users: Counter[str] = Counter()
+
+    def _servable(self, name: str) -> bool:
+        if name.startswith("."):
+            return False
+        try:
+            real = (self.root / name).resolve(strict=True)
+        except (OSError, RuntimeError):         # dangling or looping symlink
+            return False
+        if not real.is_relative_to(self.root):
+            return False
+        if real.is_file():
+            return name.endswith(".gguf")
+        return real.is_dir() and (real / "config.json").is_file() and any(real.glob("*.safetensors"))
+
+    def names(self) -> list[str]:
+        return sorted(e.name for e in os.scandir(self.root) if self._servable(e.name))
+
+    def check(self, name: str | None) -> None:
+        """Raises ModelNotFound unless `name` is a model this folder serves."""
+        if not name:
+            raise ModelNotFound("'model' is required: one of the names GET /v1/models lists", malformed=True)
+        if name in (".", "..") or any(c in name for c in "/\\\0") or name.startswith("."):
+            raise ModelNotFound(f"invalid model name {name!r}: a name from GET /v1/models, not a path",
+                                malformed=True)
+        if not self._servable(name):
+            raise ModelNotFound(f"model {name!r} does not exist; GET /v1/models lists the models served")
+
+    def engines(self) -> dict[str, Engine]:
+        """The models loaded now, least recently used first."""
+        with self._state:
+            return dict(self._loaded)
+
+    def acquire(self, name: str) -> Engine:
+        """The engine for `name`, loading it if needed (blocks while a generation runs); pair with
+        release(name). A file that does not load is a RequestError (an HTTP 400), not a crash."""
+        self.check(name)
+        with self._state:
+            if name in self._loaded:
+                return self._use(name)
+        with self.lock:
+            with self._state:
+                if name in self._loaded:        # loaded by another request while we waited
+                    return self._use(name)
+            try:
+                engine = Engine.load(self.root / name, n_ctx=self.n_ctx)
+            except Exception as e:              # any unloadable file: the server keeps serving
+                reason = str(e).replace(f"{self.root}{os.sep}", "")       # no server paths to clients
+                raise RequestError(f"model {name!r} is not a usable model: {reason}", "model") from None
+            engine.model_id = name
+            with self._state:
+                self._loaded[name] = engine
+                engine = self._use(name)
+                self._evict()
+            return engine
+
+    def release(self, name: str) -> None:
+        with self._state:
+            self._users[name] -= 1
+            self._evict()
+
+    def close(self) -> None:
+        with self._state:
+            while self._loaded:
+                self._loaded.popitem()[1].close()
+
+    def _use(self, name: str) -> Engine:
+        self._loaded.move_to_end(name)
+        self._users[name] += 1
+        return self._loaded[name]
+
+    def _evict(self) -> None:
+        for name in list(self._loaded)[:-self.max_loaded]:
+            if self._users[name] == 0:          # one a request holds is closed on its release
+                self._loaded.pop(name).close()
+
+
 # ---- shared by the CLIs (python -m serve, python -m serve.generate) ------------------------------
 
-def add_model_arguments(ap: argparse.ArgumentParser) -> None:
-    ap.add_argument("--model", required=True, help="checkpoint directory (PyTorch) or .gguf file (llama.cpp)")
+def add_model_arguments(ap: argparse.ArgumentParser, required: bool = True) -> None:
+    ap.add_argument("--model", required=required, help="checkpoint directory (PyTorch) or .gguf file (llama.cpp)")
     ap.add_argument("--draft", help="a draft model with the same vocabulary (directory or .gguf), for "
                                     "speculative decoding")
     ap.add_argument("--num-draft", type=int, default=4, help="tokens drafted per step (default: %(default)s)")

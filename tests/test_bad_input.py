@@ -13,6 +13,11 @@ absence of a traceback end to end. `python -m serve` and `python -m demo` are co
 startup errors only: the server and the Gradio app are replaced by stubs that fail the test if
 a case ever gets that far.
 
+The HTTP endpoints get the same treatment at the end of this module: every case of
+tests/bad_input_server_cases.py is sent to an in-process server (one model, and a --models-dir
+folder), and owes its 4xx status, an OpenAI-shaped error naming the problem, no leaked queue
+slot, and a server that answers a normal request right after.
+
     pytest -q tests/test_bad_input.py
 """
 
@@ -533,3 +538,107 @@ def test_bad_input_subprocess(case, assets, tmp_path):
                        cwd=tmp_path / "cwd", env=env, timeout=300)
     assert_clear_error(r.returncode, r.stderr, case, p)
     assert_nothing_written(before, snapshot(tmp_path, assets), case)
+
+
+# ---- the HTTP endpoints (python -m serve) -----------------------------------------------------
+
+from bad_input_server_cases import AUTH, HI, SERVER, build_models_dir  # noqa: E402
+from bad_input_server_cases import CASES as SERVER_CASES  # noqa: E402
+from fastapi.testclient import TestClient  # noqa: E402
+
+from serve.engine import Engine, ModelDir  # noqa: E402
+from serve.server import create_app  # noqa: E402
+from tinyllama.backends import TorchBackend  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, llama2_tokenizer):
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("ckpt") / "tiny-chat"
+    save_checkpoint(Llama(ModelConfig.from_name("tinyllama-debug")), llama2_tokenizer, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def models_dir(tmp_path_factory, checkpoint):
+    return build_models_dir(tmp_path_factory.mktemp("dir"), checkpoint)
+
+
+@pytest.fixture(scope="module")
+def clients(checkpoint, models_dir, llama2_tokenizer):
+    torch.manual_seed(0)
+    engine = Engine(TorchBackend(Llama(ModelConfig.from_name("tinyllama-debug")).eval(), llama2_tokenizer),
+                    llama2_tokenizer, "tiny-chat")
+    folder = ModelDir(models_dir, max_loaded=1)
+    # raise_server_exceptions=False: a bug must show as the 500 a client would get
+    with TestClient(create_app(engine, **SERVER), raise_server_exceptions=False) as one, \
+            TestClient(create_app(folder, **SERVER), raise_server_exceptions=False) as dir_:
+        yield {"one": one, "dir": dir_}
+    folder.close()
+
+
+def send(client: TestClient, case):
+    body = case.body
+    kw: dict = {}
+    if isinstance(body, dict):
+        kw["content"] = json.dumps(body).encode()
+    elif isinstance(body, tuple):
+        kw["content"] = iter(body)                # an iterator: sent chunked, no Content-Length
+    elif body is not None:
+        kw["content"] = body
+    return client.request(case.method, case.path, headers=case.headers, **kw)
+
+
+@pytest.mark.parametrize("case", SERVER_CASES, ids=[c.id for c in SERVER_CASES])
+def test_bad_request_gets_an_openai_error_and_the_server_keeps_serving(clients, case):
+    client = clients[case.server]
+    r = send(client, case)
+    assert r.status_code == case.status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"}
+    assert case.message in err["message"], err
+    assert err["type"] in ("invalid_request_error", "authentication_error", "not_found_error")
+    assert client.get("/health").json()["in_flight"] == 0         # no slot leaked
+    body = {"messages": HI, "max_tokens": 2} | ({"model": "tiny"} if case.server == "dir" else {})
+    ok = client.post("/v1/chat/completions", json=body, headers=AUTH)
+    assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] >= 1, ok.text
+
+
+def test_chunked_body_is_refused_before_it_is_all_read(clients):
+    """Past the limit the server stops reading: an endless chunked body still gets its 413 (over
+    real HTTP: the test client would read the whole body before the app sees any of it)."""
+    import socket
+    import threading
+    import time
+
+    import httpx
+    import uvicorn
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(clients["one"].app, host="127.0.0.1", port=port, log_level="warning"))
+    threading.Thread(target=server.run, daemon=True).start()
+    while not server.started:
+        time.sleep(0.02)
+    sent = 0
+
+    def endless():
+        nonlocal sent
+        while sent < 1000 * SERVER["max_body_bytes"]:
+            sent += 4096
+            yield b"x" * 4096
+
+    try:
+        try:
+            r = httpx.post(f"http://127.0.0.1:{port}/v1/completions", content=endless(), headers=AUTH)
+            assert r.status_code == 413 and "request body too large" in r.json()["error"]["message"]
+        except httpx.TransportError:        # the server closed the connection on the rest of the upload
+            pass
+        # cut off long before the end: what was sent past the limit sat in socket buffers (a few MB)
+        assert sent < 200 * SERVER["max_body_bytes"]
+        assert httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200
+    finally:
+        server.should_exit = True
+
+

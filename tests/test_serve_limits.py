@@ -1,0 +1,70 @@
+"""The server's model folder (--models-dir: serving, loading on demand, evicting) and its CLI
+option checks. The HTTP bad-input cases themselves run in tests/test_bad_input.py."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("fastapi")
+from fastapi.testclient import TestClient  # noqa: E402
+
+from serve.engine import ModelDir  # noqa: E402
+from serve.server import create_app  # noqa: E402
+from tinyllama import Llama, ModelConfig, save_checkpoint  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, llama2_tokenizer):
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("ckpt") / "tiny-chat"
+    save_checkpoint(Llama(ModelConfig.from_name("tinyllama-debug")), llama2_tokenizer, path)
+    return path
+
+
+def test_models_dir_lists_loads_on_demand_and_evicts(tmp_path, checkpoint):
+    import shutil
+
+    models = tmp_path / "models"
+    models.mkdir()
+    for name in ("a", "b"):
+        shutil.copytree(checkpoint, models / name)
+    folder = ModelDir(models, max_loaded=1)
+    with TestClient(create_app(folder)) as client:
+        assert [m["id"] for m in client.get("/v1/models").json()["data"]] == ["a", "b"]
+        assert client.get("/health").json()["models"] == []
+        for name in ("a", "b", "a"):
+            r = client.post("/v1/completions", json={"model": name, "prompt": "Hi", "max_tokens": 3,
+                                                      "temperature": 0})
+            assert r.status_code == 200 and r.json()["model"] == name
+            assert client.get("/health").json()["models"] == [name]          # the other one was closed
+        listed = {m["id"]: m.get("context_length") for m in client.get("/v1/models").json()["data"]}
+        assert listed == {"a": 256, "b": None}                                 # known once loaded
+        # interleaved requests for both: each loads under the generation lock, none is closed under a
+        # request that holds it, and afterwards only max_loaded stay
+        from concurrent.futures import ThreadPoolExecutor
+
+        def ask(name):
+            return client.post("/v1/completions", json={"model": name, "prompt": "Hi", "max_tokens": 4}).status_code
+
+        with ThreadPoolExecutor(6) as pool:
+            assert list(pool.map(ask, ["a", "b"] * 3)) == [200] * 6
+        assert len(client.get("/health").json()["models"]) == 1
+        shutil.copytree(checkpoint, models / "c")                               # new files are seen
+        assert "c" in [m["id"] for m in client.get("/v1/models").json()["data"]]
+    folder.close()
+
+
+def test_cli_options_are_checked(tmp_path, capsys):
+    from serve.__main__ import main
+
+    for argv, message in [([], "exactly one of --model and --models-dir"),
+                          (["--model", "x", "--models-dir", "y"], "exactly one of"),
+                          (["--models-dir", str(tmp_path / "nope")], "not a directory"),
+                          (["--models-dir", str(tmp_path)], "no *.gguf files or checkpoint folders"),
+                          (["--models-dir", str(tmp_path), "--draft", "d"], "--draft needs --model"),
+                          (["--model", "x", "--max-body-bytes", "0"], "--max-body-bytes must be >= 1"),
+                          (["--model", "x", "--n-ctx", "0"], "--n-ctx must be >= 1")]:
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 2 and message in capsys.readouterr().err
