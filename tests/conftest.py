@@ -29,6 +29,18 @@ def llama2_tokenizer() -> Tokenizer:
     return Tokenizer.llama2()
 
 
+@pytest.fixture(scope="session")
+def tiny_chat_checkpoint(tmp_path_factory, llama2_tokenizer):
+    """A random tinyllama-debug checkpoint (seed 0) saved once per session as `tiny-chat/`.
+    Read-only: tests that change files copy it first."""
+    from tinyllama import save_checkpoint
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("ckpt") / "tiny-chat"
+    save_checkpoint(Llama(ModelConfig.from_name("tinyllama-debug")), llama2_tokenizer, path)
+    return path
+
+
 @pytest.fixture
 def small_config() -> ModelConfig:
     """A random small GQA config: 3 query heads per KV group, odd sizes on purpose."""

@@ -552,20 +552,12 @@ from tinyllama.backends import TorchBackend  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory, llama2_tokenizer):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("ckpt") / "tiny-chat"
-    save_checkpoint(Llama(ModelConfig.from_name("tinyllama-debug")), llama2_tokenizer, path)
-    return path
+def models_dir(tmp_path_factory, tiny_chat_checkpoint):
+    return build_models_dir(tmp_path_factory.mktemp("dir"), tiny_chat_checkpoint)
 
 
 @pytest.fixture(scope="module")
-def models_dir(tmp_path_factory, checkpoint):
-    return build_models_dir(tmp_path_factory.mktemp("dir"), checkpoint)
-
-
-@pytest.fixture(scope="module")
-def clients(checkpoint, models_dir, llama2_tokenizer):
+def clients(tiny_chat_checkpoint, models_dir, llama2_tokenizer):
     torch.manual_seed(0)
     engine = Engine(TorchBackend(Llama(ModelConfig.from_name("tinyllama-debug")).eval(), llama2_tokenizer),
                     llama2_tokenizer, "tiny-chat")

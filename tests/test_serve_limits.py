@@ -4,31 +4,21 @@ option checks. The HTTP bad-input cases themselves run in tests/test_bad_input.p
 from __future__ import annotations
 
 import pytest
-import torch
 
 pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
 
 from serve.engine import ModelDir  # noqa: E402
 from serve.server import create_app  # noqa: E402
-from tinyllama import Llama, ModelConfig, save_checkpoint  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory, llama2_tokenizer):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("ckpt") / "tiny-chat"
-    save_checkpoint(Llama(ModelConfig.from_name("tinyllama-debug")), llama2_tokenizer, path)
-    return path
-
-
-def test_models_dir_lists_loads_on_demand_and_evicts(tmp_path, checkpoint):
+def test_models_dir_lists_loads_on_demand_and_evicts(tmp_path, tiny_chat_checkpoint):
     import shutil
 
     models = tmp_path / "models"
     models.mkdir()
     for name in ("a", "b"):
-        shutil.copytree(checkpoint, models / name)
+        shutil.copytree(tiny_chat_checkpoint, models / name)
     folder = ModelDir(models, max_loaded=1)
     with TestClient(create_app(folder)) as client:
         assert [m["id"] for m in client.get("/v1/models").json()["data"]] == ["a", "b"]
@@ -50,7 +40,7 @@ def test_models_dir_lists_loads_on_demand_and_evicts(tmp_path, checkpoint):
         with ThreadPoolExecutor(6) as pool:
             assert list(pool.map(ask, ["a", "b"] * 3)) == [200] * 6
         assert len(client.get("/health").json()["models"]) == 1
-        shutil.copytree(checkpoint, models / "c")                               # new files are seen
+        shutil.copytree(tiny_chat_checkpoint, models / "c")                               # new files are seen
         assert "c" in [m["id"] for m in client.get("/v1/models").json()["data"]]
     folder.close()
 
