@@ -32,7 +32,7 @@ def _prompts(tok, n: int) -> list[list[int]]:
     return [encode_chat(tok, [c[0]], add_generation_prompt=True)[0] for c in held[:n]]
 
 
-def _decode(target, prompts, tokens: int, draft=None, k: int = 4):
+def _decode(target, prompts, tokens: int, draft=None, k: int = 4, adaptive: bool = False):
     from tinyllama.generate import generate
 
     outs, seconds, drafted, accepted, passes = [], 0.0, 0, 0, 0
@@ -41,7 +41,7 @@ def _decode(target, prompts, tokens: int, draft=None, k: int = 4):
             if b is not None:
                 b.reset()
         t0 = time.perf_counter()
-        gen = generate(target, ids, max_new_tokens=tokens, draft_model=draft, num_draft=k)
+        gen = generate(target, ids, max_new_tokens=tokens, draft_model=draft, num_draft=k, adaptive_draft=adaptive)
         outs.append(list(gen))
         seconds += time.perf_counter() - t0 - gen.stats.prefill_seconds
         drafted, accepted = drafted + gen.stats.drafted, accepted + gen.stats.accepted
@@ -87,6 +87,12 @@ def run(target_path: str, draft_path: str, ks=(1, 2, 4, 6), tokens: int = 48, n_
         rows.append((f"speculative k={k}", f"{n_tokens / t_spec:,.1f} tok/s", f"{accepted / drafted:.2f}",
                      f"{alpha:.2f}", f"{c:.2f}",
                      f"{speedup:.2f}x", f"{theory:.2f}x", f"{speedup / theory:.0%}"))
+    out, t_spec, drafted, accepted, passes = _decode(target, prompts, tokens, draft, 4, adaptive=True)
+    if out != plain:
+        raise AssertionError("adaptive k: speculative output differs from plain greedy decoding")
+    rows.append((f"speculative adaptive k (from 4; mean {drafted / max(1, passes):.1f})",
+                 f"{n_tokens / t_spec:,.1f} tok/s", f"{accepted / drafted:.2f}", "-", f"{c:.2f}",
+                 f"{t_plain / t_spec:.2f}x", "-", "-"))
     target.close()
     draft.close()
     head = (f"{Path(target_path).name} drafted by {Path(draft_path).name} (greedy, {len(prompts)} prompts x "

@@ -57,22 +57,22 @@ class Sampling:
 
 class Engine:
     def __init__(self, target: Backend, tokenizer: Tokenizer, model_id: str, draft: Backend | None = None,
-                 num_draft: int = 4) -> None:
+                 num_draft: int = 4, adaptive_draft: bool = False) -> None:
         if num_draft < 1:
             raise ValueError(f"num_draft must be >= 1, got {num_draft}")
         if draft is not None:
             check_same_vocabulary(target, draft)       # refuse a mismatched draft at load, not per request
         self.target, self.draft, self.tokenizer = target, draft, tokenizer
         self.model_id = model_id
-        self.num_draft = num_draft
+        self.num_draft, self.adaptive_draft = num_draft, adaptive_draft
         self.lock = threading.Lock()
 
     @classmethod
     def load(cls, model: str | os.PathLike, draft: str | os.PathLike | None = None, num_draft: int = 4,
-             n_ctx: int = 2048) -> "Engine":
+             n_ctx: int = 2048, adaptive_draft: bool = False) -> "Engine":
         target, tok = load_backend(model, n_ctx=n_ctx)
         draft_backend = load_backend(draft, n_ctx=n_ctx)[0] if draft else None
-        return cls(target, tok, Path(model).name.removesuffix(".gguf"), draft_backend, num_draft)
+        return cls(target, tok, Path(model).name.removesuffix(".gguf"), draft_backend, num_draft, adaptive_draft)
 
     @property
     def context_length(self) -> int:
@@ -112,7 +112,8 @@ class Engine:
         draft = self.draft if speculative is None or speculative else None
         gen = generate(self.target, ids, max_new_tokens=min(s.max_tokens, room), temperature=s.temperature,
                        top_k=s.top_k or None, top_p=s.top_p, repetition_penalty=s.repetition_penalty,
-                       stop_ids=[self.tokenizer.eos_id], seed=s.seed, draft_model=draft, num_draft=self.num_draft)
+                       stop_ids=[self.tokenizer.eos_id], seed=s.seed, draft_model=draft, num_draft=self.num_draft,
+                       adaptive_draft=self.adaptive_draft)
         return TextStream(gen, self.tokenizer, stop=list(s.stop))
 
     def close(self) -> None:
@@ -222,6 +223,9 @@ def add_model_arguments(ap: argparse.ArgumentParser, required: bool = True) -> N
     ap.add_argument("--draft", help="a draft model with the same vocabulary (directory or .gguf), for "
                                     "speculative decoding")
     ap.add_argument("--num-draft", type=int, default=4, help="tokens drafted per step (default: %(default)s)")
+    ap.add_argument("--adaptive-draft", action="store_true",
+                    help="start at --num-draft and adapt it per round: +2 after a fully accepted round, -1 "
+                         "after a rejection (the output is unchanged; only speed)")
     ap.add_argument("--n-ctx", type=int, default=2048,
                     help="context length for GGUF models, at most the trained one (default: %(default)s)")
 
@@ -231,7 +235,8 @@ def load_engine(args: argparse.Namespace) -> Engine | None:
     from tinyllama.checkpoint import CheckpointError
 
     try:
-        return Engine.load(args.model, args.draft, args.num_draft, n_ctx=args.n_ctx)
+        return Engine.load(args.model, args.draft, args.num_draft, n_ctx=args.n_ctx,
+                           adaptive_draft=getattr(args, "adaptive_draft", False))
     except (FileNotFoundError, ValueError, CheckpointError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return None

@@ -111,13 +111,13 @@ class Recording(Backend):
         self.inner.trim(n)
 
 
-@pytest.mark.parametrize("num_draft", [1, 3, 6])
-def test_speculative_greedy_is_token_identical(pair, num_draft):
+@pytest.mark.parametrize("num_draft,adaptive", [(1, False), (3, False), (6, False), (1, True), (4, True)])
+def test_speculative_greedy_is_token_identical(pair, num_draft, adaptive):
     target, draft = pair
     prompt = [1, 7, 3]
     plain = list(generate(target, prompt, max_new_tokens=40))
     t, d = TorchBackend(target), TorchBackend(draft)
-    gen = generate(t, prompt, max_new_tokens=40, draft_model=d, num_draft=num_draft)
+    gen = generate(t, prompt, max_new_tokens=40, draft_model=d, num_draft=num_draft, adaptive_draft=adaptive)
     context = list(prompt)
     snapshots = []
     for token in gen:
@@ -141,6 +141,20 @@ def test_a_perfect_draft_is_always_accepted(pair):
     gen = generate(target, [1, 2], max_new_tokens=21, draft_model=twin, num_draft=4)
     assert list(gen) == naive_greedy(target, [1, 2], 21)
     assert gen.stats.acceptance_rate == 1.0 and gen.stats.target_calls == 21 // 5 + 1
+    # adaptive k grows while every draft is accepted: k = 1, 3, 5, 7 give 2 + 4 + 6 + 8 tokens
+    adaptive = generate(target, [1, 2], max_new_tokens=21, draft_model=twin, num_draft=1, adaptive_draft=True)
+    assert list(adaptive) == naive_greedy(target, [1, 2], 21)
+    s = adaptive.stats
+    assert s.draft_rounds == 4 and s.drafted == 1 + 3 + 5 + 7 and s.target_calls == 5
+    assert "mean k 4.0" in s.describe()
+
+
+def test_adaptive_k_shrinks_after_rejections(pair):
+    target, draft = pair
+    gen = generate(target, [1, 7, 3], max_new_tokens=40, draft_model=draft, num_draft=6, adaptive_draft=True)
+    list(gen)
+    # this random pair rejects often: k walks down from 6 towards 1
+    assert gen.num_draft < 6 and gen.stats.drafted / gen.stats.draft_rounds < 6
 
 
 def test_vocabulary_mismatch_is_refused(pair, small_config):
@@ -172,8 +186,10 @@ class Stub(Backend):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sampling", [dict(temperature=1.0), dict(temperature=0.7, top_k=4, repetition_penalty=1.5)])
-def test_speculative_sampling_matches_the_target_distribution(sampling):
+@pytest.mark.parametrize("sampling,adaptive", [(dict(temperature=1.0), False),
+                                               (dict(temperature=0.7, top_k=4, repetition_penalty=1.5), False),
+                                               (dict(temperature=1.0), True)])
+def test_speculative_sampling_matches_the_target_distribution(sampling, adaptive):
     V, n = 6, 3
     g = torch.Generator().manual_seed(0)
     target = Stub(torch.randn(V, V, generator=g) * 1.5, "target")
@@ -189,8 +205,10 @@ def test_speculative_sampling_matches_the_target_distribution(sampling):
             ctx.append(tok)
         expected[seq] = prob
     trials = 6000
-    counts = Counter(tuple(generate(target, prompt, max_new_tokens=n, seed=s, draft_model=draft, num_draft=2,
-                                    **sampling)) for s in range(trials))
+    # adaptive: k starts at 1 and changes with each round's outcome (k = 1 then 3, or 1 then 1)
+    counts = Counter(tuple(generate(target, prompt, max_new_tokens=n, seed=s, draft_model=draft,
+                                    num_draft=1 if adaptive else 2, adaptive_draft=adaptive, **sampling))
+                     for s in range(trials))
     # chi-square over the outcomes with enough expected mass; the rest pooled
     cells = [seq for seq, p in expected.items() if p * trials >= 5]
     obs = [counts[c] for c in cells] + [trials - sum(counts[c] for c in cells)]

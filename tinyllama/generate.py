@@ -21,6 +21,11 @@ rejection a token is drawn from norm(max(0, p_i - q_i)); when all k are accepted
 is drawn from p_{k+1}. The output is distributed exactly as sampling from the target alone, and
 at temperature 0 (p and q one-hot) it is token-identical to greedy decoding of the target.
 Both KV caches roll back to the accepted length by prefix reuse (see backends.py).
+
+`adaptive_draft=True` starts at k = num_draft and adapts it each round, as transformers'
+assisted generation does: k + 2 after a round whose drafts were all accepted, k - 1 (at least
+1) after a rejection, never above MAX_ADAPTIVE_DRAFT. k depends only on rounds already decided,
+so the output distribution (and greedy identity) is unchanged.
 """
 
 from __future__ import annotations
@@ -63,6 +68,9 @@ def process_logits(logits: torch.Tensor, context: Sequence[int], temperature: fl
     return probs
 
 
+MAX_ADAPTIVE_DRAFT = 16   # a longer verification pass than this costs more than it saves
+
+
 @dataclass
 class GenerationStats:
     prompt_tokens: int = 0
@@ -72,6 +80,7 @@ class GenerationStats:
     drafted: int = 0                   # speculative: tokens proposed by the draft
     accepted: int = 0                  # speculative: of those, accepted by the target
     target_calls: int = 0              # target forward passes after the prefill
+    draft_rounds: int = 0              # speculative: draft-then-verify rounds (drafted / rounds = mean k)
     stop_reason: str | None = None     # "stop_id", "length", "stop_string" or "cancelled"
 
     @property
@@ -92,7 +101,8 @@ class GenerationStats:
                 f"{self.generated_tokens} generated at {self.tokens_per_s:.1f} tok/s, stop: {self.stop_reason}")
         if self.drafted:
             text += (f"; speculative: {self.accepted}/{self.drafted} drafted tokens accepted "
-                     f"({self.acceptance_rate:.0%}), {self.target_calls} target passes")
+                     f"({self.acceptance_rate:.0%}), {self.target_calls} target passes, "
+                     f"mean k {self.drafted / max(1, self.draft_rounds):.1f}")
         return text
 
 
@@ -110,7 +120,8 @@ class Generation:
     def __init__(self, model: Llama | Backend, prompt_ids: Sequence[int], max_new_tokens: int = 64,
                  temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
                  repetition_penalty: float = 1.0, stop_ids: Iterable[int] = (), seed: int | None = None,
-                 draft_model: Llama | Backend | None = None, num_draft: int = 4) -> None:
+                 draft_model: Llama | Backend | None = None, num_draft: int = 4,
+                 adaptive_draft: bool = False) -> None:
         if not len(prompt_ids):
             raise ValueError("generate() needs at least one prompt token (e.g. BOS)")
         if max_new_tokens < 0:
@@ -133,7 +144,8 @@ class Generation:
         self.prompt = list(prompt_ids)
         self.max_new_tokens = max_new_tokens
         self.stop_ids = set(stop_ids)
-        self.num_draft = num_draft
+        self.num_draft = num_draft      # k of the next round (adapted when adaptive_draft)
+        self.adaptive_draft = adaptive_draft
         self.stats = GenerationStats(prompt_tokens=len(self.prompt))
         # Backends made here for a bare Llama free their KV cache when generation ends.
         self._owned = [b for b, m in ((self.target, model), (self.draft, draft_model)) if b is not None and b is not m]
@@ -215,7 +227,15 @@ class Generation:
             left = self.max_new_tokens - self.stats.generated_tokens
             k = min(self.num_draft, left - 1, self.target.context_length - len(context) - 1,
                     self.draft.context_length - len(context) - 1)
-            new_tokens = self._plain_step(context) if k < 1 else self._draft_and_verify(context, k)
+            if k < 1:
+                new_tokens = self._plain_step(context)
+            else:
+                accepted_before = self.stats.accepted
+                new_tokens = self._draft_and_verify(context, k)
+                if self.adaptive_draft:
+                    all_accepted = self.stats.accepted - accepted_before == k
+                    self.num_draft = min(self.num_draft + 2, MAX_ADAPTIVE_DRAFT) if all_accepted else \
+                        max(1, self.num_draft - 1)
             self.stats.decode_seconds += time.perf_counter() - t0
             for token in new_tokens:
                 done = self._emit(token)
@@ -238,6 +258,7 @@ class Generation:
             qs.append(q)
         target_logits = self.target.logits(context + drafts, k + 1)            # (k+1, vocab)
         self.stats.target_calls += 1
+        self.stats.draft_rounds += 1
         self.stats.drafted += k
         out: list[int] = []
         try:
@@ -277,11 +298,11 @@ class Generation:
 def generate(model: Llama | Backend, prompt_ids: Sequence[int], max_new_tokens: int = 64, temperature: float = 0.0,
              top_k: int | None = None, top_p: float | None = None, repetition_penalty: float = 1.0,
              stop_ids: Iterable[int] = (), seed: int | None = None, draft_model: Llama | Backend | None = None,
-             num_draft: int = 4) -> Generation:
+             num_draft: int = 4, adaptive_draft: bool = False) -> Generation:
     """Streams new token ids; see the module docstring. The returned object's `.stats` holds the
     counts and timings once iteration ends."""
     return Generation(model, prompt_ids, max_new_tokens, temperature, top_k, top_p, repetition_penalty,
-                      stop_ids, seed, draft_model, num_draft)
+                      stop_ids, seed, draft_model, num_draft, adaptive_draft)
 
 
 def check_same_vocabulary(target: Backend, draft: Backend) -> None:
