@@ -1,12 +1,13 @@
 """Batch-1 greedy decode speed: our generator vs the reference on the same model, in one run.
 
-    python -m bench.decode [--tokens 64] [--presets tinyllama-19m tinyllama-1.1b]
+    python -m bench.decode [--tokens 64] [--presets tinyllama-19m tinyllama-1.1b] [--dtypes float32 bfloat16] [--no-gguf]
 
 PyTorch rows: `tinyllama.generate` on our model vs `transformers` `generate` on
 LlamaForCausalLM (sdpa, static KV cache off, the default dynamic cache), same random weights,
 same dtype, `max_new_tokens` forced (no EOS). GGUF row: `tinyllama.generate` over llama.cpp
 (GGUFBackend) vs llama.cpp's own completion loop (`Llama.create_completion`, greedy), same
-Q4_K_M file. Tokens/s count the generated tokens over the wall time after the prefill.
+Q4_K_M file. Tokens/s count the generated tokens over the wall time after the prefill; each
+side's best of 5 runs, ours and the reference alternating.
 """
 
 from __future__ import annotations
@@ -43,7 +44,17 @@ def _hf(model, prompt: list[int], n: int) -> float:
     return (n - 1) / ((t2 - t1) - (t1 - t0))
 
 
-def torch_rows(preset: str, dtype: torch.dtype, n: int, repeats: int = 3) -> tuple:
+def _best_interleaved(ours, theirs, repeats: int) -> tuple[float, float]:
+    """Best tokens/s of each over `repeats` alternating runs: a shared machine's slow spells
+    then hit both sides alike instead of whichever happened to run during them."""
+    o, t = [], []
+    for _ in range(repeats):
+        o.append(ours())
+        t.append(theirs())
+    return max(o), max(t)
+
+
+def torch_rows(preset: str, dtype: torch.dtype, n: int, repeats: int = 5) -> tuple:
     from transformers import LlamaForCausalLM
 
     from tinyllama import Llama, ModelConfig, Tokenizer, load_checkpoint, save_checkpoint
@@ -55,13 +66,12 @@ def torch_rows(preset: str, dtype: torch.dtype, n: int, repeats: int = 3) -> tup
         hf = LlamaForCausalLM.from_pretrained(Path(tmp) / "m", dtype=dtype, attn_implementation="sdpa").eval()
     prompt = list(range(1, 33))
     _ours_torch(ours, prompt, 4), _hf(hf, prompt, 4)                          # warm-up
-    o = max(_ours_torch(ours, prompt, n) for _ in range(repeats))
-    h = max(_hf(hf, prompt, n) for _ in range(repeats))
+    o, h = _best_interleaved(lambda: _ours_torch(ours, prompt, n), lambda: _hf(hf, prompt, n), repeats)
     name = f"{preset} {str(dtype).removeprefix('torch.')} (PyTorch)"
     return (name, f"{o:,.1f} tok/s", f"{h:,.1f} tok/s (transformers generate)", f"{o / h:.2f}x")
 
 
-def gguf_row(gguf: Path, n: int, repeats: int = 3) -> tuple:
+def gguf_row(gguf: Path, n: int, repeats: int = 5) -> tuple:
     import llama_cpp
 
     from tinyllama.backends import GGUFBackend
@@ -90,8 +100,7 @@ def gguf_row(gguf: Path, n: int, repeats: int = 3) -> tuple:
             return (got - 1) / ((t2 - t1) - (t1 - t0))
 
         ours(), theirs()
-        o = max(ours() for _ in range(repeats))
-        t = max(theirs() for _ in range(repeats))
+        o, t = _best_interleaved(ours, theirs, repeats)
     finally:
         backend.close()
         llm.close()
@@ -127,8 +136,10 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--presets", nargs="+", default=["tinyllama-19m", "tinyllama-1.1b"])
+    ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16", "float16"])
+    ap.add_argument("--no-gguf", action="store_true", help="skip the GGUF (llama.cpp) row")
     args = ap.parse_args(argv)
-    print(run(args.presets, args.tokens))
+    print(run(args.presets, args.tokens, dtypes=args.dtypes, gguf=not args.no_gguf))
     return 0
 
 

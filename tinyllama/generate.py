@@ -177,6 +177,14 @@ class Generation:
     def _probs(self, logits: torch.Tensor, context: Sequence[int]) -> torch.Tensor:
         return process_logits(logits, context, **self.sampling)
 
+    def _next_token(self, logits: torch.Tensor, context: Sequence[int]) -> int:
+        """One token from raw logits (vocab,). Greedy without a repetition penalty is the
+        argmax of the logits themselves (the one-hot distribution's argmax): no copy of the
+        vocabulary-sized vector on the per-token path."""
+        if self.greedy and self.sampling["repetition_penalty"] == 1.0:
+            return int(logits.argmax())
+        return self._pick(self._probs(logits, context))
+
     def _pick(self, probs: torch.Tensor) -> int:
         if self.greedy:
             return int(probs.argmax())
@@ -201,7 +209,7 @@ class Generation:
         self.stats.prefill_seconds = time.perf_counter() - t0
         while True:
             t0 = time.perf_counter()
-            token = self._pick(self._probs(logits, context))
+            token = self._next_token(logits, context)
             self.stats.decode_seconds += time.perf_counter() - t0
             done = self._emit(token)
             yield token
@@ -247,7 +255,7 @@ class Generation:
     def _plain_step(self, context: list[int]) -> list[int]:
         logits = self.target.logits(context, 1)[0]
         self.stats.target_calls += 1
-        return [self._pick(self._probs(logits, context))]
+        return [self._next_token(logits, context)]
 
     def _draft_and_verify(self, context: list[int], k: int) -> list[int]:
         drafts: list[int] = []

@@ -144,6 +144,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     as transformers does, so bf16 checkpoints give the same numbers in both."""
     if _fused(x, _flash_rms_norm) and x.dtype == weight.dtype:
         return _flash_rms_norm(x, weight, None, eps=eps)
+    if x.dtype == torch.float32:      # one fused op; the same numbers as the three below
+        return weight * F.rms_norm(x, (x.shape[-1],), eps=eps)
     dtype = x.dtype
     xf = x.float()
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
@@ -155,14 +157,31 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
+def prepare_rotary(cos: torch.Tensor, sin: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Done once per forward instead of once per apply_rotary call: for the PyTorch path, the
+    (T, hd) tables as (T, 1, hd) (broadcast over heads) with sin's first half negated, so
+    rotate_half(x) * sin becomes x.roll(hd/2) * sin (one op instead of three, the same numbers:
+    -x2 * s == x2 * -s exactly). Unchanged where flash-attn's fused kernel may run (CUDA): it
+    takes plain tables, and whether it runs is decided per call by q/k's dtype (autocast)."""
+    if _fused(like, _flash_rotary):
+        return cos, sin
+    return _broadcast_signed_tables(cos, sin)
+
+
+def _broadcast_signed_tables(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    half = sin.shape[-1] // 2
+    return cos[:, None, :], torch.cat((-sin[:, :half], sin[:, half:]), dim=-1)[:, None, :]   # (T, 1, hd)
+
+
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """RoPE in HF's rotate-half layout. x (B, T, H, hd); cos, sin (T, hd) with the two halves
-    equal (RotaryEmbedding builds them so)."""
-    if _fused(x, _flash_rotary) and x.dtype in _HALF:
-        half = cos.shape[-1] // 2
-        return _flash_rotary(x, cos[:, :half].contiguous(), sin[:, :half].contiguous(), interleaved=False)
-    cos, sin = cos[:, None, :], sin[:, None, :]                   # (T, 1, hd): broadcast over heads
-    return x * cos + rotate_half(x) * sin
+    equal (RotaryEmbedding builds them so), or as prepare_rotary returns them."""
+    if cos.dim() == 2:
+        if _fused(x, _flash_rotary) and x.dtype in _HALF:
+            half = cos.shape[-1] // 2
+            return _flash_rotary(x, cos[:, :half].contiguous(), sin[:, :half].contiguous(), interleaved=False)
+        cos, sin = _broadcast_signed_tables(cos, sin)
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin
 
 
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,9 @@ Pre-norm RMSNorm, rotary embeddings (HF rotate-half convention), SwiGLU MLP, gro
 attention, untied lm_head. Parameter names are exactly the Hugging Face Llama names, so a
 state dict moves between this module and `transformers.LlamaForCausalLM` unchanged.
 LoRA, quantization, FSDP, activation checkpointing and torch.compile wrap this module from
-outside; nothing of them lives here.
+outside; nothing of them lives here. The `packed_*` attributes are empty unless
+`tinyllama.packing.pack_for_decoding` fills them for faster CPU decoding; a pack is used only
+under no_grad while its source weights are unchanged, so the numbers are the plain modules'.
 
 The KV cache is indexed by absolute position: a step at `start_pos` writes K/V to
 [start_pos, start_pos + T) and attends to [0, start_pos + T). Rolling back (speculative
@@ -26,7 +28,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
-from .kernels import apply_rotary, attention, rms_norm
+from .kernels import apply_rotary, attention, prepare_rotary, rms_norm
+from .packing import PackedLinears, project
 
 
 class RMSNorm(nn.Module):
@@ -47,6 +50,7 @@ class RotaryEmbedding(nn.Module):
         self.head_dim, self.base = head_dim, base
         self.build(max_seq_len)
 
+    @torch.inference_mode(False)      # normal tensors even when first built during generation
     def build(self, max_seq_len: int, device: torch.device | None = None) -> None:
         inv_freq = 1.0 / (self.base ** (torch.arange(0, self.head_dim, 2, dtype=torch.float32, device=device) / self.head_dim))
         t = torch.arange(max_seq_len, dtype=torch.float32, device=device)
@@ -62,6 +66,13 @@ class RotaryEmbedding(nn.Module):
         if self.cos.device != positions.device or needed > self.cos.shape[0]:
             self.build(needed, device=positions.device)
         return self.cos[positions].to(dtype), self.sin[positions].to(dtype)  # (T, hd) each
+
+    def span(self, first: int, T: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The tables for positions [first, first + T): slices, no gather and no device sync
+        (a decode step's few microseconds matter on CPU)."""
+        if self.cos.device != device or first + T > self.cos.shape[0]:
+            self.build(max(first + T, self.cos.shape[0]), device=device)
+        return self.cos[first:first + T].to(dtype), self.sin[first:first + T].to(dtype)   # (T, hd) each
 
 
 class KVCache(nn.Module):
@@ -96,19 +107,23 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.d_model, cfg.kv_dim, bias=False)
         self.o_proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.d_model, bias=False)
         self.kv_cache: KVCache | None = None
+        # inference-only packed copies (tinyllama.packing), used only while fresh
+        self.packed_qkv: PackedLinears | None = None
+        self.packed_o: PackedLinears | None = None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start_pos: int | None) -> torch.Tensor:
         B, T, _ = x.shape
-        q = apply_rotary(self.q_proj(x).view(B, T, self.n_head, self.head_dim), cos, sin)      # (B, T, H, hd)
-        k = apply_rotary(self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim), cos, sin)   # (B, T, Hkv, hd)
-        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim)
+        q, k, v = project(self.packed_qkv, (self.q_proj, self.k_proj, self.v_proj), x)
+        q = apply_rotary(q.view(B, T, self.n_head, self.head_dim), cos, sin)        # (B, T, H, hd)
+        k = apply_rotary(k.view(B, T, self.n_kv_head, self.head_dim), cos, sin)     # (B, T, Hkv, hd)
+        v = v.view(B, T, self.n_kv_head, self.head_dim)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)                     # (B, H*, T, hd)
         if start_pos is not None:
             if self.kv_cache is None:
                 raise RuntimeError("start_pos given but no KV cache: call model.setup_kv_cache() first")
             k, v = self.kv_cache.update(start_pos, k, v)                               # (B, Hkv, S, hd)
         y = attention(q, k, v)                                                         # (B, H, T, hd)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
+        return project(self.packed_o, (self.o_proj,), y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))[0]
 
 
 class MLP(nn.Module):
@@ -119,9 +134,12 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(cfg.d_model, cfg.ffn_dim, bias=False)
         self.up_proj = nn.Linear(cfg.d_model, cfg.ffn_dim, bias=False)
         self.down_proj = nn.Linear(cfg.ffn_dim, cfg.d_model, bias=False)
+        self.packed_gate_up: PackedLinears | None = None     # inference-only (tinyllama.packing)
+        self.packed_down: PackedLinears | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = project(self.packed_gate_up, (self.gate_proj, self.up_proj), x)
+        return project(self.packed_down, (self.down_proj,), F.silu(gate) * up)[0]
 
 
 class Block(nn.Module):
@@ -156,6 +174,7 @@ class Llama(nn.Module):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.rope = RotaryEmbedding(cfg.head_dim, cfg.max_seq_len, cfg.rope_base)
+        self.packed_lm_head: PackedLinears | None = None     # inference-only (tinyllama.packing)
         self.reset_parameters()
 
     # ---- initialisation ----------------------------------------------------------------
@@ -204,7 +223,11 @@ class Llama(nn.Module):
         start_pos None: a plain causal forward over the T tokens (training).
         start_pos p:    the tokens sit at positions [p, p + T) and use the KV cache.
         """
-        return self.lm_head(self.hidden_states(input_ids, start_pos)).float()   # (B, T, vocab)
+        return self.head(self.hidden_states(input_ids, start_pos)).float()   # (B, T, vocab)
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        """Final-normed hidden states (..., d) -> logits (..., vocab) in the model's dtype."""
+        return project(self.packed_lm_head, (self.lm_head,), h)[0]
 
     def hidden_states(self, input_ids: torch.Tensor, start_pos: int | None = None) -> torch.Tensor:
         """input_ids (B, T) -> the final-normed hidden states (B, T, d), before lm_head (what a
@@ -213,9 +236,9 @@ class Llama(nn.Module):
             raise ValueError(f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
         T = input_ids.shape[1]
         first = 0 if start_pos is None else start_pos
-        positions = torch.arange(first, first + T, device=input_ids.device)
         x = self.model.embed_tokens(input_ids)                       # (B, T, d)
-        cos, sin = self.rope(positions, x.dtype)                     # (T, hd) each
+        cos, sin = self.rope.span(first, T, x.dtype, x.device)       # (T, hd) each
+        cos, sin = prepare_rotary(cos, sin, x)                       # once for all layers
         for layer in self.model.layers:
             x = layer(x, cos, sin, start_pos)
         return self.model.norm(x)

@@ -1,0 +1,180 @@
+"""Inference-only weight packing (tinyllama/packing.py): the packed forward gives the plain
+forward's numbers, and a pack is never used once it could be wrong (autograd on, weights
+changed in place, a module swapped for a LoRA wrapper, dtype changed)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from tinyllama import packing
+from tinyllama.backends import TorchBackend
+from tinyllama.generate import generate
+
+
+@pytest.fixture
+def always_transposed(monkeypatch):
+    """Packing decisions come from timing; tests pin them so every group is packed."""
+    monkeypatch.setattr(packing, "_transposed_is_faster", lambda *a, **k: True)
+
+
+def packs(model) -> list:
+    return [getattr(m, a) for m in model.modules() for a, _ in packing._GROUPS.get(type(m).__name__, ())
+            if getattr(m, a, None) is not None]
+
+
+def count_packed_calls(model, monkeypatch) -> list:
+    calls = []
+    original = packing.PackedLinears.__call__
+
+    def spy(self, x):
+        calls.append(self)
+        return original(self, x)
+
+    monkeypatch.setattr(packing.PackedLinears, "__call__", spy)
+    return calls
+
+
+def test_packed_forward_matches_plain(small_model, always_transposed, monkeypatch):
+    ids = torch.randint(0, small_model.config.vocab_size, (2, 11))
+    with torch.no_grad():
+        plain = small_model(ids)
+        n_bytes = packing.pack_for_decoding(small_model)
+        calls = count_packed_calls(small_model, monkeypatch)
+        packed = small_model(ids)
+    # every layer's q/k/v, o, gate/up, down and the lm_head: 4 groups x 3 layers + 1
+    assert len(packs(small_model)) == 4 * small_model.config.n_layer + 1
+    assert len(calls) == 4 * small_model.config.n_layer + 1
+    assert n_bytes == sum(p.numel() * 4 for n, p in small_model.named_parameters()
+                          if n.endswith("proj.weight") or n == "lm_head.weight")
+    torch.testing.assert_close(packed, plain, rtol=1e-5, atol=1e-5)
+    assert torch.equal(packed.argmax(-1), plain.argmax(-1))
+
+
+def test_kv_cache_decoding_with_packs_matches_full_forward(small_model, always_transposed):
+    ids = torch.randint(0, small_model.config.vocab_size, (1, 9))
+    with torch.no_grad():
+        full = small_model(ids)[0]
+        packing.pack_for_decoding(small_model)
+        small_model.setup_kv_cache(1, 16)
+        steps = [small_model(ids[:, :5], start_pos=0)[0]] + \
+                [small_model(ids[:, t:t + 1], start_pos=t)[0] for t in range(5, 9)]
+    torch.testing.assert_close(torch.cat(steps), full, rtol=1e-5, atol=1e-5)
+
+
+def test_pack_is_not_used_with_autograd_and_gradients_reach_the_weights(small_model, always_transposed, monkeypatch):
+    packing.pack_for_decoding(small_model)
+    calls = count_packed_calls(small_model, monkeypatch)
+    ids = torch.randint(0, small_model.config.vocab_size, (1, 6))
+    small_model(ids).sum().backward()
+    assert calls == []
+    assert small_model.model.layers[0].self_attn.q_proj.weight.grad is not None
+    assert small_model.lm_head.weight.grad is not None
+
+
+def test_stale_packs_fall_back_to_the_current_weights(small_model, always_transposed, monkeypatch):
+    ids = torch.randint(0, small_model.config.vocab_size, (1, 7))
+    packing.pack_for_decoding(small_model)
+    calls = count_packed_calls(small_model, monkeypatch)
+    with torch.no_grad():
+        small_model.model.layers[1].mlp.up_proj.weight.add_(0.5)       # an in-place update (optimizer.step)
+        small_model.lm_head.weight.mul_(2.0)
+        got = small_model(ids)
+    layer1_gate_up = small_model.model.layers[1].mlp.packed_gate_up
+    assert layer1_gate_up not in calls and small_model.packed_lm_head not in calls
+    assert small_model.model.layers[0].mlp.packed_gate_up in calls      # untouched packs still run
+    packing.unpack(small_model)
+    with torch.no_grad():
+        want = small_model(ids)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_swapped_module_and_dtype_change_disable_the_pack(small_model, always_transposed, monkeypatch):
+    packing.pack_for_decoding(small_model)
+    attn = small_model.model.layers[0].self_attn
+    qkv = attn.packed_qkv
+
+    class Wrapped(nn.Module):              # what peft does to a targeted linear
+        def __init__(self, base):
+            super().__init__()
+            self.base = base
+
+        def forward(self, x):
+            return self.base(x) + 1.0
+
+    with torch.no_grad():
+        assert qkv.usable()
+        original = attn.q_proj
+        attn.q_proj = Wrapped(original)
+        assert not qkv.usable()
+        attn.q_proj = original
+        assert qkv.usable()
+        small_model.to(torch.float64)      # .to() swaps the storage in place
+        assert not qkv.usable()
+
+
+def test_wrapped_linears_are_not_packed(small_model, always_transposed):
+    attn = small_model.model.layers[0].self_attn
+
+    class LoraLike(nn.Linear):             # a subclass runs its own forward: never packed
+        pass
+
+    lora = LoraLike(attn.q_proj.in_features, attn.q_proj.out_features, bias=False)
+    attn.q_proj = lora
+    packing.pack_for_decoding(small_model)
+    assert attn.packed_qkv is None
+    assert small_model.model.layers[1].self_attn.packed_qkv is not None
+
+
+def test_nothing_is_packed_when_timing_says_no(small_model, monkeypatch):
+    monkeypatch.setattr(packing, "_transposed_is_faster", lambda *a, **k: False)
+    assert packing.pack_for_decoding(small_model) == 0
+    assert packs(small_model) == []
+
+
+def test_the_layout_timing_runs_and_is_cached():
+    packing._TRANSPOSED_IS_FASTER.pop((48, 32, torch.float32), None)
+    first = packing._transposed_is_faster(48, 32, torch.float32, flush_bytes=1 << 20)
+    assert isinstance(first, bool)
+    assert packing._TRANSPOSED_IS_FASTER[(48, 32, torch.float32)] is first
+
+
+def test_backend_packs_and_close_unpacks(small_model, always_transposed):
+    backend = TorchBackend(small_model)
+    assert backend.packed_bytes > 0 and packs(small_model)
+    prompt = [1, 5, 9, 2]
+    ids = list(generate(backend, prompt, max_new_tokens=6))
+    backend.close()
+    assert packs(small_model) == []
+    with torch.no_grad():                  # the same greedy tokens with the plain modules
+        context = list(prompt)
+        for _ in range(6):
+            context.append(int(small_model(torch.tensor([context]))[0, -1].argmax()))
+    assert ids == context[len(prompt):]
+
+
+def test_generate_on_a_bare_llama_leaves_no_packs(small_model, always_transposed):
+    list(generate(small_model, [1, 2, 3], max_new_tokens=3))
+    assert packs(small_model) == []
+
+
+def test_decoding_leaves_normal_tensors_behind(small_config):
+    """The backend decodes under inference_mode; nothing it leaves on the model (KV cache, rope
+    tables first built during generation, returned logits) may be an inference tensor, or a
+    later training step or cached no_grad forward would fail."""
+    from tinyllama import Llama
+
+    torch.manual_seed(0)
+    model = Llama(small_config)
+    model.rope.build(2)                          # too short: rebuilt during the first decode
+    backend = TorchBackend(model)
+    logits = backend.logits([1, 2, 3, 4], n_last=2)
+    logits[0, 0] = 0.0                           # callers may edit what they get
+    assert model.rope.cos.shape[0] >= 4 and not model.rope.cos.is_inference()
+    assert not model.model.layers[0].self_attn.kv_cache.k.is_inference()
+    with torch.no_grad():
+        model(torch.tensor([[5]]), start_pos=4)  # writes into the cache outside inference_mode
+    model.train()
+    model(torch.tensor([[1, 2, 3]])).sum().backward()
+    assert model.model.embed_tokens.weight.grad is not None
