@@ -17,6 +17,7 @@ from tinyllama.generate import generate
 def always_transposed(monkeypatch):
     """Packing decisions come from timing; tests pin them so every group is packed."""
     monkeypatch.setattr(packing, "_transposed_is_faster", lambda *a, **k: True)
+    monkeypatch.setattr(packing, "_rowmajor_few_rows_is_faster", lambda *a, **k: True)
 
 
 def packs(model) -> list:
@@ -50,6 +51,21 @@ def test_packed_forward_matches_plain(small_model, always_transposed, monkeypatc
                           if n.endswith("proj.weight") or n == "lm_head.weight")
     torch.testing.assert_close(packed, plain, rtol=1e-5, atol=1e-5)
     assert torch.equal(packed.argmax(-1), plain.argmax(-1))
+
+
+@pytest.mark.parametrize("rows", [1, 2, 5, 8, 9])
+def test_each_row_count_path_matches_plain(small_model, always_transposed, rows):
+    """1 row: `x @ Wt`; 2..8 rows: the single-linear packs (o_proj, lm_head) use `(W @ xᵀ)ᵀ` on
+    the source weight; more: `x @ Wt` again."""
+    ids = torch.randint(0, small_model.config.vocab_size, (1, rows))
+    with torch.no_grad():
+        plain = small_model(ids)
+        packing.pack_for_decoding(small_model)
+        assert small_model.packed_lm_head.few_rows_rowmajor
+        assert not small_model.model.layers[0].self_attn.packed_qkv.few_rows_rowmajor   # fused: never
+        packed = small_model(ids)
+    assert packed.shape == plain.shape == (1, rows, small_model.config.vocab_size)
+    torch.testing.assert_close(packed, plain, rtol=1e-5, atol=1e-5)
 
 
 def test_kv_cache_decoding_with_packs_matches_full_forward(small_model, always_transposed):
@@ -133,11 +149,13 @@ def test_nothing_is_packed_when_timing_says_no(small_model, monkeypatch):
     assert packs(small_model) == []
 
 
-def test_the_layout_timing_runs_and_is_cached():
-    packing._TRANSPOSED_IS_FASTER.pop((48, 32, torch.float32), None)
-    first = packing._transposed_is_faster(48, 32, torch.float32, flush_bytes=1 << 20)
+@pytest.mark.parametrize("decide, cache", [(packing._transposed_is_faster, packing._TRANSPOSED_IS_FASTER),
+                                           (packing._rowmajor_few_rows_is_faster, packing._ROWMAJOR_FEW_ROWS_IS_FASTER)])
+def test_the_layout_timings_run_and_are_cached(decide, cache):
+    cache.pop((48, 32, torch.float32), None)
+    first = decide(48, 32, torch.float32, flush_bytes=1 << 20)
     assert isinstance(first, bool)
-    assert packing._TRANSPOSED_IS_FASTER[(48, 32, torch.float32)] is first
+    assert cache[(48, 32, torch.float32)] is first
 
 
 def test_backend_packs_and_close_unpacks(small_model, always_transposed):

@@ -259,11 +259,15 @@ class Generation:
 
     def _draft_and_verify(self, context: list[int], k: int) -> list[int]:
         drafts: list[int] = []
-        qs: list[torch.Tensor] = []
+        qs: list[torch.Tensor] = []        # the draft's distributions (sampling only)
         for _ in range(k):
-            q = self._probs(self.draft.logits(context + drafts, 1)[0], context + drafts)
-            drafts.append(self._pick(q))
-            qs.append(q)
+            logits = self.draft.logits(context + drafts, 1)[0]
+            if self.greedy:
+                drafts.append(self._next_token(logits, context + drafts))
+            else:
+                q = self._probs(logits, context + drafts)
+                drafts.append(self._pick(q))
+                qs.append(q)
         target_logits = self.target.logits(context + drafts, k + 1)            # (k+1, vocab)
         self.stats.target_calls += 1
         self.stats.draft_rounds += 1
@@ -279,20 +283,15 @@ class Generation:
 
     def _accept(self, context: list[int], drafts: list[int], qs: list[torch.Tensor], target_logits: torch.Tensor,
                 out: list[int]) -> list[int]:
+        if self.greedy:
+            return self._accept_greedy(context, drafts, target_logits, out)
         k = len(drafts)
         for i, (x, q) in enumerate(zip(drafts, qs)):
             p = self._probs(target_logits[i], context + drafts[:i])
-            if self.greedy:
-                accept = x == int(p.argmax())
-            else:
-                u = float(torch.rand((), generator=self.generator))
-                accept = u * float(q[x]) < float(p[x])                   # u < min(1, p(x)/q(x))
-            if not accept:
-                if self.greedy:
-                    out.append(int(p.argmax()))
-                else:
-                    residual = torch.clamp(p - q, min=0)
-                    out.append(self._pick(residual / residual.sum() if residual.sum() > 0 else p))
+            u = float(torch.rand((), generator=self.generator))
+            if not u * float(q[x]) < float(p[x]):                        # accept iff u < min(1, p(x)/q(x))
+                residual = torch.clamp(p - q, min=0)
+                out.append(self._pick(residual / residual.sum() if residual.sum() > 0 else p))
                 return out
             out.append(x)
             self.stats.accepted += 1
@@ -300,6 +299,22 @@ class Generation:
                 return out
         bonus = self._probs(target_logits[k], context + drafts)
         out.append(self._pick(bonus))
+        return out
+
+    def _accept_greedy(self, context: list[int], drafts: list[int], target_logits: torch.Tensor,
+                       out: list[int]) -> list[int]:
+        """p and q are one-hot: a draft is accepted iff it is the target's greedy token, and the
+        token at the first rejection (or the bonus) is the target's greedy token there."""
+        for i, x in enumerate(drafts):
+            best = self._next_token(target_logits[i], context + drafts[:i])
+            if x != best:
+                out.append(best)
+                return out
+            out.append(x)
+            self.stats.accepted += 1
+            if x in self.stop_ids:
+                return out
+        out.append(self._next_token(target_logits[len(drafts)], context + drafts))
         return out
 
 
