@@ -61,7 +61,8 @@ def solve_alpha(tokens_per_pass: float, k: int) -> float:
     return (lo + hi) / 2
 
 
-def run(target_path: str, draft_path: str, ks=(1, 2, 4, 6), tokens: int = 48, n_prompts: int = 6) -> str:
+def run(target_path: str, draft_path: str, ks=(1, 2, 4, 6), tokens: int = 48, n_prompts: int = 6,
+        repeats: int = 3) -> str:
     from tinyllama.backends import load_backend
     from tinyllama.generate import check_same_vocabulary
 
@@ -70,14 +71,25 @@ def run(target_path: str, draft_path: str, ks=(1, 2, 4, 6), tokens: int = 48, n_
     check_same_vocabulary(target, draft)
     prompts = _prompts(tok, n_prompts)
     _decode(target, prompts[:1], 8), _decode(draft, prompts[:1], 8)                # warm-up
-    plain, t_plain, _, _, _ = _decode(target, prompts, tokens)
-    _, t_draft, _, _, _ = _decode(draft, prompts, tokens)
+    # Every configuration once per round, rounds repeated, each configuration's fastest round
+    # kept: a slow spell of a shared machine then hits all configurations alike.
+    configs = [("plain target", target, {}), ("plain draft", draft, {})]
+    configs += [(f"speculative k={k}", target, dict(draft=draft, k=k)) for k in ks]
+    configs += [("speculative adaptive k", target, dict(draft=draft, k=4, adaptive=True))]
+    best: dict[str, tuple] = {}
+    for _ in range(repeats):
+        for name, model, kw in configs:
+            result = _decode(model, prompts, tokens, **kw)       # (outputs, seconds, drafted, accepted, passes)
+            if name not in best or result[1] < best[name][1]:
+                best[name] = result
+    plain, t_plain = best["plain target"][:2]
+    t_draft = best["plain draft"][1]
     c = t_draft / t_plain
     n_tokens = tokens * len(prompts)
     rows = [("plain target", f"{n_tokens / t_plain:,.1f} tok/s", "-", "-", "-", "1.00x", "-", "-"),
             ("plain draft", f"{n_tokens / t_draft:,.1f} tok/s", "-", "-", "-", "-", "-", "-")]
     for k in ks:
-        out, t_spec, drafted, accepted, passes = _decode(target, prompts, tokens, draft, k)
+        out, t_spec, drafted, accepted, passes = best[f"speculative k={k}"]
         if out != plain:
             raise AssertionError(f"k={k}: speculative output differs from plain greedy decoding")
         # the last pass of a prompt may be cut short by max_new_tokens: a slight underestimate
@@ -87,7 +99,7 @@ def run(target_path: str, draft_path: str, ks=(1, 2, 4, 6), tokens: int = 48, n_
         rows.append((f"speculative k={k}", f"{n_tokens / t_spec:,.1f} tok/s", f"{accepted / drafted:.2f}",
                      f"{alpha:.2f}", f"{c:.2f}",
                      f"{speedup:.2f}x", f"{theory:.2f}x", f"{speedup / theory:.0%}"))
-    out, t_spec, drafted, accepted, passes = _decode(target, prompts, tokens, draft, 4, adaptive=True)
+    out, t_spec, drafted, accepted, passes = best["speculative adaptive k"]
     if out != plain:
         raise AssertionError("adaptive k: speculative output differs from plain greedy decoding")
     rows.append((f"speculative adaptive k (from 4; mean {drafted / max(1, passes):.1f})",
@@ -96,7 +108,8 @@ def run(target_path: str, draft_path: str, ks=(1, 2, 4, 6), tokens: int = 48, n_
     target.close()
     draft.close()
     head = (f"{Path(target_path).name} drafted by {Path(draft_path).name} (greedy, {len(prompts)} prompts x "
-            f"{tokens} tokens)", "tokens/s", "accepted/drafted", "alpha", "c", "speedup", "theory", "efficiency")
+            f"{tokens} tokens, best of {repeats} interleaved rounds)", "tokens/s", "accepted/drafted", "alpha", "c",
+            "speedup", "theory", "efficiency")
     return markdown_table(head, rows)
 
 
@@ -107,8 +120,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--k", type=int, nargs="+", default=[1, 2, 4, 6])
     ap.add_argument("--tokens", type=int, default=48)
     ap.add_argument("--prompts", type=int, default=6)
+    ap.add_argument("--repeats", type=int, default=3, help="interleaved rounds; each row keeps its fastest")
     args = ap.parse_args(argv)
-    print(run(args.target, args.draft, args.k, args.tokens, args.prompts))
+    print(run(args.target, args.draft, args.k, args.tokens, args.prompts, args.repeats))
     return 0
 
 

@@ -46,6 +46,7 @@ CLIS = {          # python -m NAME -> module holding main(argv)
     "pretrain.corpus": "pretrain.corpus",
     "pretrain": "pretrain.__main__",
     "sft": "sft.__main__",
+    "sft.distill": "sft.distill",
     "quantize": "quantize.__main__",
     "serve.generate": "serve.generate",
     "serve": "serve.__main__",
@@ -204,6 +205,23 @@ CASES = [
       "parent folder does not exist"),
     C("sft-out-is-a-file", "sft", ["--base", "{ckpt}", "--out", "{in}/f"], "f: exists and is not a folder",
       {"f": "keep me"}),
+
+    # ---- python -m sft.distill ------------------------------------------------------------------
+    C("distill-teacher-missing", "sft.distill", ["--teacher", "{in}/nope", "--out", "{out}/d.jsonl"],
+      "nope: not a checkpoint directory or a .gguf file", sub=True),
+    C("distill-data-missing", "sft.distill", ["--teacher", "{ckpt}", "--out", "{out}/d.jsonl", "--data", "{in}/no.jsonl"],
+      "no.jsonl: cannot read"),
+    C("distill-data-corrupt-line", "sft.distill", ["--teacher", "{ckpt}", "--out", "{out}/d.jsonl", "--data",
+                                                   "{in}/c.jsonl"], "c.jsonl:2: invalid JSON",
+      {"c.jsonl": GOOD_CHAT + "{oops\n"}),
+    C("distill-max-new-tokens-zero", "sft.distill", ["--teacher", "{ckpt}", "--out", "{out}/d.jsonl",
+                                                     "--max-new-tokens", "0"], "--max-new-tokens must be >= 1, got 0"),
+    C("distill-eval-fraction-out-of-range", "sft.distill", ["--teacher", "{ckpt}", "--out", "{out}/d.jsonl",
+                                                            "--eval-fraction", "1.5"],
+      "--eval-fraction must be in [0, 1), got 1.5"),
+    C("distill-out-folder-missing", "sft.distill", ["--teacher", "{ckpt}", "--out", "{out}/none/d.jsonl", "--data",
+                                                    "{in}/c.jsonl", "--no-progress"],
+      "none: output folder does not exist", {"c.jsonl": GOOD_CHAT * 2}),
 
     # ---- python -m quantize ------------------------------------------------------------------------
     C("quantize-unknown-type", "quantize", ["--model", "{ckpt}", "--type", "q3_weird", "--out", "{out}/m.gguf"],

@@ -161,29 +161,31 @@ def _time_cold(candidates: Sequence, flush_bytes: int, repeats: int = 7) -> list
     return [sorted(ts)[len(ts) // 2] for ts in times]
 
 
+def _clearly_faster(cache: dict, out_features: int, in_features: int, dtype: torch.dtype, rows: int,
+                    baseline, candidate, flush_bytes: int) -> bool:
+    """Whether candidate(x, W, Wt) beats baseline(x, W, Wt) by 20% on `rows` token rows, timed
+    cold once per shape and dtype (a clear margin: the real wins are 1.4-3x, and a noisy near-tie
+    must not cost memory)."""
+    key = (out_features, in_features, dtype)
+    if key not in cache:
+        w = torch.randn(out_features, in_features).to(dtype)
+        wt = w.t().contiguous()
+        x = torch.randn(rows, in_features).to(dtype)
+        base, cand = _time_cold([lambda: baseline(x, w, wt), lambda: candidate(x, w, wt)], flush_bytes)
+        cache[key] = cand < 0.8 * base
+    return cache[key]
+
+
 # (out_features, in_features, dtype) -> whether `(W @ xᵀ)ᵀ` beat `x @ Wt` for 4 rows, timed cold
 _ROWMAJOR_FEW_ROWS_IS_FASTER: dict[tuple, bool] = {}
 
 
 def _rowmajor_few_rows_is_faster(out_features: int, in_features: int, dtype: torch.dtype, flush_bytes: int) -> bool:
-    key = (out_features, in_features, dtype)
-    if key not in _ROWMAJOR_FEW_ROWS_IS_FASTER:
-        w = torch.randn(out_features, in_features).to(dtype)
-        wt = w.t().contiguous()
-        x = torch.randn(4, in_features).to(dtype)
-        transposed, rowmajor = _time_cold([lambda: x @ wt, lambda: (w @ x.t()).t().contiguous()], flush_bytes)
-        _ROWMAJOR_FEW_ROWS_IS_FASTER[key] = rowmajor < 0.8 * transposed
-    return _ROWMAJOR_FEW_ROWS_IS_FASTER[key]
+    return _clearly_faster(_ROWMAJOR_FEW_ROWS_IS_FASTER, out_features, in_features, dtype, 4,
+                           lambda x, w, wt: x @ wt, lambda x, w, wt: (w @ x.t()).t().contiguous(), flush_bytes)
 
 
 def _transposed_is_faster(out_features: int, in_features: int, dtype: torch.dtype, flush_bytes: int) -> bool:
     """`F.linear(x, W)` against `x @ Wt` for one token, timed cold; cached per shape and dtype."""
-    key = (out_features, in_features, dtype)
-    if key not in _TRANSPOSED_IS_FASTER:
-        w = torch.randn(out_features, in_features).to(dtype)
-        wt = w.t().contiguous()
-        x = torch.randn(1, in_features).to(dtype)
-        plain, transposed = _time_cold([lambda: F.linear(x, w), lambda: x @ wt], flush_bytes)
-        # a clear margin: the real wins are 1.4-3x, and a noisy near-tie must not cost memory
-        _TRANSPOSED_IS_FASTER[key] = transposed < 0.8 * plain
-    return _TRANSPOSED_IS_FASTER[key]
+    return _clearly_faster(_TRANSPOSED_IS_FASTER, out_features, in_features, dtype, 1,
+                           lambda x, w, wt: F.linear(x, w), lambda x, w, wt: x @ wt, flush_bytes)

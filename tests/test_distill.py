@@ -1,0 +1,100 @@
+"""sft.distill: every assistant turn of the training split becomes the teacher's greedy reply to
+the conversation so far; held-out conversations stay unanswered; the file is what
+`python -m sft --data` reads; bad input exits non-zero and writes nothing."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from sft.data import load_conversations, split_eval
+from sft.distill import distill, distill_conversation, main
+from tinyllama.backends import load_backend
+from tinyllama.chat import encode_chat
+from tinyllama.generate import generate
+
+CONVERSATIONS = [
+    {"messages": [{"role": "user", "content": "What does `len()` do?"},
+                  {"role": "assistant", "content": "Returns the number of items."}]},
+    {"messages": [{"role": "system", "content": "Be brief."},
+                  {"role": "user", "content": "And `abs()`?"},
+                  {"role": "assistant", "content": "The absolute value."},
+                  {"role": "user", "content": "Its signature?"},
+                  {"role": "assistant", "content": "abs(x, /)"}]},
+    {"text": "### Human: What is `zip()`?### Assistant: Iterates in parallel."},
+    {"prompt": "Explain `map()`.", "response": "Applies a function to each item."},
+]
+
+
+@pytest.fixture
+def data_file(tmp_path) -> Path:
+    path = tmp_path / "chats.jsonl"
+    path.write_text("".join(json.dumps(c) + "\n" for c in CONVERSATIONS))
+    return path
+
+
+def greedy_reply(backend, tok, messages, n) -> str:
+    backend.reset()
+    ids = encode_chat(tok, messages, add_generation_prompt=True)[0]
+    return tok.decode([t for t in generate(backend, ids, max_new_tokens=n, stop_ids=[tok.eos_id]) if t != tok.eos_id])
+
+
+def test_assistant_turns_are_the_teachers_greedy_replies(tiny_chat_checkpoint, data_file, tmp_path):
+    out = tmp_path / "distill.jsonl"
+    counts = distill(tiny_chat_checkpoint, str(data_file), out, max_new_tokens=8, eval_fraction=0.25, seed=1,
+                     progress=False)
+    convs = load_conversations(str(data_file))
+    train, held = split_eval(convs, 0.25, seed=1)
+    assert counts["held_out"] == len(held) == 1 and counts["conversations"] == len(train) == 3
+    written = load_conversations(str(out))               # readable by python -m sft --data
+    assert len(written) == 3
+    backend, tok = load_backend(tiny_chat_checkpoint)
+    try:
+        for original, answered in zip(train, written):
+            assert [m["role"] for m in answered] == [m["role"] for m in original]
+            for i, (o, a) in enumerate(zip(original, answered)):
+                if o["role"] == "assistant":             # the teacher's reply to its own history
+                    assert a["content"] == greedy_reply(backend, tok, answered[:i], 8)
+                else:
+                    assert a == o
+    finally:
+        backend.close()
+    assert counts["teacher_replies"] == sum(m["role"] == "assistant" for c in written for m in c)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".distill")]     # no temp file left
+
+
+def test_an_empty_teacher_reply_ends_the_conversation_before_its_question(monkeypatch):
+    import sft.distill as d
+
+    conv = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "x"},
+            {"role": "user", "content": "b"}, {"role": "assistant", "content": "y"}]
+    replies = iter(["first", "  "])                       # answers the first question, then nothing
+    monkeypatch.setattr(d, "teacher_reply", lambda *a, **k: next(replies))
+    assert distill_conversation(None, None, conv, 4) == [
+        {"role": "user", "content": "a"}, {"role": "assistant", "content": "first"}]
+    replies = iter([""])                                  # nothing at all: the conversation goes
+    assert distill_conversation(None, None, conv, 4) == []
+
+
+def test_bad_input_exits_2_and_writes_nothing(tiny_chat_checkpoint, data_file, tmp_path, capsys):
+    out = tmp_path / "x.jsonl"
+    assert main(["--teacher", str(tmp_path / "missing"), "--data", str(data_file), "--out", str(out)]) == 2
+    assert "not a checkpoint directory or a .gguf file" in capsys.readouterr().err
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(CONVERSATIONS[0]) + "\n{\"messages\": []}\n")
+    assert main(["--teacher", str(tiny_chat_checkpoint), "--data", str(bad), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "bad.jsonl:2:" in err and "empty conversation" in err
+    assert main(["--teacher", str(tiny_chat_checkpoint), "--data", str(data_file), "--out", str(out),
+                 "--max-new-tokens", "0"]) == 2
+    assert not out.exists()
+
+
+def test_cli_help():
+    r = subprocess.run([sys.executable, "-m", "sft.distill", "--help"], capture_output=True, text=True)
+    assert r.returncode == 0
+    assert "--teacher" in r.stdout and "sequence-level" in r.stdout
