@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 import pytest
 import torch
@@ -10,6 +11,8 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# decode-layout timings (tinyllama/packing.py) go to a file of this run, not the user's cache
+os.environ["TINYLLAMA_PACKING_CACHE"] = os.path.join(tempfile.mkdtemp(prefix="tinyllama-test-"), "packing-layouts.json")
 
 from tinyllama import ModelConfig, Llama, Tokenizer  # noqa: E402
 

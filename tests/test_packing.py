@@ -4,6 +4,10 @@ changed in place, a module swapped for a LoRA wrapper, dtype changed)."""
 
 from __future__ import annotations
 
+import copy
+import io
+import json
+
 import pytest
 import torch
 from torch import nn
@@ -12,12 +16,14 @@ from tinyllama import packing
 from tinyllama.backends import TorchBackend
 from tinyllama.generate import generate
 
-
-@pytest.fixture
-def always_transposed(monkeypatch):
-    """Packing decisions come from timing; tests pin them so every group is packed."""
-    monkeypatch.setattr(packing, "_transposed_is_faster", lambda *a, **k: True)
+_NO_ONEDNN = pytest.mark.skipif(not packing.onednn_supports(torch.float32), reason="this torch has no oneDNN")
+@pytest.fixture(params=["transposed", pytest.param("onednn", marks=_NO_ONEDNN)])
+def always_packed(request, monkeypatch):
+    """Packing decisions come from timing; tests pin them so every group is packed, in each
+    layout, and single-linear packs take the few-rows path."""
+    monkeypatch.setenv("TINYLLAMA_PACKING", request.param)
     monkeypatch.setattr(packing, "_rowmajor_few_rows_is_faster", lambda *a, **k: True)
+    return request.param
 
 
 def packs(model) -> list:
@@ -37,7 +43,7 @@ def count_packed_calls(model, monkeypatch) -> list:
     return calls
 
 
-def test_packed_forward_matches_plain(small_model, always_transposed, monkeypatch):
+def test_packed_forward_matches_plain(small_model, always_packed, monkeypatch):
     ids = torch.randint(0, small_model.config.vocab_size, (2, 11))
     with torch.no_grad():
         plain = small_model(ids)
@@ -49,26 +55,27 @@ def test_packed_forward_matches_plain(small_model, always_transposed, monkeypatc
     assert len(calls) == 4 * small_model.config.n_layer + 1
     assert n_bytes == sum(p.numel() * 4 for n, p in small_model.named_parameters()
                           if n.endswith("proj.weight") or n == "lm_head.weight")
+    assert {p.layout for p in packs(small_model)} == {always_packed}
     torch.testing.assert_close(packed, plain, rtol=1e-5, atol=1e-5)
     assert torch.equal(packed.argmax(-1), plain.argmax(-1))
 
 
 @pytest.mark.parametrize("rows", [1, 2, 5, 8, 9])
-def test_each_row_count_path_matches_plain(small_model, always_transposed, rows):
-    """1 row: `x @ Wt`; 2..8 rows: the single-linear packs (o_proj, lm_head) use `(W @ xᵀ)ᵀ` on
-    the source weight; more: `x @ Wt` again."""
+def test_each_row_count_path_matches_plain(small_model, always_packed, rows):
+    """1 row: the packed copy; 2..8 rows: the single-linear packs (o_proj, lm_head) use
+    `(W @ xᵀ)ᵀ` on the source weight; more: the packed copy again."""
     ids = torch.randint(0, small_model.config.vocab_size, (1, rows))
     with torch.no_grad():
         plain = small_model(ids)
         packing.pack_for_decoding(small_model)
-        assert small_model.packed_lm_head.few_rows_rowmajor
-        assert not small_model.model.layers[0].self_attn.packed_qkv.few_rows_rowmajor   # fused: never
+        assert small_model.packed_lm_head.few_rows == "rowmajor"
+        assert small_model.model.layers[0].self_attn.packed_qkv.few_rows is None   # fused: never
         packed = small_model(ids)
     assert packed.shape == plain.shape == (1, rows, small_model.config.vocab_size)
     torch.testing.assert_close(packed, plain, rtol=1e-5, atol=1e-5)
 
 
-def test_kv_cache_decoding_with_packs_matches_full_forward(small_model, always_transposed):
+def test_kv_cache_decoding_with_packs_matches_full_forward(small_model, always_packed):
     ids = torch.randint(0, small_model.config.vocab_size, (1, 9))
     with torch.no_grad():
         full = small_model(ids)[0]
@@ -79,7 +86,7 @@ def test_kv_cache_decoding_with_packs_matches_full_forward(small_model, always_t
     torch.testing.assert_close(torch.cat(steps), full, rtol=1e-5, atol=1e-5)
 
 
-def test_pack_is_not_used_with_autograd_and_gradients_reach_the_weights(small_model, always_transposed, monkeypatch):
+def test_pack_is_not_used_with_autograd_and_gradients_reach_the_weights(small_model, always_packed, monkeypatch):
     packing.pack_for_decoding(small_model)
     calls = count_packed_calls(small_model, monkeypatch)
     ids = torch.randint(0, small_model.config.vocab_size, (1, 6))
@@ -89,7 +96,7 @@ def test_pack_is_not_used_with_autograd_and_gradients_reach_the_weights(small_mo
     assert small_model.lm_head.weight.grad is not None
 
 
-def test_stale_packs_fall_back_to_the_current_weights(small_model, always_transposed, monkeypatch):
+def test_stale_packs_fall_back_to_the_current_weights(small_model, always_packed, monkeypatch):
     ids = torch.randint(0, small_model.config.vocab_size, (1, 7))
     packing.pack_for_decoding(small_model)
     calls = count_packed_calls(small_model, monkeypatch)
@@ -106,7 +113,7 @@ def test_stale_packs_fall_back_to_the_current_weights(small_model, always_transp
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
-def test_swapped_module_and_dtype_change_disable_the_pack(small_model, always_transposed, monkeypatch):
+def test_swapped_module_and_dtype_change_disable_the_pack(small_model, always_packed, monkeypatch):
     packing.pack_for_decoding(small_model)
     attn = small_model.model.layers[0].self_attn
     qkv = attn.packed_qkv
@@ -130,7 +137,22 @@ def test_swapped_module_and_dtype_change_disable_the_pack(small_model, always_tr
         assert not qkv.usable()
 
 
-def test_wrapped_linears_are_not_packed(small_model, always_transposed):
+def test_copies_and_pickles_of_a_packed_model_carry_no_packs(small_model, always_packed):
+    ids = torch.randint(0, small_model.config.vocab_size, (1, 5))
+    packing.pack_for_decoding(small_model)
+    twin = copy.deepcopy(small_model)
+    buffer = io.BytesIO()
+    torch.save(small_model, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    assert packs(twin) == [] and packs(loaded) == [] and packs(small_model) != []
+    with torch.no_grad():
+        want = small_model(ids)
+        torch.testing.assert_close(twin(ids), want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(loaded(ids), want, rtol=1e-5, atol=1e-5)
+
+
+def test_wrapped_linears_are_not_packed(small_model, always_packed):
     attn = small_model.model.layers[0].self_attn
 
     class LoraLike(nn.Linear):             # a subclass runs its own forward: never packed
@@ -143,22 +165,112 @@ def test_wrapped_linears_are_not_packed(small_model, always_transposed):
     assert small_model.model.layers[1].self_attn.packed_qkv is not None
 
 
-def test_nothing_is_packed_when_timing_says_no(small_model, monkeypatch):
-    monkeypatch.setattr(packing, "_transposed_is_faster", lambda *a, **k: False)
+@pytest.fixture
+def fresh_layout_cache(tmp_path, monkeypatch):
+    """No decision in memory or on disk yet (as for a new model on a new machine)."""
+    monkeypatch.setattr(packing, "_LAYOUT_FOR_MODEL", {})
+    monkeypatch.setenv("TINYLLAMA_PACKING_CACHE", str(tmp_path / "cache" / "layouts.json"))
+    return tmp_path / "cache" / "layouts.json"
+
+
+def test_nothing_is_packed_when_timing_says_no(small_model, fresh_layout_cache, monkeypatch):
+    monkeypatch.setattr(packing, "_fastest_layout", lambda *a, **k: None)
     assert packing.pack_for_decoding(small_model) == 0
     assert packs(small_model) == []
 
 
-@pytest.mark.parametrize("decide, cache", [(packing._transposed_is_faster, packing._TRANSPOSED_IS_FASTER),
-                                           (packing._rowmajor_few_rows_is_faster, packing._ROWMAJOR_FEW_ROWS_IS_FASTER)])
-def test_the_layout_timings_run_and_are_cached(decide, cache):
-    cache.pop((48, 32, torch.float32), None)
-    first = decide(48, 32, torch.float32, flush_bytes=1 << 20)
-    assert isinstance(first, bool)
-    assert cache[(48, 32, torch.float32)] is first
+def test_the_layout_is_timed_once_and_remembered_across_processes(small_model, fresh_layout_cache, monkeypatch):
+    """The real timing runs the model in each layout and leaves nothing packed behind; the
+    decision is reused in this process and, through the cache file, by the next one."""
+    timed = []
+    real = packing._fastest_layout
+    monkeypatch.setattr(packing, "_fastest_layout", lambda *a, **k: timed.append(1) or real(*a, **k))
+    n_bytes = packing.pack_for_decoding(small_model)
+    (layout,) = packing._LAYOUT_FOR_MODEL.values()
+    assert layout in (None, *packing.LAYOUTS) and timed == [1]
+    assert (n_bytes > 0) == (layout is not None)
+    assert {p.layout for p in packs(small_model)} == ({layout} if layout else set())
+    assert list(json.loads(fresh_layout_cache.read_text()).values()) == [layout or "none"]
+    packing.unpack(small_model)
+    packing.pack_for_decoding(small_model)
+    monkeypatch.setattr(packing, "_LAYOUT_FOR_MODEL", {})            # a new process
+    assert packing.pack_for_decoding(small_model) == n_bytes
+    assert timed == [1]
 
 
-def test_backend_packs_and_close_unpacks(small_model, always_transposed):
+def test_a_corrupt_cache_file_is_timed_over(small_model, fresh_layout_cache, monkeypatch):
+    fresh_layout_cache.parent.mkdir()
+    fresh_layout_cache.write_text("{not json")
+    monkeypatch.setattr(packing, "_fastest_layout", lambda *a, **k: "transposed")
+    assert packing.pack_for_decoding(small_model) > 0
+    assert list(json.loads(fresh_layout_cache.read_text()).values()) == ["transposed"]
+
+
+@pytest.mark.parametrize("value, packed", [("none", False), ("transposed", True), (" ", True)])
+def test_the_environment_forces_a_layout(small_model, fresh_layout_cache, monkeypatch, value, packed):
+    monkeypatch.setattr(packing, "_fastest_layout", lambda *a, **k: "transposed")   # what auto times
+    monkeypatch.setenv("TINYLLAMA_PACKING", value)
+    assert (packing.pack_for_decoding(small_model) > 0) == packed
+
+
+def test_a_bad_packing_setting_is_a_clear_error(small_model, monkeypatch):
+    monkeypatch.setenv("TINYLLAMA_PACKING", "fast")
+    with pytest.raises(ValueError, match="TINYLLAMA_PACKING='fast': expected auto, none, transposed or onednn"):
+        packing.pack_for_decoding(small_model)
+
+
+def test_the_timing_compares_every_layout_against_unpacked(small_model, monkeypatch):
+    """With the forward timed by a fake clock that makes the onednn layout fastest (or nothing
+    clearly faster), the decision follows the clock."""
+    seen = []
+    real_forward = type(small_model).forward
+
+    def forward(self, ids, start_pos=None):
+        p = self.packed_lm_head
+        seen.append(None if p is None else p.layout)
+        return real_forward(self, ids, start_pos)
+
+    monkeypatch.setattr(type(small_model), "forward", forward)
+    monkeypatch.setattr(packing, "onednn_supports", lambda dtype: True)
+    for cost, want in [({None: 1.0, "transposed": 0.8, "onednn": 0.5}, "onednn"),
+                       ({None: 1.0, "transposed": 0.95, "onednn": 0.97}, None)]:
+        seen.clear()
+
+        def perf_counter(cost=cost):
+            # the clock is the summed cost of the forwards run so far: each costs its layout's
+            return sum(cost[layout] for layout in seen)
+
+        monkeypatch.setattr(packing.time, "perf_counter", perf_counter)
+        plan = [(m, a, n) for m in small_model.modules() for a, n in packing._GROUPS.get(type(m).__name__, ())]
+        assert packing._fastest_layout(small_model, plan, budget=1 << 30) == want
+        assert set(seen) == {None, "transposed", "onednn"} and packs(small_model) == []
+
+
+def test_the_budget_caps_the_copies(small_model, always_packed):
+    lm_head_bytes = small_model.lm_head.weight.numel() * 4
+    n_bytes = packing.pack_for_decoding(small_model, max_bytes=lm_head_bytes - 1)
+    assert 0 < n_bytes < lm_head_bytes and small_model.packed_lm_head is None
+    assert small_model.model.layers[0].self_attn.packed_qkv is not None
+    assert packing.default_pack_budget() >= packing.MIN_PACK_BUDGET
+
+
+@pytest.mark.parametrize("layout", ["transposed", pytest.param("onednn", marks=_NO_ONEDNN)])
+def test_the_few_rows_timing_runs_and_is_cached(layout):
+    key = (48, 32, torch.float32, layout)
+    packing._ROWMAJOR_FEW_ROWS_IS_FASTER.pop(key, None)
+    first = packing._rowmajor_few_rows_is_faster(48, 32, torch.float32, layout, flush_bytes=1 << 20)
+    assert isinstance(first, bool) and packing._ROWMAJOR_FEW_ROWS_IS_FASTER[key] is first
+
+
+def test_an_unknown_layout_or_few_rows_path_is_refused(small_model):
+    with pytest.raises(ValueError, match="layout 'blocked'"):
+        packing.PackedLinears(small_model, ["lm_head"], layout="blocked")
+    mlp = small_model.model.layers[0].mlp
+    with pytest.raises(ValueError, match="few_rows 'rowmajor'"):
+        packing.PackedLinears(mlp, ["gate_proj", "up_proj"], few_rows="rowmajor")
+
+
+def test_backend_packs_and_close_unpacks(small_model, always_packed):
     backend = TorchBackend(small_model)
     assert backend.packed_bytes > 0 and packs(small_model)
     prompt = [1, 5, 9, 2]
@@ -172,7 +284,7 @@ def test_backend_packs_and_close_unpacks(small_model, always_transposed):
     assert ids == context[len(prompt):]
 
 
-def test_generate_on_a_bare_llama_leaves_no_packs(small_model, always_transposed):
+def test_generate_on_a_bare_llama_leaves_no_packs(small_model, always_packed):
     list(generate(small_model, [1, 2, 3], max_new_tokens=3))
     assert packs(small_model) == []
 
