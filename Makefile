@@ -24,6 +24,7 @@ QUANT_MODEL ?= $(OUT)/sft
 QUANT_TYPES ?= q4_k_m q8_0
 DRAFT_CONFIG ?= pretrain/configs/cpu-draft.yaml
 DRAFT_TEACHER ?= $(OUT)/sft
+DRAFT_SFT_ARGS ?= --method full --lr 1e-3 --epochs 3
 SERVE_MODEL ?= $(OUT)/gguf/tinyllama-19m-chat-Q4_K_M.gguf
 SERVE_ARGS ?=
 
@@ -35,7 +36,7 @@ help:
 	@echo "make pretrain  pretrain with $(PRETRAIN_CONFIG) (+ PRETRAIN_ARGS='--max-steps 100 ...'); re-run to resume"
 	@echo "make sft     chat fine-tuning of SFT_BASE=$(SFT_BASE) on SFT_DATA=$(SFT_DATA) ($(SFT_ARGS)) into $(OUT)/sft"
 	@echo "make quantize  GGUF files of QUANT_MODEL=$(QUANT_MODEL) (QUANT_TYPES='$(QUANT_TYPES)') into $(OUT)/gguf"
-	@echo "make draft   the speculative-decoding draft: tinyllama-debug pretrained like the default, fine-tuned on DRAFT_TEACHER=$(DRAFT_TEACHER)'s answers, in $(OUT)/draft"
+	@echo "make draft   the speculative-decoding draft: tinyllama-debug pretrained like the default, fully fine-tuned ($(DRAFT_SFT_ARGS)) on DRAFT_TEACHER=$(DRAFT_TEACHER)'s answers, in $(OUT)/draft"
 	@echo "make serve   OpenAI-compatible server for SERVE_MODEL=$(SERVE_MODEL) on 127.0.0.1:8000 (SERVE_ARGS='--draft ...')"
 	@echo "make demo    the Gradio chat app on 127.0.0.1:7860 over what make run left (DEMO_ARGS='--model ... --draft ...')"
 	@echo "make eval    lm-eval tasks (EVAL_TASKS='$(EVAL_TASKS)') + validation perplexity, chat model and its GGUF side by side"
@@ -68,11 +69,13 @@ quantize: setup
 
 # The draft for speculative decoding: the same pretraining recipe on a 4M-parameter preset.
 # The draft is fine-tuned on the target's own greedy answers (sft.distill), not the human ones:
-# it learns to agree with the model it drafts for (acceptance 0.57 -> 0.73 on the CPU pair).
+# it learns to agree with the model it drafts for (acceptance 0.57 -> 0.73 on the CPU pair), and
+# all its weights train: LoRA would leave the embeddings and lm_head, nearly all of a 4M model,
+# frozen (full: acceptance 0.76 -> 0.84 at k = 1).
 draft: setup data
 	$(PY) -m pretrain --config $(DRAFT_CONFIG) --out-dir $(OUT)/draft/pretrain
 	$(PY) -m sft.distill --teacher $(DRAFT_TEACHER) --data $(SFT_DATA) --out $(OUT)/draft/distill.jsonl
-	$(PY) -m sft --base $(OUT)/draft/pretrain/final --data $(OUT)/draft/distill.jsonl --out $(OUT)/draft/sft $(SFT_ARGS) --samples 0
+	$(PY) -m sft --base $(OUT)/draft/pretrain/final --data $(OUT)/draft/distill.jsonl --out $(OUT)/draft/sft $(DRAFT_SFT_ARGS) --samples 0
 	$(PY) -m quantize --model $(OUT)/draft/sft --type q8_0 --out $(OUT)/gguf
 
 serve: setup
