@@ -242,7 +242,7 @@ def test_the_timing_compares_every_layout_against_unpacked(small_model, monkeypa
 
         monkeypatch.setattr(packing.time, "perf_counter", perf_counter)
         plan = [(m, a, n) for m in small_model.modules() for a, n in packing._GROUPS.get(type(m).__name__, ())]
-        assert packing._fastest_layout(small_model, plan, budget=1 << 30) == want
+        assert packing._fastest_layout(small_model, plan, budget=1 << 30, model_bytes=1 << 20) == want
         assert set(seen) == {None, "transposed", "onednn"} and packs(small_model) == []
 
 

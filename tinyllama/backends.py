@@ -81,8 +81,8 @@ class TorchBackend(Backend):
         self.context_length = model.config.max_seq_len
         self._cached: list[int] = []
         self._fingerprint: str | None = None
-        # q/k/v, gate/up and lm_head as transposed fused copies where that decodes faster
-        # (tinyllama/packing.py); dropped again by close()
+        # fused q/k/v, gate/up, o, down and lm_head copies in the layout (transposed or oneDNN)
+        # that decodes fastest here (tinyllama/packing.py); dropped again by close()
         self.packed_bytes = pack_for_decoding(self.model)
 
     def logits(self, context: Sequence[int], n_last: int = 1) -> torch.Tensor:

@@ -152,16 +152,11 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * xf.to(dtype)
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
 def prepare_rotary(cos: torch.Tensor, sin: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Done once per forward instead of once per apply_rotary call: for the PyTorch path, the
-    (T, hd) tables as (T, 1, hd) (broadcast over heads) with sin's first half negated, so
-    rotate_half(x) * sin becomes x.roll(hd/2) * sin (one op instead of three, the same numbers:
-    -x2 * s == x2 * -s exactly). Unchanged where flash-attn's fused kernel may run (CUDA): it
+    (T, hd) tables as (T, 1, hd) (broadcast over heads) with sin's first half negated, so HF's
+    rotate_half(x) * sin = cat(-x2, x1) * sin becomes x.roll(hd/2) * sin (one op instead of
+    three, the same numbers: -x2 * s == x2 * -s exactly). Unchanged where flash-attn's fused kernel may run (CUDA): it
     takes plain tables, and whether it runs is decided per call by q/k's dtype (autocast)."""
     if _fused(like, _flash_rotary):
         return cos, sin

@@ -59,17 +59,11 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos", emb.cos(), persistent=False)
         self.register_buffer("sin", emb.sin(), persistent=False)
 
-    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        # Rebuilt lazily when the tables are on another device (a model built on the meta
-        # device, then loaded with assign=True) or too short for the positions asked for.
-        needed = max(int(positions.max()) + 1 if positions.numel() else 0, self.cos.shape[0])
-        if self.cos.device != positions.device or needed > self.cos.shape[0]:
-            self.build(needed, device=positions.device)
-        return self.cos[positions].to(dtype), self.sin[positions].to(dtype)  # (T, hd) each
-
     def span(self, first: int, T: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """The tables for positions [first, first + T): slices, no gather and no device sync
-        (a decode step's few microseconds matter on CPU)."""
+        (a decode step's few microseconds matter on CPU). Rebuilt lazily when the tables are on
+        another device (a model built on the meta device, then loaded with assign=True) or too
+        short."""
         if self.cos.device != device or first + T > self.cos.shape[0]:
             self.build(max(first + T, self.cos.shape[0]), device=device)
         return self.cos[first:first + T].to(dtype), self.sin[first:first + T].to(dtype)   # (T, hd) each

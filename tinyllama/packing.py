@@ -180,13 +180,14 @@ def pack_for_decoding(model: nn.Module, max_bytes: int | None = None) -> int:
     if not plan:
         return 0
     budget = default_pack_budget() if max_bytes is None else max_bytes
+    # what one forward reads: the few-rows timings flush this much so weights start cold
+    model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     layout = forced_layout(ref.dtype)
     if layout == "auto":
-        layout = _remembered_layout(model, plan, budget)
+        layout = _remembered_layout(model, plan, budget, model_bytes)
     if layout is None:
         return 0
-    flush = sum(p.numel() * p.element_size() for p in model.parameters())
-    return _pack(plan, layout, budget, flush_bytes=flush)
+    return _pack(plan, layout, budget, flush_bytes=model_bytes)
 
 
 def forced_layout(dtype: torch.dtype) -> str | None:
@@ -208,17 +209,18 @@ _LAYOUT_FOR_MODEL: dict[str, str | None] = {}
 
 def layout_cache_file() -> Path:
     """Where timed decisions persist across processes (TINYLLAMA_PACKING_CACHE overrides), so a
-    CLI run on tinyllama-1.1b does not time its layouts again (~6-20 s)."""
+    CLI run on tinyllama-1.1b does not time its layouts again (~15 s in bf16)."""
     from .tokenizer import cache_dir
     return Path(os.environ.get("TINYLLAMA_PACKING_CACHE") or cache_dir() / "packing-layouts.json")
 
 
-def _remembered_layout(model: nn.Module, plan, budget: int) -> str | None:
+def _remembered_layout(model: nn.Module, plan, budget: int, model_bytes: int) -> str | None:
     """The layout timed for this model shape, dtype and packed size on this CPU, thread count
     and torch: from memory, from disk, or timed now and saved (best effort: a cache that cannot
     be read or written only costs the timing)."""
     shapes = [list(getattr(m, n).weight.shape) for m, _, names in plan for n in names]
-    ident = json.dumps([_TIMING_VERSION, shapes, str(next(model.parameters()).dtype), min(budget, _plan_bytes(plan)),
+    plan_bytes = _plan_bytes(plan)
+    ident = json.dumps([_TIMING_VERSION, shapes, str(next(model.parameters()).dtype), min(budget, plan_bytes),
                         torch.get_num_threads(), torch.__version__, _cpu_name()])
     key = hashlib.sha256(ident.encode()).hexdigest()[:24]
     if key in _LAYOUT_FOR_MODEL:
@@ -233,10 +235,10 @@ def _remembered_layout(model: nn.Module, plan, budget: int) -> str | None:
     if key in saved and saved[key] in ("none", *LAYOUTS):
         layout = None if saved[key] == "none" else saved[key]
     else:
-        if _plan_bytes(plan) > 256 * 2**20:        # tinyllama-1.1b: ~10-15 s, so say why
+        if plan_bytes > 256 * 2**20:               # tinyllama-1.1b bf16: ~15 s, so say why
             print(f"tinyllama: timing CPU decode layouts for this model shape, once (saved in {path})",
                   file=sys.stderr, flush=True)
-        layout = _fastest_layout(model, plan, budget)
+        layout = _fastest_layout(model, plan, budget, model_bytes)
         saved[key] = layout or "none"
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -289,18 +291,18 @@ def _pack(plan, layout: str, budget: int, flush_bytes: int | None) -> int:
 VERIFY_ROWS = 4     # the rows of a typical speculative verification pass (k = 3)
 
 
-def _fastest_layout(model: nn.Module, plan, budget: int, rounds: int = 3) -> str | None:
+def _fastest_layout(model: nn.Module, plan, budget: int, model_bytes: int, rounds: int = 3) -> str | None:
     """Times `model` unpacked and packed in each layout this machine runs and returns the
     fastest layout if it beats unpacked by LAYOUT_MARGIN, else None. A layout's cost is a
     one-token forward (a decode step) plus a VERIFY_ROWS-token one (a speculative verification
     pass): where single-token times tie, the layout that also verifies fast wins (tinyllama-19m
-    fp32: 3.7-4.0 ms either way for one token, 5.4 vs 8.0 ms for four). Up to `rounds`
-    interleaved rounds, so a slow spell hits all alike, as many as fit in ~2 s; each time the
-    median of several steps. tinyllama-19m: ~1 s; tinyllama-1.1b: one round, ~10 s."""
+    fp32, both layouts without the few-rows path: 3.7-4.0 ms either way for one token, 5.4 vs
+    8.0 ms for four). Up to `rounds` interleaved rounds, so a slow spell hits all alike, as many
+    as fit in ~2 s; each time the median of several steps. tinyllama-19m: ~1 s; tinyllama-1.1b
+    bf16: one round, ~15 s."""
     dtype = next(model.parameters()).dtype
     layouts = [None] + [l for l in LAYOUTS if l != "onednn" or onednn_supports(dtype)]
     inputs = [torch.zeros(1, rows, dtype=torch.long) for rows in (1, VERIFY_ROWS)]
-    flush = sum(p.numel() * p.element_size() for p in model.parameters())
     best = {layout: float("inf") for layout in layouts}
     steps = 3
     stop = time.perf_counter() + 2.0          # a big model gets one round: its steps are long
@@ -312,7 +314,7 @@ def _fastest_layout(model: nn.Module, plan, budget: int, rounds: int = 3) -> str
                 for layout in layouts:
                     unpack(model)
                     if layout is not None:
-                        _pack(plan, layout, budget, flush_bytes=flush)
+                        _pack(plan, layout, budget, flush_bytes=model_bytes)
                     cost = 0.0
                     for ids in inputs:
                         model(ids)                                     # warm-up
