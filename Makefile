@@ -9,6 +9,29 @@ DATA ?= data
 PYTEST_ARGS ?=
 export TOKENIZERS_PARALLELISM ?= false
 
+# CPU_ISA=avx2 makes torch and oneDNN behave as on an AVX2-only CPU (no AVX-512, no AMX, bf16
+# emulated) whatever this CPU has; avx512 as on AVX-512 without BF16/AMX. Every measured default
+# (dtype, decode layout) is then measured under that limit and cached apart.
+CPU_ISA ?=
+ifeq ($(CPU_ISA),avx2)
+export ONEDNN_MAX_CPU_ISA := AVX2
+export ATEN_CPU_CAPABILITY := avx2
+else ifeq ($(CPU_ISA),avx512)
+export ONEDNN_MAX_CPU_ISA := AVX512_CORE
+export ATEN_CPU_CAPABILITY := avx512
+else ifneq ($(CPU_ISA),)
+$(error CPU_ISA=$(CPU_ISA): expected avx2, avx512 or nothing (this CPU as it is))
+endif
+
+# STEPS=N shortens `make run` (CI's AVX2 check): N pretraining steps for the model and its draft,
+# N SFT steps each, and a teacher that answers 4*N conversations for the draft.
+STEPS ?=
+ifneq ($(STEPS),)
+SHORT_PRETRAIN := --max-steps $(STEPS) --warmup-steps 1 --save-every 0 --eval-every $(STEPS) --eval-batches 2
+SHORT_SFT := --max-steps $(STEPS)
+SHORT_DISTILL := --limit $(shell echo $$((4 * $(STEPS))))
+endif
+
 # Re-run set-up only when what it installs changes.
 SETUP_STAMP := $(VENV)/.setup-done
 SETUP_INPUTS := pyproject.toml scripts/setup.sh
@@ -40,7 +63,8 @@ help:
 	@echo "make serve   OpenAI-compatible server for SERVE_MODEL=$(SERVE_MODEL) on 127.0.0.1:8000 (SERVE_ARGS='--draft ...')"
 	@echo "make demo    the Gradio chat app on 127.0.0.1:7860 over what make run left (DEMO_ARGS='--model ... --draft ...')"
 	@echo "make eval    lm-eval tasks (EVAL_TASKS='$(EVAL_TASKS)') + validation perplexity, chat model and its GGUF side by side"
-	@echo "make run     the main job on a small CPU default (outputs under $(OUT)/)"
+	@echo "make run     the main job on a small CPU default (outputs under $(OUT)/; STEPS=20 for a short run)"
+	@echo "             CPU_ISA=avx2 on any target: torch and oneDNN limited to AVX2, as on a laptop without bf16"
 	@echo "make test    the whole test suite (what CI runs)"
 	@echo "make bench   benchmarks: ours vs the reference, side by side; rewrites bench/RESULTS.md"
 	@echo "make clean   remove $(OUT)/ and caches; distclean also removes $(VENV)"
@@ -73,9 +97,9 @@ quantize: setup
 # all its weights train: LoRA would leave the embeddings and lm_head, nearly all of a 4M model,
 # frozen (full: acceptance 0.73 -> 0.81 at k = 1).
 draft: setup data
-	$(PY) -m pretrain --config $(DRAFT_CONFIG) --out-dir $(OUT)/draft/pretrain
-	$(PY) -m sft.distill --teacher $(DRAFT_TEACHER) --data $(SFT_DATA) --out $(OUT)/draft/distill.jsonl
-	$(PY) -m sft --base $(OUT)/draft/pretrain/final --data $(OUT)/draft/distill.jsonl --out $(OUT)/draft/sft $(DRAFT_SFT_ARGS) --samples 0
+	$(PY) -m pretrain --config $(DRAFT_CONFIG) --out-dir $(OUT)/draft/pretrain $(SHORT_PRETRAIN)
+	$(PY) -m sft.distill --teacher $(DRAFT_TEACHER) --data $(SFT_DATA) --out $(OUT)/draft/distill.jsonl $(SHORT_DISTILL)
+	$(PY) -m sft --base $(OUT)/draft/pretrain/final --data $(OUT)/draft/distill.jsonl --out $(OUT)/draft/sft $(DRAFT_SFT_ARGS) --samples 0 $(SHORT_SFT)
 	$(PY) -m quantize --model $(OUT)/draft/sft --type q8_0 --out $(OUT)/gguf
 
 serve: setup
@@ -95,9 +119,10 @@ demo: setup
 
 # The lifecycle so far: corpus -> shards -> pretrained base -> chat model (SFT) -> GGUF for llama.cpp.
 run: setup data
-	$(PY) -m pretrain --config $(PRETRAIN_CONFIG) --out-dir $(OUT)/pretrain $(PRETRAIN_ARGS)
+	@$(PY) -c "from tinyllama.measure import cpu_identity; print('CPU:', cpu_identity().describe())"
+	$(PY) -m pretrain --config $(PRETRAIN_CONFIG) --out-dir $(OUT)/pretrain $(SHORT_PRETRAIN) $(PRETRAIN_ARGS)
 	$(PY) -m tinyllama inspect $(OUT)/pretrain/final --verify-hf --text "To be, or not to be, that is the question:"
-	$(PY) -m sft --base $(OUT)/pretrain/final --data $(SFT_DATA) --out $(OUT)/sft $(SFT_ARGS)
+	$(PY) -m sft --base $(OUT)/pretrain/final --data $(SFT_DATA) --out $(OUT)/sft $(SFT_ARGS) $(SHORT_SFT)
 	$(PY) -m quantize --model $(OUT)/sft --type $(QUANT_TYPES) --out $(OUT)/gguf
 	$(MAKE) --no-print-directory draft OUT=$(OUT)
 

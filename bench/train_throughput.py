@@ -1,12 +1,14 @@
 """Training-step throughput: ours vs transformers.LlamaForCausalLM, same shape, batch,
 optimizer and device, in one run; each setting in a fresh process (so peak memory is its own).
 
-    python -m bench.train_throughput [--steps 5] [--quick]
+    python -m bench.train_throughput [--steps 5] [--quick] [--dtypes float32 bfloat16]
 
 Shape (the issue's reference point): hidden 512, 8 layers, 8 query heads / 2 KV groups,
 SwiGLU 1536, vocab 32000, seq 512, micro-batch 4; AdamW (foreach) + grad clipping, as the
-trainer steps. Settings: float32 or bf16 autocast, eager or torch.compile. MFU is against the
-measured matmul peak of this CPU in that dtype (pretrain.metrics).
+trainer steps. Settings: float32 or bf16 autocast, eager or torch.compile. By default bf16
+rows run only where `dtype: auto` would train in bf16 on this CPU (tinyllama.precision); on a
+CPU without bf16 instructions each bf16 step takes minutes, and the table says why it skipped
+them. MFU is against the measured matmul peak of this CPU in that dtype (pretrain.metrics).
 """
 
 from __future__ import annotations
@@ -69,15 +71,29 @@ def _measure(impl: str, dtype_name: str, compiled: bool, steps: int) -> dict:
     return {"tok_s": B * T / dt, "rss_gb": peak_rss_bytes() / 1e9}
 
 
-def run(steps: int = 5, quick: bool = False) -> str:
+def default_dtypes() -> tuple[list[str], str | None]:
+    """float32, and bf16 where `auto` picks it for this shape here; else the reason it is left out."""
+    from tinyllama import ModelConfig
+    from tinyllama.precision import choose_dtype
+
+    choice = choose_dtype("auto", "cpu", ModelConfig(name="bench-512", **SHAPE), work="train", rows=B * T)
+    if choice.name == "bfloat16":
+        return ["float32", "bfloat16"], None
+    return ["float32"], f"bfloat16 rows skipped ({choice.reason}; --dtypes float32 bfloat16 runs them)"
+
+
+def run(steps: int = 5, quick: bool = False, dtypes: list[str] | None = None) -> str:
     import torch
 
     from pretrain.metrics import measured_cpu_peak
     from tinyllama import ModelConfig
 
-    settings = SETTINGS[::2] if quick else SETTINGS
+    skipped = None
+    if dtypes is None:
+        dtypes, skipped = default_dtypes()
+    settings = [(d, c) for d, c in SETTINGS if d in dtypes and not (quick and c)]
     flops = ModelConfig(name="bench-512", **SHAPE).flops_per_token(T)
-    peaks = {d: measured_cpu_peak(getattr(torch, d), n=2048) for d, _ in settings}
+    peaks = {d: measured_cpu_peak(getattr(torch, d), n=2048) for d in dtypes}
     results = {}
     for impl in ("ours", "hf"):
         for dtype, compiled in settings:
@@ -99,8 +115,12 @@ def run(steps: int = 5, quick: bool = False) -> str:
     rows.append(("best of each", f"{best_o:,.0f} tok/s", f"{best_h:,.0f} tok/s", f"{best_o / best_h:.2f}x"))
     rows.append(("measured matmul peak (MFU's denominator)", ", ".join(f"{d} {p / 1e9:.0f} GFLOP/s" for d, p in peaks.items()),
                  "", ""))
+    if skipped:
+        rows.append((skipped, "", "", ""))
     head = ("setting (hidden 512, 8 layers, GQA 8:2, seq 512, batch 4)", "ours", "transformers", "ours vs HF")
-    return markdown_table(head, rows)
+    from tinyllama.measure import cpu_identity
+
+    return f"CPU: {cpu_identity().describe()}\n\n" + markdown_table(head, rows)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -111,8 +131,10 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--quick", action="store_true", help="eager settings only")
+    ap.add_argument("--dtypes", nargs="+", choices=["float32", "bfloat16"], default=None,
+                    help="(default: float32, and bfloat16 where auto would train in it here)")
     args = ap.parse_args(argv)
-    print(run(args.steps, args.quick))
+    print(run(args.steps, args.quick, args.dtypes))
     return 0
 
 

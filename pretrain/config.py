@@ -48,7 +48,7 @@ class TrainConfig:
     weight_decay: float = 0.1
     grad_clip: float = 1.0
     # numerics and speed
-    dtype: str = "auto"                   # auto: bf16 on CUDA, float32 on CPU; or bfloat16 / float32
+    dtype: str = "auto"                   # auto: measured (tinyllama.precision); or bfloat16 / float32
     compile: bool = False
     activation_checkpointing: bool = False
     num_workers: int = 0                  # dataloader worker processes per rank

@@ -26,9 +26,12 @@ import torch
 import torch.distributed as dist
 
 from tinyllama import Llama, ModelConfig, Tokenizer, load_checkpoint
+from tinyllama.allocator import retain_freed_memory
 from tinyllama.atomic import atomic_file
 from tinyllama.generate import generate
+from tinyllama.checkpoint import load_config
 from tinyllama.kernels import cross_entropy
+from tinyllama.precision import DtypeChoice, choose_dtype
 
 from .checkpointing import find_resume_state, load_training_state, save_hf_model, save_training_state, step_name
 from .config import ConfigError, TrainConfig
@@ -68,27 +71,41 @@ class Dist:
             dist.destroy_process_group()
 
 
-def compute_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype:
-    if cfg.dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
+    def broadcast(self, value):
+        """Rank 0's `value` on every rank (a decision one rank measured)."""
+        if not self.enabled:
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
 
 
-def build_model(cfg: TrainConfig, env: Dist) -> tuple[torch.nn.Module, ModelConfig, Tokenizer]:
-    """The same initial weights on every rank and for every world size (seeded, built whole)."""
+def compute_dtype(cfg: TrainConfig, model_cfg: ModelConfig, env: Dist) -> DtypeChoice:
+    """cfg.dtype, or for `auto` what rank 0 measures for this model's training matmuls (bf16
+    only where it is faster here; on CUDA bf16 where supported), the same on every rank."""
+    choice = None
+    if env.main or env.device.type == "cuda":
+        choice = choose_dtype(cfg.dtype, env.device, model_cfg, work="train", rows=cfg.micro_batch * cfg.seq_len)
+    return env.broadcast(choice) if env.device.type != "cuda" else choice
+
+
+def build_model(cfg: TrainConfig, env: Dist, dtype: torch.dtype | None = None
+                ) -> tuple[torch.nn.Module, ModelConfig, Tokenizer]:
+    """The same initial weights on every rank and for every world size (seeded, built whole);
+    `dtype` is FSDP2's parameter dtype (None: measured as compute_dtype does)."""
     torch.manual_seed(cfg.seed)
     if cfg.init_from:
         model, tok = load_checkpoint(cfg.init_from, dtype=torch.float32)
         model_cfg = model.config
     else:
-        model_cfg = ModelConfig.from_name(cfg.preset)
-        model_cfg = model_cfg.replace(max_seq_len=max(model_cfg.max_seq_len, cfg.seq_len))
+        model_cfg = initial_model_config(cfg)
         model = Llama(model_cfg)
         tok = Tokenizer.llama2()
     if tok.vocab_size > model_cfg.vocab_size:
         raise ConfigError(f"the tokenizer has {tok.vocab_size} tokens but the model's vocabulary is {model_cfg.vocab_size}")
     model.to(env.device)
-    dtype = compute_dtype(cfg, env.device)
+    if dtype is None:
+        dtype = compute_dtype(cfg, model_cfg, env).dtype
 
     if cfg.activation_checkpointing:
         from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
@@ -108,6 +125,14 @@ def build_model(cfg: TrainConfig, env: Dist) -> tuple[torch.nn.Module, ModelConf
             fully_shard(block, mp_policy=mp)
         fully_shard(model, mp_policy=mp)
     return model, model_cfg, tok
+
+
+def initial_model_config(cfg: TrainConfig) -> ModelConfig:
+    """The architecture a run trains: the checkpoint's for init_from, else the preset's."""
+    if cfg.init_from:
+        return load_config(cfg.init_from)
+    model_cfg = ModelConfig.from_name(cfg.preset)
+    return model_cfg.replace(max_seq_len=max(model_cfg.max_seq_len, cfg.seq_len))
 
 
 def build_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
@@ -173,6 +198,7 @@ def train(cfg: TrainConfig, stop_after: int | None = None, on_step: Callable[[in
     """Runs (or resumes) pretraining; returns a summary. `stop_after` ends the process's work
     after that many optimizer steps of this invocation, as if it had been killed (tests)."""
     cfg.validate()
+    retain_freed_memory()          # no mmap/munmap of the logits every step (tinyllama/allocator.py)
     env = Dist()
     try:
         return _train(cfg, env, stop_after, on_step)
@@ -184,12 +210,16 @@ def _train(cfg: TrainConfig, env: Dist, stop_after: int | None, on_step) -> dict
     out = Path(cfg.out_dir)
     accum = cfg.grad_accum_steps(env.world_size)
     total_steps = cfg.total_steps
-    model, model_cfg, tok = build_model(cfg, env)
+    model_cfg = initial_model_config(cfg)
+    choice = compute_dtype(cfg, model_cfg, env)
+    if env.main:
+        print(f"dtype: {choice}", flush=True)
+    dtype = choice.dtype
+    model, model_cfg, tok = build_model(cfg, env, dtype)
     train_mix = build_data(cfg, tok, "train")
     val_mix = build_data(cfg, tok, "validation") if cfg.eval_every and cfg.eval_batches else None
     optimizer = build_optimizer(cfg, model)
     loader = BatchLoader(train_mix, cfg.micro_batch, env.rank, env.world_size, cfg.num_workers)
-    dtype = compute_dtype(cfg, env.device)
     # FSDP2 casts parameters itself; a single process uses autocast for bf16.
     autocast_dtype = dtype if (dtype != torch.float32 and not env.enabled) else None
     step_loss = torch.compile(loss_fn) if (cfg.compile and not env.enabled) else loss_fn

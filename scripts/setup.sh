@@ -64,23 +64,15 @@ if [ ! -f "$SDIST" ]; then
   rm -rf "$tmp"
 fi
 
-# Which llama.cpp build: the fastest one that is correct on this CPU. GGML_NATIVE (the default)
-# turns on AMX weight repacking on AMX Xeons, which crashes on quantized files, so the build is
-# always explicit: AVX-512 (with VBMI/VNNI/BF16 where present, AMX off) on CPUs that have it,
-# else AVX2. LLAMA_BUILD=avx2|avx512 overrides the choice.
-has() { grep -qw "$1" /proc/cpuinfo 2>/dev/null; }
-if [ -z "${LLAMA_BUILD:-}" ]; then
-  if has avx512f && has avx512bw && has avx512vl && has avx512dq; then LLAMA_BUILD=avx512; else LLAMA_BUILD=avx2; fi
-fi
-LLAMA_CMAKE="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON"
-BUILD_ID="$LLAMA_BUILD"
-if [ "$LLAMA_BUILD" = "avx512" ]; then
-  LLAMA_CMAKE="$LLAMA_CMAKE -DGGML_AVX512=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF"
-  has avx512vbmi && { LLAMA_CMAKE="$LLAMA_CMAKE -DGGML_AVX512_VBMI=ON"; BUILD_ID="$BUILD_ID-vbmi"; }
-  has avx512_vnni && { LLAMA_CMAKE="$LLAMA_CMAKE -DGGML_AVX512_VNNI=ON"; BUILD_ID="$BUILD_ID-vnni"; }
-  has avx512_bf16 && { LLAMA_CMAKE="$LLAMA_CMAKE -DGGML_AVX512_BF16=ON"; BUILD_ID="$BUILD_ID-bf16"; }
-fi
-BUILD_ID="$BUILD_ID-$(uname -m)"
+# Which llama.cpp build: a function of (OS, machine, CPU flags, CUDA GPU) in
+# tinyllama/llama_cpp_build.py (standard library only; unit-tested with fake inputs). Never
+# GGML_NATIVE: on AMX Xeons it turns on AMX weight repacking, which crashes on quantized files.
+# x86-64: AVX-512 (+VBMI/VNNI/BF16, AMX off) or AVX2; aarch64: NEON + dotprod/fp16/sve/i8mm;
+# macOS arm64: Metal; + GGML_CUDA where nvidia-smi sees a GPU. LLAMA_BUILD=avx2|avx512 overrides.
+# (run by path, not as a script: a script's folder would shadow standard modules with the core's)
+BUILD_LINE=$("$PY" -c 'import runpy; runpy.run_path("tinyllama/llama_cpp_build.py", run_name="__main__")')
+BUILD_ID=${BUILD_LINE%%$'\t'*}
+LLAMA_CMAKE=${BUILD_LINE#*$'\t'}
 
 if [[ ",$EXTRAS," == *",gguf,"* || ",$EXTRAS," == *",serve,"* ]]; then
   MARK="$VENV/.llama-cpp-build"

@@ -56,6 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     for flag in ("num_draft", "n_ctx", "max_queue", "max_loaded", "max_body_bytes", "max_tokens_limit"):
         if getattr(args, flag) < 1:
             ap.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if args.n_gpu_layers < -1:
+        ap.error(f"--n-gpu-layers must be >= -1 (-1: all), got {args.n_gpu_layers}")
 
     import uvicorn
 
@@ -63,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.models_dir:
         try:
-            models = ModelDir(args.models_dir, max_loaded=args.max_loaded, n_ctx=args.n_ctx)
+            models = ModelDir(args.models_dir, max_loaded=args.max_loaded, n_ctx=args.n_ctx, dtype=args.dtype,
+                              n_gpu_layers=args.n_gpu_layers)
         except FileNotFoundError as e:
             ap.error(str(e))
         if not models.names():

@@ -69,9 +69,11 @@ class Engine:
 
     @classmethod
     def load(cls, model: str | os.PathLike, draft: str | os.PathLike | None = None, num_draft: int = 4,
-             n_ctx: int = 2048, adaptive_draft: bool = False) -> "Engine":
-        target, tok = load_backend(model, n_ctx=n_ctx)
-        draft_backend = load_backend(draft, n_ctx=n_ctx)[0] if draft else None
+             n_ctx: int = 2048, adaptive_draft: bool = False, dtype: str = "auto", n_gpu_layers: int = 0) -> "Engine":
+        """dtype: PyTorch models' compute dtype (auto: measured, tinyllama.precision); n_gpu_layers:
+        GGUF layers llama.cpp offloads to a GPU (-1: all; needs a CUDA or Metal build)."""
+        target, tok = load_backend(model, n_ctx=n_ctx, dtype=dtype, n_gpu_layers=n_gpu_layers)
+        draft_backend = load_backend(draft, n_ctx=n_ctx, dtype=dtype, n_gpu_layers=n_gpu_layers)[0] if draft else None
         return cls(target, tok, Path(model).name.removesuffix(".gguf"), draft_backend, num_draft, adaptive_draft)
 
     @property
@@ -131,11 +133,13 @@ class ModelDir:
     symlink that leads out of it. One `lock` serialises loads and generations across all the
     models (one CPU, one model computing at a time)."""
 
-    def __init__(self, directory: str | os.PathLike, max_loaded: int = 2, n_ctx: int = 2048) -> None:
+    def __init__(self, directory: str | os.PathLike, max_loaded: int = 2, n_ctx: int = 2048, dtype: str = "auto",
+                 n_gpu_layers: int = 0) -> None:
         self.root = Path(directory).resolve()
         if not self.root.is_dir():
             raise FileNotFoundError(f"{directory}: not a directory")
         self.max_loaded, self.n_ctx = max_loaded, n_ctx
+        self.load_options = {"dtype": dtype, "n_gpu_layers": n_gpu_layers}
         self.lock = threading.Lock()
         self._state = threading.Lock()          # guards _loaded and _users; held only briefly
         self._loaded: OrderedDict[str, Engine] = OrderedDict()
@@ -184,7 +188,7 @@ class ModelDir:
                 if name in self._loaded:        # loaded by another request while we waited
                     return self._use(name)
             try:
-                engine = Engine.load(self.root / name, n_ctx=self.n_ctx)
+                engine = Engine.load(self.root / name, n_ctx=self.n_ctx, **self.load_options)
             except Exception as e:              # any unloadable file: the server keeps serving
                 reason = str(e).replace(f"{self.root}{os.sep}", "")       # no server paths to clients
                 raise RequestError(f"model {name!r} is not a usable model: {reason}", "model") from None
@@ -228,6 +232,12 @@ def add_model_arguments(ap: argparse.ArgumentParser, required: bool = True) -> N
                          "after a rejection (the output is unchanged; only speed)")
     ap.add_argument("--n-ctx", type=int, default=2048,
                     help="context length for GGUF models, at most the trained one (default: %(default)s)")
+    ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                    help="compute dtype of checkpoint directories; auto times bf16 against float32 once per "
+                         "machine and takes bf16 only where it decodes faster (default: %(default)s)")
+    ap.add_argument("--n-gpu-layers", type=int, default=0, metavar="N",
+                    help="GGUF layers to offload to the GPU in a CUDA or Metal build of llama.cpp; -1: all "
+                         "(default: %(default)s)")
 
 
 def load_engine(args: argparse.Namespace) -> Engine | None:
@@ -235,8 +245,13 @@ def load_engine(args: argparse.Namespace) -> Engine | None:
     from tinyllama.checkpoint import CheckpointError
 
     try:
-        return Engine.load(args.model, args.draft, args.num_draft, n_ctx=args.n_ctx,
-                           adaptive_draft=getattr(args, "adaptive_draft", False))
+        engine = Engine.load(args.model, args.draft, args.num_draft, n_ctx=args.n_ctx,
+                             adaptive_draft=getattr(args, "adaptive_draft", False),
+                             dtype=getattr(args, "dtype", "auto"), n_gpu_layers=getattr(args, "n_gpu_layers", 0))
     except (FileNotFoundError, ValueError, CheckpointError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return None
+    print(f"model: {engine.target.name}: {engine.target.precision}", file=sys.stderr, flush=True)
+    if engine.draft is not None:
+        print(f"draft: {engine.draft.name}: {engine.draft.precision}", file=sys.stderr, flush=True)
+    return engine

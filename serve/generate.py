@@ -34,6 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     for flag in ("num_draft", "n_ctx"):
         if getattr(args, flag) < 1:
             ap.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if args.n_gpu_layers < -1:
+        ap.error(f"--n-gpu-layers must be >= -1 (-1: all), got {args.n_gpu_layers}")
 
     from tinyllama.chat import ChatFormatError
 

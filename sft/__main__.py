@@ -14,6 +14,10 @@ from __future__ import annotations
 import argparse
 import sys
 
+from tinyllama.allocator import configure_mkl
+
+configure_mkl()          # before torch loads MKL (tinyllama/allocator.py)
+
 DATA_HELP = """\
 --data accepts:
   sample                 the shipped offline sample (815 Guanaco-format Q&A about Python built-ins)
@@ -72,6 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--skip-invalid", action="store_true",
                    help="count and skip malformed records instead of stopping at the first")
     g.add_argument("--device", default=d.device, choices=["auto", "cpu", "cuda"], help="(default: %(default)s)")
+    g.add_argument("--dtype", default=d.dtype, choices=["auto", "float32", "bfloat16"],
+                   help="compute dtype; auto times a bf16 and a float32 matmul of the model's shapes once per "
+                        "machine and takes bf16 only where it is faster (AMX, AVX-512 BF16, GPUs) "
+                        "(default: %(default)s)")
     g.add_argument("--logging-steps", type=int, default=d.logging_steps, help="(default: %(default)s)")
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     g.add_argument("--samples", type=int, default=2, metavar="N",

@@ -66,7 +66,7 @@ def distill_conversation(backend, tok, conv: Conversation, max_new_tokens: int) 
 
 
 def distill(teacher: str | Path, data: str, out: str | Path, max_new_tokens: int = 96, eval_fraction: float = 0.05,
-            seed: int = 42, limit: int | None = None, progress: bool = True) -> dict:
+            seed: int = 42, limit: int | None = None, progress: bool = True, dtype: str = "auto") -> dict:
     """Writes the teacher-answered training split of `data` to `out` (JSONL); returns counts."""
     from tqdm import tqdm
 
@@ -83,7 +83,8 @@ def distill(teacher: str | Path, data: str, out: str | Path, max_new_tokens: int
     train, held = split_eval(convs, eval_fraction, seed)        # fraction 0 or one conversation: all train
     if limit is not None:
         train = train[:limit]
-    backend, tok = load_backend(teacher)
+    backend, tok = load_backend(teacher, dtype=dtype)
+    print(f"teacher: {backend.name}: {backend.precision}", flush=True)
     replies = written = 0
     try:
         with atomic_file(out) as tmp, open(tmp, "w", encoding="utf-8") as f:
@@ -115,6 +116,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="held-out share left unanswered, as python -m sft splits it (default: %(default)s)")
     p.add_argument("--seed", type=int, default=42, help="the split's seed, as python -m sft's (default: %(default)s)")
     p.add_argument("--limit", type=int, default=None, help="answer only the first N training conversations")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="the teacher's compute dtype if it is a checkpoint directory; auto: bf16 only where a "
+                        "timed bf16 matmul decodes faster here (default: %(default)s)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     args = p.parse_args(argv)
     from tinyllama.chat import ChatFormatError
@@ -122,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         counts = distill(args.teacher, args.data, args.out, args.max_new_tokens, args.eval_fraction, args.seed,
-                         args.limit, args.progress)
+                         args.limit, args.progress, args.dtype)
     except (DataError, CheckpointError, ChatFormatError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -29,8 +29,10 @@ from typing import Any
 
 import torch
 
+from tinyllama.allocator import retain_freed_memory
 from tinyllama.chat import CHAT_TEMPLATE
 from tinyllama.checkpoint import CheckpointError, check_weights, load_config, save_checkpoint, stored_dtype
+from tinyllama.precision import DTYPE_CHOICES, choose_dtype
 from tinyllama.tokenizer import Tokenizer
 
 from .data import LoadStats, TokenStats, load_conversations, split_eval, tokenize_conversations
@@ -71,6 +73,7 @@ class SFTArgs:
     target_modules: list[str] = field(default_factory=lambda: list(ALL_PROJECTIONS))
     gradient_checkpointing: bool | None = None     # None: on for qlora, off otherwise
     device: str = "auto"                   # auto | cpu | cuda
+    dtype: str = "auto"                    # auto (measured: bf16 only where faster here) | float32 | bfloat16
     seed: int = 42
     skip_invalid: bool = False
     logging_steps: int = 10
@@ -111,6 +114,8 @@ def _check(args: SFTArgs) -> None:
         raise SFTError(f"--target-modules: unknown {', '.join(unknown)}; choose from {', '.join(ALL_PROJECTIONS)}")
     if not Path(args.out).resolve().parent.is_dir():
         raise SFTError(f"--out {args.out}: parent folder does not exist")
+    if args.dtype not in DTYPE_CHOICES:
+        raise SFTError(f"--dtype {args.dtype!r}: expected one of {', '.join(DTYPE_CHOICES)}")
     if Path(args.out).exists() and not Path(args.out).is_dir():
         raise SFTError(f"--out {args.out}: exists and is not a folder")
 
@@ -136,8 +141,9 @@ def _hf_tokenizer(tok: Tokenizer, work: Path):
     return hf_tok
 
 
-def load_model(base: str | Path, method: str, device: str, dtype: torch.dtype):
-    """The base as a trainable transformers model over tinyllama.model.Llama; nf4 for qlora."""
+def load_model(base: str | Path, method: str, device: str, dtype: torch.dtype, compute_dtype: torch.dtype | None = None):
+    """The base as a trainable transformers model over tinyllama.model.Llama, weights in `dtype`;
+    nf4 for qlora, dequantized to `compute_dtype` (default: dtype) for its matmuls."""
     from .modeling import TinyLlamaForCausalLM
 
     kwargs: dict[str, Any] = {"dtype": dtype}
@@ -146,7 +152,7 @@ def load_model(base: str | Path, method: str, device: str, dtype: torch.dtype):
 
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=dtype, llm_int8_skip_modules=["lm_head"])
+            bnb_4bit_compute_dtype=compute_dtype or dtype, llm_int8_skip_modules=["lm_head"])
         kwargs["device_map"] = {"": 0} if device == "cuda" else {"": "cpu"}
         model = TinyLlamaForCausalLM.from_pretrained(str(base), **kwargs)
         if device == "cpu":
@@ -192,10 +198,14 @@ def run_sft(args: SFTArgs) -> SFTResult:
     from trl import SFTConfig, SFTTrainer
 
     hf_logging.set_verbosity_error()      # keep the console to progress and our own summary
+    retain_freed_memory()                 # tinyllama/allocator.py
     device = _device(args.device)
     base, out = Path(args.base), Path(args.out)
-    use_bf16 = device == "cuda" and torch.cuda.is_bf16_supported()
-    dtype = torch.bfloat16 if use_bf16 else torch.float32
+    choice = choose_dtype(args.dtype, device, load_config(base), work="train", rows=args.batch_size * args.max_len)
+    print(f"dtype: {choice}", flush=True)
+    use_bf16 = choice.dtype == torch.bfloat16
+    # CUDA trains bf16 weights; a CPU keeps float32 weights under bf16 autocast (trl's bf16=True)
+    dtype = choice.dtype if device == "cuda" else torch.float32
 
     # ---- data ---------------------------------------------------------------------------
     tok = Tokenizer.from_dir(base)
@@ -223,7 +233,7 @@ def run_sft(args: SFTArgs) -> SFTResult:
     try:
         hf_tok = _hf_tokenizer(tok, work / "tokenizer")
         torch.manual_seed(args.seed)
-        model = load_model(base, args.method, device, dtype)
+        model = load_model(base, args.method, device, dtype, compute_dtype=choice.dtype)
         peft_config = None
         if args.method in ("lora", "qlora"):
             peft_config = _lora_config(args)
@@ -272,7 +282,8 @@ def run_sft(args: SFTArgs) -> SFTResult:
         summary = {
             "base": str(base), "data": args.data, "method": args.method,
             "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(args).items()},
-            "learning_rate": args.resolved_lr(), "device": device, "dtype": str(dtype).removeprefix("torch."),
+            "learning_rate": args.resolved_lr(), "device": device, "dtype": choice.name,
+            "dtype_reason": choice.reason,
             "conversations_read": load_stats.read, "conversations_skipped": load_stats.skipped,
             "train": dataclasses.asdict(train_stats), "eval": dataclasses.asdict(eval_stats),
             "steps": result.global_step, "train_loss": result.training_loss, "train_seconds": round(seconds, 1),

@@ -12,7 +12,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # decode-layout timings (tinyllama/packing.py) go to a file of this run, not the user's cache
-os.environ["TINYLLAMA_PACKING_CACHE"] = os.path.join(tempfile.mkdtemp(prefix="tinyllama-test-"), "packing-layouts.json")
+_MEASURED = tempfile.mkdtemp(prefix="tinyllama-test-")
+os.environ["TINYLLAMA_PACKING_CACHE"] = os.path.join(_MEASURED, "packing-layouts.json")
+os.environ["TINYLLAMA_DECISIONS"] = _MEASURED      # dtype choices (tinyllama/precision.py) too
 
 from tinyllama import ModelConfig, Llama, Tokenizer  # noqa: E402
 

@@ -68,7 +68,7 @@ def test_local_task_on_checkpoint_and_gguf(model_dir, task_dir, tmp_path):
     pytest.importorskip("llama_cpp")
     from quantize.export import write_gguf
 
-    backend, tok = load_backend(model_dir)
+    backend, tok = load_backend(model_dir, dtype=torch.float32)      # F32 against F32
     ours = run_tasks(backend, tok, ["tiny_mc"], include_path=task_dir)["tiny_mc"]
     gguf = write_gguf(model_dir, tmp_path / "m.gguf", "f32")
     g_backend, g_tok = load_backend(gguf)

@@ -4,6 +4,7 @@ trl + peft + bitsandbytes runs (full, LoRA, QLoRA) on a tiny preset on the CPU."
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -406,3 +407,19 @@ def test_gguf_of_the_chat_model_chats_in_llama_cpp_with_our_template(lora_run, l
         assert reply["usage"]["prompt_tokens"] == len(ids)
     finally:
         llm.close()
+
+
+@pytest.mark.slow
+def test_bf16_autocast_on_the_cpu_keeps_float32_weights(base_dir, small_data, tmp_path, lora_run):
+    """--dtype bfloat16 on a CPU: float32 master weights under bf16 autocast (trl's bf16=True),
+    what `auto` picks on CPUs with bf16 instructions; the summary records the choice."""
+    result = run_sft(SFTArgs(base=base_dir, out=tmp_path / "bf16", data=str(small_data), method="full",
+                             max_steps=2, lr=1e-3, progress=False, dtype="bfloat16"))
+    s = result.summary
+    assert s["dtype"] == "bfloat16" and s["dtype_reason"] == "as asked" and s["steps"] == 2
+    assert math.isfinite(s["train_loss"])
+    assert next(result.model.parameters()).dtype == torch.float32
+    saved, _ = load_checkpoint(tmp_path / "bf16")
+    assert saved.lm_head.weight.dtype == torch.float32
+    auto = lora_run.summary                                        # the default: measured here
+    assert auto["dtype_reason"].startswith("auto: bf16 matmul") and auto["dtype"] in ("float32", "bfloat16")

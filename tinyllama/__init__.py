@@ -6,12 +6,33 @@
     tok = Tokenizer.llama2()                  # offline Llama-2 tokenizer
     save_checkpoint(model, tok, "out/dir")    # HF-format directory
     model, tok = load_checkpoint("out/dir")   # also any HF Llama directory
+
+The names above load on first use, so `import tinyllama.allocator` (or a CLI's --help) does not
+import torch.
 """
 
-from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from .config import PRESETS, ModelConfig
-from .model import Llama
-from .tokenizer import Tokenizer
+from __future__ import annotations
 
-__all__ = ["ModelConfig", "PRESETS", "Llama", "Tokenizer", "load_checkpoint", "save_checkpoint", "CheckpointError"]
+import importlib
+from typing import TYPE_CHECKING, Any
+
+_LAZY = {
+    "ModelConfig": "config", "PRESETS": "config", "Llama": "model", "Tokenizer": "tokenizer",
+    "load_checkpoint": "checkpoint", "save_checkpoint": "checkpoint", "CheckpointError": "checkpoint",
+}
+__all__ = list(_LAZY)
 __version__ = "0.1.0"
+
+if TYPE_CHECKING:
+    from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+    from .config import PRESETS, ModelConfig
+    from .model import Llama
+    from .tokenizer import Tokenizer
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

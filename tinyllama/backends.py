@@ -38,6 +38,7 @@ class Backend:
     """What generate() needs from a model."""
 
     name: str = "model"
+    precision: str = ""            # what the weights compute in, and why ("float32 (auto: ...)", "Q4_K_M in llama.cpp")
     vocab_size: int
     context_length: int
 
@@ -73,10 +74,12 @@ def _check(context: Sequence[int], n_last: int, context_length: int, name: str) 
 class TorchBackend(Backend):
     """Our Llama with its positional KV cache (batch 1)."""
 
-    def __init__(self, model: Llama, tokenizer: Tokenizer | None = None, name: str = "model") -> None:
+    def __init__(self, model: Llama, tokenizer: Tokenizer | None = None, name: str = "model",
+                 precision: str | None = None) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.name = name
+        self.precision = precision or str(next(model.parameters()).dtype).removeprefix("torch.")
         self.vocab_size = model.config.vocab_size
         self.context_length = model.config.max_seq_len
         self._cached: list[int] = []
@@ -132,8 +135,9 @@ class GGUFBackend(Backend):
     """A GGUF in llama.cpp through llama-cpp-python, logits at every position (logits_all)."""
 
     def __init__(self, path: str | os.PathLike, n_ctx: int = 2048, n_threads: int | None = None,
-                 reader=None) -> None:
-        """`reader`: an already-parsed gguf.GGUFReader of the same file, to read it only once."""
+                 reader=None, n_gpu_layers: int = 0) -> None:
+        """`reader`: an already-parsed gguf.GGUFReader of the same file, to read it only once;
+        `n_gpu_layers`: layers llama.cpp offloads to the GPU (-1: all) in a CUDA or Metal build."""
         try:
             import llama_cpp
         except ImportError:
@@ -151,11 +155,15 @@ class GGUFBackend(Backend):
             n_ctx = min(n_ctx, int(trained))     # no longer than the model was trained for
         try:
             self.llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, logits_all=True, verbose=False,
-                                       n_threads=n_threads or max(1, (os.cpu_count() or 2)))
+                                       n_threads=n_threads or max(1, (os.cpu_count() or 2)),
+                                       n_gpu_layers=n_gpu_layers)
         except ValueError as e:
             raise ValueError(f"{path}: llama.cpp cannot load this file ({e})") from None
         self.name = path.name
         self.path = path
+        offload = llama_cpp.llama_supports_gpu_offload() and n_gpu_layers != 0
+        self.precision = f"{_gguf_file_type(reader)} in llama.cpp" + (
+            f", {'all' if n_gpu_layers < 0 else n_gpu_layers} layers on the GPU" if offload else "")
         self.vocab_size = self.llm.n_vocab()
         self.context_length = self.llm.n_ctx()
         self._fingerprint: str | None = None
@@ -194,20 +202,38 @@ class GGUFBackend(Backend):
         self.llm.close()
 
 
-def load_backend(path: str | os.PathLike, device: str = "cpu", dtype: torch.dtype | None = None,
-                 n_ctx: int = 2048) -> tuple[Backend, Tokenizer]:
+def _gguf_file_type(reader) -> str:
+    """'Q4_K_M', 'F32', ... from general.file_type (llama.cpp's LLAMA_FTYPE numbering)."""
+    import gguf
+
+    ftype = gguf_value(reader, "general.file_type")
+    try:
+        return gguf.LlamaFileType(int(ftype)).name.removeprefix("MOSTLY_") if ftype is not None else "GGUF"
+    except (ValueError, TypeError):
+        return f"file type {ftype}"
+
+
+def load_backend(path: str | os.PathLike, device: str = "cpu", dtype: str | torch.dtype | None = "auto",
+                 n_ctx: int = 2048, n_gpu_layers: int = 0) -> tuple[Backend, Tokenizer]:
     """A checkpoint directory (PyTorch) or a .gguf file (llama.cpp), with its tokenizer: the
-    directory's own, or for a GGUF the one rebuilt from the file's vocabulary."""
-    from .checkpoint import load_checkpoint
+    directory's own, or for a GGUF the one rebuilt from the file's vocabulary.
+
+    dtype (PyTorch): "auto" measures what decodes faster here (tinyllama.precision: bf16 only on
+    CPUs with bf16 instructions, bf16 on CUDA), a torch dtype or name forces one, None keeps the
+    stored dtype. `backend.precision` says what was chosen and why."""
+    from .checkpoint import load_checkpoint, load_config
+    from .precision import choose_dtype
 
     path = Path(path)
     if path.is_dir():
-        model, tok = load_checkpoint(path, device=device, dtype=dtype)
-        return TorchBackend(model, tok, name=path.name), tok
+        choice = None if dtype is None else choose_dtype(dtype, device, load_config(path), work="decode")
+        model, tok = load_checkpoint(path, device=device, dtype=choice.dtype if choice else None)
+        return TorchBackend(model, tok, name=path.name, precision=str(choice) if choice else None), tok
     if path.suffix == ".gguf":
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no such GGUF file")
         reader = open_gguf(path)                       # parsed once, for both
-        return GGUFBackend(path, n_ctx=n_ctx, reader=reader), Tokenizer.from_gguf_vocab(path, reader=reader)
+        backend = GGUFBackend(path, n_ctx=n_ctx, reader=reader, n_gpu_layers=n_gpu_layers)
+        return backend, Tokenizer.from_gguf_vocab(path, reader=reader)
     raise FileNotFoundError(f"{path}: not a checkpoint directory or a .gguf file")
 

@@ -218,7 +218,7 @@ def markdown_report(runs: dict[str, tuple[dict[str, dict[str, float]], dict[str,
 
 def sweep(run_dir: str | Path, shards: Sequence[str | Path], tasks: Sequence[str] = (), seq_len: int = 256,
           include_path: str | Path | None = None, limit: int | None = None,
-          png: str | Path | None = None) -> list[dict]:
+          png: str | Path | None = None, dtype: str = "auto") -> list[dict]:
     """Every `step-*` checkpoint of a pretraining run (and `final`), evaluated in order of tokens
     seen (step x global_batch_tokens from the run's config.yaml); optionally plotted like
     TinyLlama's Figure 2. Returns [{"checkpoint", "step", "tokens", task/shard: value}, ...]."""
@@ -239,7 +239,7 @@ def sweep(run_dir: str | Path, shards: Sequence[str | Path], tasks: Sequence[str
         raise EvalError(f"{run_dir}: no step-*/ or final/ checkpoints")
     rows = []
     for step, ckpt in points:
-        backend, tok = load_backend(ckpt)
+        backend, tok = load_backend(ckpt, dtype=dtype)
         try:
             row: dict = {"checkpoint": ckpt.name, "step": step, "tokens": step * batch_tokens}
             if tasks:
@@ -288,6 +288,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="token-shard directories (pretrain.prepare) to report validation perplexity on")
     ap.add_argument("--seq-len", type=int, default=256, help="perplexity block length (default: %(default)s)")
     ap.add_argument("--out", type=Path, default=None, help="also write the results as JSON here")
+    ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                    help="compute dtype of checkpoint directories; auto: bf16 only where a timed bf16 matmul "
+                         "decodes faster here (default: %(default)s)")
     args = ap.parse_args(argv)
     for flag, low in (("seq_len", 1), ("limit", 1), ("num_fewshot", 0)):
         value = getattr(args, flag)
@@ -314,7 +317,8 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory() as tmp:
             include = local_task_dir(Path(tmp)) if LOCAL_TASK in tasks else None
             for m in args.model:
-                backend, tok = load_backend(m)
+                backend, tok = load_backend(m, dtype=args.dtype)
+                print(f"{backend.name}: {backend.precision}", file=sys.stderr, flush=True)
                 try:
                     results = run_tasks(backend, tok, tasks, include, args.num_fewshot, args.limit) if tasks else {}
                     ppl = {str(p): perplexity(backend, p, args.seq_len) for p in args.perplexity}
@@ -344,7 +348,7 @@ def _main_sweep(args: argparse.Namespace, tasks: list[str]) -> int:
     try:
         with tempfile.TemporaryDirectory() as tmp:
             include = local_task_dir(Path(tmp)) if LOCAL_TASK in tasks else None
-            rows = sweep(args.sweep, args.perplexity, tasks, args.seq_len, include, args.limit, png)
+            rows = sweep(args.sweep, args.perplexity, tasks, args.seq_len, include, args.limit, png, args.dtype)
     except (EvalError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

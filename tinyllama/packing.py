@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import platform
 import sys
@@ -165,6 +166,13 @@ def _packable(owner: nn.Module, names: Sequence[str]) -> bool:
         len({(m.weight.shape[1], m.weight.dtype, m.weight.device) for m in mods}) == 1
 
 
+def _plan(model: nn.Module) -> list:
+    """(module, pack attribute, linear names) for every packable group of `model`."""
+    return [(module, attr, names) for module in model.modules()
+            for attr, names in _GROUPS.get(type(module).__name__, ())
+            if hasattr(module, attr) and _packable(module, names)]
+
+
 def pack_for_decoding(model: nn.Module, max_bytes: int | None = None) -> int:
     """Packs the packable groups of `model` in the layout that decodes fastest here (timed once
     per model shape, dtype and thread count), within `max_bytes` of copies (default: a quarter
@@ -174,9 +182,7 @@ def pack_for_decoding(model: nn.Module, max_bytes: int | None = None) -> int:
     ref = next(model.parameters(), None)
     if ref is None or ref.device.type != "cpu":
         return 0
-    plan = [(module, attr, names) for module in model.modules()
-            for attr, names in _GROUPS.get(type(module).__name__, ())
-            if hasattr(module, attr) and _packable(module, names)]
+    plan = _plan(model)
     if not plan:
         return 0
     budget = default_pack_budget() if max_bytes is None else max_bytes
@@ -292,14 +298,27 @@ VERIFY_ROWS = 4     # the rows of a typical speculative verification pass (k = 3
 
 
 def _fastest_layout(model: nn.Module, plan, budget: int, model_bytes: int, rounds: int = 3) -> str | None:
-    """Times `model` unpacked and packed in each layout this machine runs and returns the
-    fastest layout if it beats unpacked by LAYOUT_MARGIN, else None. A layout's cost is a
-    one-token forward (a decode step) plus a VERIFY_ROWS-token one (a speculative verification
-    pass): where single-token times tie, the layout that also verifies fast wins (tinyllama-19m
-    fp32, both layouts without the few-rows path: 3.7-4.0 ms either way for one token, 5.4 vs
-    8.0 ms for four). Up to `rounds` interleaved rounds, so a slow spell hits all alike, as many
-    as fit in ~2 s; each time the median of several steps. tinyllama-19m: ~1 s; tinyllama-1.1b
-    bf16: one round, ~15 s."""
+    """The fastest layout (time_layouts) if it beats unpacked by LAYOUT_MARGIN, else None."""
+    best = time_layouts(model, plan, budget, model_bytes, rounds)
+    fastest = min((l for l in best if l is not None), key=best.__getitem__, default=None)
+    return fastest if fastest is not None and best[fastest] < LAYOUT_MARGIN * best[None] else None
+
+
+def time_layouts(model: nn.Module, plan=None, budget: int | None = None, model_bytes: int | None = None,
+                 rounds: int = 3) -> dict[str | None, float]:
+    """Seconds per decode cost of `model` unpacked (key None) and packed in each layout this
+    machine runs. A layout's cost is a one-token forward (a decode step) plus a
+    VERIFY_ROWS-token one (a speculative verification pass): where single-token times tie, the
+    layout that also verifies fast wins (tinyllama-19m fp32, both layouts without the few-rows
+    path: 3.7-4.0 ms either way for one token, 5.4 vs 8.0 ms for four). Up to `rounds`
+    interleaved rounds, so a slow spell hits all alike, as many as fit in ~2 s; each time the
+    median of several steps. A layout whose first step takes over twice the unpacked one is
+    dropped at once (oneDNN's bf16 kernels on a CPU without bf16 instructions: seconds a step).
+    tinyllama-19m: ~1 s; tinyllama-1.1b bf16: one round, ~15 s."""
+    if plan is None:
+        plan = _plan(model)
+    budget = default_pack_budget() if budget is None else budget
+    model_bytes = model_bytes or sum(p.numel() * p.element_size() for p in model.parameters())
     dtype = next(model.parameters()).dtype
     layouts = [None] + [l for l in LAYOUTS if l != "onednn" or onednn_supports(dtype)]
     inputs = [torch.zeros(1, rows, dtype=torch.long) for rows in (1, VERIFY_ROWS)]
@@ -308,29 +327,39 @@ def _fastest_layout(model: nn.Module, plan, budget: int, model_bytes: int, round
     stop = time.perf_counter() + 2.0          # a big model gets one round: its steps are long
     try:
         with torch.inference_mode():
-            for _ in range(rounds):
+            for round_ in range(rounds):
                 if time.perf_counter() > stop:
                     break
                 for layout in layouts:
+                    if round_ and best[layout] == math.inf:
+                        continue                      # given up in the first round
                     unpack(model)
                     if layout is not None:
                         _pack(plan, layout, budget, flush_bytes=model_bytes)
-                    cost = 0.0
-                    for ids in inputs:
-                        model(ids)                                     # warm-up
-                        times = []
-                        for _ in range(steps):
-                            t0 = time.perf_counter()
-                            model(ids)
-                            times.append(time.perf_counter() - t0)
-                        cost += sorted(times)[len(times) // 2]
+                    cost = _decode_cost(model, inputs, steps, give_up=2 * best[None] if layout else math.inf)
                     best[layout] = min(best[layout], cost)
                     # ~0.1 s of steps per layout and round: many for a small model, 3 for 1.1B
                     steps = max(steps, min(30, int(0.1 / max(best[None], 1e-6))))
     finally:
         unpack(model)
-    fastest = min(layouts[1:], key=best.__getitem__, default=None)
-    return fastest if fastest is not None and best[fastest] < LAYOUT_MARGIN * best[None] else None
+    return best
+
+
+def _decode_cost(model: nn.Module, inputs: Sequence[torch.Tensor], steps: int, give_up: float) -> float:
+    """Median seconds of a forward on each input, summed; inf as soon as the first timed call
+    of the first input exceeds `give_up`."""
+    cost = 0.0
+    for ids in inputs:
+        model(ids)                                     # warm-up
+        times = []
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            model(ids)
+            times.append(time.perf_counter() - t0)
+            if times[0] > give_up:
+                return math.inf
+        cost += sorted(times)[len(times) // 2]
+    return cost
 
 
 def unpack(model: nn.Module) -> None:

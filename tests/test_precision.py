@@ -1,0 +1,163 @@
+"""dtype `auto`: chosen by timing bf16 against float32 on this machine, cached per machine."""
+
+import json
+
+import pytest
+import torch
+
+from tinyllama import ModelConfig
+from tinyllama import precision
+from tinyllama.measure import DecisionCache, cpu_identity
+from tinyllama.precision import DtypeChoice, choose_dtype, parse_dtype
+
+CFG = ModelConfig.from_name("tinyllama-debug")
+
+
+@pytest.fixture(autouse=True)
+def fresh_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("TINYLLAMA_DECISIONS", str(tmp_path))
+    precision._CACHE.forget()
+    yield
+    precision._CACHE.forget()
+
+
+def test_parse_dtype_names_and_errors():
+    assert parse_dtype("auto") == "auto" and parse_dtype(None) is None
+    assert parse_dtype("bf16") is torch.bfloat16 and parse_dtype("float32") is torch.float32
+    assert parse_dtype(torch.float16) is torch.float16
+    with pytest.raises(ValueError, match="dtype 'int8': expected auto"):
+        parse_dtype("int8")
+
+
+def test_an_explicit_dtype_always_wins(monkeypatch):
+    monkeypatch.setattr(precision, "_measure_matmuls", lambda *a: pytest.fail("an explicit dtype must not be timed"))
+    choice = choose_dtype("bfloat16", "cpu", CFG)
+    assert choice == DtypeChoice(torch.bfloat16, "as asked")
+    assert str(choose_dtype(torch.float32, "cpu", CFG)) == "float32 (as asked)"
+
+
+def _fake_timings(monkeypatch, fp32: float, bf16: float) -> list:
+    """_matmul_seconds / _first_call_seconds as if each dtype ran at a fixed rate (seconds per
+    GFLOP: fp32, bf16); records the calls."""
+    calls = []
+    rate = {torch.float32: fp32, torch.bfloat16: bf16}
+
+    def gflops(shape):
+        m, k, n = shape
+        return 2 * m * k * n / 1e9
+
+    def seconds(shapes, dtype):
+        calls.append(("all", dtype))
+        return sum(map(gflops, shapes)) * rate[dtype]
+
+    def first(shape, dtype):
+        calls.append(("first", dtype))
+        return gflops(shape) * rate[dtype]
+
+    monkeypatch.setattr(precision, "_matmul_seconds", seconds)
+    monkeypatch.setattr(precision, "_first_call_seconds", first)
+    return calls
+
+
+def test_bf16_is_taken_where_it_is_clearly_faster(monkeypatch):
+    _fake_timings(monkeypatch, fp32=1.0, bf16=0.3)          # an AMX Xeon: ~3x
+    choice = choose_dtype("auto", "cpu", CFG, work="train")
+    assert choice.dtype is torch.bfloat16
+    assert "bf16 matmul 3.3x faster than float32" in choice.reason and cpu_identity().model in choice.reason
+
+
+def test_emulated_bf16_is_refused_after_one_call(monkeypatch):
+    calls = _fake_timings(monkeypatch, fp32=0.01, bf16=1.0)    # AVX2 only: ~100x slower
+    choice = choose_dtype("auto", "cpu", CFG, work="train")
+    assert choice.dtype is torch.float32 and "100.0x slower" in choice.reason
+    assert calls == [("all", torch.float32), ("first", torch.bfloat16)]     # never the full bf16 probe
+
+
+def test_a_near_tie_keeps_float32(monkeypatch):
+    _fake_timings(monkeypatch, fp32=1.0, bf16=0.85)         # within the training margin (0.8)
+    assert choose_dtype("auto", "cpu", CFG, work="train").dtype is torch.float32
+    _fake_timings(monkeypatch, fp32=1.0, bf16=0.85)         # decoding's margin is 0.9
+    assert choose_dtype("auto", "cpu", CFG, work="decode").dtype is torch.bfloat16
+
+
+def test_decisions_are_measured_once_and_kept_per_machine(monkeypatch, tmp_path):
+    calls = _fake_timings(monkeypatch, fp32=1.0, bf16=0.3)
+    first = choose_dtype("auto", "cpu", CFG, work="decode")
+    saved = json.loads((tmp_path / "dtype-choices.json").read_text())
+    assert [v["dtype"] for v in saved.values()] == ["bfloat16"]
+    n = len(calls)
+    precision._CACHE.forget()                                # a new process: read from the file
+    assert choose_dtype("auto", "cpu", CFG, work="decode") == first and len(calls) == n
+    # another ISA limit (CPU_ISA=avx2) is another machine as far as decisions go
+    monkeypatch.setattr("tinyllama.measure._IDENTITY", None)
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    try:
+        choose_dtype("auto", "cpu", CFG, work="decode")
+        assert len(calls) > n
+        assert "ONEDNN_MAX_CPU_ISA=AVX2" in cpu_identity().describe()
+    finally:
+        monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
+        import tinyllama.measure as m
+        m._IDENTITY = None
+
+
+def test_a_corrupt_cache_file_is_measured_over(monkeypatch, tmp_path):
+    (tmp_path / "dtype-choices.json").write_text("{not json")
+    _fake_timings(monkeypatch, fp32=1.0, bf16=0.3)
+    assert choose_dtype("auto", "cpu", CFG).dtype is torch.bfloat16
+    assert json.loads((tmp_path / "dtype-choices.json").read_text())
+
+
+def test_cuda_auto_is_bf16_where_supported(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: "NVIDIA H200")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    assert choose_dtype("auto", "cuda", CFG).dtype is torch.bfloat16
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: "Tesla T4")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
+    assert choose_dtype("auto", "cuda", CFG, work="train").dtype is torch.float32
+    assert choose_dtype("auto", "cuda", CFG, work="decode").dtype is torch.float16
+
+
+def test_the_real_measurement_on_this_cpu():
+    """Times real matmuls: the choice agrees with its figures, and an AVX2-only CPU (or
+    CPU_ISA=avx2) trains in float32 (its bf16 GEMMs are emulated: 4-15x slower here). Decoding may
+    take bf16 there: a memory-bound GEMV gains from half the bytes (tinyllama-1.1b 7.6 vs 6.0 tok/s)."""
+    cpu = cpu_identity()
+    for work in ("train", "decode"):
+        choice = choose_dtype("auto", "cpu", ModelConfig.from_name("tinyllama-19m"), work=work, rows=2048)
+        assert (choice.dtype is torch.bfloat16) == ("faster" in choice.reason), choice
+        assert cpu.describe() in choice.reason
+        if work == "train" and (cpu.isa in ("avx2", "baseline") or "ATEN_CPU_CAPABILITY=avx2" in cpu.limits):
+            assert choice.dtype is torch.float32, choice
+
+
+def test_decision_cache_keys_include_threads(monkeypatch, tmp_path):
+    cache = DecisionCache("t")
+    k1 = cache.key(["x"])
+    old = torch.get_num_threads()
+    torch.set_num_threads(1 if old != 1 else 2)
+    try:
+        assert cache.key(["x"]) != k1
+    finally:
+        torch.set_num_threads(old)
+
+
+def test_load_backend_chooses_and_says_why(tiny_chat_checkpoint):
+    from tinyllama.backends import load_backend
+
+    backend, _ = load_backend(tiny_chat_checkpoint)                 # auto
+    try:
+        weights = next(backend.model.parameters()).dtype
+        assert backend.precision.startswith(str(weights).removeprefix("torch.") + " (auto: ")
+    finally:
+        backend.close()
+    backend, _ = load_backend(tiny_chat_checkpoint, dtype="bfloat16")
+    try:
+        assert next(backend.model.parameters()).dtype is torch.bfloat16 and backend.precision == "bfloat16 (as asked)"
+    finally:
+        backend.close()
+    backend, _ = load_backend(tiny_chat_checkpoint, dtype=None)    # as stored
+    try:
+        assert backend.precision == "float32"
+    finally:
+        backend.close()

@@ -1,0 +1,170 @@
+"""The compute dtype, chosen by measurement: `auto` is bf16 only where bf16 is faster here.
+
+    choice = choose_dtype("auto", "cpu", ModelConfig.from_name("tinyllama-19m"), work="train", rows=2048)
+    choice.dtype            # torch.float32 on an AVX2-only CPU, torch.bfloat16 on an AMX Xeon
+    print(choice)           # "float32 (auto: bf16 matmul 107x slower than float32 on AMD EPYC (avx2, ...))"
+
+On a CPU, bf16 speed is a property of the instruction set, not of torch: with AMX or AVX-512
+BF16 a bf16 matmul runs several times faster than a float32 one, while without them (AVX2
+laptops, AMD Zen 2/3, many cloud CPUs) torch emulates it ~100x slower. So `auto` times a
+float32 and a bf16 matmul of the model's own shapes, as the work will run them (training: many
+rows of tokens, a GEMM; decoding: one row, a GEMV), and picks bf16 only when it wins by a clear
+margin. The decision is cached per machine (tinyllama.measure.DecisionCache) and costs well
+under a second the first time, because an emulated bf16 matmul is abandoned after one call. On
+CUDA, `auto` is bf16 where the device supports it. An explicit dtype always wins.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .config import ModelConfig
+from .measure import DecisionCache, cpu_identity, median_seconds
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPE_CHOICES = ("auto", "float32", "bfloat16")     # what the CLIs offer
+WORKS = ("train", "decode")
+# bf16 must cut the matmul time by this much: autocast adds casts (training) and a near-tie
+# is not worth bf16's lost precision
+MARGIN = {"train": 0.8, "decode": 0.9}
+FLOPS_PER_PROBE = 1e9            # each training probe matmul: ~10 ms of float32 on a laptop
+DECODE_PROBE_BYTES = 256 * 2**20  # float32 layer weights in the decode probe: beyond any L3
+_CACHE = DecisionCache("dtype-choices", version=4)
+
+
+@dataclass(frozen=True)
+class DtypeChoice:
+    dtype: torch.dtype
+    reason: str
+
+    @property
+    def name(self) -> str:
+        return str(self.dtype).removeprefix("torch.")
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.reason})"
+
+
+def parse_dtype(value: str | torch.dtype | None) -> torch.dtype | str | None:
+    """'auto' stays 'auto'; a name becomes its torch dtype; None stays None (keep what is stored)."""
+    if value is None or isinstance(value, torch.dtype):
+        return value
+    name = str(value).strip().lower().removeprefix("torch.")
+    if name == "auto":
+        return "auto"
+    aliases = {"bf16": "bfloat16", "fp32": "float32", "float": "float32", "fp16": "float16", "half": "float16"}
+    name = aliases.get(name, name)
+    if name not in DTYPES:
+        raise ValueError(f"dtype {value!r}: expected auto, {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def choose_dtype(requested: str | torch.dtype | None, device: str | torch.device, cfg: ModelConfig,
+                 work: str = "train", rows: int = 2048) -> DtypeChoice:
+    """The dtype to compute in: `requested` if explicit, else measured for `work` on `device`.
+
+    cfg: the model (its d_model, ffn_dim and vocabulary are the probe's matmul shapes);
+    work: "train" (autocast over `rows` tokens per micro-batch) or "decode" (one token per step).
+    """
+    if work not in WORKS:
+        raise ValueError(f"work {work!r}: expected one of {', '.join(WORKS)}")
+    dtype = parse_dtype(requested if requested is not None else "auto")
+    if isinstance(dtype, torch.dtype):
+        return DtypeChoice(dtype, "as asked")
+    device = torch.device(device)
+    if device.type == "cuda":
+        return _cuda_choice(device, work)
+    if device.type != "cpu":
+        return DtypeChoice(torch.float32, f"auto: float32 on {device.type}")
+    if work == "train":
+        shapes = _train_shapes(cfg, rows)
+        measure, key = (lambda: _measure_matmuls(shapes, MARGIN[work])), shapes
+    else:
+        shapes = _decode_shapes(cfg)
+        measure, key = (lambda: _measure_matmuls(shapes, MARGIN[work])), shapes
+    measured = _CACHE.get([work, key], measure, valid=lambda v: isinstance(v, dict) and v.get("dtype") in DTYPES)
+    return DtypeChoice(DTYPES[measured["dtype"]], _reason(measured))
+
+
+def _cuda_choice(device: torch.device, work: str) -> DtypeChoice:
+    name = torch.cuda.get_device_name(device)
+    if torch.cuda.is_bf16_supported():
+        return DtypeChoice(torch.bfloat16, f"auto: {name} supports bf16")
+    if work == "decode":       # fp16 inference needs no loss scaling
+        return DtypeChoice(torch.float16, f"auto: {name} has no bf16; float16 for inference")
+    return DtypeChoice(torch.float32, f"auto: {name} has no bf16")
+
+
+def _train_shapes(cfg: ModelConfig, rows: int) -> list[list[int]]:
+    """[rows, in, out] of the model's SwiGLU up and down projections (most of a block's FLOPs),
+    rows cut to 64-256 (~FLOPS_PER_PROBE each): enough for a GEMM to run compute-bound."""
+    m = min(rows, max(64, min(256, int(FLOPS_PER_PROBE / (2 * cfg.d_model * cfg.ffn_dim)))))
+    return [[m, cfg.d_model, cfg.ffn_dim], [m, cfg.ffn_dim, cfg.d_model]]
+
+
+def _measure_matmuls(shapes: list[list[int]], margin: float) -> dict:
+    """Times float32, then bf16 (given up after one call of its first matmul when that alone
+    takes 4x float32's share: an emulated bf16 then costs well under a second, not minutes)."""
+    fp32 = _matmul_seconds(shapes, torch.float32)
+    flops = [2 * m * k * n for m, k, n in shapes]
+    first_share = flops[0] / sum(flops)
+    once = _first_call_seconds(shapes[0], torch.bfloat16)
+    bf16 = once / first_share if once > 4 * fp32 * first_share else _matmul_seconds(shapes, torch.bfloat16)
+    return _decision(bf16 / fp32, margin, "matmul" if shapes[0][0] > 1 else "decode GEMVs",
+                     f"{sum(flops) / bf16 / 1e9:.1f} vs {sum(flops) / fp32 / 1e9:.1f} GFLOP/s")
+
+
+def _decode_shapes(cfg: ModelConfig) -> list[list[int]]:
+    """One token through the model's own chain of GEMVs (q/k/v, o, gate/up, down per layer, then
+    lm_head), for up to DECODE_PROBE_BYTES of float32 layer weights. A decode step streams its
+    weights, so whether they fit in the caches decides the winner: bf16 halves the bytes, while
+    its conversions cost more than they save on small, cache-warm weights. Measured on an
+    AVX2-only EPYC, real decoding (TorchBackend, best layout each) against this probe:
+    tinyllama-debug float32 837 vs bf16 514 tok/s (probe: float32 8x), tinyllama-19m 267 vs 275
+    (a tie; probe: bf16 1.8x), tinyllama-1.1b 6.0 vs 7.6 (probe: bf16 1.7x)."""
+    d, heads = cfg.d_model, cfg.n_head * cfg.head_dim
+    layer = [[1, d, heads + 2 * cfg.kv_dim], [1, heads, d], [1, d, 2 * cfg.ffn_dim], [1, cfg.ffn_dim, d]]
+    layer_bytes = 4 * sum(k * n for _, k, n in layer)
+    n_layers = max(1, min(cfg.n_layer, DECODE_PROBE_BYTES // layer_bytes))
+    return [shape for _ in range(n_layers) for shape in layer] + [[1, d, cfg.vocab_size]]
+
+
+def _decision(ratio: float, margin: float, what: str, figures: str) -> dict:
+    return {"dtype": "bfloat16" if ratio < margin else "float32", "ratio": round(ratio, 4), "what": what,
+            "figures": figures}
+
+
+def _first_call_seconds(shape: list[int], dtype: torch.dtype) -> float:
+    """One timed call after one untimed (kernel selection, weight packing)."""
+    x, w = _operands(shape, dtype)
+    with torch.no_grad():
+        return median_seconds(lambda: F.linear(x, w), repeats=1, warmup=1)
+
+
+def _operands(shape: list[int], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Constant operands: filling is all they cost, and values do not change a CPU kernel's speed."""
+    m, k, n = shape
+    return torch.full((m, k), 0.5, dtype=dtype), torch.full((n, k), 0.01, dtype=dtype)
+
+
+def _matmul_seconds(shapes: list[list[int]], dtype: torch.dtype) -> float:
+    """Seconds for one pass through all the matmuls in order (the median of up to 5 passes):
+    a chain, as the model runs them, so weights larger than the caches stream from memory."""
+    operands = [_operands(shape, dtype) for shape in shapes]
+
+    def chain() -> None:
+        for x, w in operands:
+            F.linear(x, w)
+
+    with torch.no_grad():
+        return median_seconds(chain, repeats=5, warmup=1, budget_s=0.5)
+
+
+def _reason(measured: dict) -> str:
+    ratio = measured["ratio"]
+    speed = f"{1 / ratio:.1f}x faster" if ratio < 1 else f"{ratio:.1f}x slower"
+    return (f"auto: bf16 {measured['what']} {speed} than float32 ({measured['figures']}) on "
+            f"{cpu_identity().describe()}")
