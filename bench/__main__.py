@@ -18,7 +18,7 @@ import torch
 
 from tinyllama.atomic import atomic_file
 
-from . import (bench_core, data_prep, decode, gguf, kill_resume, server_load, sft_memory, speculative,
+from . import (allocator, bench_core, data_prep, decode, gguf, kill_resume, server_load, sft_memory, speculative,
                train_throughput)
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
@@ -67,6 +67,8 @@ def main(argv: list[str] | None = None) -> int:
         ("Core: tokenizer and model (`python -m bench.bench_core`)", lambda: bench_core.run(quick=args.quick)),
         ("Data preparation (`python -m bench.data_prep`)", lambda: data_prep.run(large_mb=10 if args.quick else 40)),
         ("Training step (`python -m bench.train_throughput`)", lambda: train_throughput.run(quick=args.quick)),
+        ("Allocator churn in CPU training (`python -m bench.allocator`)",
+         lambda: allocator.run(steps=4 if args.quick else 6, rounds=1 if args.quick else 2)),
         ("Decode speed (`python -m bench.decode`)", decode_table),
         ("SFT memory and speed (`python -m bench.sft_memory`)", sft_table),
         ("GGUF sizes and llama.cpp decode (`python -m bench.gguf`)",
