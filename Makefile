@@ -109,7 +109,7 @@ serve: setup
 # task; EVAL_TASKS="hellaswag openbookqa winogrande arc_challenge arc_easy boolq piqa" where online.
 EVAL_TASKS ?= python_builtins_mc
 eval: setup
-	HF_HUB_OFFLINE=$${HF_HUB_OFFLINE:-1} HF_DATASETS_OFFLINE=$${HF_DATASETS_OFFLINE:-1} $(PY) -m tinyllama.eval \
+	HF_HUB_OFFLINE=$${HF_HUB_OFFLINE:-1} HF_DATASETS_OFFLINE=$${HF_DATASETS_OFFLINE:-1} $(PY) -m evaluation \
 	  --model $(OUT)/sft $(SERVE_MODEL) --tasks $(EVAL_TASKS) --perplexity $(DATA)/tokens/natural $(DATA)/tokens/code \
 	  --out $(OUT)/eval.json
 

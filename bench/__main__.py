@@ -18,8 +18,18 @@ import torch
 
 from tinyllama.atomic import atomic_file
 
-from . import (allocator, bench_core, data_prep, decode, gguf, kill_resume, server_load, sft_memory, speculative,
-               train_throughput)
+from . import (
+    allocator,
+    bench_core,
+    data_prep,
+    decode,
+    gguf,
+    kill_resume,
+    server_load,
+    sft_memory,
+    speculative,
+    train_throughput,
+)
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
 GPU_MARKER = "<!-- gpu -->"

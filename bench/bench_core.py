@@ -47,7 +47,7 @@ def corpus(max_bytes: int) -> list[str]:
 
 def bench_tokenizer(quick: bool) -> list[tuple[str, str, str, str]]:
     from tinyllama import Tokenizer
-    from tinyllama.tokenizer import llama2_dir
+    from tinyllama.paths import llama2_dir
 
     tok = Tokenizer.llama2()
     texts = corpus(500_000 if quick else 3_000_000)

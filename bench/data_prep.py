@@ -29,7 +29,7 @@ import numpy as np
 from pretrain.corpus import STDLIB_EXCLUDE, write_natural
 from pretrain.prepare import PrepareConfig, prepare
 from pretrain.sources import read_documents
-from tinyllama.tokenizer import llama2_dir
+from tinyllama.paths import llama2_dir
 
 from . import markdown_table
 

@@ -22,10 +22,11 @@ import torch
 from . import markdown_table
 
 
-def _ours_torch(model, prompt: list[int], n: int) -> float:
+def _ours_torch(backend, prompt: list[int], n: int) -> float:
     from tinyllama.generate import generate
 
-    gen = generate(model, prompt, max_new_tokens=n)
+    backend.reset()                               # no KV cache carried over from the last run
+    gen = generate(backend, prompt, max_new_tokens=n)
     for _ in gen:
         pass
     return gen.stats.generated_tokens / gen.stats.decode_seconds
@@ -58,15 +59,17 @@ def torch_rows(preset: str, dtype: torch.dtype, n: int, repeats: int = 5) -> tup
     from transformers import LlamaForCausalLM
 
     from tinyllama import Llama, ModelConfig, Tokenizer, load_checkpoint, save_checkpoint
+    from tinyllama.backends import TorchBackend
 
     with tempfile.TemporaryDirectory() as tmp:
         torch.manual_seed(0)
         save_checkpoint(Llama(ModelConfig.from_name(preset)).to(dtype), Tokenizer.llama2(), Path(tmp) / "m")
-        ours, _ = load_checkpoint(Path(tmp) / "m", dtype=dtype)
+        ours = TorchBackend(load_checkpoint(Path(tmp) / "m", dtype=dtype)[0])    # as load_backend runs it
         hf = LlamaForCausalLM.from_pretrained(Path(tmp) / "m", dtype=dtype, attn_implementation="sdpa").eval()
     prompt = list(range(1, 33))
     _ours_torch(ours, prompt, 4), _hf(hf, prompt, 4)                          # warm-up
     o, h = _best_interleaved(lambda: _ours_torch(ours, prompt, n), lambda: _hf(hf, prompt, n), repeats)
+    ours.close()
     name = f"{preset} {str(dtype).removeprefix('torch.')} (PyTorch)"
     return (name, f"{o:,.1f} tok/s", f"{h:,.1f} tok/s (transformers generate)", f"{o / h:.2f}x")
 

@@ -61,7 +61,6 @@ def make_shards(work: Path) -> dict[str, str]:
     """Two small real sources, as in the tests: Python's English help topics and the json
     package's code."""
     import json as json_pkg
-
     from pydoc_data.topics import topics
 
     from pretrain.prepare import PrepareConfig, prepare

@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     from serve.engine import Engine
-    from tinyllama.checkpoint import CheckpointError
+    from tinyllama.errors import UserError
 
     from .app import build_app
 
@@ -50,13 +50,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         try:
             engine = Engine.load(model, draft, args.num_draft, dtype=args.dtype)
-        except (FileNotFoundError, ValueError, CheckpointError, ImportError) as e:
+        except (UserError, ImportError) as e:
             if draft is None:
                 raise
             # the chat still works without the draft: say why in the page, not in a traceback
             engine = Engine.load(model, None, args.num_draft, dtype=args.dtype)
             draft_error, draft = f"draft {Path(draft).name} not used: {e}", None
-    except (FileNotFoundError, ValueError, CheckpointError, ImportError) as e:
+    except (UserError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"model: {engine.target.name}: {engine.target.precision}", file=sys.stderr, flush=True)

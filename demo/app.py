@@ -17,8 +17,11 @@ from typing import Any, Iterator
 
 import gradio as gr
 
-from serve.engine import Engine, RequestError, Sampling
-from tinyllama.chat import ChatFormatError
+from serve.engine import Engine
+from tinyllama.errors import UserError
+from tinyllama.generate import SamplingParams
+
+DEFAULTS = SamplingParams()        # the one default: greedy
 
 DEFAULT_SYSTEM = "You are a helpful assistant who answers questions about Python."
 
@@ -29,9 +32,9 @@ def model_info(path: str | os.PathLike | None) -> str:
         return ""
     path = Path(path)
     if path.suffix == ".gguf":
-        from gguf import GGUFReader
+        from tinyllama.gguf_file import open_gguf
 
-        reader = GGUFReader(str(path))
+        reader = open_gguf(path)
         params = sum(int(t.n_elements) for t in reader.tensors)
         types = sorted({t.tensor_type.name for t in reader.tensors if t.tensor_type.name not in ("F32",)})
         return (f"`{path.name}`: {params / 1e6:,.1f}M parameters, llama.cpp, {'/'.join(types) or 'F32'} weights, "
@@ -83,9 +86,10 @@ def build_app(engine: Engine, model_path: str | None = None, draft_path: str | N
         messages.append({"role": "user", "content": message.strip()})
         use_draft = bool(speculative and has_draft)
         try:
-            stream = engine.chat(messages, Sampling(max_tokens=int(max_tokens), temperature=float(temperature),
-                                                    top_p=float(top_p)), speculative=use_draft)
-        except (RequestError, ChatFormatError, ValueError) as e:
+            sampling = SamplingParams(max_new_tokens=int(max_tokens), temperature=float(temperature),
+                                      top_p=float(top_p))
+            stream = engine.chat(messages, sampling, speculative=use_draft)
+        except (UserError, ValueError) as e:
             raise gr.Error(str(e)) from None
         history = history + [{"role": "user", "content": message.strip()}, {"role": "assistant", "content": ""}]
         yield history, "", "generating..."
@@ -117,7 +121,7 @@ def build_app(engine: Engine, model_path: str | None = None, draft_path: str | N
         with gr.Accordion("Settings", open=True):
             system = gr.Textbox(value=DEFAULT_SYSTEM, label="System prompt", elem_id="system")
             with gr.Row():
-                temperature = gr.Slider(0.0, 2.0, value=0.0, step=0.05, label="Temperature (0 = greedy)")
+                temperature = gr.Slider(0.0, 2.0, value=DEFAULTS.temperature, step=0.05, label="Temperature (0 = greedy)")
                 top_p = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="Top-p")
                 max_tokens = gr.Slider(1, 512, value=128, step=1, label="Max new tokens")
             speculative = gr.Checkbox(value=has_draft, interactive=has_draft, elem_id="speculative",

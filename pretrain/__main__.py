@@ -20,11 +20,10 @@ from tinyllama.allocator import configure_mkl
 
 configure_mkl()          # before torch loads MKL (tinyllama/allocator.py: ~280k page faults a step less)
 
-from tinyllama.checkpoint import CheckpointError  # noqa: E402
+from tinyllama.cli import add_flags  # noqa: E402
+from tinyllama.errors import UserError, report  # noqa: E402
 
-from .checkpointing import CorruptCheckpointError  # noqa: E402
 from .config import ConfigError, TrainConfig  # noqa: E402
-from .data import DataError  # noqa: E402
 
 _HELP = {
     "preset": "model preset (python -m tinyllama presets)",
@@ -53,18 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m pretrain", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", help="a YAML file of config fields (see pretrain/configs/)")
-    defaults = TrainConfig()
-    for f in dataclasses.fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
-        default = getattr(defaults, f.name)
-        help_text = f"{_HELP.get(f.name, f.name.replace('_', ' '))} (default: {default})"
-        t = str(f.type)
-        if t == "bool":
-            ap.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
-        elif t.startswith(("dict", "list")):
-            ap.add_argument(flag, dest=f.name, nargs="+", default=None, help=help_text)
-        else:
-            ap.add_argument(flag, dest=f.name, default=None, help=help_text)
+    add_flags(ap, TrainConfig, raw=True, helps=_HELP)      # every field; values are checked by TrainConfig
     return ap
 
 
@@ -78,12 +66,11 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             overrides[f.name] = _pairs(v, f.name.replace("_", "-")) if str(f.type).startswith("dict") else v
         cfg = TrainConfig.from_yaml(args.config, overrides).validate()
-        from .train import train   # torch and friends load only once the config is sound
+        from .train import train  # torch and friends load only once the config is sound
 
         summary = train(cfg)
-    except (ConfigError, DataError, CorruptCheckpointError, CheckpointError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except UserError as e:
+        return report(e)
     if summary["loss"] != summary["loss"]:   # NaN: resumed from the last step, nothing left to train
         print(f"done: step {summary['step']}, {summary['tokens']:,} tokens (the run was already complete)")
         return 0

@@ -28,12 +28,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
-                                                     set_state_dict)
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_state_dict,
+)
 
 from tinyllama import Llama, ModelConfig, Tokenizer, save_checkpoint
+from tinyllama.errors import UserError
+
+from .distributed import barrier, gather, rank, world_size
 
 STATE_DIR = "state"
 MANIFEST = "manifest.json"
@@ -41,33 +47,7 @@ MANIFEST = "manifest.json"
 warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 
 
-def _is_dist() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
-def _barrier() -> None:
-    if _is_dist():
-        dist.barrier()
-
-
-def _rank() -> int:
-    return dist.get_rank() if _is_dist() else 0
-
-
-def _world() -> int:
-    return dist.get_world_size() if _is_dist() else 1
-
-
-def _gather(obj: Any) -> list[Any]:
-    """Every rank's `obj`, on every rank (a list of one without a process group)."""
-    if not _is_dist():
-        return [obj]
-    out: list[Any] = [None] * _world()
-    dist.all_gather_object(out, obj)
-    return out
-
-
-class CorruptCheckpointError(RuntimeError):
+class CorruptCheckpointError(UserError):
     """A training state on disk does not match its manifest (or has none)."""
 
 
@@ -93,7 +73,7 @@ def _sha256(path: Path) -> str:
 def _my_share(names: list[str]) -> list[str]:
     """This rank's share of the files to hash: round-robin over the sorted names, so the reading
     (~12 bytes per parameter for 1.1B: 13 GB) is split across ranks."""
-    return sorted(names)[_rank()::_world()]
+    return sorted(names)[rank()::world_size()]
 
 
 def _describe(path: Path, names: list[str]) -> dict[str, dict[str, Any]]:
@@ -122,7 +102,7 @@ def verify_state(path: Path) -> list[str]:
                 problems.append(f"{f}: {f.stat().st_size:,} bytes, the manifest says {want['bytes']:,} (truncated?)")
             elif _sha256(f) != want["sha256"]:
                 problems.append(f"{f}: sha256 does not match the manifest (corrupted on disk)")
-    return sorted({p for rank_problems in _gather(problems) for p in rank_problems})
+    return sorted({p for rank_problems in gather(problems) for p in rank_problems})
 
 
 def find_resume_state(out_dir: Path, say=print) -> Path | None:
@@ -164,23 +144,23 @@ def save_training_state(out_dir: Path, step: int, model: torch.nn.Module, optimi
     root = out_dir / STATE_DIR
     final = root / step_name(step)
     tmp = root / f".{step_name(step)}.tmp"
-    if _rank() == 0:
+    if rank() == 0:
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-    _barrier()
+    barrier()
     model_sd, optim_sd = get_state_dict(model, optimizer)
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
-    (tmp / f"rng-{_rank()}.json").write_text(json.dumps(_rng_state()))
-    if _rank() == 0:
+    (tmp / f"rng-{rank()}.json").write_text(json.dumps(_rng_state()))
+    if rank() == 0:
         (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2))
-    _barrier()
+    barrier()
     names = sorted(p.name for p in tmp.iterdir() if p.is_file())
-    files = {k: v for share in _gather(_describe(tmp, names)) for k, v in share.items()}
-    if _rank() == 0:
+    files = {k: v for share in gather(_describe(tmp, names)) for k, v in share.items()}
+    if rank() == 0:
         # The manifest is written last: its presence is what makes the directory a checkpoint.
         manifest = tmp / MANIFEST
-        manifest.write_text(json.dumps({"step": trainer_state["step"], "world_size": _world(), "files": files},
+        manifest.write_text(json.dumps({"step": trainer_state["step"], "world_size": world_size(), "files": files},
                                        indent=1))
         _sha256(manifest)   # fsync
         if final.exists():   # the same step saved again after a resume from an older state
@@ -192,7 +172,7 @@ def save_training_state(out_dir: Path, step: int, model: torch.nn.Module, optimi
             shutil.rmtree(old, ignore_errors=True)
         for stale in root.glob(".step-*.tmp"):   # left by a run killed while saving
             shutil.rmtree(stale, ignore_errors=True)
-    _barrier()
+    barrier()
     return final
 
 
@@ -222,7 +202,7 @@ def load_training_state(path: Path, model: torch.nn.Module, optimizer: torch.opt
     state = {"model": model_sd, "optim": optim_sd}
     dcp.load(state, checkpoint_id=str(path), planner=WeightsOnlyLoadPlanner())
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-    rng = path / f"rng-{_rank()}.json"
+    rng = path / f"rng-{rank()}.json"
     if rng.exists():
         _set_rng_state(json.loads(rng.read_text()))
     return json.loads((path / "trainer_state.json").read_text())
@@ -232,9 +212,9 @@ def save_hf_model(model: torch.nn.Module, model_cfg: ModelConfig, tok: Tokenizer
                   extra_files: dict[str, str]) -> None:
     """Gathers the full weights (a collective under FSDP2) and writes an HF directory on rank 0."""
     sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if _rank() == 0:
+    if rank() == 0:
         with torch.device("meta"):
             plain = Llama(model_cfg)
         plain.load_state_dict({k: v.detach().clone() for k, v in sd.items()}, assign=True, strict=True)
         save_checkpoint(plain, tok, out, extra_files=extra_files)
-    _barrier()
+    barrier()

@@ -19,9 +19,10 @@ from typing import Any
 import yaml
 
 from tinyllama.config import PRESETS
+from tinyllama.errors import UserError
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A configuration value that cannot work; the message names the field."""
 
 
@@ -59,7 +60,6 @@ class TrainConfig:
     eval_every: int = 500
     eval_batches: int = 20
     log_every: int = 10
-    sample_every: int = 0                 # 0: sample only at the end
     sample_prompts: list[str] = field(default_factory=lambda: ["The meaning of", "def fibonacci(n):"])
     sample_tokens: int = 48
     tensorboard: bool = True

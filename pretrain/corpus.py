@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Iterator
 
 from tinyllama.atomic import atomic_file
-from tinyllama.tokenizer import cache_dir
+from tinyllama.paths import cache_dir
 
 from .prepare import PrepareConfig, prepare, summary_table
 

@@ -26,81 +26,13 @@ Everything is a pure function of a global sample index g, so nothing needs repla
 from __future__ import annotations
 
 import hashlib
-import json
-from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from .prepare import FORMAT
-
-
-class DataError(ValueError):
-    """A shard directory that is missing, damaged or from another tokenizer; names the file."""
-
-
-class PackedSource:
-    """One source's split as a single token stream over memory-mapped uint16 shards."""
-
-    def __init__(self, path: str | Path, split: str = "train", verify: bool = False) -> None:
-        self.path = Path(path)
-        mpath = self.path / "manifest.json"
-        if not mpath.exists():
-            raise DataError(f"{mpath}: not found; build the shards with `python -m pretrain.prepare`")
-        try:
-            self.manifest = json.loads(mpath.read_text())
-        except json.JSONDecodeError as e:
-            raise DataError(f"{mpath}: invalid JSON at line {e.lineno}: {e.msg}") from None
-        if self.manifest.get("format") != FORMAT:
-            raise DataError(f"{mpath}: format {self.manifest.get('format')!r}, expected {FORMAT!r}")
-        if split not in self.manifest.get("splits", {}):
-            raise DataError(f"{mpath}: no split {split!r}")
-        self.name = self.manifest["name"]
-        self.split = split
-        self.arrays: list[np.memmap] = []
-        for shard in self.manifest["splits"][split]["shards"]:
-            f = self.path / shard["file"]
-            if not f.exists():
-                raise DataError(f"{f}: shard listed in manifest.json is missing")
-            if f.stat().st_size != 2 * shard["tokens"]:
-                raise DataError(f"{f}: {f.stat().st_size} bytes, manifest.json says {2 * shard['tokens']} "
-                                "(truncated or overwritten)")
-            if verify and hashlib.sha256(f.read_bytes()).hexdigest() != shard["sha256"]:
-                raise DataError(f"{f}: sha256 differs from manifest.json (corrupt shard)")
-            self.arrays.append(np.memmap(f, dtype="<u2", mode="r"))
-        self.offsets = np.cumsum([0] + [len(a) for a in self.arrays])   # (n_shards + 1,)
-        self.tokens = int(self.offsets[-1])
-
-    @property
-    def tokenizer_fingerprint(self) -> str:
-        return self.manifest["tokenizer"]["fingerprint"]
-
-    def check_tokenizer(self, fingerprint: str) -> None:
-        if self.tokenizer_fingerprint != fingerprint:
-            raise DataError(f"{self.path / 'manifest.json'}: shards were tokenized with a different tokenizer "
-                            f"(fingerprint {self.tokenizer_fingerprint[:12]}…, this run uses {fingerprint[:12]}…); "
-                            "re-run pretrain.prepare with the run's tokenizer")
-
-    def num_blocks(self, seq_len: int) -> int:
-        return max(0, (self.tokens - 1) // seq_len)
-
-    def read(self, start: int, length: int) -> np.ndarray:
-        """Tokens [start, start + length) of the stream, across shard boundaries."""
-        out = np.empty(length, dtype=np.int64)
-        i = int(np.searchsorted(self.offsets, start, side="right")) - 1
-        filled = 0
-        while filled < length:
-            local = start + filled - int(self.offsets[i])
-            n = min(length - filled, len(self.arrays[i]) - local)
-            out[filled:filled + n] = self.arrays[i][local:local + n]
-            filled += n
-            i += 1
-        return out
-
-    def block(self, j: int, seq_len: int) -> np.ndarray:
-        return self.read(j * seq_len, seq_len + 1)
+from .shards import PackedSource, ShardError
 
 
 class FeistelPermutation:
@@ -142,21 +74,21 @@ class Mixture:
                  period: int = 1000, tokenizer_fingerprint: str | None = None) -> None:
         unknown = set(weights) - set(sources)
         if unknown:
-            raise DataError(f"weights name unknown source(s): {', '.join(sorted(unknown))}")
+            raise ShardError(f"weights name unknown source(s): {', '.join(sorted(unknown))}")
         active = {k: w for k, w in weights.items() if w > 0}
         if not active:
-            raise DataError("every source weight is zero")
+            raise ShardError("every source weight is zero")
         if any(w < 0 for w in weights.values()):
-            raise DataError(f"source weights must be >= 0, got {weights}")
+            raise ShardError(f"source weights must be >= 0, got {weights}")
         for name in active:
             if sources[name].num_blocks(seq_len) == 0:
-                raise DataError(f"{sources[name].path}: {sources[name].tokens} tokens, fewer than one block of "
+                raise ShardError(f"{sources[name].path}: {sources[name].tokens} tokens, fewer than one block of "
                                 f"seq_len + 1 = {seq_len + 1}")
             if tokenizer_fingerprint is not None:
                 sources[name].check_tokenizer(tokenizer_fingerprint)
         fps = {sources[n].tokenizer_fingerprint for n in active}
         if len(fps) > 1:
-            raise DataError("sources were tokenized with different tokenizers: "
+            raise ShardError("sources were tokenized with different tokenizers: "
                             + ", ".join(f"{n}={sources[n].tokenizer_fingerprint[:12]}…" for n in active))
         self.sources = sources
         self.names = sorted(active)
@@ -279,6 +211,6 @@ class BatchLoader:
             changed["sources"] = (src_then, src_now)
         if changed:
             detail = "; ".join(f"{k}: saved {a!r}, now {b!r}" for k, (a, b) in changed.items())
-            raise DataError(f"cannot resume: the data configuration changed ({detail})")
+            raise ShardError(f"cannot resume: the data configuration changed ({detail})")
         self.next_batch = int(state["next_batch"])
         self._it = None

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import json
 import multiprocessing as mp
 import os
@@ -38,11 +37,12 @@ from typing import Iterator
 import numpy as np
 
 from tinyllama.atomic import atomic_dir
+from tinyllama.errors import UserError, report
 from tinyllama.tokenizer import Tokenizer
 
+from .shards import FORMAT, ShardWriter
 from .sources import Document, ReadStats, SourceError, read_documents
 
-FORMAT = "tinyllama-packed-v1"
 SEPARATOR_POLICY = ("each document is BOS + tokens + EOS; documents are concatenated; blocks are cut from the "
                     "stream regardless of document boundaries; the last shard is not padded")
 
@@ -67,47 +67,11 @@ class PrepareConfig:
 
     def validate(self) -> None:
         if self.shard_tokens < 1024:
-            raise ValueError(f"shard_tokens must be >= 1024, got {self.shard_tokens}")
+            raise UserError(f"shard_tokens must be >= 1024, got {self.shard_tokens}")
         if not 0 <= self.val_fraction < 0.5:
-            raise ValueError(f"val_fraction must be in [0, 0.5), got {self.val_fraction}")
+            raise UserError(f"val_fraction must be in [0, 0.5), got {self.val_fraction}")
         if self.workers < 1:
-            raise ValueError(f"workers must be >= 1, got {self.workers}")
-
-
-class ShardWriter:
-    """Appends token ids and writes fixed-size uint16 shards; the last one keeps its length."""
-
-    def __init__(self, out_dir: Path, split: str, shard_tokens: int) -> None:
-        self.out_dir, self.split, self.shard_tokens = out_dir, split, shard_tokens
-        self.buffer = np.empty(shard_tokens, dtype=np.uint16)
-        self.filled = 0
-        self.shards: list[dict] = []
-        self.tokens = 0
-        self.documents = 0
-
-    def add(self, ids: np.ndarray) -> None:
-        self.documents += 1
-        self.tokens += len(ids)
-        while len(ids):
-            n = min(len(ids), self.shard_tokens - self.filled)
-            self.buffer[self.filled:self.filled + n] = ids[:n]
-            self.filled += n
-            ids = ids[n:]
-            if self.filled == self.shard_tokens:
-                self._flush()
-
-    def _flush(self) -> None:
-        if not self.filled:
-            return
-        data = self.buffer[:self.filled].astype("<u2", copy=False).tobytes()
-        name = f"{self.split}-{len(self.shards):05d}.bin"
-        (self.out_dir / name).write_bytes(data)
-        self.shards.append({"file": name, "tokens": self.filled, "sha256": hashlib.sha256(data).hexdigest()})
-        self.filled = 0
-
-    def close(self) -> dict:
-        self._flush()
-        return {"documents": self.documents, "tokens": self.tokens, "shards": self.shards}
+            raise UserError(f"workers must be >= 1, got {self.workers}")
 
 
 # ---- tokenization in worker processes -----------------------------------------------------
@@ -140,7 +104,7 @@ def _chunks(docs: Iterator[Document], max_docs: int, max_chars: int) -> Iterator
 def _load_tokenizer(cfg: PrepareConfig) -> Tokenizer:
     tok = Tokenizer.from_dir(cfg.tokenizer_dir) if cfg.tokenizer_dir else Tokenizer.llama2()
     if tok.vocab_size > 65536:
-        raise ValueError(f"tokenizer has {tok.vocab_size} tokens; uint16 shards hold at most 65536")
+        raise UserError(f"tokenizer has {tok.vocab_size} tokens; uint16 shards hold at most 65536")
     return tok
 
 
@@ -283,9 +247,8 @@ def main(argv: list[str] | None = None) -> int:
                         split=args.split, progress=not args.no_progress)
     try:
         manifest = prepare(cfg)
-    except (SourceError, ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except UserError as e:
+        return report(e)
     print(summary_table([manifest]))
     print(f"wrote {cfg.out}/manifest.json")
     return 0

@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
+from tinyllama.errors import UserError
+
 CODE_EXTENSIONS = (".py", ".c", ".h", ".cpp", ".hpp", ".cc", ".js", ".ts", ".java", ".go", ".rs", ".rb", ".sh",
                    ".lua", ".php", ".swift", ".kt", ".scala", ".sql", ".md", ".rst", ".toml", ".yaml", ".yml")
 TEXT_EXTENSIONS = (".txt", ".rst", ".md")
@@ -31,7 +33,7 @@ TEXT_FIELD_CANDIDATES = ("text", "content")
 SLIMPAJAMA_DROPPED_SET = "RedPajamaGithub"
 
 
-class SourceError(ValueError):
+class SourceError(UserError):
     """Bad input; the message names the file (and line or row) and the problem."""
 
 
@@ -132,7 +134,7 @@ def _jsonl_rows(lines: Iterator[bytes], name: str, stats: ReadStats, skip_bad: b
         yield origin, row
 
 
-def read_jsonl(path: Path, text_field: str | None, stats: ReadStats, skip_bad: bool) -> Iterator[Document]:
+def read_jsonl_documents(path: Path, text_field: str | None, stats: ReadStats, skip_bad: bool) -> Iterator[Document]:
     if path.name.endswith(".zst"):
         yield from _read_jsonl_zst(path, text_field, stats, skip_bad)
         return
@@ -250,7 +252,7 @@ def _read_file(f: Path, text_field: str | None, stats: ReadStats, skip_bad: bool
     stats.files += 1
     name = f.name
     if name.endswith((".jsonl", ".jsonl.zst", ".json.zst")):
-        yield from read_jsonl(f, text_field, stats, skip_bad)
+        yield from read_jsonl_documents(f, text_field, stats, skip_bad)
     elif name.endswith(".parquet"):
         yield from read_parquet(f, text_field, stats, skip_bad)
     else:

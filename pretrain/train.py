@@ -14,70 +14,29 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import shutil
 import sys
 import time
-from datetime import timedelta
 from pathlib import Path
 from typing import Callable
 
 import torch
-import torch.distributed as dist
 
 from tinyllama import Llama, ModelConfig, Tokenizer, load_checkpoint
 from tinyllama.allocator import retain_freed_memory
 from tinyllama.atomic import atomic_file
-from tinyllama.generate import generate
 from tinyllama.checkpoint import load_config
+from tinyllama.generate import SamplingParams, generate
 from tinyllama.kernels import cross_entropy
 from tinyllama.precision import DtypeChoice, choose_dtype
 
 from .checkpointing import find_resume_state, load_training_state, save_hf_model, save_training_state, step_name
 from .config import ConfigError, TrainConfig
-from .data import BatchLoader, DataError, Mixture, PackedSource
+from .data import BatchLoader, Mixture
+from .distributed import Dist
 from .metrics import MetricsLog, device_peak_flops, peak_memory_gb, plot_loss_curve
 from .schedule import lr_at
-
-
-class Dist:
-    """Rank, world size and device from torchrun's environment (a single process otherwise)."""
-
-    def __init__(self) -> None:
-        self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank = int(os.environ.get("RANK", "0"))
-        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        cuda = torch.cuda.is_available()
-        self.device = torch.device("cuda", self.local_rank) if cuda else torch.device("cpu")
-        if cuda:
-            torch.cuda.set_device(self.device)
-        self.enabled = self.world_size > 1
-        if self.enabled and not dist.is_initialized():
-            dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(minutes=30))
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def mean(self, value: float) -> float:
-        if not self.enabled:
-            return value
-        t = torch.tensor([value], dtype=torch.float64, device=self.device if self.device.type == "cuda" else "cpu")
-        dist.all_reduce(t)
-        return t.item() / self.world_size
-
-    def close(self) -> None:
-        if self.enabled and dist.is_initialized():
-            dist.destroy_process_group()
-
-
-    def broadcast(self, value):
-        """Rank 0's `value` on every rank (a decision one rank measured)."""
-        if not self.enabled:
-            return value
-        box = [value]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
+from .shards import PackedSource, ShardError
 
 
 def compute_dtype(cfg: TrainConfig, model_cfg: ModelConfig, env: Dist) -> DtypeChoice:
@@ -146,7 +105,7 @@ def build_data(cfg: TrainConfig, tok: Tokenizer, split: str) -> Mixture:
     for name, path in cfg.data.items():
         try:
             sources[name] = PackedSource(path, split=split)
-        except DataError as e:
+        except ShardError as e:
             raise ConfigError(f"config field data.{name}: {e}") from None
     return Mixture(sources, cfg.weights, cfg.seq_len, seed=cfg.seed, tokenizer_fingerprint=tok.fingerprint)
 
@@ -176,8 +135,8 @@ def write_samples(final_dir: Path, cfg: TrainConfig, device: torch.device) -> st
     lines = []
     for prompt in cfg.sample_prompts:
         ids = tok.encode(prompt)
-        out = list(generate(model, ids, max_new_tokens=cfg.sample_tokens, temperature=0.8, top_k=40, seed=cfg.seed,
-                            stop_ids=[tok.eos_id]))
+        sampling = SamplingParams(max_new_tokens=cfg.sample_tokens, temperature=0.8, top_k=40, seed=cfg.seed)
+        out = list(generate(model, ids, sampling, stop_ids=[tok.eos_id]))
         lines.append(f"--- {prompt!r}\n{tok.decode(ids + out)}\n")
     text = "\n".join(lines)
     (final_dir.parent / "samples.txt").write_text(text)
@@ -207,126 +166,165 @@ def train(cfg: TrainConfig, stop_after: int | None = None, on_step: Callable[[in
 
 
 def _train(cfg: TrainConfig, env: Dist, stop_after: int | None, on_step) -> dict:
-    out = Path(cfg.out_dir)
-    accum = cfg.grad_accum_steps(env.world_size)
-    total_steps = cfg.total_steps
-    model_cfg = initial_model_config(cfg)
-    choice = compute_dtype(cfg, model_cfg, env)
-    if env.main:
-        print(f"dtype: {choice}", flush=True)
-    dtype = choice.dtype
-    model, model_cfg, tok = build_model(cfg, env, dtype)
-    train_mix = build_data(cfg, tok, "train")
-    val_mix = build_data(cfg, tok, "validation") if cfg.eval_every and cfg.eval_batches else None
-    optimizer = build_optimizer(cfg, model)
-    loader = BatchLoader(train_mix, cfg.micro_batch, env.rank, env.world_size, cfg.num_workers)
-    # FSDP2 casts parameters itself; a single process uses autocast for bf16.
-    autocast_dtype = dtype if (dtype != torch.float32 and not env.enabled) else None
-    step_loss = torch.compile(loss_fn) if (cfg.compile and not env.enabled) else loss_fn
+    return Trainer(cfg, env).fit(stop_after, on_step)
 
-    step, tokens = 0, 0
-    resume = find_resume_state(out, say=print if env.main else (lambda _: None))
-    if resume is not None:
-        state = load_training_state(resume, model, optimizer)
-        step, tokens = state["step"], state["tokens"]
-        loader.load_state_dict(state["loader"])
+
+class Trainer:
+    """One pretraining run: built (or resumed) by __init__, stepped by fit(), in named pieces as
+    torchtitan's Trainer (train_step, maybe_log, maybe_evaluate, maybe_save)."""
+
+    def __init__(self, cfg: TrainConfig, env: Dist) -> None:
+        self.cfg, self.env, self.out = cfg, env, Path(cfg.out_dir)
+        self.accum = cfg.grad_accum_steps(env.world_size)
+        model_cfg = initial_model_config(cfg)
+        choice = compute_dtype(cfg, model_cfg, env)
         if env.main:
-            print(f"resuming from {resume} (step {step}, {tokens:,} tokens)")
-    if env.main:
-        out.mkdir(parents=True, exist_ok=True)
-        remove_stale_temporaries(out)
-        with atomic_file(out / "config.yaml") as tmp:
-            tmp.write_text(cfg.to_yaml())
-    log = MetricsLog(out, env.main, cfg.tensorboard, cfg.wandb, cfg.to_dict(), resume_step=step)
-    flops_per_token = model_cfg.flops_per_token(cfg.seq_len)
-    peak, peak_source = device_peak_flops(env.device, dtype)
-    tokens_per_step = cfg.global_batch_tokens
-    if env.main:
-        print(f"{model_cfg.name}: {model_cfg.num_params():,} parameters; {env.world_size} rank(s) on {env.device.type}, "
-              f"{dtype}; global batch {tokens_per_step:,} tokens = {cfg.micro_batch} × {cfg.seq_len} × "
-              f"{env.world_size} rank(s) × {accum} accumulation step(s); {total_steps} optimizer steps; "
-              f"MFU against {peak / 1e12:.2f} TFLOP/s ({peak_source})")
+            print(f"dtype: {choice}", flush=True)
+        self.model, self.model_cfg, self.tok = build_model(cfg, env, choice.dtype)
+        train_mix = build_data(cfg, self.tok, "train")
+        self.val_mix = build_data(cfg, self.tok, "validation") if cfg.eval_every and cfg.eval_batches else None
+        self.optimizer = build_optimizer(cfg, self.model)
+        self.loader = BatchLoader(train_mix, cfg.micro_batch, env.rank, env.world_size, cfg.num_workers)
+        # FSDP2 casts parameters itself; a single process uses autocast for bf16.
+        self.autocast_dtype = choice.dtype if (choice.dtype != torch.float32 and not env.enabled) else None
+        self.step_loss = torch.compile(loss_fn) if (cfg.compile and not env.enabled) else loss_fn
+        self.step, self.tokens = self._resume()
+        self._write_config()
+        self.log = MetricsLog(self.out, env.main, cfg.tensorboard, cfg.wandb, cfg.to_dict(), resume_step=self.step)
+        self.peak, peak_source = device_peak_flops(env.device, choice.dtype)
+        if env.main:
+            print(f"{self.model_cfg.name}: {self.model_cfg.num_params():,} parameters; {env.world_size} rank(s) on "
+                  f"{env.device.type}, {choice.dtype}; global batch {cfg.global_batch_tokens:,} tokens = "
+                  f"{cfg.micro_batch} × {cfg.seq_len} × {env.world_size} rank(s) × {self.accum} accumulation "
+                  f"step(s); {cfg.total_steps} optimizer steps; MFU against {self.peak / 1e12:.2f} TFLOP/s "
+                  f"({peak_source})")
+        self.last: dict = {"loss": float("nan")}
+        self.window = (time.perf_counter(), 0, [])            # (start, tokens, losses) since the last log
 
-    bar = None
-    if env.main and cfg.progress:
+    def _resume(self) -> tuple[int, int]:
+        """(step, tokens) of the newest intact training state in out_dir, loaded; (0, 0) if none."""
+        resume = find_resume_state(self.out, say=print if self.env.main else (lambda _: None))
+        if resume is None:
+            return 0, 0
+        state = load_training_state(resume, self.model, self.optimizer)
+        self.loader.load_state_dict(state["loader"])
+        if self.env.main:
+            print(f"resuming from {resume} (step {state['step']}, {state['tokens']:,} tokens)")
+        return state["step"], state["tokens"]
+
+    def _write_config(self) -> None:
+        if self.env.main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            remove_stale_temporaries(self.out)
+            with atomic_file(self.out / "config.yaml") as tmp:
+                tmp.write_text(self.cfg.to_yaml())
+
+    def fit(self, stop_after: int | None = None, on_step: Callable[[int, float], None] | None = None) -> dict:
+        """Steps to cfg.total_steps (or `stop_after` steps of this call, as if killed: tests)."""
+        cfg, total = self.cfg, self.cfg.total_steps
+        bar = self._progress_bar()
+        it = iter(self.loader)
+        self.model.train()
+        steps_this_run = 0
+        while self.step < total:
+            lr = lr_at(self.step + 1, cfg.lr, cfg.min_lr, cfg.warmup_steps, total)
+            train_loss, grad_norm = self.train_step(it, lr)
+            steps_this_run += 1
+            if on_step is not None:
+                on_step(self.step, train_loss)
+            self.maybe_log(lr, grad_norm, bar)
+            if bar is not None:
+                bar.update(1)
+            self.maybe_evaluate(train_loss, bar)
+            self.maybe_save()
+            if stop_after is not None and steps_this_run >= stop_after and self.step < total:
+                break
+        if bar is not None:
+            bar.close()
+        return self.finish()
+
+    def _progress_bar(self):
+        if not (self.env.main and self.cfg.progress):
+            return None
         from tqdm import tqdm
 
-        bar = tqdm(total=total_steps, initial=step, desc="pretrain", unit="step", dynamic_ncols=True,
-                   file=sys.stderr, mininterval=1.0)
-    it = iter(loader)
-    model.train()
-    steps_this_run = 0
-    window_t, window_tokens, window_losses = time.perf_counter(), 0, []
-    last = {"loss": float("nan")}
-    while step < total_steps:
-        lr = lr_at(step + 1, cfg.lr, cfg.min_lr, cfg.warmup_steps, total_steps)
-        for group in optimizer.param_groups:
+        return tqdm(total=self.cfg.total_steps, initial=self.step, desc="pretrain", unit="step", dynamic_ncols=True,
+                    file=sys.stderr, mininterval=1.0)
+
+    def train_step(self, it, lr: float) -> tuple[float, torch.Tensor]:
+        """One optimizer step over `accum` micro-batches; (mean train loss over ranks, grad norm:
+        a tensor, read only when logged, so a GPU is not synchronised for it every step)."""
+        env, model = self.env, self.model
+        for group in self.optimizer.param_groups:
             group["lr"] = lr
         loss_sum = 0.0
-        for micro in range(accum):
+        for micro in range(self.accum):
             x, y = next(it)
             x, y = x.to(env.device, non_blocking=True), y.to(env.device, non_blocking=True)
             if env.enabled:
-                model.set_requires_gradient_sync(micro == accum - 1)
-            loss = step_loss(model, x, y, autocast_dtype) / accum
+                model.set_requires_gradient_sync(micro == self.accum - 1)
+            loss = self.step_loss(model, x, y, self.autocast_dtype) / self.accum
             loss.backward()
             loss_sum += loss.item()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+        clip = self.cfg.grad_clip if self.cfg.grad_clip > 0 else math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        steps_this_run += 1
-        tokens += tokens_per_step
-        window_tokens += tokens_per_step
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.tokens += self.cfg.global_batch_tokens
         train_loss = env.mean(loss_sum)
-        last["loss"] = train_loss
-        window_losses.append(train_loss)
-        if on_step is not None:
-            on_step(step, train_loss)
+        self.last["loss"] = train_loss
+        start, window_tokens, losses = self.window
+        self.window = (start, window_tokens + self.cfg.global_batch_tokens, losses + [train_loss])
+        return train_loss, grad_norm
 
-        if step % cfg.log_every == 0 or step == total_steps:
-            dt = time.perf_counter() - window_t
-            tok_s = window_tokens / dt
-            mfu = flops_per_token * tok_s / (peak * env.world_size)
-            # the mean over the logging window: one step's loss is too noisy to plot
-            window_loss = sum(window_losses) / len(window_losses)
-            record = {"step": step, "tokens": tokens, "loss": round(window_loss, 5), "lr": lr,
-                      "grad_norm": round(float(grad_norm), 5), "tokens_per_s": round(tok_s, 1),
-                      "mfu": round(mfu, 5), "peak_mem_gb": round(peak_memory_gb(env.device), 3)}
-            log.log(record)
-            if bar is not None:
-                bar.set_postfix(loss=f"{window_loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}", mfu=f"{mfu:.1%}")
-            window_t, window_tokens, window_losses = time.perf_counter(), 0, []
+    def maybe_log(self, lr: float, grad_norm: torch.Tensor, bar) -> None:
+        """Every log_every steps (and the last): the window's mean loss, tokens/s, MFU, memory."""
+        if self.step % self.cfg.log_every and self.step != self.cfg.total_steps:
+            return
+        start, window_tokens, losses = self.window
+        tok_s = window_tokens / (time.perf_counter() - start)
+        mfu = self.model_cfg.flops_per_token(self.cfg.seq_len) * tok_s / (self.peak * self.env.world_size)
+        window_loss = sum(losses) / len(losses)          # one step's loss is too noisy to plot
+        self.log.log({"step": self.step, "tokens": self.tokens, "loss": round(window_loss, 5), "lr": lr,
+                      "grad_norm": round(float(grad_norm), 5), "tokens_per_s": round(tok_s, 1), "mfu": round(mfu, 5),
+                      "peak_mem_gb": round(peak_memory_gb(self.env.device), 3)})
         if bar is not None:
-            bar.update(1)
+            bar.set_postfix(loss=f"{window_loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}", mfu=f"{mfu:.1%}")
+        self.window = (time.perf_counter(), 0, [])
 
-        if val_mix is not None and (step % cfg.eval_every == 0 or step == total_steps):
-            val_loader = BatchLoader(val_mix, cfg.micro_batch, env.rank, env.world_size)
-            val_loss = evaluate(model, val_loader, cfg.eval_batches, env, autocast_dtype)
-            last["val_loss"] = val_loss
-            log.log({"step": step, "tokens": tokens, "val_loss": round(val_loss, 5)})
-            if bar is not None:
-                bar.write(f"step {step}: train loss {train_loss:.4f}, validation loss {val_loss:.4f}")
+    def maybe_evaluate(self, train_loss: float, bar) -> None:
+        cfg = self.cfg
+        if self.val_mix is None or (self.step % cfg.eval_every and self.step != cfg.total_steps):
+            return
+        val_loader = BatchLoader(self.val_mix, cfg.micro_batch, self.env.rank, self.env.world_size)
+        val_loss = evaluate(self.model, val_loader, cfg.eval_batches, self.env, self.autocast_dtype)
+        self.last["val_loss"] = val_loss
+        self.log.log({"step": self.step, "tokens": self.tokens, "val_loss": round(val_loss, 5)})
+        if bar is not None:
+            bar.write(f"step {self.step}: train loss {train_loss:.4f}, validation loss {val_loss:.4f}")
 
-        final = step == total_steps
-        if final or (cfg.save_every and step % cfg.save_every == 0):
-            extra = {"train_config.yaml": cfg.to_yaml()}
-            save_hf_model(model, model_cfg, tok, out / ("final" if final else step_name(step)), extra)
-            save_training_state(out, step, model, optimizer,
-                                {"step": step, "tokens": tokens, "loader": loader.state_dict(),
-                                 "world_size": env.world_size}, cfg.keep_last)
-        if stop_after is not None and steps_this_run >= stop_after and step < total_steps:
-            break
+    def maybe_save(self) -> None:
+        """Every save_every steps and at the end: the HF directory and the sharded training state."""
+        final = self.step == self.cfg.total_steps
+        if not (final or (self.cfg.save_every and self.step % self.cfg.save_every == 0)):
+            return
+        extra = {"train_config.yaml": self.cfg.to_yaml()}
+        save_hf_model(self.model, self.model_cfg, self.tok, self.out / ("final" if final else step_name(self.step)),
+                      extra)
+        save_training_state(self.out, self.step, self.model, self.optimizer,
+                            {"step": self.step, "tokens": self.tokens, "loader": self.loader.state_dict(),
+                             "world_size": self.env.world_size}, self.cfg.keep_last)
 
-    if bar is not None:
-        bar.close()
-    summary = {"step": step, "tokens": tokens, **last}
-    if env.main and step == total_steps:
-        png = plot_loss_curve(out / "metrics.jsonl", out / "loss.png") if log.path.exists() else None
-        summary["loss_png"] = str(png) if png else None
-        if cfg.sample_prompts and cfg.sample_tokens > 0:
-            text = write_samples(out / "final", cfg, env.device)
-            print(f"samples from {out / 'final'}:\n{text}")
-    log.close()
-    return summary
+    def finish(self) -> dict:
+        """The summary; at the end of the run also the loss curve and the samples (rank 0)."""
+        summary = {"step": self.step, "tokens": self.tokens, **self.last}
+        if self.env.main and self.step == self.cfg.total_steps:
+            png = plot_loss_curve(self.out / "metrics.jsonl", self.out / "loss.png") if self.log.path.exists() else None
+            summary["loss_png"] = str(png) if png else None
+            if self.cfg.sample_prompts and self.cfg.sample_tokens > 0:
+                text = write_samples(self.out / "final", self.cfg, self.env.device)
+                print(f"samples from {self.out / 'final'}:\n{text}")
+        self.log.close()
+        return summary

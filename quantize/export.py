@@ -22,15 +22,16 @@ from pathlib import Path
 import numpy as np
 
 from tinyllama.atomic import atomic_file
-from tinyllama.checkpoint import CheckpointError, load_config, load_state_dict
-from tinyllama.tokenizer import Tokenizer, read_sentencepiece_vocab
+from tinyllama.checkpoint import load_config, load_state_dict
+from tinyllama.errors import UserError
+from tinyllama.tokenizer import Tokenizer
 
 FLOAT_TYPES = ("f32", "f16", "bf16")
 QUANT_TYPES = ("q8_0", "q4_0", "q4_k_m", "q5_k_m", "q6_k")
 ALL_TYPES = FLOAT_TYPES + QUANT_TYPES
 
 
-class ExportError(ValueError):
+class ExportError(UserError):
     """Bad input to the exporter; the message names the file or value at fault."""
 
 
@@ -45,116 +46,125 @@ def permute_for_llama_cpp(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def _vocab_metadata(model_dir: Path, tok: Tokenizer) -> tuple[list[str], list[float], list[int]]:
-    """Pieces, scores and types: from SentencePiece's tokenizer.model when present (exact),
-    else from tokenizer.json (scores by id order, types from the special/byte tokens)."""
+def _vocab_metadata(model_dir: Path, tok: Tokenizer) -> tuple[list, list[float], list[int]]:
+    """Pieces, scores and types. With SentencePiece's tokenizer.model (what our checkpoints and
+    Meta's carry): gguf-py's SentencePieceVocab, as llama.cpp's converter reads it (exact scores).
+    A directory with only tokenizer.json: its BPE vocabulary, scored -rank. gguf-py's
+    LlamaHfVocab would give every piece -1000, and llama.cpp's SentencePiece tokenizer merges by
+    score, so ties would change its ids; Llama's pieces are numbered in score order, so -id
+    keeps SentencePiece's merge priority (tested: llama.cpp tokenizes like us)."""
     import gguf
 
-    sp_path = model_dir / "tokenizer.model"
-    if sp_path.exists():
-        pieces, scores, types, _ = read_sentencepiece_vocab(sp_path)
-        return pieces, scores, types
+    if (model_dir / "tokenizer.model").exists():
+        sp = gguf.vocab.SentencePieceVocab(model_dir)
+        pieces, scores, types = zip(*sp.all_tokens())
+        return list(pieces), list(scores), [int(t) for t in types]
     vocab = tok.backend.get_vocab(with_added_tokens=True)
     pieces = [""] * len(vocab)
     for piece, i in vocab.items():
         pieces[i] = piece
     special = {tok.bos_id, tok.eos_id}
-    types, scores = [], []
-    for i, p in enumerate(pieces):
-        if i == tok.unk_id:
-            types.append(gguf.TokenType.UNKNOWN)
-        elif i in special:
-            types.append(gguf.TokenType.CONTROL)
-        elif p.startswith("<0x") and p.endswith(">") and len(p) == 6:
-            types.append(gguf.TokenType.BYTE)
-        else:
-            types.append(gguf.TokenType.NORMAL)
-        scores.append(-float(i))
-    return pieces, scores, [int(t) for t in types]
+    types = [gguf.TokenType.UNKNOWN if i == tok.unk_id else gguf.TokenType.CONTROL if i in special
+             else gguf.TokenType.BYTE if p.startswith("<0x") and p.endswith(">") and len(p) == 6
+             else gguf.TokenType.NORMAL for i, p in enumerate(pieces)]
+    return pieces, [-float(i) for i in range(len(pieces))], [int(t) for t in types]
 
 
 def write_gguf(model_dir: str | os.PathLike, out: str | os.PathLike, ftype: str = "f16", name: str | None = None) -> Path:
-    """Writes an F32, F16 or BF16 GGUF of an HF-format Llama directory."""
+    """Writes an F32, F16 or BF16 GGUF of an HF-format Llama directory (atomically)."""
     import gguf
 
     if ftype not in FLOAT_TYPES:
         raise ExportError(f"write_gguf writes {', '.join(FLOAT_TYPES)}; {ftype!r} is made by quantize_gguf")
     model_dir, out = Path(model_dir), Path(out)
+    cfg, tok, sd, vocab = _read_model(model_dir)
+    file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+                 "bf16": gguf.LlamaFileType.MOSTLY_BF16}[ftype]
+    with atomic_file(out) as tmp:
+        w = gguf.GGUFWriter(str(tmp), gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
+        w.add_name(name or (cfg.name if cfg.name != "custom" else model_dir.name))
+        _add_metadata(w, cfg, tok, vocab, file_type)
+        _add_tensors(w, sd, cfg, ftype, model_dir)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+    return out
+
+
+def _read_model(model_dir: Path):
+    """(config, tokenizer, state dict, (pieces, scores, types)), every problem an ExportError."""
     try:
         cfg = load_config(model_dir)
         tok = Tokenizer.from_dir(model_dir)
-    except FileNotFoundError as e:
-        raise ExportError(str(e)) from None
-    except (CheckpointError, ValueError, RuntimeError) as e:
+    except (UserError, RuntimeError) as e:
         raise ExportError(str(e)) from None
     if tok.vocab_size != cfg.vocab_size:
         raise ExportError(f"{model_dir}: the tokenizer has {tok.vocab_size} tokens but the embedding has "
                           f"{cfg.vocab_size} rows; llama.cpp needs them equal")
     try:
         sd = load_state_dict(model_dir)
-    except CheckpointError as e:
+        vocab = _vocab_metadata(model_dir, tok)
+    except (UserError, ValueError, RuntimeError) as e:
         raise ExportError(str(e)) from None
-    try:
-        pieces, scores, types = _vocab_metadata(model_dir, tok)
-    except (ValueError, RuntimeError) as e:
-        raise ExportError(str(e)) from None
+    if cfg.tie_embeddings and "lm_head.weight" not in sd:
+        sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
+    return cfg, tok, sd, vocab
 
-    arch = gguf.MODEL_ARCH.LLAMA
-    names = gguf.get_tensor_name_map(arch, cfg.n_layer)
-    file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-                 "bf16": gguf.LlamaFileType.MOSTLY_BF16}[ftype]
-    with atomic_file(out) as tmp:
-        w = gguf.GGUFWriter(str(tmp), gguf.MODEL_ARCH_NAMES[arch])
-        w.add_name(name or cfg.name if cfg.name != "custom" else model_dir.name)
-        w.add_context_length(cfg.max_seq_len)
-        w.add_embedding_length(cfg.d_model)
-        w.add_block_count(cfg.n_layer)
-        w.add_feed_forward_length(cfg.ffn_dim)
-        w.add_head_count(cfg.n_head)
-        w.add_head_count_kv(cfg.n_kv_head)
-        w.add_rope_dimension_count(cfg.head_dim)
-        w.add_rope_freq_base(cfg.rope_base)
-        w.add_layer_norm_rms_eps(cfg.norm_eps)
-        w.add_vocab_size(cfg.vocab_size)
-        w.add_file_type(file_type)
-        w.add_tokenizer_model("llama")
-        w.add_tokenizer_pre("default")
-        w.add_token_list(pieces)
-        w.add_token_scores(scores)
-        w.add_token_types(types)
-        w.add_bos_token_id(tok.bos_id)
-        w.add_eos_token_id(tok.eos_id)
-        w.add_unk_token_id(tok.unk_id)
-        w.add_pad_token_id(tok.pad_id)
-        w.add_add_bos_token(True)
-        w.add_add_eos_token(False)
-        if tok.chat_template:
-            w.add_chat_template(tok.chat_template)
-        if cfg.tie_embeddings and "lm_head.weight" not in sd:
-            sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
-        for hf_name, tensor in sd.items():
-            if hf_name.endswith("rotary_emb.inv_freq"):
-                continue
-            gguf_name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
-            if gguf_name is None:
-                raise ExportError(f"{model_dir}: tensor {hf_name} has no GGUF name for the llama architecture")
-            data = tensor.float().numpy()
-            if hf_name.endswith("q_proj.weight"):
-                data = permute_for_llama_cpp(data, cfg.n_head)
-            elif hf_name.endswith("k_proj.weight"):
-                data = permute_for_llama_cpp(data, cfg.n_kv_head)
-            if ftype == "f32" or data.ndim == 1:       # norms stay F32, as llama.cpp's converter does
-                w.add_tensor(gguf_name, data.astype(np.float32))
-            elif ftype == "f16":
-                w.add_tensor(gguf_name, data.astype(np.float16))
-            else:
-                q = gguf.quants.quantize(data.astype(np.float32), gguf.GGMLQuantizationType.BF16)
-                w.add_tensor(gguf_name, q, raw_shape=q.shape, raw_dtype=gguf.GGMLQuantizationType.BF16)
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_tensors_to_file()
-        w.close()
-    return out
+
+def _add_metadata(w, cfg, tok: Tokenizer, vocab: tuple[list[str], list[float], list[int]], file_type) -> None:
+    """Architecture hyperparameters and the whole tokenizer, as llama.cpp's converter writes them."""
+    pieces, scores, types = vocab
+    w.add_context_length(cfg.max_seq_len)
+    w.add_embedding_length(cfg.d_model)
+    w.add_block_count(cfg.n_layer)
+    w.add_feed_forward_length(cfg.ffn_dim)
+    w.add_head_count(cfg.n_head)
+    w.add_head_count_kv(cfg.n_kv_head)
+    w.add_rope_dimension_count(cfg.head_dim)
+    w.add_rope_freq_base(cfg.rope_base)
+    w.add_layer_norm_rms_eps(cfg.norm_eps)
+    w.add_vocab_size(cfg.vocab_size)
+    w.add_file_type(file_type)
+    w.add_tokenizer_model("llama")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(pieces)
+    w.add_token_scores(scores)
+    w.add_token_types(types)
+    w.add_bos_token_id(tok.bos_id)
+    w.add_eos_token_id(tok.eos_id)
+    w.add_unk_token_id(tok.unk_id)
+    w.add_pad_token_id(tok.pad_id)
+    w.add_add_bos_token(True)
+    w.add_add_eos_token(False)
+    if tok.chat_template:
+        w.add_chat_template(tok.chat_template)
+
+
+def _add_tensors(w, sd: dict, cfg, ftype: str, model_dir: Path) -> None:
+    """Every weight under its GGUF name (gguf-py's TensorNameMap), q/k permuted for llama.cpp's
+    RoPE, in `ftype` (norms stay F32, as llama.cpp's converter keeps them)."""
+    import gguf
+
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, cfg.n_layer)
+    for hf_name, tensor in sd.items():
+        if hf_name.endswith("rotary_emb.inv_freq"):
+            continue
+        gguf_name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if gguf_name is None:
+            raise ExportError(f"{model_dir}: tensor {hf_name} has no GGUF name for the llama architecture")
+        data = tensor.float().numpy()
+        if hf_name.endswith("q_proj.weight"):
+            data = permute_for_llama_cpp(data, cfg.n_head)
+        elif hf_name.endswith("k_proj.weight"):
+            data = permute_for_llama_cpp(data, cfg.n_kv_head)
+        if ftype == "f32" or data.ndim == 1:
+            w.add_tensor(gguf_name, data.astype(np.float32))
+        elif ftype == "f16":
+            w.add_tensor(gguf_name, data.astype(np.float16))
+        else:
+            q = gguf.quants.quantize(data.astype(np.float32), gguf.GGMLQuantizationType.BF16)
+            w.add_tensor(gguf_name, q, raw_shape=q.shape, raw_dtype=gguf.GGMLQuantizationType.BF16)
 
 
 _QUANTIZE_CHILD = """
@@ -181,18 +191,3 @@ def quantize_gguf(src: str | os.PathLike, out: str | os.PathLike, qtype: str, th
             how = f"killed by signal {-r.returncode}" if r.returncode < 0 else f"exit code {r.returncode}"
             raise ExportError(f"llama.cpp's quantizer failed on {src} -> {qtype} ({how}): {r.stderr.strip()[-800:]}")
     return out
-
-
-def read_metadata(path: str | os.PathLike) -> dict:
-    """The key/value metadata of a GGUF file (strings, numbers and short arrays)."""
-    from gguf import GGUFReader
-
-    reader = GGUFReader(str(path))
-    meta = {}
-    for key, f in reader.fields.items():
-        if key.startswith("GGUF."):
-            continue
-        value = f.contents()
-        meta[key] = value
-    meta["_tensors"] = {t.name: t.tensor_type.name for t in reader.tensors}
-    return meta

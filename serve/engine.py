@@ -1,7 +1,7 @@
 """One loaded model (and optional draft) behind a lock, for the CLI, the server and the demo.
 
     engine = Engine.load("out/gguf/tinyllama-19m-chat-Q4_K_M.gguf", draft=None)
-    stream = engine.chat([{"role": "user", "content": "Hi"}], max_tokens=64, temperature=0.7)
+    stream = engine.chat([{"role": "user", "content": "Hi"}], SamplingParams(max_new_tokens=64, temperature=0.7))
     for delta in stream: ...                      # text deltas; stream.stats, stream.finish_reason
 
     models = ModelDir("models/")                  # every model in a folder, loaded on demand
@@ -18,17 +18,16 @@ import os
 import sys
 import threading
 from collections import Counter, OrderedDict
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 from tinyllama.backends import Backend, load_backend
 from tinyllama.chat import encode_chat
-from tinyllama.generate import TextStream, check_same_vocabulary, generate
+from tinyllama.errors import NotFound, UserError
+from tinyllama.generate import SamplingParams, TextStream, check_same_vocabulary, generate
 from tinyllama.tokenizer import Tokenizer
 
 
-class RequestError(ValueError):
+class RequestError(UserError):
     """A request that cannot be served as asked (too long, bad parameters); an HTTP 400."""
 
     def __init__(self, message: str, param: str | None = None) -> None:
@@ -36,23 +35,12 @@ class RequestError(ValueError):
         self.param = param
 
 
-class ModelNotFound(LookupError):
+class ModelNotFound(UserError):
     """A model name a ModelDir does not serve: unknown (HTTP 404) or not a plain name (400)."""
 
     def __init__(self, message: str, malformed: bool = False) -> None:
         super().__init__(message)
         self.malformed = malformed
-
-
-@dataclass
-class Sampling:
-    max_tokens: int = 256
-    temperature: float = 0.8
-    top_p: float | None = None
-    top_k: int | None = None
-    repetition_penalty: float = 1.0
-    seed: int | None = None
-    stop: Sequence[str] = field(default_factory=list)
 
 
 class Engine:
@@ -81,42 +69,34 @@ class Engine:
         return self.target.context_length
 
     # ---- requests ----------------------------------------------------------------------------
-    def complete(self, prompt: str, sampling: Sampling, speculative: bool | None = None) -> TextStream:
+    def complete(self, prompt: str, sampling: SamplingParams, speculative: bool | None = None) -> TextStream:
         """Plain text continuation of `prompt` (BOS added). speculative None: use the draft
         when one is loaded."""
         return self._stream(self.tokenizer.encode(prompt), sampling, speculative)
 
-    def chat(self, messages: list[dict], sampling: Sampling, speculative: bool | None = None) -> TextStream:
+    def chat(self, messages: list[dict], sampling: SamplingParams, speculative: bool | None = None) -> TextStream:
         """The assistant's next turn, prompt built by the one chat format."""
         ids, _ = encode_chat(self.tokenizer, messages, add_generation_prompt=True)
         return self._stream(ids, sampling, speculative)
 
-    def _stream(self, ids: list[int], s: Sampling, speculative: bool | None) -> TextStream:
+    def _stream(self, ids: list[int], s: SamplingParams, speculative: bool | None) -> TextStream:
+        """The settings were checked when `s` was made; what depends on this model is checked here."""
         room = self.context_length - len(ids)
         if room < 1:
             raise RequestError(f"the prompt has {len(ids)} tokens; the context length is {self.context_length}",
                                "messages")
-        if s.max_tokens < 1:
-            raise RequestError(f"max_tokens must be at least 1, got {s.max_tokens}", "max_tokens")
-        if s.max_tokens > self.context_length:
-            raise RequestError(f"max_tokens {s.max_tokens} exceeds the context length {self.context_length}",
+        if s.max_new_tokens < 1:
+            raise RequestError(f"max_tokens must be at least 1, got {s.max_new_tokens}", "max_tokens")
+        if s.max_new_tokens > self.context_length:
+            raise RequestError(f"max_tokens {s.max_new_tokens} exceeds the context length {self.context_length}",
                                "max_tokens")
-        if s.temperature < 0 or s.temperature > 2:
-            raise RequestError(f"temperature must be in [0, 2], got {s.temperature}", "temperature")
-        if s.top_p is not None and not 0 < s.top_p <= 1:
-            raise RequestError(f"top_p must be in (0, 1], got {s.top_p}", "top_p")
-        if s.top_k is not None and s.top_k < 0:
-            raise RequestError(f"top_k must be >= 0, got {s.top_k}", "top_k")
-        if s.repetition_penalty <= 0:
-            raise RequestError(f"repetition_penalty must be > 0, got {s.repetition_penalty}", "repetition_penalty")
         if speculative and self.draft is None:
             raise RequestError("speculative decoding was asked for but no draft model is loaded", "speculative")
         draft = self.draft if speculative is None or speculative else None
-        gen = generate(self.target, ids, max_new_tokens=min(s.max_tokens, room), temperature=s.temperature,
-                       top_k=s.top_k or None, top_p=s.top_p, repetition_penalty=s.repetition_penalty,
-                       stop_ids=[self.tokenizer.eos_id], seed=s.seed, draft_model=draft, num_draft=self.num_draft,
+        gen = generate(self.target, ids, s.replace(max_new_tokens=min(s.max_new_tokens, room)),
+                       stop_ids=[self.tokenizer.eos_id], draft_model=draft, num_draft=self.num_draft,
                        adaptive_draft=self.adaptive_draft)
-        return TextStream(gen, self.tokenizer, stop=list(s.stop))
+        return TextStream(gen, self.tokenizer)
 
     def close(self) -> None:
         self.target.close()
@@ -137,7 +117,7 @@ class ModelDir:
                  n_gpu_layers: int = 0) -> None:
         self.root = Path(directory).resolve()
         if not self.root.is_dir():
-            raise FileNotFoundError(f"{directory}: not a directory")
+            raise NotFound(f"{directory}: not a directory")
         self.max_loaded, self.n_ctx = max_loaded, n_ctx
         self.load_options = {"dtype": dtype, "n_gpu_layers": n_gpu_layers}
         self.lock = threading.Lock()
@@ -220,7 +200,7 @@ class ModelDir:
                 self._loaded.pop(name).close()
 
 
-# ---- shared by the CLIs (python -m serve, python -m serve.generate) ------------------------------
+# ---- shared by the CLIs (python -m serve, python -m serve.complete) ------------------------------
 
 def add_model_arguments(ap: argparse.ArgumentParser, required: bool = True) -> None:
     ap.add_argument("--model", required=required, help="checkpoint directory (PyTorch) or .gguf file (llama.cpp)")
@@ -242,13 +222,13 @@ def add_model_arguments(ap: argparse.ArgumentParser, required: bool = True) -> N
 
 def load_engine(args: argparse.Namespace) -> Engine | None:
     """Engine.load from the CLI arguments; prints one line and returns None on bad input."""
-    from tinyllama.checkpoint import CheckpointError
+    from tinyllama.errors import UserError
 
     try:
         engine = Engine.load(args.model, args.draft, args.num_draft, n_ctx=args.n_ctx,
                              adaptive_draft=getattr(args, "adaptive_draft", False),
                              dtype=getattr(args, "dtype", "auto"), n_gpu_layers=getattr(args, "n_gpu_layers", 0))
-    except (FileNotFoundError, ValueError, CheckpointError, ImportError) as e:
+    except (UserError, ImportError) as e:        # ImportError: llama-cpp-python is not installed
         print(f"error: {e}", file=sys.stderr)
         return None
     print(f"model: {engine.target.name}: {engine.target.precision}", file=sys.stderr, flush=True)

@@ -35,29 +35,35 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tinyllama.chat import ChatFormatError
-from tinyllama.generate import TextStream
+from tinyllama.errors import UserError
+from tinyllama.generate import SamplingParams, TextStream
 
-from .engine import Engine, ModelDir, ModelNotFound, RequestError, Sampling
+from .engine import Engine, ModelDir, ModelNotFound, RequestError
 
 
 class SamplingFields(BaseModel):
+    """The request fields shared by both endpoints. Types are checked here; ranges once, by
+    tinyllama.generate.SamplingParams (a 400 naming the field)."""
+
     model_config = ConfigDict(extra="ignore", allow_inf_nan=False)   # NaN would pass every range check
 
     model: str | None = None
-    temperature: float = 1.0
-    top_p: float = 1.0
+    temperature: float | None = None          # None: SamplingParams' default (greedy)
+    top_p: float | None = None
     top_k: int | None = None
-    repetition_penalty: float = 1.0
-    seed: int | None = Field(None, ge=-2**63, lt=2**64)                # what torch's generator takes
+    repetition_penalty: float | None = None
+    seed: int | None = None
     stop: str | list[str] | None = None
     stream: bool = False
     n: int = 1
     stream_options: dict[str, Any] | None = None
 
-    def sampling(self, max_tokens: int) -> Sampling:
+    def sampling(self, max_tokens: int) -> SamplingParams:
+        """The one sampling object, from the fields the client sent (SamplingError if out of range)."""
+        sent = {k: v for k in ("temperature", "top_p", "top_k", "repetition_penalty", "seed")
+                if (v := getattr(self, k)) is not None}
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
-        return Sampling(max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
-                        repetition_penalty=self.repetition_penalty, seed=self.seed, stop=stop)
+        return SamplingParams(max_new_tokens=max_tokens, stop=tuple(stop), **sent)
 
 
 class CompletionRequest(SamplingFields):
@@ -144,15 +150,163 @@ def too_large(limit: int) -> JSONResponse:
     return r
 
 
+# ---- admission control: how many requests may be in flight -----------------------------------
+
+class Admission:
+    """At most `max_queue` requests in flight (running or waiting for the model); more get 429."""
+
+    def __init__(self, max_queue: int) -> None:
+        self.max_queue, self.in_flight = max_queue, 0
+        self._lock = threading.Lock()
+
+    def admit(self) -> JSONResponse | None:
+        """None when the request may proceed (pair with release()), else the 429 to send."""
+        with self._lock:
+            if self.in_flight >= self.max_queue:
+                busy = error(429, f"server busy: {self.max_queue} requests already in flight; retry later",
+                             type_="rate_limit_error", code="rate_limit_exceeded")
+                busy.headers["retry-after"] = "1"       # the openai client waits this long, then retries
+                return busy
+            self.in_flight += 1
+        return None
+
+    def release(self) -> None:
+        with self._lock:
+            self.in_flight -= 1
+
+
+# ---- one request's generation -----------------------------------------------------------------
+
+class Run:
+    """A generation started in a worker thread at once (so its slot is always released), read as
+    async text deltas; leaving the read early cancels it at the next token. The engine (and the
+    admission slot) are released when the generation ends, however it ends."""
+
+    def __init__(self, stream: TextStream, engine: Engine, name: str | None, models, admission: Admission) -> None:
+        self.stream, self.engine, self.name = stream, engine, name
+        self.models, self.admission = models, admission
+        self.loop = asyncio.get_running_loop()
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.cancel = threading.Event()
+        threading.Thread(target=self._work, daemon=True, name="generate").start()
+
+    def _put(self, item: tuple) -> None:
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+
+    def _work(self) -> None:
+        try:
+            with self.models.lock:
+                for delta in self.stream:
+                    if self.cancel.is_set():
+                        self.stream.generation.close()
+                        break
+                    self._put(("delta", delta))
+            self._put(("done", None))
+        except Exception as e:          # surfaced to the request, never kills the server
+            self._put(("error", e))
+        finally:
+            self.models.release(self.name)
+            self.admission.release()
+
+    async def deltas(self) -> AsyncIterator[str]:
+        try:
+            while True:
+                kind, value = await self.queue.get()
+                if kind == "delta":
+                    yield value
+                elif kind == "error":
+                    raise value
+                else:
+                    return
+        finally:
+            self.cancel.set()
+
+
+# ---- response bodies, OpenAI-shaped -------------------------------------------------------------
+
+def usage(stream: TextStream) -> dict:
+    s = stream.stats
+    return {"prompt_tokens": s.prompt_tokens, "completion_tokens": s.generated_tokens,
+            "total_tokens": s.prompt_tokens + s.generated_tokens}
+
+
+def sse(obj: Any) -> str:
+    return f"data: {json.dumps(obj)}\n\n"
+
+
+def choice(kind: str, text: str | None, finish: str | None, first: bool = False) -> dict:
+    """One streamed choice: a chat delta or a completion's text."""
+    if kind == "chat":
+        delta: dict = {} if text is None else {"content": text}
+        if first:
+            delta["role"] = "assistant"
+        return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+    return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+
+
+def response_head(run: Run, kind: str) -> dict:
+    rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{secrets.token_hex(12)}"
+    return {"id": rid, "created": int(time.time()), "model": run.engine.model_id}
+
+
+async def sse_events(run: Run, kind: str, wants_usage: bool) -> AsyncIterator[str]:
+    """The streamed response: a role chunk (chat), a chunk per delta, the finish chunk with stats
+    (and usage when asked for), [DONE]; an error after the headers went out is reported in-band."""
+    base, stream = response_head(run, kind), run.stream
+    chunk_obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
+    if kind == "chat":
+        yield sse({**base, "object": chunk_obj, "choices": [choice(kind, "", None, first=True)]})
+    try:
+        async for delta in run.deltas():
+            yield sse({**base, "object": chunk_obj, "choices": [choice(kind, delta, None)]})
+    except Exception as e:    # headers are sent: report in-band, as OpenAI does
+        yield sse({"error": {"message": str(e), "type": "server_error", "param": None, "code": None}})
+        return
+    last = {**base, "object": chunk_obj, "choices": [choice(kind, None, stream.finish_reason)],
+            "stats": stream.stats.as_dict()}
+    if wants_usage:
+        last["usage"] = usage(stream)
+    yield sse(last)
+    yield "data: [DONE]\n\n"
+
+
+async def whole_response(run: Run, kind: str) -> dict:
+    """The non-streamed response: all the text, usage and stats."""
+    text = "".join([d async for d in run.deltas()])
+    stream = run.stream
+    if kind == "chat":
+        ch = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+              "finish_reason": stream.finish_reason}
+    else:
+        ch = {"index": 0, "text": text, "logprobs": None, "finish_reason": stream.finish_reason}
+    return {**response_head(run, kind), "object": "chat.completion" if kind == "chat" else "text_completion",
+            "choices": [ch], "usage": usage(stream), "stats": stream.stats.as_dict()}
+
+
+def not_found(e: ModelNotFound) -> JSONResponse:
+    if e.malformed:
+        return error(400, str(e), param="model", code="invalid_model")
+    return error(404, str(e), param="model", code="model_not_found")
+
+
+# ---- the app -------------------------------------------------------------------------------------
+
 def create_app(models: Engine | ModelDir, api_key: str | None = None, max_queue: int = 8,
                max_body_bytes: int = 1 << 20, max_tokens_limit: int = 4096) -> FastAPI:
     if isinstance(models, Engine):
         models = OneModel(models)
     app = FastAPI(title="tinyllama", description=__doc__)
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
-    inflight = {"n": 0}
-    inflight_lock = threading.Lock()
+    admission = Admission(max_queue)
+    _add_error_handlers(app, max_body_bytes)
+    _add_auth(app, api_key)
+    _add_model_routes(app, models, admission)
+    _add_generation_routes(app, Requests(models, admission, max_tokens_limit))
+    return app
 
+
+def _add_error_handlers(app: FastAPI, max_body_bytes: int) -> None:
+    """Every error OpenAI-shaped: validation and bad JSON 400, 413 for big bodies, 500 for bugs."""
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
@@ -172,6 +326,8 @@ def create_app(models: Engine | ModelDir, api_key: str | None = None, max_queue:
     async def _bug(request: Request, exc: Exception) -> JSONResponse:
         return error(500, f"internal error: {type(exc).__name__}", type_="server_error")
 
+
+def _add_auth(app: FastAPI, api_key: str | None) -> None:
     @app.middleware("http")
     async def _auth(request: Request, call_next):
         if api_key and request.url.path.startswith("/v1/"):
@@ -182,9 +338,11 @@ def create_app(models: Engine | ModelDir, api_key: str | None = None, max_queue:
                              type_="authentication_error", code="invalid_api_key")
         return await call_next(request)
 
+
+def _add_model_routes(app: FastAPI, models, admission: Admission) -> None:
     @app.get("/health")
     async def health() -> dict:
-        return {"status": "ok", "models": list(models.engines()), "in_flight": inflight["n"]}
+        return {"status": "ok", "models": list(models.engines()), "in_flight": admission.in_flight}
 
     @app.get("/v1/models")
     async def list_models() -> dict:
@@ -194,173 +352,80 @@ def create_app(models: Engine | ModelDir, api_key: str | None = None, max_queue:
             | ({"context_length": loaded[name].context_length} if name in loaded else {})
             for name in models.names()]}
 
-    # ---- running a generation -------------------------------------------------------------------
-    def admit() -> JSONResponse | None:
-        with inflight_lock:
-            if inflight["n"] >= max_queue:
-                busy = error(429, f"server busy: {max_queue} requests already in flight; retry later",
-                             type_="rate_limit_error", code="rate_limit_exceeded")
-                busy.headers["retry-after"] = "1"       # the openai client waits this long, then retries
-                return busy
-            inflight["n"] += 1
-        return None
 
-    def release() -> None:
-        with inflight_lock:
-            inflight["n"] -= 1
-
-    class Run:
-        """A generation started in a worker thread at once (so its slot is always released),
-        read as async text deltas; leaving the read early cancels it at the next token."""
-
-        def __init__(self, stream: TextStream, engine: Engine, name: str | None) -> None:
-            self.stream, self.engine, self.name = stream, engine, name
-            self.loop = asyncio.get_running_loop()
-            self.queue: asyncio.Queue = asyncio.Queue()
-            self.cancel = threading.Event()
-            threading.Thread(target=self._work, daemon=True, name="generate").start()
-
-        def _put(self, item: tuple) -> None:
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
-
-        def _work(self) -> None:
-            try:
-                with models.lock:
-                    for delta in self.stream:
-                        if self.cancel.is_set():
-                            self.stream.generation.close()
-                            break
-                        self._put(("delta", delta))
-                self._put(("done", None))
-            except Exception as e:          # surfaced to the request, never kills the server
-                self._put(("error", e))
-            finally:
-                models.release(self.name)
-                release()
-
-        async def deltas(self) -> AsyncIterator[str]:
-            try:
-                while True:
-                    kind, value = await self.queue.get()
-                    if kind == "delta":
-                        yield value
-                    elif kind == "error":
-                        raise value
-                    else:
-                        return
-            finally:
-                self.cancel.set()
-
-    def usage(stream: TextStream) -> dict:
-        s = stream.stats
-        return {"prompt_tokens": s.prompt_tokens, "completion_tokens": s.generated_tokens,
-                "total_tokens": s.prompt_tokens + s.generated_tokens}
-
-    def sse(obj: Any) -> str:
-        return f"data: {json.dumps(obj)}\n\n"
-
-    async def serve(run: "Run", kind: str, streaming: bool, wants_usage: bool) -> Any:
-        stream = run.stream
-        rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{secrets.token_hex(12)}"
-        created = int(time.time())
-        obj = "chat.completion" if kind == "chat" else "text_completion"
-        base = {"id": rid, "created": created, "model": run.engine.model_id}
-
-        def choice(text: str | None, finish: str | None, first: bool = False) -> dict:
-            if kind == "chat":
-                delta: dict = {} if text is None else {"content": text}
-                if first:
-                    delta["role"] = "assistant"
-                return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
-            return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
-
-        async def events() -> AsyncIterator[str]:
-            chunk_obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
-            if kind == "chat":
-                yield sse({**base, "object": chunk_obj, "choices": [choice("", None, first=True)]})
-            try:
-                async for delta in run.deltas():
-                    yield sse({**base, "object": chunk_obj, "choices": [choice(delta, None)]})
-            except Exception as e:    # headers are sent: report in-band, as OpenAI does
-                yield sse({"error": {"message": str(e), "type": "server_error", "param": None, "code": None}})
-                return
-            last = {**base, "object": chunk_obj, "choices": [choice(None, stream.finish_reason)],
-                    "stats": stream.stats.as_dict()}
-            if wants_usage:
-                last["usage"] = usage(stream)
-            yield sse(last)
-            yield "data: [DONE]\n\n"
-
-        if streaming:
-            return StreamingResponse(events(), media_type="text/event-stream")
-        text = "".join([d async for d in run.deltas()])
-        if kind == "chat":
-            ch = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                  "finish_reason": stream.finish_reason}
-        else:
-            ch = {"index": 0, "text": text, "logprobs": None, "finish_reason": stream.finish_reason}
-        return {**base, "object": obj, "choices": [ch], "usage": usage(stream), "stats": stream.stats.as_dict()}
-
-    def check_max_tokens(n: int, engine: Engine) -> None:
-        # Over the context length the engine says so; below it, the server's own cap applies.
-        if n > max_tokens_limit and max_tokens_limit < engine.context_length:
-            raise RequestError(f"max_tokens {n} exceeds this server's limit of {max_tokens_limit}", "max_tokens")
-
-    def not_found(e: ModelNotFound) -> JSONResponse:
-        if e.malformed:
-            return error(400, str(e), param="model", code="invalid_model")
-        return error(404, str(e), param="model", code="model_not_found")
-
-    async def acquire(name: str | None) -> Engine:
-        """models.acquire off the event loop (it may load); if this request is cancelled meanwhile,
-        the engine it gets is released when the load ends, so it is never held for ever."""
-        job = asyncio.ensure_future(asyncio.to_thread(models.acquire, name))
-        try:
-            return await asyncio.shield(job)
-        except asyncio.CancelledError:
-            job.add_done_callback(lambda j: j.cancelled() or j.exception() or models.release(name))
-            raise
-
-    async def handle(req: SamplingFields, kind: str, max_tokens: int | None, build) -> Any:
-        """build(engine, sampling) -> TextStream; max_tokens None: as many as fit, up to the cap."""
-        if req.n != 1:
-            return error(400, "only n=1 is supported", param="n")
-        try:
-            models.check(req.model)             # before taking a slot: a bad name is never queued
-        except ModelNotFound as e:
-            return not_found(e)
-        busy = admit()
-        if busy is not None:
-            return busy
-        engine = None
-        try:
-            engine = await acquire(req.model)
-            n = max_tokens if max_tokens is not None else min(max_tokens_limit, engine.context_length)
-            check_max_tokens(n, engine)
-            stream = build(engine, req.sampling(n))
-        except (RequestError, ChatFormatError) as e:
-            if engine is not None:
-                models.release(req.model)
-            release()
-            return error(400, str(e), param=getattr(e, "param", None))
-        except ModelNotFound as e:              # removed from the folder since the check
-            release()
-            return not_found(e)
-        except BaseException:
-            if engine is not None:
-                models.release(req.model)
-            release()
-            raise
-        wants_usage = bool((req.stream_options or {}).get("include_usage"))
-        return await serve(Run(stream, engine, req.model), kind, req.stream, wants_usage)
-
+def _add_generation_routes(app: FastAPI, requests: "Requests") -> None:
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest) -> Any:
-        return await handle(req, "text", req.max_tokens, lambda engine, s: engine.complete(req.prompt, s))
+        return await requests.handle(req, "text", req.max_tokens, lambda engine, s: engine.complete(req.prompt, s))
 
     @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatRequest) -> Any:
         messages = [m.model_dump() for m in req.messages]
-        return await handle(req, "chat", req.max_new, lambda engine, s: engine.chat(messages, s))
+        return await requests.handle(req, "chat", req.max_new, lambda engine, s: engine.chat(messages, s))
 
-    return app
+
+class Requests:
+    """A generation request from its admission to its response: a slot, the model, the sampling
+    settings, the stream; every early exit gives back what it took."""
+
+    def __init__(self, models, admission: Admission, max_tokens_limit: int) -> None:
+        self.models, self.admission, self.max_tokens_limit = models, admission, max_tokens_limit
+
+    async def handle(self, req: SamplingFields, kind: str, max_tokens: int | None, build) -> Any:
+        """build(engine, sampling) -> TextStream; max_tokens None: as many as fit, up to the cap."""
+        if req.n != 1:
+            return error(400, "only n=1 is supported", param="n")
+        try:
+            self.models.check(req.model)        # before taking a slot: a bad name is never queued
+        except ModelNotFound as e:
+            return not_found(e)
+        busy = self.admission.admit()
+        if busy is not None:
+            return busy
+        started = await self._start(req, max_tokens, build)
+        if isinstance(started, JSONResponse):
+            return started
+        stream, engine = started
+        run = Run(stream, engine, req.model, self.models, self.admission)
+        if req.stream:
+            wants_usage = bool((req.stream_options or {}).get("include_usage"))
+            return StreamingResponse(sse_events(run, kind, wants_usage), media_type="text/event-stream")
+        return await whole_response(run, kind)
+
+    async def _start(self, req: SamplingFields, max_tokens: int | None, build):
+        """(stream, engine), or the 4xx response after giving back the slot and the model."""
+        engine = None
+        try:
+            engine = await self._acquire(req.model)
+            n = max_tokens if max_tokens is not None else min(self.max_tokens_limit, engine.context_length)
+            self._check_max_tokens(n, engine)
+            return build(engine, req.sampling(n)), engine
+        except (UserError, ChatFormatError) as e:
+            if isinstance(e, ModelNotFound):    # removed from the folder since the check
+                self.admission.release()
+                return not_found(e)
+            if engine is not None:
+                self.models.release(req.model)
+            self.admission.release()
+            return error(400, str(e), param=getattr(e, "param", None))
+        except BaseException:
+            if engine is not None:
+                self.models.release(req.model)
+            self.admission.release()
+            raise
+
+    def _check_max_tokens(self, n: int, engine: Engine) -> None:
+        # Over the context length the engine says so; below it, the server's own cap applies.
+        if n > self.max_tokens_limit and self.max_tokens_limit < engine.context_length:
+            raise RequestError(f"max_tokens {n} exceeds this server's limit of {self.max_tokens_limit}",
+                               "max_tokens")
+
+    async def _acquire(self, name: str | None) -> Engine:
+        """models.acquire off the event loop (it may load); if this request is cancelled meanwhile,
+        the engine it gets is released when the load ends, so it is never held for ever."""
+        job = asyncio.ensure_future(asyncio.to_thread(self.models.acquire, name))
+        try:
+            return await asyncio.shield(job)
+        except asyncio.CancelledError:
+            job.add_done_callback(lambda j: j.cancelled() or j.exception() or self.models.release(name))
+            raise

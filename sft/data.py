@@ -26,16 +26,17 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from tinyllama.chat import ChatFormatError, encode_chat, validate
+from tinyllama.errors import UserError
 from tinyllama.tokenizer import Tokenizer
 
-SAMPLE_PATH = Path(__file__).with_name("data") / "python-qa-guanaco.jsonl"
+SAMPLE_PATH = Path(__file__).with_name("samples") / "python-qa-guanaco.jsonl"
 GUANACO = "timdettmers/openassistant-guanaco"
 IGNORE_INDEX = -100
 
 Conversation = list[dict[str, str]]
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """Unreadable chat data; the message names the file and line (or dataset row) and the field."""
 
 
@@ -98,7 +99,8 @@ class LoadStats:
     skipped: int = 0          # invalid records left out under skip_invalid=True
 
 
-def read_jsonl(path: str | Path, skip_invalid: bool = False, stats: LoadStats | None = None) -> list[Conversation]:
+def read_conversations_jsonl(path: str | Path, skip_invalid: bool = False,
+                             stats: LoadStats | None = None) -> list[Conversation]:
     path = Path(path)
     stats = stats if stats is not None else LoadStats()
     out: list[Conversation] = []
@@ -135,12 +137,12 @@ def load_conversations(source: str, split: str = "train", skip_invalid: bool = F
                        stats: LoadStats | None = None) -> list[Conversation]:
     """"sample" (the shipped file), a local .jsonl path, or a Hugging Face dataset name."""
     if source == "sample":
-        return read_jsonl(SAMPLE_PATH, skip_invalid, stats)
+        return read_conversations_jsonl(SAMPLE_PATH, skip_invalid, stats)
     path = Path(source)
     if path.exists() or source.endswith((".jsonl", ".json")):
         if path.is_dir():
             raise DataError(f"{path}: is a directory; give a .jsonl file")
-        return read_jsonl(path, skip_invalid, stats)
+        return read_conversations_jsonl(path, skip_invalid, stats)
     return _load_hub_dataset(source, split, skip_invalid, stats if stats is not None else LoadStats())
 
 
@@ -170,7 +172,7 @@ def split_eval(convs: list[Conversation], eval_fraction: float, seed: int) -> tu
     """A deterministic held-out split: shuffled by `seed`, round(fraction * n) (at least one)
     conversations held out for the evaluation loss."""
     if not 0 <= eval_fraction < 1:
-        raise ValueError(f"eval_fraction must be in [0, 1), got {eval_fraction}")
+        raise UserError(f"eval_fraction must be in [0, 1), got {eval_fraction}")
     if not eval_fraction:
         return list(convs), []
     order = list(range(len(convs)))

@@ -26,11 +26,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 from typing import Sequence
 
-from .data import Conversation, DataError, load_conversations, split_eval
+from tinyllama.errors import UserError
+
+from .data import Conversation, load_conversations, split_eval
 
 
 def teacher_reply(backend, tok, messages: Sequence[dict], max_new_tokens: int) -> str:
@@ -74,11 +75,11 @@ def distill(teacher: str | Path, data: str, out: str | Path, max_new_tokens: int
     from tinyllama.backends import load_backend
 
     if max_new_tokens < 1:
-        raise ValueError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
+        raise UserError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
     if not 0 <= eval_fraction < 1:
-        raise ValueError(f"--eval-fraction must be in [0, 1), got {eval_fraction}")
+        raise UserError(f"--eval-fraction must be in [0, 1), got {eval_fraction}")
     if limit is not None and limit < 1:
-        raise ValueError(f"--limit must be >= 1, got {limit}")
+        raise UserError(f"--limit must be >= 1, got {limit}")
     convs = load_conversations(data)
     train, held = split_eval(convs, eval_fraction, seed)        # fraction 0 or one conversation: all train
     if limit is not None:
@@ -96,7 +97,7 @@ def distill(teacher: str | Path, data: str, out: str | Path, max_new_tokens: int
                 written += 1
                 f.write(json.dumps({"messages": answered}, ensure_ascii=False) + "\n")
             if not written:
-                raise ValueError(f"{teacher}: the teacher answered none of the {len(train)} conversations "
+                raise UserError(f"{teacher}: the teacher answered none of the {len(train)} conversations "
                                  "(every first reply was empty); nothing to train a draft on")
     finally:
         backend.close()
@@ -121,15 +122,13 @@ def main(argv: list[str] | None = None) -> int:
                         "timed bf16 matmul decodes faster here (default: %(default)s)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     args = p.parse_args(argv)
-    from tinyllama.chat import ChatFormatError
-    from tinyllama.checkpoint import CheckpointError
+    from tinyllama.errors import UserError, report
 
     try:
         counts = distill(args.teacher, args.data, args.out, args.max_new_tokens, args.eval_fraction, args.seed,
                          args.limit, args.progress, args.dtype)
-    except (DataError, CheckpointError, ChatFormatError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except UserError as e:
+        return report(e)
     print(f"wrote {counts['out']}: {counts['conversations']} conversations, {counts['teacher_replies']} teacher "
           f"replies ({counts['held_out']} held out and not answered; {counts['dropped']} dropped: the teacher's "
           "first reply was empty)")

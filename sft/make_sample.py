@@ -1,7 +1,7 @@
 """Builds the shipped SFT sample: questions about Python built-ins answered from their own
 documentation, in the OpenAssistant-Guanaco layout ("### Human: ...### Assistant: ...").
 
-    python -m sft.make_sample --out sft/data/python-qa-guanaco.jsonl
+    python -m sft.make_sample --out sft/samples/python-qa-guanaco.jsonl
 
 No model hub has to be reachable: the answers are the docstrings of this interpreter (PSF
 licence, the same text as the python3.X-doc pages the pretraining corpus reads), so a small

@@ -32,6 +32,9 @@ import torch
 from tinyllama.allocator import retain_freed_memory
 from tinyllama.chat import CHAT_TEMPLATE
 from tinyllama.checkpoint import CheckpointError, check_weights, load_config, save_checkpoint, stored_dtype
+from tinyllama.cli import flag
+from tinyllama.errors import UserError
+from tinyllama.paths import check_output_dir
 from tinyllama.precision import DTYPE_CHOICES, choose_dtype
 from tinyllama.tokenizer import Tokenizer
 
@@ -45,39 +48,55 @@ DEFAULT_LR = {"full": 2e-5, "lora": 2e-4, "qlora": 2e-4}   # Zephyr's full SFT; 
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 
-class SFTError(ValueError):
+_OPT, _RUN = "optimisation", "data and runtime"
+
+
+class SFTError(UserError):
     """A fine-tuning request that cannot run; the message names the argument or file at fault."""
 
 
 @dataclass
 class SFTArgs:
-    base: str | Path
-    out: str | Path
-    data: str = "sample"
-    method: str = "lora"
-    epochs: float = 3.0
-    max_steps: int = -1                    # > 0 overrides epochs
-    lr: float | None = None                # None: DEFAULT_LR[method]
-    batch_size: int = 8
-    grad_accum: int = 1
-    max_len: int = 512
-    packing: bool = False
-    group_by_length: bool = True           # batches of similar length: less padding, same examples
-    eval_fraction: float = 0.05
-    eval_split: str | None = None          # a hub dataset's own held-out split (e.g. "test")
-    warmup_ratio: float = 0.03
-    weight_decay: float = 0.0
-    lora_r: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.05
-    target_modules: list[str] = field(default_factory=lambda: list(ALL_PROJECTIONS))
-    gradient_checkpointing: bool | None = None     # None: on for qlora, off otherwise
-    device: str = "auto"                   # auto | cpu | cuda
-    dtype: str = "auto"                    # auto (measured: bf16 only where faster here) | float32 | bfloat16
-    seed: int = 42
-    skip_invalid: bool = False
-    logging_steps: int = 10
-    progress: bool = True
+    """Everything a fine-tuning run takes; `python -m sft` has a flag per field (tinyllama.cli)."""
+    base: str | Path = field(metadata=flag("HF-format Llama directory to fine-tune (ours or TinyLlama's)"))
+    out: str | Path = field(metadata=flag("output directory (written atomically; replaced if it exists)"))
+    data: str = field(default="sample", metadata=flag("sample, a .jsonl file or a hub dataset name"))
+    method: str = field(default="lora", metadata=flag(
+        "full: every weight; lora: low-rank adapters on a frozen base; qlora: lora on an nf4 (4-bit, "
+        "double-quantized) base with gradient checkpointing", choices=METHODS))
+    epochs: float = field(default=3.0, metadata=flag("passes over the data", group=_OPT))
+    max_steps: int = field(default=-1, metadata=flag("optimizer steps; overrides --epochs when > 0", group=_OPT))
+    lr: float | None = field(default=None, metadata=flag(
+        "peak learning rate, cosine decay (None: " + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_LR.items()) + ")",
+        group=_OPT))
+    batch_size: int = field(default=8, metadata=flag("examples per micro-batch", group=_OPT))
+    grad_accum: int = field(default=1, metadata=flag("micro-batches per step", group=_OPT))
+    max_len: int = field(default=512, metadata=flag("tokens per example", group=_OPT))
+    packing: bool = field(default=False, metadata=flag(
+        "pack examples into --max-len rows (padding-free; examples never attend to each other)", group=_OPT))
+    group_by_length: bool = field(default=True, metadata=flag(
+        "batch examples of similar length (less padding, the same examples)", group=_OPT))
+    warmup_ratio: float = field(default=0.03, metadata=flag("share of the steps spent warming up", group=_OPT))
+    weight_decay: float = field(default=0.0, metadata=flag("AdamW weight decay", group=_OPT))
+    gradient_checkpointing: bool | None = field(default=None, metadata=flag(
+        "recompute activations in backward (None: on for qlora, off otherwise)", group=_OPT))
+    seed: int = field(default=42, metadata=flag("seed of the model init, the data order and the split", group=_OPT))
+    lora_r: int = field(default=16, metadata=flag("adapter rank", group="LoRA"))
+    lora_alpha: int = field(default=32, metadata=flag("scale alpha/r", group="LoRA"))
+    lora_dropout: float = field(default=0.05, metadata=flag("dropout on the adapters' input", group="LoRA"))
+    target_modules: list[str] = field(default_factory=lambda: list(ALL_PROJECTIONS), metadata=flag(
+        "projections to adapt", choices=ALL_PROJECTIONS, group="LoRA", metavar="NAME"))
+    eval_fraction: float = field(default=0.05, metadata=flag("held-out share for the evaluation loss", group=_RUN))
+    eval_split: str | None = field(default=None, metadata=flag(
+        "a hub dataset's own evaluation split instead (e.g. test)", group=_RUN))
+    skip_invalid: bool = field(default=False, metadata=flag(
+        "count and skip malformed records instead of stopping at the first", group=_RUN))
+    device: str = field(default="auto", metadata=flag("where to train", choices=("auto", "cpu", "cuda"), group=_RUN))
+    dtype: str = field(default="auto", metadata=flag(
+        "compute dtype; auto times a bf16 and a float32 matmul of the model's shapes once per machine and takes "
+        "bf16 only where it is faster (AMX, AVX-512 BF16, GPUs)", choices=DTYPE_CHOICES, group=_RUN))
+    logging_steps: int = field(default=10, metadata=flag("steps between log lines", group=_RUN))
+    progress: bool = field(default=True, metadata=flag("a progress bar", group=_RUN))
 
     def resolved_lr(self) -> float:
         return self.lr if self.lr is not None else DEFAULT_LR[self.method]
@@ -112,12 +131,9 @@ def _check(args: SFTArgs) -> None:
     unknown = sorted(set(args.target_modules) - set(ALL_PROJECTIONS))
     if unknown:
         raise SFTError(f"--target-modules: unknown {', '.join(unknown)}; choose from {', '.join(ALL_PROJECTIONS)}")
-    if not Path(args.out).resolve().parent.is_dir():
-        raise SFTError(f"--out {args.out}: parent folder does not exist")
     if args.dtype not in DTYPE_CHOICES:
         raise SFTError(f"--dtype {args.dtype!r}: expected one of {', '.join(DTYPE_CHOICES)}")
-    if Path(args.out).exists() and not Path(args.out).is_dir():
-        raise SFTError(f"--out {args.out}: exists and is not a folder")
+    check_output_dir(args.out, "--out")
 
 
 def _device(name: str) -> str:
@@ -190,12 +206,21 @@ class SFTResult:
     summary: dict
 
 
+@dataclass
+class SFTData:
+    """The tokenized split and what it took to make it (for the summary)."""
+    train_rows: list[dict]
+    eval_rows: list[dict]
+    eval_convs: list
+    load_stats: LoadStats
+    train_stats: TokenStats
+    eval_stats: TokenStats
+
+
 def run_sft(args: SFTArgs) -> SFTResult:
     """Fine-tunes args.base on args.data and writes args.out (see the module docstring)."""
     _check(args)
-    from datasets import Dataset
     from transformers.utils import logging as hf_logging
-    from trl import SFTConfig, SFTTrainer
 
     hf_logging.set_verbosity_error()      # keep the console to progress and our own summary
     retain_freed_memory()                 # tinyllama/allocator.py
@@ -203,12 +228,39 @@ def run_sft(args: SFTArgs) -> SFTResult:
     base, out = Path(args.base), Path(args.out)
     choice = choose_dtype(args.dtype, device, load_config(base), work="train", rows=args.batch_size * args.max_len)
     print(f"dtype: {choice}", flush=True)
-    use_bf16 = choice.dtype == torch.bfloat16
-    # CUDA trains bf16 weights; a CPU keeps float32 weights under bf16 autocast (trl's bf16=True)
-    dtype = choice.dtype if device == "cuda" else torch.float32
-
-    # ---- data ---------------------------------------------------------------------------
     tok = Tokenizer.from_dir(base)
+    data = prepare_data(args, tok)
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.work-", dir=out.resolve().parent))
+    try:
+        trainer = build_trainer(args, data, tok, work, device, choice.dtype)
+        eval_before = trainer.evaluate()["eval_loss"] if data.eval_rows else None
+        t0 = time.perf_counter()
+        result = trainer.train()
+        seconds = time.perf_counter() - t0
+        eval_after = trainer.evaluate()["eval_loss"] if data.eval_rows else None
+        if eval_before is not None:
+            print(f"eval loss (assistant tokens): {eval_before:.3f} before -> {eval_after:.3f} after")
+        summary = {
+            "base": str(base), "data": args.data, "method": args.method,
+            "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(args).items()},
+            "learning_rate": args.resolved_lr(), "device": device, "dtype": choice.name, "dtype_reason": choice.reason,
+            "conversations_read": data.load_stats.read, "conversations_skipped": data.load_stats.skipped,
+            "train": dataclasses.asdict(data.train_stats), "eval": dataclasses.asdict(data.eval_stats),
+            "steps": result.global_step, "train_loss": result.training_loss, "train_seconds": round(seconds, 1),
+            "eval_loss_before": eval_before, "eval_loss_after": eval_after,
+            "sample_questions": [c[0]["content"] if c[0]["role"] == "user" else c[1]["content"]
+                                 for c in data.eval_convs[:5]],
+        }
+        log_lines = "".join(json.dumps(r) + "\n" for r in trainer.state.log_history)
+        _write_output(trainer, args, base, tok, out, work, summary, log_lines)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return SFTResult(out=out, model=trainer.model, summary=summary)
+
+
+def prepare_data(args: SFTArgs, tok: Tokenizer) -> SFTData:
+    """Conversations read, split (the dataset's own eval split, or a seeded fraction) and
+    tokenized with the assistant-only label mask; the counts printed."""
     load_stats = LoadStats()
     convs = load_conversations(args.data, skip_invalid=args.skip_invalid, stats=load_stats)
     if args.eval_split:
@@ -228,74 +280,61 @@ def run_sft(args: SFTArgs) -> SFTResult:
     print(f"  train: {train_stats.describe()}")
     if eval_rows:
         print(f"  eval:  {eval_stats.describe()}")
+    return SFTData(train_rows, eval_rows, eval_convs, load_stats, train_stats, eval_stats)
 
-    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.work-", dir=out.resolve().parent))
-    try:
-        hf_tok = _hf_tokenizer(tok, work / "tokenizer")
-        torch.manual_seed(args.seed)
-        model = load_model(base, args.method, device, dtype, compute_dtype=choice.dtype)
-        peft_config = None
-        if args.method in ("lora", "qlora"):
-            peft_config = _lora_config(args)
-            if args.method == "qlora":
-                from peft import prepare_model_for_kbit_training
 
-                model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-        grad_ckpt = args.method == "qlora" if args.gradient_checkpointing is None else args.gradient_checkpointing
-        optim = "paged_adamw_8bit" if (args.method == "qlora" and device == "cuda") else "adamw_torch"
-        config = SFTConfig(
-            output_dir=str(work / "trainer"),
-            num_train_epochs=args.epochs, max_steps=args.max_steps,
-            per_device_train_batch_size=args.batch_size, per_device_eval_batch_size=args.batch_size,
-            gradient_accumulation_steps=args.grad_accum,
-            learning_rate=args.resolved_lr(), lr_scheduler_type="cosine", warmup_steps=args.warmup_ratio,   # a float in [0, 1) is a ratio of all steps
-            weight_decay=args.weight_decay, max_grad_norm=1.0, optim=optim,
-            max_length=args.max_len, packing=args.packing,
-            activation_checkpointing=grad_ckpt, activation_checkpointing_kwargs={"use_reentrant": False},
-            bf16=use_bf16, use_cpu=device == "cpu",
-            # Per epoch; a --max-steps run is evaluated before and after only.
-            eval_strategy="epoch" if eval_rows and args.max_steps <= 0 else "no",
-            train_sampling_strategy="group_by_length" if args.group_by_length and not args.packing else "random",
-            save_strategy="no", report_to=[], logging_steps=args.logging_steps, logging_first_step=True,
-            disable_tqdm=not args.progress, seed=args.seed, data_seed=args.seed,
-            dataloader_num_workers=0, remove_unused_columns=True,
-        )
-        train_ds = Dataset.from_list(train_rows)
-        eval_ds = Dataset.from_list(eval_rows) if eval_rows else None
-        trainer_cls = SFTTrainer if device == "cuda" else plain_loss_trainer(SFTTrainer)
-        trainer = trainer_cls(model=model, args=config, train_dataset=train_ds, eval_dataset=eval_ds,
-                             processing_class=hf_tok, peft_config=peft_config)
-        if args.method != "full":
-            trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
-            total = sum(p.numel() for p in trainer.model.parameters())
-            print(f"{args.method}: training {trainable:,} of {total:,} parameters "
-                  f"(r={args.lora_r}, alpha={args.lora_alpha}, {', '.join(args.target_modules)})")
+def build_trainer(args: SFTArgs, data: SFTData, tok: Tokenizer, work: Path, device: str, compute: torch.dtype):
+    """trl's SFTTrainer over our model (LoRA/QLoRA through peft): bf16 weights on CUDA, float32
+    weights (under bf16 autocast where `compute` is bf16) on a CPU."""
+    from datasets import Dataset
+    from trl import SFTTrainer
 
-        eval_before = trainer.evaluate()["eval_loss"] if eval_ds is not None else None
-        t0 = time.perf_counter()
-        result = trainer.train()
-        seconds = time.perf_counter() - t0
-        eval_after = trainer.evaluate()["eval_loss"] if eval_ds is not None else None
-        if eval_before is not None:
-            print(f"eval loss (assistant tokens): {eval_before:.3f} before -> {eval_after:.3f} after")
+    hf_tok = _hf_tokenizer(tok, work / "tokenizer")
+    torch.manual_seed(args.seed)
+    model = load_model(args.base, args.method, device, compute if device == "cuda" else torch.float32,
+                       compute_dtype=compute)
+    peft_config = None
+    if args.method in ("lora", "qlora"):
+        peft_config = _lora_config(args)
+        if args.method == "qlora":
+            from peft import prepare_model_for_kbit_training
 
-        summary = {
-            "base": str(base), "data": args.data, "method": args.method,
-            "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(args).items()},
-            "learning_rate": args.resolved_lr(), "device": device, "dtype": choice.name,
-            "dtype_reason": choice.reason,
-            "conversations_read": load_stats.read, "conversations_skipped": load_stats.skipped,
-            "train": dataclasses.asdict(train_stats), "eval": dataclasses.asdict(eval_stats),
-            "steps": result.global_step, "train_loss": result.training_loss, "train_seconds": round(seconds, 1),
-            "eval_loss_before": eval_before, "eval_loss_after": eval_after,
-            "sample_questions": [c[0]["content"] if c[0]["role"] == "user" else c[1]["content"]
-                                 for c in eval_convs[:5]],
-        }
-        log_lines = "".join(json.dumps(r) + "\n" for r in trainer.state.log_history)
-        _write_output(trainer, args, base, tok, out, work, summary, log_lines)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    return SFTResult(out=out, model=trainer.model, summary=summary)
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    config = _trainer_config(args, work, device, bf16=compute == torch.bfloat16, has_eval=bool(data.eval_rows))
+    trainer_cls = SFTTrainer if device == "cuda" else plain_loss_trainer(SFTTrainer)
+    trainer = trainer_cls(model=model, args=config, train_dataset=Dataset.from_list(data.train_rows),
+                          eval_dataset=Dataset.from_list(data.eval_rows) if data.eval_rows else None,
+                          processing_class=hf_tok, peft_config=peft_config)
+    if args.method != "full":
+        trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in trainer.model.parameters())
+        print(f"{args.method}: training {trainable:,} of {total:,} parameters "
+              f"(r={args.lora_r}, alpha={args.lora_alpha}, {', '.join(args.target_modules)})")
+    return trainer
+
+
+def _trainer_config(args: SFTArgs, work: Path, device: str, bf16: bool, has_eval: bool):
+    from trl import SFTConfig
+
+    grad_ckpt = args.method == "qlora" if args.gradient_checkpointing is None else args.gradient_checkpointing
+    optim = "paged_adamw_8bit" if (args.method == "qlora" and device == "cuda") else "adamw_torch"
+    return SFTConfig(
+        output_dir=str(work / "trainer"),
+        num_train_epochs=args.epochs, max_steps=args.max_steps,
+        per_device_train_batch_size=args.batch_size, per_device_eval_batch_size=args.batch_size,
+        gradient_accumulation_steps=args.grad_accum,
+        learning_rate=args.resolved_lr(), lr_scheduler_type="cosine", warmup_steps=args.warmup_ratio,   # a float in [0, 1) is a ratio of all steps
+        weight_decay=args.weight_decay, max_grad_norm=1.0, optim=optim,
+        max_length=args.max_len, packing=args.packing,
+        activation_checkpointing=grad_ckpt, activation_checkpointing_kwargs={"use_reentrant": False},
+        bf16=bf16, use_cpu=device == "cpu",
+        # Per epoch; a --max-steps run is evaluated before and after only.
+        eval_strategy="epoch" if has_eval and args.max_steps <= 0 else "no",
+        train_sampling_strategy="group_by_length" if args.group_by_length and not args.packing else "random",
+        save_strategy="no", report_to=[], logging_steps=args.logging_steps, logging_first_step=True,
+        disable_tqdm=not args.progress, seed=args.seed, data_seed=args.seed,
+        dataloader_num_workers=0, remove_unused_columns=True,
+    )
 
 
 def plain_loss_trainer(base_cls):

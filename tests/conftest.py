@@ -11,12 +11,11 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# decode-layout timings (tinyllama/packing.py) go to a file of this run, not the user's cache
-_MEASURED = tempfile.mkdtemp(prefix="tinyllama-test-")
-os.environ["TINYLLAMA_PACKING_CACHE"] = os.path.join(_MEASURED, "packing-layouts.json")
-os.environ["TINYLLAMA_DECISIONS"] = _MEASURED      # dtype choices (tinyllama/precision.py) too
+# measured decisions (dtype choices, decode layouts: tinyllama.measure) go to a folder of this
+# run, not the user's cache
+os.environ["TINYLLAMA_DECISIONS"] = tempfile.mkdtemp(prefix="tinyllama-test-")
 
-from tinyllama import ModelConfig, Llama, Tokenizer  # noqa: E402
+from tinyllama import Llama, ModelConfig, Tokenizer  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):

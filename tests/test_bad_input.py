@@ -48,10 +48,10 @@ CLIS = {          # python -m NAME -> module holding main(argv)
     "sft": "sft.__main__",
     "sft.distill": "sft.distill",
     "quantize": "quantize.__main__",
-    "serve.generate": "serve.generate",
+    "serve.complete": "serve.complete",
     "serve": "serve.__main__",
     "demo": "demo.__main__",
-    "tinyllama.eval": "tinyllama.eval",
+    "evaluation": "evaluation.__main__",
     "tinyllama": "tinyllama.__main__",
 }
 
@@ -202,7 +202,7 @@ CASES = [
     C("sft-epochs-not-a-number", "sft", ["--base", "{ckpt}", "--out", "{out}/chat", "--epochs", "three"],
       "argument --epochs: invalid float value: 'three'"),
     C("sft-out-parent-missing", "sft", ["--base", "{ckpt}", "--out", "{out}/no/such/chat"],
-      "parent folder does not exist"),
+      "output folder does not exist"),
     C("sft-out-is-a-file", "sft", ["--base", "{ckpt}", "--out", "{in}/f"], "f: exists and is not a folder",
       {"f": "keep me"}),
 
@@ -240,7 +240,7 @@ CASES = [
     C("quantize-out-parent-missing", "quantize", ["--model", "{ckpt}", "--type", "f16", "--out", "{out}/no/m.gguf"],
       "does not exist"),
     C("quantize-out-parent-is-a-file", "quantize", ["--model", "{ckpt}", "--type", "f16", "--out", "{in}/f/m.gguf"],
-      "f is not a folder", {"f": "x"}),
+      "f: is a file, not a folder", {"f": "x"}),
     C("quantize-out-folder-is-a-file", "quantize", ["--model", "{ckpt}", "--type", "f16", "q8_0", "--out", "{in}/f"],
       "--out {in}/f: exists and is not a folder", {"f": "x"}),
     C("quantize-two-types-one-file", "quantize", ["--model", "{ckpt}", "--type", "f16", "q8_0", "--out", "{out}/m.gguf"],
@@ -248,41 +248,41 @@ CASES = [
     C("quantize-threads-zero", "quantize", ["--model", "{ckpt}", "--type", "q8_0", "--threads", "0", "--out", "{out}/m.gguf"],
       "--threads must be >= 1, got 0"),
 
-    # ---- python -m serve.generate --------------------------------------------------------------------
-    C("generate-model-missing", "serve.generate", ["--model", "{in}/nope", "--prompt", "hi"],
+    # ---- python -m serve.complete --------------------------------------------------------------------
+    C("generate-model-missing", "serve.complete", ["--model", "{in}/nope", "--prompt", "hi"],
       "nope: not a checkpoint directory or a .gguf file", sub=True),
-    C("generate-gguf-missing", "serve.generate", ["--model", "{in}/nope.gguf", "--prompt", "hi"],
+    C("generate-gguf-missing", "serve.complete", ["--model", "{in}/nope.gguf", "--prompt", "hi"],
       "nope.gguf: no such GGUF file"),
-    C("generate-model-without-config", "serve.generate", ["--model", "{noconfig}", "--prompt", "hi"], "no config.json"),
-    C("generate-truncated-safetensors", "serve.generate", ["--model", "{trunc_ckpt}", "--prompt", "hi"],
+    C("generate-model-without-config", "serve.complete", ["--model", "{noconfig}", "--prompt", "hi"], "no config.json"),
+    C("generate-truncated-safetensors", "serve.complete", ["--model", "{trunc_ckpt}", "--prompt", "hi"],
       "corrupt or truncated safetensors file"),
-    C("generate-gguf-not-a-llama", "serve.generate", ["--model", "{gpt2_gguf}", "--prompt", "hi"],
+    C("generate-gguf-not-a-llama", "serve.complete", ["--model", "{gpt2_gguf}", "--prompt", "hi"],
       "general.architecture is 'gpt2'"),
-    C("generate-truncated-gguf", "serve.generate", ["--model", "{trunc_gguf}", "--prompt", "hi"],
+    C("generate-truncated-gguf", "serve.complete", ["--model", "{trunc_gguf}", "--prompt", "hi"],
       "trunc.gguf: not a readable GGUF file"),
-    C("generate-random-bytes-gguf", "serve.generate", ["--model", "{random_gguf}", "--prompt", "hi"],
+    C("generate-random-bytes-gguf", "serve.complete", ["--model", "{random_gguf}", "--prompt", "hi"],
       "random.gguf: not a readable GGUF file"),
-    C("generate-draft-other-vocab-size", "serve.generate", ["--model", "{ckpt}", "--draft", "{draft_vocab}",
+    C("generate-draft-other-vocab-size", "serve.complete", ["--model", "{ckpt}", "--draft", "{draft_vocab}",
                                                              "--prompt", "hi"],
       "has 320 tokens but target ckpt has 32000: speculative decoding needs the same vocabulary", sub=True),
-    C("generate-draft-other-tokens", "serve.generate", ["--model", "{ckpt}", "--draft", "{draft_swapped}",
+    C("generate-draft-other-tokens", "serve.complete", ["--model", "{ckpt}", "--draft", "{draft_swapped}",
                                                          "--prompt", "hi"],
       "different vocabularies (same size, different tokens)"),
-    C("generate-draft-missing", "serve.generate", ["--model", "{ckpt}", "--draft", "{in}/nope.gguf", "--prompt", "hi"],
+    C("generate-draft-missing", "serve.complete", ["--model", "{ckpt}", "--draft", "{in}/nope.gguf", "--prompt", "hi"],
       "nope.gguf: no such GGUF file"),
-    C("generate-num-draft-zero", "serve.generate", ["--model", "{ckpt}", "--draft", "{ckpt}", "--num-draft", "0",
+    C("generate-num-draft-zero", "serve.complete", ["--model", "{ckpt}", "--draft", "{ckpt}", "--num-draft", "0",
                                                      "--prompt", "hi"],
       "--num-draft must be >= 1, got 0"),
-    C("generate-prompt-longer-than-context", "serve.generate", ["--model", "{ckpt}", "--prompt", "hello " * 300],
+    C("generate-prompt-longer-than-context", "serve.complete", ["--model", "{ckpt}", "--prompt", "hello " * 300],
       "the prompt has 302 tokens; the context length is 256"),
-    C("generate-negative-max-tokens", "serve.generate", ["--model", "{ckpt}", "--prompt", "hi", "--max-tokens", "-5"],
-      "max_tokens must be at least 1, got -5"),
-    C("generate-temperature-out-of-range", "serve.generate", ["--model", "{ckpt}", "--prompt", "hi",
+    C("generate-negative-max-tokens", "serve.complete", ["--model", "{ckpt}", "--prompt", "hi", "--max-tokens", "-5"],
+      "max_tokens must be >= 0, got -5"),
+    C("generate-temperature-out-of-range", "serve.complete", ["--model", "{ckpt}", "--prompt", "hi",
                                                                "--temperature", "5"],
       "temperature must be in [0, 2], got 5.0"),
-    C("generate-top-p-zero", "serve.generate", ["--model", "{ckpt}", "--prompt", "hi", "--top-p", "0"],
+    C("generate-top-p-zero", "serve.complete", ["--model", "{ckpt}", "--prompt", "hi", "--top-p", "0"],
       "top_p must be in (0, 1], got 0.0"),
-    C("generate-n-ctx-zero", "serve.generate", ["--model", "{gguf}", "--prompt", "hi", "--n-ctx", "0"],
+    C("generate-n-ctx-zero", "serve.complete", ["--model", "{gguf}", "--prompt", "hi", "--n-ctx", "0"],
       "--n-ctx must be >= 1, got 0"),
 
     # ---- python -m serve (startup only) --------------------------------------------------------------
@@ -303,27 +303,27 @@ CASES = [
     C("demo-gguf-not-a-llama", "demo", ["--model", "{gpt2_gguf}"], "general.architecture is 'gpt2'"),
     C("demo-num-draft-zero", "demo", ["--model", "{ckpt}", "--num-draft", "0"], "--num-draft must be >= 1, got 0"),
 
-    # ---- python -m tinyllama.eval ------------------------------------------------------------------
-    C("eval-no-model", "tinyllama.eval", ["--tasks", "none"], "give --model (or --sweep RUN_DIR)"),
-    C("eval-model-missing", "tinyllama.eval", ["--model", "{in}/nope", "--tasks", "none"],
+    # ---- python -m evaluation ----------------------------------------------------------------------
+    C("eval-no-model", "evaluation", ["--tasks", "none"], "give --model (or --sweep RUN_DIR)"),
+    C("eval-model-missing", "evaluation", ["--model", "{in}/nope", "--tasks", "none"],
       "nope: no such model directory or GGUF", sub=True),
-    C("eval-model-without-config", "tinyllama.eval", ["--model", "{noconfig}", "--tasks", "none"], "no config.json"),
-    C("eval-random-bytes-gguf", "tinyllama.eval", ["--model", "{random_gguf}", "--tasks", "none"],
+    C("eval-model-without-config", "evaluation", ["--model", "{noconfig}", "--tasks", "none"], "no config.json"),
+    C("eval-random-bytes-gguf", "evaluation", ["--model", "{random_gguf}", "--tasks", "none"],
       "random.gguf: not a readable GGUF file"),
-    C("eval-unknown-task", "tinyllama.eval", ["--model", "{ckpt}", "--tasks", "no_such_task_xyz", "--out", "{out}/r.json"],
+    C("eval-unknown-task", "evaluation", ["--model", "{ckpt}", "--tasks", "no_such_task_xyz", "--out", "{out}/r.json"],
       "unknown task(s): no_such_task_xyz"),
-    C("eval-perplexity-dir-missing", "tinyllama.eval", ["--model", "{ckpt}", "--tasks", "none",
+    C("eval-perplexity-dir-missing", "evaluation", ["--model", "{ckpt}", "--tasks", "none",
                                                          "--perplexity", "{in}/no-shards", "--out", "{out}/r.json"],
       "no-shards/manifest.json: not found"),
-    C("eval-truncated-safetensors", "tinyllama.eval", ["--model", "{trunc_ckpt}", "--tasks", "none"],
+    C("eval-truncated-safetensors", "evaluation", ["--model", "{trunc_ckpt}", "--tasks", "none"],
       "model.safetensors: corrupt or truncated safetensors file"),
-    C("eval-limit-zero", "tinyllama.eval", ["--model", "{ckpt}", "--limit", "0"], "--limit must be >= 1, got 0"),
-    C("eval-seq-len-zero", "tinyllama.eval", ["--model", "{ckpt}", "--tasks", "none", "--seq-len", "0"],
+    C("eval-limit-zero", "evaluation", ["--model", "{ckpt}", "--limit", "0"], "--limit must be >= 1, got 0"),
+    C("eval-seq-len-zero", "evaluation", ["--model", "{ckpt}", "--tasks", "none", "--seq-len", "0"],
       "--seq-len must be >= 1, got 0"),
-    C("eval-out-parent-missing", "tinyllama.eval", ["--model", "{ckpt}", "--tasks", "none", "--out", "{out}/no/r.json"],
+    C("eval-out-parent-missing", "evaluation", ["--model", "{ckpt}", "--tasks", "none", "--out", "{out}/no/r.json"],
       "no: output folder does not exist"),
-    C("eval-sweep-not-a-run", "tinyllama.eval", ["--sweep", "{in}", "--tasks", "none"],
-      "not a pretraining run (no config.yaml)"),
+    C("eval-sweep-not-a-run", "evaluation", ["--sweep", "{in}", "--tasks", "none"],
+      "not a pretraining run ("),
 
     # ---- python -m tinyllama -------------------------------------------------------------------------
     C("core-init-unknown-preset", "tinyllama", ["init", "--preset", "gpt-5", "--out", "{out}/m"],
@@ -617,6 +617,7 @@ def test_bad_request_gets_an_openai_error_and_the_server_keeps_serving(clients, 
 def test_chunked_body_is_refused_before_it_is_all_read(clients):
     """Past the limit the server stops reading: an endless chunked body still gets its 413 (over
     real HTTP: the test client would read the whole body before the app sees any of it)."""
+    import select
     import socket
     import threading
     import time
@@ -631,20 +632,29 @@ def test_chunked_body_is_refused_before_it_is_all_read(clients):
     threading.Thread(target=server.run, daemon=True).start()
     while not server.started:
         time.sleep(0.02)
-    sent = 0
-
-    def endless():
-        nonlocal sent
-        while sent < 1000 * SERVER["max_body_bytes"]:
-            sent += 4096
-            yield b"x" * 4096
-
+    sent, response = 0, b""
+    head = (f"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: {AUTH['Authorization']}\r\n"
+            "Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n").encode()
+    chunk = b"1000\r\n" + b"x" * 4096 + b"\r\n"
     try:
-        try:
-            r = httpx.post(f"http://127.0.0.1:{port}/v1/completions", content=endless(), headers=AUTH)
-            assert r.status_code == 413 and "request body too large" in r.json()["error"]["message"]
-        except httpx.TransportError:        # the server closed the connection on the rest of the upload
-            pass
+        # a raw socket, so that the answer is read the moment it arrives, between two chunks, and
+        # never lost to the connection reset that follows it (the server drops the rest)
+        with socket.create_connection(("127.0.0.1", port)) as conn:
+            conn.sendall(head)
+            while sent < 1000 * SERVER["max_body_bytes"] and not response:
+                if select.select([conn], [], [], 0)[0]:
+                    response = conn.recv(65536)
+                    break
+                try:
+                    conn.sendall(chunk)
+                except (BrokenPipeError, ConnectionResetError):
+                    break
+                sent += 4096
+            if not response:
+                conn.settimeout(10)
+                response = conn.recv(65536)
+        assert response.startswith(b"HTTP/1.1 413"), response[:200]
+        assert b"request body too large" in response
         # cut off long before the end: what was sent past the limit sat in socket buffers (a few MB)
         assert sent < 200 * SERVER["max_body_bytes"]
         assert httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200

@@ -4,7 +4,7 @@ import pytest
 
 from tinyllama import Tokenizer
 from tinyllama.chat import CHAT_TEMPLATE, ChatFormatError, encode_chat, render_chat
-from tinyllama.tokenizer import llama2_dir
+from tinyllama.paths import llama2_dir
 
 CONVERSATION = [
     {"role": "system", "content": "You are a helpful assistant."},

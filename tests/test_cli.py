@@ -2,8 +2,11 @@
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def run(*args, cwd=None):
@@ -54,3 +57,20 @@ def test_tokenizer_cli():
 def test_help_explains(argv):
     r = run("tinyllama", *argv)
     assert r.returncode == 0 and "usage:" in r.stdout
+
+
+def test_every_stage_is_reachable_from_the_front_door():
+    """`tinyllama STAGE --help` reaches each stage's own parser (lifecycle.py: the console
+    script), and an unknown command is a clear error."""
+    import lifecycle
+
+    for command in lifecycle.STAGES:
+        r = subprocess.run([sys.executable, "-m", "lifecycle", command, "--help"], capture_output=True, text=True, cwd=ROOT,
+                           timeout=120)
+        assert r.returncode == 0, (command, r.stderr[-500:])
+        assert "usage:" in r.stdout, command
+    r = subprocess.run([sys.executable, "-m", "lifecycle", "train-everything"], capture_output=True, text=True,
+                       cwd=ROOT)
+    assert r.returncode == 2 and "unknown command 'train-everything'" in r.stderr and "pretrain" in r.stderr
+    r = subprocess.run([sys.executable, "-m", "lifecycle"], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0 and all(name in r.stdout for name in lifecycle.STAGES)

@@ -8,8 +8,9 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from pretrain.data import BatchLoader, DataError, FeistelPermutation, Mixture, PackedSource
-from pretrain.prepare import PrepareConfig, ShardWriter, prepare
+from pretrain.data import BatchLoader, FeistelPermutation, Mixture
+from pretrain.prepare import PrepareConfig, prepare
+from pretrain.shards import PackedSource, ShardError, ShardWriter
 from pretrain.sources import SourceError, read_documents
 
 DOCS = [f"Document {i}: " + " ".join(["the quick brown fox", "def f(x): return x", "naïve 東京"][i % 3] for _ in range(i % 7 + 1))
@@ -263,16 +264,16 @@ def test_resume_with_changed_data_is_refused(tmp_path):
     b = synthetic_source(tmp_path / "b", 12000)
     state = BatchLoader(Mixture({"a": a, "b": b}, {"a": 0.7, "b": 0.3}, seq_len=32), micro_batch=4).state_dict()
     other = BatchLoader(Mixture({"a": a, "b": b}, {"a": 0.5, "b": 0.5}, seq_len=32), micro_batch=4)
-    with pytest.raises(DataError, match="data configuration changed"):
+    with pytest.raises(ShardError, match="data configuration changed"):
         other.load_state_dict(state)
 
 
 def test_tokenizer_mismatch_is_refused(tmp_path):
     a = synthetic_source(tmp_path / "a", 3000, fingerprint="aaaa")
     b = synthetic_source(tmp_path / "b", 3000, fingerprint="bbbb")
-    with pytest.raises(DataError, match="different tokenizer"):
+    with pytest.raises(ShardError, match="different tokenizer"):
         Mixture({"a": a}, {"a": 1.0}, seq_len=32, tokenizer_fingerprint="bbbb")
-    with pytest.raises(DataError, match="different tokenizers"):
+    with pytest.raises(ShardError, match="different tokenizers"):
         Mixture({"a": a, "b": b}, {"a": 0.5, "b": 0.5}, seq_len=32)
 
 
@@ -281,17 +282,17 @@ def test_damaged_shards_are_detected(tmp_path):
     shard = tmp_path / "a" / "train-00001.bin"
     data = shard.read_bytes()
     shard.write_bytes(data[:-10])
-    with pytest.raises(DataError, match=r"train-00001.bin: \d+ bytes, manifest.json says"):
+    with pytest.raises(ShardError, match=r"train-00001.bin: \d+ bytes, manifest.json says"):
         PackedSource(tmp_path / "a")
     shard.write_bytes(b"\x00" * len(data))
     PackedSource(tmp_path / "a")                                        # same size: only the checksum knows
-    with pytest.raises(DataError, match=r"train-00001.bin: sha256 differs"):
+    with pytest.raises(ShardError, match=r"train-00001.bin: sha256 differs"):
         PackedSource(tmp_path / "a", verify=True)
-    with pytest.raises(DataError, match="manifest.json: not found"):
+    with pytest.raises(ShardError, match="manifest.json: not found"):
         PackedSource(tmp_path / "missing")
 
 
 def test_source_smaller_than_a_block(tmp_path):
     a = synthetic_source(tmp_path / "a", 20)
-    with pytest.raises(DataError, match="fewer than one block"):
+    with pytest.raises(ShardError, match="fewer than one block"):
         Mixture({"a": a}, {"a": 1.0}, seq_len=64)

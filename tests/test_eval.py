@@ -14,9 +14,10 @@ import torch
 
 pytest.importorskip("lm_eval")
 
+from evaluation.harness import EvalError, lm_class, run_tasks, task_yaml  # noqa: E402
+from evaluation.perplexity import perplexity  # noqa: E402
 from tinyllama import Llama, ModelConfig, load_checkpoint, save_checkpoint  # noqa: E402
 from tinyllama.backends import TorchBackend, load_backend  # noqa: E402
-from tinyllama.eval import EvalError, lm_class, perplexity, run_tasks, task_yaml  # noqa: E402
 
 TASK_DATA = Path(__file__).with_name("data") / "mc_task.jsonl"
 
@@ -83,8 +84,8 @@ def test_local_task_on_checkpoint_and_gguf(model_dir, task_dir, tmp_path):
 def test_perplexity_is_exp_of_the_trainers_validation_loss(model_dir, tmp_path):
     from pydoc_data.topics import topics
 
-    from pretrain.data import PackedSource
     from pretrain.prepare import PrepareConfig, prepare
+    from pretrain.shards import PackedSource
     from pretrain.train import loss_fn
 
     raw = tmp_path / "raw.jsonl"
@@ -103,7 +104,7 @@ def test_bad_tasks_and_models(model_dir):
     backend, tok = load_backend(model_dir)
     with pytest.raises(EvalError, match="unknown task"):
         run_tasks(backend, tok, ["no_such_task_xyz"])
-    r = subprocess.run([sys.executable, "-m", "tinyllama.eval", "--model", "/nonexistent/model", "--tasks", "none"],
+    r = subprocess.run([sys.executable, "-m", "evaluation", "--model", "/nonexistent/model", "--tasks", "none"],
                        capture_output=True, text=True)
     assert r.returncode == 2 and "no such model" in r.stderr
 
@@ -112,10 +113,10 @@ def test_bad_tasks_and_models(model_dir):
 def test_checkpoint_sweep_over_a_pretraining_run(tmp_path, llama2_tokenizer):
     from pydoc_data.topics import topics
 
+    from evaluation.sweep import sweep
     from pretrain.config import TrainConfig
     from pretrain.prepare import PrepareConfig, prepare
     from pretrain.train import train
-    from tinyllama.eval import sweep
 
     raw = tmp_path / "raw.jsonl"
     raw.write_text("".join(json.dumps({"text": t}) + "\n" for _, t in sorted(topics.items())[:40]))

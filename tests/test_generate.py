@@ -13,7 +13,7 @@ import torch
 
 from tinyllama import Llama, ModelConfig
 from tinyllama.backends import Backend, TorchBackend
-from tinyllama.generate import generate, process_logits
+from tinyllama.generate import SamplingParams, generate, process_logits
 
 
 def random_llama(cfg: ModelConfig, seed: int) -> Llama:
@@ -90,26 +90,6 @@ def test_bad_arguments(pair):
 
 
 # ---- speculative decoding: greedy identity and rollback --------------------------------------------
-
-class Recording(Backend):
-    """Wraps a backend; after every call checks that its cache holds a prefix of the context."""
-
-    def __init__(self, inner: Backend) -> None:
-        self.inner, self.name = inner, inner.name
-        self.vocab_size, self.context_length = inner.vocab_size, inner.context_length
-        self.calls: list[tuple[int, int]] = []
-
-    def logits(self, context, n_last=1):
-        out = self.inner.logits(context, n_last)
-        self.calls.append((len(context), n_last))
-        return out
-
-    def cached_tokens(self):
-        return self.inner.cached_tokens()
-
-    def trim(self, n):
-        self.inner.trim(n)
-
 
 @pytest.mark.parametrize("num_draft,adaptive", [(1, False), (3, False), (6, False), (1, True), (4, True)])
 def test_speculative_greedy_is_token_identical(pair, num_draft, adaptive):
@@ -201,7 +181,7 @@ def test_speculative_sampling_matches_the_target_distribution(sampling, adaptive
         prob, ctx = 1.0, list(prompt)
         for tok in seq:
             kw = {"top_k": None, "top_p": None, "repetition_penalty": 1.0, **sampling}
-            prob *= float(process_logits(target.table[ctx[-1]], ctx, **kw)[tok])
+            prob *= float(process_logits(target.table[ctx[-1]], ctx, SamplingParams(**kw))[tok])
             ctx.append(tok)
         expected[seq] = prob
     trials = 6000

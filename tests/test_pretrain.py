@@ -22,7 +22,6 @@ ROOT = Path(__file__).resolve().parents[1]
 def shards(tmp_path_factory):
     """Two real sources: English help texts shipped with Python, and the json package's code."""
     import json as json_pkg
-
     from pydoc_data.topics import topics
 
     d = tmp_path_factory.mktemp("shards")

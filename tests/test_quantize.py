@@ -13,8 +13,9 @@ from tinyllama import Llama, ModelConfig, save_checkpoint
 
 llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is built by make setup")
 
-from quantize.export import ExportError, permute_for_llama_cpp, quantize_gguf, read_metadata, write_gguf  # noqa: E402
+from quantize.export import ExportError, permute_for_llama_cpp, quantize_gguf, write_gguf  # noqa: E402
 from quantize.verify import SAMPLE_TEXT, verify_gguf  # noqa: E402
+from tinyllama.gguf_file import read_metadata  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TEMPLATE = "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}</s>\n{% endfor %}<|assistant|>\n"
@@ -86,19 +87,30 @@ def test_metadata_round_trips(model_dir, f32_file, llama2_tokenizer):
     assert meta["_tensors"]["blk.0.attn_q.weight"] == "F32"
 
 
-@pytest.mark.parametrize("qtype, max_top1_loss", [("q8_0", 0.03), ("q4_k_m", 0.1), ("q4_0", 0.15)])
-def test_quantized_types_load_generate_and_agree(model_dir, f32_file, llama2_tokenizer, tmp_path, qtype, max_top1_loss):
+@pytest.mark.parametrize("qtype, max_top1_loss, max_rank", [("q8_0", 0.03, 0), ("q4_k_m", 0.1, 2), ("q4_0", 0.15, 2)])
+def test_quantized_types_load_generate_and_agree(model_dir, f32_file, llama2_tokenizer, tmp_path, qtype, max_top1_loss,
+                                                 max_rank):
+    """Each quantized file loads in llama.cpp, and llama.cpp's own greedy continuation is what the
+    PyTorch model would pick: token for token for q8_0, within its top 3 at every step for 4-bit."""
     out = quantize_gguf(f32_file, tmp_path / f"m-{qtype}.gguf", qtype)
     assert out.stat().st_size < f32_file.stat().st_size / (3 if qtype != "q8_0" else 2)
     report = verify_gguf(out, model_dir[1], llama2_tokenizer)
     assert report.tokenization_equal
     assert report.top1_agreement >= 1 - max_top1_loss
+    prompt = llama2_tokenizer.encode("The meaning of")
     llm = llama_cpp.Llama(model_path=str(out), n_ctx=128, verbose=False)
     try:
-        text = llm("Once upon a time", max_tokens=8, temperature=0.0)["choices"][0]["text"]
-        assert len(llm.tokenize(text.encode(), add_bos=False)) >= 1
+        theirs = []
+        for token in llm.generate(prompt, temp=0.0, top_k=1):
+            theirs.append(token)
+            if len(theirs) == 12:
+                break
     finally:
         llm.close()
+    with torch.no_grad():                                     # PyTorch's view of the same sequence
+        logits = model_dir[1](torch.tensor([prompt + theirs]))[0, len(prompt) - 1:-1]        # (12, vocab)
+    ranks = [int((row > row[t]).sum()) for row, t in zip(logits, theirs)]
+    assert max(ranks) <= max_rank, (qtype, ranks)
 
 
 def test_f16_and_bf16(model_dir, llama2_tokenizer, tmp_path):

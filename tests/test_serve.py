@@ -129,7 +129,7 @@ def test_stop_strings_and_seeds(client):
     (b"{not json", 400, "invalid JSON"),
     ({"messages": []}, 400, "messages"),
     ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": "many"}, 400, "max_tokens"),
-    ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": -3}, 400, "max_tokens must be at least 1"),
+    ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": -3}, 400, "max_tokens must be >= 0, got -3"),
     ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 10 ** 9}, 400, "exceeds the context length"),
     ({"messages": [{"role": "user", "content": "hi"}], "temperature": 7}, 400, "temperature"),
     ({"messages": [{"role": "robot", "content": "hi"}]}, 400, "messages.0.role"),
@@ -230,16 +230,16 @@ def test_cli_generate_streams_and_reports(tmp_path, llama2_tokenizer):
 
     torch.manual_seed(0)
     save_checkpoint(Llama(ModelConfig.from_name("tinyllama-debug")), llama2_tokenizer, tmp_path / "m")
-    r = subprocess.run([sys.executable, "-m", "serve.generate", "--model", str(tmp_path / "m"), "--prompt", "Hi",
+    r = subprocess.run([sys.executable, "-m", "serve.complete", "--model", str(tmp_path / "m"), "--prompt", "Hi",
                         "--chat", "--max-tokens", "5"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert "prompt tokens" in r.stderr and "generated at" in r.stderr
     # speculative with an adaptive k: the model drafts for itself, so every draft is accepted
-    r = subprocess.run([sys.executable, "-m", "serve.generate", "--model", str(tmp_path / "m"), "--prompt", "Hi",
+    r = subprocess.run([sys.executable, "-m", "serve.complete", "--model", str(tmp_path / "m"), "--prompt", "Hi",
                         "--draft", str(tmp_path / "m"), "--num-draft", "1", "--adaptive-draft", "--max-tokens", "12",
                         "--temperature", "0"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert "9/9 drafted tokens accepted (100%)" in r.stderr and "mean k 3.0" in r.stderr, r.stderr   # k = 1, 3, 5
-    r = subprocess.run([sys.executable, "-m", "serve.generate", "--model", str(tmp_path / "nope"), "--prompt", "x"],
+    r = subprocess.run([sys.executable, "-m", "serve.complete", "--model", str(tmp_path / "nope"), "--prompt", "x"],
                        capture_output=True, text=True)
     assert r.returncode == 2 and "error:" in r.stderr

@@ -14,12 +14,24 @@ import torch
 
 from tinyllama import Llama, ModelConfig, load_checkpoint, save_checkpoint
 from tinyllama.chat import CHAT_TEMPLATE, ChatFormatError, encode_chat
+from tinyllama.errors import NotFound
 
 pytest.importorskip("trl")
 pytest.importorskip("peft")
 
-from sft.data import (IGNORE_INDEX, SAMPLE_PATH, DataError, LoadStats, TokenStats, load_conversations,  # noqa: E402
-                      parse_guanaco, read_jsonl, split_eval, tokenize_conversations, to_guanaco)
+from sft.data import (  # noqa: E402
+    IGNORE_INDEX,
+    SAMPLE_PATH,
+    DataError,
+    LoadStats,
+    TokenStats,
+    load_conversations,
+    parse_guanaco,
+    read_conversations_jsonl,
+    split_eval,
+    to_guanaco,
+    tokenize_conversations,
+)
 from sft.modeling import TinyLlamaForCausalLM  # noqa: E402
 from sft.train import SFTArgs, SFTError, run_sft  # noqa: E402
 
@@ -78,7 +90,7 @@ def test_jsonl_record_shapes(tmp_path):
         json.dumps({"prompt": "p", "completion": "c"}),
         "",
     ]))
-    convs = read_jsonl(f)
+    convs = read_conversations_jsonl(f)
     assert [len(c) for c in convs] == [2, 3, 2]
     assert convs[1][0] == {"role": "system", "content": "be brief"}
     assert convs[2][1] == {"role": "assistant", "content": "c"}
@@ -96,9 +108,9 @@ def test_bad_jsonl_names_file_and_line(tmp_path, line, message):
     f = tmp_path / "d.jsonl"
     f.write_text(json.dumps({"text": "### Human: a### Assistant: b"}) + "\n" + line + "\n")
     with pytest.raises(DataError, match=message.replace("(", r"\(")):
-        read_jsonl(f)
+        read_conversations_jsonl(f)
     stats = LoadStats()
-    assert len(read_jsonl(f, skip_invalid=True, stats=stats)) == 1
+    assert len(read_conversations_jsonl(f, skip_invalid=True, stats=stats)) == 1
     assert (stats.read, stats.skipped) == (2, 1)
 
 
@@ -360,7 +372,7 @@ def test_bad_requests_write_nothing(base_dir, small_data, tmp_path):
         (dict(target_modules=["qkv"]), SFTError, "unknown qkv"),
         (dict(data=str(bad)), DataError, "bad.jsonl:2: invalid JSON"),
         (dict(max_len=8), SFTError, "no training example fits --max-len 8"),
-        (dict(out=tmp_path / "no" / "such" / "dir"), SFTError, "parent folder does not exist"),
+        (dict(out=tmp_path / "no" / "such" / "dir"), NotFound, "output folder does not exist"),
     ]
 
     for overrides, error, message in cases:
@@ -390,7 +402,8 @@ def test_gguf_of_the_chat_model_chats_in_llama_cpp_with_our_template(lora_run, l
     llama_cpp = pytest.importorskip("llama_cpp")
     from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
-    from quantize.export import quantize_gguf, read_metadata, write_gguf
+    from quantize.export import quantize_gguf, write_gguf
+    from tinyllama.gguf_file import read_metadata
 
     f32 = write_gguf(lora_run.out, tmp_path / "chat-f32.gguf", "f32")
     q8 = quantize_gguf(f32, tmp_path / "chat-q8_0.gguf", "q8_0")

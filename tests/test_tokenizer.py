@@ -4,7 +4,7 @@ import pytest
 
 from tinyllama import Tokenizer
 from tinyllama.__main__ import main as cli_main
-from tinyllama.tokenizer import llama2_dir
+from tinyllama.paths import llama2_dir
 
 KNOWN = [
     ("Hello world", [1, 15043, 3186]),

@@ -24,10 +24,10 @@ __all__ = list(_LAZY)
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
-    from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-    from .config import PRESETS, ModelConfig
-    from .model import Llama
-    from .tokenizer import Tokenizer
+    from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint  # noqa: F401
+    from .config import PRESETS, ModelConfig  # noqa: F401
+    from .model import Llama  # noqa: F401
+    from .tokenizer import Tokenizer  # noqa: F401
 
 
 def __getattr__(name: str) -> Any:

@@ -16,10 +16,12 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .checkpoint import load_checkpoint, save_checkpoint
 from .config import PRESETS, ModelConfig
+from .errors import UserError, report
 from .model import Llama
-from .tokenizer import Tokenizer, build_llama2, default_sdist, llama2_dir
+from .paths import default_sdist, llama2_dir
+from .tokenizer import Tokenizer, build_llama2
 
 
 def _human(n: float) -> str:
@@ -131,9 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     commands = {"presets": cmd_presets, "init": cmd_init, "inspect": cmd_inspect, "tokenizer": cmd_tokenizer}
     try:
         return commands[args.cmd](args)
-    except (FileNotFoundError, CheckpointError, ValueError, KeyError, RuntimeError) as e:
-        print(f"error: {e.args[0] if isinstance(e, KeyError) else e}", file=sys.stderr)
-        return 2
+    except UserError as e:
+        return report(e)
 
 
 if __name__ == "__main__":

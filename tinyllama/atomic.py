@@ -19,12 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-
-def _parent_must_exist(final: Path) -> None:
-    if final.parent.exists() and not final.parent.is_dir():
-        raise FileNotFoundError(f"{final.parent}: is a file, not a folder")
-    if not final.parent.is_dir():
-        raise FileNotFoundError(f"{final.parent}: output folder does not exist")
+from .paths import check_output_parent
 
 
 def _fsync(path: Path) -> None:
@@ -35,7 +30,7 @@ def _fsync(path: Path) -> None:
 @contextmanager
 def atomic_dir(final: str | os.PathLike) -> Iterator[Path]:
     final = Path(final)
-    _parent_must_exist(final)
+    check_output_parent(final)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
     try:
         yield tmp
@@ -56,7 +51,7 @@ def atomic_dir(final: str | os.PathLike) -> Iterator[Path]:
 @contextmanager
 def atomic_file(final: str | os.PathLike) -> Iterator[Path]:
     final = Path(final)
-    _parent_must_exist(final)
+    check_output_parent(final)
     fd, name = tempfile.mkstemp(prefix=f".{final.name}.tmp-", dir=final.parent)
     os.close(fd)
     tmp = Path(name)

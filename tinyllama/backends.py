@@ -19,9 +19,11 @@ from typing import Sequence
 
 import torch
 
+from .errors import NotFound, UserError
+from .gguf_file import file_type_name, gguf_value, open_gguf
 from .model import Llama
 from .packing import pack_for_decoding, unpack
-from .tokenizer import Tokenizer, gguf_value, open_gguf
+from .tokenizer import Tokenizer
 
 
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -75,7 +77,10 @@ class TorchBackend(Backend):
     """Our Llama with its positional KV cache (batch 1)."""
 
     def __init__(self, model: Llama, tokenizer: Tokenizer | None = None, name: str = "model",
-                 precision: str | None = None) -> None:
+                 precision: str | None = None, pack: bool = True) -> None:
+        """pack: install the CPU decode fast path (tinyllama.packing, timed once per model shape;
+        removed again by close()). generate() on a bare model passes False: a model being
+        trained or previewed is not given inference-only copies."""
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.name = name
@@ -86,7 +91,7 @@ class TorchBackend(Backend):
         self._fingerprint: str | None = None
         # fused q/k/v, gate/up, o, down and lm_head copies in the layout (transposed or oneDNN)
         # that decodes fastest here (tinyllama/packing.py); dropped again by close()
-        self.packed_bytes = pack_for_decoding(self.model)
+        self.packed_bytes = pack_for_decoding(self.model) if pack else 0
 
     def logits(self, context: Sequence[int], n_last: int = 1) -> torch.Tensor:
         _check(context, n_last, self.context_length, self.name)
@@ -127,7 +132,8 @@ class TorchBackend(Backend):
 
     def close(self) -> None:
         self.model.clear_kv_cache()
-        unpack(self.model)
+        if self.packed_bytes:
+            unpack(self.model)
         self._cached = []
 
 
@@ -144,12 +150,12 @@ class GGUFBackend(Backend):
             raise ImportError("running a GGUF needs llama-cpp-python (installed by `make setup`)") from None
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"{path}: no such GGUF file")
+            raise NotFound(f"{path}: no such GGUF file")
         self._llama_cpp = llama_cpp
         reader = reader if reader is not None else open_gguf(path)
         arch = gguf_value(reader, "general.architecture")
         if arch != "llama":      # our tokenizer, chat format and cache logic are Llama's
-            raise ValueError(f"{path}: general.architecture is {arch!r}; only Llama-architecture GGUFs are supported")
+            raise UserError(f"{path}: general.architecture is {arch!r}; only Llama-architecture GGUFs are supported")
         trained = gguf_value(reader, "llama.context_length")
         if trained:
             n_ctx = min(n_ctx, int(trained))     # no longer than the model was trained for
@@ -158,11 +164,11 @@ class GGUFBackend(Backend):
                                        n_threads=n_threads or max(1, (os.cpu_count() or 2)),
                                        n_gpu_layers=n_gpu_layers)
         except ValueError as e:
-            raise ValueError(f"{path}: llama.cpp cannot load this file ({e})") from None
+            raise UserError(f"{path}: llama.cpp cannot load this file ({e})") from None
         self.name = path.name
         self.path = path
         offload = llama_cpp.llama_supports_gpu_offload() and n_gpu_layers != 0
-        self.precision = f"{_gguf_file_type(reader)} in llama.cpp" + (
+        self.precision = f"{file_type_name(reader)} in llama.cpp" + (
             f", {'all' if n_gpu_layers < 0 else n_gpu_layers} layers on the GPU" if offload else "")
         self.vocab_size = self.llm.n_vocab()
         self.context_length = self.llm.n_ctx()
@@ -192,25 +198,11 @@ class GGUFBackend(Backend):
             self._fingerprint = hashlib.sha256("\n".join(pieces).encode()).hexdigest()
         return self._fingerprint
 
-    def tokenize(self, text: str, bos: bool = True) -> list[int]:
-        return self.llm.tokenize(text.encode(), add_bos=bos, special=False)
-
     def reset(self) -> None:
         self.llm.reset()
 
     def close(self) -> None:
         self.llm.close()
-
-
-def _gguf_file_type(reader) -> str:
-    """'Q4_K_M', 'F32', ... from general.file_type (llama.cpp's LLAMA_FTYPE numbering)."""
-    import gguf
-
-    ftype = gguf_value(reader, "general.file_type")
-    try:
-        return gguf.LlamaFileType(int(ftype)).name.removeprefix("MOSTLY_") if ftype is not None else "GGUF"
-    except (ValueError, TypeError):
-        return f"file type {ftype}"
 
 
 def load_backend(path: str | os.PathLike, device: str = "cpu", dtype: str | torch.dtype | None = "auto",
@@ -231,9 +223,9 @@ def load_backend(path: str | os.PathLike, device: str = "cpu", dtype: str | torc
         return TorchBackend(model, tok, name=path.name, precision=str(choice) if choice else None), tok
     if path.suffix == ".gguf":
         if not path.is_file():
-            raise FileNotFoundError(f"{path}: no such GGUF file")
+            raise NotFound(f"{path}: no such GGUF file")
         reader = open_gguf(path)                       # parsed once, for both
         backend = GGUFBackend(path, n_ctx=n_ctx, reader=reader, n_gpu_layers=n_gpu_layers)
         return backend, Tokenizer.from_gguf_vocab(path, reader=reader)
-    raise FileNotFoundError(f"{path}: not a checkpoint directory or a .gguf file")
+    raise NotFound(f"{path}: not a checkpoint directory or a .gguf file")
 

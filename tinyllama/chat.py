@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
+from .errors import UserError
 from .tokenizer import Tokenizer
 
 ROLES = ("system", "user", "assistant")
@@ -39,7 +40,7 @@ CHAT_TEMPLATE = (
 )
 
 
-class ChatFormatError(ValueError):
+class ChatFormatError(UserError):
     """A conversation that cannot be formatted; the message says which turn and why."""
 
 

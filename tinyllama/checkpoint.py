@@ -24,6 +24,7 @@ from safetensors.torch import save_file
 
 from .atomic import atomic_dir
 from .config import ModelConfig
+from .errors import NotFound, UserError
 from .model import Llama
 from .tokenizer import Tokenizer
 
@@ -34,7 +35,7 @@ DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3   # transformers' default shard size
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A model directory that is missing, not a Llama, or damaged; the message names the file."""
 
 
@@ -127,7 +128,7 @@ def _save_weights(sd: dict[str, torch.Tensor], out: Path, max_shard_bytes: int) 
 def load_config(path: str | os.PathLike) -> ModelConfig:
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"{path}: checkpoint directory not found")
+        raise NotFound(f"{path}: checkpoint directory not found")
     if not path.is_dir():
         raise CheckpointError(f"{path}: expected an HF-format model directory, got a file")
     try:

@@ -16,6 +16,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .errors import NotFound, UserError
+
+
+class UnknownPreset(UserError, KeyError):
+    """A preset name that is not in PRESETS (a KeyError too, for dict-like callers)."""
+
+    def __str__(self) -> str:               # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -51,7 +60,7 @@ class ModelConfig:
         if not (self.norm_eps > 0):
             problems.append(f"norm_eps must be > 0, got {self.norm_eps!r}")
         if problems:
-            raise ValueError(f"invalid ModelConfig {self.name!r}: " + "; ".join(problems))
+            raise UserError(f"invalid ModelConfig {self.name!r}: " + "; ".join(problems))
 
     # ---- derived sizes -----------------------------------------------------------------
     @property
@@ -84,7 +93,7 @@ class ModelConfig:
     @classmethod
     def from_name(cls, name: str, **overrides: Any) -> "ModelConfig":
         if name not in PRESETS:
-            raise KeyError(f"unknown preset {name!r}; known presets: {', '.join(sorted(PRESETS))}")
+            raise UnknownPreset(f"unknown preset {name!r}; known presets: {', '.join(sorted(PRESETS))}")
         return dataclasses.replace(PRESETS[name], **overrides)
 
     def replace(self, **changes: Any) -> "ModelConfig":
@@ -124,25 +133,25 @@ class ModelConfig:
         arch = hf.get("architectures") or []
         model_type = hf.get("model_type")
         if model_type != "llama" and "LlamaForCausalLM" not in arch:
-            raise ValueError(
+            raise UserError(
                 f"{source}: not a Llama model (model_type={model_type!r}, architectures={arch!r}); "
                 "expected model_type 'llama' / LlamaForCausalLM"
             )
         required = ["hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size"]
         missing = [k for k in required if k not in hf]
         if missing:
-            raise ValueError(f"{source}: missing field(s) {', '.join(missing)}")
+            raise UserError(f"{source}: missing field(s) {', '.join(missing)}")
         for unsupported in ("attention_bias", "mlp_bias"):
             if hf.get(unsupported):
-                raise ValueError(f"{source}: field {unsupported}=true is not supported (Llama has no biases)")
+                raise UserError(f"{source}: field {unsupported}=true is not supported (Llama has no biases)")
         if hf.get("rope_scaling") not in (None, {}) and _rope_type(hf["rope_scaling"]) != "default":
-            raise ValueError(f"{source}: field rope_scaling={hf['rope_scaling']!r} is not supported (plain RoPE only)")
+            raise UserError(f"{source}: field rope_scaling={hf['rope_scaling']!r} is not supported (plain RoPE only)")
         if hf.get("hidden_act", "silu") != "silu":
-            raise ValueError(f"{source}: field hidden_act={hf['hidden_act']!r} is not supported (SwiGLU uses silu)")
+            raise UserError(f"{source}: field hidden_act={hf['hidden_act']!r} is not supported (SwiGLU uses silu)")
         n_head = hf["num_attention_heads"]
         head_dim = hf.get("head_dim") or hf["hidden_size"] // n_head
         if head_dim * n_head != hf["hidden_size"]:
-            raise ValueError(f"{source}: field head_dim={head_dim} × {n_head} heads != hidden_size {hf['hidden_size']}")
+            raise UserError(f"{source}: field head_dim={head_dim} × {n_head} heads != hidden_size {hf['hidden_size']}")
         rope_base = hf.get("rope_theta")
         if rope_base is None and isinstance(hf.get("rope_parameters"), dict):
             rope_base = hf["rope_parameters"].get("rope_theta")
@@ -164,7 +173,7 @@ class ModelConfig:
                 eos_id=(eos[0] if isinstance(eos, list) else eos) if eos is not None else 2,
             )
         except ValueError as e:
-            raise ValueError(f"{source}: {e}") from None
+            raise UserError(f"{source}: {e}") from None
 
     def save_json(self, path: str | Path, dtype: str = "float32") -> None:
         Path(path).write_text(json.dumps(self.to_hf_dict(dtype), indent=2) + "\n")
@@ -175,13 +184,13 @@ class ModelConfig:
         try:
             hf = json.loads(path.read_text())
         except FileNotFoundError:
-            raise FileNotFoundError(f"{path}: no such file (an HF-format model directory needs config.json)") from None
+            raise NotFound(f"{path}: no such file (an HF-format model directory needs config.json)") from None
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
+            raise UserError(f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
         except UnicodeDecodeError:
-            raise ValueError(f"{path}: not UTF-8 text") from None
+            raise UserError(f"{path}: not UTF-8 text") from None
         if not isinstance(hf, dict):
-            raise ValueError(f"{path}: expected a JSON object, got {type(hf).__name__}")
+            raise UserError(f"{path}: expected a JSON object, got {type(hf).__name__}")
         return cls.from_hf_dict(hf, source=str(path))
 
 

@@ -1,6 +1,6 @@
 """The one streaming generator, used by the CLI, the server and the demo.
 
-    gen = generate(model, prompt_ids, max_new_tokens=64, temperature=0.8, top_k=50)
+    gen = generate(model, prompt_ids, SamplingParams(max_new_tokens=64, temperature=0.8, top_k=50))
     for token_id in gen:                       # ids as they are produced
         ...
     print(gen.stats.describe())                # prompt/generated tokens, tokens/s, acceptance
@@ -8,10 +8,9 @@
     gen = generate(target, prompt_ids, draft_model=draft, num_draft=4)   # speculative decoding
 
 `model` and `draft_model` are our `Llama` or any `tinyllama.backends.Backend` (a GGUF in
-llama.cpp included). Sampling: temperature 0 is greedy; otherwise softmax(logits / temperature)
-restricted by top-k and top-p (nucleus), with an optional repetition penalty (CTRL's: divide
-positive logits, multiply negative ones, for tokens already in the context). Generation stops
-at max_new_tokens or after yielding a stop id; `stream_text` adds stop strings.
+llama.cpp included). How tokens are picked is one SamplingParams (greedy by default; see its
+docstring). Generation stops at max_new_tokens or after yielding a stop id; TextStream adds
+stop strings.
 
 Speculative decoding (Leviathan et al. 2023; Chen et al. 2023): the draft proposes k tokens
 one at a time from its processed distribution q; the target scores all k (+1) positions in one
@@ -30,6 +29,8 @@ so the output distribution (and greedy identity) is unchanged.
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import time
 from dataclasses import dataclass
 from typing import Iterable, Iterator, Sequence
@@ -37,23 +38,82 @@ from typing import Iterable, Iterator, Sequence
 import torch
 
 from .backends import Backend, TorchBackend
+from .errors import UserError
 from .model import Llama
 
 
-def process_logits(logits: torch.Tensor, context: Sequence[int], temperature: float, top_k: int | None,
-                   top_p: float | None, repetition_penalty: float) -> torch.Tensor:
+class SamplingError(UserError):
+    """A sampling setting out of range; `param` names it (the HTTP field)."""
+
+    def __init__(self, message: str, param: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick tokens and when to stop: one object from the HTTP request, the demo's sliders
+    or the CLI's flags to the sampler, checked once, here, when it is made.
+
+    The default is greedy decoding (temperature 0: deterministic, and what speculative decoding
+    reproduces token for token); temperature > 0 samples from softmax(logits / temperature),
+    restricted by top-k and top-p (nucleus), after an optional repetition penalty (CTRL's:
+    positive logits divided, negative ones multiplied, for tokens already in the context).
+    max_new_tokens counts generated tokens; stop strings end the text (TextStream) and are not
+    part of it."""
+
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_k: int | None = None          # None or 0: no top-k cut
+    top_p: float | None = None        # None or 1: no nucleus cut
+    repetition_penalty: float = 1.0
+    seed: int | None = None           # None: a fresh random seed
+    stop: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str) or not all(isinstance(x, str) for x in self.stop):
+            raise SamplingError(f"stop must be a list of strings, got {self.stop!r}", "stop")
+        object.__setattr__(self, "stop", tuple(self.stop))
+        _check(isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 0,
+               f"max_tokens must be >= 0, got {self.max_new_tokens}", "max_tokens")
+        _check(math.isfinite(self.temperature) and 0 <= self.temperature <= 2,
+               f"temperature must be in [0, 2], got {self.temperature}", "temperature")
+        _check(self.top_p is None or (math.isfinite(self.top_p) and 0 < self.top_p <= 1),
+               f"top_p must be in (0, 1], got {self.top_p}", "top_p")
+        _check(self.top_k is None or self.top_k >= 0, f"top_k must be >= 0, got {self.top_k}", "top_k")
+        _check(math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0,
+               f"repetition_penalty must be > 0, got {self.repetition_penalty}", "repetition_penalty")
+        _check(self.seed is None or -2**63 <= self.seed < 2**64,
+               f"seed must be in [-2**63, 2**64), got {self.seed}", "seed")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    def replace(self, **changes) -> "SamplingParams":
+        return dataclasses.replace(self, **changes)
+
+
+def _check(ok: bool, message: str, param: str) -> None:
+    if not ok:
+        raise SamplingError(message, param)
+
+
+def process_logits(logits: torch.Tensor, context: Sequence[int], sampling: SamplingParams) -> torch.Tensor:
     """logits (vocab,) float32 -> the distribution sampling draws from, as probabilities.
     Temperature 0 gives a one-hot on the argmax."""
     logits = logits.float().clone()
-    if repetition_penalty != 1.0 and len(context):
+    if sampling.repetition_penalty != 1.0 and len(context):
         idx = torch.tensor(sorted(set(context)), device=logits.device)
         picked = logits[idx]
-        logits[idx] = torch.where(picked > 0, picked / repetition_penalty, picked * repetition_penalty)
-    if temperature <= 0:
+        logits[idx] = torch.where(picked > 0, picked / sampling.repetition_penalty,
+                                  picked * sampling.repetition_penalty)
+    if sampling.greedy:
         probs = torch.zeros_like(logits)
         probs[int(logits.argmax())] = 1.0
         return probs
-    logits = logits / temperature
+    logits = logits / sampling.temperature
+    top_k, top_p = sampling.top_k, sampling.top_p
     if top_k is not None and 0 < top_k < logits.numel():
         kth = torch.topk(logits, top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -109,40 +169,34 @@ class GenerationStats:
 def _as_backend(model: Llama | Backend) -> Backend:
     if isinstance(model, Backend):
         return model
-    if isinstance(model, Llama):
-        return TorchBackend(model)
+    if isinstance(model, Llama):        # a model in training or a preview: no packed copies
+        return TorchBackend(model, pack=False)
     raise TypeError(f"expected a tinyllama Llama or Backend, got {type(model).__name__}")
 
 
 class Generation:
     """An iterator of new token ids (batch size 1) with `.stats`, filled in as it runs."""
 
-    def __init__(self, model: Llama | Backend, prompt_ids: Sequence[int], max_new_tokens: int = 64,
-                 temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
-                 repetition_penalty: float = 1.0, stop_ids: Iterable[int] = (), seed: int | None = None,
-                 draft_model: Llama | Backend | None = None, num_draft: int = 4,
+    def __init__(self, model: Llama | Backend, prompt_ids: Sequence[int], sampling: SamplingParams = SamplingParams(),
+                 stop_ids: Iterable[int] = (), draft_model: Llama | Backend | None = None, num_draft: int = 4,
                  adaptive_draft: bool = False) -> None:
         if not len(prompt_ids):
             raise ValueError("generate() needs at least one prompt token (e.g. BOS)")
-        if max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-        if temperature < 0 or repetition_penalty <= 0:
-            raise ValueError("temperature must be >= 0 and repetition_penalty > 0")
         if num_draft < 1:
             raise ValueError(f"num_draft must be >= 1, got {num_draft}")
         self.target = _as_backend(model)
         self.draft = _as_backend(draft_model) if draft_model is not None else None
         if self.draft is not None:
             check_same_vocabulary(self.target, self.draft)
-        self.sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty)
-        self.greedy = temperature <= 0
+        self.sampling = sampling
+        self.greedy = sampling.greedy
         self.generator = torch.Generator()
-        if seed is not None:
-            self.generator.manual_seed(seed)
+        if sampling.seed is not None:
+            self.generator.manual_seed(sampling.seed)
         else:
             self.generator.seed()
         self.prompt = list(prompt_ids)
-        self.max_new_tokens = max_new_tokens
+        self.max_new_tokens = sampling.max_new_tokens
         self.stop_ids = set(stop_ids)
         self.num_draft = num_draft      # k of the next round (adapted when adaptive_draft)
         self.adaptive_draft = adaptive_draft
@@ -175,13 +229,13 @@ class Generation:
 
     # ---- helpers ---------------------------------------------------------------------------
     def _probs(self, logits: torch.Tensor, context: Sequence[int]) -> torch.Tensor:
-        return process_logits(logits, context, **self.sampling)
+        return process_logits(logits, context, self.sampling)
 
     def _next_token(self, logits: torch.Tensor, context: Sequence[int]) -> int:
         """One token from raw logits (vocab,). Greedy without a repetition penalty is the
         argmax of the logits themselves (the one-hot distribution's argmax): no copy of the
         vocabulary-sized vector on the per-token path."""
-        if self.greedy and self.sampling["repetition_penalty"] == 1.0:
+        if self.greedy and self.sampling.repetition_penalty == 1.0:
             return int(logits.argmax())
         return self._pick(self._probs(logits, context))
 
@@ -318,24 +372,30 @@ class Generation:
         return out
 
 
-def generate(model: Llama | Backend, prompt_ids: Sequence[int], max_new_tokens: int = 64, temperature: float = 0.0,
-             top_k: int | None = None, top_p: float | None = None, repetition_penalty: float = 1.0,
-             stop_ids: Iterable[int] = (), seed: int | None = None, draft_model: Llama | Backend | None = None,
-             num_draft: int = 4, adaptive_draft: bool = False) -> Generation:
-    """Streams new token ids; see the module docstring. The returned object's `.stats` holds the
-    counts and timings once iteration ends."""
-    return Generation(model, prompt_ids, max_new_tokens, temperature, top_k, top_p, repetition_penalty,
-                      stop_ids, seed, draft_model, num_draft, adaptive_draft)
+def generate(model: Llama | Backend, prompt_ids: Sequence[int], sampling: SamplingParams | None = None, *,
+             stop_ids: Iterable[int] = (), draft_model: Llama | Backend | None = None, num_draft: int = 4,
+             adaptive_draft: bool = False, **settings) -> Generation:
+    """Streams new token ids; see the module docstring. `sampling` (default: greedy, 64 tokens),
+    with any SamplingParams field given as a keyword replacing its value:
+
+        generate(model, ids, SamplingParams(temperature=0.7, seed=1))
+        generate(model, ids, max_new_tokens=32, temperature=0.7)      # the same object, built here
+
+    The returned object's `.stats` holds the counts and timings once iteration ends."""
+    sampling = sampling or SamplingParams()
+    if settings:
+        sampling = sampling.replace(**settings)
+    return Generation(model, prompt_ids, sampling, stop_ids, draft_model, num_draft, adaptive_draft)
 
 
 def check_same_vocabulary(target: Backend, draft: Backend) -> None:
     """A draft must share the target's vocabulary, id for id (as llama.cpp requires)."""
     if target.vocab_size != draft.vocab_size:
-        raise ValueError(f"draft {draft.name} has {draft.vocab_size} tokens but target {target.name} has "
+        raise UserError(f"draft {draft.name} has {draft.vocab_size} tokens but target {target.name} has "
                          f"{target.vocab_size}: speculative decoding needs the same vocabulary")
     a, b = target.vocab_fingerprint(), draft.vocab_fingerprint()
     if a is not None and b is not None and a != b:
-        raise ValueError(f"draft {draft.name} and target {target.name} have different vocabularies "
+        raise UserError(f"draft {draft.name} and target {target.name} have different vocabularies "
                          "(same size, different tokens): speculative decoding needs the same tokenizer")
 
 
@@ -352,10 +412,11 @@ class TextStream:
     string; a stop string ends generation and is not part of the text. Stop ids are not text.
     """
 
-    def __init__(self, generation: Generation, tokenizer, stop: Sequence[str] = ()) -> None:
+    def __init__(self, generation: Generation, tokenizer, stop: Sequence[str] | None = None) -> None:
+        """stop: the stop strings (default: the generation's sampling.stop)."""
         self.generation = generation
         self.tokenizer = tokenizer
-        self.stop = [s for s in stop if s]
+        self.stop = [s for s in (generation.sampling.stop if stop is None else stop) if s]
         self.ids: list[int] = []
         self.text = ""
 

@@ -28,6 +28,8 @@ import os
 import torch
 import torch.nn.functional as F
 
+from .errors import UserError
+
 try:  # optional GPU extra
     from flash_attn import flash_attn_func as _flash_attn_func
 except Exception:  # ImportError, or a build that does not match this torch/CUDA
@@ -54,7 +56,7 @@ def select_backend(q: torch.Tensor) -> str:
     forced = os.environ.get("TINYLLAMA_ATTENTION", "").strip().lower()
     if forced:
         if forced not in ("sdpa", "flash", "xformers"):
-            raise ValueError(f"TINYLLAMA_ATTENTION={forced!r}: expected sdpa, flash or xformers")
+            raise UserError(f"TINYLLAMA_ATTENTION={forced!r}: expected sdpa, flash or xformers")
         if forced == "flash" and (_flash_attn_func is None or not q.is_cuda or q.dtype not in _HALF):
             raise RuntimeError("TINYLLAMA_ATTENTION=flash needs flash-attn installed and fp16/bf16 CUDA tensors")
         if forced == "xformers" and (_xops is None or not q.is_cuda):

@@ -27,16 +27,12 @@ from typing import Any, Callable
 import torch
 
 from .atomic import atomic_file
+from .paths import cache_dir
 
 # The flags that decide which matmul kernels exist (x86 and ARM names as /proc/cpuinfo spells them)
 _ISA_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "avx512_fp16",
               "amx_tile", "amx_bf16", "amx_int8", "asimd", "asimddp", "i8mm", "bf16", "sve")
 ISA_ENV = ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY")
-
-
-def cache_dir() -> Path:
-    """Where the project keeps what it builds or measures once ($TINYLLAMA_CACHE)."""
-    return Path(os.environ.get("TINYLLAMA_CACHE", Path.home() / ".cache" / "tinyllama"))
 
 
 @dataclass(frozen=True)

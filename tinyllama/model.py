@@ -9,10 +9,10 @@
 Pre-norm RMSNorm, rotary embeddings (HF rotate-half convention), SwiGLU MLP, grouped-query
 attention, untied lm_head. Parameter names are exactly the Hugging Face Llama names, so a
 state dict moves between this module and `transformers.LlamaForCausalLM` unchanged.
-LoRA, quantization, FSDP, activation checkpointing and torch.compile wrap this module from
-outside; nothing of them lives here. The `packed_*` attributes are empty unless
-`tinyllama.packing.pack_for_decoding` fills them for faster CPU decoding; a pack is used only
-under no_grad while its source weights are unchanged, so the numbers are the plain modules'.
+LoRA, quantization, FSDP, activation checkpointing, torch.compile and the inference-only weight
+packing for CPU decoding (tinyllama.packing, which swaps in subclasses that fuse `qkv` and
+`gate_up` into one matmul each) all wrap or replace modules from outside; nothing of them lives
+here.
 
 The KV cache is indexed by absolute position: a step at `start_pos` writes K/V to
 [start_pos, start_pos + T) and attends to [0, start_pos + T). Rolling back (speculative
@@ -29,7 +29,6 @@ from torch import nn
 
 from .config import ModelConfig
 from .kernels import apply_rotary, attention, prepare_rotary, rms_norm
-from .packing import PackedLinears, project
 
 
 class RMSNorm(nn.Module):
@@ -101,13 +100,15 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.d_model, cfg.kv_dim, bias=False)
         self.o_proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.d_model, bias=False)
         self.kv_cache: KVCache | None = None
-        # inference-only packed copies (tinyllama.packing), used only while fresh
-        self.packed_qkv: PackedLinears | None = None
-        self.packed_o: PackedLinears | None = None
+
+    def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (B, T, d) -> q (B, T, H·hd), k and v (B, T, Hkv·hd): three projections of one input
+        (one fused matmul once tinyllama.packing has packed this module for decoding)."""
+        return self.q_proj(x), self.k_proj(x), self.v_proj(x)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start_pos: int | None) -> torch.Tensor:
         B, T, _ = x.shape
-        q, k, v = project(self.packed_qkv, (self.q_proj, self.k_proj, self.v_proj), x)
+        q, k, v = self.qkv(x)
         q = apply_rotary(q.view(B, T, self.n_head, self.head_dim), cos, sin)        # (B, T, H, hd)
         k = apply_rotary(k.view(B, T, self.n_kv_head, self.head_dim), cos, sin)     # (B, T, Hkv, hd)
         v = v.view(B, T, self.n_kv_head, self.head_dim)
@@ -117,7 +118,7 @@ class Attention(nn.Module):
                 raise RuntimeError("start_pos given but no KV cache: call model.setup_kv_cache() first")
             k, v = self.kv_cache.update(start_pos, k, v)                               # (B, Hkv, S, hd)
         y = attention(q, k, v)                                                         # (B, H, T, hd)
-        return project(self.packed_o, (self.o_proj,), y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))[0]
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
 
 
 class MLP(nn.Module):
@@ -128,12 +129,14 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(cfg.d_model, cfg.ffn_dim, bias=False)
         self.up_proj = nn.Linear(cfg.d_model, cfg.ffn_dim, bias=False)
         self.down_proj = nn.Linear(cfg.ffn_dim, cfg.d_model, bias=False)
-        self.packed_gate_up: PackedLinears | None = None     # inference-only (tinyllama.packing)
-        self.packed_down: PackedLinears | None = None
+
+    def gate_up(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (B, T, d) -> gate and up (B, T, ffn): one fused matmul once packed for decoding."""
+        return self.gate_proj(x), self.up_proj(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = project(self.packed_gate_up, (self.gate_proj, self.up_proj), x)
-        return project(self.packed_down, (self.down_proj,), F.silu(gate) * up)[0]
+        gate, up = self.gate_up(x)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class Block(nn.Module):
@@ -168,7 +171,6 @@ class Llama(nn.Module):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.rope = RotaryEmbedding(cfg.head_dim, cfg.max_seq_len, cfg.rope_base)
-        self.packed_lm_head: PackedLinears | None = None     # inference-only (tinyllama.packing)
         self.reset_parameters()
 
     # ---- initialisation ----------------------------------------------------------------
@@ -221,7 +223,7 @@ class Llama(nn.Module):
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
         """Final-normed hidden states (..., d) -> logits (..., vocab) in the model's dtype."""
-        return project(self.packed_lm_head, (self.lm_head,), h)[0]
+        return self.lm_head(h)
 
     def hidden_states(self, input_ids: torch.Tensor, start_pos: int | None = None) -> torch.Tensor:
         """input_ids (B, T) -> the final-normed hidden states (B, T, d), before lm_head (what a

@@ -1,8 +1,8 @@
 """Inference-only weight packing for batch-1 decoding on CPU.
 
-    pack_for_decoding(model)      # TorchBackend does this; generate() on a bare Llama too
+    pack_for_decoding(model)      # TorchBackend does this for a model loaded for inference
     ...                           # forward passes under torch.no_grad() use the packed weights
-    unpack(model)
+    unpack(model)                 # TorchBackend.close()
 
 A CPU decode step is a chain of matrix-vector products, one per weight matrix, and the layout
 of those weights decides how fast they stream. Packing gives the model inference-only copies:
@@ -20,6 +20,11 @@ one- and four-token forwards of the model itself (a decode step, a verification 
 and packed each way, and keeps the fastest layout if it beats unpacked by 10%; the choice is
 cached per model shape, dtype, CPU, thread count and torch, in memory and on disk.
 
+The model itself knows nothing of this (as gpt-fast swaps modules from outside): packing turns
+each Attention into a PackedAttention whose `qkv` is one fused matmul, each MLP into a PackedMLP
+(`gate_up`), and o_proj, down_proj and lm_head into PackedLinear, in place (same parameters,
+same state-dict names); unpack turns them back.
+
 Packed weights are copies. They are used only while autograd is off and the source weights are
 unchanged (same modules, same Parameter objects, same storage, same version counter); training,
 LoRA wrapping, `.to()` or `load_state_dict` all make them stale, and a stale pack is never used:
@@ -30,21 +35,19 @@ packing, at least 512 MiB; groups past it run unpacked).
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import os
-import platform
 import sys
 import time
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .atomic import atomic_file
+from .errors import UserError
+from .measure import DecisionCache
+from .model import MLP, Attention, Llama
 
 MIN_PACK_BUDGET = 512 * 2**20
 LAYOUT_MARGIN = 0.9                # a layout must cut the step time by 10%: memory for a near-tie is waste
@@ -144,19 +147,52 @@ def _dropped_pack() -> None:
     return None
 
 
-def project(packed: PackedLinears | None, linears: Sequence[nn.Module], x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """The outputs of `linears` on x: through their pack when it is usable, else one by one."""
-    if packed is not None and packed.usable():
-        return packed(x)
-    return tuple(lin(x) for lin in linears)
+# ---- installed from outside the model: packed subclasses swapped in, and out again ----------
+
+class _Packed:
+    """Mixin of the packed subclasses: `_decode_pack` is the PackedLinears (None in a copy)."""
+
+    _decode_pack: PackedLinears | None = None
+
+    def _pack_if_usable(self) -> PackedLinears | None:
+        pack = self.__dict__.get("_decode_pack")
+        return pack if pack is not None and pack.usable() else None
 
 
-# (module attribute that holds the pack, the linears it packs) for each kind of module
-_GROUPS = {
-    "Attention": (("packed_qkv", ("q_proj", "k_proj", "v_proj")), ("packed_o", ("o_proj",))),
-    "MLP": (("packed_gate_up", ("gate_proj", "up_proj")), ("packed_down", ("down_proj",))),
-    "Llama": (("packed_lm_head", ("lm_head",)),),
-}
+class PackedAttention(_Packed, Attention):
+    def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        pack = self._pack_if_usable()
+        return pack(x) if pack is not None else super().qkv(x)
+
+
+class PackedMLP(_Packed, MLP):
+    def gate_up(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        pack = self._pack_if_usable()
+        return pack(x) if pack is not None else super().gate_up(x)
+
+
+class PackedLinear(_Packed, nn.Linear):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pack = self._pack_if_usable()
+        return pack(x)[0] if pack is not None else super().forward(x)
+
+
+_PACKED_CLASS = {Attention: PackedAttention, MLP: PackedMLP, nn.Linear: PackedLinear}
+_PLAIN_CLASS = {v: k for k, v in _PACKED_CLASS.items()}
+
+
+def pack_of(module: nn.Module) -> PackedLinears | None:
+    """The pack installed on `module` (an Attention's q/k/v, an MLP's gate/up, a Linear), if any."""
+    return module.__dict__.get("_decode_pack") if isinstance(module, _Packed) else None
+
+
+def installed_packs(model: nn.Module) -> list[PackedLinears]:
+    return [p for m in model.modules() if (p := pack_of(m)) is not None]
+
+
+def _install(target: nn.Module, pack: PackedLinears) -> None:
+    target.__class__ = _PACKED_CLASS[type(target)]
+    target._decode_pack = pack
 
 
 def _packable(owner: nn.Module, names: Sequence[str]) -> bool:
@@ -166,11 +202,19 @@ def _packable(owner: nn.Module, names: Sequence[str]) -> bool:
         len({(m.weight.shape[1], m.weight.dtype, m.weight.device) for m in mods}) == 1
 
 
-def _plan(model: nn.Module) -> list:
-    """(module, pack attribute, linear names) for every packable group of `model`."""
-    return [(module, attr, names) for module in model.modules()
-            for attr, names in _GROUPS.get(type(module).__name__, ())
-            if hasattr(module, attr) and _packable(module, names)]
+def _plan(model: nn.Module) -> list[tuple[nn.Module, tuple[str, ...], nn.Module]]:
+    """(owner, linear names, module the pack is installed on) for every packable group, in the
+    order packs are made while the budget lasts: the lm_head first, then per layer q/k/v, o,
+    gate/up and down."""
+    groups: list[tuple[nn.Module, tuple[str, ...], nn.Module]] = []
+    for module in model.modules():
+        if type(module) is Llama:
+            groups.append((module, ("lm_head",), module.lm_head))
+        elif type(module) is Attention:
+            groups += [(module, ("q_proj", "k_proj", "v_proj"), module), (module, ("o_proj",), module.o_proj)]
+        elif type(module) is MLP:
+            groups += [(module, ("gate_proj", "up_proj"), module), (module, ("down_proj",), module.down_proj)]
+    return [g for g in groups if _packable(g[0], g[1])]
 
 
 def pack_for_decoding(model: nn.Module, max_bytes: int | None = None) -> int:
@@ -200,68 +244,33 @@ def forced_layout(dtype: torch.dtype) -> str | None:
     """TINYLLAMA_PACKING: auto (default: timed), none, transposed or onednn."""
     value = os.environ.get("TINYLLAMA_PACKING", "auto").strip().lower() or "auto"
     if value not in ("auto", "none", *LAYOUTS):
-        raise ValueError(f"TINYLLAMA_PACKING={value!r}: expected auto, none, {' or '.join(LAYOUTS)}")
+        raise UserError(f"TINYLLAMA_PACKING={value!r}: expected auto, none, {' or '.join(LAYOUTS)}")
     if value == "onednn" and not onednn_supports(dtype):
-        raise ValueError(f"TINYLLAMA_PACKING=onednn: oneDNN does not run {dtype} here "
+        raise UserError(f"TINYLLAMA_PACKING=onednn: oneDNN does not run {dtype} here "
                          "(torch without mkldnn, or a CPU without that dtype's instructions)")
     return None if value == "none" else value
 
 
-_TIMING_VERSION = 2     # bump when _fastest_layout measures differently: old decisions are void
-
-# key (see _remembered_layout) -> the fastest layout, None for unpacked; also kept on disk
-_LAYOUT_FOR_MODEL: dict[str, str | None] = {}
-
-
-def layout_cache_file() -> Path:
-    """Where timed decisions persist across processes (TINYLLAMA_PACKING_CACHE overrides), so a
-    CLI run on tinyllama-1.1b does not time its layouts again (~15 s in bf16)."""
-    from .tokenizer import cache_dir
-    return Path(os.environ.get("TINYLLAMA_PACKING_CACHE") or cache_dir() / "packing-layouts.json")
+# the fastest layout per model shape, dtype and packed size ("none": unpacked), kept per machine
+# (CPU, ISA limits, threads, torch: tinyllama.measure); bump the version when the timing changes
+_LAYOUTS = DecisionCache("packing-layouts", version=3)
 
 
 def _remembered_layout(model: nn.Module, plan, budget: int, model_bytes: int) -> str | None:
-    """The layout timed for this model shape, dtype and packed size on this CPU, thread count
-    and torch: from memory, from disk, or timed now and saved (best effort: a cache that cannot
-    be read or written only costs the timing)."""
-    shapes = [list(getattr(m, n).weight.shape) for m, _, names in plan for n in names]
+    """The layout timed for this model shape, dtype and packed size on this machine: from
+    memory, from $TINYLLAMA_CACHE/packing-layouts.json, or timed now (and saved)."""
+    shapes = [list(getattr(m, n).weight.shape) for m, names, _ in plan for n in names]
     plan_bytes = _plan_bytes(plan)
-    ident = json.dumps([_TIMING_VERSION, shapes, str(next(model.parameters()).dtype), min(budget, plan_bytes),
-                        torch.get_num_threads(), torch.__version__, _cpu_name()])
-    key = hashlib.sha256(ident.encode()).hexdigest()[:24]
-    if key in _LAYOUT_FOR_MODEL:
-        return _LAYOUT_FOR_MODEL[key]
-    path = layout_cache_file()
-    try:
-        saved = json.loads(path.read_text())
-    except (OSError, ValueError):
-        saved = {}
-    if not isinstance(saved, dict):
-        saved = {}
-    if key in saved and saved[key] in ("none", *LAYOUTS):
-        layout = None if saved[key] == "none" else saved[key]
-    else:
-        if plan_bytes > 256 * 2**20:               # tinyllama-1.1b bf16: ~15 s, so say why
-            print(f"tinyllama: timing CPU decode layouts for this model shape, once (saved in {path})",
+
+    def measure() -> str:
+        if plan_bytes > 256 * 2**20:               # tinyllama-1.1b: 15-40 s, so say why
+            print(f"tinyllama: timing CPU decode layouts for this model shape, once (saved in {_LAYOUTS.path})",
                   file=sys.stderr, flush=True)
-        layout = _fastest_layout(model, plan, budget, model_bytes)
-        saved[key] = layout or "none"
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with atomic_file(path) as tmp:
-                tmp.write_text(json.dumps(saved, indent=1, sort_keys=True))
-        except OSError:
-            pass
-    _LAYOUT_FOR_MODEL[key] = layout
-    return layout
+        return _fastest_layout(model, plan, budget, model_bytes) or "none"
 
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
-    except OSError:
-        return platform.processor()
+    layout = _LAYOUTS.get([shapes, str(next(model.parameters()).dtype), min(budget, plan_bytes)], measure,
+                          valid=lambda v: v in ("none", *LAYOUTS))
+    return None if layout == "none" else layout
 
 
 def default_pack_budget() -> int:
@@ -275,21 +284,21 @@ def default_pack_budget() -> int:
 
 
 def _plan_bytes(plan) -> int:
-    return sum(getattr(m, n).weight.numel() * getattr(m, n).weight.element_size() for m, _, names in plan for n in names)
+    return sum(getattr(m, n).weight.numel() * getattr(m, n).weight.element_size() for m, names, _ in plan for n in names)
 
 
 def _pack(plan, layout: str, budget: int, flush_bytes: int | None) -> int:
     """Packs the groups of `plan` in order while the copies fit in `budget`; with flush_bytes,
     also times each shape's few-rows path (else they use the layout for any number of rows)."""
     packed = 0
-    for module, attr, names in plan:
+    for module, names, target in plan:
         ws = [getattr(module, n).weight for n in names]
         size = sum(w.numel() * w.element_size() for w in ws)
         if packed + size > budget:
             continue
         rowmajor = flush_bytes is not None and len(ws) == 1 and \
             _rowmajor_few_rows_is_faster(*ws[0].shape, ws[0].dtype, layout, flush_bytes)
-        setattr(module, attr, PackedLinears(module, names, layout=layout, few_rows="rowmajor" if rowmajor else None))
+        _install(target, PackedLinears(module, names, layout=layout, few_rows="rowmajor" if rowmajor else None))
         packed += size
     return packed
 
@@ -363,11 +372,11 @@ def _decode_cost(model: nn.Module, inputs: Sequence[torch.Tensor], steps: int, g
 
 
 def unpack(model: nn.Module) -> None:
-    """Drops every pack (frees the copies)."""
+    """Removes every pack: the packed subclasses become the plain modules again (frees the copies)."""
     for module in model.modules():
-        for attr, _ in _GROUPS.get(type(module).__name__, ()):
-            if getattr(module, attr, None) is not None:
-                setattr(module, attr, None)
+        if isinstance(module, _Packed):
+            module.__dict__.pop("_decode_pack", None)
+            module.__class__ = _PLAIN_CLASS[type(module)]
 
 
 def _time_cold(candidates: Sequence, flush_bytes: int, repeats: int = 7) -> list[float]:

@@ -16,23 +16,27 @@ CUDA, `auto` is bf16 where the device supports it. An explicit dtype always wins
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from .config import ModelConfig
+from .errors import UserError
 from .measure import DecisionCache, cpu_identity, median_seconds
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DTYPE_CHOICES = ("auto", "float32", "bfloat16")     # what the CLIs offer
 WORKS = ("train", "decode")
-# bf16 must cut the matmul time by this much: autocast adds casts (training) and a near-tie
-# is not worth bf16's lost precision
-MARGIN = {"train": 0.8, "decode": 0.9}
+# bf16 must cut the matmul time by this much: autocast adds casts (training), and a near-tie
+# is not worth bf16's lost precision: in decoding it also changes greedy outputs (a draft
+# distilled from a bf16 teacher agreed with the float32 target on 0.42 of tokens instead of
+# 0.8), and the 19M decode probe on an AVX2 EPYC swings 1.0-1.3x from run to run
+MARGIN = {"train": 0.8, "decode": 0.75}
 FLOPS_PER_PROBE = 1e9            # each training probe matmul: ~10 ms of float32 on a laptop
 DECODE_PROBE_BYTES = 256 * 2**20  # float32 layer weights in the decode probe: beyond any L3
-_CACHE = DecisionCache("dtype-choices", version=4)
+_CACHE = DecisionCache("dtype-choices", version=6)
 
 
 @dataclass(frozen=True)
@@ -58,7 +62,7 @@ def parse_dtype(value: str | torch.dtype | None) -> torch.dtype | str | None:
     aliases = {"bf16": "bfloat16", "fp32": "float32", "float": "float32", "fp16": "float16", "half": "float16"}
     name = aliases.get(name, name)
     if name not in DTYPES:
-        raise ValueError(f"dtype {value!r}: expected auto, {', '.join(DTYPES)}")
+        raise UserError(f"dtype {value!r}: expected auto, {', '.join(DTYPES)}")
     return DTYPES[name]
 
 
@@ -123,8 +127,9 @@ def _decode_shapes(cfg: ModelConfig) -> list[list[int]]:
     weights, so whether they fit in the caches decides the winner: bf16 halves the bytes, while
     its conversions cost more than they save on small, cache-warm weights. Measured on an
     AVX2-only EPYC, real decoding (TorchBackend, best layout each) against this probe:
-    tinyllama-debug float32 837 vs bf16 514 tok/s (probe: float32 8x), tinyllama-19m 267 vs 275
-    (a tie; probe: bf16 1.8x), tinyllama-1.1b 6.0 vs 7.6 (probe: bf16 1.7x)."""
+    tinyllama-debug float32 837 vs bf16 514 tok/s (probe: float32 1.8x faster), tinyllama-19m
+    267 vs 275 (a tie; probe: bf16 1.09x, inside the margin: float32), tinyllama-1.1b 6.0 vs 7.6
+    (probe: bf16 1.6x)."""
     d, heads = cfg.d_model, cfg.n_head * cfg.head_dim
     layer = [[1, d, heads + 2 * cfg.kv_dim], [1, heads, d], [1, d, 2 * cfg.ffn_dim], [1, cfg.ffn_dim, d]]
     layer_bytes = 4 * sum(k * n for _, k, n in layer)
@@ -134,7 +139,7 @@ def _decode_shapes(cfg: ModelConfig) -> list[list[int]]:
 
 def _decision(ratio: float, margin: float, what: str, figures: str) -> dict:
     return {"dtype": "bfloat16" if ratio < margin else "float32", "ratio": round(ratio, 4), "what": what,
-            "figures": figures}
+            "figures": figures, "margin": margin}
 
 
 def _first_call_seconds(shape: list[int], dtype: torch.dtype) -> float:
@@ -151,20 +156,38 @@ def _operands(shape: list[int], dtype: torch.dtype) -> tuple[torch.Tensor, torch
 
 
 def _matmul_seconds(shapes: list[list[int]], dtype: torch.dtype) -> float:
-    """Seconds for one pass through all the matmuls in order (the median of up to 5 passes):
-    a chain, as the model runs them, so weights larger than the caches stream from memory."""
+    """Seconds for one pass through all the matmuls in order (the median of up to 5 passes), a
+    chain as the model runs them, so weights larger than the caches stream from memory. A
+    decode chain (one row) is timed with the weight as stored and transposed, and the faster
+    counts: TorchBackend's packing picks the layout too, and float32 GEMVs gain most from it
+    (tinyllama-19m, AVX2 EPYC: float32 4.6 -> 2.5 ms a pass, bf16 2.3 ms: a tie, as decoding
+    itself is, 267 vs 275 tok/s)."""
+    best = _chain_seconds(shapes, dtype, "linear")
+    if shapes[0][0] == 1:
+        best = min(best, _chain_seconds(shapes, dtype, "transposed", give_up=2 * best))
+    return best
+
+
+def _chain_seconds(shapes: list[list[int]], dtype: torch.dtype, layout: str, give_up: float = math.inf) -> float:
+    """`give_up`: inf as soon as one untimed first pass takes longer (bf16 `x @ Wt` on a CPU
+    without bf16 instructions: 50x slower than F.linear)."""
     operands = [_operands(shape, dtype) for shape in shapes]
+    if layout == "transposed":
+        operands = [(x, w.t().contiguous()) for x, w in operands]          # (in, out): x @ w
 
     def chain() -> None:
         for x, w in operands:
-            F.linear(x, w)
+            F.linear(x, w) if layout == "linear" else x @ w
 
     with torch.no_grad():
-        return median_seconds(chain, repeats=5, warmup=1, budget_s=0.5)
+        if median_seconds(chain, repeats=1, warmup=0) > give_up:
+            return math.inf
+        return median_seconds(chain, repeats=5, warmup=0, budget_s=0.5)
 
 
 def _reason(measured: dict) -> str:
     ratio = measured["ratio"]
     speed = f"{1 / ratio:.1f}x faster" if ratio < 1 else f"{ratio:.1f}x slower"
-    return (f"auto: bf16 {measured['what']} {speed} than float32 ({measured['figures']}) on "
+    short = f", not the {1 / measured['margin']:.2f}x bf16 needs," if ratio < 1 and measured["dtype"] == "float32" else ""
+    return (f"auto: bf16 {measured['what']} {speed} than float32 ({measured['figures']}){short} on "
             f"{cpu_identity().describe()}")

@@ -2,7 +2,7 @@
 
     tok = Tokenizer.llama2()                 # built by `make setup`; no model hub needed
     tok.encode("Hello world")                # [1, 15043, 3186]
-    tok.encode_batch(texts, bos=False)       # batched, parallel in Rust
+    tok.encode_batch(texts, bos=False)       # one call for many texts (the Rust encoder's batch API)
     tok.decode([1, 15043, 3186])             # "Hello world"
     tok = Tokenizer.from_dir("some/hf/dir")  # any HF tokenizer directory
 
@@ -35,31 +35,19 @@ import tarfile
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from tokenizers import AddedToken, decoders, normalizers, processors
 from tokenizers import Tokenizer as HFTokenizer
-from tokenizers.models import BPE
 
 from .atomic import atomic_dir
+from .errors import NotFound, UserError
+from .gguf_file import gguf_value, open_gguf, read_gguf_vocab
+from .paths import default_sdist, llama2_dir
+from .vocab import backend_from_vocab, convert_sentencepiece, sentencepiece_model
 
 LLAMA2_VOCAB_MEMBER = "vendor/llama.cpp/models/ggml-vocab-llama-spm.gguf"
-LLAMA_CPP_VERSION = "0.3.36"
 
 _WORD_CACHE_MAX = 500_000
 
-# gguf token types (llama.cpp's llama_token_type)
-_NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED, _UNUSED, _BYTE = 1, 2, 3, 4, 5, 6
 
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("TINYLLAMA_CACHE", Path.home() / ".cache" / "tinyllama"))
-
-
-def llama2_dir() -> Path:
-    return Path(os.environ.get("TINYLLAMA_TOKENIZER_DIR", cache_dir() / "tokenizers" / "llama2"))
-
-
-def default_sdist() -> Path:
-    return cache_dir() / "sdist" / f"llama_cpp_python-{LLAMA_CPP_VERSION}.tar.gz"
 
 
 class Tokenizer:
@@ -91,7 +79,7 @@ class Tokenizer:
         if not (d / "tokenizer.json").exists():
             sdist = default_sdist()
             if not sdist.exists():
-                raise FileNotFoundError(
+                raise NotFound(
                     f"the offline Llama-2 tokenizer is not built yet ({d / 'tokenizer.json'} is missing) and "
                     f"the llama-cpp-python sdist it is built from is not at {sdist}; run `make setup` "
                     "(or `python -m tinyllama.tokenizer build --gguf ggml-vocab-llama-spm.gguf`)"
@@ -105,17 +93,17 @@ class Tokenizer:
         SentencePiece tokenizer.model converted through transformers when that is installed."""
         path = Path(path)
         if not path.is_dir():
-            raise FileNotFoundError(f"{path}: tokenizer directory not found")
+            raise NotFound(f"{path}: tokenizer directory not found")
         cfg = _read_json(path / "tokenizer_config.json") if (path / "tokenizer_config.json").exists() else {}
         if (path / "tokenizer.json").exists():
             try:
                 backend = HFTokenizer.from_file(str(path / "tokenizer.json"))
             except Exception as e:
-                raise ValueError(f"{path / 'tokenizer.json'}: not a valid tokenizers file: {e}") from None
+                raise UserError(f"{path / 'tokenizer.json'}: not a valid tokenizers file: {e}") from None
         elif (path / "tokenizer.model").exists():
-            backend = _convert_sentencepiece(path)
+            backend = convert_sentencepiece(path)
         else:
-            raise FileNotFoundError(f"{path}: no tokenizer.json or tokenizer.model in this directory")
+            raise NotFound(f"{path}: no tokenizer.json or tokenizer.model in this directory")
 
         def special(name: str, default: int) -> int:
             tok = cfg.get(name)
@@ -141,10 +129,10 @@ class Tokenizer:
         template when the file has one). `reader`: an already-parsed gguf.GGUFReader of the same
         file (parsing a 32000-token vocabulary takes about a second)."""
         reader = reader if reader is not None else open_gguf(Path(gguf_path))
-        vocab = _read_gguf_vocab(Path(gguf_path), reader)
+        vocab = read_gguf_vocab(Path(gguf_path), reader)
         ids = vocab[3]
         sp = sentencepiece_model(*vocab) if with_sentencepiece else None
-        return cls(_backend_from_vocab(*vocab), bos_id=ids["bos"], eos_id=ids["eos"], unk_id=ids["unk"],
+        return cls(backend_from_vocab(*vocab), bos_id=ids["bos"], eos_id=ids["eos"], unk_id=ids["unk"],
                    chat_template=gguf_value(reader, "tokenizer.chat_template"), source=str(gguf_path), sp_model=sp)
 
     # ---- encode / decode ---------------------------------------------------------------
@@ -188,9 +176,6 @@ class Tokenizer:
     def id_to_piece(self, i: int) -> str | None:
         return self.backend.id_to_token(i)
 
-    def piece_to_id(self, piece: str) -> int | None:
-        return self.backend.token_to_id(piece)
-
     @property
     def fingerprint(self) -> str:
         """sha256 of the vocabulary (piece -> id), for data manifests and mismatch checks."""
@@ -232,134 +217,6 @@ class Tokenizer:
 
 # ---- building from llama.cpp's vocabulary file --------------------------------------------
 
-def open_gguf(gguf_path: Path):
-    """gguf-py's reader (llama.cpp's own) over a file, or a ValueError naming it."""
-    from gguf import GGUFReader
-
-    try:
-        return GGUFReader(str(gguf_path))
-    except Exception as e:
-        raise ValueError(f"{gguf_path}: not a readable GGUF file: {e}") from None
-
-
-def gguf_value(reader, name: str):
-    """One scalar or string metadata value of a parsed GGUF (None when absent)."""
-    from gguf import GGUFValueType
-
-    field = reader.fields.get(name)
-    if field is None:
-        return None
-    value = field.parts[field.data[0]]
-    return bytes(value).decode("utf-8") if field.types[0] == GGUFValueType.STRING else value[0]
-
-
-def _read_gguf_vocab(gguf_path: Path, reader) -> tuple[list[str], list[float], list[int], dict[str, int]]:
-    """(pieces, scores, token types, special ids) of a parsed llama.cpp vocabulary file."""
-
-    def field(name: str):
-        f = reader.fields.get(name)
-        if f is None:
-            raise ValueError(f"{gguf_path}: GGUF field {name} is missing")
-        return f
-
-    model = bytes(field("tokenizer.ggml.model").parts[-1]).decode()
-    if model != "llama":
-        raise ValueError(f"{gguf_path}: tokenizer.ggml.model is {model!r}, expected 'llama' (SentencePiece)")
-    tf = field("tokenizer.ggml.tokens")
-    pieces = [bytes(tf.parts[i]).decode("utf-8") for i in tf.data]
-    sf = field("tokenizer.ggml.scores")
-    scores = [float(sf.parts[i][0]) for i in sf.data]
-    yf = field("tokenizer.ggml.token_type")
-    types = [int(yf.parts[i][0]) for i in yf.data]
-
-    def special_id(name: str, default: int) -> int:
-        f = reader.fields.get(f"tokenizer.ggml.{name}_token_id")
-        return int(f.parts[-1][0]) if f is not None else default
-
-    ids = {"bos": special_id("bos", 1), "eos": special_id("eos", 2), "unk": special_id("unknown", 0)}
-    return pieces, scores, types, ids
-
-
-def _backend_from_vocab(pieces: list[str], scores: list[float], types: list[int],
-                        ids: dict[str, int]) -> HFTokenizer:
-    """A byte-fallback BPE equal to SentencePiece-BPE: merges ranked by the merged piece's score."""
-    vocab = {p: i for i, p in enumerate(pieces)}
-    merges: list[tuple[str, str, float]] = []
-    for piece, score, typ in zip(pieces, scores, types):
-        if typ != _NORMAL:
-            continue
-        local = [(piece[:k], piece[k:], score) for k in range(1, len(piece))
-                 if piece[:k] in vocab and piece[k:] in vocab]
-        local.sort(key=lambda m: (vocab[m[0]], vocab[m[1]]))
-        merges.extend(local)
-    merges.sort(key=lambda m: m[2], reverse=True)   # stable: ties keep the id order above
-
-    backend = HFTokenizer(BPE(vocab=vocab, merges=[(a, b) for a, b, _ in merges],
-                              unk_token=pieces[ids["unk"]], fuse_unk=True, byte_fallback=True))
-    backend.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
-    backend.pre_tokenizer = None   # SentencePiece BPE runs on the whole normalized text
-    backend.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(),
-                                         decoders.Fuse(), decoders.Strip(" ", 1, 0)])
-    backend.add_special_tokens([AddedToken(pieces[i], special=True, normalized=False)
-                                for i, t in enumerate(types) if t in (_CONTROL, _UNKNOWN)])
-    # BOS for callers that use add_special_tokens=True (transformers), as in Meta's release;
-    # our own encode() adds BOS/EOS explicitly instead.
-    bos = pieces[ids["bos"]]
-    backend.post_processor = processors.TemplateProcessing(
-        single=f"{bos}:0 $A:0", pair=f"{bos}:0 $A:0 {bos}:1 $B:1", special_tokens=[(bos, ids["bos"])])
-    return backend
-
-
-def sentencepiece_model(pieces: list[str], scores: list[float], types: list[int], ids: dict[str, int]) -> bytes:
-    """The same vocabulary as a SentencePiece `tokenizer.model` (BPE, byte fallback, dummy prefix,
-    no whitespace folding: Llama-2's settings), for tools that want one: sentencepiece itself,
-    transformers' slow tokenizer, llama.cpp's converter."""
-    try:
-        from sentencepiece import sentencepiece_model_pb2 as pb
-    except ImportError:
-        raise RuntimeError("writing tokenizer.model needs sentencepiece and protobuf (pip install '.[dev]')") from None
-    m = pb.ModelProto()
-    t = m.trainer_spec
-    t.model_type = pb.TrainerSpec.BPE
-    t.vocab_size = len(pieces)
-    t.byte_fallback = True
-    t.split_digits = True
-    t.allow_whitespace_only_pieces = True
-    t.unk_id, t.bos_id, t.eos_id, t.pad_id = ids["unk"], ids["bos"], ids["eos"], -1
-    n = m.normalizer_spec
-    n.name = "identity"
-    n.add_dummy_prefix = True
-    n.remove_extra_whitespaces = False
-    n.escape_whitespaces = True
-    for piece, score, typ in zip(pieces, scores, types):
-        p = m.pieces.add()
-        p.piece, p.score, p.type = piece, score, typ   # gguf token types use SentencePiece's numbering
-    return m.SerializeToString()
-
-
-def read_sentencepiece_vocab(model_file: Path) -> tuple[list[str], list[float], list[int], dict[str, int]]:
-    """(pieces, scores, token types, special ids) of a SentencePiece BPE tokenizer.model."""
-    try:
-        from sentencepiece import sentencepiece_model_pb2 as pb
-    except ImportError:
-        raise RuntimeError(f"{model_file}: reading tokenizer.model needs sentencepiece and protobuf") from None
-    m = pb.ModelProto()
-    try:
-        m.ParseFromString(Path(model_file).read_bytes())
-    except Exception as e:
-        raise ValueError(f"{model_file}: not a SentencePiece model ({e})") from None
-    if m.trainer_spec.model_type != pb.TrainerSpec.BPE or not m.pieces:
-        raise ValueError(f"{model_file}: only SentencePiece BPE models (Llama's) are supported")
-    t = m.trainer_spec
-    ids = {"bos": t.bos_id, "eos": t.eos_id, "unk": t.unk_id}
-    return [p.piece for p in m.pieces], [p.score for p in m.pieces], [p.type for p in m.pieces], ids
-
-
-def _convert_sentencepiece(path: Path) -> HFTokenizer:
-    """A SentencePiece BPE tokenizer.model (Llama's) -> the same tokenizers backend as build."""
-    return _backend_from_vocab(*read_sentencepiece_vocab(path / "tokenizer.model"))
-
-
 def _word_splitter(backend: HFTokenizer) -> re.Pattern | None:
     """A regex cutting normalized text only where no merge can cross, or None when the
     tokenizer is not of the kind this is proven for: Llama's normalizer (prepend "▁", spaces
@@ -391,11 +248,11 @@ def _read_json(path: Path) -> dict:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
+        raise UserError(f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
     except UnicodeDecodeError:
-        raise ValueError(f"{path}: not UTF-8 text") from None
+        raise UserError(f"{path}: not UTF-8 text") from None
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a JSON object")
+        raise UserError(f"{path}: expected a JSON object")
     return data
 
 
@@ -412,9 +269,9 @@ def _extract_from_sdist(sdist: Path, dest: Path) -> Path:
                     src = tar.extractfile(member)
                     (dest / wanted.pop(rel)).write_bytes(src.read())
     except (tarfile.TarError, OSError) as e:
-        raise ValueError(f"{sdist}: cannot read the llama-cpp-python sdist: {e}") from None
+        raise UserError(f"{sdist}: cannot read the llama-cpp-python sdist: {e}") from None
     if "ggml-vocab-llama-spm.gguf" in wanted.values():
-        raise ValueError(f"{sdist}: {LLAMA2_VOCAB_MEMBER} is not in this archive")
+        raise UserError(f"{sdist}: {LLAMA2_VOCAB_MEMBER} is not in this archive")
     return dest / "ggml-vocab-llama-spm.gguf"
 
 
@@ -426,12 +283,12 @@ def build_llama2(sdist: Path | None = None, gguf: Path | None = None, out_dir: P
         if gguf is not None:
             vocab = Path(gguf)
             if not vocab.is_file():
-                raise FileNotFoundError(f"{vocab}: GGUF vocabulary file not found")
+                raise NotFound(f"{vocab}: GGUF vocabulary file not found")
             source = str(gguf)
         else:
             sdist = Path(sdist or default_sdist())
             if not sdist.exists():
-                raise FileNotFoundError(f"{sdist}: llama-cpp-python sdist not found (make setup downloads it)")
+                raise NotFound(f"{sdist}: llama-cpp-python sdist not found (make setup downloads it)")
             vocab = _extract_from_sdist(sdist, tmp)
             source = f"{sdist.name}:{LLAMA2_VOCAB_MEMBER}"
         tok = Tokenizer.from_gguf_vocab(vocab, with_sentencepiece=True)   # errors name the user's file

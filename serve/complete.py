@@ -1,8 +1,8 @@
-"""python -m serve.generate: stream a completion to the terminal, then the stats.
+"""python -m serve.complete: stream a completion to the terminal, then the stats.
 
-    python -m serve.generate --model out/sft --prompt "What does len() do?" --chat
-    python -m serve.generate --model out/gguf/tinyllama-19m-chat-Q4_K_M.gguf --prompt "def fib(n):"
-    python -m serve.generate --model target.gguf --draft draft.gguf --prompt "..." --temperature 0
+    python -m serve.complete --model out/sft --prompt "What does len() do?" --chat
+    python -m serve.complete --model out/gguf/tinyllama-19m-chat-Q4_K_M.gguf --prompt "def fib(n):"
+    python -m serve.complete --model target.gguf --draft draft.gguf --prompt "..." --temperature 0
 
 --model and --draft take a checkpoint directory (PyTorch) or a .gguf file (llama.cpp), in any
 combination; the draft must share the target's vocabulary.
@@ -13,18 +13,23 @@ from __future__ import annotations
 import argparse
 import sys
 
+from tinyllama.generate import SamplingParams
+
 from .engine import add_model_arguments, load_engine
+
+DEFAULTS = SamplingParams()
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m serve.generate", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m serve.complete", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_arguments(ap)
     ap.add_argument("--prompt", required=True, help="the prompt (with --chat: the user's message)")
     ap.add_argument("--chat", action="store_true", help="format the prompt as a user turn in the chat template")
     ap.add_argument("--system", help="with --chat: a system message")
     ap.add_argument("--max-tokens", type=int, default=128, help="(default: %(default)s)")
-    ap.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default: %(default)s)")
+    ap.add_argument("--temperature", type=float, default=DEFAULTS.temperature,
+                    help="0 is greedy (default: %(default)s)")
     ap.add_argument("--top-k", type=int, default=None)
     ap.add_argument("--top-p", type=float, default=None)
     ap.add_argument("--repetition-penalty", type=float, default=1.0, help="(default: %(default)s)")
@@ -37,15 +42,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.n_gpu_layers < -1:
         ap.error(f"--n-gpu-layers must be >= -1 (-1: all), got {args.n_gpu_layers}")
 
-    from tinyllama.chat import ChatFormatError
+    from tinyllama.errors import UserError, report
 
-    from .engine import RequestError, Sampling
-
+    try:
+        sampling = SamplingParams(max_new_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
+                                  top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
+                                  stop=tuple(args.stop))
+    except UserError as e:                         # checked before the model loads
+        return report(e)
     engine = load_engine(args)
     if engine is None:
         return 2
-    sampling = Sampling(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
-                        top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed, stop=args.stop)
     try:
         if args.chat:
             messages = ([{"role": "system", "content": args.system}] if args.system else [])
@@ -57,9 +64,8 @@ def main(argv: list[str] | None = None) -> int:
             print(delta, end="", flush=True)
         print()
         print(f"[{stream.stats.describe()}]", file=sys.stderr)
-    except (RequestError, ChatFormatError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except UserError as e:
+        return report(e)
     finally:
         engine.close()
     return 0

@@ -1,0 +1,134 @@
+"""python -m evaluation: lm-eval-harness tasks and perplexity, on checkpoint directories and GGUFs.
+
+    python -m evaluation --model out/sft out/gguf/x-Q4_K_M.gguf        # make eval: one column each
+    python -m evaluation --model out/sft --tasks hellaswag piqa         # TinyLlama's tasks (needs the hub)
+    python -m evaluation --model out/sft --perplexity data/tokens/natural --tasks none
+    python -m evaluation --sweep out/pretrain --perplexity data/tokens/natural   # every step-*/ + a plot
+
+Models run through `tinyllama.backends` (our PyTorch model, or llama.cpp for a GGUF) wrapped as
+an lm-eval `LM`: log-likelihoods score the continuation tokens from one forward pass per request,
+reusing the KV cache for the shared context of a question's choices; generation is greedy
+(deterministic, TinyLlama PR #8). The default task set is TinyLlama's seven zero-shot
+commonsense tasks, reported beside the paper's numbers; offline they cannot be downloaded, so
+`make eval` runs the shipped local task `python_builtins_mc` (multiple choice built from the SFT
+sample's held-out docstrings) and perplexity on the validation shards.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+from tinyllama.errors import UserError, report
+from tinyllama.paths import check_output_parent
+
+from .harness import LOCAL_TASK, TINYLLAMA_TASKS
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m evaluation", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sweep", type=Path, default=None, metavar="RUN_DIR",
+                    help="evaluate every step-*/ checkpoint of a pretraining run instead, and plot it")
+    ap.add_argument("--model", nargs="+", default=[],
+                    help="checkpoint directories and/or .gguf files (one column each, e.g. a model and its GGUF)")
+    ap.add_argument("--tasks", nargs="+", default=None,
+                    help=f"lm-eval task names (default: {' '.join(TINYLLAMA_TASKS)} when HF_HUB_OFFLINE is "
+                         f"unset, else {LOCAL_TASK}); 'none' for perplexity only")
+    ap.add_argument("--num-fewshot", type=int, default=None, help="(default: each task's own; 0 for these)")
+    ap.add_argument("--limit", type=int, default=None, help="at most this many examples per task")
+    ap.add_argument("--perplexity", nargs="*", default=[], metavar="SHARDS",
+                    help="token-shard directories (pretrain.prepare) to report validation perplexity on")
+    ap.add_argument("--seq-len", type=int, default=256, help="perplexity block length (default: %(default)s)")
+    ap.add_argument("--out", type=Path, default=None, help="also write the results as JSON here")
+    ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                    help="compute dtype of checkpoint directories; auto: bf16 only where a timed bf16 matmul "
+                         "decodes faster here (default: %(default)s)")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    for flag, low in (("seq_len", 1), ("limit", 1), ("num_fewshot", 0)):
+        value = getattr(args, flag)
+        if value is not None and value < low:
+            ap.error(f"--{flag.replace('_', '-')} must be >= {low}, got {value}")
+    offline = os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1"
+    tasks = args.tasks or ([LOCAL_TASK] if offline else TINYLLAMA_TASKS)
+    tasks = [] if tasks == ["none"] else tasks
+    try:
+        if args.out is not None:
+            check_output_parent(args.out, "--out")            # before minutes of evaluation
+        if args.sweep is not None:
+            return _sweep(args, tasks)
+        if not args.model:
+            raise UserError("give --model (or --sweep RUN_DIR)")
+        return _models(args, tasks)
+    except UserError as e:
+        return report(e)
+
+
+def _models(args: argparse.Namespace, tasks: list[str]) -> int:
+    from tinyllama.backends import load_backend
+    from tinyllama.errors import NotFound
+
+    from .harness import local_task_dir, run_tasks
+    from .perplexity import perplexity
+    from .report import markdown_report
+
+    missing = [m for m in args.model if not Path(m).exists()]
+    if missing:
+        raise NotFound(f"{missing[0]}: no such model directory or GGUF")
+    runs = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        include = local_task_dir(Path(tmp)) if LOCAL_TASK in tasks else None
+        for m in args.model:
+            backend, tok = load_backend(m, dtype=args.dtype)
+            print(f"{backend.name}: {backend.precision}", file=sys.stderr, flush=True)
+            try:
+                results = run_tasks(backend, tok, tasks, include, args.num_fewshot, args.limit) if tasks else {}
+                ppl = {str(p): perplexity(backend, p, args.seq_len) for p in args.perplexity}
+            finally:
+                backend.close()
+            runs[Path(m).name] = (results, ppl)
+    print(markdown_report(runs))
+    if args.out:
+        _write_json(args.out, {name: {"tasks": res, "perplexity": {k: v[0] for k, v in ppl.items()}}
+                               for name, (res, ppl) in runs.items()})
+    return 0
+
+
+def _sweep(args: argparse.Namespace, tasks: list[str]) -> int:
+    from .harness import local_task_dir
+    from .sweep import sweep
+
+    png = args.out.with_suffix(".png") if args.out else args.sweep / "eval_sweep.png"
+    with tempfile.TemporaryDirectory() as tmp:
+        include = local_task_dir(Path(tmp)) if LOCAL_TASK in tasks else None
+        rows = sweep(args.sweep, args.perplexity, tasks, args.seq_len, include, args.limit, png, args.dtype)
+    keys = [k for k in rows[0] if k != "checkpoint"]
+    print("| checkpoint | " + " | ".join(keys) + " |")
+    print("|---|" + "---|" * len(keys))
+    for r in rows:
+        print(f"| {r['checkpoint']} | " + " | ".join(f"{r[k]:,.4g}" if isinstance(r[k], float) else f"{r[k]:,}"
+                                                   for k in keys) + " |")
+    print(f"plot: {png}")
+    if args.out:
+        _write_json(args.out, rows)
+    return 0
+
+
+def _write_json(path: Path, data) -> None:
+    from tinyllama.atomic import atomic_file
+
+    with atomic_file(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

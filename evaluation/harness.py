@@ -1,0 +1,163 @@
+"""lm-eval-harness tasks on any model the core can run (a checkpoint directory or a GGUF).
+
+    results = run_tasks(backend, tok, ["hellaswag", "piqa"])          # {task: {metric: value}}
+    local_task_dir(Path("tasks"))                                    # the shipped offline task
+
+Models run through `tinyllama.backends` (our PyTorch model, or llama.cpp for a GGUF) wrapped as
+an lm-eval `LM`: log-likelihoods score the continuation tokens from one forward pass per request,
+reusing the KV cache for the shared context of a question's choices; generation is greedy
+(deterministic, TinyLlama PR #8). The default task set is TinyLlama's seven zero-shot
+commonsense tasks, reported beside the paper's numbers; offline they cannot be downloaded, so
+`make eval` runs the shipped local task `python_builtins_mc` (multiple choice built from the SFT
+sample's held-out docstrings) and perplexity on the validation shards.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from tinyllama.backends import Backend
+from tinyllama.errors import UserError
+from tinyllama.tokenizer import Tokenizer
+
+# TinyLlama 1.1B, 3T tokens (arXiv 2401.02385, Table 2), and the lm-eval metric it reports.
+PUBLISHED = {
+    "hellaswag": (59.20, "acc_norm"), "openbookqa": (36.00, "acc_norm"), "winogrande": (59.12, "acc"),
+    "arc_challenge": (30.12, "acc_norm"), "arc_easy": (55.25, "acc_norm"), "boolq": (57.83, "acc"),
+    "piqa": (73.29, "acc_norm"),
+}
+TINYLLAMA_TASKS = list(PUBLISHED)
+LOCAL_TASK = "python_builtins_mc"
+
+
+class EvalError(UserError):
+    """A request the evaluator cannot run (unknown task, missing model); the message says which."""
+
+
+def lm_class():
+    from lm_eval.api.model import LM
+
+    class TinyLlamaLM(LM):
+        """Our backends as an lm-eval model (batch 1; context KV reuse across choices)."""
+
+        def __init__(self, backend: Backend, tokenizer: Tokenizer, max_gen_toks: int = 128) -> None:
+            super().__init__()
+            self.backend, self.tok, self.max_gen_toks = backend, tokenizer, max_gen_toks
+
+        def _split(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
+            # as lm-eval's HF model: trailing spaces of the context belong to the continuation,
+            # and the continuation's ids are what the whole string adds after the context's
+            n_spaces = len(context) - len(context.rstrip())
+            if n_spaces:
+                context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
+            ctx = self.tok.encode(context, bos=True) if context else [self.tok.bos_id]
+            whole = self.tok.encode(context + continuation, bos=True)
+            return ctx, whole[len(ctx):] if whole[:len(ctx)] == ctx else self.tok.encode(continuation, bos=False)
+
+        def score(self, ctx: list[int], cont: list[int]) -> tuple[float, bool]:
+            """(sum of log p(cont | ctx), whether greedy decoding would produce cont)."""
+            ids = (ctx + cont)[-self.backend.context_length - 1:]
+            n = len(cont)
+            logits = self.backend.logits(ids[:-1], n_last=n)                   # (n, vocab)
+            logp = torch.log_softmax(logits.float(), dim=-1)
+            target = torch.tensor(ids[-n:])
+            ll = float(logp[torch.arange(n), target].sum())
+            return ll, bool((logp.argmax(-1) == target).all())
+
+        def loglikelihood(self, requests) -> list[tuple[float, bool]]:
+            return [self.score(*self._split(*r.args)) for r in requests]
+
+        def loglikelihood_rolling(self, requests) -> list[float]:
+            out = []
+            window = self.backend.context_length
+            for r in requests:
+                ids = self.tok.encode(r.args[0], bos=True)
+                total, pos = 0.0, 1
+                while pos < len(ids):                       # disjoint windows, each with its own context
+                    end = min(pos + window - 1, len(ids))
+                    start = max(0, end - window)
+                    total += self.score(ids[start:pos], ids[pos:end])[0] if pos > start else 0.0
+                    pos = end
+                out.append(total)
+            return out
+
+        def generate_until(self, requests) -> list[str]:
+            from tinyllama.generate import TextStream, generate
+
+            out = []
+            for r in requests:
+                context, kwargs = r.args
+                until = kwargs.get("until") or []
+                until = [until] if isinstance(until, str) else list(until)
+                ids = self.tok.encode(context, bos=True)[-(self.backend.context_length - 1):]
+                room = self.backend.context_length - len(ids)
+                n = min(int(kwargs.get("max_gen_toks", self.max_gen_toks)), room)
+                gen = generate(self.backend, ids, max_new_tokens=max(1, n), stop_ids=[self.tok.eos_id])
+                out.append("".join(TextStream(gen, self.tok, stop=until)))
+            return out
+
+    return TinyLlamaLM
+
+
+# ---- the shipped local task ------------------------------------------------------------------
+
+def local_task_dir(out: Path, n_questions: int = 120) -> Path:
+    """Writes `python_builtins_mc` (YAML + JSONL, absolute paths) into `out`: for held-out
+    questions of the SFT sample, pick the right first sentence of the answer among 4 (the other
+    three are answers to other questions), deterministically."""
+    import random
+
+    from sft.data import load_conversations
+
+    convs = load_conversations("sample")
+    firsts = [c[1]["content"].split("\n")[0].split(". ")[0].rstrip(".") + "." for c in convs]
+    rng = random.Random(0)
+    order = list(range(len(convs)))
+    rng.shuffle(order)
+    rows = []
+    for i in order[:n_questions]:
+        wrong = rng.sample([j for j in range(len(convs)) if firsts[j] != firsts[i]], 3)
+        choices = [firsts[j] for j in wrong]
+        label = rng.randrange(4)
+        choices.insert(label, firsts[i])
+        rows.append({"query": f"Question: {convs[i][0]['content']}\nAnswer:", "choices": choices, "label": label})
+    out.mkdir(parents=True, exist_ok=True)
+    data = out / f"{LOCAL_TASK}.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (out / f"{LOCAL_TASK}.yaml").write_text(task_yaml(LOCAL_TASK, data))
+    return out
+
+
+def task_yaml(name: str, jsonl: Path) -> str:
+    """An lm-eval multiple-choice task over a local JSONL of {query, choices, label}."""
+    return (f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {jsonl.resolve()}\n"
+            "output_type: multiple_choice\ntest_split: test\ndoc_to_text: \"{{query}}\"\n"
+            "doc_to_target: \"{{label}}\"\ndoc_to_choice: \"{{choices}}\"\nmetric_list:\n"
+            "  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
+            "  - metric: acc_norm\n    aggregation: mean\n    higher_is_better: true\nmetadata:\n  version: 1.0\n")
+
+
+def run_tasks(backend: Backend, tok: Tokenizer, tasks: Sequence[str], include_path: str | Path | None = None,
+              num_fewshot: int | None = None, limit: int | None = None) -> dict[str, dict[str, float]]:
+    """{task: {metric: value}} through lm_eval.simple_evaluate, deterministic."""
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    manager = TaskManager(include_path=str(include_path) if include_path else None)
+    unknown = [t for t in tasks if t not in manager.all_tasks]
+    if unknown:
+        raise EvalError(f"unknown task(s): {', '.join(unknown)} (lm-eval knows {len(manager.all_tasks)}; "
+                        f"e.g. {', '.join(TINYLLAMA_TASKS)}, {LOCAL_TASK})")
+    lm = lm_class()(backend, tok)
+    res = simple_evaluate(model=lm, tasks=list(tasks), task_manager=manager, num_fewshot=num_fewshot, limit=limit,
+                          bootstrap_iters=0, log_samples=False, random_seed=0, numpy_random_seed=0,
+                          torch_random_seed=0, fewshot_random_seed=0)
+    out = {}
+    for task, metrics in res["results"].items():
+        out[task] = {k.split(",")[0]: float(v) for k, v in metrics.items()
+                     if isinstance(v, (int, float)) and "stderr" not in k and k != "alias"}
+    return out

@@ -1,0 +1,33 @@
+"""Validation perplexity of a model on a token-shard directory, as the trainer measures loss.
+
+    ppl, tokens = perplexity(backend, "data/tokens/natural", seq_len=256)
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+
+from pretrain.shards import PackedSource
+from tinyllama.backends import Backend
+
+from .harness import EvalError
+
+
+def perplexity(backend: Backend, shards: str | Path, seq_len: int = 256, max_blocks: int = 16) -> tuple[float, int]:
+    """exp(mean next-token loss) over the first `max_blocks` validation blocks of a token-shard
+    directory (pretrain.prepare's format), each (seq_len + 1) tokens as the trainer reads them."""
+    src = PackedSource(shards, "validation")
+    n = min(max_blocks, src.num_blocks(seq_len))
+    if n == 0:
+        raise EvalError(f"{shards}: fewer than {seq_len + 1} validation tokens")
+    total, count = 0.0, 0
+    for j in range(n):
+        block = [int(t) for t in src.block(j, seq_len)]                    # seq_len + 1 tokens
+        backend.reset()
+        logits = backend.logits(block[:-1], n_last=seq_len)                  # (seq_len, vocab)
+        loss = torch.nn.functional.cross_entropy(logits.float(), torch.tensor(block[1:]), reduction="sum")
+        total, count = total + float(loss), count + seq_len
+    return math.exp(total / count), count

@@ -1,0 +1,73 @@
+"""Command-line flags generated from a config dataclass, the one argparse style of every stage:
+each field is `--field-name`, its help and choices come from the field's metadata.
+
+    @dataclass
+    class Args:
+        out: str = field(metadata=flag("output directory"))               # no default: required
+        method: str = field(default="lora", metadata=flag("how to train", choices=METHODS, group="training"))
+    add_flags(parser, Args)                  # typed, with the dataclass's defaults
+    add_flags(parser, Cfg, raw=True)         # strings, default None: a YAML file fills the rest
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from typing import Any
+
+
+def flag(help: str = "", *, choices: Any = None, group: str | None = None, metavar: str | None = None) -> dict:
+    """Metadata for a dataclass field: its --help line, choices, and argument group."""
+    return {"help": help, "choices": choices, "group": group, "metavar": metavar}
+
+
+def add_flags(parser: argparse.ArgumentParser, cls: type, raw: bool = False, skip: tuple[str, ...] = (),
+              helps: dict[str, str] | None = None) -> None:
+    """One `--name` per field of `cls`. Booleans: `--name` / `--no-name`; lists: several values.
+    raw=True leaves every value a string and every default None (the caller merges them over a
+    file and converts them); the help still shows the dataclass's default. `helps` gives help
+    lines for fields whose metadata has none."""
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    defaults = _defaults(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        meta = dict(f.metadata or {})
+        if not meta.get("help") and helps and f.name in helps:
+            meta["help"] = helps[f.name]
+        target = parser
+        if meta.get("group"):
+            target = groups.setdefault(meta["group"], parser.add_argument_group(meta["group"]))
+        target.add_argument("--" + f.name.replace("_", "-"), dest=f.name, **_argument(f, meta, defaults, raw))
+
+
+def _defaults(cls: type) -> dict[str, Any]:
+    out = {}
+    for f in dataclasses.fields(cls):
+        if f.default is not dataclasses.MISSING:
+            out[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            out[f.name] = f.default_factory()
+    return out
+
+
+def _argument(f: dataclasses.Field, meta: dict, defaults: dict, raw: bool) -> dict[str, Any]:
+    t = str(f.type)
+    help_text = meta.get("help") or f.name.replace("_", " ")
+    kwargs: dict[str, Any] = {}
+    if meta.get("choices") is not None:
+        kwargs["choices"] = list(meta["choices"])
+    if meta.get("metavar"):
+        kwargs["metavar"] = meta["metavar"]
+    if t.startswith("bool"):
+        kwargs["action"] = argparse.BooleanOptionalAction
+    elif t.startswith(("list", "dict")):
+        kwargs["nargs"] = "+"
+    elif not raw:
+        kwargs["type"] = {"int": int, "float": float}.get(t.split(" ")[0].split("|")[0].strip(), str)
+    if f.name not in defaults:
+        return {**kwargs, "required": not raw, "default": None, "help": help_text}
+    default = defaults[f.name]
+    kwargs["default"] = None if raw else default
+    shown = " ".join(map(str, default)) if isinstance(default, list) else default
+    return {**kwargs, "help": f"{help_text} (default: {shown})"}
