@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         todo = [(t, f) for t, f in todo if module_of(t) in args.only]
     sections = []
     for title, measure in todo:
-        sections.append((title, measure()))
+        sections.append((title, with_cpu(measure())))
         print(f"\n## {title}\n\n{sections[-1][1]}", flush=True)
     if args.only:
         return replace_sections(sections)
@@ -114,6 +114,13 @@ def main(argv: list[str] | None = None) -> int:
         tmp.write_text(head + body + ("\n" + gpu_part if gpu_part else ""))
     print(f"\nwrote {RESULTS}")
     return 0
+
+
+def with_cpu(text: str) -> str:
+    """Every section names the CPU it ran on (its ISA level decides bf16 and more)."""
+    from tinyllama.measure import cpu_identity
+
+    return text if text.startswith("CPU: ") else f"CPU: {cpu_identity().describe()}\n\n{text}"
 
 
 def module_of(title: str) -> str:
