@@ -3,13 +3,11 @@
     results = run_tasks(backend, tok, ["hellaswag", "piqa"])          # {task: {metric: value}}
     local_task_dir(Path("tasks"))                                    # the shipped offline task
 
-Models run through `tinyllama.backends` (our PyTorch model, or llama.cpp for a GGUF) wrapped as
-an lm-eval `LM`: log-likelihoods score the continuation tokens from one forward pass per request,
-reusing the KV cache for the shared context of a question's choices; generation is greedy
-(deterministic, TinyLlama PR #8). The default task set is TinyLlama's seven zero-shot
-commonsense tasks, reported beside the paper's numbers; offline they cannot be downloaded, so
-`make eval` runs the shipped local task `python_builtins_mc` (multiple choice built from the SFT
-sample's held-out docstrings) and perplexity on the validation shards.
+A backend becomes an lm-eval `LM` (lm_class): each request's continuation is scored from one
+forward pass, the KV cache of a question's shared context reused across its choices, and
+generation is greedy. PUBLISHED holds TinyLlama's own figures for its seven tasks; the local
+task (python_builtins_mc) is built from the SFT sample for offline runs. `python -m evaluation`
+is the command line over this.
 """
 
 from __future__ import annotations
