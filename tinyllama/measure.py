@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import platform
 import time
@@ -95,9 +96,11 @@ def _read_cpuinfo() -> tuple[str, tuple[str, ...]]:
     return model, tuple(f for f in _ISA_FLAGS if f in present)
 
 
-def median_seconds(fn: Callable[[], Any], repeats: int = 5, warmup: int = 1, budget_s: float | None = None) -> float:
+def median_seconds(fn: Callable[[], Any], repeats: int = 5, warmup: int = 1, budget_s: float | None = None,
+                   give_up: float = math.inf) -> float:
     """The median wall time of `fn()` over `repeats` calls after `warmup` untimed ones; with
-    `budget_s`, stops early once that much time is spent (at least one timed call)."""
+    `budget_s`, stops early once that much time is spent (at least one timed call); inf as soon
+    as one timed call takes longer than `give_up` (a candidate clearly out of the race)."""
     for _ in range(warmup):
         fn()
     times: list[float] = []
@@ -106,6 +109,8 @@ def median_seconds(fn: Callable[[], Any], repeats: int = 5, warmup: int = 1, bud
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
+        if times[-1] > give_up:
+            return math.inf
         if budget_s is not None and time.perf_counter() - start > budget_s:
             break
     times.sort()

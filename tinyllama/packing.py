@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import UserError
-from .measure import DecisionCache
+from .measure import DecisionCache, median_seconds
 from .model import MLP, Attention, Llama
 
 MIN_PACK_BUDGET = 512 * 2**20
@@ -355,19 +355,13 @@ def time_layouts(model: nn.Module, plan=None, budget: int | None = None, model_b
 
 
 def _decode_cost(model: nn.Module, inputs: Sequence[torch.Tensor], steps: int, give_up: float) -> float:
-    """Median seconds of a forward on each input, summed; inf as soon as the first timed call
-    of the first input exceeds `give_up`."""
+    """Median seconds of a forward on each input, summed; inf as soon as a timed call exceeds
+    `give_up`."""
     cost = 0.0
     for ids in inputs:
-        model(ids)                                     # warm-up
-        times = []
-        for _ in range(steps):
-            t0 = time.perf_counter()
-            model(ids)
-            times.append(time.perf_counter() - t0)
-            if times[0] > give_up:
-                return math.inf
-        cost += sorted(times)[len(times) // 2]
+        cost += median_seconds(lambda: model(ids), repeats=steps, warmup=1, give_up=give_up)
+        if cost == math.inf:
+            break
     return cost
 
 

@@ -169,7 +169,7 @@ def _matmul_seconds(shapes: list[list[int]], dtype: torch.dtype) -> float:
 
 
 def _chain_seconds(shapes: list[list[int]], dtype: torch.dtype, layout: str, give_up: float = math.inf) -> float:
-    """`give_up`: inf as soon as one untimed first pass takes longer (bf16 `x @ Wt` on a CPU
+    """`give_up`: inf as soon as one pass takes longer (bf16 `x @ Wt` on a CPU
     without bf16 instructions: 50x slower than F.linear)."""
     operands = [_operands(shape, dtype) for shape in shapes]
     if layout == "transposed":
@@ -179,10 +179,8 @@ def _chain_seconds(shapes: list[list[int]], dtype: torch.dtype, layout: str, giv
         for x, w in operands:
             F.linear(x, w) if layout == "linear" else x @ w
 
-    with torch.no_grad():
-        if median_seconds(chain, repeats=1, warmup=0) > give_up:
-            return math.inf
-        return median_seconds(chain, repeats=5, warmup=0, budget_s=0.5)
+    with torch.no_grad():         # the first call is the warm-up, and already out of the race if slow
+        return median_seconds(chain, repeats=5, warmup=0, budget_s=0.5, give_up=give_up)
 
 
 def _reason(measured: dict) -> str:
