@@ -75,11 +75,12 @@ def test_emulated_bf16_is_refused_after_one_call(monkeypatch):
 def test_a_near_tie_keeps_float32(monkeypatch):
     _fake_timings(monkeypatch, fp32=1.0, bf16=0.85)         # within the training margin (0.8)
     assert choose_dtype("auto", "cpu", CFG, work="train").dtype is torch.float32
-    tie = choose_dtype("auto", "cpu", CFG, work="decode")                            # margin 0.75
-    assert tie.dtype is torch.float32 and "1.2x faster than float32" in tie.reason and "1.33x bf16 needs" in tie.reason
+    tie = choose_dtype("auto", "cpu", CFG, work="decode")                            # margin 0.7
+    assert tie.dtype is torch.float32 and "1.2x faster than float32" in tie.reason
+    assert "1.43x bf16 needs" in tie.reason
     precision._CACHE.forget()                               # a clear win, on another machine
     precision._CACHE.path.unlink()
-    _fake_timings(monkeypatch, fp32=1.0, bf16=0.7)
+    _fake_timings(monkeypatch, fp32=1.0, bf16=0.65)
     assert choose_dtype("auto", "cpu", CFG, work="decode").dtype is torch.bfloat16
     assert choose_dtype("auto", "cpu", CFG, work="train").dtype is torch.bfloat16
 
