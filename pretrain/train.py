@@ -48,23 +48,20 @@ def compute_dtype(cfg: TrainConfig, model_cfg: ModelConfig, env: Dist) -> DtypeC
     return env.broadcast(choice) if env.device.type != "cuda" else choice
 
 
-def build_model(cfg: TrainConfig, env: Dist, dtype: torch.dtype | None = None
-                ) -> tuple[torch.nn.Module, ModelConfig, Tokenizer]:
-    """The same initial weights on every rank and for every world size (seeded, built whole);
-    `dtype` is FSDP2's parameter dtype (None: measured as compute_dtype does)."""
+def build_model(cfg: TrainConfig, env: Dist, model_cfg: ModelConfig, dtype: torch.dtype
+                ) -> tuple[torch.nn.Module, Tokenizer]:
+    """`model_cfg` (initial_model_config) built, or loaded for init_from: the same initial weights
+    on every rank and for every world size (seeded, built whole); `dtype` is FSDP2's parameter
+    dtype (compute_dtype's choice)."""
     torch.manual_seed(cfg.seed)
     if cfg.init_from:
         model, tok = load_checkpoint(cfg.init_from, dtype=torch.float32)
-        model_cfg = model.config
     else:
-        model_cfg = initial_model_config(cfg)
         model = Llama(model_cfg)
         tok = Tokenizer.llama2()
     if tok.vocab_size > model_cfg.vocab_size:
         raise ConfigError(f"the tokenizer has {tok.vocab_size} tokens but the model's vocabulary is {model_cfg.vocab_size}")
     model.to(env.device)
-    if dtype is None:
-        dtype = compute_dtype(cfg, model_cfg, env).dtype
 
     if cfg.activation_checkpointing:
         from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
@@ -83,7 +80,7 @@ def build_model(cfg: TrainConfig, env: Dist, dtype: torch.dtype | None = None
         for block in model.model.layers:
             fully_shard(block, mp_policy=mp)
         fully_shard(model, mp_policy=mp)
-    return model, model_cfg, tok
+    return model, tok
 
 
 def initial_model_config(cfg: TrainConfig) -> ModelConfig:
@@ -176,11 +173,11 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, env: Dist) -> None:
         self.cfg, self.env, self.out = cfg, env, Path(cfg.out_dir)
         self.accum = cfg.grad_accum_steps(env.world_size)
-        model_cfg = initial_model_config(cfg)
-        choice = compute_dtype(cfg, model_cfg, env)
+        self.model_cfg = initial_model_config(cfg)
+        choice = compute_dtype(cfg, self.model_cfg, env)
         if env.main:
             print(f"dtype: {choice}", flush=True)
-        self.model, self.model_cfg, self.tok = build_model(cfg, env, choice.dtype)
+        self.model, self.tok = build_model(cfg, env, self.model_cfg, choice.dtype)
         train_mix = build_data(cfg, self.tok, "train")
         self.val_mix = build_data(cfg, self.tok, "validation") if cfg.eval_every and cfg.eval_batches else None
         self.optimizer = build_optimizer(cfg, self.model)

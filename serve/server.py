@@ -34,7 +34,6 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from tinyllama.chat import ChatFormatError
 from tinyllama.errors import UserError
 from tinyllama.generate import SamplingParams, TextStream
 
@@ -400,10 +399,10 @@ class Requests:
             n = max_tokens if max_tokens is not None else min(self.max_tokens_limit, engine.context_length)
             self._check_max_tokens(n, engine)
             return build(engine, req.sampling(n)), engine
-        except (UserError, ChatFormatError) as e:
-            if isinstance(e, ModelNotFound):    # removed from the folder since the check
-                self.admission.release()
-                return not_found(e)
+        except ModelNotFound as e:              # removed from the folder since the check
+            self.admission.release()
+            return not_found(e)
+        except UserError as e:                  # bad settings, prompt or chat format: a 400
             if engine is not None:
                 self.models.release(req.model)
             self.admission.release()

@@ -28,6 +28,7 @@ from typing import Any, Callable
 import torch
 
 from .atomic import atomic_file
+from .llama_cpp_build import cpu_flags
 from .paths import cache_dir
 
 # The flags that decide which matmul kernels exist (x86 and ARM names as /proc/cpuinfo spells them)
@@ -80,19 +81,18 @@ def cpu_identity() -> CPUIdentity:
 
 
 def _read_cpuinfo() -> tuple[str, tuple[str, ...]]:
-    """(model name, ISA flags) from /proc/cpuinfo; on macOS and elsewhere, what platform says."""
+    """(model name, ISA flags): the name from /proc/cpuinfo (platform's elsewhere), the flags
+    from the reader the llama.cpp build choice uses (/proc/cpuinfo, or sysctl on macOS)."""
+    model = ""
     try:
-        text = Path("/proc/cpuinfo").read_text()
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() in ("model name", "Model", "CPU part"):
+                model = value.strip()
+                break
     except OSError:
-        return platform.processor(), ()
-    model, present = "", set()
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        key = key.strip()
-        if key in ("model name", "Model", "CPU part") and not model:
-            model = value.strip()
-        elif key in ("flags", "Features"):
-            present.update(value.split())
+        model = platform.processor()
+    present = cpu_flags()
     return model, tuple(f for f in _ISA_FLAGS if f in present)
 
 

@@ -307,14 +307,13 @@ VERIFY_ROWS = 4     # the rows of a typical speculative verification pass (k = 3
 
 
 def _fastest_layout(model: nn.Module, plan, budget: int, model_bytes: int, rounds: int = 3) -> str | None:
-    """The fastest layout (time_layouts) if it beats unpacked by LAYOUT_MARGIN, else None."""
-    best = time_layouts(model, plan, budget, model_bytes, rounds)
+    """The fastest layout (_time_layouts) if it beats unpacked by LAYOUT_MARGIN, else None."""
+    best = _time_layouts(model, plan, budget, model_bytes, rounds)
     fastest = min((l for l in best if l is not None), key=best.__getitem__, default=None)
     return fastest if fastest is not None and best[fastest] < LAYOUT_MARGIN * best[None] else None
 
 
-def time_layouts(model: nn.Module, plan=None, budget: int | None = None, model_bytes: int | None = None,
-                 rounds: int = 3) -> dict[str | None, float]:
+def _time_layouts(model: nn.Module, plan, budget: int, model_bytes: int, rounds: int) -> dict[str | None, float]:
     """Seconds per decode cost of `model` unpacked (key None) and packed in each layout this
     machine runs. A layout's cost is a one-token forward (a decode step) plus a
     VERIFY_ROWS-token one (a speculative verification pass): where single-token times tie, the
@@ -324,10 +323,6 @@ def time_layouts(model: nn.Module, plan=None, budget: int | None = None, model_b
     median of several steps. A layout whose first step takes over twice the unpacked one is
     dropped at once (oneDNN's bf16 kernels on a CPU without bf16 instructions: seconds a step).
     tinyllama-19m: ~1 s; tinyllama-1.1b bf16: one round, ~15 s."""
-    if plan is None:
-        plan = _plan(model)
-    budget = default_pack_budget() if budget is None else budget
-    model_bytes = model_bytes or sum(p.numel() * p.element_size() for p in model.parameters())
     dtype = next(model.parameters()).dtype
     layouts = [None] + [l for l in LAYOUTS if l != "onednn" or onednn_supports(dtype)]
     inputs = [torch.zeros(1, rows, dtype=torch.long) for rows in (1, VERIFY_ROWS)]

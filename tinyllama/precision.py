@@ -83,13 +83,9 @@ def choose_dtype(requested: str | torch.dtype | None, device: str | torch.device
         return _cuda_choice(device, work)
     if device.type != "cpu":
         return DtypeChoice(torch.float32, f"auto: float32 on {device.type}")
-    if work == "train":
-        shapes = _train_shapes(cfg, rows)
-        measure, key = (lambda: _measure_matmuls(shapes, MARGIN[work])), shapes
-    else:
-        shapes = _decode_shapes(cfg)
-        measure, key = (lambda: _measure_matmuls(shapes, MARGIN[work])), shapes
-    measured = _CACHE.get([work, key], measure, valid=lambda v: isinstance(v, dict) and v.get("dtype") in DTYPES)
+    shapes = _train_shapes(cfg, rows) if work == "train" else _decode_shapes(cfg)
+    measured = _CACHE.get([work, shapes], lambda: _measure_matmuls(shapes, MARGIN[work]),
+                          valid=lambda v: isinstance(v, dict) and v.get("dtype") in DTYPES)
     return DtypeChoice(DTYPES[measured["dtype"]], _reason(measured))
 
 
