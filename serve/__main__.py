@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import argparse
 
-from .engine import ModelDir, add_model_arguments, load_engine
+from .engine import ModelDir, add_model_arguments, check_model_arguments, load_engine
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -53,11 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("give exactly one of --model and --models-dir")
     if args.models_dir and args.draft:
         ap.error("--draft needs --model (one target model)")
-    for flag in ("num_draft", "n_ctx", "max_queue", "max_loaded", "max_body_bytes", "max_tokens_limit"):
-        if getattr(args, flag) < 1:
-            ap.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
-    if args.n_gpu_layers < -1:
-        ap.error(f"--n-gpu-layers must be >= -1 (-1: all), got {args.n_gpu_layers}")
+    check_model_arguments(ap, args, "max_queue", "max_loaded", "max_body_bytes", "max_tokens_limit")
 
     import uvicorn
 

@@ -15,7 +15,7 @@ import sys
 
 from tinyllama.generate import SamplingParams
 
-from .engine import add_model_arguments, load_engine
+from .engine import add_model_arguments, check_model_arguments, load_engine
 
 DEFAULTS = SamplingParams()
 
@@ -36,11 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--stop", nargs="*", default=[], help="stop strings")
     ap.add_argument("--seed", type=int, default=None)
     args = ap.parse_args(argv)
-    for flag in ("num_draft", "n_ctx"):
-        if getattr(args, flag) < 1:
-            ap.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
-    if args.n_gpu_layers < -1:
-        ap.error(f"--n-gpu-layers must be >= -1 (-1: all), got {args.n_gpu_layers}")
+    check_model_arguments(ap, args)
 
     from tinyllama.errors import UserError, report
 

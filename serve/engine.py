@@ -220,6 +220,15 @@ def add_model_arguments(ap: argparse.ArgumentParser, required: bool = True) -> N
                          "(default: %(default)s)")
 
 
+def check_model_arguments(ap: argparse.ArgumentParser, args: argparse.Namespace, *more: str) -> None:
+    """ap.error unless the model arguments (and the CLI's own counts in `more`) are in range."""
+    for flag in ("num_draft", "n_ctx", *more):
+        if getattr(args, flag) < 1:
+            ap.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if args.n_gpu_layers < -1:
+        ap.error(f"--n-gpu-layers must be >= -1 (-1: all), got {args.n_gpu_layers}")
+
+
 def load_engine(args: argparse.Namespace) -> Engine | None:
     """Engine.load from the CLI arguments; prints one line and returns None on bad input."""
     from tinyllama.errors import UserError
