@@ -48,20 +48,30 @@ QUANT_TYPES ?= q4_k_m q8_0
 DRAFT_CONFIG ?= pretrain/configs/cpu-draft.yaml
 DRAFT_TEACHER ?= $(OUT)/sft
 DRAFT_SFT_ARGS ?= --method full --lr 1e-3 --epochs 3
+# MODEL / DRAFT: what `make serve` and `make demo` run; any model reference (a directory, a .gguf,
+# a hub id, org/name:Q4_K_M). The demo drafts with our 4M draft only for our own default model.
 SERVE_MODEL ?= $(OUT)/gguf/tinyllama-19m-chat-Q4_K_M.gguf
+MODEL ?= $(SERVE_MODEL)
+DEFAULT_DRAFT := $(OUT)/gguf/tinyllama-debug-chat-Q8_0.gguf
+DRAFT ?=
 SERVE_ARGS ?=
+# continued pretraining: INIT_FROM=DIR or a hub id (the checkpoint's shape replaces the preset)
+INIT_FROM ?=
+INIT_FLAGS := $(if $(INIT_FROM),--init-from $(INIT_FROM))
 
 .PHONY: help setup data pretrain sft quantize draft serve demo eval run test test-fast bench clean distclean
 
 help:
 	@echo "make setup   create $(VENV), install torch (CPU build here), llama-cpp-python (built for this CPU), the project, the tokenizer"
 	@echo "make data    build the default corpus offline and tokenize it into $(DATA)/tokens/{natural,code}"
-	@echo "make pretrain  pretrain with $(PRETRAIN_CONFIG) (+ PRETRAIN_ARGS='--max-steps 100 ...'); re-run to resume"
+	@echo "make pretrain  pretrain with $(PRETRAIN_CONFIG) (+ PRETRAIN_ARGS='--max-steps 100 ...'); re-run to resume;"
+	@echo "             INIT_FROM=DIR or a hub id continues pretraining from that checkpoint"
 	@echo "make sft     chat fine-tuning of SFT_BASE=$(SFT_BASE) on SFT_DATA=$(SFT_DATA) ($(SFT_ARGS)) into $(OUT)/sft"
 	@echo "make quantize  GGUF files of QUANT_MODEL=$(QUANT_MODEL) (QUANT_TYPES='$(QUANT_TYPES)') into $(OUT)/gguf"
 	@echo "make draft   the speculative-decoding draft: tinyllama-debug pretrained like the default, fully fine-tuned ($(DRAFT_SFT_ARGS)) on DRAFT_TEACHER=$(DRAFT_TEACHER)'s answers, in $(OUT)/draft"
-	@echo "make serve   OpenAI-compatible server for SERVE_MODEL=$(SERVE_MODEL) on 127.0.0.1:8000 (SERVE_ARGS='--draft ...')"
-	@echo "make demo    the Gradio chat app on 127.0.0.1:7860 over what make run left (DEMO_ARGS='--model ... --draft ...')"
+	@echo "make serve   OpenAI-compatible server for MODEL=$(MODEL) on 127.0.0.1:8000 (DRAFT=... to draft; any model reference)"
+	@echo "make demo    the Gradio chat app on 127.0.0.1:7860 over what make run left, or MODEL=... DRAFT=... (e.g."
+	@echo "             MODEL=TheBloke/Llama-2-7B-Chat-GGUF:Q4_K_M DRAFT=TinyLlama/TinyLlama-1.1B-Chat-v1.0)"
 	@echo "make eval    lm-eval tasks (EVAL_TASKS='$(EVAL_TASKS)') + validation perplexity, chat model and its GGUF side by side"
 	@echo "make run     the main job on a small CPU default (outputs under $(OUT)/; STEPS=20 for a short run)"
 	@echo "             CPU_ISA=avx2 on any target: torch and oneDNN limited to AVX2, as on a laptop without bf16"
@@ -83,7 +93,7 @@ $(DATA)/tokens/code/manifest.json: $(SETUP_STAMP) pretrain/corpus.py pretrain/pr
 	$(PY) -m pretrain.corpus --out $(DATA)
 
 pretrain: setup data
-	$(PY) -m pretrain --config $(PRETRAIN_CONFIG) $(PRETRAIN_ARGS)
+	$(PY) -m pretrain --config $(PRETRAIN_CONFIG) $(INIT_FLAGS) $(PRETRAIN_ARGS)
 
 sft: setup
 	$(PY) -m sft --base $(SFT_BASE) --data $(SFT_DATA) --out $(OUT)/sft $(SFT_ARGS)
@@ -103,7 +113,7 @@ draft: setup data
 	$(PY) -m quantize --model $(OUT)/draft/sft --type q8_0 --out $(OUT)/gguf
 
 serve: setup
-	$(PY) -m serve --model $(SERVE_MODEL) $(SERVE_ARGS)
+	$(PY) -m serve --model $(MODEL) $(if $(DRAFT),--draft $(DRAFT)) $(SERVE_ARGS)
 
 # Offline, TinyLlama's seven hub tasks cannot be downloaded: the default is the shipped local
 # task; EVAL_TASKS="hellaswag openbookqa winogrande arc_challenge arc_easy boolq piqa" where online.
@@ -115,7 +125,7 @@ eval: setup
 
 DEMO_ARGS ?=
 demo: setup
-	$(PY) -m demo --model $(SERVE_MODEL) --draft $(OUT)/gguf/tinyllama-debug-chat-Q8_0.gguf $(DEMO_ARGS)
+	$(PY) -m demo --model $(MODEL) $(if $(DRAFT),--draft $(DRAFT),$(if $(filter $(MODEL),$(SERVE_MODEL)),--draft $(DEFAULT_DRAFT),--no-draft)) $(DEMO_ARGS)
 
 # The lifecycle so far: corpus -> shards -> pretrained base -> chat model (SFT) -> GGUF for llama.cpp.
 run: setup data

@@ -26,10 +26,10 @@ from . import markdown_table
 
 def _prompts(tok, n: int) -> list[list[int]]:
     from sft.data import load_conversations, split_eval
-    from tinyllama.chat import encode_chat
+    from tinyllama.chat import apply_chat_template
 
     _, held = split_eval(load_conversations("sample"), 0.05, seed=42)     # what `make sft` held out
-    return [encode_chat(tok, [c[0]], add_generation_prompt=True)[0] for c in held[:n]]
+    return [apply_chat_template(tok, [c[0]]) for c in held[:n]]           # in the target's own template
 
 
 def _decode(target, prompts, tokens: int, draft=None, k: int = 4, adaptive: bool = False):

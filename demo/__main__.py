@@ -3,6 +3,10 @@
     python -m demo                              # what `make run` left: the chat GGUF + its draft
     python -m demo --model out/sft --draft out/draft/sft
     python -m demo --model llama-2-7b-chat.Q4_K_M.gguf --draft out/gguf/tinyllama-debug-chat-Q8_0.gguf
+    python -m demo --model TinyLlama/TinyLlama-1.1B-Chat-v1.0 --no-draft            # from the hub
+    python -m demo --model TheBloke/Llama-2-7B-Chat-GGUF:Q4_K_M --draft TinyLlama/TinyLlama-1.1B-Chat-v1.0
+
+Each model chats in its own template (Llama-2's [INST], TinyLlama's Zephyr, ...).
 
 Binds 127.0.0.1:7860; `--share` asks Gradio for a public link (off by default).
 """
@@ -13,6 +17,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from tinyllama.cli import CHAT_TEMPLATE_HELP, MODEL_HELP
+
 DEFAULT_MODEL = Path("out/gguf/tinyllama-19m-chat-Q4_K_M.gguf")
 DEFAULT_DRAFT = Path("out/gguf/tinyllama-debug-chat-Q8_0.gguf")
 
@@ -20,9 +26,11 @@ DEFAULT_DRAFT = Path("out/gguf/tinyllama-debug-chat-Q8_0.gguf")
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m demo", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=None, help=f"checkpoint directory or .gguf (default: {DEFAULT_MODEL})")
-    ap.add_argument("--draft", default=None,
-                    help=f"draft model for speculative decoding (default: {DEFAULT_DRAFT} when it exists)")
+    ap.add_argument("--model", default=None, help=f"{MODEL_HELP} (default: {DEFAULT_MODEL})")
+    ap.add_argument("--revision", help="hub revision of --model (default: main)")
+    ap.add_argument("--draft", default=None, help="draft model for speculative decoding, any form --model takes "
+                                                  f"(default: {DEFAULT_DRAFT} when it exists)")
+    ap.add_argument("--chat-template", metavar="NAME|FILE", help=CHAT_TEMPLATE_HELP)
     ap.add_argument("--no-draft", action="store_true", help="no draft even if the default one exists")
     ap.add_argument("--num-draft", type=int, default=4, help="tokens drafted per step (default: %(default)s)")
     ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
@@ -36,12 +44,11 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--num-draft must be >= 1, got {args.num_draft}")
     model = args.model or str(DEFAULT_MODEL)
     draft = None if args.no_draft else (args.draft or (str(DEFAULT_DRAFT) if DEFAULT_DRAFT.exists() else None))
-    if not Path(model).exists():
-        hint = " (run `make run` first, or pass --model)" if args.model is None else ""
-        print(f"error: {model}: no such model{hint}", file=sys.stderr)
+    if args.model is None and not DEFAULT_MODEL.exists():
+        print(f"error: {model}: no such model (run `make run` first, or pass --model)", file=sys.stderr)
         return 2
 
-    from serve.engine import Engine
+    from serve.engine import Engine, describe
     from tinyllama.errors import UserError
 
     from .app import build_app
@@ -49,22 +56,25 @@ def main(argv: list[str] | None = None) -> int:
     draft_error = None
     try:
         try:
-            engine = Engine.load(model, draft, args.num_draft, dtype=args.dtype)
+            engine = Engine.load(model, draft, args.num_draft, dtype=args.dtype, revision=args.revision,
+                                 chat_template=args.chat_template)
         except (UserError, ImportError) as e:
             if draft is None:
                 raise
             # the chat still works without the draft: say why in the page, not in a traceback
-            engine = Engine.load(model, None, args.num_draft, dtype=args.dtype)
-            draft_error, draft = f"draft {Path(draft).name} not used: {e}", None
+            engine = Engine.load(model, None, args.num_draft, dtype=args.dtype, revision=args.revision,
+                                 chat_template=args.chat_template)
+            draft_error, draft = f"draft {draft} not used: {e}", None
     except (UserError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"model: {engine.target.name}: {engine.target.precision}", file=sys.stderr, flush=True)
+    describe(engine)
     if draft_error:
         print(f"warning: {draft_error}", file=sys.stderr)
     print(f"chat with {engine.model_id}" + (f", drafted by {draft}" if draft else "") +
           f" at http://{args.host}:{args.port}", flush=True)
-    build_app(engine, model, draft, draft_error).queue(default_concurrency_limit=1).launch(
+    draft_path = engine.draft.path if engine.draft else None
+    build_app(engine, engine.target.path, draft_path, draft_error).queue(default_concurrency_limit=1).launch(
         server_name=args.host, server_port=args.port, share=args.share, show_error=True)
     return 0
 

@@ -26,24 +26,25 @@ DEFAULTS = SamplingParams()        # the one default: greedy
 DEFAULT_SYSTEM = "You are a helpful assistant who answers questions about Python."
 
 
-def model_info(path: str | os.PathLike | None) -> str:
-    """One Markdown line: name, preset/parameters, quantization, file size."""
+def model_info(path: str | os.PathLike | None, name: str | None = None) -> str:
+    """One Markdown line: name (default: the file's), preset/parameters, quantization, file size."""
     if not path:
         return ""
     path = Path(path)
+    name = name or path.name
     if path.suffix == ".gguf":
         from tinyllama.gguf_file import open_gguf
 
         reader = open_gguf(path)
         params = sum(int(t.n_elements) for t in reader.tensors)
         types = sorted({t.tensor_type.name for t in reader.tensors if t.tensor_type.name not in ("F32",)})
-        return (f"`{path.name}`: {params / 1e6:,.1f}M parameters, llama.cpp, {'/'.join(types) or 'F32'} weights, "
+        return (f"`{name}`: {params / 1e6:,.1f}M parameters, llama.cpp, {'/'.join(types) or 'F32'} weights, "
                 f"{path.stat().st_size / 1e6:,.1f} MB")
     from tinyllama.checkpoint import load_config
 
     cfg = load_config(path)
     size = sum(f.stat().st_size for f in path.glob("*.safetensors"))
-    return f"`{path.name}`: {cfg.name}, {cfg.num_params() / 1e6:,.1f}M parameters, PyTorch, {size / 1e6:,.1f} MB"
+    return f"`{name}`: {cfg.name}, {cfg.num_params() / 1e6:,.1f}M parameters, PyTorch, {size / 1e6:,.1f} MB"
 
 
 def message_text(content: Any) -> str | None:
@@ -106,8 +107,8 @@ def build_app(engine: Engine, model_path: str | None = None, draft_path: str | N
 
     with gr.Blocks(title="TinyLlama chat") as app:
         gr.Markdown("## TinyLlama chat")
-        gr.Markdown(f"Model: {model_info(model_path) or engine.model_id}" +
-                    (f"  \nDraft: {model_info(draft_path) or engine.draft.name}" if has_draft else
+        gr.Markdown(f"Model: {model_info(model_path, engine.model_id) or engine.model_id}" +
+                    (f"  \nDraft: {model_info(draft_path, engine.draft.name) or engine.draft.name}" if has_draft else
                      f"  \n**{draft_error}**; speculative decoding is off." if draft_error else
                      "  \nNo draft model loaded (`--draft`): speculative decoding is off."), elem_id="model-info")
         chatbot = gr.Chatbot(label="Chat", height=420, elem_id="chatbot")

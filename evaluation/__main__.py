@@ -35,7 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--sweep", type=Path, default=None, metavar="RUN_DIR",
                     help="evaluate every step-*/ checkpoint of a pretraining run instead, and plot it")
     ap.add_argument("--model", nargs="+", default=[],
-                    help="checkpoint directories and/or .gguf files (one column each, e.g. a model and its GGUF)")
+                    help="models, one column each (e.g. a model and its GGUF): checkpoint directories, .gguf files "
+                         "or hub references (org/name, org/name:Q4_K_M, org/name/FILE.gguf; org/name@REV)")
     ap.add_argument("--tasks", nargs="+", default=None,
                     help=f"lm-eval task names (default: {' '.join(TINYLLAMA_TASKS)} when HF_HUB_OFFLINE is "
                          f"unset, else {LOCAL_TASK}); 'none' for perplexity only")
@@ -75,15 +76,14 @@ def main(argv: list[str] | None = None) -> int:
 
 def _models(args: argparse.Namespace, tasks: list[str]) -> int:
     from tinyllama.backends import load_backend
-    from tinyllama.errors import NotFound
+    from tinyllama.hub import resolve_model
 
     from .harness import local_task_dir, run_tasks
     from .perplexity import perplexity
     from .report import markdown_report
 
-    missing = [m for m in args.model if not Path(m).exists()]
-    if missing:
-        raise NotFound(f"{missing[0]}: no such model directory or GGUF")
+    for m in args.model:              # every reference resolved (and fetched) before minutes of evaluation
+        resolve_model(m)
     runs = {}
     with tempfile.TemporaryDirectory() as tmp:
         include = local_task_dir(Path(tmp)) if LOCAL_TASK in tasks else None
@@ -95,7 +95,7 @@ def _models(args: argparse.Namespace, tasks: list[str]) -> int:
                 ppl = {str(p): perplexity(backend, p, args.seq_len) for p in args.perplexity}
             finally:
                 backend.close()
-            runs[Path(m).name] = (results, ppl)
+            runs[backend.name] = (results, ppl)
     print(markdown_report(runs))
     if args.out:
         _write_json(args.out, {name: {"tasks": res, "perplexity": {k: v[0] for k, v in ppl.items()}}

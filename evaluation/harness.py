@@ -94,7 +94,7 @@ def lm_class():
                 ids = self.tok.encode(context, bos=True)[-(self.backend.context_length - 1):]
                 room = self.backend.context_length - len(ids)
                 n = min(int(kwargs.get("max_gen_toks", self.max_gen_toks)), room)
-                gen = generate(self.backend, ids, max_new_tokens=max(1, n), stop_ids=[self.tok.eos_id])
+                gen = generate(self.backend, ids, max_new_tokens=max(1, n), stop_ids=list(self.tok.stop_ids))
                 out.append("".join(TextStream(gen, self.tok, stop=until)))
             return out
 

@@ -5,6 +5,8 @@
     torchrun --nproc_per_node=2 -m pretrain --config pretrain/configs/cpu.yaml
     python -m pretrain --preset tinyllama-19m --data natural=data/tokens/natural code=data/tokens/code \\
         --weights natural=0.7 code=0.3 --seq-len 256 --micro-batch 8 --global-batch-tokens 4096 --max-steps 100
+    python -m pretrain --init-from TinyLlama/TinyLlama-1.1B-intermediate-step-1431k-3T --data mine=data/tokens/mine \\
+        --weights mine=1 --lr 1e-4 --warmup-steps 100 --max-steps 2000 --out-dir out/continued   # continued pretraining
 
 Every field of the config is a flag (`--field-name value`); flags override the YAML file.
 Re-running the same command resumes from the newest complete checkpoint in --out-dir.
@@ -26,8 +28,11 @@ from tinyllama.errors import UserError, report  # noqa: E402
 from .config import ConfigError, TrainConfig  # noqa: E402
 
 _HELP = {
-    "preset": "model preset (python -m tinyllama presets)",
-    "init_from": "continue pretraining from this HF-format model directory",
+    "preset": "model preset (python -m tinyllama presets; default: the --init-from checkpoint's shape, else "
+              "tinyllama-1.1b)",
+    "init_from": "continue pretraining from a Llama checkpoint: an HF-format directory or a hub id (org/name, "
+                 "org/name@REVISION, e.g. one of TinyLlama's intermediate checkpoints); new optimizer state, the "
+                 "schedule from step 0; given as a flag it replaces the config file's preset",
     "data": "sources as NAME=SHARD_DIR ... (from python -m pretrain.prepare)",
     "weights": "mixture weights as NAME=WEIGHT ...",
     "global_batch_tokens": "tokens per optimizer step, across ranks and accumulation",

@@ -29,8 +29,8 @@ class ConfigError(UserError):
 @dataclass
 class TrainConfig:
     # model
-    preset: str = "tinyllama-1.1b"
-    init_from: str | None = None          # an HF-format directory to continue pretraining from
+    preset: str | None = None             # None: the init_from checkpoint's shape, else tinyllama-1.1b
+    init_from: str | None = None          # continue pretraining from: a directory or hub id (tinyllama.hub)
     # data: name -> shard directory, and the mixture weights (TinyLlama: 0.693584 / 0.306416)
     data: dict[str, str] = field(default_factory=lambda: {"natural": "data/tokens/natural", "code": "data/tokens/code"})
     weights: dict[str, float] = field(default_factory=lambda: {"natural": 0.7, "code": 0.3})
@@ -91,7 +91,7 @@ class TrainConfig:
         def bad(name: str, why: str) -> None:
             raise ConfigError(f"config field {name}: {why} (got {getattr(self, name)!r})")
 
-        if self.preset not in PRESETS and self.init_from is None:
+        if self.preset is not None and self.preset not in PRESETS:
             bad("preset", f"unknown preset; known presets: {', '.join(sorted(PRESETS))}")
         for name in ("seq_len", "micro_batch", "global_batch_tokens", "log_every"):
             if getattr(self, name) <= 0:
@@ -158,7 +158,10 @@ class TrainConfig:
             if loaded is not None and not isinstance(loaded, dict):
                 raise ConfigError(f"{p}: expected a mapping of field: value")
             d.update(loaded or {})
-        d.update(overrides or {})
+        overrides = dict(overrides or {})
+        if overrides.get("init_from") and "preset" not in overrides:
+            d.pop("preset", None)          # an init_from given now brings its own shape, not the file's preset
+        d.update(overrides)
         return cls.from_dict(d, source=str(path) if path else "flags")
 
     def to_dict(self) -> dict[str, Any]:

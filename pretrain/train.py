@@ -26,7 +26,9 @@ from tinyllama import Llama, ModelConfig, Tokenizer, load_checkpoint
 from tinyllama.allocator import retain_freed_memory
 from tinyllama.atomic import atomic_file
 from tinyllama.checkpoint import load_config
+from tinyllama.errors import UserError
 from tinyllama.generate import SamplingParams, generate
+from tinyllama.hub import resolve_model
 from tinyllama.kernels import cross_entropy
 from tinyllama.precision import DtypeChoice, choose_dtype
 
@@ -55,7 +57,7 @@ def build_model(cfg: TrainConfig, env: Dist, model_cfg: ModelConfig, dtype: torc
     dtype (compute_dtype's choice)."""
     torch.manual_seed(cfg.seed)
     if cfg.init_from:
-        model, tok = load_checkpoint(cfg.init_from, dtype=torch.float32)
+        model, tok = load_checkpoint(init_checkpoint(cfg), dtype=torch.float32)
     else:
         model = Llama(model_cfg)
         tok = Tokenizer.llama2()
@@ -83,12 +85,39 @@ def build_model(cfg: TrainConfig, env: Dist, model_cfg: ModelConfig, dtype: torc
     return model, tok
 
 
+def init_checkpoint(cfg: TrainConfig) -> Path:
+    """cfg.init_from as a local directory (a hub id is fetched into the hub cache once)."""
+    if cfg.init_from not in _INIT_DIRS:
+        try:
+            _INIT_DIRS[cfg.init_from] = resolve_model(cfg.init_from, kinds=("checkpoint",),
+                                                      flag="config field init_from:").path
+        except UserError as e:
+            raise ConfigError(str(e)) from None
+    return _INIT_DIRS[cfg.init_from]
+
+
+_INIT_DIRS: dict[str, Path] = {}
+_SHAPE = ("n_layer", "d_model", "n_head", "n_kv_head", "ffn_dim", "vocab_size", "tie_embeddings")
+
+
 def initial_model_config(cfg: TrainConfig) -> ModelConfig:
-    """The architecture a run trains: the checkpoint's for init_from, else the preset's."""
-    if cfg.init_from:
-        return load_config(cfg.init_from)
-    model_cfg = ModelConfig.from_name(cfg.preset)
-    return model_cfg.replace(max_seq_len=max(model_cfg.max_seq_len, cfg.seq_len))
+    """The architecture a run trains: the checkpoint's for init_from (a preset that disagrees
+    with it is an error naming both), else the preset's (tinyllama-1.1b when none is given)."""
+    if not cfg.init_from:
+        model_cfg = ModelConfig.from_name(cfg.preset or "tinyllama-1.1b")
+        return model_cfg.replace(max_seq_len=max(model_cfg.max_seq_len, cfg.seq_len))
+    loaded = load_config(init_checkpoint(cfg))
+    if cfg.preset is not None:
+        preset = ModelConfig.from_name(cfg.preset)
+        diff = [f"{k} {getattr(preset, k)} vs {getattr(loaded, k)}" for k in _SHAPE
+                if getattr(preset, k) != getattr(loaded, k)]
+        if diff:
+            raise ConfigError(f"config field preset: {cfg.preset} disagrees with the init_from checkpoint "
+                              f"{cfg.init_from} ({'; '.join(diff)}); leave preset out: the checkpoint sets the shape")
+    if cfg.seq_len > loaded.max_seq_len:
+        raise ConfigError(f"config field seq_len: {cfg.seq_len} is longer than the {loaded.max_seq_len} positions "
+                          f"the init_from checkpoint {cfg.init_from} was built for")
+    return loaded
 
 
 def build_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:

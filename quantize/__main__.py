@@ -1,7 +1,7 @@
 """python -m quantize: export an HF-format Llama directory to GGUF files for llama.cpp.
 
     python -m quantize --model out/pretrain/final --type q4_k_m q8_0 --out out/gguf
-    python -m quantize --model TinyLlama-1.1B-Chat-v1.0 --type q4_0 --out tinyllama-q4_0.gguf
+    python -m quantize --model TinyLlama/TinyLlama-1.1B-Chat-v1.0 --type q4_0 --out tinyllama-q4_0.gguf
 
 Float types (f32, f16, bf16) are written with gguf-py; quantized types (q8_0, q4_0, q4_k_m,
 q5_k_m, q6_k) by llama.cpp's own quantizer from an F32 intermediate. Each file is then loaded
@@ -24,7 +24,9 @@ from .export import ALL_TYPES
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m quantize", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", required=True, type=Path, help="an HF-format Llama directory (ours or TinyLlama's)")
+    ap.add_argument("--model", required=True, help="the Llama to export: an HF-format directory (ours or TinyLlama's) "
+                                                   "or a hub id (org/name, safetensors)")
+    ap.add_argument("--revision", help="hub revision of --model (default: main)")
     ap.add_argument("--type", nargs="+", default=["q4_k_m"], metavar="TYPE",
                     help=f"one or more of {', '.join(ALL_TYPES)} (default: q4_k_m)")
     ap.add_argument("--out", required=True, type=Path, help="a .gguf file (one type) or a folder")
@@ -40,17 +42,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads is not None and args.threads < 1:
         ap.error(f"--threads must be >= 1, got {args.threads}")
     from tinyllama.checkpoint import load_config
+    from tinyllama.hub import resolve_model
 
     from .pipeline import export, size_table, verify_all
 
     try:
-        rows = export(args.model, args.type, args.out, args.name, args.threads)
+        model = resolve_model(args.model, revision=args.revision, kinds=("checkpoint",)).path
+        rows = export(model, args.type, args.out, args.name, args.threads)
         print()
-        print(size_table(rows, load_config(args.model).num_params()))
+        print(size_table(rows, load_config(model).num_params()))
         if args.no_verify:
             return 0
         print()
-        return 0 if verify_all(args.model, rows) else 1
+        return 0 if verify_all(model, rows) else 1
     except UserError as e:
         return report(e)
 

@@ -3,14 +3,16 @@ folder of them.
 
     python -m serve --model out/gguf/tinyllama-19m-chat-Q4_K_M.gguf            # make serve
     python -m serve --model llama-2-7b.Q4_K_M.gguf --draft tinyllama-Q4_K_M.gguf --num-draft 4
+    python -m serve --model TheBloke/Llama-2-7B-Chat-GGUF:Q4_K_M --draft TheBloke/TinyLlama-1.1B-Chat-v1.0-GGUF:Q4_K_M
     python -m serve --models-dir out/gguf --api-key sk-local                   # "model": "<file name>"
     curl localhost:8000/v1/chat/completions -H 'Content-Type: application/json' \\
          -d '{"messages": [{"role": "user", "content": "What does len() do?"}]}'
 
 Endpoints: GET /health, GET /v1/models, POST /v1/completions, POST /v1/chat/completions
 (stream or not; max_tokens, temperature, top_p, stop, seed; extensions top_k and
-repetition_penalty). Chat prompts use the model's chat format (tinyllama.chat). With --draft,
-every request is decoded speculatively (exact: the same output distribution as the target alone).
+repetition_penalty). Chat prompts are rendered in the model's own chat template
+(tinyllama.chat; our Zephyr one for a model without one) and replies stop at its own
+end-of-turn ids. With --draft, every request is decoded speculatively (exact: the same output distribution as the target alone).
 
 Safe by default: listens on 127.0.0.1 only; bodies over --max-body-bytes get 413, max_tokens
 over --max-tokens-limit gets 400, more than --max-queue requests in flight get 429. With
@@ -62,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.models_dir:
         try:
             models = ModelDir(args.models_dir, max_loaded=args.max_loaded, n_ctx=args.n_ctx, dtype=args.dtype,
-                              n_gpu_layers=args.n_gpu_layers)
+                              n_gpu_layers=args.n_gpu_layers, chat_template=args.chat_template)
         except FileNotFoundError as e:
             ap.error(str(e))
         if not models.names():

@@ -3,9 +3,13 @@
     python -m serve.complete --model out/sft --prompt "What does len() do?" --chat
     python -m serve.complete --model out/gguf/tinyllama-19m-chat-Q4_K_M.gguf --prompt "def fib(n):"
     python -m serve.complete --model target.gguf --draft draft.gguf --prompt "..." --temperature 0
+    python -m serve.complete --model TheBloke/Llama-2-7B-Chat-GGUF:Q4_K_M \
+        --draft TinyLlama/TinyLlama-1.1B-Chat-v1.0 --prompt "Name three prime numbers." --chat
 
---model and --draft take a checkpoint directory (PyTorch) or a .gguf file (llama.cpp), in any
-combination; the draft must share the target's vocabulary.
+--model and --draft take a checkpoint directory (PyTorch) or a .gguf file (llama.cpp), or a
+Hugging Face hub id (org/name, org/name:QUANT, org/name/FILE.gguf), in any combination; the
+draft must share the target's vocabulary. --chat renders the prompt in the target's own chat
+template.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_arguments(ap)
     ap.add_argument("--prompt", required=True, help="the prompt (with --chat: the user's message)")
-    ap.add_argument("--chat", action="store_true", help="format the prompt as a user turn in the chat template")
+    ap.add_argument("--chat", action="store_true", help="format the prompt as a user turn in the model's own chat template")
     ap.add_argument("--system", help="with --chat: a system message")
     ap.add_argument("--max-tokens", type=int, default=128, help="(default: %(default)s)")
     ap.add_argument("--temperature", type=float, default=DEFAULTS.temperature,

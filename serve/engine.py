@@ -1,13 +1,15 @@
 """One loaded model (and optional draft) behind a lock, for the CLI, the server and the demo.
 
     engine = Engine.load("out/gguf/tinyllama-19m-chat-Q4_K_M.gguf", draft=None)
+    engine = Engine.load("TheBloke/Llama-2-7B-Chat-GGUF:Q4_K_M", draft="TinyLlama/TinyLlama-1.1B-Chat-v1.0")
     stream = engine.chat([{"role": "user", "content": "Hi"}], SamplingParams(max_new_tokens=64, temperature=0.7))
     for delta in stream: ...                      # text deltas; stream.stats, stream.finish_reason
 
     models = ModelDir("models/")                  # every model in a folder, loaded on demand
     engine = models.acquire("tinyllama-19m-chat-Q4_K_M.gguf"); ...; models.release(name)
 
-A model holds one KV cache, so generations run one at a time (`engine.lock`, or the folder's
+Chats are rendered in the target model's own template (tinyllama.chat.apply_chat_template) and
+stop on its own end-of-turn ids; a draft only drafts. A model holds one KV cache, so generations run one at a time (`engine.lock`, or the folder's
 one `lock` across its models); the server bounds how many requests may wait for it.
 """
 
@@ -21,9 +23,15 @@ from collections import Counter, OrderedDict
 from pathlib import Path
 
 from tinyllama.backends import Backend, load_backend
-from tinyllama.chat import encode_chat
+from tinyllama.chat import apply_chat_template, template_of
+from tinyllama.cli import CHAT_TEMPLATE_HELP, MODEL_HELP
 from tinyllama.errors import NotFound, UserError
-from tinyllama.generate import SamplingParams, TextStream, check_same_vocabulary, generate
+from tinyllama.generate import (
+    SamplingParams,
+    TextStream,
+    check_same_vocabulary,
+    generate,
+)
 from tinyllama.tokenizer import Tokenizer
 
 
@@ -45,7 +53,8 @@ class ModelNotFound(UserError):
 
 class Engine:
     def __init__(self, target: Backend, tokenizer: Tokenizer, model_id: str, draft: Backend | None = None,
-                 num_draft: int = 4, adaptive_draft: bool = False) -> None:
+                 num_draft: int = 4, adaptive_draft: bool = False, chat_template: str | None = None) -> None:
+        """chat_template: a built-in template's name or a .jinja file instead of the model's own."""
         if num_draft < 1:
             raise ValueError(f"num_draft must be >= 1, got {num_draft}")
         if draft is not None:
@@ -53,16 +62,34 @@ class Engine:
         self.target, self.draft, self.tokenizer = target, draft, tokenizer
         self.model_id = model_id
         self.num_draft, self.adaptive_draft = num_draft, adaptive_draft
+        # the target's template; where it came from is printed at start-up
+        hint = f"{model_id} {target.path.name if target.path else ''}"
+        self.template, self.template_origin = template_of(tokenizer, chat_template, hint)
         self.lock = threading.Lock()
 
     @classmethod
     def load(cls, model: str | os.PathLike, draft: str | os.PathLike | None = None, num_draft: int = 4,
-             n_ctx: int = 2048, adaptive_draft: bool = False, dtype: str = "auto", n_gpu_layers: int = 0) -> "Engine":
-        """dtype: PyTorch models' compute dtype (auto: measured, tinyllama.precision); n_gpu_layers:
-        GGUF layers llama.cpp offloads to a GPU (-1: all; needs a CUDA or Metal build)."""
-        target, tok = load_backend(model, n_ctx=n_ctx, dtype=dtype, n_gpu_layers=n_gpu_layers)
-        draft_backend = load_backend(draft, n_ctx=n_ctx, dtype=dtype, n_gpu_layers=n_gpu_layers)[0] if draft else None
-        return cls(target, tok, Path(model).name.removesuffix(".gguf"), draft_backend, num_draft, adaptive_draft)
+             n_ctx: int = 2048, adaptive_draft: bool = False, dtype: str = "auto", n_gpu_layers: int = 0,
+             revision: str | None = None, chat_template: str | None = None) -> "Engine":
+        """model, draft: model references (tinyllama.hub: paths, hub ids, org/name:QUANT);
+        revision: the hub revision of `model`; dtype: PyTorch models' compute dtype (auto:
+        measured, tinyllama.precision); n_gpu_layers: GGUF layers llama.cpp offloads to a GPU
+        (-1: all; needs a CUDA or Metal build); chat_template: a built-in name or .jinja file
+        instead of the model's own template."""
+        target, tok = load_backend(model, n_ctx=n_ctx, dtype=dtype, n_gpu_layers=n_gpu_layers, revision=revision)
+        try:
+            draft_backend = load_backend(draft, n_ctx=n_ctx, dtype=dtype, n_gpu_layers=n_gpu_layers,
+                                         flag="--draft")[0] if draft else None
+        except BaseException:
+            target.close()
+            raise
+        try:
+            return cls(target, tok, target.name, draft_backend, num_draft, adaptive_draft, chat_template)
+        except BaseException:
+            target.close()
+            if draft_backend is not None:
+                draft_backend.close()
+            raise
 
     @property
     def context_length(self) -> int:
@@ -75,8 +102,8 @@ class Engine:
         return self._stream(self.tokenizer.encode(prompt), sampling, speculative)
 
     def chat(self, messages: list[dict], sampling: SamplingParams, speculative: bool | None = None) -> TextStream:
-        """The assistant's next turn, prompt built by the one chat format."""
-        ids, _ = encode_chat(self.tokenizer, messages, add_generation_prompt=True)
+        """The assistant's next turn, the prompt rendered in the target model's own chat template."""
+        ids = apply_chat_template(self.tokenizer, messages, add_generation_prompt=True, template=self.template)
         return self._stream(ids, sampling, speculative)
 
     def _stream(self, ids: list[int], s: SamplingParams, speculative: bool | None) -> TextStream:
@@ -94,7 +121,7 @@ class Engine:
             raise RequestError("speculative decoding was asked for but no draft model is loaded", "speculative")
         draft = self.draft if speculative is None or speculative else None
         gen = generate(self.target, ids, s.replace(max_new_tokens=min(s.max_new_tokens, room)),
-                       stop_ids=[self.tokenizer.eos_id], draft_model=draft, num_draft=self.num_draft,
+                       stop_ids=list(self.tokenizer.stop_ids), draft_model=draft, num_draft=self.num_draft,
                        adaptive_draft=self.adaptive_draft)
         return TextStream(gen, self.tokenizer)
 
@@ -114,12 +141,12 @@ class ModelDir:
     models (one CPU, one model computing at a time)."""
 
     def __init__(self, directory: str | os.PathLike, max_loaded: int = 2, n_ctx: int = 2048, dtype: str = "auto",
-                 n_gpu_layers: int = 0) -> None:
+                 n_gpu_layers: int = 0, chat_template: str | None = None) -> None:
         self.root = Path(directory).resolve()
         if not self.root.is_dir():
             raise NotFound(f"{directory}: not a directory")
         self.max_loaded, self.n_ctx = max_loaded, n_ctx
-        self.load_options = {"dtype": dtype, "n_gpu_layers": n_gpu_layers}
+        self.load_options = {"dtype": dtype, "n_gpu_layers": n_gpu_layers, "chat_template": chat_template}
         self.lock = threading.Lock()
         self._state = threading.Lock()          # guards _loaded and _users; held only briefly
         self._loaded: OrderedDict[str, Engine] = OrderedDict()
@@ -202,10 +229,13 @@ class ModelDir:
 
 # ---- shared by the CLIs (python -m serve, python -m serve.complete) ------------------------------
 
+
 def add_model_arguments(ap: argparse.ArgumentParser, required: bool = True) -> None:
-    ap.add_argument("--model", required=required, help="checkpoint directory (PyTorch) or .gguf file (llama.cpp)")
-    ap.add_argument("--draft", help="a draft model with the same vocabulary (directory or .gguf), for "
-                                    "speculative decoding")
+    ap.add_argument("--model", required=required, help=MODEL_HELP)
+    ap.add_argument("--revision", help="hub revision (branch, tag or commit) of --model (default: main)")
+    ap.add_argument("--draft", help="a draft model with the same vocabulary, for speculative decoding: any form "
+                                    "--model takes (org/name@REV for a revision)")
+    ap.add_argument("--chat-template", metavar="NAME|FILE", help=CHAT_TEMPLATE_HELP)
     ap.add_argument("--num-draft", type=int, default=4, help="tokens drafted per step (default: %(default)s)")
     ap.add_argument("--adaptive-draft", action="store_true",
                     help="start at --num-draft and adapt it per round: +2 after a fully accepted round, -1 "
@@ -236,11 +266,19 @@ def load_engine(args: argparse.Namespace) -> Engine | None:
     try:
         engine = Engine.load(args.model, args.draft, args.num_draft, n_ctx=args.n_ctx,
                              adaptive_draft=getattr(args, "adaptive_draft", False),
-                             dtype=getattr(args, "dtype", "auto"), n_gpu_layers=getattr(args, "n_gpu_layers", 0))
+                             dtype=getattr(args, "dtype", "auto"), n_gpu_layers=getattr(args, "n_gpu_layers", 0),
+                             revision=getattr(args, "revision", None),
+                             chat_template=getattr(args, "chat_template", None))
     except (UserError, ImportError) as e:        # ImportError: llama-cpp-python is not installed
         print(f"error: {e}", file=sys.stderr)
         return None
+    describe(engine)
+    return engine
+
+
+def describe(engine: Engine) -> None:
+    """The loaded models, their precision and the chat template, on stderr."""
     print(f"model: {engine.target.name}: {engine.target.precision}", file=sys.stderr, flush=True)
+    print(f"chat template: {engine.template_origin}", file=sys.stderr, flush=True)
     if engine.draft is not None:
         print(f"draft: {engine.draft.name}: {engine.draft.precision}", file=sys.stderr, flush=True)
-    return engine

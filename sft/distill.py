@@ -18,7 +18,8 @@ bench.speculative's prompts) stay unseen by the draft. Measured on the CPU-defau
 (19M target, 4M draft), alpha at k = 1: 0.57 (human answers) -> 0.73 (distilled, LoRA) ->
 0.81 (distilled, full fine-tune).
 
-The teacher is a checkpoint directory or a GGUF; the output is written to a temporary name and
+The teacher is a checkpoint directory or a GGUF, or a hub id (org/name, org/name:QUANT), prompted
+in its own chat template and stopped at its own end-of-turn ids; the output is written to a temporary name and
 renamed, one {"messages": [...]} line per conversation (a format `python -m sft --data` reads).
 """
 
@@ -29,26 +30,30 @@ import json
 from pathlib import Path
 from typing import Sequence
 
+from tinyllama.cli import MODEL_HELP
 from tinyllama.errors import UserError
 
 from .data import Conversation, load_conversations, split_eval
 
 
-def teacher_reply(backend, tok, messages: Sequence[dict], max_new_tokens: int) -> str:
-    """The teacher's greedy reply to `messages` (ending with a user turn), EOS excluded."""
-    from tinyllama.chat import encode_chat
+def teacher_reply(backend, tok, messages: Sequence[dict], max_new_tokens: int, template: str | None = None) -> str:
+    """The teacher's greedy reply to `messages` (ending with a user turn) in `template` (default:
+    the teacher's own), its end-of-turn id excluded."""
+    from tinyllama.chat import apply_chat_template
     from tinyllama.generate import generate
 
-    ids = encode_chat(tok, messages, add_generation_prompt=True)[0]
+    ids = apply_chat_template(tok, messages, add_generation_prompt=True, template=template)
     budget = min(max_new_tokens, backend.context_length - len(ids))
     if budget < 1:
         return ""
     backend.reset()
-    reply = [t for t in generate(backend, ids, max_new_tokens=budget, stop_ids=[tok.eos_id]) if t != tok.eos_id]
+    stops = list(tok.stop_ids)
+    reply = [t for t in generate(backend, ids, max_new_tokens=budget, stop_ids=stops) if t not in stops]
     return tok.decode(reply)
 
 
-def distill_conversation(backend, tok, conv: Conversation, max_new_tokens: int) -> Conversation:
+def distill_conversation(backend, tok, conv: Conversation, max_new_tokens: int,
+                         template: str | None = None) -> Conversation:
     """`conv` with every assistant turn answered by the teacher. An empty reply (the teacher
     ends at once, or the context is full) ends the conversation before the turn it answers;
     the result may then have no assistant turn at all (empty list)."""
@@ -57,7 +62,7 @@ def distill_conversation(backend, tok, conv: Conversation, max_new_tokens: int) 
         if message["role"] != "assistant":
             out.append(dict(message))
             continue
-        reply = teacher_reply(backend, tok, out, max_new_tokens)
+        reply = teacher_reply(backend, tok, out, max_new_tokens, template)
         if not reply.strip():
             while out and out[-1]["role"] != "assistant":
                 out.pop()                     # the unanswered user turn (and a lone system turn)
@@ -67,12 +72,14 @@ def distill_conversation(backend, tok, conv: Conversation, max_new_tokens: int) 
 
 
 def distill(teacher: str | Path, data: str, out: str | Path, max_new_tokens: int = 96, eval_fraction: float = 0.05,
-            seed: int = 42, limit: int | None = None, progress: bool = True, dtype: str = "stored") -> dict:
+            seed: int = 42, limit: int | None = None, progress: bool = True, dtype: str = "stored",
+            revision: str | None = None, chat_template: str | None = None) -> dict:
     """Writes the teacher-answered training split of `data` to `out` (JSONL); returns counts."""
     from tqdm import tqdm
 
     from tinyllama.atomic import atomic_file
     from tinyllama.backends import load_backend
+    from tinyllama.chat import template_of
 
     if max_new_tokens < 1:
         raise UserError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
@@ -87,13 +94,21 @@ def distill(teacher: str | Path, data: str, out: str | Path, max_new_tokens: int
     # the stored dtype by default: the draft learns to agree with the target as it is served (its
     # GGUF is made from these weights); a bf16 teacher's greedy answers drift from the float32
     # model's (a draft distilled from one agreed on 0.42 of tokens instead of ~0.8)
-    backend, tok = load_backend(teacher, dtype=None if dtype == "stored" else dtype)
+    backend, tok = load_backend(teacher, dtype=None if dtype == "stored" else dtype, revision=revision,
+                                flag="--teacher")
     print(f"teacher: {backend.name}: {backend.precision}", flush=True)
+    try:
+        hint = f"{backend.name} {backend.path.name if backend.path else ''}"
+        template, origin = template_of(tok, chat_template, hint)
+    except UserError:
+        backend.close()
+        raise
+    print(f"teacher's chat template: {origin}", flush=True)
     replies = written = 0
     try:
         with atomic_file(out) as tmp, open(tmp, "w", encoding="utf-8") as f:
             for conv in tqdm(train, desc="teacher replies", unit="conv", disable=not progress):
-                answered = distill_conversation(backend, tok, conv, max_new_tokens)
+                answered = distill_conversation(backend, tok, conv, max_new_tokens, template)
                 if not answered:
                     continue
                 replies += sum(m["role"] == "assistant" for m in answered)
@@ -111,7 +126,10 @@ def distill(teacher: str | Path, data: str, out: str | Path, max_new_tokens: int
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m sft.distill", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--teacher", required=True, help="the target model: a checkpoint directory or a .gguf")
+    p.add_argument("--teacher", required=True, help="the target model: " + MODEL_HELP)
+    p.add_argument("--revision", help="hub revision of --teacher (default: main)")
+    p.add_argument("--chat-template", metavar="NAME|FILE", help="prompt the teacher in this template instead of its "
+                   "own: zephyr, llama-2, chatml or a .jinja file")
     p.add_argument("--data", default="sample", help="conversations to answer, as `python -m sft --data` "
                                                     "(default: %(default)s)")
     p.add_argument("--out", required=True, help="JSONL to write (atomically)")
@@ -130,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         counts = distill(args.teacher, args.data, args.out, args.max_new_tokens, args.eval_fraction, args.seed,
-                         args.limit, args.progress, args.dtype)
+                         args.limit, args.progress, args.dtype, args.revision, args.chat_template)
     except UserError as e:
         return report(e)
     print(f"wrote {counts['out']}: {counts['conversations']} conversations, {counts['teacher_replies']} teacher "

@@ -34,6 +34,7 @@ from tinyllama.chat import CHAT_TEMPLATE
 from tinyllama.checkpoint import CheckpointError, check_weights, load_config, save_checkpoint, stored_dtype
 from tinyllama.cli import flag
 from tinyllama.errors import UserError
+from tinyllama.hub import ModelRef, resolve_model
 from tinyllama.paths import check_output_dir
 from tinyllama.precision import DTYPE_CHOICES, choose_dtype
 from tinyllama.tokenizer import Tokenizer
@@ -58,9 +59,11 @@ class SFTError(UserError):
 @dataclass
 class SFTArgs:
     """Everything a fine-tuning run takes; `python -m sft` has a flag per field (tinyllama.cli)."""
-    base: str | Path = field(metadata=flag("HF-format Llama directory to fine-tune (ours or TinyLlama's)"))
+    base: str | Path = field(metadata=flag(
+        "the Llama to fine-tune: an HF-format directory (ours or TinyLlama's) or a hub id (org/name, safetensors)"))
     out: str | Path = field(metadata=flag("output directory (written atomically; replaced if it exists)"))
     data: str = field(default="sample", metadata=flag("sample, a .jsonl file or a hub dataset name"))
+    revision: str | None = field(default=None, metadata=flag("hub revision of --base (default: main)"))
     method: str = field(default="lora", metadata=flag(
         "full: every weight; lora: low-rank adapters on a frozen base; qlora: lora on an nf4 (4-bit, "
         "double-quantized) base with gradient checkpointing", choices=METHODS))
@@ -102,10 +105,15 @@ class SFTArgs:
         return self.lr if self.lr is not None else DEFAULT_LR[self.method]
 
 
-def _check(args: SFTArgs) -> None:
+def _check(args: SFTArgs) -> ModelRef:
+    """Refuses bad arguments before the slow imports; returns --base resolved to a local directory."""
     if args.method not in METHODS:
         raise SFTError(f"--method {args.method!r}: expected one of {', '.join(METHODS)}")
-    base = Path(args.base)
+    try:
+        ref = resolve_model(args.base, revision=args.revision, kinds=("checkpoint",), flag="--base")
+    except UserError as e:
+        raise SFTError(str(e)) from None
+    base = ref.path
     if not (base / "config.json").is_file():
         raise SFTError(f"--base {base}: not a model directory (no config.json); give an HF-format Llama directory "
                        "such as out/pretrain/final")
@@ -134,6 +142,7 @@ def _check(args: SFTArgs) -> None:
     if args.dtype not in DTYPE_CHOICES:
         raise SFTError(f"--dtype {args.dtype!r}: expected one of {', '.join(DTYPE_CHOICES)}")
     check_output_dir(args.out, "--out")
+    return ref
 
 
 def _device(name: str) -> str:
@@ -219,7 +228,11 @@ class SFTData:
 
 def run_sft(args: SFTArgs) -> SFTResult:
     """Fine-tunes args.base on args.data and writes args.out (see the module docstring)."""
-    _check(args)
+    ref = _check(args)
+    typed_base = str(args.base)
+    args = dataclasses.replace(args, base=ref.path)        # a hub id becomes its cached snapshot
+    # what the adapter names as its base: the hub id (as peft users load it), else the directory
+    adapter_base = typed_base if ref.repo else str(ref.path.resolve())
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()      # keep the console to progress and our own summary
@@ -241,7 +254,7 @@ def run_sft(args: SFTArgs) -> SFTResult:
         if eval_before is not None:
             print(f"eval loss (assistant tokens): {eval_before:.3f} before -> {eval_after:.3f} after")
         summary = {
-            "base": str(base), "data": args.data, "method": args.method,
+            "base": typed_base, "data": args.data, "method": args.method,
             "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(args).items()},
             "learning_rate": args.resolved_lr(), "device": device, "dtype": choice.name, "dtype_reason": choice.reason,
             "conversations_read": data.load_stats.read, "conversations_skipped": data.load_stats.skipped,
@@ -252,7 +265,7 @@ def run_sft(args: SFTArgs) -> SFTResult:
                                  for c in data.eval_convs[:5]],
         }
         log_lines = "".join(json.dumps(r) + "\n" for r in trainer.state.log_history)
-        _write_output(trainer, args, base, tok, out, work, summary, log_lines)
+        _write_output(trainer, args, base, tok, out, work, summary, log_lines, adapter_base)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return SFTResult(out=out, model=trainer.model, summary=summary)
@@ -363,7 +376,7 @@ def plain_loss_trainer(base_cls):
 
 
 def _write_output(trainer, args: SFTArgs, base: Path, tok: Tokenizer, out: Path, work: Path,
-                  summary: dict, log_lines: str) -> None:
+                  summary: dict, log_lines: str, adapter_base: str) -> None:
     """The merged chat model (+ adapter) as one atomic directory."""
     extra_dirs = {}
     if args.method == "full":
@@ -371,7 +384,7 @@ def _write_output(trainer, args: SFTArgs, base: Path, tok: Tokenizer, out: Path,
     else:
         adapter_dir = work / "adapter"
         trainer.model.save_pretrained(str(adapter_dir))
-        _rewrite_adapter_base(adapter_dir, base)
+        _rewrite_adapter_base(adapter_dir, adapter_base)
         llama = merge_adapter(base, adapter_dir)
         extra_dirs["adapter"] = adapter_dir
     base_dtype = stored_dtype(base)
@@ -388,10 +401,12 @@ def _write_output(trainer, args: SFTArgs, base: Path, tok: Tokenizer, out: Path,
     print(f"wrote {out} (chat model{', adapter in ' + str(out / 'adapter') if extra_dirs else ''})")
 
 
-def _rewrite_adapter_base(adapter_dir: Path, base: Path) -> None:
+def _rewrite_adapter_base(adapter_dir: Path, base: str) -> None:
+    """base_model_name_or_path: the hub id for a hub base (what peft users load it by), else the
+    base directory's absolute path."""
     cfg_path = adapter_dir / "adapter_config.json"
     cfg = json.loads(cfg_path.read_text())
-    cfg["base_model_name_or_path"] = str(base.resolve())
+    cfg["base_model_name_or_path"] = base
     cfg_path.write_text(json.dumps(cfg, indent=2) + "\n")
 
 

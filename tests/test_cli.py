@@ -30,7 +30,7 @@ def test_init_then_inspect_with_transformers(tmp_path):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["inspect", "{tmp}/missing"], "checkpoint directory not found"),
+    (["inspect", "{tmp}/missing"], "missing: no such file or directory"),
     (["inspect", "{tmp}"], "no config.json"),
     (["init", "--out", "{tmp}/no/such/parent/x"], "output folder does not exist"),
 ])

@@ -174,4 +174,4 @@ def test_cli_refuses_a_missing_model(tmp_path):
 
     r = subprocess.run([sys.executable, "-m", "demo", "--model", str(tmp_path / "nope.gguf")],
                        capture_output=True, text=True)
-    assert r.returncode == 2 and "no such model" in r.stderr
+    assert r.returncode == 2 and "nope.gguf: no such file or directory" in r.stderr

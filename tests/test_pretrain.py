@@ -212,3 +212,58 @@ def test_compiled_training_tracks_eager(shards, tmp_path):
     eager = train(tiny_config(shards, tmp_path / "eager", max_steps=3, save_every=0, eval_every=0))
     compiled = train(tiny_config(shards, tmp_path / "compiled", max_steps=3, save_every=0, eval_every=0, compile=True))
     assert compiled["loss"] == pytest.approx(eager["loss"], abs=1e-3)
+
+
+# ---- continued pretraining (init_from) ------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def hub_base(shards, tmp_path_factory):
+    """A briefly pretrained tinyllama-debug, cached offline as the hub repo acme/tiny-base."""
+    from hub_cache import add_dir
+
+    root = tmp_path_factory.mktemp("base")
+    train(tiny_config(shards, root / "run", max_steps=4, save_every=0, eval_every=0))
+    add_dir(root / "hf", "acme/tiny-base", root / "run" / "final")
+    return root
+
+
+def test_init_from_a_hub_id_continues_from_its_weights_and_resumes_exactly(shards, hub_base, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HOME", str(hub_base / "hf"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # a learning rate of ~0: the continued run ends where the checkpoint began, not at a fresh init
+    frozen = train(tiny_config(shards, tmp_path / "frozen", preset=None, init_from="acme/tiny-base", max_steps=2,
+                               lr=1e-12, min_lr=0.0, warmup_steps=0, weight_decay=0.0, save_every=0, eval_every=0))
+    start = load_file(str(hub_base / "run" / "final" / "model.safetensors"))
+    after = final_weights(tmp_path / "frozen")
+    assert frozen["step"] == 2 and all(torch.allclose(after[k], start[k], atol=1e-6) for k in start)
+    # the schedule counts from zero (warm-up again), and a killed continued run resumes bitwise
+    cfg = lambda out: tiny_config(shards, tmp_path / out, preset=None, init_from="acme/tiny-base")  # noqa: E731
+    full = train(cfg("full"))
+    rows = [json.loads(line) for line in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "lr" in r][0] == 1 and rows[0]["lr"] == pytest.approx(3e-3 / 2)
+    train(cfg("cut"), stop_after=3)
+    resumed = train(cfg("cut"))
+    a, b = final_weights(tmp_path / "full"), final_weights(tmp_path / "cut")
+    assert resumed["loss"] == full["loss"] and all(torch.equal(a[k], b[k]) for k in a)
+    assert "init_from: acme/tiny-base" in (tmp_path / "full" / "config.yaml").read_text()
+
+
+def test_init_from_with_a_preset_that_disagrees_names_both(shards, hub_base, tmp_path):
+    init = str(hub_base / "run" / "final")
+    with pytest.raises(ConfigError) as e:
+        train(tiny_config(shards, tmp_path, preset="tinyllama-19m", init_from=init))
+    msg = str(e.value)
+    assert "preset: tinyllama-19m disagrees with the init_from checkpoint" in msg and init in msg and "n_layer" in msg
+    train(tiny_config(shards, tmp_path / "same", preset="tinyllama-debug", init_from=init, max_steps=1, warmup_steps=0,
+                      save_every=0, eval_every=0))                          # an agreeing preset is fine
+    with pytest.raises(ConfigError, match="seq_len: 4096 is longer than the"):
+        train(tiny_config(shards, tmp_path / "long", preset=None, init_from=init, seq_len=4096,
+                          global_batch_tokens=8192))
+
+
+def test_an_init_from_flag_replaces_the_files_preset(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("preset: tinyllama-19m\nmax_steps: 5\n")
+    assert TrainConfig.from_yaml(p, {"init_from": "acme/base"}).preset is None
+    assert TrainConfig.from_yaml(p, {"init_from": "acme/base", "preset": "tinyllama-debug"}).preset == "tinyllama-debug"
+    assert TrainConfig.from_yaml(p).preset == "tinyllama-19m"

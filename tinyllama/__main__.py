@@ -55,10 +55,13 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
+    from .hub import resolve_model
+
+    typed, args.dir = args.dir, str(resolve_model(args.dir, kinds=("checkpoint",), flag="inspect").path)
     model, tok = load_checkpoint(args.dir)
     cfg = model.config
     dtype = next(model.parameters()).dtype
-    print(f"{args.dir}: {cfg.name}, {model.num_params():,} parameters ({dtype}), "
+    print(f"{typed}: {cfg.name}, {model.num_params():,} parameters ({dtype}), "
           f"{cfg.n_layer} layers, d_model {cfg.d_model}, {cfg.n_head} heads / {cfg.n_kv_head} KV groups, "
           f"ffn {cfg.ffn_dim}, vocab {cfg.vocab_size}, context {cfg.max_seq_len}; loaded in {time.perf_counter() - t0:.2f}s")
     print(f"tokenizer: {tok}")
@@ -113,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="output directory (written atomically)")
     p.add_argument("--seed", type=int, default=0, help="initialisation seed (default: %(default)s)")
     p = sub.add_parser("inspect", help="load a checkpoint directory, print its shape and a perplexity")
-    p.add_argument("dir", help="an HF-format Llama directory (ours or TinyLlama's)")
+    p.add_argument("dir", help="an HF-format Llama directory (ours or TinyLlama's) or a hub id (org/name[@REV])")
     p.add_argument("--text", default="The quick brown fox jumps over the lazy dog.", help="text to score")
     p.add_argument("--verify-hf", action="store_true",
                    help="also load the directory with transformers and compare logits")

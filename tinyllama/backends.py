@@ -40,6 +40,7 @@ class Backend:
     """What generate() needs from a model."""
 
     name: str = "model"
+    path: Path | None = None       # the files it was loaded from (load_backend sets it)
     precision: str = ""            # what the weights compute in, and why ("float32 (auto: ...)", "Q4_K_M in llama.cpp")
     vocab_size: int
     context_length: int
@@ -205,27 +206,29 @@ class GGUFBackend(Backend):
         self.llm.close()
 
 
-def load_backend(path: str | os.PathLike, device: str = "cpu", dtype: str | torch.dtype | None = "auto",
-                 n_ctx: int = 2048, n_gpu_layers: int = 0) -> tuple[Backend, Tokenizer]:
-    """A checkpoint directory (PyTorch) or a .gguf file (llama.cpp), with its tokenizer: the
-    directory's own, or for a GGUF the one rebuilt from the file's vocabulary.
+def load_backend(model: str | os.PathLike, device: str = "cpu", dtype: str | torch.dtype | None = "auto",
+                 n_ctx: int = 2048, n_gpu_layers: int = 0, revision: str | None = None,
+                 flag: str = "--model") -> tuple[Backend, Tokenizer]:
+    """A model reference (tinyllama.hub: a checkpoint directory or .gguf file, or a hub id, a hub
+    GGUF as org/name:QUANT) loaded in PyTorch (directories) or llama.cpp (GGUFs), with its
+    tokenizer: the directory's own, or for a GGUF the one rebuilt from the file's vocabulary.
+    `backend.name` is the reference's short name.
 
     dtype (PyTorch): "auto" measures what decodes faster here (tinyllama.precision: bf16 only on
     CPUs with bf16 instructions, bf16 on CUDA), a torch dtype or name forces one, None keeps the
     stored dtype. `backend.precision` says what was chosen and why."""
     from .checkpoint import load_checkpoint, load_config
+    from .hub import resolve_model
     from .precision import choose_dtype
 
-    path = Path(path)
-    if path.is_dir():
-        choice = None if dtype is None else choose_dtype(dtype, device, load_config(path), work="decode")
-        model, tok = load_checkpoint(path, device=device, dtype=choice.dtype if choice else None)
-        return TorchBackend(model, tok, name=path.name, precision=str(choice) if choice else None), tok
-    if path.suffix == ".gguf":
-        if not path.is_file():
-            raise NotFound(f"{path}: no such GGUF file")
-        reader = open_gguf(path)                       # parsed once, for both
-        backend = GGUFBackend(path, n_ctx=n_ctx, reader=reader, n_gpu_layers=n_gpu_layers)
-        return backend, Tokenizer.from_gguf_vocab(path, reader=reader)
-    raise NotFound(f"{path}: not a checkpoint directory or a .gguf file")
-
+    ref = resolve_model(model, revision=revision, flag=flag)
+    if ref.kind == "checkpoint":
+        choice = None if dtype is None else choose_dtype(dtype, device, load_config(ref.path), work="decode")
+        model, tok = load_checkpoint(ref.path, device=device, dtype=choice.dtype if choice else None)
+        backend = TorchBackend(model, tok, name=ref.name, precision=str(choice) if choice else None)
+        backend.path = ref.path
+        return backend, tok
+    reader = open_gguf(ref.path)                       # parsed once, for both
+    backend = GGUFBackend(ref.path, n_ctx=n_ctx, reader=reader, n_gpu_layers=n_gpu_layers)
+    backend.name = ref.name
+    return backend, Tokenizer.from_gguf_vocab(ref.path, reader=reader)

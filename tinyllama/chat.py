@@ -1,5 +1,8 @@
-"""The one chat format, used by SFT, the saved tokenizer_config.json, GGUF metadata, the server
-and the demo: TinyLlama-1.1B-Chat-v1.0's (Zephyr) layout, with no added tokens.
+"""Chat formats. Every model chats in its own template (`apply_chat_template`); the one this
+project trains and writes (SFT, tokenizer_config.json, GGUF metadata) is TinyLlama-1.1B-Chat-v1.0's
+Zephyr layout, with no added tokens, and it is also the fallback for a model that has none.
+
+    ids = apply_chat_template(tok, messages)        # inference prompt in the model's own template
 
     <|system|>\\n{system}</s>\\n<|user|>\\n{user}</s>\\n<|assistant|>\\n{assistant}</s>\\n
 
@@ -13,10 +16,21 @@ by piece so that a `</s>` typed inside a message stays text; for ordinary messag
 what llama.cpp (`parse_special=True`) and transformers (`apply_chat_template`) produce from the
 rendered template: both encode the text between special tokens as separate pieces, each with
 SentencePiece's leading "▁", exactly as `Tokenizer.encode` does per piece.
+
+`apply_chat_template` renders any model's template the way transformers does (a sandboxed Jinja
+environment with trim_blocks and lstrip_blocks, `bos_token`/`eos_token`/`unk_token`/`pad_token`,
+`add_generation_prompt`, `raise_exception`, `strftime_now`, `tojson`) and tokenizes the text as
+transformers' `apply_chat_template(..., tokenize=True)` does: the special-token strings the
+template wrote become their ids and the text between them is encoded piece by piece. Special-token
+strings typed inside a message stay text (transformers would parse them).
 """
 
 from __future__ import annotations
 
+import json
+import re
+from datetime import datetime
+from pathlib import Path
 from typing import Sequence
 
 from .errors import UserError
@@ -111,3 +125,107 @@ def encode_chat(tok: Tokenizer, messages: Sequence[dict], add_generation_prompt:
         ids += tail
         target += [False] * len(tail)
     return ids, target
+
+
+# ---- any model's own template -------------------------------------------------------------------
+
+# Private-use code points stand in for special-token strings typed inside messages while the
+# template renders, so that only the template's own special tokens become special ids.
+_SHIELD = 0xF0000
+
+
+# Built-in templates, by name, for --chat-template and for models that carry none.
+LLAMA2_CHAT_TEMPLATE = (   # meta-llama/Llama-2-7b-chat-hf's tokenizer_config.json
+    "{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}"
+    "{% set system_message = messages[0]['content'] %}{% else %}{% set loop_messages = messages %}"
+    "{% set system_message = false %}{% endif %}{% for message in loop_messages %}"
+    "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if loop.index0 == 0 and system_message != false %}"
+    "{% set content = '<<SYS>>\\n' + system_message + '\\n<</SYS>>\\n\\n' + message['content'] %}"
+    "{% else %}{% set content = message['content'] %}{% endif %}"
+    "{% if message['role'] == 'user' %}{{ bos_token + '[INST] ' + content.strip() + ' [/INST]' }}"
+    "{% elif message['role'] == 'assistant' %}{{ ' '  + content.strip() + ' ' + eos_token }}{% endif %}{% endfor %}"
+)
+CHATML_TEMPLATE = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+                   "'<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
+                   "{% endif %}")
+BUILTIN_TEMPLATES = {"zephyr": CHAT_TEMPLATE, "llama-2": LLAMA2_CHAT_TEMPLATE, "chatml": CHATML_TEMPLATE}
+# Llama-2-chat GGUFs converted before templates were stored (TheBloke's among them) carry none;
+# their names still say what they are (as llama-cpp-python's default "llama-2" format assumes).
+_LLAMA2_CHAT_NAME = re.compile(r"llama[-_ ]?2.*chat", re.IGNORECASE)
+
+
+def template_of(tok: Tokenizer, override: str | None = None, name: str = "") -> tuple[str, str]:
+    """(the Jinja template a model chats in, where it came from): `override` (a built-in name
+    or a .jinja file) first, then the model's own, then by its `name` Llama-2-chat's, else ours."""
+    if override:
+        if override in BUILTIN_TEMPLATES:
+            return BUILTIN_TEMPLATES[override], f"--chat-template {override}"
+        try:
+            return Path(override).read_text(encoding="utf-8"), f"--chat-template {override}"
+        except (OSError, UnicodeDecodeError) as e:
+            raise ChatFormatError(f"--chat-template {override}: neither a built-in template "
+                                  f"({', '.join(BUILTIN_TEMPLATES)}) nor a readable file ({e})") from None
+    if tok.chat_template:
+        return tok.chat_template, f"the model's own ({tok.source or 'tokenizer'})"
+    if _LLAMA2_CHAT_NAME.search(name):
+        return LLAMA2_CHAT_TEMPLATE, f"Llama-2-chat's (the model has none; its name {name!r} says Llama-2 chat)"
+    return CHAT_TEMPLATE, "the built-in Zephyr template (the model has none)"
+
+
+def render_template(template: str, messages: Sequence[dict], special: dict[str, str],
+                    add_generation_prompt: bool = True) -> str:
+    """`template` rendered as transformers renders a chat template; `special` maps
+    bos_token/eos_token/... to their strings."""
+    from jinja2 import TemplateError
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(msg: str):
+        raise ChatFormatError(f"the model's chat template refuses this conversation: {msg}")
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    env.filters["tojson"] = lambda x, indent=None, separators=None, sort_keys=False: json.dumps(
+        x, ensure_ascii=False, indent=indent, separators=separators, sort_keys=sort_keys)
+    env.globals.update(raise_exception=raise_exception, strftime_now=lambda fmt: datetime.now().strftime(fmt))
+    try:
+        return env.from_string(template).render(messages=list(messages), add_generation_prompt=add_generation_prompt,
+                                                **special)
+    except TemplateError as e:
+        raise ChatFormatError(f"the model's chat template cannot be rendered: {e}") from None
+
+
+def apply_chat_template(tok: Tokenizer, messages: Sequence[dict], add_generation_prompt: bool = True,
+                        template: str | None = None) -> list[int]:
+    """The prompt ids for `messages` in `template` (default: the model's own, template_of):
+    equal to transformers' apply_chat_template(..., tokenize=True) for ordinary messages."""
+    validate(messages)
+    specials = {t: i for i, t in _special_strings(tok).items()}
+    shield = {s: chr(_SHIELD + k) for k, s in enumerate(specials)}
+    shielded = [{**m, "content": _replace_all(m["content"], shield)} for m in messages]
+    names = {"bos_token": tok.bos_id, "eos_token": tok.eos_id, "unk_token": tok.unk_id, "pad_token": tok.pad_id}
+    special = {k: tok.id_to_piece(i) or "" for k, i in names.items()}
+    text = render_template(template or template_of(tok)[0], shielded, special, add_generation_prompt)
+    unshield = {c: s for s, c in shield.items()}
+    ids: list[int] = []
+    pattern = "(" + "|".join(re.escape(s) for s in sorted(specials, key=len, reverse=True)) + ")"
+    for piece in re.split(pattern, text) if specials else [text]:
+        if piece in specials:
+            ids.append(specials[piece])
+        elif piece:
+            ids += tok.encode(_replace_all(piece, unshield), bos=False)
+    return ids
+
+
+def _special_strings(tok: Tokenizer) -> dict[int, str]:
+    """id -> text of the tokens a template may write as special (<s>, </s>, <unk>, added ones)."""
+    found = {i: t.content for i, t in tok.backend.get_added_tokens_decoder().items() if t.special}
+    for i in (tok.bos_id, tok.eos_id, tok.unk_id):
+        found.setdefault(i, tok.id_to_piece(i) or "")
+    return {i: s for i, s in found.items() if s}
+
+
+def _replace_all(text: str, table: dict[str, str]) -> str:
+    for old, new in table.items():
+        text = text.replace(old, new)
+    return text

@@ -15,6 +15,14 @@ import argparse
 import dataclasses
 from typing import Any
 
+# the --help text of every model-reference flag (tinyllama.hub resolves them)
+MODEL_HELP = ("a checkpoint directory (PyTorch) or .gguf file (llama.cpp); or from the Hugging Face hub: "
+              "org/name (safetensors), org/name:Q4_K_M (that quant type's GGUF in the repo) or org/name/FILE.gguf")
+# ... and of --chat-template (tinyllama.chat.template_of)
+CHAT_TEMPLATE_HELP = ("chat in this template instead of the model's own: zephyr (ours), llama-2, chatml, or a .jinja "
+                      "file (default: the model's own; for a model without one, Llama-2-chat's if its name says "
+                      "so, else zephyr)")
+
 
 def flag(help: str = "", *, choices: Any = None, group: str | None = None, metavar: str | None = None) -> dict:
     """Metadata for a dataclass field: its --help line, choices, and argument group."""

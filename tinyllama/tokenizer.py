@@ -55,7 +55,9 @@ class Tokenizer:
 
     def __init__(self, backend: HFTokenizer, *, bos_id: int = 1, eos_id: int = 2, unk_id: int = 0,
                  pad_id: int | None = None, chat_template: str | None = None, source: str = "",
-                 sp_model: bytes | None = None) -> None:
+                 sp_model: bytes | None = None, stop_ids: Sequence[int] = ()) -> None:
+        """stop_ids: ids besides EOS that end a reply (generation_config.json's eos_token_id,
+        a GGUF's end-of-turn token)."""
         self.backend = backend
         self.sp_model = sp_model   # the SentencePiece tokenizer.model bytes, copied along on save()
         # Special tokens in user text are plain text, as in llama.cpp with parse_special=False.
@@ -67,6 +69,7 @@ class Tokenizer:
         # at 32000 and never grows to 32001 (TinyLlama issues #41, #56).
         self.pad_id = unk_id if pad_id is None else pad_id
         self.chat_template = chat_template
+        self.stop_ids = tuple(dict.fromkeys([eos_id, *stop_ids]))      # EOS first, no repeats
         self.source = source
         self._words = _word_splitter(backend)
         self._word_cache: dict[str, list[int]] = {}
@@ -120,7 +123,8 @@ class Tokenizer:
         pad = special("pad_token", unk) if pad_tok else None
         sp = (path / "tokenizer.model").read_bytes() if (path / "tokenizer.model").exists() else None
         return cls(backend, bos_id=special("bos_token", 1), eos_id=special("eos_token", 2), unk_id=unk,
-                   pad_id=pad, chat_template=cfg.get("chat_template"), source=str(path), sp_model=sp)
+                   pad_id=pad, chat_template=_dir_chat_template(path, cfg), source=str(path), sp_model=sp,
+                   stop_ids=_generation_eos_ids(path))
 
     @classmethod
     def from_gguf_vocab(cls, gguf_path: str | os.PathLike, with_sentencepiece: bool = False,
@@ -132,8 +136,10 @@ class Tokenizer:
         vocab = read_gguf_vocab(Path(gguf_path), reader)
         ids = vocab[3]
         sp = sentencepiece_model(*vocab) if with_sentencepiece else None
+        eot = [gguf_value(reader, f"tokenizer.ggml.{k}_token_id") for k in ("eot", "eom")]
         return cls(backend_from_vocab(*vocab), bos_id=ids["bos"], eos_id=ids["eos"], unk_id=ids["unk"],
-                   chat_template=gguf_value(reader, "tokenizer.chat_template"), source=str(gguf_path), sp_model=sp)
+                   chat_template=gguf_value(reader, "tokenizer.chat_template"), source=str(gguf_path), sp_model=sp,
+                   stop_ids=[int(i) for i in eot if i is not None])
 
     # ---- encode / decode ---------------------------------------------------------------
     @property
@@ -242,6 +248,28 @@ def _word_splitter(backend: HFTokenizer) -> re.Pattern | None:
         return re.compile("▁*[^▁]+|▁+")
     cls = re.escape(alone)
     return re.compile(f"[{cls}]|▁*[^▁{cls}]+|▁+")
+
+
+def _dir_chat_template(path: Path, cfg: dict) -> str | None:
+    """The directory's chat template as transformers finds it: chat_template.jinja, else
+    tokenizer_config.json's chat_template (a string, or a list of named ones: "default")."""
+    if (path / "chat_template.jinja").is_file():
+        return (path / "chat_template.jinja").read_text()
+    template = cfg.get("chat_template")
+    if (path / "chat_template.json").is_file() and not template:
+        template = _read_json(path / "chat_template.json").get("chat_template")
+    if isinstance(template, list):
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default") or next(iter(named.values()), None)
+    return template if isinstance(template, str) and template.strip() else None
+
+
+def _generation_eos_ids(path: Path) -> list[int]:
+    """generation_config.json's eos_token_id (an int or a list), where the directory has one."""
+    f = path / "generation_config.json"
+    eos = _read_json(f).get("eos_token_id") if f.is_file() else None
+    eos = eos if isinstance(eos, list) else [eos]
+    return [int(i) for i in eos if isinstance(i, int)]
 
 
 def _read_json(path: Path) -> dict:
