@@ -83,7 +83,7 @@ def test_an_empty_teacher_reply_ends_the_conversation_before_its_question(monkey
 def test_bad_input_exits_2_and_writes_nothing(tiny_chat_checkpoint, data_file, tmp_path, capsys):
     out = tmp_path / "x.jsonl"
     assert main(["--teacher", str(tmp_path / "missing"), "--data", str(data_file), "--out", str(out)]) == 2
-    assert "not a checkpoint directory or a .gguf file" in capsys.readouterr().err
+    assert "missing: no such file or directory" in capsys.readouterr().err
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps(CONVERSATIONS[0]) + "\n{\"messages\": []}\n")
     assert main(["--teacher", str(tiny_chat_checkpoint), "--data", str(bad), "--out", str(out)]) == 2

@@ -106,7 +106,7 @@ def test_bad_tasks_and_models(model_dir):
         run_tasks(backend, tok, ["no_such_task_xyz"])
     r = subprocess.run([sys.executable, "-m", "evaluation", "--model", "/nonexistent/model", "--tasks", "none"],
                        capture_output=True, text=True)
-    assert r.returncode == 2 and "no such model" in r.stderr
+    assert r.returncode == 2 and "/nonexistent/model: no such file or directory" in r.stderr
 
 
 @pytest.mark.slow

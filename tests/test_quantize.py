@@ -138,7 +138,7 @@ def run_cli(*args):
 
 def test_missing_model_directory(tmp_path):
     r = run_cli("--model", tmp_path / "nope", "--type", "f16", "--out", tmp_path / "x.gguf")
-    assert r.returncode == 2 and "checkpoint directory not found" in r.stderr
+    assert r.returncode == 2 and "nope: no such file or directory" in r.stderr
     assert not (tmp_path / "x.gguf").exists()
 
 

@@ -365,7 +365,7 @@ def test_bad_requests_write_nothing(base_dir, small_data, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"text": "### Human: a### Assistant: b"}) + "\n{oops\n")
     cases = [
-        (dict(base=tmp_path / "missing"), SFTError, "not a model directory"),
+        (dict(base=tmp_path / "missing"), SFTError, "missing: no such file or directory"),
         (dict(base=gpt2), SFTError, "not a Llama model"),
         (dict(method="dpo"), SFTError, "--method 'dpo'"),
         (dict(lora_r=0), SFTError, "--lora-r must be positive"),
