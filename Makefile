@@ -45,6 +45,7 @@ SFT_DATA ?= sample
 SFT_ARGS ?= --method lora --lr 1e-3 --epochs 3
 QUANT_MODEL ?= $(OUT)/sft
 QUANT_TYPES ?= q4_k_m q8_0
+QUANT_ARGS ?=
 DRAFT_CONFIG ?= pretrain/configs/cpu-draft.yaml
 DRAFT_TEACHER ?= $(OUT)/sft
 DRAFT_SFT_ARGS ?= --method full --lr 1e-3 --epochs 3
@@ -59,7 +60,7 @@ SERVE_ARGS ?=
 INIT_FROM ?=
 INIT_FLAGS := $(if $(INIT_FROM),--init-from $(INIT_FROM))
 
-.PHONY: help setup data pretrain sft quantize draft serve demo eval run test test-fast bench clean distclean
+.PHONY: help setup data pretrain sft quantize tools draft serve demo eval run test test-fast bench clean distclean
 
 help:
 	@echo "make setup   create $(VENV), install torch (CPU build here), llama-cpp-python (built for this CPU), the project, the tokenizer"
@@ -68,6 +69,7 @@ help:
 	@echo "             INIT_FROM=DIR or a hub id continues pretraining from that checkpoint"
 	@echo "make sft     chat fine-tuning of SFT_BASE=$(SFT_BASE) on SFT_DATA=$(SFT_DATA) ($(SFT_ARGS)) into $(OUT)/sft"
 	@echo "make quantize  GGUF files of QUANT_MODEL=$(QUANT_MODEL) (QUANT_TYPES='$(QUANT_TYPES)') into $(OUT)/gguf"
+	@echo "             (QUANT_ARGS='--imatrix --quality' or '--target-size 550MB' use llama.cpp's tools: make tools)"
 	@echo "make draft   the speculative-decoding draft: tinyllama-debug pretrained like the default, fully fine-tuned ($(DRAFT_SFT_ARGS)) on DRAFT_TEACHER=$(DRAFT_TEACHER)'s answers, in $(OUT)/draft"
 	@echo "make serve   OpenAI-compatible server for MODEL=$(MODEL) on 127.0.0.1:8000 (DRAFT=... to draft; any model reference)"
 	@echo "make demo    the Gradio chat app on 127.0.0.1:7860 over what make run left, or MODEL=... DRAFT=... (e.g."
@@ -99,7 +101,12 @@ sft: setup
 	$(PY) -m sft --base $(SFT_BASE) --data $(SFT_DATA) --out $(OUT)/sft $(SFT_ARGS)
 
 quantize: setup
-	$(PY) -m quantize --model $(QUANT_MODEL) --type $(QUANT_TYPES) --out $(OUT)/gguf
+	$(PY) -m quantize --model $(QUANT_MODEL) --type $(QUANT_TYPES) --out $(OUT)/gguf $(QUANT_ARGS)
+
+# llama.cpp's own llama-quantize, llama-imatrix and llama-perplexity, built once per machine from
+# the sdist's sources (quantize --imatrix/--quality/--target-size build them on first use too)
+tools: setup
+	$(PY) -m tinyllama.llama_cpp_tools
 
 # The draft for speculative decoding: the same pretraining recipe on a 4M-parameter preset.
 # The draft is fine-tuned on the target's own greedy answers (sft.distill), not the human ones:

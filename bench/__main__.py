@@ -69,6 +69,13 @@ def main(argv: list[str] | None = None) -> int:
         return (sft_memory.run("tinyllama-1.1b", 512) if args.full else
                 sft_memory.run("tinyllama-120m", 256, steps=2 if not args.quick else 1))
 
+    def gguf_tables() -> str:
+        sizes = gguf.run(["q4_k_m"] if args.quick else ["q4_0", "q4_k_m", "q8_0", "f16", "q3_k_m", "iq4_xs", "iq3_m"])
+        if not Path("out/sft/config.json").exists():
+            return sizes + "\n\nQuality with and without an importance matrix: not measured (run `make run` first)."
+        return sizes + "\n\n" + gguf.quality("out/sft", ["q4_k_m", "iq4_xs"] if args.quick else
+                                               ["q4_k_m", "iq4_xs", "q3_k_m", "iq3_m", "q2_k"])
+
     pairs = [("out/sft", "out/draft/sft"),
              ("out/gguf/tinyllama-19m-chat-Q8_0.gguf", "out/gguf/tinyllama-debug-chat-Q8_0.gguf")]
     have_pairs = all(Path(p).exists() for pair in pairs for p in pair)
@@ -81,8 +88,7 @@ def main(argv: list[str] | None = None) -> int:
          lambda: allocator.run(steps=4 if args.quick else 6, rounds=1 if args.quick else 2)),
         ("Decode speed (`python -m bench.decode`)", decode_table),
         ("SFT memory and speed (`python -m bench.sft_memory`)", sft_table),
-        ("GGUF sizes and llama.cpp decode (`python -m bench.gguf`)",
-         lambda: gguf.run(["q4_k_m"] if args.quick else ["q4_0", "q4_k_m", "q8_0", "f16"])),
+        ("GGUF sizes and llama.cpp decode (`python -m bench.gguf`)", gguf_tables),
         ("Speculative decoding, the CPU-default pair (`python -m bench.speculative`)" if have_pairs else
          "Speculative decoding (`python -m bench.speculative`)",
          (lambda: "\n\n".join(speculative.run(t, d) for t, d in pairs)) if have_pairs else

@@ -27,8 +27,11 @@ from tinyllama.errors import UserError
 from tinyllama.tokenizer import Tokenizer
 
 FLOAT_TYPES = ("f32", "f16", "bf16")
-QUANT_TYPES = ("q8_0", "q4_0", "q4_k_m", "q5_k_m", "q6_k")
+QUANT_TYPES = ("q8_0", "q6_k", "q5_k_m", "q5_k_s", "q4_k_m", "q4_k_s", "q4_0", "iq4_xs", "iq4_nl", "q3_k_m",
+               "iq3_m", "q2_k")
 ALL_TYPES = FLOAT_TYPES + QUANT_TYPES
+# i-quants below 4 bits are poor without an importance matrix (llama.cpp refuses the 2-bit ones)
+NEEDS_IMATRIX = ("iq3_m",)
 
 
 class ExportError(UserError):
@@ -178,15 +181,26 @@ sys.exit(0 if rc == 0 else 3)
 """
 
 
-def quantize_gguf(src: str | os.PathLike, out: str | os.PathLike, qtype: str, threads: int | None = None) -> Path:
+def quantize_gguf(src: str | os.PathLike, out: str | os.PathLike, qtype: str, threads: int | None = None,
+                  imatrix: str | os.PathLike | None = None) -> Path:
     """llama.cpp's quantizer, in a child process: a crash in native code becomes an error
-    message here, and the temporary output is removed."""
+    message here, and the temporary output is removed. With an importance matrix it is
+    llama.cpp's `llama-quantize` tool (the Python API cannot pass one)."""
     if qtype not in QUANT_TYPES:
         raise ExportError(f"unknown quantization type {qtype!r}; choose from {', '.join(QUANT_TYPES)}")
+    if qtype in NEEDS_IMATRIX and imatrix is None:
+        raise ExportError(f"{qtype}: an i-quant below 4 bits needs an importance matrix; add --imatrix (computed "
+                          "from the validation shards or --calibration FILE)")
     src, out = Path(src), Path(out)
+    threads = str(threads or os.cpu_count() or 1)
     with atomic_file(out) as tmp:
-        r = subprocess.run([sys.executable, "-c", _QUANTIZE_CHILD, str(src), str(tmp), str(_llama_ftype(qtype)),
-                            str(threads or os.cpu_count() or 1)], capture_output=True, text=True)
+        if imatrix is not None:
+            from tinyllama.llama_cpp_tools import tool
+
+            cmd = [str(tool("llama-quantize")), "--imatrix", str(imatrix), str(src), str(tmp), qtype.upper(), threads]
+        else:
+            cmd = [sys.executable, "-c", _QUANTIZE_CHILD, str(src), str(tmp), str(_llama_ftype(qtype)), threads]
+        r = subprocess.run(cmd, capture_output=True, text=True, errors="replace")
         if r.returncode != 0:
             how = f"killed by signal {-r.returncode}" if r.returncode < 0 else f"exit code {r.returncode}"
             raise ExportError(f"llama.cpp's quantizer failed on {src} -> {qtype} ({how}): {r.stderr.strip()[-800:]}")
