@@ -16,7 +16,15 @@ from typing import Callable, Iterator
 
 from tinyllama.paths import check_output_dir, check_output_parent
 
-from .export import ALL_TYPES, FLOAT_TYPES, NEEDS_IMATRIX, QUANT_TYPES, ExportError, quantize_gguf, write_gguf
+from .export import (
+    ALL_TYPES,
+    FLOAT_TYPES,
+    NEEDS_IMATRIX,
+    QUANT_TYPES,
+    ExportError,
+    quantize_gguf,
+    write_gguf,
+)
 
 Exported = tuple[str, Path, float]          # (type, file, seconds it took)
 # an importance-matrix file, or what makes one from the F32 GGUF (called once, only if needed)

@@ -2,7 +2,6 @@
 llama.cpp's own tools (built once per machine from the sdist: the first run takes minutes)."""
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
