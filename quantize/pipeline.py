@@ -108,6 +108,7 @@ def export_for_budget(model_dir: str | Path, budget: int, out: Path, name: str |
 
     from tinyllama.checkpoint import load_config
 
+    t0 = time.perf_counter()
     model_dir = Path(model_dir)
     cfg = load_config(model_dir)
     name = name or (cfg.name if cfg.name != "custom" else model_dir.name)
@@ -132,7 +133,6 @@ def export_for_budget(model_dir: str | Path, budget: int, out: Path, name: str |
                 scores = score(src, fits)
             best = min(fits, key=lambda t: scores[t])
             path = final if out.suffix == ".gguf" else final.with_name(f"{name}-{best.upper()}.gguf")
-            t0 = time.perf_counter()
             shutil.move(str(fits[best]), path)
             table = [(t, f.stat().st_size if f.exists() else path.stat().st_size, scores.get(t), True)
                      for t, f in files.items()]

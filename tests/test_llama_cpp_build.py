@@ -105,3 +105,24 @@ def test_the_script_prints_id_and_args_for_setup(monkeypatch):
     import platform
     if platform.machine() in ("x86_64", "AMD64"):
         assert bad.returncode == 2 and "LLAMA_BUILD" in bad.stderr
+
+
+# ---- llama.cpp's own tools (tinyllama/llama_cpp_tools.py) ------------------------------------------
+
+def test_tools_are_cached_per_build_and_a_missing_sdist_is_named(tmp_path, monkeypatch):
+    import pytest
+
+    from tinyllama import llama_cpp_tools
+    from tinyllama.errors import NotFound
+
+    monkeypatch.setenv("TINYLLAMA_CACHE", str(tmp_path))
+    where = llama_cpp_tools.tools_dir()
+    assert where.parent.parent == tmp_path / "tools" and where.parent.name.startswith("llama.cpp-0.3.36-")
+    with pytest.raises(ValueError, match="not one of the tools"):
+        llama_cpp_tools.tool("llama-server")
+    with pytest.raises(NotFound, match="sdist is not downloaded; run `make setup`"):
+        llama_cpp_tools.tool("llama-quantize", say=lambda _: None)
+    assert not where.exists()                                 # nothing that looks built
+    monkeypatch.setattr(llama_cpp_tools.shutil, "which", lambda *a, **k: None)
+    with pytest.raises(llama_cpp_tools.ToolBuildError, match="needs cmake"):
+        llama_cpp_tools.build_tools()

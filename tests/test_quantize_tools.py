@@ -82,12 +82,15 @@ def test_calibration_texts(llama2_tokenizer, tmp_path, calibration):
 
 
 @pytest.mark.slow
-def test_imatrix_quants_quality_table_and_reuse(model_dir, calibration, tmp_path, capsys):
+def test_imatrix_quants_quality_table_and_reuse(model_dir, calibration, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)            # no data/tokens here: the calibration file is the only text
     out = tmp_path / "gguf"
     argv = ["--model", str(model_dir), "--type", "q4_k_m", "iq4_xs", "iq3_m", "--imatrix", "--calibration",
             str(calibration), "--ctx", "128", "--chunks", "16", "--quality", "--quality-chunks", "8", "--out", str(out)]
     assert main(argv) == 0
     printed = capsys.readouterr().out
+    print(printed)                         # shown if an assertion below fails
+    assert "importance matrix and quality: " in printed and "no validation shards" in printed
     matrix = out / "qt.imatrix"
     assert matrix.is_file() and json.loads((out / "qt.imatrix.json").read_text())["chunks"] == 16
     for t in ("Q4_K_M", "IQ4_XS", "IQ3_M"):
@@ -107,11 +110,12 @@ def test_imatrix_quants_quality_table_and_reuse(model_dir, calibration, tmp_path
 
 
 @pytest.mark.slow
-def test_the_imatrix_reaches_the_quantizer(model_dir, calibration, tmp_path):
+def test_the_imatrix_reaches_the_quantizer(model_dir, calibration, tmp_path, monkeypatch):
     """With a matrix, the matmul weights it measured (every block's, and the output projection's)
     quantize differently; the token embeddings, which no matmul reads, do not."""
     from gguf import GGUFReader
 
+    monkeypatch.chdir(tmp_path)
     common = ["--model", str(model_dir), "--type", "q4_k_m", "--calibration", str(calibration), "--ctx", "128",
               "--no-verify"]
     assert main(common + ["--out", str(tmp_path / "plain")]) == 0
@@ -127,7 +131,8 @@ def test_the_imatrix_reaches_the_quantizer(model_dir, calibration, tmp_path):
 
 
 @pytest.mark.slow
-def test_target_size_picks_the_best_type_that_fits(model_dir, calibration, tmp_path, capsys):
+def test_target_size_picks_the_best_type_that_fits(model_dir, calibration, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     sizes = {t: export(model_dir, [t], tmp_path / t)[0][1].stat().st_size for t in ("q4_k_m", "q8_0")}
     budget = (sizes["q4_k_m"] + sizes["q8_0"]) // 2                 # q8_0 does not fit, q4_k_m does
     out = tmp_path / "picked"

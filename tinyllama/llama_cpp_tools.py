@@ -58,9 +58,11 @@ def build_tools(targets: tuple[str, ...] = TOOLS, jobs: int | None = None, say=p
     them into tools_dir() in one rename (a killed build leaves nothing that looks built)."""
     from .llama_cpp_build import detect
 
-    for exe in ("cmake", "c++"):
-        if shutil.which(exe) is None:
-            raise ToolBuildError(f"building llama.cpp's tools needs {exe} (e.g. apt-get install cmake g++)")
+    # the cmake the [gguf] extra installs beside this interpreter, else the system's
+    cmake = shutil.which("cmake", path=str(Path(sys.executable).parent)) or shutil.which("cmake")
+    for exe, found in (("cmake", cmake), ("c++", shutil.which("c++"))):
+        if found is None:
+            raise ToolBuildError(f"building llama.cpp's tools needs {exe} (pip install cmake; apt-get install g++)")
     sdist = default_sdist()
     if not sdist.is_file():
         raise NotFound(f"{sdist}: the llama-cpp-python sdist is not downloaded; run `make setup`")
@@ -71,8 +73,8 @@ def build_tools(targets: tuple[str, ...] = TOOLS, jobs: int | None = None, say=p
     with tempfile.TemporaryDirectory(prefix=".build-", dir=dest.parent) as tmp:
         src = _extract_sources(sdist, Path(tmp) / "src")
         out = Path(tmp) / "build"
-        _run(["cmake", "-S", str(src), "-B", str(out), *build.cmake_args, *_CMAKE_FIXED], out.parent / "configure.log")
-        _run(["cmake", "--build", str(out), "--target", *targets, "-j", str(jobs or os.cpu_count() or 2)],
+        _run([cmake, "-S", str(src), "-B", str(out), *build.cmake_args, *_CMAKE_FIXED], out.parent / "configure.log")
+        _run([cmake, "--build", str(out), "--target", *targets, "-j", str(jobs or os.cpu_count() or 2)],
              out.parent / "build.log", progress=True)
         staged = Path(tmp) / "bin"
         staged.mkdir()
