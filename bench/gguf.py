@@ -116,26 +116,24 @@ def quality(model_dir: str, types: list[str], ctx: int = 512, chunks: int = 32, 
     the F32 file on held-out validation documents, by llama-perplexity (the CPU default model)."""
     from quantize.export import NEEDS_IMATRIX, quantize_gguf, write_gguf
     from quantize.imatrix import compute_imatrix, model_key, texts
-    from quantize.quality import score_against, score_base, torch_perplexity, windows
-    from tinyllama import load_checkpoint
+    from quantize.quality import Scorer
+    from tinyllama import Tokenizer
+    from tinyllama.checkpoint import load_config
 
-    model, tok = load_checkpoint(model_dir)
-    ctx = min(ctx, model.config.max_seq_len)
-    calib, held, note = texts(None, tok)
-    chunks = windows(len(tok.encode(held)), ctx, chunks)
-    torch_ppl = torch_perplexity(model, tok, held, ctx, chunks).ppl
+    ctx = min(ctx, load_config(model_dir).max_seq_len)
+    calib, held, note = texts(None, Tokenizer.from_dir(model_dir))
     tmp = Path(tempfile.mkdtemp(dir=os.environ.get("TMPDIR")))
     rows = []
     try:
         f32 = write_gguf(model_dir, tmp / "F32.gguf", "f32")
-        base = score_base(f32, held, tmp / "f32.kld", ctx, chunks)
+        scorer = Scorer(Path(model_dir), f32, held, tmp, ctx, chunks)
         matrix = compute_imatrix(f32, calib, tmp / "m.imatrix", model_key(Path(model_dir)), imatrix_chunks, ctx)
         for t in types:
             for label, mat in (("no", None), ("yes", matrix)):
                 if mat is None and t in NEEDS_IMATRIX:
                     continue
                 path = quantize_gguf(f32, tmp / f"{t}-{label}.gguf", t, imatrix=mat)
-                q = score_against(path, tmp / "f32.kld", chunks)
+                q = scorer.score(path)
                 rows.append((t, label, f"{path.stat().st_size / 1e6:,.2f}", f"{q.ppl:.3f}", f"{q.kld_mean:.5f}",
                              f"{q.kld_p99:.4f}", f"{q.same_top:.2f}%"))
                 path.unlink()
@@ -143,8 +141,8 @@ def quality(model_dir: str, types: list[str], ctx: int = 512, chunks: int = 32, 
         shutil.rmtree(tmp, ignore_errors=True)
     head = ("type", "imatrix", "MB", "perplexity", "KLD mean", "KLD p99", "same top token")
     return "\n".join([markdown_table(head, rows),
-                      f"\n{Path(model_dir).name}: PyTorch float32 perplexity {torch_ppl:.3f}, F32 GGUF {base.ppl:.3f}; "
-                      f"{base.tokens:,} tokens scored ({chunks} chunks of {ctx}); {note}; imatrix: {imatrix_chunks} "
+                      f"\n{Path(model_dir).name}: PyTorch float32 perplexity {scorer.torch_ppl:.3f}, F32 GGUF "
+                      f"{scorer.base.ppl:.3f}; {scorer.base.tokens:,} tokens scored ({scorer.chunks} chunks of {ctx}); {note}; imatrix: {imatrix_chunks} "
                       f"chunks; llama.cpp build: {_build_id()}"])
 
 

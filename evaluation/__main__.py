@@ -82,13 +82,12 @@ def _models(args: argparse.Namespace, tasks: list[str]) -> int:
     from .perplexity import perplexity
     from .report import markdown_report
 
-    for m in args.model:              # every reference resolved (and fetched) before minutes of evaluation
-        resolve_model(m)
+    refs = [resolve_model(m) for m in args.model]     # all resolved (and fetched) before minutes of work
     runs = {}
     with tempfile.TemporaryDirectory() as tmp:
         include = local_task_dir(Path(tmp)) if LOCAL_TASK in tasks else None
-        for m in args.model:
-            backend, tok = load_backend(m, dtype=args.dtype)
+        for ref in refs:
+            backend, tok = load_backend(ref, dtype=args.dtype)
             print(f"{backend.name}: {backend.precision}", file=sys.stderr, flush=True)
             try:
                 results = run_tasks(backend, tok, tasks, include, args.num_fewshot, args.limit) if tasks else {}

@@ -50,14 +50,14 @@ def compute_dtype(cfg: TrainConfig, model_cfg: ModelConfig, env: Dist) -> DtypeC
     return env.broadcast(choice) if env.device.type != "cuda" else choice
 
 
-def build_model(cfg: TrainConfig, env: Dist, model_cfg: ModelConfig, dtype: torch.dtype
-                ) -> tuple[torch.nn.Module, Tokenizer]:
-    """`model_cfg` (initial_model_config) built, or loaded for init_from: the same initial weights
-    on every rank and for every world size (seeded, built whole); `dtype` is FSDP2's parameter
-    dtype (compute_dtype's choice)."""
+def build_model(cfg: TrainConfig, env: Dist, model_cfg: ModelConfig, dtype: torch.dtype,
+                init_dir: Path | None = None) -> tuple[torch.nn.Module, Tokenizer]:
+    """`model_cfg` (initial_model_config) built, or loaded from `init_dir` (init_checkpoint):
+    the same initial weights on every rank and for every world size (seeded, built whole);
+    `dtype` is FSDP2's parameter dtype (compute_dtype's choice)."""
     torch.manual_seed(cfg.seed)
-    if cfg.init_from:
-        model, tok = load_checkpoint(init_checkpoint(cfg), dtype=torch.float32)
+    if init_dir is not None:
+        model, tok = load_checkpoint(init_dir, dtype=torch.float32)
     else:
         model = Llama(model_cfg)
         tok = Tokenizer.llama2()
@@ -85,28 +85,26 @@ def build_model(cfg: TrainConfig, env: Dist, model_cfg: ModelConfig, dtype: torc
     return model, tok
 
 
-def init_checkpoint(cfg: TrainConfig) -> Path:
-    """cfg.init_from as a local directory (a hub id is fetched into the hub cache once)."""
-    if cfg.init_from not in _INIT_DIRS:
-        try:
-            _INIT_DIRS[cfg.init_from] = resolve_model(cfg.init_from, kinds=("checkpoint",),
-                                                      flag="config field init_from:").path
-        except UserError as e:
-            raise ConfigError(str(e)) from None
-    return _INIT_DIRS[cfg.init_from]
+def init_checkpoint(cfg: TrainConfig) -> Path | None:
+    """cfg.init_from as a local directory (a hub id fetched into the hub cache), or None."""
+    if not cfg.init_from:
+        return None
+    try:
+        return resolve_model(cfg.init_from, kinds=("checkpoint",), flag="config field init_from:").path
+    except UserError as e:
+        raise ConfigError(str(e)) from None
 
 
-_INIT_DIRS: dict[str, Path] = {}
 _SHAPE = ("n_layer", "d_model", "n_head", "n_kv_head", "ffn_dim", "vocab_size", "tie_embeddings")
 
 
-def initial_model_config(cfg: TrainConfig) -> ModelConfig:
-    """The architecture a run trains: the checkpoint's for init_from (a preset that disagrees
-    with it is an error naming both), else the preset's (tinyllama-1.1b when none is given)."""
-    if not cfg.init_from:
+def initial_model_config(cfg: TrainConfig, init_dir: Path | None = None) -> ModelConfig:
+    """The architecture a run trains: the init_from checkpoint's (`init_dir`; a preset that
+    disagrees with it is an error naming both), else the preset's (tinyllama-1.1b by default)."""
+    if init_dir is None:
         model_cfg = ModelConfig.from_name(cfg.preset or "tinyllama-1.1b")
         return model_cfg.replace(max_seq_len=max(model_cfg.max_seq_len, cfg.seq_len))
-    loaded = load_config(init_checkpoint(cfg))
+    loaded = load_config(init_dir)
     if cfg.preset is not None:
         preset = ModelConfig.from_name(cfg.preset)
         diff = [f"{k} {getattr(preset, k)} vs {getattr(loaded, k)}" for k in _SHAPE
@@ -202,11 +200,12 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, env: Dist) -> None:
         self.cfg, self.env, self.out = cfg, env, Path(cfg.out_dir)
         self.accum = cfg.grad_accum_steps(env.world_size)
-        self.model_cfg = initial_model_config(cfg)
+        init_dir = init_checkpoint(cfg)                  # resolved (a hub id fetched) once
+        self.model_cfg = initial_model_config(cfg, init_dir)
         choice = compute_dtype(cfg, self.model_cfg, env)
         if env.main:
             print(f"dtype: {choice}", flush=True)
-        self.model, self.tok = build_model(cfg, env, self.model_cfg, choice.dtype)
+        self.model, self.tok = build_model(cfg, env, self.model_cfg, choice.dtype, init_dir)
         train_mix = build_data(cfg, self.tok, "train")
         self.val_mix = build_data(cfg, self.tok, "validation") if cfg.eval_every and cfg.eval_batches else None
         self.optimizer = build_optimizer(cfg, self.model)

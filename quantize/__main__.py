@@ -63,7 +63,6 @@ def main(argv: list[str] | None = None) -> int:
     for flag in ("threads", "ctx", "chunks", "quality_chunks"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             ap.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
-    from tinyllama.checkpoint import load_config
     from tinyllama.hub import resolve_model
 
     from .pipeline import export, size_table, verify_all
@@ -77,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
             rows = export(model, args.type, args.out, args.name, args.threads, plan.imatrix(),
                           plan.score_rows if args.quality else None)
         print()
-        print(size_table(rows, load_config(model).num_params()))
+        print(size_table(rows, plan.n_params))
         if plan.report:
             print()
             print(plan.report)
@@ -134,20 +133,12 @@ class _Plan:
     def _score(self, f32: Path, files: dict[str, Path]) -> dict:
         import tempfile
 
-        from tinyllama import load_checkpoint
+        from .quality import Scorer
 
-        from .quality import score_against, score_base, torch_perplexity, windows
-
-        held = self._texts[1]
-        model, tok = load_checkpoint(self.model, dtype=None)
-        chunks = windows(len(tok.encode(held)), self.ctx, self.args.quality_chunks)
-        self._torch_ppl = torch_perplexity(model.float(), tok, held, self.ctx, chunks).ppl
-        del model
         with tempfile.TemporaryDirectory(prefix=".kld-", dir=f32.parent) as tmp:
-            logits = Path(tmp) / "f32.kld"
-            base = score_base(f32, held, logits, self.ctx, chunks)
-            return {t: (base if p.resolve() == f32.resolve() else score_against(p, logits, chunks))
-                    for t, p in files.items()}
+            scorer = Scorer(self.model, f32, self._texts[1], Path(tmp), self.ctx, self.args.quality_chunks)
+            self._torch_ppl = scorer.torch_ppl
+            return {t: scorer.score(p) for t, p in files.items()}
 
     def budget(self):
         from .pipeline import export_for_budget

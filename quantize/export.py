@@ -38,6 +38,14 @@ class ExportError(UserError):
     """Bad input to the exporter; the message names the file or value at fault."""
 
 
+def check_imatrix(types: list[str], have_matrix: bool) -> None:
+    """ExportError unless every type that needs an importance matrix (NEEDS_IMATRIX) has one."""
+    needs = [t for t in types if t in NEEDS_IMATRIX]
+    if needs and not have_matrix:
+        raise ExportError(f"{', '.join(needs)}: an i-quant below 4 bits needs an importance matrix; add --imatrix "
+                          "(computed from the validation shards or --calibration FILE)")
+
+
 def _llama_ftype(name: str) -> int:
     import llama_cpp
 
@@ -188,9 +196,7 @@ def quantize_gguf(src: str | os.PathLike, out: str | os.PathLike, qtype: str, th
     llama.cpp's `llama-quantize` tool (the Python API cannot pass one)."""
     if qtype not in QUANT_TYPES:
         raise ExportError(f"unknown quantization type {qtype!r}; choose from {', '.join(QUANT_TYPES)}")
-    if qtype in NEEDS_IMATRIX and imatrix is None:
-        raise ExportError(f"{qtype}: an i-quant below 4 bits needs an importance matrix; add --imatrix (computed "
-                          "from the validation shards or --calibration FILE)")
+    check_imatrix([qtype], imatrix is not None)
     src, out = Path(src), Path(out)
     threads = str(threads or os.cpu_count() or 1)
     with atomic_file(out) as tmp:

@@ -22,6 +22,7 @@ from .export import (
     NEEDS_IMATRIX,
     QUANT_TYPES,
     ExportError,
+    check_imatrix,
     quantize_gguf,
     write_gguf,
 )
@@ -63,6 +64,7 @@ def export(model_dir: str | Path, types: list[str], out: Path, name: str | None 
     unknown = [t for t in types if t not in ALL_TYPES]
     if unknown:
         raise ExportError(f"unknown type(s) {', '.join(unknown)}; choose from {', '.join(ALL_TYPES)}")
+    check_imatrix(types, imatrix is not None)           # before any file is written
     cfg = load_config(model_dir)
     name = name or (cfg.name if cfg.name != "custom" else model_dir.name)
     with _remove_if_empty(out if out.suffix != ".gguf" and not out.exists() else None):
@@ -71,10 +73,6 @@ def export(model_dir: str | Path, types: list[str], out: Path, name: str | None 
         for t in [t for t in types if t in FLOAT_TYPES]:
             rows.append(_timed(t, paths[t], lambda: write_gguf(model_dir, paths[t], t, name=name)))
         quant = [t for t in types if t not in FLOAT_TYPES]
-        needs = [t for t in quant if t in NEEDS_IMATRIX]
-        if needs and imatrix is None:
-            raise ExportError(f"{', '.join(needs)}: an i-quant below 4 bits needs an importance matrix; add --imatrix "
-                              "(computed from the validation shards or --calibration FILE)")
         if quant or with_f32:
             with _f32_source(model_dir, paths, name) as src:
                 mat = imatrix(src) if callable(imatrix) and quant else imatrix

@@ -3,9 +3,8 @@ held-out text, and the KL divergence of each file's next-token distributions fro
 file's (mean, 99th percentile, how often the top token is the same), next to the PyTorch
 model's perplexity computed with llama-perplexity's protocol.
 
-    base = score_base(f32_gguf, text, logits_file, ctx=512, chunks=32)     # saves the F32 logits
-    q = score_against(Path("m-Q4_K_M.gguf"), logits_file)                 # KLD from those logits
-    ppl = torch_perplexity(model, tok, text, ctx=512, chunks=32)          # the same chunks, in PyTorch
+    scorer = Scorer("out/sft", f32_gguf, text, work_dir, ctx=512, chunks=32)   # PyTorch and F32 scored once
+    q = scorer.score(Path("m-Q4_K_M.gguf"))                                   # KLD from the F32 logits
 
 The protocol (llama-perplexity's): the text tokenized once with BOS, cut into `chunks` windows of
 `ctx` tokens, each window's first token replaced by BOS, and only the second half of each window
@@ -93,6 +92,24 @@ def torch_perplexity(model, tok: Tokenizer, text: str, ctx: int, chunks: int) ->
         nll += float(torch.nn.functional.cross_entropy(logits, window[first + 1:], reduction="sum"))
         count += ctx - first - 1
     return Quality(ppl=math.exp(nll / count), tokens=count)
+
+
+class Scorer:
+    """The held-out text scored once by the PyTorch model and the F32 GGUF (whose logits are saved
+    in `work`), then any GGUF of the same model against them."""
+
+    def __init__(self, model_dir: Path, f32: Path, text: str, work: Path, ctx: int, chunks: int) -> None:
+        from tinyllama import load_checkpoint
+
+        model, tok = load_checkpoint(model_dir, dtype=torch.float32)
+        self.f32, self.logits = f32, work / "f32.kld"
+        self.chunks = windows(len(tok.encode(text)), ctx, chunks)
+        self.torch_ppl = torch_perplexity(model, tok, text, ctx, self.chunks).ppl
+        del model
+        self.base = score_base(f32, text, self.logits, ctx, self.chunks)
+
+    def score(self, gguf: Path) -> Quality:
+        return self.base if gguf.resolve() == self.f32.resolve() else score_against(gguf, self.logits, self.chunks)
 
 
 def quality_table(rows: list[tuple[str, Path, Quality]], torch_ppl: float, n_params: int) -> str:

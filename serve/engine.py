@@ -62,9 +62,8 @@ class Engine:
         self.target, self.draft, self.tokenizer = target, draft, tokenizer
         self.model_id = model_id
         self.num_draft, self.adaptive_draft = num_draft, adaptive_draft
-        # the target's template; where it came from is printed at start-up
-        hint = f"{model_id} {target.path.name if target.path else ''}"
-        self.template, self.template_origin = template_of(tokenizer, chat_template, hint)
+        # the target's template (its name is the fallback's hint); where it came from is printed at start-up
+        self.template, self.template_origin = template_of(tokenizer, chat_template, target.name)
         self.lock = threading.Lock()
 
     @classmethod

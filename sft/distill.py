@@ -97,15 +97,10 @@ def distill(teacher: str | Path, data: str, out: str | Path, max_new_tokens: int
     backend, tok = load_backend(teacher, dtype=None if dtype == "stored" else dtype, revision=revision,
                                 flag="--teacher")
     print(f"teacher: {backend.name}: {backend.precision}", flush=True)
-    try:
-        hint = f"{backend.name} {backend.path.name if backend.path else ''}"
-        template, origin = template_of(tok, chat_template, hint)
-    except UserError:
-        backend.close()
-        raise
-    print(f"teacher's chat template: {origin}", flush=True)
     replies = written = 0
     try:
+        template, origin = template_of(tok, chat_template, backend.name)
+        print(f"teacher's chat template: {origin}", flush=True)
         with atomic_file(out) as tmp, open(tmp, "w", encoding="utf-8") as f:
             for conv in tqdm(train, desc="teacher replies", unit="conv", disable=not progress):
                 answered = distill_conversation(backend, tok, conv, max_new_tokens, template)

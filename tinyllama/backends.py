@@ -21,6 +21,7 @@ import torch
 
 from .errors import NotFound, UserError
 from .gguf_file import file_type_name, gguf_value, open_gguf
+from .hub import ModelRef, resolve_model
 from .model import Llama
 from .packing import pack_for_decoding, unpack
 from .tokenizer import Tokenizer
@@ -206,7 +207,7 @@ class GGUFBackend(Backend):
         self.llm.close()
 
 
-def load_backend(model: str | os.PathLike, device: str = "cpu", dtype: str | torch.dtype | None = "auto",
+def load_backend(model: str | os.PathLike | ModelRef, device: str = "cpu", dtype: str | torch.dtype | None = "auto",
                  n_ctx: int = 2048, n_gpu_layers: int = 0, revision: str | None = None,
                  flag: str = "--model") -> tuple[Backend, Tokenizer]:
     """A model reference (tinyllama.hub: a checkpoint directory or .gguf file, or a hub id, a hub
@@ -218,7 +219,6 @@ def load_backend(model: str | os.PathLike, device: str = "cpu", dtype: str | tor
     CPUs with bf16 instructions, bf16 on CUDA), a torch dtype or name forces one, None keeps the
     stored dtype. `backend.precision` says what was chosen and why."""
     from .checkpoint import load_checkpoint, load_config
-    from .hub import resolve_model
     from .precision import choose_dtype
 
     ref = resolve_model(model, revision=revision, flag=flag)

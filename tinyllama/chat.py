@@ -85,18 +85,10 @@ def validate(messages: Sequence[dict], for_training: bool = False) -> None:
 
 def render_chat(messages: Sequence[dict], add_generation_prompt: bool = False, bos_token: str = "<s>",
                 eos_token: str = "</s>") -> str:
-    """The conversation as text, through the Jinja template itself."""
-    import jinja2
-
+    """The conversation as text, through the Jinja template itself (as transformers renders it)."""
     validate(messages)
-
-    def raise_exception(msg: str):
-        raise ChatFormatError(msg)
-
-    env = jinja2.Environment(undefined=jinja2.StrictUndefined)
-    return env.from_string(CHAT_TEMPLATE).render(messages=list(messages), bos_token=bos_token, eos_token=eos_token,
-                                                 add_generation_prompt=add_generation_prompt,
-                                                 raise_exception=raise_exception)
+    return render_template(CHAT_TEMPLATE, messages, {"bos_token": bos_token, "eos_token": eos_token},
+                           add_generation_prompt)
 
 
 def encode_chat(tok: Tokenizer, messages: Sequence[dict], add_generation_prompt: bool = False,

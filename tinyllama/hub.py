@@ -60,13 +60,16 @@ class ModelRef:
         return self.path.name.removesuffix(".gguf")
 
 
-def resolve_model(ref: str | os.PathLike, *, revision: str | None = None, kinds: tuple[str, ...] = KINDS,
-                  flag: str = "--model") -> ModelRef:
-    """A local directory or .gguf as it is, or a hub reference fetched into the hub cache.
-    `kinds`: what the caller can load; anything else is an error naming `flag`."""
-    text = str(ref)
+def resolve_model(ref: str | os.PathLike | ModelRef, *, revision: str | None = None,
+                  kinds: tuple[str, ...] = KINDS, flag: str = "--model") -> ModelRef:
+    """A local directory or .gguf as it is, or a hub reference fetched into the hub cache (an
+    already resolved ModelRef as it is). `kinds`: what the caller can load; anything else is an
+    error naming `flag`."""
+    text = ref.ref if isinstance(ref, ModelRef) else str(ref)
     local = Path(text).expanduser()
-    if local.exists():
+    if isinstance(ref, ModelRef):
+        resolved = ref
+    elif local.exists():
         resolved = _local(local, text, flag)
     else:
         m = _REPO.match(text)

@@ -8,7 +8,7 @@ downloads, with the same CPU flags as the wheel (tinyllama.llama_cpp_build), and
 Why not llama-cpp-python's API: `llama_model_quantize`'s `imatrix` field is an opaque pointer to a
 C++ map, so imatrix quantization, importance matrices and KL-divergence perplexity need the tools
 themselves. Built statically (no shared libraries to find at run time), without the server, tests,
-network or OpenSSL; about 4 minutes on 2 cores, once.
+network or OpenSSL; 6-9 minutes on 2 cores, once.
 """
 
 from __future__ import annotations
