@@ -3,6 +3,7 @@
     python -m pretrain.prepare data/raw/natural.jsonl --out data/tokens/natural
     python -m pretrain.prepare /usr/lib/python3.11 --out data/tokens/code --extensions .py --exclude test tests
     python -m pretrain.prepare cerebras/SlimPajama-627B --out data/tokens/slimpajama   # online
+    python -m pretrain.prepare cerebras/SlimPajama-627B --out /shared/tok/sp --executor slurm --tasks 1000
 
 Format (`tinyllama-packed-v1`), in the output directory:
   train-00000.bin ...       token ids, uint16 little-endian, `shard_tokens` per shard; the last
@@ -15,10 +16,16 @@ ever (TinyLlama issue #83: padding the last chunk with BOS taught the model to e
 Validation split: document i (in reading order) is held out when i % P == P // 2, with
 P = round(1 / val_fraction); deterministic and independent of the worker count.
 
-Tokenization runs in worker processes (`--workers`), each encoding chunks of documents with the
-Rust tokenizer's batch encoder; chunks come back in order, so the bytes written are identical
-for any number of workers. The whole output directory is written under a temporary name and
-renamed at the end: an interrupted run leaves nothing that looks complete.
+How it runs: the source is cut into units (files, groups of small files, line-aligned ranges of
+a large .jsonl, a hub dataset's data files); datatrove's executor runs the units as tasks on
+every core (--workers), or as a SLURM job array (--executor slurm), each worker reading and
+tokenizing its own units; the finished units are then merged, in order, into the shards. The
+bytes written do not depend on the number of workers, tasks or machines.
+
+Resumable: each finished unit is kept in a work folder beside the output (`.NAME.prepare`).
+Run the same command again after a kill, a crash or a full disk and it continues with the
+units not done yet, and ends with exactly the bytes of an uninterrupted run. The output folder
+itself appears only when complete (written under a temporary name, then renamed).
 """
 
 from __future__ import annotations
@@ -26,25 +33,33 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import multiprocessing as mp
 import os
+import shutil
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
-import numpy as np
-
-from tinyllama.atomic import atomic_dir
 from tinyllama.errors import UserError, report
 from tinyllama.tokenizer import Tokenizer
 
-from .shards import FORMAT, ShardWriter
-from .sources import Document, ReadStats, SourceError, read_documents
+from .engine import run_local, submit_slurm
+from .merge import SEPARATOR_POLICY, merge  # noqa: F401  (SEPARATOR_POLICY: part of this module's API)
+from .parts import (
+    Plan,
+    clear_errors,
+    done_units,
+    first_error,
+    is_done,
+    part_path,
+    remove,
+    work_dir,
+)
+from .sources import SourceError
+from .units import input_signature, plan_units
 
-SEPARATOR_POLICY = ("each document is BOS + tokens + EOS; documents are concatenated; blocks are cut from the "
-                    "stream regardless of document boundaries; the last shard is not padded")
+EXECUTORS = ("local", "slurm")
 
 
 @dataclass
@@ -64,6 +79,15 @@ class PrepareConfig:
     chunk_chars: int = 1 << 18                  # at most this many documents or characters
     split: str = "train"                        # HF dataset split
     progress: bool = True
+    unit_mb: float | None = None                # None: about 4 units per worker, 1-64 MiB each
+    tasks: int | None = None                    # engine tasks (None: 8 per worker, at most one per unit)
+    local_tasks: int = -1                       # this machine runs tasks [rank_offset, rank_offset + local_tasks)
+    rank_offset: int = 0
+    retries: int = 5                            # per remote (hub) unit, with backoff
+    executor: str = "local"
+    slurm_partition: str | None = None
+    slurm_time: str = "24:00:00"
+    slurm_mem_gb: float = 2
 
     def validate(self) -> None:
         if self.shard_tokens < 1024:
@@ -72,33 +96,14 @@ class PrepareConfig:
             raise UserError(f"val_fraction must be in [0, 0.5), got {self.val_fraction}")
         if self.workers < 1:
             raise UserError(f"workers must be >= 1, got {self.workers}")
-
-
-# ---- tokenization in worker processes -----------------------------------------------------
-
-_worker_tok: Tokenizer | None = None
-
-
-def _init_worker() -> None:
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"   # one process per core; no nested threads
-
-
-def _encode_chunk(texts: list[str]) -> list[np.ndarray]:
-    assert _worker_tok is not None
-    return [np.asarray(ids, dtype=np.uint16) for ids in _worker_tok.encode_batch(texts, bos=True, eos=True)]
-
-
-def _chunks(docs: Iterator[Document], max_docs: int, max_chars: int) -> Iterator[list[str]]:
-    chunk: list[str] = []
-    size = 0
-    for d in docs:
-        chunk.append(d.text)
-        size += len(d.text)
-        if len(chunk) >= max_docs or size >= max_chars:
-            yield chunk
-            chunk, size = [], 0
-    if chunk:
-        yield chunk
+        if self.tasks is not None and self.tasks < 1:
+            raise UserError(f"tasks must be >= 1, got {self.tasks}")
+        if self.unit_mb is not None and self.unit_mb <= 0:
+            raise UserError(f"unit_mb must be > 0, got {self.unit_mb}")
+        if self.executor not in EXECUTORS:
+            raise UserError(f"executor must be one of {', '.join(EXECUTORS)}, got {self.executor!r}")
+        if self.executor == "slurm" and not self.slurm_partition:
+            raise UserError("--executor slurm needs --slurm-partition")
 
 
 def _load_tokenizer(cfg: PrepareConfig) -> Tokenizer:
@@ -108,19 +113,44 @@ def _load_tokenizer(cfg: PrepareConfig) -> Tokenizer:
     return tok
 
 
-def prepare(cfg: PrepareConfig) -> dict:
-    """Tokenizes one source into `cfg.out`; returns the manifest."""
+def prepare(cfg: PrepareConfig) -> dict | None:
+    """Tokenizes one source into `cfg.out`; returns the manifest (None when this machine ran
+    its share of the tasks and other machines' units are still to come)."""
     cfg.validate()
     tok = _load_tokenizer(cfg)
-    out = Path(cfg.out)
+    out = Path(cfg.out).absolute()
     created = _make_parents(out)
+    work = work_dir(out)
+    t0 = time.perf_counter()
     try:
-        return _prepare(cfg, tok, out)
-    except BaseException:
-        for d in created:              # a failed run leaves no new (empty) folders behind either
-            with contextlib.suppress(OSError):
-                d.rmdir()
+        plan = _start(cfg, tok, out, work)
+        if cfg.executor == "slurm":
+            logs = out.with_name(f"{out.name}.slurm-logs")
+            ids = submit_slurm(work, logs, tasks=cfg.tasks or min(len(plan.units), 1000),
+                               partition=cfg.slurm_partition, time=cfg.slurm_time, mem_per_cpu_gb=cfg.slurm_mem_gb)
+            print(f"submitted SLURM jobs {ids[0]} (tokenize, array) and {ids[1]} (merge, after it); "
+                  f"logs in {logs}; {out} appears when the merge job ends", file=sys.stderr)
+            return None
+        _tokenize(cfg, plan, work)
+        pending = len(plan.units) - len(done_units(work))
+        if pending:
+            print(f"this machine's tasks are done; {pending} of {len(plan.units)} units are left to other "
+                  f"machines' tasks. When they finish, run the same command again to merge.", file=sys.stderr)
+            return None
+        manifest = finish(work, progress=cfg.progress)
+    except BaseException as e:
+        if isinstance(e, UserError) and not getattr(e, "resumable", False):
+            remove(work)                 # bad input or arguments: nothing worth resuming
+        if not work.exists():
+            for d in created:            # a failed run leaves no new (empty) folders behind either
+                with contextlib.suppress(OSError):
+                    d.rmdir()
+        elif not isinstance(e, UserError) or getattr(e, "resumable", False):
+            print(f"prepare stopped; its finished units are kept in {work}: run the same command again "
+                  "to continue", file=sys.stderr)
         raise
+    manifest["seconds"] = time.perf_counter() - t0
+    return manifest
 
 
 def _make_parents(out: Path) -> list[Path]:
@@ -137,72 +167,138 @@ def _make_parents(out: Path) -> list[Path]:
     return missing
 
 
-def _prepare(cfg: PrepareConfig, tok: Tokenizer, out: Path) -> dict:
-    name = cfg.name or out.name
-    stats = ReadStats()
-    period = max(2, round(1 / cfg.val_fraction)) if cfg.val_fraction > 0 else 0
-    t0 = time.perf_counter()
+def _settings(cfg: PrepareConfig, tok: Tokenizer, out: Path) -> dict:
+    """What decides the output's bytes (compared on resume), and how tasks run (not compared)."""
+    return {"source": str(cfg.source), "out": str(out), "name": cfg.name or out.name, "text_field": cfg.text_field,
+            "extensions": list(cfg.extensions) if cfg.extensions else None, "exclude": list(cfg.exclude),
+            "tokenizer_dir": str(Path(cfg.tokenizer_dir).absolute()) if cfg.tokenizer_dir else None,
+            "shard_tokens": cfg.shard_tokens, "val_fraction": cfg.val_fraction, "skip_bad": cfg.skip_bad,
+            "split": cfg.split,
+            "tokenizer_info": {"fingerprint": tok.fingerprint, "vocab_size": tok.vocab_size, "bos_id": tok.bos_id,
+                               "eos_id": tok.eos_id, "source": tok.source},
+            # not compared:
+            "retries": cfg.retries, "chunk_docs": cfg.chunk_docs, "chunk_chars": cfg.chunk_chars}
 
-    docs = read_documents(cfg.source, text_field=cfg.text_field, extensions=cfg.extensions, stats=stats,
-                          skip_bad=cfg.skip_bad, split=cfg.split, exclude=cfg.exclude)
-    with atomic_dir(out) as tmp:
-        writers = {"train": ShardWriter(tmp, "train", cfg.shard_tokens),
-                   "validation": ShardWriter(tmp, "validation", cfg.shard_tokens)}
-        bar = _progress(cfg.progress, name)
-        index = 0
-        global _worker_tok
-        _worker_tok = tok                # forked workers inherit it, already loaded
-        pool = mp.get_context("fork").Pool(cfg.workers, _init_worker) if cfg.workers > 1 else None
-        try:
-            if pool is None:
-                encoded = map(_encode_chunk, _chunks(docs, cfg.chunk_docs, cfg.chunk_chars))
-            else:
-                encoded = pool.imap(_encode_chunk, _chunks(docs, cfg.chunk_docs, cfg.chunk_chars))
-            for chunk in encoded:
-                for ids in chunk:
-                    split = "validation" if period and index % period == period // 2 else "train"
-                    writers[split].add(ids)
-                    index += 1
-                if bar is not None:
-                    done = writers["train"].tokens + writers["validation"].tokens
-                    bar.update(len(chunk))
-                    bar.set_postfix_str(f"{done / 1e6:.2f}M tokens, {done / (time.perf_counter() - t0) / 1e3:.0f}k tok/s")
-        finally:
-            if pool is not None:
-                pool.terminate()
-            if bar is not None:
-                bar.close()
-        if index == 0:
-            raise SourceError(f"{cfg.source}: no documents (empty skipped: {stats.empty_skipped}, "
-                              f"bad skipped: {stats.bad_skipped})")
-        splits = {k: w.close() for k, w in writers.items()}
-        manifest = {
-            "format": FORMAT,
-            "name": name,
-            "source": str(cfg.source),
-            "dtype": "uint16",
-            "tokenizer": {"fingerprint": tok.fingerprint, "vocab_size": tok.vocab_size, "bos_id": tok.bos_id,
-                          "eos_id": tok.eos_id, "source": tok.source},
-            "separator_policy": SEPARATOR_POLICY,
-            "val_fraction": cfg.val_fraction,
-            "shard_tokens": cfg.shard_tokens,
-            "documents": index,
-            "tokens": sum(s["tokens"] for s in splits.values()),
-            "splits": splits,
-            "skipped": {"empty": stats.empty_skipped, "bad": stats.bad_skipped, "filtered": stats.filtered,
-                        "repaired_utf8": stats.repaired_utf8, "examples": stats.bad_examples},
-        }
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-    manifest["seconds"] = time.perf_counter() - t0
+
+RUNTIME_SETTINGS = ("retries", "chunk_docs", "chunk_chars")
+
+
+def _start(cfg: PrepareConfig, tok: Tokenizer, out: Path, work: Path) -> Plan:
+    """The plan of a new run, or of the unfinished run in `work` when it is for the same thing."""
+    settings = _settings(cfg, tok, out)
+    old = Plan.load(work)
+    if old is not None:
+        why = _stale(old, settings, tok)
+        if why is None:
+            old.settings.update({k: settings[k] for k in RUNTIME_SETTINGS})
+            old.save(work)
+            clear_errors(work)
+            done = done_units(work)
+            toks = sum(json.loads(part_path(work, i, "json").read_text())["tokens"] for i in done)
+            print(f"resuming {out}: {len(done)} of {len(old.units)} units already tokenized "
+                  f"({toks / 1e6:.2f}M tokens), from {work}", file=sys.stderr)
+            return old
+        print(f"discarding the unfinished run in {work}: {why}", file=sys.stderr)
+        remove(work)
+    units, code_dir = plan_units(str(cfg.source), unit_bytes=int(cfg.unit_mb * 2**20) if cfg.unit_mb else None,
+                                 parallelism=cfg.workers, extensions=cfg.extensions, exclude=cfg.exclude,
+                                 split=cfg.split)
+    plan = Plan(settings, tok.fingerprint, code_dir, units, input_signature(units))
+    work.mkdir(parents=True, exist_ok=True)
+    plan.save(work)
+    return plan
+
+
+def _stale(old: Plan, settings: dict, tok: Tokenizer) -> str | None:
+    """Why an unfinished run cannot be continued by this command, or None."""
+    for k, v in json.loads(json.dumps(settings)).items():
+        if k not in RUNTIME_SETTINGS and old.settings.get(k) != v:
+            return f"it was started with {k}={old.settings.get(k)!r}, this run has {v!r}"
+    try:
+        now = input_signature(old.units)
+    except OSError as e:
+        return f"an input is gone ({e})"
+    changed = [f for f, sig in old.inputs.items() if now.get(f) != sig]
+    return f"{changed[0]} changed since it started" if changed else None
+
+
+def _tokenize(cfg: PrepareConfig, plan: Plan, work: Path) -> None:
+    todo = len(plan.units) - len(done_units(work))
+    if todo == 0:
+        return
+    tasks = cfg.tasks or min(len(plan.units), 8 * cfg.workers)
+    with _progress_monitor(cfg.progress, plan, work):
+        run_local(work, tasks=tasks, workers=cfg.workers, local_tasks=cfg.local_tasks, rank_offset=cfg.rank_offset)
+    error = first_error(work)
+    if error is not None:
+        raise error
+
+
+def finish(work: Path, progress: bool = False) -> dict:
+    """Merges a run whose units are all done into its output folder; removes the work folder."""
+    plan = Plan.load(work)
+    if plan is None:
+        raise UserError(f"{work}: no plan.json; not a prepare work folder")
+    error = first_error(work)
+    if error is not None:
+        raise error
+    missing = [i for i in range(len(plan.units)) if not is_done(work, i)]
+    if missing:
+        raise UserError(f"{work}: {len(missing)} units are not tokenized yet (first: {plan.units[missing[0]].describe()})")
+    out = Path(plan.settings["out"])
+    for stale in out.parent.glob(f".{out.name}.tmp-*"):      # a merge killed midway
+        shutil.rmtree(stale, ignore_errors=True)
+    bar = _bar(progress, f"merge {plan.settings['name']}", len(plan.units), " units")
+    try:
+        manifest = merge(work, plan, plan.settings["tokenizer_info"], bar)
+    finally:
+        if bar is not None:
+            bar.close()
+    remove(work)
     return manifest
 
 
-def _progress(enabled: bool, name: str):
+@contextlib.contextmanager
+def _progress_monitor(enabled: bool, plan: Plan, work: Path):
+    """A bar over finished units, fed by watching the parts folder (the units finish in other
+    processes, or on other machines)."""
+    if not enabled:
+        yield
+        return
+    done = done_units(work)
+    bar = _bar(True, f"prepare {plan.settings['name']}", len(plan.units), " units")
+    bar.update(len(done))
+    stop = threading.Event()
+    t0, tokens = time.perf_counter(), 0
+
+    def watch() -> None:
+        nonlocal tokens
+        while not stop.wait(0.5):
+            new = done_units(work) - done
+            for i in new:
+                with contextlib.suppress(OSError, ValueError):
+                    tokens += json.loads(part_path(work, i, "json").read_text())["tokens"]
+            done.update(new)
+            if new:
+                bar.update(len(new))
+                bar.set_postfix_str(f"{tokens / 1e6:.2f}M tokens, {tokens / (time.perf_counter() - t0) / 1e3:.0f}k tok/s")
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+        bar.close()
+
+
+def _bar(enabled: bool, desc: str, total: int, unit: str):
     if not enabled:
         return None
     from tqdm import tqdm
 
-    return tqdm(desc=f"prepare {name}", unit=" docs", file=sys.stderr, dynamic_ncols=True, mininterval=1.0)
+    return tqdm(desc=desc, total=total, unit=unit, file=sys.stderr, dynamic_ncols=True, mininterval=1.0)
 
 
 def summary_table(manifests: list[dict]) -> str:
@@ -239,16 +335,35 @@ def main(argv: list[str] | None = None) -> int:
                     help="skip and count malformed lines/rows instead of stopping at the first one")
     ap.add_argument("--split", default="train", help="split of a HF dataset (default: %(default)s)")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
+    eng = ap.add_argument_group("engine (datatrove): how the units run; none of this changes the output")
+    eng.add_argument("--executor", choices=EXECUTORS, default="local",
+                     help="local: this machine's cores; slurm: submit a job array and a merge job (default: local)")
+    eng.add_argument("--tasks", type=int,
+                     help="tasks the units are dealt to (default: local 8 per worker, slurm one per unit up to 1000)")
+    eng.add_argument("--unit-mb", type=float,
+                     help="input MiB per unit (default: about 4 units per worker, 1-64 MiB; a hub file is one unit)")
+    eng.add_argument("--local-tasks", type=int, default=-1,
+                     help="several machines, shared folder: run only this many of the tasks here (default: all)")
+    eng.add_argument("--rank-offset", type=int, default=0, help="with --local-tasks: the first task run here")
+    eng.add_argument("--retries", type=int, default=5, help="retries per hub file on network errors (default: 5)")
+    eng.add_argument("--slurm-partition", help="SLURM partition (needed with --executor slurm)")
+    eng.add_argument("--slurm-time", default="24:00:00", help="SLURM time limit per job (default: %(default)s)")
+    eng.add_argument("--slurm-mem-gb", type=float, default=2, help="SLURM memory per task, GB (default: 2)")
     args = ap.parse_args(argv)
     exts = tuple(e if e.startswith(".") else "." + e for e in args.extensions) if args.extensions else None
     cfg = PrepareConfig(source=args.source, out=args.out, name=args.name, text_field=args.text_field, extensions=exts,
                         exclude=tuple(args.exclude), tokenizer_dir=args.tokenizer, workers=args.workers,
                         shard_tokens=args.shard_tokens, val_fraction=args.val_fraction, skip_bad=args.skip_bad,
-                        split=args.split, progress=not args.no_progress)
+                        split=args.split, progress=not args.no_progress, executor=args.executor, tasks=args.tasks,
+                        unit_mb=args.unit_mb, local_tasks=args.local_tasks, rank_offset=args.rank_offset,
+                        retries=args.retries, slurm_partition=args.slurm_partition, slurm_time=args.slurm_time,
+                        slurm_mem_gb=args.slurm_mem_gb)
     try:
         manifest = prepare(cfg)
     except UserError as e:
         return report(e)
+    if manifest is None:
+        return 0
     print(summary_table([manifest]))
     print(f"wrote {cfg.out}/manifest.json")
     return 0

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from tinyllama.errors import UserError
+from tinyllama.paths import check_disk_space
 
 FORMAT = "tinyllama-packed-v1"
 
@@ -34,8 +35,9 @@ class ShardWriter:
         self.tokens = 0
         self.documents = 0
 
-    def add(self, ids: np.ndarray) -> None:
-        self.documents += 1
+    def add(self, ids: np.ndarray, documents: int = 1) -> None:
+        """Appends `documents` whole documents' ids (one, or a run of them)."""
+        self.documents += documents
         self.tokens += len(ids)
         while len(ids):
             n = min(len(ids), self.shard_tokens - self.filled)
@@ -50,6 +52,7 @@ class ShardWriter:
             return
         data = self.buffer[:self.filled].astype("<u2", copy=False).tobytes()
         name = f"{self.split}-{len(self.shards):05d}.bin"
+        check_disk_space(self.out_dir / name, len(data))       # a clear error, not a short shard
         (self.out_dir / name).write_bytes(data)
         self.shards.append({"file": name, "tokens": self.filled, "sha256": hashlib.sha256(data).hexdigest()})
         self.filled = 0

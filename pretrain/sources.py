@@ -4,8 +4,9 @@
         doc.text, doc.origin          # origin is "file:line" (or "dataset[row]") for messages
 
 Inputs: local `.jsonl`, `.jsonl.zst`, `.parquet`, `.txt` files, directories (walked in sorted
-order; files selected by extension), or a Hugging Face dataset name (streamed). The order of
-documents is deterministic, so the shards built from them are too.
+order; files selected by extension), or a Hugging Face dataset name (its data files streamed
+over `hf://`, one after the other). The order of documents is deterministic, so the shards
+built from them are too.
 
 Policies (documented in the README and counted in the manifest):
 - empty or whitespace-only documents are skipped and counted;
@@ -59,6 +60,15 @@ class ReadStats:
         self.bad_skipped += 1
         if len(self.bad_examples) < 5:
             self.bad_examples.append(message)
+
+
+def open_binary(path: str | os.PathLike):
+    """A local file, or a remote one through fsspec (`hf://datasets/...`, `s3://...`)."""
+    if "://" in str(path):
+        import fsspec
+
+        return fsspec.open(str(path), "rb").open()
+    return open(path, "rb")
 
 
 def _decode(data: bytes, origin: str, stats: ReadStats) -> str:
@@ -118,8 +128,9 @@ def _rows_to_documents(rows: Iterator[tuple[str, dict]], text_field: str | None,
         yield from _emit(value, origin, stats)
 
 
-def _jsonl_rows(lines: Iterator[bytes], name: str, stats: ReadStats, skip_bad: bool) -> Iterator[tuple[str, dict]]:
-    for lineno, raw in enumerate(lines, 1):
+def _jsonl_rows(lines: Iterator[bytes], name: str, stats: ReadStats, skip_bad: bool,
+                first_line: int = 1) -> Iterator[tuple[str, dict]]:
+    for lineno, raw in enumerate(lines, first_line):
         if not raw.strip():
             continue
         origin = f"{name}:{lineno}"
@@ -134,15 +145,33 @@ def _jsonl_rows(lines: Iterator[bytes], name: str, stats: ReadStats, skip_bad: b
         yield origin, row
 
 
-def read_jsonl_documents(path: Path, text_field: str | None, stats: ReadStats, skip_bad: bool) -> Iterator[Document]:
-    if path.name.endswith(".zst"):
+def read_jsonl_documents(path: str | Path, text_field: str | None, stats: ReadStats, skip_bad: bool,
+                         start: int = 0, end: int | None = None, first_line: int = 1) -> Iterator[Document]:
+    """The documents of a .jsonl (or .jsonl.zst); for a .jsonl, only the lines in bytes
+    [start, end), which begin at line `first_line`."""
+    if str(path).endswith(".zst"):
         yield from _read_jsonl_zst(path, text_field, stats, skip_bad)
         return
-    with open(path, "rb") as fh:
-        yield from _rows_to_documents(_jsonl_rows(iter(fh), str(path), stats, skip_bad), text_field, stats, skip_bad)
+    with open_binary(path) as fh:
+        rows = _jsonl_rows(_byte_range_lines(fh, start, end), str(path), stats, skip_bad, first_line)
+        yield from _rows_to_documents(rows, text_field, stats, skip_bad)
 
 
-def _zst_lines(path: Path) -> Iterator[bytes]:
+def _byte_range_lines(fh, start: int, end: int | None) -> Iterator[bytes]:
+    if start:
+        fh.seek(start)
+    if end is None:
+        yield from fh
+        return
+    remaining = end - start
+    for line in fh:
+        yield line
+        remaining -= len(line)
+        if remaining <= 0:
+            return
+
+
+def _zst_lines(path: str | Path) -> Iterator[bytes]:
     """Lines of a (multi-frame) zstd file; a stream that ends inside a frame is an error."""
     try:
         import zstandard
@@ -150,7 +179,7 @@ def _zst_lines(path: Path) -> Iterator[bytes]:
         raise SourceError(f"{path}: reading .zst needs the zstandard package (pip install zstandard)") from None
     dctx = zstandard.ZstdDecompressor()
     dobj, in_frame, pending = dctx.decompressobj(), False, b""
-    with open(path, "rb") as fh:
+    with open_binary(path) as fh:
         while chunk := fh.read(1 << 20):
             while chunk:
                 try:
@@ -169,18 +198,18 @@ def _zst_lines(path: Path) -> Iterator[bytes]:
         yield pending
 
 
-def _read_jsonl_zst(path: Path, text_field: str | None, stats: ReadStats, skip_bad: bool) -> Iterator[Document]:
+def _read_jsonl_zst(path: str | Path, text_field: str | None, stats: ReadStats, skip_bad: bool) -> Iterator[Document]:
     rows = _jsonl_rows(_zst_lines(path), str(path), stats, skip_bad)
     yield from _rows_to_documents(rows, text_field, stats, skip_bad)
 
 
-def read_parquet(path: Path, text_field: str | None, stats: ReadStats, skip_bad: bool) -> Iterator[Document]:
+def read_parquet(path: str | Path, text_field: str | None, stats: ReadStats, skip_bad: bool) -> Iterator[Document]:
     try:
         import pyarrow.parquet as pq
     except ImportError:
         raise SourceError(f"{path}: reading .parquet needs pyarrow (pip install pyarrow)") from None
     try:
-        pf = pq.ParquetFile(path)
+        pf = pq.ParquetFile(open_binary(path))
     except Exception as e:
         raise SourceError(f"{path}: not a readable parquet file ({e})") from None
     columns = pf.schema_arrow.names
@@ -198,8 +227,9 @@ def read_parquet(path: Path, text_field: str | None, stats: ReadStats, skip_bad:
                                           name, stats, skip_bad)
 
 
-def read_text_file(path: Path, stats: ReadStats, skip_non_utf8: bool = False) -> Iterator[Document]:
-    data = path.read_bytes()
+def read_text_file(path: str | Path, stats: ReadStats, skip_non_utf8: bool = False) -> Iterator[Document]:
+    with open_binary(path) as fh:
+        data = fh.read()
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError:
@@ -211,7 +241,7 @@ def read_text_file(path: Path, stats: ReadStats, skip_non_utf8: bool = False) ->
     yield from _emit(text, str(path), stats)
 
 
-def _walk(root: Path, extensions: tuple[str, ...]) -> list[Path]:
+def walk_files(root: Path, extensions: tuple[str, ...]) -> list[Path]:
     out = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d != "__pycache__")
@@ -224,53 +254,28 @@ def _walk(root: Path, extensions: tuple[str, ...]) -> list[Path]:
 def read_documents(source: str | os.PathLike, *, text_field: str | None = None, extensions: tuple[str, ...] | None = None,
                    stats: ReadStats | None = None, skip_bad: bool = False, split: str = "train",
                    exclude: tuple[str, ...] = ()) -> Iterator[Document]:
-    """Yields the documents of one source in a deterministic order."""
+    """Yields the documents of one source in a deterministic order: the documents of its
+    units (pretrain.units), one after the other."""
+    from .units import plan_units, unit_documents
+
     stats = stats if stats is not None else ReadStats()
-    path = Path(source)
-    if path.is_dir():
-        exts = extensions or (".jsonl", ".jsonl.zst", ".parquet") + TEXT_EXTENSIONS + CODE_EXTENSIONS
-        files = [f for f in _walk(path, tuple(exts)) if not any(part in exclude for part in f.relative_to(path).parts)]
-        if not files:
-            raise SourceError(f"{path}: no files with extension {', '.join(exts)}")
-        for f in files:
-            yield from _read_file(f, text_field, stats, skip_bad, in_code_dir=True)
-        return
-    if path.exists():
-        yield from _read_file(path, text_field, stats, skip_bad, in_code_dir=False)
-        return
-    if _looks_like_local_path(str(source)):
-        raise SourceError(f"{source}: no such file or directory")
-    yield from read_hf_dataset(str(source), text_field, stats, skip_bad, split)
+    units, code_dir = plan_units(str(source), unit_bytes=1 << 62, extensions=extensions, exclude=exclude, split=split)
+    for unit in units:
+        yield from unit_documents(unit, text_field=text_field, stats=stats, skip_bad=skip_bad, code_dir=code_dir)
 
 
-def _looks_like_local_path(s: str) -> bool:
+def looks_like_local_path(s: str) -> bool:
     # HF dataset names are "name" or "owner/name"; anything else is meant as a local path.
     return s.startswith((".", "/", "~")) or s.count("/") > 1 or s.endswith((".jsonl", ".zst", ".parquet", ".txt"))
 
 
-def _read_file(f: Path, text_field: str | None, stats: ReadStats, skip_bad: bool, in_code_dir: bool) -> Iterator[Document]:
-    stats.files += 1
-    name = f.name
+def read_file(f: str | Path, text_field: str | None, stats: ReadStats, skip_bad: bool, in_code_dir: bool,
+              start: int = 0, end: int | None = None, first_line: int = 1) -> Iterator[Document]:
+    """One input file's documents (a .jsonl's lines [start, end) only, when given)."""
+    name = str(f).rsplit("/", 1)[-1]
     if name.endswith((".jsonl", ".jsonl.zst", ".json.zst")):
-        yield from read_jsonl_documents(f, text_field, stats, skip_bad)
+        yield from read_jsonl_documents(f, text_field, stats, skip_bad, start, end, first_line)
     elif name.endswith(".parquet"):
         yield from read_parquet(f, text_field, stats, skip_bad)
     else:
         yield from read_text_file(f, stats, skip_non_utf8=in_code_dir and not name.endswith(TEXT_EXTENSIONS))
-
-
-def read_hf_dataset(name: str, text_field: str | None, stats: ReadStats, skip_bad: bool,
-                    split: str = "train") -> Iterator[Document]:
-    """Streams a Hugging Face dataset by name (online). SlimPajama's GitHub rows are dropped
-    (TinyLlama used Starcoderdata for code instead); Starcoderdata's text is `content`."""
-    try:
-        import datasets
-    except ImportError:
-        raise SourceError(f"{name}: reading a Hugging Face dataset needs the datasets package (pip install datasets)") from None
-    try:
-        ds = datasets.load_dataset(name, split=split, streaming=True)
-    except Exception as e:
-        raise SourceError(f"{name}: cannot open Hugging Face dataset ({type(e).__name__}: {e}); "
-                          "offline, pass local files instead") from None
-    rows = ((f"{name}[{i}]", row) for i, row in enumerate(ds))
-    yield from _rows_to_documents(rows, text_field, stats, skip_bad)

