@@ -29,6 +29,12 @@ from .parts import Plan, run_units
 _tokenizers: dict[str, Tokenizer] = {}     # per worker process: loaded once, its piece cache kept warm
 
 
+def seed_tokenizer(plan: Plan, tok: Tokenizer) -> None:
+    """Hands the tokenizer prepare already loaded to this process's tasks (and, through fork,
+    to the worker processes): no second load, and one piece cache."""
+    _tokenizers[plan.settings["tokenizer_dir"] or ""] = tok
+
+
 def plan_tokenizer(plan: Plan) -> Tokenizer:
     key = plan.settings["tokenizer_dir"] or ""
     if key not in _tokenizers:
@@ -72,40 +78,26 @@ class MergeParts(PipelineStep):
         finish(Path(self.work))
 
 
-class _QuietLocalExecutor(LocalPipelineExecutor):
-    """datatrove's local executor with task logs in files only (errors still reach the
-    terminal): the terminal shows prepare's own progress bar."""
-
-    def _run_for_rank(self, rank: int, local_rank: int = 0, node_rank: int = -1):
-        from loguru import logger
-
-        try:
-            return super()._run_for_rank(rank, local_rank + 1, node_rank)
-        finally:
-            logger.remove()       # datatrove re-adds a DEBUG-level terminal sink after each task
-            logger.add(sys.stderr, level="WARNING")
-
-
 @contextmanager
 def _quiet_loguru():
-    """datatrove logs through loguru; on the terminal, only its warnings and errors show (each
-    task's full log is in the work folder's logs/)."""
+    """datatrove logs through loguru, task by task, to the terminal; prepare shows its own
+    progress instead, and errors reach the user as exceptions."""
     from loguru import logger
 
-    os.environ.setdefault("LOGURU_LEVEL", "WARNING")      # the worker processes' loguru default
-    logger.remove()
-    logger.add(sys.stderr, level="WARNING")
+    logger.disable("datatrove")          # inherited by forked workers
     try:
         yield
     finally:
-        logger.remove()
-        logger.add(sys.stderr)
+        logger.enable("datatrove")
 
 
 def run_local(work: Path, *, tasks: int, workers: int, local_tasks: int = -1, rank_offset: int = 0) -> None:
-    executor = _QuietLocalExecutor(
+    executor = LocalPipelineExecutor(
         pipeline=[TokenizeUnits(str(work))], tasks=tasks, workers=min(workers, tasks),
         logging_dir=str(work / "logs"), local_tasks=local_tasks, local_rank_offset=rank_offset,
+        # fork: workers start with the tokenizer already loaded (forkserver would re-import and
+        # reload it in each, ~1 s); they never touch the progress bar the parent's thread owns
+        start_method="fork" if sys.platform == "linux" else "spawn",
         # our part files say which units are done; datatrove's per-task marks would be wrong
         # for a resumed run with another task count
         skip_completed=False)

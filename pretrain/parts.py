@@ -169,7 +169,13 @@ def clear_errors(work: Path) -> None:
 
 
 def remove(work: Path) -> None:
-    shutil.rmtree(work, ignore_errors=True)
+    """Removes a work folder all at once (renamed first: a kill mid-way cannot leave parts
+    without their plan)."""
+    if not work.exists():
+        return
+    gone = work.with_name(f"{work.name}.removing-{os.getpid()}")
+    os.replace(work, gone)
+    shutil.rmtree(gone, ignore_errors=True)
 
 
 # ---- helpers -------------------------------------------------------------------------------

@@ -44,7 +44,7 @@ from pathlib import Path
 from tinyllama.errors import UserError, report
 from tinyllama.tokenizer import Tokenizer
 
-from .engine import run_local, submit_slurm
+from .engine import run_local, seed_tokenizer, submit_slurm
 from .merge import SEPARATOR_POLICY, merge  # noqa: F401  (SEPARATOR_POLICY: part of this module's API)
 from .parts import (
     Plan,
@@ -80,7 +80,7 @@ class PrepareConfig:
     split: str = "train"                        # HF dataset split
     progress: bool = True
     unit_mb: float | None = None                # None: about 4 units per worker, 1-64 MiB each
-    tasks: int | None = None                    # engine tasks (None: 8 per worker, at most one per unit)
+    tasks: int | None = None                    # engine tasks (None: 4 per worker, at most one per unit)
     local_tasks: int = -1                       # this machine runs tasks [rank_offset, rank_offset + local_tasks)
     rank_offset: int = 0
     retries: int = 5                            # per remote (hub) unit, with backoff
@@ -124,6 +124,7 @@ def prepare(cfg: PrepareConfig) -> dict | None:
     t0 = time.perf_counter()
     try:
         plan = _start(cfg, tok, out, work)
+        seed_tokenizer(plan, tok)
         if cfg.executor == "slurm":
             logs = out.with_name(f"{out.name}.slurm-logs")
             ids = submit_slurm(work, logs, tasks=cfg.tasks or min(len(plan.units), 1000),
@@ -200,6 +201,10 @@ def _start(cfg: PrepareConfig, tok: Tokenizer, out: Path, work: Path) -> Plan:
             return old
         print(f"discarding the unfinished run in {work}: {why}", file=sys.stderr)
         remove(work)
+    elif cfg.local_tasks == -1:
+        remove(work)      # a kill during planning left parts without a plan (several machines plan alike)
+    for stale in work.parent.glob(f"{work.name}.removing-*"):
+        shutil.rmtree(stale, ignore_errors=True)
     units, code_dir = plan_units(str(cfg.source), unit_bytes=int(cfg.unit_mb * 2**20) if cfg.unit_mb else None,
                                  parallelism=cfg.workers, extensions=cfg.extensions, exclude=cfg.exclude,
                                  split=cfg.split)
@@ -226,7 +231,7 @@ def _tokenize(cfg: PrepareConfig, plan: Plan, work: Path) -> None:
     todo = len(plan.units) - len(done_units(work))
     if todo == 0:
         return
-    tasks = cfg.tasks or min(len(plan.units), 8 * cfg.workers)
+    tasks = cfg.tasks or min(len(plan.units), 4 * cfg.workers)
     with _progress_monitor(cfg.progress, plan, work):
         run_local(work, tasks=tasks, workers=cfg.workers, local_tasks=cfg.local_tasks, rank_offset=cfg.rank_offset)
     error = first_error(work)
@@ -339,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
     eng.add_argument("--executor", choices=EXECUTORS, default="local",
                      help="local: this machine's cores; slurm: submit a job array and a merge job (default: local)")
     eng.add_argument("--tasks", type=int,
-                     help="tasks the units are dealt to (default: local 8 per worker, slurm one per unit up to 1000)")
+                     help="tasks the units are dealt to (default: local 4 per worker, slurm one per unit up to 1000)")
     eng.add_argument("--unit-mb", type=float,
                      help="input MiB per unit (default: about 4 units per worker, 1-64 MiB; a hub file is one unit)")
     eng.add_argument("--local-tasks", type=int, default=-1,

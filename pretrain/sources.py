@@ -241,13 +241,14 @@ def read_text_file(path: str | Path, stats: ReadStats, skip_non_utf8: bool = Fal
     yield from _emit(text, str(path), stats)
 
 
-def walk_files(root: Path, extensions: tuple[str, ...]) -> list[Path]:
+def walk_files(root: Path, extensions: tuple[str, ...], exclude: tuple[str, ...] = ()) -> list[str]:
+    """Files under root with one of the extensions, in sorted walk order; hidden folders,
+    __pycache__ and any folder or file named in `exclude` are skipped."""
     out = []
+    skip = set(exclude) | {"__pycache__"}
     for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d != "__pycache__")
-        for f in sorted(filenames):
-            if f.endswith(extensions):
-                out.append(Path(dirpath) / f)
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d not in skip)
+        out += [os.path.join(dirpath, f) for f in sorted(filenames) if f.endswith(extensions) and f not in skip]
     return out
 
 

@@ -32,7 +32,13 @@ from tinyllama.hub import resolve_model
 from tinyllama.kernels import cross_entropy
 from tinyllama.precision import DtypeChoice, choose_dtype
 
-from .checkpointing import find_resume_state, load_training_state, save_hf_model, save_training_state, step_name
+from .checkpointing import (
+    find_resume_state,
+    load_training_state,
+    save_hf_model,
+    save_training_state,
+    step_name,
+)
 from .config import ConfigError, TrainConfig
 from .data import BatchLoader, Mixture
 from .distributed import Dist
@@ -66,7 +72,9 @@ def build_model(cfg: TrainConfig, env: Dist, model_cfg: ModelConfig, dtype: torc
     model.to(env.device)
 
     if cfg.activation_checkpointing:
-        from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+        from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+            checkpoint_wrapper,
+        )
 
         for i, block in enumerate(model.model.layers):
             model.model.layers[i] = checkpoint_wrapper(block)

@@ -79,37 +79,36 @@ def plan_units(source: str, *, unit_bytes: int | None = None, parallelism: int =
     path = Path(source)
     if path.is_dir():
         exts = extensions or (".jsonl", ".jsonl.zst", ".parquet") + TEXT_EXTENSIONS + CODE_EXTENSIONS
-        files = [f for f in walk_files(path, tuple(exts))
-                 if not any(part in exclude for part in f.relative_to(path).parts)]
+        files = walk_files(path, tuple(exts), exclude)
         if not files:
             raise SourceError(f"{path}: no files with extension {', '.join(exts)}")
         return _group(files, unit_bytes or auto_unit_bytes(files, parallelism)), True
     if path.exists():
-        return _group([path], unit_bytes or auto_unit_bytes([path], parallelism)), False
+        return _group([str(path)], unit_bytes or auto_unit_bytes([str(path)], parallelism)), False
     if looks_like_local_path(str(source)):
         raise SourceError(f"{source}: no such file or directory")
     return [Unit((Segment(url),), 0) for url in hub_data_files(str(source), split)], False
 
 
-def auto_unit_bytes(files: list[Path], parallelism: int) -> int:
-    total = sum(f.stat().st_size for f in files)
+def auto_unit_bytes(files: list[str], parallelism: int) -> int:
+    total = sum(os.path.getsize(f) for f in files)
     return int(min(64 << 20, max(1 << 20, total // (4 * max(1, parallelism)))))
 
 
-def _group(files: list[Path], unit_bytes: int) -> list[Unit]:
+def _group(files: list[str], unit_bytes: int) -> list[Unit]:
     """Consecutive files up to `unit_bytes` per unit; a large .jsonl alone, in line-aligned ranges."""
     units: list[Unit] = []
     group: list[Segment] = []
     size = 0
     for f in files:
-        n = f.stat().st_size
-        if f.name.endswith(".jsonl") and n > unit_bytes:
+        n = os.path.getsize(f)
+        if f.endswith(".jsonl") and n > unit_bytes:
             if group:
                 units.append(Unit(tuple(group), size))
                 group, size = [], 0
             units += [Unit((seg,), (seg.end or n) - seg.start) for seg in jsonl_ranges(f, n, unit_bytes)]
             continue
-        group.append(Segment(str(f)))
+        group.append(Segment(f))
         size += n
         if size >= unit_bytes:
             units.append(Unit(tuple(group), size))
@@ -119,7 +118,7 @@ def _group(files: list[Path], unit_bytes: int) -> list[Unit]:
     return units
 
 
-def jsonl_ranges(path: Path, size: int, unit_bytes: int) -> list[Segment]:
+def jsonl_ranges(path: str | Path, size: int, unit_bytes: int) -> list[Segment]:
     """[start, end) ranges of about unit_bytes each, cut just after a newline, with the line
     number each starts at (newlines counted once, at memory speed)."""
     segments, start, line = [], 0, 1

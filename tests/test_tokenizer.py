@@ -83,6 +83,18 @@ def test_batch_equals_single(llama2_tokenizer):
     assert llama2_tokenizer.encode_batch(texts, bos=False, eos=True)[0][-1] == 2
 
 
+def test_safe_cuts_between_letters_and_marks(llama2_tokenizer):
+    """The splitter cuts between ASCII letters and the punctuation that never touches a letter
+    in a piece; where a mark does (</s>, 's>, /s), or a non-ASCII letter is next, it must not."""
+    cut = llama2_tokenizer._words.findall
+    assert cut("▁self.assertEqual(x,") == ["▁self", ".", "assertEqual", "(", "x", ","]
+    assert cut("▁</s>") == ["▁</s>"] and cut("▁naïve.") == ["▁naïve."]
+    texts = ["</s> <s> <unk> a/s b<s c<u k> s> http://x.y/s?q=1&r=<u>", "naïve.café,über(é)ñ[ß]", "it's 'quoted' \"x\"",
+             "x->y <=> a<b>c a_b__c __init__ self._x.y_z() #!/usr/bin/env", "«guillemets».”quote”, ‘x’"]
+    texts += ["".join(random.Random(i).choice("aZ/<>'.,_(é東 ") for _ in range(200)) for i in range(300)]
+    assert llama2_tokenizer.encode_batch(texts) == [llama2_tokenizer.encode(t) for t in texts]
+
+
 @pytest.mark.parametrize("text", ["Hello world", "  two leading spaces", "def f(x):\n    return x ** 2\n",
                                   "naïve 東京 🦙", "byte fallback: \x01\x02"])
 def test_decode_round_trip(llama2_tokenizer, text):
