@@ -91,7 +91,10 @@ def main(argv: list[str] | None = None) -> int:
         ("GGUF sizes and llama.cpp decode (`python -m bench.gguf`)", gguf_tables),
         ("Speculative decoding, the CPU-default pair (`python -m bench.speculative`)" if have_pairs else
          "Speculative decoding (`python -m bench.speculative`)",
-         (lambda: "\n\n".join(speculative.run(t, d) for t, d in pairs)) if have_pairs else
+         (lambda: "\n\n".join([speculative.run(t, d) for t, d in pairs] +
+                               ["Prompt lookup (`--draft ngram`, no draft model), on code to copy and on chat:"] +
+                               [speculative.run(t, "ngram", ks=(2, 4), repeats=2, prompt_set=ps)
+                                for t, _ in pairs for ps in ("copy", "chat")])) if have_pairs else
          (lambda: "Not measured: run `make run` first (it trains the target and its draft).")),
         ("Server under load (`python -m bench.server_load`)",
          lambda: server_load.run(duration_s=20.0 if args.quick else 60.0)),

@@ -2,6 +2,7 @@
 
     python -m demo                              # what `make run` left: the chat GGUF + its draft
     python -m demo --model out/sft --draft out/draft/sft
+    python -m demo --model out/sft --draft ngram                # prompt lookup: no draft model
     python -m demo --model llama-2-7b-chat.Q4_K_M.gguf --draft out/gguf/tinyllama-debug-chat-Q8_0.gguf
     python -m demo --model TinyLlama/TinyLlama-1.1B-Chat-v1.0 --no-draft            # from the hub
     python -m demo --model TheBloke/Llama-2-7B-Chat-GGUF:Q4_K_M --draft TinyLlama/TinyLlama-1.1B-Chat-v1.0
@@ -28,7 +29,8 @@ def main(argv: list[str] | None = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help=f"{MODEL_HELP} (default: {DEFAULT_MODEL})")
     ap.add_argument("--revision", help="hub revision of --model (default: main)")
-    ap.add_argument("--draft", default=None, help="draft model for speculative decoding, any form --model takes "
+    ap.add_argument("--draft", default=None, help="draft model for speculative decoding, any form --model takes, "
+                                                  "or ngram[:N] for prompt lookup (no draft model) "
                                                   f"(default: {DEFAULT_DRAFT} when it exists)")
     ap.add_argument("--chat-template", metavar="NAME|FILE", help=CHAT_TEMPLATE_HELP)
     ap.add_argument("--no-draft", action="store_true", help="no draft even if the default one exists")

@@ -4,6 +4,7 @@ folder of them.
     python -m serve --model out/gguf/tinyllama-19m-chat-Q4_K_M.gguf            # make serve
     python -m serve --model llama-2-7b.Q4_K_M.gguf --draft tinyllama-Q4_K_M.gguf --num-draft 4
     python -m serve --model TheBloke/Llama-2-7B-Chat-GGUF:Q4_K_M --draft TheBloke/TinyLlama-1.1B-Chat-v1.0-GGUF:Q4_K_M
+    python -m serve --model out/gguf/tinyllama-19m-chat-Q4_K_M.gguf --draft ngram   # prompt lookup
     python -m serve --models-dir out/gguf --api-key sk-local                   # "model": "<file name>"
     curl localhost:8000/v1/chat/completions -H 'Content-Type: application/json' \\
          -d '{"messages": [{"role": "user", "content": "What does len() do?"}]}'

@@ -32,6 +32,7 @@ from tinyllama.generate import (
     check_same_vocabulary,
     generate,
 )
+from tinyllama.lookup import NgramDraft
 from tinyllama.tokenizer import Tokenizer
 
 
@@ -52,12 +53,12 @@ class ModelNotFound(UserError):
 
 
 class Engine:
-    def __init__(self, target: Backend, tokenizer: Tokenizer, model_id: str, draft: Backend | None = None,
+    def __init__(self, target: Backend, tokenizer: Tokenizer, model_id: str, draft: Backend | NgramDraft | None = None,
                  num_draft: int = 4, adaptive_draft: bool = False, chat_template: str | None = None) -> None:
         """chat_template: a built-in template's name or a .jinja file instead of the model's own."""
         if num_draft < 1:
             raise ValueError(f"num_draft must be >= 1, got {num_draft}")
-        if draft is not None:
+        if draft is not None and not isinstance(draft, NgramDraft):
             check_same_vocabulary(target, draft)       # refuse a mismatched draft at load, not per request
         self.target, self.draft, self.tokenizer = target, draft, tokenizer
         self.model_id = model_id
@@ -70,15 +71,17 @@ class Engine:
     def load(cls, model: str | os.PathLike, draft: str | os.PathLike | None = None, num_draft: int = 4,
              n_ctx: int = 2048, adaptive_draft: bool = False, dtype: str = "auto", n_gpu_layers: int = 0,
              revision: str | None = None, chat_template: str | None = None) -> "Engine":
-        """model, draft: model references (tinyllama.hub: paths, hub ids, org/name:QUANT);
+        """model, draft: model references (tinyllama.hub: paths, hub ids, org/name:QUANT); draft
+        `ngram` or `ngram:N`: prompt-lookup drafting, no draft model (tinyllama.lookup);
         revision: the hub revision of `model`; dtype: PyTorch models' compute dtype (auto:
         measured, tinyllama.precision); n_gpu_layers: GGUF layers llama.cpp offloads to a GPU
         (-1: all; needs a CUDA or Metal build); chat_template: a built-in name or .jinja file
         instead of the model's own template."""
         target, tok = load_backend(model, n_ctx=n_ctx, dtype=dtype, n_gpu_layers=n_gpu_layers, revision=revision)
         try:
-            draft_backend = load_backend(draft, n_ctx=n_ctx, dtype=dtype, n_gpu_layers=n_gpu_layers,
-                                         flag="--draft")[0] if draft else None
+            lookup = NgramDraft.parse(str(draft)) if draft else None
+            draft_backend = lookup or (load_backend(draft, n_ctx=n_ctx, dtype=dtype, n_gpu_layers=n_gpu_layers,
+                                                    flag="--draft")[0] if draft else None)
         except BaseException:
             target.close()
             raise
@@ -233,7 +236,8 @@ def add_model_arguments(ap: argparse.ArgumentParser, required: bool = True) -> N
     ap.add_argument("--model", required=required, help=MODEL_HELP)
     ap.add_argument("--revision", help="hub revision (branch, tag or commit) of --model (default: main)")
     ap.add_argument("--draft", help="a draft model with the same vocabulary, for speculative decoding: any form "
-                                    "--model takes (org/name@REV for a revision)")
+                                    "--model takes (org/name@REV for a revision); or `ngram[:N]`: prompt lookup, "
+                                    "drafts copied from where the last N (default 3) tokens occurred before, no model")
     ap.add_argument("--chat-template", metavar="NAME|FILE", help=CHAT_TEMPLATE_HELP)
     ap.add_argument("--num-draft", type=int, default=4, help="tokens drafted per step (default: %(default)s)")
     ap.add_argument("--adaptive-draft", action="store_true",

@@ -248,3 +248,63 @@ def test_gguf_backend_greedy_and_speculative(gguf_pair):
     finally:
         g_target.close()
         g_draft.close()
+
+
+# ---- prompt lookup (n-gram) drafting ----------------------------------------------------------------
+
+def test_ngram_proposals():
+    from tinyllama.lookup import NgramDraft
+
+    d = NgramDraft(max_ngram=3)
+    #            0  1  2  3  4  5  6  7  8  9
+    context = [1, 5, 6, 7, 8, 9, 5, 6, 7, 2, 5, 6, 7]
+    assert d.propose(context, 3) == [2, 5, 6]          # latest earlier "5 6 7" is at 6..8
+    assert d.propose(context, 10) == [2, 5, 6, 7]      # never past the end of the context
+    assert d.propose([1, 2, 3, 4], 4) == []             # no earlier match of any length
+    assert d.propose([4, 9, 4], 2) == [9, 4]            # falls back to shorter n-grams
+    assert NgramDraft.parse("ngram").max_ngram == 3 and NgramDraft.parse("ngram:5").max_ngram == 5
+    assert NgramDraft.parse("out/draft") is None and NgramDraft.parse("org/ngram-model") is None
+
+
+def test_ngram_drafting_is_token_identical_to_greedy(pair):
+    from tinyllama.lookup import NgramDraft
+
+    target, _ = pair
+    prompt = [1, 7, 8, 9, 10, 11, 7, 8, 9, 10, 11, 7, 8]            # repetitive: lookups find matches
+    ref = naive_greedy(target, prompt, 20)
+    gen = generate(target, prompt, max_new_tokens=20, draft_model=NgramDraft(2), num_draft=3)
+    assert list(gen) == ref
+    assert gen.stats.drafted > 0 and gen.stats.draft_rounds > 0
+    backend = TorchBackend(target)
+    assert list(generate(backend, prompt, max_new_tokens=20, draft_model=NgramDraft(3), adaptive_draft=True)) == ref
+    assert backend.cached_tokens() <= len(prompt) + 20
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sampling", [dict(temperature=1.0), dict(temperature=0.7, top_k=4, repetition_penalty=1.5)])
+def test_ngram_sampling_matches_the_target_distribution(sampling):
+    from tinyllama.lookup import NgramDraft
+
+    V, n = 6, 3
+    g = torch.Generator().manual_seed(0)
+    target = Stub(torch.randn(V, V, generator=g) * 1.5, "target")
+    prompt = [0, 1, 2, 0, 1]                 # the tail "0 1" recurs: the lookup proposes "2 0 ..."
+    expected = {}
+    for seq in itertools.product(range(V), repeat=n):
+        prob, ctx = 1.0, list(prompt)
+        for tok in seq:
+            kw = {"top_k": None, "top_p": None, "repetition_penalty": 1.0, **sampling}
+            prob *= float(process_logits(target.table[ctx[-1]], ctx, SamplingParams(**kw))[tok])
+            ctx.append(tok)
+        expected[seq] = prob
+    trials = 6000
+    counts = Counter(tuple(generate(target, prompt, max_new_tokens=n, seed=s, draft_model=NgramDraft(2), num_draft=2,
+                                    **sampling)) for s in range(trials))
+    cells = [seq for seq, p in expected.items() if p * trials >= 5]
+    obs = [counts[c] for c in cells] + [trials - sum(counts[c] for c in cells)]
+    exp = [expected[c] * trials for c in cells] + [trials * (1 - sum(expected[c] for c in cells))]
+    pairs = [(o, e) for o, e in zip(obs, exp) if e > 0]
+    chi2 = sum((o - e) ** 2 / e for o, e in pairs)
+    dof = len(pairs) - 1
+    critical = dof * (1 - 2 / (9 * dof) + 3.09 * (2 / (9 * dof)) ** 0.5) ** 3
+    assert chi2 < critical, (chi2, critical, dof)

@@ -25,6 +25,11 @@ Both KV caches roll back to the accepted length by prefix reuse (see backends.py
 assisted generation does: k + 2 after a round whose drafts were all accepted, k - 1 (at least
 1) after a rejection, never above MAX_ADAPTIVE_DRAFT. k depends only on rounds already decided,
 so the output distribution (and greedy identity) is unchanged.
+
+`draft_model=NgramDraft()` (tinyllama.lookup; `--draft ngram[:N]`) drafts by prompt lookup
+instead of a model: the continuation of the context's tail where it occurred before. Its
+proposal is a point mass q = onehot(x), verified the same way (accepted with probability p(x),
+else a token from p without x), so it is exact too; a round with no match is a plain step.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ import torch
 
 from .backends import Backend, TorchBackend
 from .errors import UserError
+from .lookup import NgramDraft
 from .model import Llama
 
 
@@ -178,14 +184,16 @@ class Generation:
     """An iterator of new token ids (batch size 1) with `.stats`, filled in as it runs."""
 
     def __init__(self, model: Llama | Backend, prompt_ids: Sequence[int], sampling: SamplingParams = SamplingParams(),
-                 stop_ids: Iterable[int] = (), draft_model: Llama | Backend | None = None, num_draft: int = 4,
+                 stop_ids: Iterable[int] = (), draft_model: Llama | Backend | NgramDraft | None = None, num_draft: int = 4,
                  adaptive_draft: bool = False) -> None:
         if not len(prompt_ids):
             raise ValueError("generate() needs at least one prompt token (e.g. BOS)")
         if num_draft < 1:
             raise ValueError(f"num_draft must be >= 1, got {num_draft}")
         self.target = _as_backend(model)
-        self.draft = _as_backend(draft_model) if draft_model is not None else None
+        # a model draft (a Backend), or prompt lookup (NgramDraft: proposals without a model)
+        self.lookup = draft_model if isinstance(draft_model, NgramDraft) else None
+        self.draft = _as_backend(draft_model) if draft_model is not None and self.lookup is None else None
         if self.draft is not None:
             check_same_vocabulary(self.target, self.draft)
         self.sampling = sampling
@@ -203,6 +211,7 @@ class Generation:
         self.stats = GenerationStats(prompt_tokens=len(self.prompt))
         # Backends made here for a bare Llama free their KV cache when generation ends.
         self._owned = [b for b, m in ((self.target, model), (self.draft, draft_model)) if b is not None and b is not m]
+        self._speculating = self.draft is not None or self.lookup is not None
         self._it = self._run()
 
     def __iter__(self) -> "Generation":
@@ -222,7 +231,7 @@ class Generation:
             self.stats.stop_reason = "length"
             return
         try:
-            yield from (self._speculative() if self.draft is not None else self._plain())
+            yield from (self._speculative() if self._speculating else self._plain())
         finally:
             for backend in self._owned:
                 backend.close()
@@ -282,18 +291,22 @@ class Generation:
         # Prefill both caches (timed as the prefill); each later call recomputes only the last
         # context position, whose logits it needs.
         self.target.logits(context, 1)
-        self.draft.logits(context, 1)
+        if self.draft is not None:
+            self.draft.logits(context, 1)
         self.stats.prefill_seconds = time.perf_counter() - t0
+        draft_length = self.draft.context_length if self.draft is not None else self.target.context_length
         while True:
             t0 = time.perf_counter()
             left = self.max_new_tokens - self.stats.generated_tokens
             k = min(self.num_draft, left - 1, self.target.context_length - len(context) - 1,
-                    self.draft.context_length - len(context) - 1)
-            if k < 1:
-                new_tokens = self._plain_step(context)
+                    draft_length - len(context) - 1)
+            proposal = self.lookup.propose(context, k) if self.lookup is not None and k >= 1 else None
+            if k < 1 or proposal == []:
+                new_tokens = self._plain_step(context)      # nothing to verify: one plain step
             else:
                 accepted_before = self.stats.accepted
-                new_tokens = self._draft_and_verify(context, k)
+                new_tokens = self._draft_and_verify(context, k, proposal)
+                k = len(proposal) if proposal is not None else k
                 if self.adaptive_draft:
                     all_accepted = self.stats.accepted - accepted_before == k
                     self.num_draft = min(self.num_draft + 2, MAX_ADAPTIVE_DRAFT) if all_accepted else \
@@ -311,10 +324,14 @@ class Generation:
         self.stats.target_calls += 1
         return [self._next_token(logits, context)]
 
-    def _draft_and_verify(self, context: list[int], k: int) -> list[int]:
+    def _draft_and_verify(self, context: list[int], k: int, proposal: list[int] | None = None) -> list[int]:
+        """One round: k drafts (from the draft model, or `proposal` from prompt lookup),
+        verified by one target pass over k + 1 positions."""
         drafts: list[int] = []
         qs: list[torch.Tensor] = []        # the draft's distributions (sampling only)
-        for _ in range(k):
+        if proposal is not None:
+            drafts, k = list(proposal), len(proposal)
+        for _ in range(k if proposal is None else 0):
             logits = self.draft.logits(context + drafts, 1)[0]
             if self.greedy:
                 drafts.append(self._next_token(logits, context + drafts))
@@ -323,6 +340,10 @@ class Generation:
                 drafts.append(self._pick(q))
                 qs.append(q)
         target_logits = self.target.logits(context + drafts, k + 1)            # (k+1, vocab)
+        if proposal is not None and not self.greedy:
+            # a point-mass proposal: accepted with probability p(x), else resampled from p without x
+            qs = [torch.nn.functional.one_hot(torch.tensor(x), target_logits.shape[-1]).to(target_logits.dtype)
+                  for x in drafts]
         self.stats.target_calls += 1
         self.stats.draft_rounds += 1
         self.stats.drafted += k
@@ -333,7 +354,8 @@ class Generation:
             # Roll both caches back to the accepted tokens (the last new token is not cached yet).
             n_ok = len(context) + max(0, len(out) - 1)
             self.target.trim(n_ok)
-            self.draft.trim(n_ok)
+            if self.draft is not None:
+                self.draft.trim(n_ok)
 
     def _accept(self, context: list[int], drafts: list[int], qs: list[torch.Tensor], target_logits: torch.Tensor,
                 out: list[int]) -> list[int]:
@@ -373,7 +395,7 @@ class Generation:
 
 
 def generate(model: Llama | Backend, prompt_ids: Sequence[int], sampling: SamplingParams | None = None, *,
-             stop_ids: Iterable[int] = (), draft_model: Llama | Backend | None = None, num_draft: int = 4,
+             stop_ids: Iterable[int] = (), draft_model: Llama | Backend | NgramDraft | None = None, num_draft: int = 4,
              adaptive_draft: bool = False, **settings) -> Generation:
     """Streams new token ids; see the module docstring. `sampling` (default: greedy, 64 tokens),
     with any SamplingParams field given as a keyword replacing its value:
