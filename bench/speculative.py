@@ -116,6 +116,7 @@ def _row(config, tokens_per_s, accepted_per_drafted=None, alpha=None, c=None, sp
 def measure(target_path: str, draft_path: str, ks=(1, 2, 4, 6), tokens: int = 48, n_prompts: int = 6,
             repeats: int = 3, prompt_set: str = "chat") -> tuple[str, list[dict]]:
     from tinyllama.backends import load_backend
+    from tinyllama.draft_policy import AutoDraftLength
     from tinyllama.generate import check_same_vocabulary
     from tinyllama.lookup import NgramDraft
 
@@ -137,6 +138,8 @@ def measure(target_path: str, draft_path: str, ks=(1, 2, 4, 6), tokens: int = 48
     configs = [("plain target", target, {})] + ([("plain draft", draft, {})] if lookup is None else [])
     configs += [(f"speculative k={k}", target, dict(draft=draft, k=k)) for k in ks]
     configs += [("speculative adaptive k", target, dict(draft=draft, k=4, adaptive=True))]
+    # auto: one policy for all prompts and rounds, as the engine keeps one across requests
+    configs += [("speculative auto k", target, dict(draft=draft, k=AutoDraftLength()))]
     best: dict[str, tuple] = {}
     for _ in range(repeats):
         for name, model, kw in configs:
@@ -166,6 +169,11 @@ def measure(target_path: str, draft_path: str, ks=(1, 2, 4, 6), tokens: int = 48
         raise AssertionError("adaptive k: speculative output differs from plain greedy decoding")
     rows.append(_row(f"speculative adaptive k (from 4; mean {drafted / max(1, passes):.1f})", n_tokens / t_spec,
                      accepted / max(1, drafted), c=c, speedup=t_plain / t_spec))
+    out, t_spec, drafted, accepted, passes = best["speculative auto k"]
+    if out != plain:
+        raise AssertionError("auto k: speculative output differs from plain greedy decoding")
+    rows.append(_row(f"speculative auto k (mean {drafted / max(1, passes):.1f} per target pass)", n_tokens / t_spec,
+                     accepted / drafted if drafted else None, c=c, speedup=t_plain / t_spec))
     target.close()
     draft.close()
     drafter = draft.name if lookup is not None else Path(draft_path).name

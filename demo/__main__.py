@@ -18,7 +18,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from tinyllama.cli import CHAT_TEMPLATE_HELP, MODEL_HELP
+from tinyllama.cli import CHAT_TEMPLATE_HELP, MODEL_HELP, NUM_DRAFT_HELP, draft_length
 
 DEFAULT_MODEL = Path("out/gguf/tinyllama-19m-chat-Q4_K_M.gguf")
 DEFAULT_DRAFT = Path("out/gguf/tinyllama-debug-chat-Q8_0.gguf")
@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
                                                   f"(default: {DEFAULT_DRAFT} when it exists)")
     ap.add_argument("--chat-template", metavar="NAME|FILE", help=CHAT_TEMPLATE_HELP)
     ap.add_argument("--no-draft", action="store_true", help="no draft even if the default one exists")
-    ap.add_argument("--num-draft", type=int, default=4, help="tokens drafted per step (default: %(default)s)")
+    ap.add_argument("--num-draft", type=draft_length, default="auto", help=NUM_DRAFT_HELP)
     ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                     help="compute dtype of checkpoint directories; auto: bf16 only where a timed bf16 matmul "
                          "decodes faster here (default: %(default)s)")
@@ -42,8 +42,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--port", type=int, default=7860, help="(default: %(default)s)")
     ap.add_argument("--share", action="store_true", help="ask Gradio for a public share link")
     args = ap.parse_args(argv)
-    if args.num_draft < 1:
-        ap.error(f"--num-draft must be >= 1, got {args.num_draft}")
     model = args.model or str(DEFAULT_MODEL)
     draft = None if args.no_draft else (args.draft or (str(DEFAULT_DRAFT) if DEFAULT_DRAFT.exists() else None))
     if args.model is None and not DEFAULT_MODEL.exists():

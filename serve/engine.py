@@ -24,7 +24,8 @@ from pathlib import Path
 
 from tinyllama.backends import Backend, load_backend
 from tinyllama.chat import apply_chat_template, template_of
-from tinyllama.cli import CHAT_TEMPLATE_HELP, MODEL_HELP
+from tinyllama.cli import CHAT_TEMPLATE_HELP, MODEL_HELP, NUM_DRAFT_HELP, draft_length
+from tinyllama.draft_policy import AutoDraftLength
 from tinyllama.errors import NotFound, UserError
 from tinyllama.generate import (
     SamplingParams,
@@ -54,21 +55,23 @@ class ModelNotFound(UserError):
 
 class Engine:
     def __init__(self, target: Backend, tokenizer: Tokenizer, model_id: str, draft: Backend | NgramDraft | None = None,
-                 num_draft: int = 4, adaptive_draft: bool = False, chat_template: str | None = None) -> None:
+                 num_draft: int | str = "auto", adaptive_draft: bool = False, chat_template: str | None = None) -> None:
         """chat_template: a built-in template's name or a .jinja file instead of the model's own."""
-        if num_draft < 1:
-            raise ValueError(f"num_draft must be >= 1, got {num_draft}")
+        if num_draft != "auto" and not (isinstance(num_draft, int) and num_draft >= 1):
+            raise ValueError(f"num_draft must be >= 1 or 'auto', got {num_draft!r}")
         if draft is not None and not isinstance(draft, NgramDraft):
             check_same_vocabulary(target, draft)       # refuse a mismatched draft at load, not per request
         self.target, self.draft, self.tokenizer = target, draft, tokenizer
         self.model_id = model_id
         self.num_draft, self.adaptive_draft = num_draft, adaptive_draft
+        # auto: one policy for every request, so what it learns about this pair carries over
+        self.draft_policy = AutoDraftLength() if num_draft == "auto" else None
         # the target's template (its name is the fallback's hint); where it came from is printed at start-up
         self.template, self.template_origin = template_of(tokenizer, chat_template, target.name)
         self.lock = threading.Lock()
 
     @classmethod
-    def load(cls, model: str | os.PathLike, draft: str | os.PathLike | None = None, num_draft: int = 4,
+    def load(cls, model: str | os.PathLike, draft: str | os.PathLike | None = None, num_draft: int | str = "auto",
              n_ctx: int = 2048, adaptive_draft: bool = False, dtype: str = "auto", n_gpu_layers: int = 0,
              revision: str | None = None, chat_template: str | None = None) -> "Engine":
         """model, draft: model references (tinyllama.hub: paths, hub ids, org/name:QUANT); draft
@@ -123,7 +126,8 @@ class Engine:
             raise RequestError("speculative decoding was asked for but no draft model is loaded", "speculative")
         draft = self.draft if speculative is None or speculative else None
         gen = generate(self.target, ids, s.replace(max_new_tokens=min(s.max_new_tokens, room)),
-                       stop_ids=list(self.tokenizer.stop_ids), draft_model=draft, num_draft=self.num_draft,
+                       stop_ids=list(self.tokenizer.stop_ids), draft_model=draft,
+                       num_draft=self.draft_policy or self.num_draft,
                        adaptive_draft=self.adaptive_draft)
         return TextStream(gen, self.tokenizer)
 
@@ -239,7 +243,7 @@ def add_model_arguments(ap: argparse.ArgumentParser, required: bool = True) -> N
                                     "--model takes (org/name@REV for a revision); or `ngram[:N]`: prompt lookup, "
                                     "drafts copied from where the last N (default 3) tokens occurred before, no model")
     ap.add_argument("--chat-template", metavar="NAME|FILE", help=CHAT_TEMPLATE_HELP)
-    ap.add_argument("--num-draft", type=int, default=4, help="tokens drafted per step (default: %(default)s)")
+    ap.add_argument("--num-draft", type=draft_length, default="auto", help=NUM_DRAFT_HELP)
     ap.add_argument("--adaptive-draft", action="store_true",
                     help="start at --num-draft and adapt it per round: +2 after a fully accepted round, -1 "
                          "after a rejection (the output is unchanged; only speed)")
@@ -255,7 +259,7 @@ def add_model_arguments(ap: argparse.ArgumentParser, required: bool = True) -> N
 
 def check_model_arguments(ap: argparse.ArgumentParser, args: argparse.Namespace, *more: str) -> None:
     """ap.error unless the model arguments (and the CLI's own counts in `more`) are in range."""
-    for flag in ("num_draft", "n_ctx", *more):
+    for flag in ("n_ctx", *more):
         if getattr(args, flag) < 1:
             ap.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     if args.n_gpu_layers < -1:

@@ -284,7 +284,7 @@ CASES = [
       "--draft {in}/nope.gguf: no such file or directory"),
     C("generate-num-draft-zero", "serve.complete", ["--model", "{ckpt}", "--draft", "{ckpt}", "--num-draft", "0",
                                                      "--prompt", "hi"],
-      "--num-draft must be >= 1, got 0"),
+      "argument --num-draft: must be >= 1 (or auto), got 0"),
     C("generate-prompt-longer-than-context", "serve.complete", ["--model", "{ckpt}", "--prompt", "hello " * 300],
       "the prompt has 302 tokens; the context length is 256"),
     C("generate-negative-max-tokens", "serve.complete", ["--model", "{ckpt}", "--prompt", "hi", "--max-tokens", "-5"],
@@ -306,7 +306,7 @@ CASES = [
     C("serve-draft-other-vocabulary", "serve", ["--model", "{gguf}", "--draft", "{draft_vocab}"],
       "speculative decoding needs the same vocabulary"),
     C("serve-num-draft-zero", "serve", ["--model", "{ckpt}", "--draft", "{ckpt}", "--num-draft", "0"],
-      "--num-draft must be >= 1, got 0"),
+      "argument --num-draft: must be >= 1 (or auto), got 0"),
     C("serve-max-queue-zero", "serve", ["--model", "{ckpt}", "--max-queue", "0"], "--max-queue must be >= 1, got 0"),
 
     # ---- python -m demo (startup only) ---------------------------------------------------------------
@@ -315,7 +315,10 @@ CASES = [
     C("demo-model-without-config", "demo", ["--model", "{noconfig}"], "no config.json"),
     C("demo-truncated-gguf", "demo", ["--model", "{trunc_gguf}"], "trunc.gguf: not a readable GGUF file"),
     C("demo-gguf-not-a-llama", "demo", ["--model", "{gpt2_gguf}"], "general.architecture is 'gpt2'"),
-    C("demo-num-draft-zero", "demo", ["--model", "{ckpt}", "--num-draft", "0"], "--num-draft must be >= 1, got 0"),
+    C("demo-num-draft-zero", "demo", ["--model", "{ckpt}", "--num-draft", "0"],
+      "argument --num-draft: must be >= 1 (or auto), got 0"),
+    C("serve-num-draft-word", "serve", ["--model", "{ckpt}", "--num-draft", "many"],
+      "argument --num-draft: expected auto or an integer, got 'many'"),
 
     # ---- python -m evaluation ----------------------------------------------------------------------
     C("eval-no-model", "evaluation", ["--tasks", "none"], "give --model (or --sweep RUN_DIR)"),

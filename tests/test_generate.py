@@ -13,6 +13,7 @@ import torch
 
 from tinyllama import Llama, ModelConfig
 from tinyllama.backends import Backend, TorchBackend
+from tinyllama.draft_policy import AutoDraftLength
 from tinyllama.generate import SamplingParams, generate, process_logits
 
 
@@ -168,14 +169,24 @@ class Stub(Backend):
 @pytest.mark.slow
 @pytest.mark.parametrize("sampling,adaptive", [(dict(temperature=1.0), False),
                                                (dict(temperature=0.7, top_k=4, repetition_penalty=1.5), False),
-                                               (dict(temperature=1.0), True)])
+                                               (dict(temperature=1.0), True), (dict(temperature=1.0), "auto")])
 def test_speculative_sampling_matches_the_target_distribution(sampling, adaptive):
-    V, n = 6, 3
     g = torch.Generator().manual_seed(0)
-    target = Stub(torch.randn(V, V, generator=g) * 1.5, "target")
-    draft = Stub(torch.randn(V, V, generator=g) * 1.5, "draft")
-    prompt = [0]
-    # exact distribution of the first n tokens under the target alone
+    target = Stub(torch.randn(6, 6, generator=g) * 1.5, "target")
+    draft = Stub(torch.randn(6, 6, generator=g) * 1.5, "draft")
+    # adaptive: k starts at 1 and changes with each round's outcome (k = 1 then 3, or 1 then 1)
+    # auto: one policy across all trials, so its k varies with what it has seen
+    policy = AutoDraftLength() if adaptive == "auto" else None
+    assert_target_distribution(target, [0], sampling, lambda s, n: generate(
+        target, [0], max_new_tokens=n, seed=s, draft_model=draft, num_draft=policy or (1 if adaptive else 2),
+        adaptive_draft=adaptive is True, **sampling))
+
+
+def assert_target_distribution(target: Stub, prompt: list[int], sampling: dict, draw, n: int = 3,
+                               trials: int = 6000) -> None:
+    """Chi-square: the first n tokens of `draw(seed, n)` over `trials` seeds against their exact
+    distribution when sampling from the target alone."""
+    V = target.vocab_size
     expected = {}
     for seq in itertools.product(range(V), repeat=n):
         prob, ctx = 1.0, list(prompt)
@@ -184,11 +195,7 @@ def test_speculative_sampling_matches_the_target_distribution(sampling, adaptive
             prob *= float(process_logits(target.table[ctx[-1]], ctx, SamplingParams(**kw))[tok])
             ctx.append(tok)
         expected[seq] = prob
-    trials = 6000
-    # adaptive: k starts at 1 and changes with each round's outcome (k = 1 then 3, or 1 then 1)
-    counts = Counter(tuple(generate(target, prompt, max_new_tokens=n, seed=s, draft_model=draft,
-                                    num_draft=1 if adaptive else 2, adaptive_draft=adaptive, **sampling))
-                     for s in range(trials))
+    counts = Counter(tuple(draw(s, n)) for s in range(trials))
     # chi-square over the outcomes with enough expected mass; the rest pooled
     cells = [seq for seq, p in expected.items() if p * trials >= 5]
     obs = [counts[c] for c in cells] + [trials - sum(counts[c] for c in cells)]
@@ -285,26 +292,60 @@ def test_ngram_drafting_is_token_identical_to_greedy(pair):
 def test_ngram_sampling_matches_the_target_distribution(sampling):
     from tinyllama.lookup import NgramDraft
 
-    V, n = 6, 3
-    g = torch.Generator().manual_seed(0)
-    target = Stub(torch.randn(V, V, generator=g) * 1.5, "target")
+    target = Stub(torch.randn(6, 6, generator=torch.Generator().manual_seed(0)) * 1.5, "target")
     prompt = [0, 1, 2, 0, 1]                 # the tail "0 1" recurs: the lookup proposes "2 0 ..."
-    expected = {}
-    for seq in itertools.product(range(V), repeat=n):
-        prob, ctx = 1.0, list(prompt)
-        for tok in seq:
-            kw = {"top_k": None, "top_p": None, "repetition_penalty": 1.0, **sampling}
-            prob *= float(process_logits(target.table[ctx[-1]], ctx, SamplingParams(**kw))[tok])
-            ctx.append(tok)
-        expected[seq] = prob
-    trials = 6000
-    counts = Counter(tuple(generate(target, prompt, max_new_tokens=n, seed=s, draft_model=NgramDraft(2), num_draft=2,
-                                    **sampling)) for s in range(trials))
-    cells = [seq for seq, p in expected.items() if p * trials >= 5]
-    obs = [counts[c] for c in cells] + [trials - sum(counts[c] for c in cells)]
-    exp = [expected[c] * trials for c in cells] + [trials * (1 - sum(expected[c] for c in cells))]
-    pairs = [(o, e) for o, e in zip(obs, exp) if e > 0]
-    chi2 = sum((o - e) ** 2 / e for o, e in pairs)
-    dof = len(pairs) - 1
-    critical = dof * (1 - 2 / (9 * dof) + 3.09 * (2 / (9 * dof)) ** 0.5) ** 3
-    assert chi2 < critical, (chi2, critical, dof)
+    assert_target_distribution(target, prompt, sampling, lambda s, n: generate(
+        target, prompt, max_new_tokens=n, seed=s, draft_model=NgramDraft(2), num_draft=2, **sampling))
+
+
+# ---- auto draft length ---------------------------------------------------------------------------------
+
+class SlowStub(Stub):
+    """A Stub that takes time like a model: `step` seconds a call plus `per_token` per extra position."""
+
+    def __init__(self, table, name, step, per_token=0.0):
+        super().__init__(table, name)
+        self.step, self.per_token = step, per_token
+
+    def logits(self, context, n_last=1):
+        import time
+
+        time.sleep(self.step + self.per_token * (n_last - 1))
+        return super().logits(context, n_last)
+
+
+def test_auto_draft_length_is_exact_and_drafts_when_it_pays(pair):
+    from tinyllama.draft_policy import AutoDraftLength
+
+    target, draft = pair
+    prompt = [1, 5, 9, 2]
+    ref = naive_greedy(target, prompt, 24)
+    assert list(generate(target, prompt, max_new_tokens=24, draft_model=draft, num_draft="auto")) == ref
+    # a cheap draft that always agrees: auto drafts long rounds
+    V = 8
+    table = torch.randn(V, V, generator=torch.Generator().manual_seed(3)) * 3
+    tgt, good = SlowStub(table, "target", 0.004, 0.0004), SlowStub(table, "draft", 0.0003)
+    policy = AutoDraftLength()
+    gen = generate(tgt, [0], max_new_tokens=120, draft_model=good, num_draft=policy)
+    out = list(gen)
+    assert out == list(generate(tgt, [0], max_new_tokens=120))
+    assert gen.stats.drafted / gen.stats.draft_rounds >= 3 and policy.alpha > 0.9
+
+
+def test_auto_falls_back_to_plain_when_the_draft_is_always_wrong():
+    from tinyllama.draft_policy import AutoDraftLength
+
+    V = 8
+    table = torch.randn(V, V, generator=torch.Generator().manual_seed(4)) * 3
+    wrong = table.clone()
+    for last in range(V):          # the draft's choice is never the target's
+        wrong[last] = -table[last]
+    tgt, bad = SlowStub(table, "target", 0.003, 0.0005), SlowStub(wrong, "draft", 0.0015)
+    policy = AutoDraftLength()
+    gen = generate(tgt, [0], max_new_tokens=300, draft_model=bad, num_draft=policy)
+    out = list(gen)
+    assert out == list(generate(tgt, [0], max_new_tokens=300))
+    # after the first probe it decodes plainly, probing ever more rarely: the extra work stays
+    # under 5% of plain decoding's 300 target passes (a probe costs one draft call and a 2-token pass)
+    assert gen.stats.accepted == 0 and gen.stats.draft_rounds <= 8, gen.stats
+    assert policy.last_k == 0 and policy.alpha < 0.2          # the prior (0.5 over 2 drafts) decays away

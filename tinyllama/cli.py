@@ -79,3 +79,20 @@ def _argument(f: dataclasses.Field, meta: dict, defaults: dict, raw: bool) -> di
     kwargs["default"] = None if raw else default
     shown = " ".join(map(str, default)) if isinstance(default, list) else default
     return {**kwargs, "help": f"{help_text} (default: {shown})"}
+
+
+NUM_DRAFT_HELP = ("tokens drafted per round, or auto: chosen each round from the measured acceptance rate and "
+                  "costs, 0 (plain decoding) when drafting does not pay (default: %(default)s)")
+
+
+def draft_length(value: str) -> int | str:
+    """argparse type of --num-draft: "auto" or an integer >= 1."""
+    if value == "auto":
+        return value
+    try:
+        k = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected auto or an integer, got {value!r}") from None
+    if k < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1 (or auto), got {k}")
+    return k

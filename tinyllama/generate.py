@@ -26,6 +26,9 @@ assisted generation does: k + 2 after a round whose drafts were all accepted, k 
 1) after a rejection, never above MAX_ADAPTIVE_DRAFT. k depends only on rounds already decided,
 so the output distribution (and greedy identity) is unchanged.
 
+`num_draft="auto"` (or a shared tinyllama.draft_policy.AutoDraftLength) picks each round's k
+from the measured acceptance rate and costs, k = 0 (a plain step) when drafting does not pay.
+
 `draft_model=NgramDraft()` (tinyllama.lookup; `--draft ngram[:N]`) drafts by prompt lookup
 instead of a model: the continuation of the context's tail where it occurred before. Its
 proposal is a point mass q = onehot(x), verified the same way (accepted with probability p(x),
@@ -43,6 +46,7 @@ from typing import Iterable, Iterator, Sequence
 import torch
 
 from .backends import Backend, TorchBackend
+from .draft_policy import AutoDraftLength
 from .errors import UserError
 from .lookup import NgramDraft
 from .model import Llama
@@ -184,12 +188,16 @@ class Generation:
     """An iterator of new token ids (batch size 1) with `.stats`, filled in as it runs."""
 
     def __init__(self, model: Llama | Backend, prompt_ids: Sequence[int], sampling: SamplingParams = SamplingParams(),
-                 stop_ids: Iterable[int] = (), draft_model: Llama | Backend | NgramDraft | None = None, num_draft: int = 4,
-                 adaptive_draft: bool = False) -> None:
+                 stop_ids: Iterable[int] = (), draft_model: Llama | Backend | NgramDraft | None = None,
+                 num_draft: int | str | AutoDraftLength = 4, adaptive_draft: bool = False) -> None:
+        """num_draft: k per round, or "auto" (an AutoDraftLength of its own) or a shared
+        AutoDraftLength: k chosen each round from measured acceptance and costs."""
         if not len(prompt_ids):
             raise ValueError("generate() needs at least one prompt token (e.g. BOS)")
-        if num_draft < 1:
-            raise ValueError(f"num_draft must be >= 1, got {num_draft}")
+        self.auto = AutoDraftLength() if num_draft == "auto" else \
+            num_draft if isinstance(num_draft, AutoDraftLength) else None
+        if self.auto is None and not (isinstance(num_draft, int) and num_draft >= 1):
+            raise ValueError(f"num_draft must be >= 1 or 'auto', got {num_draft!r}")
         self.target = _as_backend(model)
         # a model draft (a Backend), or prompt lookup (NgramDraft: proposals without a model)
         self.lookup = draft_model if isinstance(draft_model, NgramDraft) else None
@@ -288,9 +296,9 @@ class Generation:
     def _speculative(self) -> Iterator[int]:
         context = list(self.prompt)
         t0 = time.perf_counter()
-        # Prefill both caches (timed as the prefill); each later call recomputes only the last
-        # context position, whose logits it needs.
-        self.target.logits(context, 1)
+        # Prefill both caches (timed as the prefill). A first plain step uses the prefill's
+        # logits; a round recomputes only the last context position, whose logits it needs.
+        first = self.target.logits(context, 1)[0]                          # (vocab,)
         if self.draft is not None:
             self.draft.logits(context, 1)
         self.stats.prefill_seconds = time.perf_counter() - t0
@@ -298,20 +306,28 @@ class Generation:
         while True:
             t0 = time.perf_counter()
             left = self.max_new_tokens - self.stats.generated_tokens
-            k = min(self.num_draft, left - 1, self.target.context_length - len(context) - 1,
-                    draft_length - len(context) - 1)
+            cap = min(left - 1, self.target.context_length - len(context) - 1, draft_length - len(context) - 1)
+            k = self.auto.choose(cap) if self.auto is not None else min(self.num_draft, cap)
             proposal = self.lookup.propose(context, k) if self.lookup is not None and k >= 1 else None
-            if k < 1 or proposal == []:
+            if (k < 1 or proposal == []) and first is not None:
+                new_tokens = [self._next_token(first, context)]     # the prefill's logits: no second pass
+            elif k < 1 or proposal == []:
                 new_tokens = self._plain_step(context)      # nothing to verify: one plain step
+                if self.auto is not None:
+                    self.auto.record_step(time.perf_counter() - t0)
             else:
                 accepted_before = self.stats.accepted
                 new_tokens = self._draft_and_verify(context, k, proposal)
                 k = len(proposal) if proposal is not None else k
-                if self.adaptive_draft:
+                if self.auto is not None:
+                    self.auto.record_round(k, self.stats.accepted - accepted_before, self._draft_seconds,
+                                           time.perf_counter() - t0 - self._draft_seconds)
+                if self.adaptive_draft and self.auto is None:
                     all_accepted = self.stats.accepted - accepted_before == k
                     self.num_draft = min(self.num_draft + 2, MAX_ADAPTIVE_DRAFT) if all_accepted else \
                         max(1, self.num_draft - 1)
             self.stats.decode_seconds += time.perf_counter() - t0
+            first = None
             for token in new_tokens:
                 done = self._emit(token)
                 yield token
@@ -327,6 +343,7 @@ class Generation:
     def _draft_and_verify(self, context: list[int], k: int, proposal: list[int] | None = None) -> list[int]:
         """One round: k drafts (from the draft model, or `proposal` from prompt lookup),
         verified by one target pass over k + 1 positions."""
+        t0 = time.perf_counter()
         drafts: list[int] = []
         qs: list[torch.Tensor] = []        # the draft's distributions (sampling only)
         if proposal is not None:
@@ -339,6 +356,7 @@ class Generation:
                 q = self._probs(logits, context + drafts)
                 drafts.append(self._pick(q))
                 qs.append(q)
+        self._draft_seconds = time.perf_counter() - t0         # what drafting cost (auto's estimate)
         target_logits = self.target.logits(context + drafts, k + 1)            # (k+1, vocab)
         if proposal is not None and not self.greedy:
             # a point-mass proposal: accepted with probability p(x), else resampled from p without x
@@ -395,8 +413,8 @@ class Generation:
 
 
 def generate(model: Llama | Backend, prompt_ids: Sequence[int], sampling: SamplingParams | None = None, *,
-             stop_ids: Iterable[int] = (), draft_model: Llama | Backend | NgramDraft | None = None, num_draft: int = 4,
-             adaptive_draft: bool = False, **settings) -> Generation:
+             stop_ids: Iterable[int] = (), draft_model: Llama | Backend | NgramDraft | None = None,
+             num_draft: int | str | AutoDraftLength = 4, adaptive_draft: bool = False, **settings) -> Generation:
     """Streams new token ids; see the module docstring. `sampling` (default: greedy, 64 tokens),
     with any SamplingParams field given as a keyword replacing its value:
 
