@@ -36,7 +36,7 @@ import numpy as np
 
 from pretrain.corpus import STDLIB_EXCLUDE, write_natural
 from pretrain.prepare import PrepareConfig, prepare
-from pretrain.sources import read_documents
+from pretrain.units import read_documents
 from tinyllama.measure import cpu_identity
 from tinyllama.paths import llama2_dir
 

@@ -24,6 +24,7 @@ from datatrove.pipeline.base import PipelineStep
 
 from tinyllama.tokenizer import Tokenizer
 
+from .merge import finish
 from .parts import Plan, run_units
 
 _tokenizers: dict[str, Tokenizer] = {}     # per worker process: loaded once, its piece cache kept warm
@@ -73,8 +74,6 @@ class MergeParts(PipelineStep):
         self.work = work
 
     def run(self, data=None, rank: int = 0, world_size: int = 1):
-        from .prepare import finish
-
         finish(Path(self.work))
 
 

@@ -9,19 +9,51 @@ were cut or who tokenized them, so the output's bytes do not either.
 from __future__ import annotations
 
 import json
+import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
 
 from tinyllama.atomic import atomic_dir
+from tinyllama.errors import UserError
 
-from .parts import Plan, read_part
+from .parts import Plan, first_error, is_done, read_part, remove
 from .shards import FORMAT, ShardWriter
 from .sources import SourceError
 
 SEPARATOR_POLICY = ("each document is BOS + tokens + EOS; documents are concatenated; blocks are cut from the "
                     "stream regardless of document boundaries; the last shard is not padded")
 MAX_EXAMPLES = 5
+
+
+def finish(work: Path, progress: bool = False) -> dict:
+    """Merges a run whose units are all done into its output folder; removes the work folder."""
+    plan = Plan.load(work)
+    if plan is None:
+        raise UserError(f"{work}: no plan.json; not a prepare work folder")
+    error = first_error(work)
+    if error is not None:
+        raise error
+    missing = [i for i in range(len(plan.units)) if not is_done(work, i)]
+    if missing:
+        raise UserError(f"{work}: {len(missing)} units are not tokenized yet (first: {plan.units[missing[0]].describe()})")
+    out = Path(plan.settings["out"])
+    for stale in out.parent.glob(f".{out.name}.tmp-*"):      # a merge killed midway
+        shutil.rmtree(stale, ignore_errors=True)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(desc=f"merge {plan.settings['name']}", total=len(plan.units), unit=" units", file=sys.stderr,
+                   dynamic_ncols=True, mininterval=1.0)
+    try:
+        manifest = merge(work, plan, plan.settings["tokenizer_info"], bar)
+    finally:
+        if bar is not None:
+            bar.close()
+    remove(work)
+    return manifest
 
 
 def merge(work: Path, plan: Plan, tokenizer_info: dict, progress=None) -> dict:

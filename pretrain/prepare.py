@@ -45,13 +45,12 @@ from tinyllama.errors import UserError, report
 from tinyllama.tokenizer import Tokenizer
 
 from .engine import run_local, seed_tokenizer, submit_slurm
-from .merge import SEPARATOR_POLICY, merge  # noqa: F401  (SEPARATOR_POLICY: part of this module's API)
+from .merge import SEPARATOR_POLICY, finish  # noqa: F401  (SEPARATOR_POLICY: part of this module's API)
 from .parts import (
     Plan,
     clear_errors,
     done_units,
     first_error,
-    is_done,
     part_path,
     remove,
     work_dir,
@@ -237,30 +236,6 @@ def _tokenize(cfg: PrepareConfig, plan: Plan, work: Path) -> None:
     error = first_error(work)
     if error is not None:
         raise error
-
-
-def finish(work: Path, progress: bool = False) -> dict:
-    """Merges a run whose units are all done into its output folder; removes the work folder."""
-    plan = Plan.load(work)
-    if plan is None:
-        raise UserError(f"{work}: no plan.json; not a prepare work folder")
-    error = first_error(work)
-    if error is not None:
-        raise error
-    missing = [i for i in range(len(plan.units)) if not is_done(work, i)]
-    if missing:
-        raise UserError(f"{work}: {len(missing)} units are not tokenized yet (first: {plan.units[missing[0]].describe()})")
-    out = Path(plan.settings["out"])
-    for stale in out.parent.glob(f".{out.name}.tmp-*"):      # a merge killed midway
-        shutil.rmtree(stale, ignore_errors=True)
-    bar = _bar(progress, f"merge {plan.settings['name']}", len(plan.units), " units")
-    try:
-        manifest = merge(work, plan, plan.settings["tokenizer_info"], bar)
-    finally:
-        if bar is not None:
-            bar.close()
-    remove(work)
-    return manifest
 
 
 @contextlib.contextmanager

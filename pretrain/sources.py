@@ -1,7 +1,8 @@
 """Document readers: every input `python -m pretrain.prepare` accepts, as one stream of texts.
 
-    for doc in read_documents("data/raw/natural", text_field="text", stats=stats):
-        doc.text, doc.origin          # origin is "file:line" (or "dataset[row]") for messages
+    for doc in read_file("data/raw/natural.jsonl", "text", stats, skip_bad=False, in_code_dir=False):
+        doc.text, doc.origin          # origin is "file:line" (or "file:row N") for messages
+    (pretrain.units.read_documents: every document of a source: a file, a folder, a hub dataset)
 
 Inputs: local `.jsonl`, `.jsonl.zst`, `.parquet`, `.txt` files, directories (walked in sorted
 order; files selected by extension), or a Hugging Face dataset name (its data files streamed
@@ -250,19 +251,6 @@ def walk_files(root: Path, extensions: tuple[str, ...], exclude: tuple[str, ...]
         dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d not in skip)
         out += [os.path.join(dirpath, f) for f in sorted(filenames) if f.endswith(extensions) and f not in skip]
     return out
-
-
-def read_documents(source: str | os.PathLike, *, text_field: str | None = None, extensions: tuple[str, ...] | None = None,
-                   stats: ReadStats | None = None, skip_bad: bool = False, split: str = "train",
-                   exclude: tuple[str, ...] = ()) -> Iterator[Document]:
-    """Yields the documents of one source in a deterministic order: the documents of its
-    units (pretrain.units), one after the other."""
-    from .units import plan_units, unit_documents
-
-    stats = stats if stats is not None else ReadStats()
-    units, code_dir = plan_units(str(source), unit_bytes=1 << 62, extensions=extensions, exclude=exclude, split=split)
-    for unit in units:
-        yield from unit_documents(unit, text_field=text_field, stats=stats, skip_bad=skip_bad, code_dir=code_dir)
 
 
 def looks_like_local_path(s: str) -> bool:

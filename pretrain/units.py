@@ -178,3 +178,14 @@ def unit_documents(unit: Unit, *, text_field: str | None, stats: ReadStats, skip
         stats.files += 1
         yield from read_file(seg.path, text_field, stats, skip_bad, in_code_dir=code_dir,
                              start=seg.start, end=seg.end, first_line=seg.first_line)
+
+
+def read_documents(source: str | os.PathLike, *, text_field: str | None = None, extensions: tuple[str, ...] | None = None,
+                   stats: ReadStats | None = None, skip_bad: bool = False, split: str = "train",
+                   exclude: tuple[str, ...] = ()) -> Iterator[Document]:
+    """Yields the documents of one source in a deterministic order: the documents of its
+    units, one after the other."""
+    stats = stats if stats is not None else ReadStats()
+    units, code_dir = plan_units(str(source), unit_bytes=1 << 62, extensions=extensions, exclude=exclude, split=split)
+    for unit in units:
+        yield from unit_documents(unit, text_field=text_field, stats=stats, skip_bad=skip_bad, code_dir=code_dir)

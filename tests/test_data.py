@@ -11,7 +11,8 @@ import pytest
 from pretrain.data import BatchLoader, FeistelPermutation, Mixture
 from pretrain.prepare import PrepareConfig, prepare
 from pretrain.shards import PackedSource, ShardError, ShardWriter
-from pretrain.sources import SourceError, read_documents
+from pretrain.sources import SourceError
+from pretrain.units import read_documents
 
 DOCS = [f"Document {i}: " + " ".join(["the quick brown fox", "def f(x): return x", "naïve 東京"][i % 3] for _ in range(i % 7 + 1))
         for i in range(60)]

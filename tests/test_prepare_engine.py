@@ -66,7 +66,7 @@ def test_jsonl_ranges_cut_at_lines_and_number_them(tmp_path):
     us, _ = plan_units(str(f), unit_bytes=2000)
     stats = sources.ReadStats()
     docs = [d for u in us for d in units.unit_documents(u, text_field=None, stats=stats, skip_bad=False, code_dir=False)]
-    assert [d.text for d in docs] == [d.text for d in sources.read_documents(f)]
+    assert [d.text for d in docs] == [d.text for d in units.read_documents(f)]
     assert docs[123].origin == f"{f}:124"
 
 
