@@ -1,6 +1,6 @@
 """Runs every benchmark and rewrites bench/RESULTS.md with the machine and the date.
 
-    python -m bench [--quick | --full]      (make bench: the default, ~15 minutes on 2 cores)
+    python -m bench [--quick | --full]      (make bench: the default, ~23 minutes on 2 cores)
     python -m bench --only server_load       rerun some benchmarks, replacing only their sections
 """
 
@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
                          "their sections of RESULTS.md")
     args = ap.parse_args(argv)
 
-    # default: ~15 minutes on 2 CPU cores; SFT memory on the 120M preset, decode of 1.1B in bf16
+    # default: ~23 minutes on 2 CPU cores (23:01 on the AVX2 EPYC); SFT memory on the 120M preset, decode of 1.1B in bf16
     def decode_table() -> str:
         if args.quick:
             return decode.run(["tinyllama-19m"], 64)

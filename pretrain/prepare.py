@@ -204,7 +204,9 @@ def _start(cfg: PrepareConfig, tok: Tokenizer, out: Path, work: Path) -> Plan:
         remove(work)      # a kill during planning left parts without a plan (several machines plan alike)
     for stale in work.parent.glob(f"{work.name}.removing-*"):
         shutil.rmtree(stale, ignore_errors=True)
-    units, code_dir = plan_units(str(cfg.source), unit_bytes=int(cfg.unit_mb * 2**20) if cfg.unit_mb else None,
+    # local inputs by absolute path: tasks may run elsewhere (a SLURM node, another working folder)
+    source = str(Path(cfg.source).absolute()) if Path(cfg.source).exists() else str(cfg.source)
+    units, code_dir = plan_units(source, unit_bytes=int(cfg.unit_mb * 2**20) if cfg.unit_mb else None,
                                  parallelism=cfg.workers, extensions=cfg.extensions, exclude=cfg.exclude,
                                  split=cfg.split)
     plan = Plan(settings, tok.fingerprint, code_dir, units, input_signature(units))
