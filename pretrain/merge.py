@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +17,7 @@ import numpy as np
 from tinyllama.atomic import atomic_dir
 from tinyllama.errors import UserError
 
-from .parts import Plan, first_error, is_done, read_part, remove
+from .parts import Plan, first_error, is_done, progress_bar, read_part, remove
 from .shards import FORMAT, ShardWriter
 from .sources import SourceError
 
@@ -28,7 +27,8 @@ MAX_EXAMPLES = 5
 
 
 def finish(work: Path, progress: bool = False) -> dict:
-    """Merges a run whose units are all done into its output folder; removes the work folder."""
+    """Merges a run whose units are all done into its output folder; removes the work folder.
+    progress: a bar over the units merged."""
     plan = Plan.load(work)
     if plan is None:
         raise UserError(f"{work}: no plan.json; not a prepare work folder")
@@ -41,14 +41,9 @@ def finish(work: Path, progress: bool = False) -> dict:
     out = Path(plan.settings["out"])
     for stale in out.parent.glob(f".{out.name}.tmp-*"):      # a merge killed midway
         shutil.rmtree(stale, ignore_errors=True)
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(desc=f"merge {plan.settings['name']}", total=len(plan.units), unit=" units", file=sys.stderr,
-                   dynamic_ncols=True, mininterval=1.0)
+    bar = progress_bar(progress, f"merge {plan.settings['name']}", len(plan.units), " units")
     try:
-        manifest = merge(work, plan, plan.settings["tokenizer_info"], bar)
+        manifest = merge(work, plan, bar)
     finally:
         if bar is not None:
             bar.close()
@@ -56,7 +51,7 @@ def finish(work: Path, progress: bool = False) -> dict:
     return manifest
 
 
-def merge(work: Path, plan: Plan, tokenizer_info: dict, progress=None) -> dict:
+def merge(work: Path, plan: Plan, progress=None) -> dict:
     """Writes the output folder (plan.settings["out"]) from the finished parts; returns the manifest."""
     s = plan.settings
     out = Path(s["out"])
@@ -87,7 +82,7 @@ def merge(work: Path, plan: Plan, tokenizer_info: dict, progress=None) -> dict:
             "name": s["name"],
             "source": s["source"],
             "dtype": "uint16",
-            "tokenizer": tokenizer_info,
+            "tokenizer": s["tokenizer_info"],
             "separator_policy": SEPARATOR_POLICY,
             "val_fraction": s["val_fraction"],
             "shard_tokens": s["shard_tokens"],

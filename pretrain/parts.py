@@ -9,8 +9,8 @@
       parts/u-000042.error    a unit that failed on bad input: the message (the run stops)
       logs/                   the engine's (datatrove's) task logs and stats
 
-Every file is written under a temporary name and renamed: a kill leaves a unit either done or
-not started. The merge (pretrain.prepare) reads the parts in unit order, so the final shards do
+Every file is written under a temporary name and renamed (tinyllama.atomic): a kill leaves a
+unit either done or not started. The merge (pretrain.prepare) reads the parts in unit order, so the final shards do
 not depend on which task or machine tokenized which unit, or when.
 """
 
@@ -27,6 +27,7 @@ from typing import Iterator
 
 import numpy as np
 
+from tinyllama.atomic import atomic_file
 from tinyllama.errors import UserError
 from tinyllama.paths import check_disk_space
 from tinyllama.tokenizer import Tokenizer
@@ -34,7 +35,7 @@ from tinyllama.tokenizer import Tokenizer
 from .sources import ReadStats, SourceError
 from .units import Unit, unit_documents
 
-PLAN_VERSION = 1
+PLAN_VERSION = 2
 
 
 def work_dir(out: Path) -> Path:
@@ -45,7 +46,6 @@ def work_dir(out: Path) -> Path:
 class Plan:
     """What a prepare run does; stored in plan.json and read back by every task and by a resume."""
     settings: dict              # the arguments that decide the output (source, out, shard size, ...)
-    tokenizer: str              # fingerprint
     code_dir: bool
     units: list[Unit]
     inputs: dict[str, list[int]]
@@ -62,8 +62,11 @@ class Plan:
             return None
         if data.get("version") != PLAN_VERSION:
             return None
-        return cls(data["settings"], data["tokenizer"], data["code_dir"],
-                   [Unit.from_json(u) for u in data["units"]], data["inputs"])
+        return cls(data["settings"], data["code_dir"], [Unit.from_json(u) for u in data["units"]], data["inputs"])
+
+    @property
+    def tokenizer_fingerprint(self) -> str:
+        return self.settings["tokenizer_info"]["fingerprint"]
 
 
 # ---- one unit ------------------------------------------------------------------------------
@@ -98,24 +101,18 @@ def tokenize_unit(work: Path, plan: Plan, index: int, tok: Tokenizer, *, chunk_d
     stats = ReadStats()
     docs = unit_documents(plan.units[index], text_field=s["text_field"], stats=stats, skip_bad=s["skip_bad"],
                           code_dir=plan.code_dir)
-    tok_path, len_path = part_path(work, index, "tok"), part_path(work, index, "len")
-    tmp_tok, tmp_len = _tmp(tok_path), _tmp(len_path)
+    tok_path = part_path(work, index, "tok")
     tok_path.parent.mkdir(parents=True, exist_ok=True)
     documents = tokens = 0
-    try:
-        with open(tmp_tok, "wb") as ft, open(tmp_len, "wb") as fl:
-            for texts in _chunks(docs, chunk_docs, chunk_chars):
-                ids, lengths = tok.encode_packed(texts, bos=True, eos=True)
-                check_disk_space(tok_path, ids.nbytes + lengths.nbytes)
-                ft.write(ids.tobytes())
-                fl.write(lengths.astype("<u4").tobytes())
-                documents += len(lengths)
-                tokens += len(ids)
-        os.replace(tmp_tok, tok_path)
-        os.replace(tmp_len, len_path)
-    finally:
-        for t in (tmp_tok, tmp_len):
-            t.unlink(missing_ok=True)
+    with atomic_file(tok_path) as tmp_tok, atomic_file(part_path(work, index, "len")) as tmp_len, \
+            open(tmp_tok, "wb") as ft, open(tmp_len, "wb") as fl:
+        for texts in _chunks(docs, chunk_docs, chunk_chars):
+            ids, lengths = tok.encode_packed(texts, bos=True, eos=True)
+            check_disk_space(tok_path, ids.nbytes + lengths.nbytes)
+            ft.write(ids.tobytes())
+            fl.write(lengths.astype("<u4").tobytes())
+            documents += len(lengths)
+            tokens += len(ids)
     info = {"unit": index, "documents": documents, "tokens": tokens, "stats": asdict(stats)}
     _write_atomic(part_path(work, index, "json"), (json.dumps(info) + "\n").encode())
     return info
@@ -193,16 +190,17 @@ def _chunks(docs, max_docs: int, max_chars: int) -> Iterator[list[str]]:
         yield chunk
 
 
-def _tmp(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
-
-
 def _write_atomic(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     check_disk_space(path, len(data))
-    tmp = _tmp(path)
-    try:
+    with atomic_file(path) as tmp:
         tmp.write_bytes(data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+
+
+def progress_bar(enabled: bool, desc: str, total: int, unit: str):
+    """prepare's bars (units tokenized, units merged), on stderr; None when not enabled."""
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(desc=desc, total=total, unit=unit, file=sys.stderr, dynamic_ncols=True, mininterval=1.0)

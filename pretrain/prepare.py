@@ -52,6 +52,7 @@ from .parts import (
     done_units,
     first_error,
     part_path,
+    progress_bar,
     remove,
     work_dir,
 )
@@ -188,7 +189,7 @@ def _start(cfg: PrepareConfig, tok: Tokenizer, out: Path, work: Path) -> Plan:
     settings = _settings(cfg, tok, out)
     old = Plan.load(work)
     if old is not None:
-        why = _stale(old, settings, tok)
+        why = _stale(old, settings)
         if why is None:
             old.settings.update({k: settings[k] for k in RUNTIME_SETTINGS})
             old.save(work)
@@ -209,13 +210,13 @@ def _start(cfg: PrepareConfig, tok: Tokenizer, out: Path, work: Path) -> Plan:
     units, code_dir = plan_units(source, unit_bytes=int(cfg.unit_mb * 2**20) if cfg.unit_mb else None,
                                  parallelism=cfg.workers, extensions=cfg.extensions, exclude=cfg.exclude,
                                  split=cfg.split)
-    plan = Plan(settings, tok.fingerprint, code_dir, units, input_signature(units))
+    plan = Plan(settings, code_dir, units, input_signature(units))
     work.mkdir(parents=True, exist_ok=True)
     plan.save(work)
     return plan
 
 
-def _stale(old: Plan, settings: dict, tok: Tokenizer) -> str | None:
+def _stale(old: Plan, settings: dict) -> str | None:
     """Why an unfinished run cannot be continued by this command, or None."""
     for k, v in json.loads(json.dumps(settings)).items():
         if k not in RUNTIME_SETTINGS and old.settings.get(k) != v:
@@ -248,7 +249,7 @@ def _progress_monitor(enabled: bool, plan: Plan, work: Path):
         yield
         return
     done = done_units(work)
-    bar = _bar(True, f"prepare {plan.settings['name']}", len(plan.units), " units")
+    bar = progress_bar(True, f"prepare {plan.settings['name']}", len(plan.units), " units")
     bar.update(len(done))
     stop = threading.Event()
     t0, tokens = time.perf_counter(), 0
@@ -273,14 +274,6 @@ def _progress_monitor(enabled: bool, plan: Plan, work: Path):
         stop.set()
         thread.join()
         bar.close()
-
-
-def _bar(enabled: bool, desc: str, total: int, unit: str):
-    if not enabled:
-        return None
-    from tqdm import tqdm
-
-    return tqdm(desc=desc, total=total, unit=unit, file=sys.stderr, dynamic_ncols=True, mininterval=1.0)
 
 
 def summary_table(manifests: list[dict]) -> str:

@@ -25,7 +25,7 @@ from pathlib import Path
 from tinyllama.backends import Backend, load_backend
 from tinyllama.chat import apply_chat_template, template_of
 from tinyllama.cli import CHAT_TEMPLATE_HELP, MODEL_HELP, NUM_DRAFT_HELP, draft_length
-from tinyllama.draft_policy import AutoDraftLength
+from tinyllama.draft_policy import resolve_num_draft
 from tinyllama.errors import NotFound, UserError
 from tinyllama.generate import (
     SamplingParams,
@@ -57,15 +57,12 @@ class Engine:
     def __init__(self, target: Backend, tokenizer: Tokenizer, model_id: str, draft: Backend | NgramDraft | None = None,
                  num_draft: int | str = "auto", adaptive_draft: bool = False, chat_template: str | None = None) -> None:
         """chat_template: a built-in template's name or a .jinja file instead of the model's own."""
-        if num_draft != "auto" and not (isinstance(num_draft, int) and num_draft >= 1):
-            raise ValueError(f"num_draft must be >= 1 or 'auto', got {num_draft!r}")
         if draft is not None and not isinstance(draft, NgramDraft):
             check_same_vocabulary(target, draft)       # refuse a mismatched draft at load, not per request
         self.target, self.draft, self.tokenizer = target, draft, tokenizer
         self.model_id = model_id
-        self.num_draft, self.adaptive_draft = num_draft, adaptive_draft
-        # auto: one policy for every request, so what it learns about this pair carries over
-        self.draft_policy = AutoDraftLength() if num_draft == "auto" else None
+        # "auto" becomes one policy for every request, so what it learns about this pair carries over
+        self.num_draft, self.adaptive_draft = resolve_num_draft(num_draft), adaptive_draft
         # the target's template (its name is the fallback's hint); where it came from is printed at start-up
         self.template, self.template_origin = template_of(tokenizer, chat_template, target.name)
         self.lock = threading.Lock()
@@ -127,7 +124,7 @@ class Engine:
         draft = self.draft if speculative is None or speculative else None
         gen = generate(self.target, ids, s.replace(max_new_tokens=min(s.max_new_tokens, room)),
                        stop_ids=list(self.tokenizer.stop_ids), draft_model=draft,
-                       num_draft=self.draft_policy or self.num_draft,
+                       num_draft=self.num_draft,
                        adaptive_draft=self.adaptive_draft)
         return TextStream(gen, self.tokenizer)
 

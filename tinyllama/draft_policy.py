@@ -96,3 +96,12 @@ class AutoDraftLength:
         self.t_draft = _ema(self.t_draft, draft_seconds / k)
         self.t_verify[k] = _ema(self.t_verify.get(k), verify_seconds)
         self.plain_run = 0
+
+
+def resolve_num_draft(num_draft: int | str | AutoDraftLength) -> int | AutoDraftLength:
+    """A fixed k (>= 1), or the policy: "auto" makes a new one, an AutoDraftLength is shared."""
+    if num_draft == "auto":
+        return AutoDraftLength()
+    if isinstance(num_draft, AutoDraftLength) or (isinstance(num_draft, int) and num_draft >= 1):
+        return num_draft
+    raise ValueError(f"num_draft must be >= 1 or 'auto', got {num_draft!r}")

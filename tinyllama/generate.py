@@ -46,7 +46,7 @@ from typing import Iterable, Iterator, Sequence
 import torch
 
 from .backends import Backend, TorchBackend
-from .draft_policy import AutoDraftLength
+from .draft_policy import AutoDraftLength, resolve_num_draft
 from .errors import UserError
 from .lookup import NgramDraft
 from .model import Llama
@@ -194,10 +194,8 @@ class Generation:
         AutoDraftLength: k chosen each round from measured acceptance and costs."""
         if not len(prompt_ids):
             raise ValueError("generate() needs at least one prompt token (e.g. BOS)")
-        self.auto = AutoDraftLength() if num_draft == "auto" else \
-            num_draft if isinstance(num_draft, AutoDraftLength) else None
-        if self.auto is None and not (isinstance(num_draft, int) and num_draft >= 1):
-            raise ValueError(f"num_draft must be >= 1 or 'auto', got {num_draft!r}")
+        num_draft = resolve_num_draft(num_draft)
+        self.auto = num_draft if isinstance(num_draft, AutoDraftLength) else None
         self.target = _as_backend(model)
         # a model draft (a Backend), or prompt lookup (NgramDraft: proposals without a model)
         self.lookup = draft_model if isinstance(draft_model, NgramDraft) else None
@@ -317,11 +315,13 @@ class Generation:
                     self.auto.record_step(time.perf_counter() - t0)
             else:
                 accepted_before = self.stats.accepted
-                new_tokens = self._draft_and_verify(context, k, proposal)
-                k = len(proposal) if proposal is not None else k
+                drafts, qs = (proposal, None) if proposal is not None else self._draft(context, k)
+                drafted = time.perf_counter()
+                new_tokens = self._verify(context, drafts, qs)
+                k = len(drafts)
                 if self.auto is not None:
-                    self.auto.record_round(k, self.stats.accepted - accepted_before, self._draft_seconds,
-                                           time.perf_counter() - t0 - self._draft_seconds)
+                    self.auto.record_round(k, self.stats.accepted - accepted_before, drafted - t0,
+                                           time.perf_counter() - drafted)
                 if self.adaptive_draft and self.auto is None:
                     all_accepted = self.stats.accepted - accepted_before == k
                     self.num_draft = min(self.num_draft + 2, MAX_ADAPTIVE_DRAFT) if all_accepted else \
@@ -340,15 +340,11 @@ class Generation:
         self.stats.target_calls += 1
         return [self._next_token(logits, context)]
 
-    def _draft_and_verify(self, context: list[int], k: int, proposal: list[int] | None = None) -> list[int]:
-        """One round: k drafts (from the draft model, or `proposal` from prompt lookup),
-        verified by one target pass over k + 1 positions."""
-        t0 = time.perf_counter()
+    def _draft(self, context: list[int], k: int) -> tuple[list[int], list[torch.Tensor]]:
+        """k tokens from the draft model, one at a time, and their distributions (sampling only)."""
         drafts: list[int] = []
-        qs: list[torch.Tensor] = []        # the draft's distributions (sampling only)
-        if proposal is not None:
-            drafts, k = list(proposal), len(proposal)
-        for _ in range(k if proposal is None else 0):
+        qs: list[torch.Tensor] = []
+        for _ in range(k):
             logits = self.draft.logits(context + drafts, 1)[0]
             if self.greedy:
                 drafts.append(self._next_token(logits, context + drafts))
@@ -356,12 +352,18 @@ class Generation:
                 q = self._probs(logits, context + drafts)
                 drafts.append(self._pick(q))
                 qs.append(q)
-        self._draft_seconds = time.perf_counter() - t0         # what drafting cost (auto's estimate)
+        return drafts, qs
+
+    def _verify(self, context: list[int], drafts: list[int], qs: list[torch.Tensor] | None) -> list[int]:
+        """One target pass over the k drafts (+1): the accepted tokens and the next one. qs None:
+        the drafts are point masses (prompt lookup)."""
+        k = len(drafts)
         target_logits = self.target.logits(context + drafts, k + 1)            # (k+1, vocab)
-        if proposal is not None and not self.greedy:
+        if qs is None:
             # a point-mass proposal: accepted with probability p(x), else resampled from p without x
-            qs = [torch.nn.functional.one_hot(torch.tensor(x), target_logits.shape[-1]).to(target_logits.dtype)
-                  for x in drafts]
+            qs = [] if self.greedy else [
+                torch.nn.functional.one_hot(torch.tensor(x), target_logits.shape[-1]).to(target_logits.dtype)
+                for x in drafts]
         self.stats.target_calls += 1
         self.stats.draft_rounds += 1
         self.stats.drafted += k

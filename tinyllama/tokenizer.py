@@ -295,8 +295,13 @@ def _word_splitter(backend: HFTokenizer) -> re.Pattern | None:
         return None
     inside = set("".join(multi))
     alone = re.escape("".join(sorted(c for c in map(chr, range(1, 128)) if c not in inside)))
-    touching = {c for p in multi for x, y in zip(p, p[1:]) if x.isascii() and x.isalpha()
-                for c in (y,)} | {x for p in multi for x, y in zip(p, p[1:]) if y.isascii() and y.isalpha()}
+    touching = set()                         # characters next to an ASCII letter inside some piece
+    for p in multi:
+        for x, y in zip(p, p[1:]):
+            if x.isascii() and x.isalpha():
+                touching.add(y)
+            if y.isascii() and y.isalpha():
+                touching.add(x)
     safe = re.escape("".join(c for c in string.punctuation if c not in touching))
     letters = "A-Za-z"
     runs = []
