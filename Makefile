@@ -60,7 +60,7 @@ SERVE_ARGS ?=
 INIT_FROM ?=
 INIT_FLAGS := $(if $(INIT_FROM),--init-from $(INIT_FROM))
 
-.PHONY: help setup data pretrain sft quantize tools draft serve demo eval run test test-fast bench clean distclean
+.PHONY: help setup data pretrain sft quantize tools llama-server draft serve demo eval run test test-fast bench clean distclean
 
 help:
 	@echo "make setup   create $(VENV), install torch (CPU build here), llama-cpp-python (built for this CPU), the project, the tokenizer"
@@ -103,9 +103,11 @@ sft: setup
 quantize: setup
 	$(PY) -m quantize --model $(QUANT_MODEL) --type $(QUANT_TYPES) --out $(OUT)/gguf $(QUANT_ARGS)
 
-# llama.cpp's own llama-quantize, llama-imatrix and llama-perplexity, built once per machine from
-# the sdist's sources (quantize --imatrix/--quality/--target-size build them on first use too)
-tools: setup
+# llama.cpp's own llama-quantize, llama-imatrix, llama-perplexity, llama-server and
+# llama-speculative-simple, built once per machine from the sdist's sources into
+# ~/.cache/tinyllama/tools (quantize --imatrix/--quality/--target-size and the benchmarks that
+# compare with llama.cpp build them on first use too); `make llama-server` is the same build
+tools llama-server: setup
 	$(PY) -m tinyllama.llama_cpp_tools
 
 # The draft for speculative decoding: the same pretraining recipe on a 4M-parameter preset.

@@ -25,6 +25,7 @@ from . import (
     decode,
     gguf,
     kill_resume,
+    server_compare,
     server_load,
     sft_memory,
     speculative,
@@ -98,6 +99,9 @@ def main(argv: list[str] | None = None) -> int:
          (lambda: "Not measured: run `make run` first (it trains the target and its draft).")),
         ("Server under load (`python -m bench.server_load`)",
          lambda: server_load.run(duration_s=20.0 if args.quick else 60.0)),
+        ("Serving side by side with llama-server, continuous batching (`python -m bench.server_compare`)",
+         lambda: server_compare.run(duration_s=15.0 if args.quick else 60.0,
+                                    clients=(1, 8) if args.quick else (1, 8, 32))),
         ("Crash safety: SIGKILLed pretraining resumed (`python -m bench.kill_resume`)",
          lambda: kill_resume.run(kills=4 if args.quick else 12, steps=12 if args.quick else 24)),
     ]

@@ -13,7 +13,12 @@ Endpoints: GET /health, GET /v1/models, POST /v1/completions, POST /v1/chat/comp
 (stream or not; max_tokens, temperature, top_p, stop, seed; extensions top_k and
 repetition_penalty). Chat prompts are rendered in the model's own chat template
 (tinyllama.chat; our Zephyr one for a model without one) and replies stop at its own
-end-of-turn ids. With --draft, every request is decoded speculatively (exact: the same output distribution as the target alone).
+end-of-turn ids. With --draft, requests are decoded speculatively (exact: the same output distribution as the target alone).
+
+Continuous batching (--parallel N, default 4): up to N requests decode together, one forward
+pass per step for all of them (prompts in chunks between steps, so running streams keep
+flowing); the output of each is what it would be alone. With --draft, a request speculates
+while it is the only one running and decodes plainly in a batch otherwise.
 
 Safe by default: listens on 127.0.0.1 only; bodies over --max-body-bytes get 413, max_tokens
 over --max-tokens-limit gets 400, more than --max-queue requests in flight get 429. With
@@ -44,6 +49,10 @@ def main(argv: list[str] | None = None) -> int:
                          "(default: %(default)s)")
     ap.add_argument("--port", type=int, default=8000, help="port to listen on (default: %(default)s)")
     ap.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/ endpoints (default: none)")
+    ap.add_argument("--parallel", type=int, default=4, metavar="N",
+                    help="sequences decoded together (continuous batching, like llama-server -np N): up to N "
+                         "requests advance in one forward pass per step, each with its own --n-ctx of KV "
+                         "cache; 1: one request at a time (default: %(default)s)")
     ap.add_argument("--max-queue", type=int, default=8,
                     help="requests in flight (running + waiting) before answering 429 (default: %(default)s)")
     ap.add_argument("--max-body-bytes", type=int, default=1 << 20,
@@ -56,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("give exactly one of --model and --models-dir")
     if args.models_dir and args.draft:
         ap.error("--draft needs --model (one target model)")
-    check_model_arguments(ap, args, "max_queue", "max_loaded", "max_body_bytes", "max_tokens_limit")
+    check_model_arguments(ap, args, "max_queue", "max_loaded", "max_body_bytes", "max_tokens_limit", "parallel")
 
     import uvicorn
 
@@ -65,7 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.models_dir:
         try:
             models = ModelDir(args.models_dir, max_loaded=args.max_loaded, n_ctx=args.n_ctx, dtype=args.dtype,
-                              n_gpu_layers=args.n_gpu_layers, chat_template=args.chat_template)
+                              n_gpu_layers=args.n_gpu_layers, chat_template=args.chat_template,
+                              parallel=args.parallel)
         except FileNotFoundError as e:
             ap.error(str(e))
         if not models.names():

@@ -9,13 +9,23 @@
     engine = models.acquire("tinyllama-19m-chat-Q4_K_M.gguf"); ...; models.release(name)
 
 Chats are rendered in the target model's own template (tinyllama.chat.apply_chat_template) and
-stop on its own end-of-turn ids; a draft only drafts. A model holds one KV cache, so generations run one at a time (`engine.lock`, or the folder's
-one `lock` across its models); the server bounds how many requests may wait for it.
+stop on its own end-of-turn ids; a draft only drafts.
+
+    engine = Engine.load(path, parallel=4)        # continuous batching: 4 sequences decode together
+
+With parallel=1 the model holds one KV cache and generations run one at a time (`engine.turn()`:
+the engine's lock, or the folder's one lock across its models). With parallel=N each generation
+leases one of N slots of a batched KV cache (tinyllama.batching) and every busy slot advances in
+one forward pass per step; a request that finds every slot taken waits for one. With a draft,
+a request speculates only while at most `speculate_max_busy` slots are busy: with more, a batched
+step already amortises the weights' reads, and drafting would only add work. The server bounds
+how many requests may wait.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import threading
@@ -23,6 +33,8 @@ from collections import Counter, OrderedDict
 from pathlib import Path
 
 from tinyllama.backends import Backend, load_backend
+from tinyllama.batch_runners import batch_runner
+from tinyllama.batching import SlotPool
 from tinyllama.chat import apply_chat_template, template_of
 from tinyllama.cli import CHAT_TEMPLATE_HELP, MODEL_HELP, NUM_DRAFT_HELP, draft_length
 from tinyllama.draft_policy import resolve_num_draft
@@ -55,8 +67,12 @@ class ModelNotFound(UserError):
 
 class Engine:
     def __init__(self, target: Backend, tokenizer: Tokenizer, model_id: str, draft: Backend | NgramDraft | None = None,
-                 num_draft: int | str = "auto", adaptive_draft: bool = False, chat_template: str | None = None) -> None:
-        """chat_template: a built-in template's name or a .jinja file instead of the model's own."""
+                 num_draft: int | str = "auto", adaptive_draft: bool = False, chat_template: str | None = None,
+                 parallel: int = 1, speculate_max_busy: int = 1) -> None:
+        """chat_template: a built-in template's name or a .jinja file instead of the model's own;
+        parallel: sequences decoded together (continuous batching; 1: one generation at a time)."""
+        if parallel < 1:
+            raise UserError(f"parallel must be >= 1, got {parallel}")
         if draft is not None and not isinstance(draft, NgramDraft):
             check_same_vocabulary(target, draft)       # refuse a mismatched draft at load, not per request
         self.target, self.draft, self.tokenizer = target, draft, tokenizer
@@ -66,17 +82,23 @@ class Engine:
         # the target's template (its name is the fallback's hint); where it came from is printed at start-up
         self.template, self.template_origin = template_of(tokenizer, chat_template, target.name)
         self.lock = threading.Lock()
+        self.parallel, self.speculate_max_busy = parallel, speculate_max_busy
+        self.pool = self.draft_pool = None
+        if parallel > 1:
+            self.pool = SlotPool(batch_runner(target, parallel))
+            if isinstance(draft, Backend):
+                self.draft_pool = SlotPool(batch_runner(draft, parallel))
 
     @classmethod
     def load(cls, model: str | os.PathLike, draft: str | os.PathLike | None = None, num_draft: int | str = "auto",
              n_ctx: int = 2048, adaptive_draft: bool = False, dtype: str = "auto", n_gpu_layers: int = 0,
-             revision: str | None = None, chat_template: str | None = None) -> "Engine":
+             revision: str | None = None, chat_template: str | None = None, parallel: int = 1) -> "Engine":
         """model, draft: model references (tinyllama.hub: paths, hub ids, org/name:QUANT); draft
         `ngram` or `ngram:N`: prompt-lookup drafting, no draft model (tinyllama.lookup);
         revision: the hub revision of `model`; dtype: PyTorch models' compute dtype (auto:
         measured, tinyllama.precision); n_gpu_layers: GGUF layers llama.cpp offloads to a GPU
         (-1: all; needs a CUDA or Metal build); chat_template: a built-in name or .jinja file
-        instead of the model's own template."""
+        instead of the model's own template; parallel: sequences decoded together (n_ctx each)."""
         target, tok = load_backend(model, n_ctx=n_ctx, dtype=dtype, n_gpu_layers=n_gpu_layers, revision=revision)
         try:
             lookup = NgramDraft.parse(str(draft)) if draft else None
@@ -86,7 +108,7 @@ class Engine:
             target.close()
             raise
         try:
-            return cls(target, tok, target.name, draft_backend, num_draft, adaptive_draft, chat_template)
+            return cls(target, tok, target.name, draft_backend, num_draft, adaptive_draft, chat_template, parallel)
         except BaseException:
             target.close()
             if draft_backend is not None:
@@ -122,13 +144,50 @@ class Engine:
         if speculative and self.draft is None:
             raise RequestError("speculative decoding was asked for but no draft model is loaded", "speculative")
         draft = self.draft if speculative is None or speculative else None
-        gen = generate(self.target, ids, s.replace(max_new_tokens=min(s.max_new_tokens, room)),
-                       stop_ids=list(self.tokenizer.stop_ids), draft_model=draft,
-                       num_draft=self.num_draft,
-                       adaptive_draft=self.adaptive_draft)
+        s = s.replace(max_new_tokens=min(s.max_new_tokens, room))
+        target, release, may_speculate = self.target, None, None
+        if self.pool is not None:
+            target, draft, release = self._leases(ids, draft)
+            may_speculate = self._few_busy
+        gen = generate(target, ids, s, stop_ids=list(self.tokenizer.stop_ids), draft_model=draft,
+                       num_draft=self.num_draft, adaptive_draft=self.adaptive_draft,
+                       may_speculate=may_speculate, release=release)
         return TextStream(gen, self.tokenizer)
 
+    def _leases(self, ids: list[int], draft):
+        """A slot of the target's pool (and of the draft's) as the generation's backends, and
+        the callback that gives them back; the slots are taken when generation starts."""
+        target = self.pool.lease(ids)
+        if isinstance(draft, Backend):
+            draft = self.draft_pool.lease(ids)
+        leases = [b for b in (target, draft) if b is not None and hasattr(b, "release")]
+
+        def release() -> None:
+            for lease in leases:
+                lease.release()
+        return target, draft, release
+
+    def _few_busy(self) -> bool:
+        return self.pool.busy <= self.speculate_max_busy
+
+    def turn(self):
+        """What a generation holds while it runs: the engine's lock with one KV cache, nothing
+        with slots (they batch)."""
+        return self.lock if self.pool is None else contextlib.nullcontext()
+
+    def slots(self) -> dict | None:
+        """For a batching engine: its slots (total, busy) and the steps run so far (how many,
+        the sequences they carried, the seconds spent in them); None for one KV cache."""
+        if self.pool is None:
+            return None
+        p = self.pool
+        return {"total": self.parallel, "busy": p.busy, "steps": p.steps, "rows": p.rows,
+                "step_seconds": round(p.run_seconds, 3)}
+
     def close(self) -> None:
+        for pool in (self.pool, self.draft_pool):
+            if pool is not None:
+                pool.close()
         self.target.close()
         if self.draft is not None:
             self.draft.close()
@@ -144,12 +203,13 @@ class ModelDir:
     models (one CPU, one model computing at a time)."""
 
     def __init__(self, directory: str | os.PathLike, max_loaded: int = 2, n_ctx: int = 2048, dtype: str = "auto",
-                 n_gpu_layers: int = 0, chat_template: str | None = None) -> None:
+                 n_gpu_layers: int = 0, chat_template: str | None = None, parallel: int = 1) -> None:
         self.root = Path(directory).resolve()
         if not self.root.is_dir():
             raise NotFound(f"{directory}: not a directory")
         self.max_loaded, self.n_ctx = max_loaded, n_ctx
-        self.load_options = {"dtype": dtype, "n_gpu_layers": n_gpu_layers, "chat_template": chat_template}
+        self.load_options = {"dtype": dtype, "n_gpu_layers": n_gpu_layers, "chat_template": chat_template,
+                             "parallel": parallel}
         self.lock = threading.Lock()
         self._state = threading.Lock()          # guards _loaded and _users; held only briefly
         self._loaded: OrderedDict[str, Engine] = OrderedDict()
@@ -170,6 +230,10 @@ class ModelDir:
 
     def names(self) -> list[str]:
         return sorted(e.name for e in os.scandir(self.root) if self._servable(e.name))
+
+    def turn(self, engine: Engine):
+        """The folder's one lock for an engine with one KV cache; nothing for a batching one."""
+        return self.lock if engine.pool is None else contextlib.nullcontext()
 
     def check(self, name: str | None) -> None:
         """Raises ModelNotFound unless `name` is a model this folder serves."""
@@ -272,7 +336,8 @@ def load_engine(args: argparse.Namespace) -> Engine | None:
                              adaptive_draft=getattr(args, "adaptive_draft", False),
                              dtype=getattr(args, "dtype", "auto"), n_gpu_layers=getattr(args, "n_gpu_layers", 0),
                              revision=getattr(args, "revision", None),
-                             chat_template=getattr(args, "chat_template", None))
+                             chat_template=getattr(args, "chat_template", None),
+                             parallel=getattr(args, "parallel", 1))
     except (UserError, ImportError) as e:        # ImportError: llama-cpp-python is not installed
         print(f"error: {e}", file=sys.stderr)
         return None
@@ -286,3 +351,7 @@ def describe(engine: Engine) -> None:
     print(f"chat template: {engine.template_origin}", file=sys.stderr, flush=True)
     if engine.draft is not None:
         print(f"draft: {engine.draft.name}: {engine.draft.precision}", file=sys.stderr, flush=True)
+    if engine.pool is not None:
+        print(f"continuous batching: {engine.parallel} slots of {engine.context_length} tokens"
+              + (f"; speculating while at most {engine.speculate_max_busy} busy" if engine.draft is not None else ""),
+              file=sys.stderr, flush=True)

@@ -8,7 +8,8 @@
     app = create_app(Engine.load(path), api_key="sk-...", max_queue=8)
     app = create_app(ModelDir("models/"))          # the request's `model` picks one, loaded on demand
 
-Generation runs in a worker thread, one at a time (one KV cache); at most `max_queue` requests
+Generation runs in a worker thread per request: one at a time for an engine with one KV cache,
+batched with the others for one with slots (Engine(parallel=N)); at most `max_queue` requests
 may be in flight (running or waiting), more get HTTP 429. A streaming client that goes away
 stops its generation at the next token. Limits: request bodies over `max_body_bytes` get 413
 (on Content-Length, or as a chunked body arrives), `max_tokens` over `max_tokens_limit` or the
@@ -91,7 +92,10 @@ class OneModel:
     """A single Engine seen as a model folder: every name maps to it."""
 
     def __init__(self, engine: Engine) -> None:
-        self.engine, self.lock = engine, engine.lock
+        self.engine = engine
+
+    def turn(self, engine: Engine):
+        return engine.turn()
 
     def names(self) -> list[str]:
         return [self.engine.model_id]
@@ -194,7 +198,7 @@ class Run:
 
     def _work(self) -> None:
         try:
-            with self.models.lock:
+            with self.models.turn(self.engine):
                 for delta in self.stream:
                     if self.cancel.is_set():
                         self.stream.generation.close()
@@ -341,7 +345,9 @@ def _add_auth(app: FastAPI, api_key: str | None) -> None:
 def _add_model_routes(app: FastAPI, models, admission: Admission) -> None:
     @app.get("/health")
     async def health() -> dict:
-        return {"status": "ok", "models": list(models.engines()), "in_flight": admission.in_flight}
+        slots = {name: e.slots() for name, e in models.engines().items() if e.slots() is not None}
+        return {"status": "ok", "models": list(models.engines()), "in_flight": admission.in_flight} | (
+            {"slots": slots} if slots else {})
 
     @app.get("/v1/models")
     async def list_models() -> dict:

@@ -119,7 +119,7 @@ def test_tools_are_cached_per_build_and_a_missing_sdist_is_named(tmp_path, monke
     where = llama_cpp_tools.tools_dir()
     assert where.parent.parent == tmp_path / "tools" and where.parent.name.startswith("llama.cpp-0.3.36-")
     with pytest.raises(ValueError, match="not one of the tools"):
-        llama_cpp_tools.tool("llama-server")
+        llama_cpp_tools.tool("llama-cli")
     with pytest.raises(NotFound, match="sdist is not downloaded; run `make setup`"):
         llama_cpp_tools.tool("llama-quantize", say=lambda _: None)
     assert not where.exists()                                 # nothing that looks built

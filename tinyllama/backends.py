@@ -68,7 +68,7 @@ class Backend:
         pass
 
 
-def _check(context: Sequence[int], n_last: int, context_length: int, name: str) -> None:
+def check_context(context: Sequence[int], n_last: int, context_length: int, name: str) -> None:
     if not 1 <= n_last <= len(context):
         raise ValueError(f"n_last={n_last} must be in [1, {len(context)}]")
     if len(context) > context_length:
@@ -96,7 +96,7 @@ class TorchBackend(Backend):
         self.packed_bytes = pack_for_decoding(self.model) if pack else 0
 
     def logits(self, context: Sequence[int], n_last: int = 1) -> torch.Tensor:
-        _check(context, n_last, self.context_length, self.name)
+        check_context(context, n_last, self.context_length, self.name)
         context = list(context)
         if self.model.kv_cache_len < len(context):
             # grow in steps so a long generation reallocates a handful of times, not per token
@@ -177,7 +177,7 @@ class GGUFBackend(Backend):
         self._fingerprint: str | None = None
 
     def logits(self, context: Sequence[int], n_last: int = 1) -> torch.Tensor:
-        _check(context, n_last, self.context_length, self.name)
+        check_context(context, n_last, self.context_length, self.name)
         cached = self.llm.input_ids[: self.llm.n_tokens].tolist()
         start = min(common_prefix(cached, context), len(context) - n_last)
         self.llm.n_tokens = start           # eval() drops the KV cache beyond n_tokens first

@@ -41,7 +41,7 @@ import dataclasses
 import math
 import time
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 
@@ -189,9 +189,13 @@ class Generation:
 
     def __init__(self, model: Llama | Backend, prompt_ids: Sequence[int], sampling: SamplingParams = SamplingParams(),
                  stop_ids: Iterable[int] = (), draft_model: Llama | Backend | NgramDraft | None = None,
-                 num_draft: int | str | AutoDraftLength = 4, adaptive_draft: bool = False) -> None:
+                 num_draft: int | str | AutoDraftLength = 4, adaptive_draft: bool = False,
+                 may_speculate: Callable[[], bool] | None = None, release: Callable[[], None] | None = None) -> None:
         """num_draft: k per round, or "auto" (an AutoDraftLength of its own) or a shared
-        AutoDraftLength: k chosen each round from measured acceptance and costs."""
+        AutoDraftLength: k chosen each round from measured acceptance and costs. may_speculate:
+        asked before each round; False makes it a plain step (a batched server with many busy
+        slots: tinyllama.batching). release: called once when the generation ends, however it
+        ends (a slot goes back to its pool)."""
         if not len(prompt_ids):
             raise ValueError("generate() needs at least one prompt token (e.g. BOS)")
         num_draft = resolve_num_draft(num_draft)
@@ -218,6 +222,8 @@ class Generation:
         # Backends made here for a bare Llama free their KV cache when generation ends.
         self._owned = [b for b, m in ((self.target, model), (self.draft, draft_model)) if b is not None and b is not m]
         self._speculating = self.draft is not None or self.lookup is not None
+        self.may_speculate = may_speculate
+        self._release = release
         self._it = self._run()
 
     def __iter__(self) -> "Generation":
@@ -231,6 +237,12 @@ class Generation:
         if self.stats.stop_reason is None:
             self.stats.stop_reason = "cancelled"
         self._it.close()
+        self._end()            # a generation closed before it started has not run _run's finally
+
+    def _end(self) -> None:
+        release, self._release = self._release, None
+        if release is not None:
+            release()
 
     def _run(self) -> Iterator[int]:
         if self.max_new_tokens == 0:
@@ -241,6 +253,7 @@ class Generation:
         finally:
             for backend in self._owned:
                 backend.close()
+            self._end()
 
     # ---- helpers ---------------------------------------------------------------------------
     def _probs(self, logits: torch.Tensor, context: Sequence[int]) -> torch.Tensor:
@@ -297,31 +310,37 @@ class Generation:
         # Prefill both caches (timed as the prefill). A first plain step uses the prefill's
         # logits; a round recomputes only the last context position, whose logits it needs.
         first = self.target.logits(context, 1)[0]                          # (vocab,)
-        if self.draft is not None:
-            self.draft.logits(context, 1)
+        if self.draft is not None and (self.may_speculate is None or self.may_speculate()):
+            self.draft.logits(context, 1)        # else the draft catches up in its first round
         self.stats.prefill_seconds = time.perf_counter() - t0
         draft_length = self.draft.context_length if self.draft is not None else self.target.context_length
         while True:
             t0 = time.perf_counter()
             left = self.max_new_tokens - self.stats.generated_tokens
             cap = min(left - 1, self.target.context_length - len(context) - 1, draft_length - len(context) - 1)
-            k = self.auto.choose(cap) if self.auto is not None else min(self.num_draft, cap)
+            # may_speculate False: a plain step, and nothing for the policy to learn from it
+            allowed = self.may_speculate is None or self.may_speculate()
+            auto = self.auto if allowed else None
+            if not allowed:
+                k = 0
+            else:
+                k = auto.choose(cap) if auto is not None else min(self.num_draft, cap)
             proposal = self.lookup.propose(context, k) if self.lookup is not None and k >= 1 else None
             if (k < 1 or proposal == []) and first is not None:
                 new_tokens = [self._next_token(first, context)]     # the prefill's logits: no second pass
             elif k < 1 or proposal == []:
                 new_tokens = self._plain_step(context)      # nothing to verify: one plain step
-                if self.auto is not None:
-                    self.auto.record_step(time.perf_counter() - t0)
+                if auto is not None:
+                    auto.record_step(time.perf_counter() - t0)
             else:
                 accepted_before = self.stats.accepted
                 drafts, qs = (proposal, None) if proposal is not None else self._draft(context, k)
                 drafted = time.perf_counter()
                 new_tokens = self._verify(context, drafts, qs)
                 k = len(drafts)
-                if self.auto is not None:
-                    self.auto.record_round(k, self.stats.accepted - accepted_before, drafted - t0,
-                                           time.perf_counter() - drafted)
+                if auto is not None:
+                    auto.record_round(k, self.stats.accepted - accepted_before, drafted - t0,
+                                      time.perf_counter() - drafted)
                 if self.adaptive_draft and self.auto is None:
                     all_accepted = self.stats.accepted - accepted_before == k
                     self.num_draft = min(self.num_draft + 2, MAX_ADAPTIVE_DRAFT) if all_accepted else \
@@ -416,7 +435,9 @@ class Generation:
 
 def generate(model: Llama | Backend, prompt_ids: Sequence[int], sampling: SamplingParams | None = None, *,
              stop_ids: Iterable[int] = (), draft_model: Llama | Backend | NgramDraft | None = None,
-             num_draft: int | str | AutoDraftLength = 4, adaptive_draft: bool = False, **settings) -> Generation:
+             num_draft: int | str | AutoDraftLength = 4, adaptive_draft: bool = False,
+             may_speculate: Callable[[], bool] | None = None, release: Callable[[], None] | None = None,
+             **settings) -> Generation:
     """Streams new token ids; see the module docstring. `sampling` (default: greedy, 64 tokens),
     with any SamplingParams field given as a keyword replacing its value:
 
@@ -427,7 +448,8 @@ def generate(model: Llama | Backend, prompt_ids: Sequence[int], sampling: Sampli
     sampling = sampling or SamplingParams()
     if settings:
         sampling = sampling.replace(**settings)
-    return Generation(model, prompt_ids, sampling, stop_ids, draft_model, num_draft, adaptive_draft)
+    return Generation(model, prompt_ids, sampling, stop_ids, draft_model, num_draft, adaptive_draft,
+                      may_speculate, release)
 
 
 def check_same_vocabulary(target: Backend, draft: Backend) -> None:

@@ -69,7 +69,12 @@ def select_backend(q: torch.Tensor) -> str:
     return "sdpa"
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_lengths: torch.Tensor | None = None) -> torch.Tensor:
+    """key_lengths (B,): one query per row (T == 1) that sees only its row's first
+    key_lengths[b] keys (sequences of different lengths batched together); the rest of the
+    row is padding."""
+    if key_lengths is not None:
+        return sdpa_attention_lengths(q, k, v, key_lengths)
     backend = select_backend(q)
     if backend == "flash":
         return flash_attention(q, k, v)
@@ -86,6 +91,14 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.T
     elif T > 1:  # queries are the last T of S positions: a bottom-right-aligned causal mask
         mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=S - T)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                          enable_gqa=q.shape[1] != k.shape[1])
+
+
+def sdpa_attention_lengths(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_lengths: torch.Tensor) -> torch.Tensor:
+    if q.shape[2] != 1:
+        raise ValueError(f"key_lengths needs one query per row, got {q.shape[2]}")
+    allowed = torch.arange(k.shape[2], device=q.device)[None, :] < key_lengths[:, None]       # (B, S)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed[:, None, None, :],
                                           enable_gqa=q.shape[1] != k.shape[1])
 
 
@@ -168,6 +181,13 @@ def prepare_rotary(cos: torch.Tensor, sin: torch.Tensor, like: torch.Tensor) -> 
 def _broadcast_signed_tables(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     half = sin.shape[-1] // 2
     return cos[:, None, :], torch.cat((-sin[:, :half], sin[:, half:]), dim=-1)[:, None, :]   # (T, 1, hd)
+
+
+def rotary_rows(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tables at one position per batch row, cos, sin (B, hd) -> (B, 1, 1, hd) each, prepared
+    as prepare_rotary's PyTorch path does, for x (B, 1, H, hd)."""
+    cos, sin = _broadcast_signed_tables(cos, sin)                   # (B, 1, hd)
+    return cos[:, None], sin[:, None]
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -7,8 +7,9 @@ downloads, with the same CPU flags as the wheel (tinyllama.llama_cpp_build), and
 
 Why not llama-cpp-python's API: `llama_model_quantize`'s `imatrix` field is an opaque pointer to a
 C++ map, so imatrix quantization, importance matrices and KL-divergence perplexity need the tools
-themselves. Built statically (no shared libraries to find at run time), without the server, tests,
-network or OpenSSL; 6-9 minutes on 2 cores, once.
+themselves; llama-server and llama-speculative-simple are the anchors the serving and speculative
+benchmarks compare with. Built statically (no shared libraries to find at run time), without tests,
+the server's web page, network access or OpenSSL; 6-9 minutes on 2 cores, once.
 """
 
 from __future__ import annotations
@@ -25,10 +26,12 @@ from pathlib import Path
 from .errors import NotFound, UserError
 from .paths import LLAMA_CPP_VERSION, cache_dir, default_sdist
 
-TOOLS = ("llama-quantize", "llama-imatrix", "llama-perplexity")
+TOOLS = ("llama-quantize", "llama-imatrix", "llama-perplexity", "llama-server", "llama-speculative-simple")
 _SOURCE_PREFIX = f"llama_cpp_python-{LLAMA_CPP_VERSION}/vendor/llama.cpp/"
 _CMAKE_FIXED = ["-DCMAKE_BUILD_TYPE=Release", "-DBUILD_SHARED_LIBS=OFF", "-DLLAMA_BUILD_TESTS=OFF",
-                "-DLLAMA_BUILD_SERVER=OFF", "-DLLAMA_BUILD_EXAMPLES=ON", "-DLLAMA_BUILD_TOOLS=ON",
+                "-DLLAMA_BUILD_SERVER=ON", "-DLLAMA_BUILD_EXAMPLES=ON", "-DLLAMA_BUILD_TOOLS=ON",
+                # the server without its web page: no npm, no download of prebuilt assets
+                "-DLLAMA_BUILD_UI=OFF", "-DLLAMA_USE_PREBUILT_UI=OFF",
                 "-DLLAMA_OPENSSL=OFF", "-DLLAMA_BUILD_APP=OFF", "-DGGML_CCACHE=OFF"]
 
 

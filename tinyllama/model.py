@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
-from .kernels import apply_rotary, attention, prepare_rotary, rms_norm
+from .kernels import apply_rotary, attention, prepare_rotary, rms_norm, rotary_rows
 
 
 class RMSNorm(nn.Module):
@@ -67,6 +67,13 @@ class RotaryEmbedding(nn.Module):
             self.build(max(first + T, self.cos.shape[0]), device=device)
         return self.cos[first:first + T].to(dtype), self.sin[first:first + T].to(dtype)   # (T, hd) each
 
+    def at(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """The tables at one position per batch row: positions (B,) -> cos, sin (B, hd)."""
+        last = int(positions.max()) + 1
+        if self.cos.device != positions.device or last > self.cos.shape[0]:
+            self.build(max(last, self.cos.shape[0]), device=positions.device)
+        return self.cos[positions].to(dtype), self.sin[positions].to(dtype)
+
 
 class KVCache(nn.Module):
     """Preallocated K/V for one layer: (B, n_kv_head, max_seq_len, head_dim)."""
@@ -78,17 +85,36 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, start_pos: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # k, v (B, n_kv, T, hd) -> the cache up to start_pos + T
+    def update(self, start_pos: int, k: torch.Tensor, v: torch.Tensor,
+               row: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """k, v (B, n_kv, T, hd) -> the cache up to start_pos + T. row: one sequence (B = 1) kept in
+        that row of a batched cache (a slot's prompt, tinyllama.batching)."""
         end = start_pos + k.shape[2]
         if end > self.k.shape[2]:
             raise ValueError(f"KV cache overflow: position {end} > cache length {self.k.shape[2]}; "
                              "call setup_kv_cache with a larger max_seq_len")
-        if k.shape[0] != self.k.shape[0]:
-            raise ValueError(f"batch size {k.shape[0]} differs from the KV cache's {self.k.shape[0]}")
-        self.k[:, :, start_pos:end] = k
-        self.v[:, :, start_pos:end] = v
-        return self.k[:, :, :end], self.v[:, :, :end]
+        keys, values = (self.k, self.v) if row is None else (self.k[row:row + 1], self.v[row:row + 1])
+        if k.shape[0] != keys.shape[0]:
+            raise ValueError(f"batch size {k.shape[0]} differs from the KV cache's {keys.shape[0]}")
+        keys[:, :, start_pos:end] = k
+        values[:, :, start_pos:end] = v
+        return keys[:, :, :end], values[:, :, :end]
+
+    def update_rows(self, rows: list[int], positions: torch.Tensor, k: torch.Tensor,
+                    v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One token per row at its own position (batched decoding of independent sequences):
+        k, v (B, n_kv, 1, hd) written to cache row rows[b] at positions[b] -> the keys and values
+        of those rows up to the furthest position (B, n_kv, S, hd) and each row's valid length
+        (B,); keys past a row's length belong to nothing and must be masked."""
+        index = torch.tensor(rows, device=self.k.device)
+        self.k[index, :, positions] = k[:, :, 0]
+        self.v[index, :, positions] = v[:, :, 0]
+        end = int(positions.max()) + 1
+        if rows == list(range(rows[0], rows[0] + len(rows))):     # a run of rows: views, no copy
+            keys, values = self.k[rows[0]:rows[0] + len(rows), :, :end], self.v[rows[0]:rows[0] + len(rows), :, :end]
+        else:
+            keys, values = self.k[index, :, :end], self.v[index, :, :end]
+        return keys, values, positions + 1
 
 
 class Attention(nn.Module):
@@ -106,18 +132,23 @@ class Attention(nn.Module):
         (one fused matmul once tinyllama.packing has packed this module for decoding)."""
         return self.q_proj(x), self.k_proj(x), self.v_proj(x)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start_pos: int | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start_pos: int | torch.Tensor | None,
+                rows: int | list[int] | None = None) -> torch.Tensor:
         B, T, _ = x.shape
         q, k, v = self.qkv(x)
         q = apply_rotary(q.view(B, T, self.n_head, self.head_dim), cos, sin)        # (B, T, H, hd)
         k = apply_rotary(k.view(B, T, self.n_kv_head, self.head_dim), cos, sin)     # (B, T, Hkv, hd)
         v = v.view(B, T, self.n_kv_head, self.head_dim)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)                     # (B, H*, T, hd)
+        lengths = None
         if start_pos is not None:
             if self.kv_cache is None:
                 raise RuntimeError("start_pos given but no KV cache: call model.setup_kv_cache() first")
-            k, v = self.kv_cache.update(start_pos, k, v)                               # (B, Hkv, S, hd)
-        y = attention(q, k, v)                                                         # (B, H, T, hd)
+            if isinstance(start_pos, torch.Tensor):       # one token per row, each at its own position
+                k, v, lengths = self.kv_cache.update_rows(rows, start_pos, k, v)       # (B, Hkv, S, hd)
+            else:
+                k, v = self.kv_cache.update(start_pos, k, v, rows)                     # (B, Hkv, S, hd)
+        y = attention(q, k, v, key_lengths=lengths)                                    # (B, H, T, hd)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
 
 
@@ -147,8 +178,9 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start_pos: int | None) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, start_pos)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start_pos: int | torch.Tensor | None,
+                rows: int | list[int] | None = None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, start_pos, rows)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -225,18 +257,29 @@ class Llama(nn.Module):
         """Final-normed hidden states (..., d) -> logits (..., vocab) in the model's dtype."""
         return self.lm_head(h)
 
-    def hidden_states(self, input_ids: torch.Tensor, start_pos: int | None = None) -> torch.Tensor:
+    def hidden_states(self, input_ids: torch.Tensor, start_pos: int | torch.Tensor | None = None,
+                      rows: int | list[int] | None = None) -> torch.Tensor:
         """input_ids (B, T) -> the final-normed hidden states (B, T, d), before lm_head (what a
-        chunked/fused LM-head loss needs)."""
+        chunked/fused LM-head loss needs).
+
+        Independent sequences in one batched KV cache (continuous batching, tinyllama.batching):
+        rows=i with an int start_pos runs one sequence (B = 1) in cache row i; rows=[i, j, ...]
+        with start_pos a (B,) tensor runs one token per sequence (T = 1), each at its own
+        position, attending only to its own row's keys up to that position."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
         T = input_ids.shape[1]
-        first = 0 if start_pos is None else start_pos
         x = self.model.embed_tokens(input_ids)                       # (B, T, d)
-        cos, sin = self.rope.span(first, T, x.dtype, x.device)       # (T, hd) each
-        cos, sin = prepare_rotary(cos, sin, x)                       # once for all layers
+        if isinstance(start_pos, torch.Tensor):
+            if T != 1 or rows is None or len(rows) != input_ids.shape[0]:
+                raise ValueError("per-row positions need one token per row and the cache row of each")
+            cos, sin = rotary_rows(*self.rope.at(start_pos, x.dtype))   # (B, 1, 1, hd) each
+        else:
+            first = 0 if start_pos is None else start_pos
+            cos, sin = self.rope.span(first, T, x.dtype, x.device)   # (T, hd) each
+            cos, sin = prepare_rotary(cos, sin, x)                   # once for all layers
         for layer in self.model.layers:
-            x = layer(x, cos, sin, start_pos)
+            x = layer(x, cos, sin, start_pos, rows)
         return self.model.norm(x)
 
     def num_params(self) -> int:

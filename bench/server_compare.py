@@ -1,0 +1,208 @@
+"""Serving throughput side by side: our OpenAI-compatible server (`python -m serve`, continuous
+batching) and llama.cpp's own `llama-server`, on the same GGUF, with the same clients, in one run.
+
+    python -m bench.server_compare [--model PATH] [--clients 1 8 32] [--duration 60] [--parallel 8]
+
+Each server is started with `parallel` slots of `n_ctx` tokens (ours: --parallel N --n-ctx C;
+llama-server: -np N -c N*C, its defaults otherwise), then for each client count that many
+streaming chat clients send requests back to back for `duration` seconds (greedy, `max_tokens`
+each, questions cycled from one list and numbered, so no prompt repeats: both servers keep
+finished prompts for reuse, and this measures batching, not that cache). Reported per server and client count: generated tokens/s
+(all clients together, from each response's usage), requests/s, time to first token and request
+latency (p50 / p99), and errors: non-200 answers, errors inside a stream, broken connections.
+The model: tinyllama-1.1b-shaped with random weights (bench.random_models; speed does not
+depend on the values) as Q4_K_M, and the 19M chat GGUF `make run` leaves, when present.
+llama-server is built from the llama.cpp sources in the llama-cpp-python sdist
+(tinyllama.llama_cpp_tools, `make tools`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from . import markdown_table
+from .server_load import DEFAULT_MODEL, free_port, percentile, wait_until_up
+
+QUESTIONS = ("Tell me about llamas.", "What is the capital of France?", "Write a haiku about the sea.",
+             "How do I reverse a list in Python?", "Why is the sky blue?", "Name three prime numbers.",
+             "What does a compiler do?", "Give me a tip for a job interview.")
+
+
+def start_server(kind: str, model: Path, port: int, parallel: int, n_ctx: int, log: Path) -> subprocess.Popen:
+    """`python -m serve` (kind "ours") or llama-server (kind "llama-server") on 127.0.0.1:port."""
+    if kind == "ours":
+        cmd = [sys.executable, "-m", "serve", "--model", str(model), "--port", str(port), "--parallel", str(parallel),
+               "--n-ctx", str(n_ctx), "--max-queue", "1000"]
+    else:
+        from tinyllama.llama_cpp_tools import tool
+
+        cmd = [str(tool("llama-server")), "-m", str(model), "--port", str(port), "--host", "127.0.0.1",
+               "-np", str(parallel), "-c", str(parallel * n_ctx), "-t", str(os.cpu_count() or 2)]
+    with open(log, "w") as fh:
+        return subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT,
+                                env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+
+
+class Tally:
+    def __init__(self) -> None:
+        self.tokens = self.sent = self.served = self.bad_status = self.stream_errors = self.transport_errors = 0
+        self.ttft: list[float] = []
+        self.latency: list[float] = []
+        self.first_error: str | None = None
+
+    def error(self, what: str) -> None:
+        self.first_error = self.first_error or what
+
+
+async def one_request(client, tally: Tally, question: str, max_tokens: int) -> None:
+    import httpx
+
+    tally.sent += 1           # numbered, so that no prompt repeats: what is measured is batching, not a prompt cache
+    body = {"messages": [{"role": "user", "content": f"({tally.sent}) {question}"}], "max_tokens": max_tokens,
+            "temperature": 0,
+            "stream": True, "stream_options": {"include_usage": True}}
+    t0, ttft, usage = time.perf_counter(), None, None
+    try:
+        async with client.stream("POST", "/v1/chat/completions", json=body) as r:
+            if r.status_code != 200:
+                tally.error(f"HTTP {r.status_code}: {(await r.aread())[:300]!r}")
+                tally.bad_status += 1
+                return
+            async for line in r.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                event = json.loads(line[6:])
+                if "error" in event:
+                    tally.error(f"in the stream: {event['error']}")
+                    tally.stream_errors += 1
+                    return
+                if ttft is None and event.get("choices") and event["choices"][0].get("delta", {}).get("content"):
+                    ttft = time.perf_counter() - t0
+                usage = event.get("usage") or usage
+    except httpx.TransportError as e:
+        tally.error(f"{type(e).__name__}: {e}")
+        tally.transport_errors += 1
+        return
+    tally.served += 1
+    tally.latency.append(time.perf_counter() - t0)
+    tally.tokens += usage["completion_tokens"] if usage else 0
+    if ttft is not None:
+        tally.ttft.append(ttft)
+
+
+async def steady_load(url: str, clients: int, duration_s: float, max_tokens: int) -> dict:
+    """`clients` streaming clients sending requests back to back until `duration_s` has passed
+    (requests under way then are finished and counted; the time counted is until the last ends)."""
+    import httpx
+
+    tally = Tally()
+    # A connection per request: llama-server (cpp-httplib) closes a kept-alive connection after a
+    # few requests, and a request sent just then fails as a broken connection that is no error of
+    # either server. Local connects cost the same for both.
+    async with httpx.AsyncClient(base_url=url, timeout=httpx.Timeout(600.0),
+                                 limits=httpx.Limits(max_connections=None, max_keepalive_connections=0)) as client:
+        t0 = time.perf_counter()
+        deadline = t0 + duration_s
+
+        async def client_loop(i: int) -> None:
+            n = 0
+            while time.perf_counter() < deadline:
+                await one_request(client, tally, QUESTIONS[(i + n) % len(QUESTIONS)], max_tokens)
+                n += 1
+        await asyncio.gather(*(client_loop(i) for i in range(clients)))
+        elapsed = time.perf_counter() - t0
+    return {"clients": clients, "seconds": elapsed, "served": tally.served, "tokens_per_s": tally.tokens / elapsed,
+            "requests_per_s": tally.served / elapsed, "ttft_p50": percentile(tally.ttft, 0.5),
+            "ttft_p99": percentile(tally.ttft, 0.99), "latency_p50": percentile(tally.latency, 0.5),
+            "latency_p99": percentile(tally.latency, 0.99), "bad_status": tally.bad_status,
+            "stream_errors": tally.stream_errors, "transport_errors": tally.transport_errors,
+            "first_error": tally.first_error}
+
+
+def measure(model: Path, clients=(1, 8, 32), duration_s: float = 60.0, parallel: int = 8, n_ctx: int = 512,
+            max_tokens: int = 32, kinds=("ours", "llama-server")) -> list[dict]:
+    """One row per (server, client count); each server started once, warmed up by one request."""
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for kind in kinds:
+            port, log = free_port(), Path(tmp) / f"{kind}.log"
+            server = start_server(kind, model, port, parallel, n_ctx, log)
+            try:
+                url = f"http://127.0.0.1:{port}"
+                wait_until_up(url, server, log)
+                asyncio.run(steady_load(url, 1, 0.0, 4))            # warm-up: one short request
+                for n in clients:
+                    row = asyncio.run(steady_load(url, n, duration_s, max_tokens))
+                    rows.append({"server": kind, "model": model.name, **row})
+                    print(f"  {kind}, {n} clients: {row['tokens_per_s']:.1f} tok/s"
+                          + (f"; first error: {row['first_error']}" if row["first_error"] else ""),
+                          file=sys.stderr, flush=True)
+            finally:
+                server.terminate()
+                server.wait(30)
+            if "Traceback" in log.read_text():
+                raise RuntimeError(f"{kind} logged a traceback:\n{log.read_text()[-3000:]}")
+    return rows
+
+
+def table(rows: list[dict], parallel: int, n_ctx: int, max_tokens: int) -> str:
+    head = ("model", "server", "clients", "generated tok/s", "vs 1 client", "vs llama-server", "requests/s",
+            "first token p50 / p99", "latency p50 / p99", "errors")
+    single = {(r["model"], r["server"]): r["tokens_per_s"] for r in rows if r["clients"] == 1}
+    anchor = {(r["model"], r["clients"]): r["tokens_per_s"] for r in rows if r["server"] == "llama-server"}
+    out = []
+    for r in rows:
+        one, ref = single.get((r["model"], r["server"])), anchor.get((r["model"], r["clients"]))
+        out.append((r["model"], "ours (`python -m serve`)" if r["server"] == "ours" else "llama-server", str(r["clients"]),
+                    f"{r['tokens_per_s']:,.1f}", f"{r['tokens_per_s'] / one:.2f}x" if one else "-",
+                    f"{r['tokens_per_s'] / ref:.2f}x" if ref else "-", f"{r['requests_per_s']:.2f}",
+                    f"{r['ttft_p50']:.2f} / {r['ttft_p99']:.2f} s", f"{r['latency_p50']:.2f} / {r['latency_p99']:.2f} s",
+                    f"{r['bad_status'] + r['stream_errors'] + r['transport_errors']}"))
+    return (markdown_table(head, out) + f"\n\nBoth servers: {parallel} slots of {n_ctx} tokens, {os.cpu_count()} "
+            f"threads; streaming chat clients back to back, greedy, max_tokens {max_tokens}. errors: non-200 "
+            "answers + errors inside a stream + broken connections.")
+
+
+def default_models() -> list[Path]:
+    from .random_models import random_gguf
+
+    models = [random_gguf("tinyllama-1.1b", "Q4_K_M", say=lambda m: print(m, file=sys.stderr))]
+    return models + ([DEFAULT_MODEL] if DEFAULT_MODEL.exists() else [])
+
+
+def run(duration_s: float = 60.0, clients=(1, 8, 32), parallel: int = 8, n_ctx: int = 512, max_tokens: int = 32,
+        models: list[Path] | None = None) -> str:
+    rows = [r for m in (models or default_models())
+            for r in measure(Path(m), clients, duration_s, parallel, n_ctx, max_tokens)]
+    return table(rows, parallel, n_ctx, max_tokens)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.server_compare", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", action="append", help="a .gguf (repeatable; default: the 1.1B-shaped random "
+                                                     "Q4_K_M, and the 19M chat GGUF if `make run` left it)")
+    ap.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32], help="client counts (default: 1 8 32)")
+    ap.add_argument("--duration", type=float, default=60.0, help="seconds per client count (default: %(default)s)")
+    ap.add_argument("--parallel", type=int, default=8, help="slots in both servers (default: %(default)s)")
+    ap.add_argument("--n-ctx", type=int, default=512, help="context per slot (default: %(default)s)")
+    ap.add_argument("--max-tokens", type=int, default=32, help="per request (default: %(default)s)")
+    ap.add_argument("--json", action="store_true", help="print the rows as JSON instead of the table")
+    args = ap.parse_args(argv)
+    models = [Path(m) for m in args.model] if args.model else default_models()
+    rows = [r for m in models for r in measure(m, args.clients, args.duration, args.parallel, args.n_ctx,
+                                                args.max_tokens)]
+    print(json.dumps(rows, indent=1) if args.json else table(rows, args.parallel, args.n_ctx, args.max_tokens))
+    return 0 if all(r["bad_status"] + r["stream_errors"] + r["transport_errors"] == 0 for r in rows) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

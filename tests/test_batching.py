@@ -1,0 +1,217 @@
+"""Continuous batching (tinyllama.batching): sequences of different lengths decoded together in one
+forward pass per step, each giving what it gives alone (greedy, seeded sampling, speculative),
+on our PyTorch model and on a GGUF in llama.cpp; prompts in chunks; slots freed and reused;
+and the server with --parallel under concurrent streaming clients."""
+
+from __future__ import annotations
+
+import threading
+
+import httpx
+import pytest
+import torch
+from test_generate import noisy_pair, random_llama
+
+from tinyllama import ModelConfig
+from tinyllama.backends import TorchBackend
+from tinyllama.batch_runners import TorchRunner, batch_runner
+from tinyllama.batching import SlotPool
+from tinyllama.generate import SamplingParams, generate
+
+PROMPTS = [[1, 450, 6593, 310, 2834, 338], [1, 306], [1, 15043, 29892, 590, 1024, 338, 263, 2107, 29889, 13] * 3,
+           [1, 1576, 4996, 17354], [1, 822, 1667, 7295, 13, 1678], [1, 29871, 29896, 29892, 29871, 29906]]
+
+
+def run_together(pool: SlotPool, prompts, sampling: SamplingParams, draft_pool: SlotPool | None = None,
+                 num_draft: int = 3) -> list[list[int]]:
+    """Each prompt generated in a thread of its own, all at once, on leases of the pool(s)."""
+    out: list = [None] * len(prompts)
+    errors = []
+    barrier = threading.Barrier(len(prompts))
+
+    def work(i: int) -> None:
+        try:
+            lease = pool.lease(prompts[i])
+            draft = draft_pool.lease(prompts[i]) if draft_pool is not None else None
+            barrier.wait()
+
+            def release():
+                lease.release()
+                if draft is not None:
+                    draft.release()
+            out[i] = list(generate(lease, prompts[i], sampling, draft_model=draft, num_draft=num_draft,
+                                   release=release))
+        except Exception as e:       # surfaced below, not lost in the thread
+            errors.append(e)
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors, errors
+    return out
+
+
+@pytest.fixture(scope="module")
+def target_and_draft():
+    return noisy_pair(ModelConfig.from_name("tinyllama-debug"))
+
+
+def test_per_row_positions_equal_separate_forwards():
+    model = random_llama(ModelConfig.from_name("tinyllama-debug"), 0)
+    seqs = [torch.randint(0, model.config.vocab_size, (n,)) for n in (5, 9, 3, 7)]
+    model.setup_kv_cache(batch_size=4, max_seq_len=32)
+    with torch.inference_mode():
+        for row, s in enumerate(seqs):                          # each prompt into its own cache row
+            model.hidden_states(s[None, :-1], start_pos=0, rows=row)
+        order = [2, 0, 3]                                       # a subset of rows, out of order
+        last = torch.stack([seqs[r][-1:] for r in order])                   # (3, 1)
+        positions = torch.tensor([len(seqs[r]) - 1 for r in order])         # (3,)
+        batched = model.hidden_states(last, start_pos=positions, rows=order)[:, 0]
+        for j, r in enumerate(order):
+            alone = model.hidden_states(seqs[r][None])[0, -1]
+            torch.testing.assert_close(batched[j], alone, atol=1e-5, rtol=1e-5)
+        with pytest.raises(ValueError, match="one token per row"):
+            model.hidden_states(torch.zeros(2, 2, dtype=torch.long), start_pos=positions[:2], rows=[0, 1])
+
+
+def test_torch_slots_batch_and_equal_alone(target_and_draft, llama2_tokenizer):
+    target, _ = target_and_draft
+    backend = TorchBackend(target, llama2_tokenizer, pack=False)
+    greedy = SamplingParams(max_new_tokens=20)
+    seeded = SamplingParams(max_new_tokens=16, temperature=0.9, top_k=40, seed=7)
+    alone = [list(generate(backend, p, greedy)) for p in PROMPTS]
+    sampled_alone = [list(generate(backend, p, seeded)) for p in PROMPTS[:4]]
+    runner = TorchRunner(backend, n_slots=4)
+    runner.step_tokens = 16                    # the 30-token prompt goes in chunks between decode steps
+    pool = SlotPool(runner)
+    try:
+        assert run_together(pool, PROMPTS, greedy) == alone      # 6 requests on 4 slots: two wait
+        assert pool.rows > 1.5 * pool.steps                      # steps carried several sequences
+        assert pool.busy == 0
+        assert run_together(pool, PROMPTS[:4], seeded) == sampled_alone
+    finally:
+        pool.close()
+
+
+def backend_alone(model, tok):
+    backend = TorchBackend(model, tok, pack=False)
+    model.clear_kv_cache()
+    return backend
+
+
+def test_speculative_decoding_in_slots_is_exact(target_and_draft, llama2_tokenizer):
+    target, draft = target_and_draft
+    greedy = SamplingParams(max_new_tokens=20)
+    alone = [list(generate(backend_alone(target, llama2_tokenizer), p, greedy)) for p in PROMPTS[:4]]
+    pools = [SlotPool(batch_runner(TorchBackend(m, llama2_tokenizer, pack=False), 4)) for m in (target, draft)]
+    try:
+        assert run_together(pools[0], PROMPTS[:4], greedy, draft_pool=pools[1]) == alone
+    finally:
+        for p in pools:
+            p.close()
+
+
+def test_a_free_slot_keeps_its_prefix_and_is_reused(target_and_draft, llama2_tokenizer):
+    target, _ = target_and_draft
+    runner = TorchRunner(TorchBackend(target, llama2_tokenizer, pack=False), n_slots=2)
+    carried = []
+    run = runner.run
+    runner.run = lambda rows: carried.append([len(r.tokens) for r in rows]) or run(rows)
+    pool = SlotPool(runner)
+    try:
+        chat = PROMPTS[2]
+        first = list(generate(lease := pool.lease(chat), chat, max_new_tokens=4, release=lease.release))
+        carried.clear()
+        follow_up = chat + first + [13, 1576]          # the next turn of the same conversation
+        list(generate(lease := pool.lease(follow_up), follow_up, max_new_tokens=2, release=lease.release))
+        assert carried[0] == [len(follow_up) - len(chat) - 3]    # only what the slot did not hold
+        gen = generate(lease := pool.lease(chat), chat, max_new_tokens=4, release=lease.release)
+        gen.close()                                    # closed before it started: the slot is still given back
+        assert pool.busy == 0
+    finally:
+        pool.close()
+
+
+def test_a_failed_step_fails_its_requests_only(target_and_draft, llama2_tokenizer):
+    target, _ = target_and_draft
+    runner = TorchRunner(TorchBackend(target, llama2_tokenizer, pack=False), n_slots=2)
+    pool = SlotPool(runner)
+    run, calls = runner.run, []
+
+    def flaky(rows):
+        calls.append(rows)
+        if len(calls) == 2:
+            raise RuntimeError("llama_decode failed (1: no room in the KV cache)")
+        return run(rows)
+    runner.run = flaky
+    try:
+        with pytest.raises(RuntimeError, match="no room"):
+            list(generate(lease := pool.lease(PROMPTS[0]), PROMPTS[0], max_new_tokens=5, release=lease.release))
+        assert pool.busy == 0
+        again = list(generate(lease := pool.lease(PROMPTS[0]), PROMPTS[0], max_new_tokens=5, release=lease.release))
+        assert again == list(generate(backend_alone(target, llama2_tokenizer), PROMPTS[0], max_new_tokens=5))
+    finally:
+        pool.close()
+
+
+@pytest.mark.llamacpp
+def test_gguf_slots_batch_in_one_llama_decode_and_equal_alone(tmp_path, target_and_draft, llama2_tokenizer):
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is built by make setup")
+    from quantize.export import write_gguf
+    from tinyllama import save_checkpoint
+    from tinyllama.backends import GGUFBackend
+    from tinyllama.batch_runners import LlamaCppRunner
+
+    save_checkpoint(target_and_draft[0], llama2_tokenizer, tmp_path / "m")
+    backend = GGUFBackend(write_gguf(tmp_path / "m", tmp_path / "m.gguf", "f32"), n_ctx=128)
+    greedy = SamplingParams(max_new_tokens=20)
+    alone = [list(generate(backend, p, greedy)) for p in PROMPTS]
+    runner = LlamaCppRunner(backend, n_slots=4, step_tokens=16)      # the long prompt goes in chunks
+    decodes = []
+    run = runner.run
+    runner.run = lambda rows: decodes.append(len(rows)) or run(rows)
+    pool = SlotPool(runner)
+    try:
+        assert run_together(pool, PROMPTS, greedy) == alone
+        assert max(decodes) >= 3 and sum(decodes) > 1.5 * len(decodes)   # one llama_decode, many sequences
+    finally:
+        pool.close()
+        backend.close()
+
+
+def test_server_with_slots_streams_concurrent_clients(target_and_draft, llama2_tokenizer):
+    openai = pytest.importorskip("openai")
+    from test_serve import start_server
+
+    from serve.engine import Engine
+    from serve.server import create_app
+
+    target, _ = target_and_draft
+    engine = Engine(TorchBackend(target, llama2_tokenizer, pack=False), llama2_tokenizer, "tiny", parallel=3)
+    url, server = start_server(create_app(engine, max_queue=8))
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
+    questions = ["What is 2+2?", "Name a colour.", "Say hi.", "Count to three.", "Why is the sky blue?"]
+
+    def ask(q: str, stream: bool) -> str:
+        kw = dict(model="tiny", messages=[{"role": "user", "content": q}], max_tokens=12, stream=stream)
+        if not stream:
+            return client.chat.completions.create(**kw).choices[0].message.content
+        return "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(**kw) if c.choices)
+    try:
+        alone = [ask(q, stream=False) for q in questions]
+        together: list = [None] * len(questions)
+        threads = [threading.Thread(target=lambda i=i: together.__setitem__(i, ask(questions[i], True)))
+                   for i in range(len(questions))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert together == alone
+        assert engine.pool.rows > engine.pool.steps            # some steps carried several requests
+        health = httpx.get(f"{url}/health").json()
+        slots = health["slots"]["tiny"]
+        assert (slots["total"], slots["busy"]) == (3, 0) and slots["rows"] > slots["steps"] > 0
+    finally:
+        server.should_exit = True
+        engine.close()

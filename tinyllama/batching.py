@@ -1,0 +1,300 @@
+"""Continuous batching: many generations share one model, one forward pass per step.
+
+    pool = SlotPool(batch_runner(backend, n_slots=4))   # tinyllama.batch_runners: PyTorch or llama.cpp
+    lease = pool.lease(prompt_ids)                       # a Backend; takes a free slot on first use
+    gen = generate(lease, prompt_ids, sampling, release=lease.release)   # in any thread
+    for token in gen: ...                                # runs in step with the other slots' generations
+
+Each slot is one sequence of the model's KV cache (a llama.cpp seq_id, a row of our batched
+cache). A lease is a Backend, so generate() and speculative decoding work on it unchanged:
+`lease.logits(context, n_last)` joins the pool's next step. A step gathers what every busy slot
+asked for (its uncached suffix: one token when decoding, k + 1 when verifying a draft, a chunk of
+a new prompt) and runs it as one forward pass, on one compute thread for the whole process (see
+_ComputeThread), once every busy slot has asked or the first request has waited about a step
+(at most `max_wait`: a slot busy elsewhere, drafting or decoding text, holds nobody up for long). Prompts go in chunks of at most `runner.step_tokens` tokens, after the
+decoding rows, so a long prompt never stalls the streams already running. A free slot keeps its
+KV cache: a later request whose prompt starts with most of it (a chat's earlier turns, the same
+question) gets that slot and computes only the rest.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+from .backends import Backend, check_context, common_prefix
+
+
+@dataclass
+class Row:
+    """One slot's part of a step: `tokens` at positions [start, start + len(tokens)) of sequence
+    `slot`; logits wanted at the last `n_out` of them (0 for a prompt chunk that is not the last)."""
+
+    slot: int
+    tokens: list[int]
+    start: int
+    n_out: int
+
+
+class BatchRunner:
+    """Runs steps for a SlotPool: the model with a KV cache of `n_slots` sequences."""
+
+    n_slots: int
+    vocab_size: int
+    context_length: int          # per slot
+    step_tokens: int             # most tokens one step may carry
+    name: str = "model"
+    precision: str = ""
+
+    def run(self, rows: list[Row]) -> list[torch.Tensor | None]:
+        """One forward pass over every row -> per row its logits (n_out, vocab) float32 (None when n_out is 0)."""
+        raise NotImplementedError
+
+    def forget(self, slot: int, start: int) -> None:
+        """Drops the cached positions >= start of sequence `slot`."""
+        raise NotImplementedError
+
+    def vocab_fingerprint(self) -> str | None:
+        return None
+
+    def close(self) -> None:
+        pass
+
+
+@dataclass(eq=False)
+class _Request:
+    slot: "_Slot"
+    context: list[int]
+    n_last: int
+    since: float = field(default_factory=time.perf_counter)
+    logits: torch.Tensor | None = None
+    error: BaseException | None = None
+    done: bool = False
+
+
+@dataclass(eq=False)
+class _Slot:
+    index: int
+    cached: list[int] = field(default_factory=list)   # the tokens at positions [0, len) the runner holds
+    kv_len: int = 0                                   # positions held, >= len(cached) after a trim
+    busy: bool = False
+    last_used: int = 0                                # when it was last released (0: never used)
+
+
+class _ComputeThread:
+    """The one thread that runs every pool's steps, in this process. Not the generations' own
+    threads: llama.cpp and torch parallelise each pass with OpenMP, and OpenMP teams started from
+    several live threads slow each other ~3x on a few cores (measured: 1.0 vs 3.0 ms per step of
+    the 19M GGUF on 2 cores), so all batched compute goes through this one. Its lock also guards
+    every pool's slots and requests."""
+
+    def __init__(self) -> None:
+        self.cond = threading.Condition()
+        self.pools: list[SlotPool] = []
+        self.thread: threading.Thread | None = None
+
+    def add(self, pool: "SlotPool") -> None:
+        with self.cond:
+            self.pools.append(pool)
+            if self.thread is None:
+                self.thread = threading.Thread(target=self._loop, daemon=True, name="tinyllama-batch")
+                self.thread.start()
+
+    def remove(self, pool: "SlotPool") -> None:
+        with self.cond:
+            self.pools.remove(pool)
+
+    def _loop(self) -> None:
+        with self.cond:
+            while True:
+                waits = [(pool._time_to_step(), i) for i, pool in enumerate(self.pools)]
+                wait, i = min(waits, default=(float("inf"), -1))
+                if wait > 0:
+                    self.cond.wait(None if wait == float("inf") else wait)
+                    continue
+                self.pools[i]._step()
+
+
+_COMPUTE = _ComputeThread()
+
+
+class SlotPool:
+    """`runner.n_slots` sequences of one model, leased to generations and batched step by step."""
+
+    def __init__(self, runner: BatchRunner, max_wait: float = 0.02) -> None:
+        """max_wait: the longest a ready request waits for the other busy slots' (seconds)."""
+        self.runner, self.max_wait = runner, max_wait
+        self.slots = [_Slot(i) for i in range(runner.n_slots)]
+        self._cond = _COMPUTE.cond
+        self._pending: list[_Request] = []
+        self._last_step = self._last_end = 0.0
+        self._uses = 0
+        self.steps = 0                    # forward passes run, the rows they carried, their seconds
+        self.rows = 0
+        self.run_seconds = 0.0
+        _COMPUTE.add(self)
+
+    @property
+    def busy(self) -> int:
+        return sum(s.busy for s in self.slots)
+
+    def lease(self, prompt: Sequence[int] = ()) -> "Lease":
+        return Lease(self, list(prompt))
+
+    # ---- slots ---------------------------------------------------------------------------------
+    def _acquire(self, prompt: list[int]) -> _Slot:
+        """A free slot (waits for one): the one whose cache holds the most of `prompt` when that is
+        at least half of it (the same conversation, a shared system prompt), else the least
+        recently used, so an unrelated prompt does not overwrite a cache that a later request
+        may want (what llama-server's --slot-prompt-similarity does)."""
+        with self._cond:
+            while True:
+                free = [s for s in self.slots if not s.busy]
+                if free:
+                    best = max(free, key=lambda s: (common_prefix(s.cached, prompt), -s.last_used))
+                    if 2 * common_prefix(best.cached, prompt) < len(prompt):
+                        best = min(free, key=lambda s: s.last_used)
+                    best.busy = True
+                    return best
+                self._cond.wait()
+
+    def _release(self, slot: _Slot) -> None:
+        with self._cond:
+            slot.busy = False
+            self._uses += 1
+            slot.last_used = self._uses
+            self._cond.notify_all()       # the others' requests may now be all there are
+
+    # ---- steps (run by the compute thread) -------------------------------------------------------
+    def _submit(self, request: _Request) -> torch.Tensor:
+        with self._cond:
+            self._pending.append(request)
+            self._cond.notify_all()
+            while not request.done:
+                self._cond.wait()
+        if request.error is not None:
+            raise request.error
+        return request.logits
+
+    def _time_to_step(self) -> float:
+        """0 when every busy slot has asked (or the oldest request has waited long enough)."""
+        if not self._pending:
+            return float("inf")
+        if len({r.slot.index for r in self._pending}) >= self.busy:
+            return 0.0
+        # A slot left out now costs a step of its own later, about as long as this one on a
+        # memory-bound model: worth waiting up to a step (at most max_wait) for it.
+        # Counted from when the request came or the last step ended, whichever is later: the
+        # slots served by that step are only now coming back with their next request.
+        patience = min(self.max_wait, max(0.002, self._last_step))
+        return max(self._pending[0].since, self._last_end) + patience - time.perf_counter()
+
+    def _step(self) -> None:
+        """Runs one step with the lock held on entry and exit, released around the forward pass."""
+        plan = self._plan()
+        for request, row in plan:
+            slot = request.slot
+            if slot.kv_len > row.start:
+                self.runner.forget(slot.index, row.start)
+            del slot.cached[row.start:]
+            slot.kv_len = row.start
+        t0 = time.perf_counter()
+        self._cond.release()
+        try:
+            outputs, error = self.runner.run([row for _, row in plan]), None
+        except Exception as e:            # the requests in this step fail; the pool keeps serving
+            outputs, error = None, e
+        finally:
+            self._cond.acquire()
+        self._last_end = time.perf_counter()
+        self._last_step = self._last_end - t0
+        self.run_seconds += self._last_step
+        self.steps += 1
+        self.rows += len(plan)
+        for i, (request, row) in enumerate(plan):
+            slot = request.slot
+            if error is not None:
+                self.runner.forget(slot.index, 0)      # what the failed pass left is unknown
+                slot.cached, slot.kv_len = [], 0
+                request.error, request.done = error, True
+                continue
+            slot.cached.extend(row.tokens)
+            slot.kv_len = len(slot.cached)
+            if row.n_out:
+                request.logits, request.done = outputs[i], True
+        self._pending = [r for r in self._pending if not r.done]
+        self._cond.notify_all()
+
+    def _plan(self) -> list[tuple[_Request, Row]]:
+        """The rows of the next step: the shortest suffixes first (decoding, verification), then
+        prompt chunks while the step has room; at least one row."""
+        budget = self.runner.step_tokens
+        plan = []
+        todo = []
+        for request in self._pending:
+            context, slot = request.context, request.slot
+            start = min(common_prefix(slot.cached, context), len(context) - request.n_last)
+            todo.append((len(context) - start, start, request))
+        for n, start, request in sorted(todo, key=lambda t: t[0]):
+            take = min(n, budget)
+            if take < n and n - take < request.n_last:     # the logits wanted all come in the last chunk
+                take = n - request.n_last
+            if take <= 0 or (plan and take < min(n, 16)):  # no room left worth a row
+                continue
+            tokens = request.context[start:start + take]
+            plan.append((request, Row(request.slot.index, tokens, start, request.n_last if take == n else 0)))
+            budget -= take
+            if budget <= 0:
+                break
+        return plan
+
+    def close(self) -> None:
+        _COMPUTE.remove(self)
+        self.runner.close()
+
+
+class Lease(Backend):
+    """A generation's slot in a SlotPool, as a Backend; the slot is taken on the first call (so
+    waiting for one happens in the generation's thread) and given back by release()."""
+
+    def __init__(self, pool: SlotPool, prompt: list[int]) -> None:
+        runner = pool.runner
+        self.pool, self.prompt = pool, prompt
+        self.name, self.precision = runner.name, runner.precision
+        self.vocab_size, self.context_length = runner.vocab_size, runner.context_length
+        self._slot: _Slot | None = None
+        self._released = False
+
+    @property
+    def slot(self) -> _Slot:
+        if self._slot is None:
+            if self._released:
+                raise RuntimeError("this lease was released")
+            self._slot = self.pool._acquire(self.prompt)
+        return self._slot
+
+    def logits(self, context: Sequence[int], n_last: int = 1) -> torch.Tensor:
+        check_context(context, n_last, self.context_length, self.name)
+        return self.pool._submit(_Request(self.slot, list(context), n_last))
+
+    def cached_tokens(self) -> int:
+        return len(self.slot.cached)
+
+    def trim(self, n: int) -> None:
+        # the positions themselves are dropped by the next step that uses this slot
+        del self.slot.cached[n:]
+
+    def vocab_fingerprint(self) -> str | None:
+        return self.pool.runner.vocab_fingerprint()
+
+    def release(self) -> None:
+        """Gives the slot back (its cache stays for a later prompt with the same prefix); idempotent."""
+        if self._slot is not None and not self._released:
+            self.pool._release(self._slot)
+        self._released = True
+
+    close = release
