@@ -1,6 +1,6 @@
 """Load test of the OpenAI-compatible server: `python -m serve` in a subprocess, driven over HTTP.
 
-    python -m bench.server_load [--model PATH] [--clients 32] [--duration 60] [--rounds 6]
+    python -m bench.server_load [--model PATH] [--clients 32] [--duration 60] [--rounds 6] [--parallel 4]
 
 Each round: `clients` streaming chat clients send requests back to back (the server's
 --max-queue equals `clients`, so the queue is full); halfway through, a burst of `burst` more
@@ -135,10 +135,11 @@ async def drive(url: str, pid: int, clients: int, duration_s: float, rounds: int
                                  limits=httpx.Limits(max_connections=None, max_keepalive_connections=None)) as client:
         async def idle() -> None:
             for _ in range(600):
-                if (await client.get("/health")).json()["in_flight"] == 0:
+                health = (await client.get("/health")).json()
+                if health["in_flight"] == 0:
                     return
                 await asyncio.sleep(0.05)
-            raise RuntimeError("requests still in flight 30 s after the last client left")
+            raise RuntimeError(f"requests still in flight 30 s after the last client left: /health says {health}")
 
         for _ in range(rounds):
             t0 = time.perf_counter()
@@ -177,8 +178,8 @@ async def drive(url: str, pid: int, clients: int, duration_s: float, rounds: int
 
 
 def run_load(model: str | os.PathLike | None = None, clients: int = 32, duration_s: float = 60.0,
-             rounds: int = 6, max_tokens: int = 32, burst: int | None = None) -> dict:
-    """Starts `python -m serve --model MODEL --max-queue CLIENTS` on a free local port, drives it
+             rounds: int = 6, max_tokens: int = 32, burst: int | None = None, parallel: int = 4) -> dict:
+    """Starts `python -m serve --model MODEL --max-queue CLIENTS --parallel N` on a free local port, drives it
     (see the module docstring) and stops it. Returns the figures; `server_tracebacks` counts
     tracebacks in the server's log."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -188,7 +189,8 @@ def run_load(model: str | os.PathLike | None = None, clients: int = 32, duration
         log = Path(tmp) / "server.log"
         with open(log, "w") as fh:
             server = subprocess.Popen([sys.executable, "-m", "serve", "--model", str(model), "--port", str(port),
-                                       "--max-queue", str(clients)], stdout=fh, stderr=subprocess.STDOUT,
+                                       "--max-queue", str(clients), "--parallel", str(parallel)],
+                                      stdout=fh, stderr=subprocess.STDOUT,
                                       env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
         try:
             url = f"http://127.0.0.1:{port}"
@@ -200,7 +202,7 @@ def run_load(model: str | os.PathLike | None = None, clients: int = 32, duration
             server.terminate()
             server.wait(30)
         result["server_tracebacks"] = log.read_text().count("Traceback")
-        result["model"] = Path(model).name
+        result["model"], result["parallel"] = Path(model).name, parallel
     return result
 
 
@@ -226,7 +228,7 @@ def table(r: dict) -> str:
     growth += f", {mb[-1] - mb[1]:+.1f} MiB from round 2 on)" if len(mb) > 2 else ")"
     head = ("measure", "value")
     rows = [
-        ("model", f"{r['model']} (`python -m serve`, --max-queue {r['clients']})"),
+        ("model", f"{r['model']} (`python -m serve`, --max-queue {r['clients']}, --parallel {r['parallel']})"),
         ("load", f"{r['clients']} streaming chat clients, max_tokens {r['max_tokens']}, "
                  f"{r['rounds']} rounds, {r['duration_s']:.0f} s"),
         ("requests served (all phases)", f"{r['served']:,}"),
@@ -257,9 +259,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--duration", type=float, default=60.0, help="seconds of steady load (default: %(default)s)")
     ap.add_argument("--rounds", type=int, default=6, help="rounds the load is split into (default: %(default)s)")
     ap.add_argument("--max-tokens", type=int, default=32, help="per request (default: %(default)s)")
+    ap.add_argument("--parallel", type=int, default=4, help="the server's --parallel (default: %(default)s)")
     ap.add_argument("--json", action="store_true", help="print the raw figures as JSON too")
     args = ap.parse_args(argv)
-    r = run_load(args.model, args.clients, args.duration, args.rounds, args.max_tokens)
+    r = run_load(args.model, args.clients, args.duration, args.rounds, args.max_tokens, parallel=args.parallel)
     print(table(r))
     if args.json:
         print(json.dumps(r, indent=1))

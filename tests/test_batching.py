@@ -133,6 +133,25 @@ def test_a_free_slot_keeps_its_prefix_and_is_reused(target_and_draft, llama2_tok
         pool.close()
 
 
+def test_a_stop_id_gives_the_slot_back_at_once(target_and_draft, llama2_tokenizer):
+    """A reply that ends on its end-of-turn id frees its slot as the text ends (regression: the
+    slot stayed taken until garbage collection, and a loaded server ran out of slots)."""
+    from tinyllama.generate import TextStream
+
+    target, _ = target_and_draft
+    pool = SlotPool(TorchRunner(TorchBackend(target, llama2_tokenizer, pack=False), n_slots=1))
+    try:
+        first = list(generate(lease := pool.lease(PROMPTS[0]), PROMPTS[0], max_new_tokens=3, release=lease.release))
+        for stop_ids in ([first[0]], [first[2]]):          # the first token, a later one
+            gen = generate(lease := pool.lease(PROMPTS[0]), PROMPTS[0], max_new_tokens=8, stop_ids=stop_ids,
+                           release=lease.release)
+            stream = TextStream(gen, llama2_tokenizer)
+            text = list(stream)
+            assert pool.busy == 0 and stream.finish_reason == "stop", (text, stream.finish_reason)
+    finally:
+        pool.close()
+
+
 def test_a_failed_step_fails_its_requests_only(target_and_draft, llama2_tokenizer):
     target, _ = target_and_draft
     runner = TorchRunner(TorchBackend(target, llama2_tokenizer, pack=False), n_slots=2)

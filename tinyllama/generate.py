@@ -494,6 +494,14 @@ class TextStream:
         return {"stop_id": "stop", "stop_string": "stop", "length": "length"}.get(reason, reason)
 
     def __iter__(self) -> Iterator[str]:
+        try:
+            yield from self._deltas()
+        finally:
+            # however the text ends (a stop id, a stop string, the reader leaving), the generation
+            # ends with it, so what it holds (a batching slot) is given back now, not at garbage collection
+            self.generation.close()
+
+    def _deltas(self) -> Iterator[str]:
         stop_ids = self.generation.stop_ids
         for token in self.generation:
             if token in stop_ids:
