@@ -152,6 +152,31 @@ def test_a_stop_id_gives_the_slot_back_at_once(target_and_draft, llama2_tokenize
         pool.close()
 
 
+def test_requests_waiting_for_a_slot_get_one_in_arrival_order(target_and_draft, llama2_tokenizer):
+    target, _ = target_and_draft
+    pool = SlotPool(TorchRunner(TorchBackend(target, llama2_tokenizer, pack=False), n_slots=1))
+    holder = pool.lease(PROMPTS[0])
+    holder.slot                                    # the only slot is taken
+    order, threads = [], []
+    try:
+        for i in range(4):
+            def wait_for_slot(i=i):
+                lease = pool.lease(PROMPTS[1])
+                lease.slot
+                order.append(i)
+                lease.release()
+            threads.append(threading.Thread(target=wait_for_slot))
+            threads[-1].start()
+            while len(pool._queue) < i + 1:       # queued before the next one arrives
+                threading.Event().wait(0.001)
+        holder.release()
+        for t in threads:
+            t.join(10)
+        assert order == [0, 1, 2, 3]
+    finally:
+        pool.close()
+
+
 def test_a_failed_step_fails_its_requests_only(target_and_draft, llama2_tokenizer):
     target, _ = target_and_draft
     runner = TorchRunner(TorchBackend(target, llama2_tokenizer, pack=False), n_slots=2)

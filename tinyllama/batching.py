@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -131,6 +132,7 @@ class SlotPool:
         self.slots = [_Slot(i) for i in range(runner.n_slots)]
         self._cond = _COMPUTE.cond
         self._pending: list[_Request] = []
+        self._queue: deque[object] = deque()     # requests waiting for a slot, in arrival order
         self._last_step = self._last_end = 0.0
         self._uses = 0
         self.steps = 0                    # forward passes run, the rows they carried, their seconds
@@ -147,20 +149,23 @@ class SlotPool:
 
     # ---- slots ---------------------------------------------------------------------------------
     def _acquire(self, prompt: list[int]) -> _Slot:
-        """A free slot (waits for one): the one whose cache holds the most of `prompt` when that is
+        """A free slot (waiting in arrival order for one): the one whose cache holds the most of `prompt` when that is
         at least half of it (the same conversation, a shared system prompt), else the least
         recently used, so an unrelated prompt does not overwrite a cache that a later request
         may want (what llama-server's --slot-prompt-similarity does)."""
         with self._cond:
-            while True:
-                free = [s for s in self.slots if not s.busy]
-                if free:
-                    best = max(free, key=lambda s: (common_prefix(s.cached, prompt), -s.last_used))
-                    if 2 * common_prefix(best.cached, prompt) < len(prompt):
-                        best = min(free, key=lambda s: s.last_used)
-                    best.busy = True
-                    return best
+            ticket = object()              # first come, first served: no request waits for ever
+            self._queue.append(ticket)
+            while self._queue[0] is not ticket or all(s.busy for s in self.slots):
                 self._cond.wait()
+            self._queue.popleft()
+            self._cond.notify_all()        # the next in the queue may take another free slot
+            free = [s for s in self.slots if not s.busy]
+            best = max(free, key=lambda s: (common_prefix(s.cached, prompt), -s.last_used))
+            if 2 * common_prefix(best.cached, prompt) < len(prompt):
+                best = min(free, key=lambda s: s.last_used)
+            best.busy = True
+            return best
 
     def _release(self, slot: _Slot) -> None:
         with self._cond:
