@@ -10,8 +10,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-
 from test_generate import random_llama
+
 from tinyllama import ModelConfig, save_checkpoint
 from tinyllama.chat import CHAT_TEMPLATE, apply_chat_template
 
