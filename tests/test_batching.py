@@ -177,6 +177,33 @@ def test_requests_waiting_for_a_slot_get_one_in_arrival_order(target_and_draft, 
         pool.close()
 
 
+def test_closing_a_pool_waits_for_its_step_and_fails_what_waits(target_and_draft, llama2_tokenizer):
+    import time
+
+    target, _ = target_and_draft
+    runner = TorchRunner(TorchBackend(target, llama2_tokenizer, pack=False), n_slots=2)
+    events, run, close, started = [], runner.run, runner.close, threading.Event()
+    runner.run = lambda rows: (started.set(), time.sleep(0.3), events.append("step ended"), run(rows))[3]
+    runner.close = lambda: (events.append("runner closed"), close())
+    pool = SlotPool(runner)
+    errors = []
+
+    def ask():
+        try:
+            list(generate(lease := pool.lease(PROMPTS[0]), PROMPTS[0], max_new_tokens=50, release=lease.release))
+        except RuntimeError as e:
+            errors.append(str(e))
+    t = threading.Thread(target=ask)
+    t.start()
+    assert started.wait(10)                       # the first step is under way
+    pool.close()
+    t.join(10)
+    assert events[:2] == ["step ended", "runner closed"]      # never freed under a running step
+    assert errors and "closed" in errors[0]
+    with pytest.raises(RuntimeError, match="closed"):
+        pool.lease(PROMPTS[0]).logits(PROMPTS[0])
+
+
 def test_a_failed_step_fails_its_requests_only(target_and_draft, llama2_tokenizer):
     target, _ = target_and_draft
     runner = TorchRunner(TorchBackend(target, llama2_tokenizer, pack=False), n_slots=2)

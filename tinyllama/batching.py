@@ -105,10 +105,6 @@ class _ComputeThread:
                 self.thread = threading.Thread(target=self._loop, daemon=True, name="tinyllama-batch")
                 self.thread.start()
 
-    def remove(self, pool: "SlotPool") -> None:
-        with self.cond:
-            self.pools.remove(pool)
-
     def _loop(self) -> None:
         with self.cond:
             while True:
@@ -134,6 +130,7 @@ class SlotPool:
         self._pending: list[_Request] = []
         self._queue: deque[object] = deque()     # requests waiting for a slot, in arrival order
         self._last_step = self._last_end = 0.0
+        self._stepping = self._closed = False
         self._uses = 0
         self.steps = 0                    # forward passes run, the rows they carried, their seconds
         self.rows = 0
@@ -157,6 +154,9 @@ class SlotPool:
             ticket = object()              # first come, first served: no request waits for ever
             self._queue.append(ticket)
             while self._queue[0] is not ticket or all(s.busy for s in self.slots):
+                if self._closed:
+                    self._queue.remove(ticket)
+                    raise RuntimeError(f"{self.runner.name} was closed")
                 self._cond.wait()
             self._queue.popleft()
             self._cond.notify_all()        # the next in the queue may take another free slot
@@ -177,6 +177,8 @@ class SlotPool:
     # ---- steps (run by the compute thread) -------------------------------------------------------
     def _submit(self, request: _Request) -> torch.Tensor:
         with self._cond:
+            if self._closed:
+                raise RuntimeError(f"{self.runner.name} was closed")
             self._pending.append(request)
             self._cond.notify_all()
             while not request.done:
@@ -208,6 +210,7 @@ class SlotPool:
             del slot.cached[row.start:]
             slot.kv_len = row.start
         t0 = time.perf_counter()
+        self._stepping = True
         self._cond.release()
         try:
             outputs, error = self.runner.run([row for _, row in plan]), None
@@ -215,6 +218,7 @@ class SlotPool:
             outputs, error = None, e
         finally:
             self._cond.acquire()
+            self._stepping = False
         self._last_end = time.perf_counter()
         self._last_step = self._last_end - t0
         self.run_seconds += self._last_step
@@ -258,7 +262,17 @@ class SlotPool:
         return plan
 
     def close(self) -> None:
-        _COMPUTE.remove(self)
+        """Stops stepping (a step under way finishes first), fails the requests still waiting
+        and frees the runner."""
+        with self._cond:
+            self._closed = True
+            _COMPUTE.pools.remove(self)
+            while self._stepping:
+                self._cond.wait()
+            for request in self._pending:
+                request.error, request.done = RuntimeError(f"{self.runner.name} was closed"), True
+            self._pending = []
+            self._cond.notify_all()
         self.runner.close()
 
 
