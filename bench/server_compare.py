@@ -178,11 +178,17 @@ def default_models() -> list[Path]:
     return models + ([DEFAULT_MODEL] if DEFAULT_MODEL.exists() else [])
 
 
+def measure_models(models: list[Path] | None, clients, duration_s: float, parallel: int, n_ctx: int,
+                   max_tokens: int) -> list[dict]:
+    """measure() for each model (default: default_models()), the rows in one list."""
+    return [r for m in (models or default_models())
+            for r in measure(Path(m), clients, duration_s, parallel, n_ctx, max_tokens)]
+
+
 def run(duration_s: float = 60.0, clients=(1, 8, 32), parallel: int = 8, n_ctx: int = 512, max_tokens: int = 32,
         models: list[Path] | None = None) -> str:
-    rows = [r for m in (models or default_models())
-            for r in measure(Path(m), clients, duration_s, parallel, n_ctx, max_tokens)]
-    return table(rows, parallel, n_ctx, max_tokens)
+    return table(measure_models(models, clients, duration_s, parallel, n_ctx, max_tokens), parallel, n_ctx,
+                 max_tokens)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -197,9 +203,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-tokens", type=int, default=32, help="per request (default: %(default)s)")
     ap.add_argument("--json", action="store_true", help="print the rows as JSON instead of the table")
     args = ap.parse_args(argv)
-    models = [Path(m) for m in args.model] if args.model else default_models()
-    rows = [r for m in models for r in measure(m, args.clients, args.duration, args.parallel, args.n_ctx,
-                                                args.max_tokens)]
+    rows = measure_models([Path(m) for m in args.model or []], args.clients, args.duration, args.parallel,
+                          args.n_ctx, args.max_tokens)
     print(json.dumps(rows, indent=1) if args.json else table(rows, args.parallel, args.n_ctx, args.max_tokens))
     return 0 if all(r["bad_status"] + r["stream_errors"] + r["transport_errors"] == 0 for r in rows) else 1
 

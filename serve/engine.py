@@ -34,7 +34,7 @@ from pathlib import Path
 
 from tinyllama.backends import Backend, load_backend
 from tinyllama.batch_runners import batch_runner
-from tinyllama.batching import SlotPool
+from tinyllama.batching import Lease, SlotPool
 from tinyllama.chat import apply_chat_template, template_of
 from tinyllama.cli import CHAT_TEMPLATE_HELP, MODEL_HELP, NUM_DRAFT_HELP, draft_length
 from tinyllama.draft_policy import resolve_num_draft
@@ -160,7 +160,7 @@ class Engine:
         target = self.pool.lease(ids)
         if isinstance(draft, Backend):
             draft = self.draft_pool.lease(ids)
-        leases = [b for b in (target, draft) if b is not None and hasattr(b, "release")]
+        leases = [b for b in (target, draft) if isinstance(b, Lease)]      # not prompt lookup
 
         def release() -> None:
             for lease in leases:

@@ -345,7 +345,7 @@ def _add_auth(app: FastAPI, api_key: str | None) -> None:
 def _add_model_routes(app: FastAPI, models, admission: Admission) -> None:
     @app.get("/health")
     async def health() -> dict:
-        slots = {name: e.slots() for name, e in models.engines().items() if e.slots() is not None}
+        slots = {name: state for name, e in models.engines().items() if (state := e.slots()) is not None}
         return {"status": "ok", "models": list(models.engines()), "in_flight": admission.in_flight} | (
             {"slots": slots} if slots else {})
 
