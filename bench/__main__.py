@@ -51,12 +51,48 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="smallest sizes (a few minutes)")
     ap.add_argument("--full", action="store_true",
-                    help="also SFT memory of tinyllama-1.1b (~25 min on 2 cores) and its fp32 decode")
+                    help="also SFT memory of tinyllama-1.1b (~25 min on 2 cores), its fp32 decode and the "
+                         "speculative 7B-shaped pair (~15 min, 9 GB)")
     ap.add_argument("--only", nargs="+", metavar="NAME",
                     help="run only these benchmarks (module names: decode, server_load, ...) and replace just "
                          "their sections of RESULTS.md")
     args = ap.parse_args(argv)
 
+    todo = _sections(args)
+    if args.only:
+        known = {module_of(t) for t, _ in todo}
+        if unknown := set(args.only) - known:
+            ap.error(f"--only: no benchmark {', '.join(sorted(unknown))}; one of {', '.join(sorted(known))}")
+        todo = [(t, f) for t, f in todo if module_of(t) in args.only]
+    sections = []
+    for title, measure in todo:
+        sections.append((title, with_cpu(measure())))
+        print(f"\n## {title}\n\n{sections[-1][1]}", flush=True)
+    if args.only:
+        return replace_sections(sections)
+    head = (f"# Benchmark results\n\nWritten by `make bench` on {dt.date.today().isoformat()}.\n"
+            f"Machine: {machine()}.\n\nEach row measures ours and the reference in the same run; "
+            "'ours vs ref' > 1 means ours is faster.\n")
+    body = "".join(f"\n## {t}\n\n{tbl}\n" for t, tbl in sections)
+    # Figures measured on a lent GPU machine live below this marker and survive a CPU re-run.
+    old = RESULTS.read_text() if RESULTS.exists() else ""
+    gpu_part = old[old.index(GPU_MARKER):] if GPU_MARKER in old else ""
+    with atomic_file(RESULTS) as tmp:
+        tmp.write_text(head + body + ("\n" + gpu_part if gpu_part else ""))
+    print(f"\nwrote {RESULTS}")
+    return 0
+
+
+def with_cpu(text: str) -> str:
+    """Every section names the CPU it ran on (its ISA level decides bf16 and more)."""
+    from tinyllama.measure import cpu_identity
+
+    return text if text.startswith("CPU: ") else f"CPU: {cpu_identity().describe()}\n\n{text}"
+
+
+def _sections(args) -> list[tuple[str, object]]:
+    """(title naming `python -m bench.MODULE`, a function measuring it) for every section, run
+    lazily so that --only skips the rest."""
     # default: ~23 minutes on 2 CPU cores (23:01 on the AVX2 EPYC); SFT memory on the 120M preset, decode of 1.1B in bf16
     def decode_table() -> str:
         if args.quick:
@@ -97,6 +133,12 @@ def main(argv: list[str] | None = None) -> int:
                                [speculative.run(t, "ngram", ks=(2, 4), repeats=2, prompt_set=ps)
                                 for t, _ in pairs for ps in ("copy", "chat")])) if have_pairs else
          (lambda: "Not measured: run `make run` first (it trains the target and its draft).")),
+        ("Speculative decoding on a constructed 1.1B-shaped pair, the quick variant "
+         "(`python -m bench.speculative --pair 1b`)", lambda: speculative.run_pair("1b")),
+        ("Speculative decoding on a constructed 7B-shaped pair (`python -m bench.speculative --pair 7b`)",
+         lambda: speculative.run_pair("7b") if args.full or args.only else
+         "Not measured by default (~15 minutes, 9 GB of memory): `python -m bench --full` or "
+         "`python -m bench --only speculative-7b`."),
         ("Server under load (`python -m bench.server_load`)",
          lambda: server_load.run(duration_s=20.0 if args.quick else 60.0)),
         ("Serving side by side with llama-server, continuous batching (`python -m bench.server_compare`)",
@@ -105,39 +147,17 @@ def main(argv: list[str] | None = None) -> int:
         ("Crash safety: SIGKILLed pretraining resumed (`python -m bench.kill_resume`)",
          lambda: kill_resume.run(kills=4 if args.quick else 12, steps=12 if args.quick else 24)),
     ]
-    if args.only:
-        known = {module_of(t) for t, _ in todo}
-        if unknown := set(args.only) - known:
-            ap.error(f"--only: no benchmark {', '.join(sorted(unknown))}; one of {', '.join(sorted(known))}")
-        todo = [(t, f) for t, f in todo if module_of(t) in args.only]
-    sections = []
-    for title, measure in todo:
-        sections.append((title, with_cpu(measure())))
-        print(f"\n## {title}\n\n{sections[-1][1]}", flush=True)
-    if args.only:
-        return replace_sections(sections)
-    head = (f"# Benchmark results\n\nWritten by `make bench` on {dt.date.today().isoformat()}.\n"
-            f"Machine: {machine()}.\n\nEach row measures ours and the reference in the same run; "
-            "'ours vs ref' > 1 means ours is faster.\n")
-    body = "".join(f"\n## {t}\n\n{tbl}\n" for t, tbl in sections)
-    # Figures measured on a lent GPU machine live below this marker and survive a CPU re-run.
-    old = RESULTS.read_text() if RESULTS.exists() else ""
-    gpu_part = old[old.index(GPU_MARKER):] if GPU_MARKER in old else ""
-    with atomic_file(RESULTS) as tmp:
-        tmp.write_text(head + body + ("\n" + gpu_part if gpu_part else ""))
-    print(f"\nwrote {RESULTS}")
-    return 0
-
-
-def with_cpu(text: str) -> str:
-    """Every section names the CPU it ran on (its ISA level decides bf16 and more)."""
-    from tinyllama.measure import cpu_identity
-
-    return text if text.startswith("CPU: ") else f"CPU: {cpu_identity().describe()}\n\n{text}"
+    return todo
 
 
 def module_of(title: str) -> str:
-    return re.search(r"python -m bench\.(\w+)", title).group(1)
+    """A section's name for --only: its module, and its --pair if any ("speculative-7b")."""
+    m = re.search(r"`python -m bench\.(\w+)(?: --pair (\w+))?`", title)
+    return m.group(1) + (f"-{m.group(2)}" if m.group(2) else "")
+
+
+def _command(title: str) -> str:
+    return re.search(r"`(python -m bench\.[^`]+)`", title).group(1)
 
 
 def replace_sections(sections: list[tuple[str, str]]) -> int:
@@ -146,7 +166,7 @@ def replace_sections(sections: list[tuple[str, str]]) -> int:
     text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
     for title, tbl in sections:
         new = f"## {title}\n\n{tbl}\n"
-        old = re.search(rf"^## [^\n]*python -m bench\.{module_of(title)}\b.*?(?=^## |{GPU_MARKER}|\Z)", text,
+        old = re.search(rf"^## [^\n]*`{re.escape(_command(title))}`.*?(?=^## |{GPU_MARKER}|\Z)", text,
                         re.M | re.S)
         if old:
             text = text[:old.start()] + new + ("\n" if old.group(0).endswith("\n\n") else "") + text[old.end():]

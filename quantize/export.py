@@ -57,7 +57,7 @@ def permute_for_llama_cpp(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def _vocab_metadata(model_dir: Path, tok: Tokenizer) -> tuple[list, list[float], list[int]]:
+def vocab_metadata(model_dir: Path, tok: Tokenizer) -> tuple[list, list[float], list[int]]:
     """Pieces, scores and types. With SentencePiece's tokenizer.model (what our checkpoints and
     Meta's carry): gguf-py's SentencePieceVocab, as llama.cpp's converter reads it (exact scores).
     A directory with only tokenizer.json: its BPE vocabulary, scored -rank. gguf-py's
@@ -83,24 +83,77 @@ def _vocab_metadata(model_dir: Path, tok: Tokenizer) -> tuple[list, list[float],
 
 def write_gguf(model_dir: str | os.PathLike, out: str | os.PathLike, ftype: str = "f16", name: str | None = None) -> Path:
     """Writes an F32, F16 or BF16 GGUF of an HF-format Llama directory (atomically)."""
+    model_dir, out = Path(model_dir), Path(out)
+    cfg, tok, sd, vocab = _read_model(model_dir)
+    shapes = [(n, tuple(t.shape)) for n, t in sd.items() if not n.endswith("rotary_emb.inv_freq")]
+    arrays = (sd[n].float().numpy() for n, _ in shapes)
+    return write_gguf_tensors(out, cfg, tok, vocab, shapes, arrays, ftype,
+                              name or (cfg.name if cfg.name != "custom" else model_dir.name), where=model_dir)
+
+
+def write_gguf_tensors(out: str | os.PathLike, cfg, tok: Tokenizer, vocab: tuple[list, list[float], list[int]],
+                       shapes: list[tuple[str, tuple[int, ...]]], arrays, ftype: str = "f16", name: str = "model",
+                       where: str | os.PathLike = "", keep_f32: frozenset[str] = frozenset()) -> Path:
+    """Writes a GGUF from HF-named tensors, streamed: `shapes` lists every (HF name, shape) in
+    file order, `arrays` yields their float32 values (HF layout) in that order, one at a time,
+    so a model larger than memory can be written. `vocab` is vocab_metadata's triple; tensors
+    named in `keep_f32` stay F32 whatever `ftype` is."""
     import gguf
 
     if ftype not in FLOAT_TYPES:
         raise ExportError(f"write_gguf writes {', '.join(FLOAT_TYPES)}; {ftype!r} is made by quantize_gguf")
-    model_dir, out = Path(model_dir), Path(out)
-    cfg, tok, sd, vocab = _read_model(model_dir)
     file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
                  "bf16": gguf.LlamaFileType.MOSTLY_BF16}[ftype]
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, cfg.n_layer)
+    out = Path(out)
     with atomic_file(out) as tmp:
         w = gguf.GGUFWriter(str(tmp), gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
-        w.add_name(name or (cfg.name if cfg.name != "custom" else model_dir.name))
+        w.add_name(name)
         _add_metadata(w, cfg, tok, vocab, file_type)
-        _add_tensors(w, sd, cfg, ftype, model_dir)
+        for hf_name, shape in shapes:
+            gguf_name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+            if gguf_name is None:
+                raise ExportError(f"{where}: tensor {hf_name} has no GGUF name for the llama architecture")
+            dtype, raw = _stored_type(len(shape), "f32" if hf_name in keep_f32 else ftype)
+            width = 4 if dtype == np.float32 else 2
+            if raw is not None:                 # stored as bytes: gguf-py takes the byte shape
+                shape = (*shape[:-1], shape[-1] * width)
+            w.add_tensor_info(gguf_name, shape, np.dtype(dtype), int(np.prod(shape)) * (width if raw is None else 1),
+                              raw_dtype=raw)
         w.write_header_to_file()
         w.write_kv_data_to_file()
-        w.write_tensors_to_file()
+        w.write_ti_data_to_file()
+        for (hf_name, shape), data in zip(shapes, arrays, strict=True):
+            w.write_tensor_data(_stored_tensor(hf_name, np.asarray(data, dtype=np.float32), cfg,
+                                              "f32" if hf_name in keep_f32 else ftype))
         w.close()
     return out
+
+
+def _stored_type(ndim: int, ftype: str):
+    """(numpy dtype, GGML raw type or None) a tensor is stored in: norms stay F32, as llama.cpp's
+    converter keeps them."""
+    import gguf
+
+    if ftype == "f32" or ndim == 1:
+        return np.float32, None
+    if ftype == "f16":
+        return np.float16, None
+    return np.uint8, gguf.GGMLQuantizationType.BF16
+
+
+def _stored_tensor(hf_name: str, data: np.ndarray, cfg, ftype: str) -> np.ndarray:
+    """One tensor as written: q/k permuted for llama.cpp's RoPE, converted to its stored type."""
+    import gguf
+
+    if hf_name.endswith("q_proj.weight"):
+        data = permute_for_llama_cpp(data, cfg.n_head)
+    elif hf_name.endswith("k_proj.weight"):
+        data = permute_for_llama_cpp(data, cfg.n_kv_head)
+    dtype, raw = _stored_type(data.ndim, ftype)
+    if raw is not None:
+        return gguf.quants.quantize(data, raw)
+    return np.ascontiguousarray(data.astype(dtype))
 
 
 def _read_model(model_dir: Path):
@@ -115,7 +168,7 @@ def _read_model(model_dir: Path):
                           f"{cfg.vocab_size} rows; llama.cpp needs them equal")
     try:
         sd = load_state_dict(model_dir)
-        vocab = _vocab_metadata(model_dir, tok)
+        vocab = vocab_metadata(model_dir, tok)
     except (UserError, ValueError, RuntimeError) as e:
         raise ExportError(str(e)) from None
     if cfg.tie_embeddings and "lm_head.weight" not in sd:
@@ -150,32 +203,6 @@ def _add_metadata(w, cfg, tok: Tokenizer, vocab: tuple[list[str], list[float], l
     w.add_add_eos_token(False)
     if tok.chat_template:
         w.add_chat_template(tok.chat_template)
-
-
-def _add_tensors(w, sd: dict, cfg, ftype: str, model_dir: Path) -> None:
-    """Every weight under its GGUF name (gguf-py's TensorNameMap), q/k permuted for llama.cpp's
-    RoPE, in `ftype` (norms stay F32, as llama.cpp's converter keeps them)."""
-    import gguf
-
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, cfg.n_layer)
-    for hf_name, tensor in sd.items():
-        if hf_name.endswith("rotary_emb.inv_freq"):
-            continue
-        gguf_name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
-        if gguf_name is None:
-            raise ExportError(f"{model_dir}: tensor {hf_name} has no GGUF name for the llama architecture")
-        data = tensor.float().numpy()
-        if hf_name.endswith("q_proj.weight"):
-            data = permute_for_llama_cpp(data, cfg.n_head)
-        elif hf_name.endswith("k_proj.weight"):
-            data = permute_for_llama_cpp(data, cfg.n_kv_head)
-        if ftype == "f32" or data.ndim == 1:
-            w.add_tensor(gguf_name, data.astype(np.float32))
-        elif ftype == "f16":
-            w.add_tensor(gguf_name, data.astype(np.float16))
-        else:
-            q = gguf.quants.quantize(data.astype(np.float32), gguf.GGMLQuantizationType.BF16)
-            w.add_tensor(gguf_name, q, raw_shape=q.shape, raw_dtype=gguf.GGMLQuantizationType.BF16)
 
 
 _QUANTIZE_CHILD = """

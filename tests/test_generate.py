@@ -349,3 +349,19 @@ def test_auto_falls_back_to_plain_when_the_draft_is_always_wrong():
     # under 5% of plain decoding's 300 target passes (a probe costs one draft call and a 2-token pass)
     assert gen.stats.accepted == 0 and gen.stats.draft_rounds <= 8, gen.stats
     assert policy.last_k == 0 and policy.alpha < 0.2          # the prior (0.5 over 2 drafts) decays away
+
+
+def test_auto_does_not_probe_where_even_perfect_drafts_cannot_pay():
+    """A compute-bound target (verifying k+1 tokens costs k+1 steps, as 7B-shaped GGUFs measure on
+    a 2-core AVX2 CPU) with a draft that is always right: no acceptance rate could pay, so after
+    the first measuring round auto decodes plainly without probing."""
+    from tinyllama.draft_policy import HOPELESS_PROBE_GAP, AutoDraftLength
+
+    V = 8
+    table = torch.randn(V, V, generator=torch.Generator().manual_seed(5)) * 3
+    tgt, right = SlowStub(table, "target", 0.002, 0.002), SlowStub(table, "draft", 0.0004)
+    policy = AutoDraftLength()
+    gen = generate(tgt, [0], max_new_tokens=200, draft_model=right, num_draft=policy)
+    assert list(gen) == list(generate(tgt, [0], max_new_tokens=200))
+    assert gen.stats.draft_rounds == 1 and policy.alpha > 0.6 and policy.probe_after == HOPELESS_PROBE_GAP
+    assert not policy.could_pay(8) and policy.last_k == 0

@@ -12,7 +12,10 @@ line through the measured ones) and picks the k with the highest expected tokens
 if that beats plain decoding by MARGIN.
 When plain wins it still probes with k = 1 now and then (after 8 plain steps, then 16, ... up
 to 128) so that a draft that starts to agree is noticed; with a draft that never agrees this
-costs a few per cent of plain speed at most. k depends only on what has already happened, so
+costs a few per cent of plain speed at most. Where the measured costs alone rule speculation out
+(not even a draft that is always right would pay: on a CPU where the target's forward is
+compute-bound, verifying k+1 tokens costs nearly k+1 steps), it probes only every 1024 steps,
+to notice costs that change. k depends only on what has already happened, so
 the output is exactly what it would be without speculation (greedy identity and the sampling
 guarantee hold for any such choice).
 """
@@ -24,6 +27,7 @@ from dataclasses import dataclass, field
 MAX_AUTO_DRAFT = 8
 MARGIN = 1.15                # speculate only where the model expects >= 15% more tokens/s than plain: its
                              # estimates are noisy, and rounds cost a little more than it counts (cache rollback)
+HOPELESS_PROBE_GAP = 1024     # plain steps between probes when no acceptance rate could make drafting pay
 PRIOR_SLOPE = 0.25           # verification cost per extra token, as a fraction of a step, before measuring
 
 
@@ -78,12 +82,23 @@ class AutoDraftLength:
             if self.expected_rate(k) < MARGIN * self.expected_rate(0):
                 k = 0
             if k == 0 and self.plain_run >= self.probe_after:
-                k, self.probe_after = 1, min(self.probe_after * 2, 128)
+                if self.could_pay(cap):
+                    k, self.probe_after = 1, min(self.probe_after * 2, 128)
+                elif self.probe_after >= HOPELESS_PROBE_GAP:
+                    k = 1                                     # a rare re-measure of the costs
+                else:
+                    self.probe_after = HOPELESS_PROBE_GAP
             elif k > 0:
                 self.probe_after = 8
         self.last_k = k
         self._best = k if self.t_draft is not None else None
         return k
+
+    def could_pay(self, cap: int) -> bool:
+        """Whether some k <= cap would beat plain decoding by MARGIN if every draft were accepted
+        (k + 1 tokens a round), at the measured costs."""
+        best = max((k + 1) / (k * self.t_draft + self.verify_seconds(k)) for k in range(1, cap + 1))
+        return best >= MARGIN * self.expected_rate(0)
 
     def record_step(self, seconds: float) -> None:
         self.t_step = _ema(self.t_step, seconds)

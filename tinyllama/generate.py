@@ -151,6 +151,8 @@ class GenerationStats:
     accepted: int = 0                  # speculative: of those, accepted by the target
     target_calls: int = 0              # target forward passes after the prefill
     draft_rounds: int = 0              # speculative: draft-then-verify rounds (drafted / rounds = mean k)
+    draft_seconds: float = 0.0         # speculative: of decode_seconds, drafting in those rounds
+    verify_seconds: float = 0.0        # speculative: of decode_seconds, their verification passes and rollback
     stop_reason: str | None = None     # "stop_id", "length", "stop_string" or "cancelled"
 
     @property
@@ -310,8 +312,11 @@ class Generation:
         # Prefill both caches (timed as the prefill). A first plain step uses the prefill's
         # logits; a round recomputes only the last context position, whose logits it needs.
         first = self.target.logits(context, 1)[0]                          # (vocab,)
-        if self.draft is not None and (self.may_speculate is None or self.may_speculate()):
-            self.draft.logits(context, 1)        # else the draft catches up in its first round
+        # else the draft catches up in its first round: also when `auto` last chose plain
+        # decoding, which may last the whole reply
+        if self.draft is not None and (self.may_speculate is None or self.may_speculate()) and \
+                (self.auto is None or self.auto.last_k != 0 or self.auto.t_step is None):
+            self.draft.logits(context, 1)
         self.stats.prefill_seconds = time.perf_counter() - t0
         draft_length = self.draft.context_length if self.draft is not None else self.target.context_length
         while True:
@@ -338,6 +343,8 @@ class Generation:
                 drafted = time.perf_counter()
                 new_tokens = self._verify(context, drafts, qs)
                 k = len(drafts)
+                self.stats.draft_seconds += drafted - t0
+                self.stats.verify_seconds += time.perf_counter() - drafted
                 if auto is not None:
                     auto.record_round(k, self.stats.accepted - accepted_before, drafted - t0,
                                       time.perf_counter() - drafted)
