@@ -11,3 +11,13 @@ def markdown_table(head: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
         return "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"
 
     return "\n".join([line(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)])
+
+
+def chat_prompts(tok, n: int) -> list[list[int]]:
+    """The speculative benchmarks' prompts: the first n questions `make sft` held out of the SFT
+    sample, in the model's own chat template."""
+    from sft.data import load_conversations, split_eval
+    from tinyllama.chat import apply_chat_template
+
+    _, held = split_eval(load_conversations("sample"), 0.05, seed=42)
+    return [apply_chat_template(tok, [c[0]]) for c in held[:n]]

@@ -43,15 +43,7 @@ import textwrap
 import time
 from pathlib import Path
 
-from . import markdown_table
-
-
-def _prompts(tok, n: int) -> list[list[int]]:
-    from sft.data import load_conversations, split_eval
-    from tinyllama.chat import apply_chat_template
-
-    _, held = split_eval(load_conversations("sample"), 0.05, seed=42)     # what `make sft` held out
-    return [apply_chat_template(tok, [c[0]]) for c in held[:n]]           # in the target's own template
+from . import chat_prompts, markdown_table
 
 
 COPY_SOURCES = (textwrap.dedent, textwrap.TextWrapper._split, json.JSONEncoder.iterencode, inspect.getdoc,
@@ -176,7 +168,7 @@ def measure(target_path: str, draft_path: str, ks=(1, 2, 4, 6), tokens: int = 48
     if lookup is None:
         check_same_vocabulary(target, draft)
     budget = target.context_length - tokens - 1
-    prompts = _copy_prompts(tok, n_prompts, budget) if prompt_set == "copy" else _prompts(tok, n_prompts)
+    prompts = _copy_prompts(tok, n_prompts, budget) if prompt_set == "copy" else chat_prompts(tok, n_prompts)
     # warm-up at full length: a 7B GGUF's first pass over its weights after loading runs ~30%
     # slower, and would be charged to whichever configuration came first
     _decode(target, prompts[:1], tokens)
