@@ -333,10 +333,15 @@ def _add_head_noise(flat_gguf: Path, noise: torch.Tensor) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from quantize.export import ALL_TYPES, NEEDS_IMATRIX
+
+    types = [t for t in ALL_TYPES if t not in NEEDS_IMATRIX]      # no importance matrix here
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--pair", choices=sorted(PAIRS), default="7b")
     ap.add_argument("--alpha", type=float, default=0.8, help="constructed acceptance rate (default 0.8)")
-    ap.add_argument("--qtype", default="q4_0", help="GGUF type of both files (default q4_0)")
+    ap.add_argument("--qtype", default="q4_0", choices=types, metavar="TYPE",
+                    help=f"GGUF type of both files, one of {', '.join(types)} (default q4_0)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     if not 0 < args.alpha <= 1:

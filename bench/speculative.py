@@ -254,6 +254,10 @@ def _rows(best: dict, anchors: dict, ks, prompts, tokens: int, model_draft: bool
 
 
 def main(argv: list[str] | None = None) -> int:
+    from quantize.export import ALL_TYPES, NEEDS_IMATRIX
+
+    types = [t for t in ALL_TYPES if t not in NEEDS_IMATRIX]      # no importance matrix here
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--target", default="out/sft")
     ap.add_argument("--draft", default="out/draft/sft", help="a draft model, or ngram[:N] for prompt lookup")
@@ -263,7 +267,8 @@ def main(argv: list[str] | None = None) -> int:
                          "tinyllama-1.1b-shaped target; both GGUFs, alpha constructed; adds llama.cpp's own "
                          "speculative decoding as the anchor")
     ap.add_argument("--alpha", type=float, default=0.8, help="--pair's constructed acceptance rate (default 0.8)")
-    ap.add_argument("--qtype", default="q4_0", help="--pair's GGUF type (default q4_0)")
+    ap.add_argument("--qtype", default="q4_0", choices=types, metavar="TYPE",
+                    help=f"--pair's GGUF type, one of {', '.join(types)} (default q4_0)")
     ap.add_argument("--anchor", action="store_true",
                     help="with two GGUFs: also run llama.cpp's llama-speculative-simple (always with --pair)")
     ap.add_argument("--k", type=int, nargs="+", help="draft lengths (default 1 2 4 6; with --pair 1 2 4)")
