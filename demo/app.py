@@ -65,8 +65,8 @@ def stats_markdown(stats, speculative: bool, last_plain_tps: float | None, done:
                  f"k {stats.drafted / max(1, stats.draft_rounds):.1f} a round over {stats.draft_rounds} rounds")
         if last_plain_tps:
             line += f" · speedup vs last plain reply: {stats.tokens_per_s / last_plain_tps:.2f}x"
-    elif speculative:
-        line += " · speculative"
+    elif speculative:         # `auto` k judged plain steps faster for this whole reply
+        line += " · speculative: no tokens drafted (auto k: plain decoding is faster here)"
     else:
         line += " · plain decoding"
     return line

@@ -33,8 +33,10 @@ def demo(llama2_tokenizer):
     with torch.no_grad():
         for p in draft.parameters():
             p.add_(torch.randn_like(p) * p.std() * 0.1)
+    # a fixed k: this draft is as large as its target, so `auto` would (rightly) decode plainly and
+    # the stats under test would show no drafted tokens
     engine = Engine(TorchBackend(target, llama2_tokenizer), llama2_tokenizer, "tiny",
-                    draft=TorchBackend(draft, llama2_tokenizer))
+                    draft=TorchBackend(draft, llama2_tokenizer), num_draft=2)
     app = build_app(engine).queue(default_concurrency_limit=1)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -175,3 +177,12 @@ def test_cli_refuses_a_missing_model(tmp_path):
     r = subprocess.run([sys.executable, "-m", "demo", "--model", str(tmp_path / "nope.gguf")],
                        capture_output=True, text=True)
     assert r.returncode == 2 and "nope.gguf: no such file or directory" in r.stderr
+
+
+def test_stats_say_when_auto_drafted_nothing():
+    from demo.app import stats_markdown
+    from tinyllama.generate import GenerationStats
+
+    stats = GenerationStats(generated_tokens=12, decode_seconds=0.5)
+    assert "no tokens drafted" in stats_markdown(stats, speculative=True, last_plain_tps=None)
+    assert stats_markdown(stats, speculative=False, last_plain_tps=None).endswith("plain decoding")
