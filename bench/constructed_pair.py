@@ -12,7 +12,7 @@ that the target's greedy token equals the draft's on a chosen fraction alpha of 
 greedy run visits. The target still pays for a full forward of its own shape (same GEMMs, same
 bytes); only alpha is synthetic, and every table says so.
 
-    draft, target, info = constructed_pair("7b", alpha=0.8)   # cached; ~15 min the first time
+    draft, target, info = constructed_pair("7b", alpha=0.8)   # cached; ~6 min the first time
     python -m bench.constructed_pair --pair 1b --alpha 0.8     # build (or find) a pair
 
 Pairs: "7b" = tinyllama-1.1b drafting for a llama-2-7b-shaped target, "1b" (the quick variant) =
@@ -30,13 +30,13 @@ import json
 import math
 import re
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from tinyllama import Llama, ModelConfig, Tokenizer
+from tinyllama.atomic import atomic_dir
 
 # The quick variant's draft: half of tinyllama-1.1b's width and head dim, its 32 heads and 4 KV
 # heads, 4 layers (~110M parameters, 65M of them embeddings and lm_head).
@@ -233,12 +233,9 @@ def constructed_pair(pair: str = "7b", alpha: float = 0.8, qtype: str = "q4_0", 
         from . import chat_prompts
         prompts = chat_prompts(tok, CALIBRATION_PROMPTS)
     out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out.parent, prefix=".make-") as tmp:
-        info = build_pair(d, t, alpha, qtype, seed, prompts, tok, Path(tmp), say)
-        (Path(tmp) / "info.json").write_text(json.dumps(info, indent=2))
-        shutil.rmtree(out, ignore_errors=True)
-        Path(tmp).rename(out)
-        Path(tmp).mkdir()                    # for TemporaryDirectory's cleanup
+    with atomic_dir(out) as tmp:
+        info = build_pair(d, t, alpha, qtype, seed, prompts, tok, tmp, say)
+        (tmp / "info.json").write_text(json.dumps(info, indent=2))
     return out / "draft.gguf", out / "target.gguf", info
 
 
@@ -332,11 +329,16 @@ def _add_head_noise(flat_gguf: Path, noise: torch.Tensor) -> None:
     del reader, head, data
 
 
-def main(argv: list[str] | None = None) -> int:
+def qtypes() -> list[str]:
+    """The GGUF types a pair can be built in: every type llama.cpp makes without an importance
+    matrix (there is no calibration text for one here)."""
     from quantize.export import ALL_TYPES, NEEDS_IMATRIX
 
-    types = [t for t in ALL_TYPES if t not in NEEDS_IMATRIX]      # no importance matrix here
+    return [t for t in ALL_TYPES if t not in NEEDS_IMATRIX]
 
+
+def main(argv: list[str] | None = None) -> int:
+    types = qtypes()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--pair", choices=sorted(PAIRS), default="7b")
     ap.add_argument("--alpha", type=float, default=0.8, help="constructed acceptance rate (default 0.8)")

@@ -45,7 +45,6 @@ from pathlib import Path
 
 from . import chat_prompts, markdown_table
 
-
 COPY_SOURCES = (textwrap.dedent, textwrap.TextWrapper._split, json.JSONEncoder.iterencode, inspect.getdoc,
                  Path.relative_to, argparse.ArgumentParser.add_subparsers)
 
@@ -154,7 +153,7 @@ def measure(target_path: str, draft_path: str, ks=(1, 2, 4, 6), tokens: int = 48
             repeats: int = 3, prompt_set: str = "chat", anchor: bool = False) -> tuple[str, list[dict]]:
     """Rows for plain target and draft, each k, adaptive and auto k; with `anchor` (two GGUFs)
     also llama.cpp's own speculative decoding at each k on the same prompts (bench.speculative_anchor)."""
-    from tinyllama.backends import load_backend
+    from tinyllama.backends import GGUFBackend, load_backend
     from tinyllama.draft_policy import AutoDraftLength
     from tinyllama.generate import check_same_vocabulary
     from tinyllama.lookup import NgramDraft
@@ -181,11 +180,12 @@ def measure(target_path: str, draft_path: str, ks=(1, 2, 4, 6), tokens: int = 48
     configs += [("speculative adaptive k", target, dict(draft=draft, k=4, adaptive=True))]
     # auto: one policy for all prompts and rounds, as the engine keeps one across requests
     configs += [("speculative auto k", target, dict(draft=draft, k=AutoDraftLength()))]
-    anchor = anchor and lookup is None and all(str(p).endswith(".gguf") for p in (target_path, draft_path))
+    gguf = isinstance(target, GGUFBackend)
+    anchor = anchor and gguf and isinstance(draft, GGUFBackend)
     texts = [tok.decode(ids[1:], skip_special=False) for ids in prompts]    # the tool adds the BOS itself
     best, anchors = _rounds(configs, prompts, tokens, repeats, ks,
                             (target.path, draft.path, texts) if anchor else None)
-    rows = _rows(best, anchors, ks, prompts, tokens, lookup is None, exact=not str(target_path).endswith(".gguf"))
+    rows = _rows(best, anchors, ks, prompts, tokens, lookup is None, exact=not gguf)
     target.close()
     draft.close()
     drafter = draft.name if lookup is not None else Path(draft_path).name
@@ -254,10 +254,9 @@ def _rows(best: dict, anchors: dict, ks, prompts, tokens: int, model_draft: bool
 
 
 def main(argv: list[str] | None = None) -> int:
-    from quantize.export import ALL_TYPES, NEEDS_IMATRIX
+    from .constructed_pair import qtypes
 
-    types = [t for t in ALL_TYPES if t not in NEEDS_IMATRIX]      # no importance matrix here
-
+    types = qtypes()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--target", default="out/sft")
     ap.add_argument("--draft", default="out/draft/sft", help="a draft model, or ngram[:N] for prompt lookup")

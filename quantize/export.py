@@ -105,6 +105,7 @@ def write_gguf_tensors(out: str | os.PathLike, cfg, tok: Tokenizer, vocab: tuple
     file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
                  "bf16": gguf.LlamaFileType.MOSTLY_BF16}[ftype]
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, cfg.n_layer)
+    kinds = {n: "f32" if n in keep_f32 else ftype for n, _ in shapes}
     out = Path(out)
     with atomic_file(out) as tmp:
         w = gguf.GGUFWriter(str(tmp), gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
@@ -114,18 +115,17 @@ def write_gguf_tensors(out: str | os.PathLike, cfg, tok: Tokenizer, vocab: tuple
             gguf_name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
             if gguf_name is None:
                 raise ExportError(f"{where}: tensor {hf_name} has no GGUF name for the llama architecture")
-            dtype, raw = _stored_type(len(shape), "f32" if hf_name in keep_f32 else ftype)
-            width = 4 if dtype == np.float32 else 2
+            dtype, raw = _stored_type(len(shape), kinds[hf_name])
+            width = 4 if dtype == np.float32 else 2            # bytes a value: F32, or F16 / BF16
+            n_bytes = int(np.prod(shape)) * width
             if raw is not None:                 # stored as bytes: gguf-py takes the byte shape
                 shape = (*shape[:-1], shape[-1] * width)
-            w.add_tensor_info(gguf_name, shape, np.dtype(dtype), int(np.prod(shape)) * (width if raw is None else 1),
-                              raw_dtype=raw)
+            w.add_tensor_info(gguf_name, shape, np.dtype(dtype), n_bytes, raw_dtype=raw)
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_ti_data_to_file()
         for (hf_name, shape), data in zip(shapes, arrays, strict=True):
-            w.write_tensor_data(_stored_tensor(hf_name, np.asarray(data, dtype=np.float32), cfg,
-                                              "f32" if hf_name in keep_f32 else ftype))
+            w.write_tensor_data(_stored_tensor(hf_name, np.asarray(data, dtype=np.float32), cfg, kinds[hf_name]))
         w.close()
     return out
 

@@ -53,6 +53,12 @@ class AutoDraftLength:
     def alpha(self) -> float:
         return min(0.99, max(0.0, self.accepted / self.judged))
 
+    @property
+    def decoding_plainly(self) -> bool:
+        """Whether the last choice, made with a plain step already measured, was plain decoding
+        (the generator then leaves the draft's prefill to the first round that needs it)."""
+        return self.last_k == 0 and self.t_step is not None
+
     def verify_seconds(self, k: int) -> float:
         if k in self.t_verify:
             return self.t_verify[k]

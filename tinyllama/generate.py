@@ -315,7 +315,7 @@ class Generation:
         # else the draft catches up in its first round: also when `auto` last chose plain
         # decoding, which may last the whole reply
         if self.draft is not None and (self.may_speculate is None or self.may_speculate()) and \
-                (self.auto is None or self.auto.last_k != 0 or self.auto.t_step is None):
+                (self.auto is None or not self.auto.decoding_plainly):
             self.draft.logits(context, 1)
         self.stats.prefill_seconds = time.perf_counter() - t0
         draft_length = self.draft.context_length if self.draft is not None else self.target.context_length
@@ -343,11 +343,11 @@ class Generation:
                 drafted = time.perf_counter()
                 new_tokens = self._verify(context, drafts, qs)
                 k = len(drafts)
-                self.stats.draft_seconds += drafted - t0
-                self.stats.verify_seconds += time.perf_counter() - drafted
+                draft_seconds, verify_seconds = drafted - t0, time.perf_counter() - drafted
+                self.stats.draft_seconds += draft_seconds
+                self.stats.verify_seconds += verify_seconds
                 if auto is not None:
-                    auto.record_round(k, self.stats.accepted - accepted_before, drafted - t0,
-                                      time.perf_counter() - drafted)
+                    auto.record_round(k, self.stats.accepted - accepted_before, draft_seconds, verify_seconds)
                 if self.adaptive_draft and self.auto is None:
                     all_accepted = self.stats.accepted - accepted_before == k
                     self.num_draft = min(self.num_draft + 2, MAX_ADAPTIVE_DRAFT) if all_accepted else \
