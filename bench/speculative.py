@@ -99,8 +99,8 @@ def solve_alpha(tokens_per_pass: float, k: int) -> float:
 
 def run(target_path: str, draft_path: str, ks=(1, 2, 4, 6), tokens: int = 48, n_prompts: int = 6,
         repeats: int = 3, prompt_set: str = "chat", as_json: bool = False, anchor: bool = False,
-        note: str = "") -> str:
-    title, rows = measure(target_path, draft_path, ks, tokens, n_prompts, repeats, prompt_set, anchor)
+        note: str = "", device: str = "cpu") -> str:
+    title, rows = measure(target_path, draft_path, ks, tokens, n_prompts, repeats, prompt_set, anchor, device)
     title += note
     if as_json:
         return json.dumps({"pair": title, "rows": rows}, indent=2)
@@ -150,7 +150,8 @@ def theory(alpha: float, k: int, c: float, v: float = 1.0) -> float:
 
 
 def measure(target_path: str, draft_path: str, ks=(1, 2, 4, 6), tokens: int = 48, n_prompts: int = 6,
-            repeats: int = 3, prompt_set: str = "chat", anchor: bool = False) -> tuple[str, list[dict]]:
+            repeats: int = 3, prompt_set: str = "chat", anchor: bool = False,
+            device: str = "cpu") -> tuple[str, list[dict]]:
     """Rows for plain target and draft, each k, adaptive and auto k; with `anchor` (two GGUFs)
     also llama.cpp's own speculative decoding at each k on the same prompts (bench.speculative_anchor)."""
     from tinyllama.backends import GGUFBackend, load_backend
@@ -161,9 +162,9 @@ def measure(target_path: str, draft_path: str, ks=(1, 2, 4, 6), tokens: int = 48
     # float32 for checkpoint directories: identity with plain greedy decoding is checked, and in
     # bf16 a (k+1)-token verification and a 1-token step round differently, which can flip a
     # near-tied argmax (seen on the 19M pair, which `auto` decodes in bf16 on an AVX2 CPU)
-    target, tok = load_backend(target_path, dtype="float32")
+    target, tok = load_backend(target_path, dtype="float32", device=device)
     lookup = NgramDraft.parse(draft_path)
-    draft = lookup or load_backend(draft_path, dtype="float32")[0]
+    draft = lookup or load_backend(draft_path, dtype="float32", device=device)[0]
     if lookup is None:
         check_same_vocabulary(target, draft)
     budget = target.context_length - tokens - 1
@@ -277,6 +278,8 @@ def main(argv: list[str] | None = None) -> int:
                                                  "with --pair 1)")
     ap.add_argument("--prompt-set", choices=["chat", "copy"], default="chat",
                     help="chat: held-out SFT questions; copy: code to write out again (default: chat)")
+    ap.add_argument("--device", default="cpu", help="where --target/--draft run: cpu, cuda or auto (GGUFs: all "
+                                                    "layers offloaded unless cpu) (default: %(default)s)")
     ap.add_argument("--json", action="store_true", help="print the rows as JSON")
     args = ap.parse_args(argv)
     pair = args.pair is not None
@@ -291,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
         print(run_pair(args.pair, args.alpha, args.qtype, args.k, args.tokens, args.prompts, args.repeats, args.json))
     else:
         print(run(args.target, args.draft, args.k, args.tokens, args.prompts, args.repeats, args.prompt_set, args.json,
-                  anchor=args.anchor))
+                  anchor=args.anchor, device=args.device))
     return 0
 
 

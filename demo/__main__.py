@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 from tinyllama.cli import CHAT_TEMPLATE_HELP, MODEL_HELP, NUM_DRAFT_HELP, draft_length
+from tinyllama.devices import DEVICE_HELP
 
 DEFAULT_MODEL = Path("out/gguf/tinyllama-19m-chat-Q4_K_M.gguf")
 DEFAULT_DRAFT = Path("out/gguf/tinyllama-debug-chat-Q8_0.gguf")
@@ -38,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                     help="compute dtype of checkpoint directories; auto: bf16 only where a timed bf16 matmul "
                          "decodes faster here (default: %(default)s)")
+    ap.add_argument("--device", default="auto", help=DEVICE_HELP)
     ap.add_argument("--host", default="127.0.0.1", help="(default: %(default)s)")
     ap.add_argument("--port", type=int, default=7860, help="(default: %(default)s)")
     ap.add_argument("--share", action="store_true", help="ask Gradio for a public share link")
@@ -57,13 +59,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         try:
             engine = Engine.load(model, draft, args.num_draft, dtype=args.dtype, revision=args.revision,
-                                 chat_template=args.chat_template)
+                                 chat_template=args.chat_template, device=args.device)
         except (UserError, ImportError) as e:
             if draft is None:
                 raise
             # the chat still works without the draft: say why in the page, not in a traceback
             engine = Engine.load(model, None, args.num_draft, dtype=args.dtype, revision=args.revision,
-                                 chat_template=args.chat_template)
+                                 chat_template=args.chat_template, device=args.device)
             draft_error, draft = f"draft {draft} not used: {e}", None
     except (UserError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -23,6 +23,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from tinyllama.devices import DEVICE_HELP
 from tinyllama.errors import UserError, report
 from tinyllama.paths import check_output_parent
 
@@ -49,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                     help="compute dtype of checkpoint directories; auto: bf16 only where a timed bf16 matmul "
                          "decodes faster here (default: %(default)s)")
+    ap.add_argument("--device", default="auto", help=DEVICE_HELP)
     return ap
 
 
@@ -87,7 +89,7 @@ def _models(args: argparse.Namespace, tasks: list[str]) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         include = local_task_dir(Path(tmp)) if LOCAL_TASK in tasks else None
         for ref in refs:
-            backend, tok = load_backend(ref, dtype=args.dtype)
+            backend, tok = load_backend(ref, dtype=args.dtype, device=args.device)
             print(f"{backend.name}: {backend.precision}", file=sys.stderr, flush=True)
             try:
                 results = run_tasks(backend, tok, tasks, include, args.num_fewshot, args.limit) if tasks else {}
@@ -109,7 +111,8 @@ def _sweep(args: argparse.Namespace, tasks: list[str]) -> int:
     png = args.out.with_suffix(".png") if args.out else args.sweep / "eval_sweep.png"
     with tempfile.TemporaryDirectory() as tmp:
         include = local_task_dir(Path(tmp)) if LOCAL_TASK in tasks else None
-        rows = sweep(args.sweep, args.perplexity, tasks, args.seq_len, include, args.limit, png, args.dtype)
+        rows = sweep(args.sweep, args.perplexity, tasks, args.seq_len, include, args.limit, png, args.dtype,
+                     args.device)
     keys = [k for k in rows[0] if k != "checkpoint"]
     print("| checkpoint | " + " | ".join(keys) + " |")
     print("|---|" + "---|" * len(keys))

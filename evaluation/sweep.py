@@ -45,13 +45,13 @@ def _step_of(directory: Path) -> int | None:
 
 def sweep(run_dir: str | Path, shards: Sequence[str | Path], tasks: Sequence[str] = (), seq_len: int = 256,
           include_path: str | Path | None = None, limit: int | None = None,
-          png: str | Path | None = None, dtype: str = "auto") -> list[dict]:
+          png: str | Path | None = None, dtype: str = "auto", device: str = "auto") -> list[dict]:
     """[{"checkpoint", "step", "tokens", task/shard: value}, ...] for every checkpoint of the run
     (tokens = step × the run's global_batch_tokens); plotted into `png` when given."""
     cfg, points = run_checkpoints(Path(run_dir))
     rows = []
     for step, ckpt in points:
-        backend, tok = load_backend(ckpt, dtype=dtype)
+        backend, tok = load_backend(ckpt, dtype=dtype, device=device)
         try:
             row: dict = {"checkpoint": ckpt.name, "step": step, "tokens": step * cfg.global_batch_tokens}
             if tasks:

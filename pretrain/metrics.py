@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import torch
@@ -21,16 +22,31 @@ import torch
 from tinyllama.atomic import atomic_file
 from tinyllama.measure import median_seconds, peak_rss_bytes
 
-# Dense (no sparsity) peak FLOP/s per device, bf16 / fp16 tensor cores.
+# Dense (no sparsity) bf16/fp16 tensor-core peak FLOP/s per device, from the vendors' data
+# sheets, keyed by (model, form factor). A name matches a model by whole words ("NVIDIA L4" is
+# not "NVIDIA L40S") and a form factor by a word in it (PCIe, NVL); "" is the SXM/default part.
 GPU_PEAK_BF16 = {
-    "A100": 312e12,
-    "A10G": 125e12,
-    "L4": 121e12,
-    "L40S": 362e12,
-    "H100": 989e12,   # SXM; the PCIe card is 756e12
-    "H200": 989e12,
-    "B200": 2250e12,
+    ("A100", ""): 312e12, ("A100", "PCIE"): 312e12,
+    ("A10G", ""): 125e12, ("A10", ""): 125e12,
+    ("L4", ""): 121e12, ("L40S", ""): 362e12, ("L40", ""): 181e12,
+    ("H100", ""): 989e12, ("H100", "PCIE"): 756e12, ("H100", "NVL"): 835e12,
+    ("H200", ""): 989e12, ("H200", "NVL"): 835e12, ("GH200", ""): 989e12,
+    ("B200", ""): 2250e12,
 }
+# float32 matmuls run on the tensor cores as TF32 (half the bf16 rate on these parts) only when
+# enabled, which pretraining does for a float32 run on CUDA (allow_fp32_tensor_cores).
+TF32_FRACTION = 0.5
+
+
+def gpu_peak_bf16(name: str) -> float | None:
+    """The data-sheet bf16 peak of a CUDA device name (torch.cuda.get_device_name), or None."""
+    words = {w.upper() for w in re.split(r"[^A-Za-z0-9]+", name) if w}
+    model = next((m for m, _ in GPU_PEAK_BF16 if m in words), None)
+    if model is None:
+        return None
+    form = next((f for m, f in GPU_PEAK_BF16 if m == model and f and f in words), "")
+    return GPU_PEAK_BF16[(model, form)]
+
 
 _cpu_peak: dict[tuple[torch.dtype, int], float] = {}
 
@@ -51,14 +67,14 @@ def device_peak_flops(device: torch.device, dtype: torch.dtype) -> tuple[float, 
     """(peak FLOP/s of one device, where the figure comes from)."""
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
-        for key, peak in GPU_PEAK_BF16.items():
-            if key in name:
-                if "H100" in name and "PCIe" in name:
-                    peak = 756e12
-                if dtype == torch.float32:
-                    peak /= 2 if key in ("A100", "H100", "H200", "B200") else 1   # TF32 tensor cores
-                return peak, f"{name} data sheet"
-        return float("nan"), f"{name} (no peak figure known)"
+        peak = gpu_peak_bf16(name)
+        if peak is None:
+            return float("nan"), f"{name} (no peak figure known)"
+        if dtype == torch.float32:
+            if torch.get_float32_matmul_precision() == "highest":
+                return float("nan"), f"{name}: float32 without TF32 (no peak figure known)"
+            return peak * TF32_FRACTION, f"{name} data sheet, TF32"
+        return peak, f"{name} data sheet"
     return measured_cpu_peak(dtype), f"measured {dtype} matmul peak on this CPU"
 
 

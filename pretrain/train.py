@@ -29,7 +29,6 @@ from tinyllama.checkpoint import load_config
 from tinyllama.errors import UserError
 from tinyllama.generate import SamplingParams, generate
 from tinyllama.hub import resolve_model
-from tinyllama.kernels import cross_entropy
 from tinyllama.precision import DtypeChoice, choose_dtype
 
 from .checkpointing import (
@@ -126,10 +125,23 @@ def initial_model_config(cfg: TrainConfig, init_dir: Path | None = None) -> Mode
     return loaded
 
 
-def build_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
-    # TinyLlama decays every parameter (norm weights included); kept for fidelity.
+def build_optimizer(cfg: TrainConfig, model: torch.nn.Module, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW; TinyLlama decays every parameter (norm weights included), kept for fidelity. On
+    CUDA the fused kernel (one launch for all parameters, as torchtitan's default), elsewhere
+    the multi-tensor one."""
+    impl = {"fused": True} if device.type == "cuda" else {"foreach": True}
     return torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
-                             weight_decay=cfg.weight_decay, foreach=True)
+                             weight_decay=cfg.weight_decay, **impl)
+
+
+def allow_fp32_tensor_cores(device: torch.device, dtype: torch.dtype) -> bool:
+    """A float32 run on CUDA computes its matmuls as TF32 on the tensor cores (8x the float32
+    rate on an A100/H100; torch's default keeps them off), as litgpt does; the MFU peak assumes
+    it. True if it was turned on."""
+    if device.type != "cuda" or dtype != torch.float32:
+        return False
+    torch.set_float32_matmul_precision("high")
+    return True
 
 
 def build_data(cfg: TrainConfig, tok: Tokenizer, split: str) -> Mixture:
@@ -143,10 +155,11 @@ def build_data(cfg: TrainConfig, tok: Tokenizer, split: str) -> Mixture:
 
 
 def loss_fn(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, autocast_dtype: torch.dtype | None) -> torch.Tensor:
+    """Mean next-token cross-entropy of x, y (B, T): the model computes it with its LM head
+    (fused with the loss where liger-kernel runs)."""
     ctx = torch.autocast(x.device.type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
     with ctx:
-        logits = model(x)                                                     # (B, T, V) float32
-    return cross_entropy(logits.flatten(0, 1), y.flatten())
+        return model(x, targets=y)
 
 
 @torch.no_grad()
@@ -216,7 +229,9 @@ class Trainer:
         self.model, self.tok = build_model(cfg, env, self.model_cfg, choice.dtype, init_dir)
         train_mix = build_data(cfg, self.tok, "train")
         self.val_mix = build_data(cfg, self.tok, "validation") if cfg.eval_every and cfg.eval_batches else None
-        self.optimizer = build_optimizer(cfg, self.model)
+        self.optimizer = build_optimizer(cfg, self.model, env.device)
+        if allow_fp32_tensor_cores(env.device, choice.dtype) and env.main:
+            print("float32 matmuls on CUDA run as TF32 (torch.set_float32_matmul_precision('high'))", flush=True)
         self.loader = BatchLoader(train_mix, cfg.micro_batch, env.rank, env.world_size, cfg.num_workers)
         # FSDP2 casts parameters itself; a single process uses autocast for bf16.
         self.autocast_dtype = choice.dtype if (choice.dtype != torch.float32 and not env.enabled) else None
@@ -290,7 +305,7 @@ class Trainer:
         env, model = self.env, self.model
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        loss_sum = 0.0
+        loss_sum = torch.zeros((), device=env.device)   # summed on the device: read once per step, not per micro-step
         for micro in range(self.accum):
             x, y = next(it)
             x, y = x.to(env.device, non_blocking=True), y.to(env.device, non_blocking=True)
@@ -298,7 +313,7 @@ class Trainer:
                 model.set_requires_gradient_sync(micro == self.accum - 1)
             loss = self.step_loss(model, x, y, self.autocast_dtype) / self.accum
             loss.backward()
-            loss_sum += loss.item()
+            loss_sum += loss.detach()
         clip = self.cfg.grad_clip if self.cfg.grad_clip > 0 else math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
@@ -306,7 +321,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         self.tokens += self.cfg.global_batch_tokens
-        train_loss = env.mean(loss_sum)
+        train_loss = env.mean(loss_sum.item())
         self.last["loss"] = train_loss
         start, window_tokens, losses = self.window
         self.window = (start, window_tokens + self.cfg.global_batch_tokens, losses + [train_loss])

@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             models = ModelDir(args.models_dir, max_loaded=args.max_loaded, n_ctx=args.n_ctx, dtype=args.dtype,
                               n_gpu_layers=args.n_gpu_layers, chat_template=args.chat_template,
-                              parallel=args.parallel)
+                              parallel=args.parallel, device=args.device)
         except FileNotFoundError as e:
             ap.error(str(e))
         if not models.names():

@@ -37,6 +37,7 @@ from tinyllama.batch_runners import batch_runner
 from tinyllama.batching import Lease, SlotPool
 from tinyllama.chat import apply_chat_template, template_of
 from tinyllama.cli import CHAT_TEMPLATE_HELP, MODEL_HELP, NUM_DRAFT_HELP, draft_length
+from tinyllama.devices import DEVICE_HELP
 from tinyllama.draft_policy import resolve_num_draft
 from tinyllama.errors import NotFound, UserError
 from tinyllama.generate import (
@@ -91,19 +92,22 @@ class Engine:
 
     @classmethod
     def load(cls, model: str | os.PathLike, draft: str | os.PathLike | None = None, num_draft: int | str = "auto",
-             n_ctx: int = 2048, adaptive_draft: bool = False, dtype: str = "auto", n_gpu_layers: int = 0,
-             revision: str | None = None, chat_template: str | None = None, parallel: int = 1) -> "Engine":
+             n_ctx: int = 2048, adaptive_draft: bool = False, dtype: str = "auto", n_gpu_layers: int | None = None,
+             revision: str | None = None, chat_template: str | None = None, parallel: int = 1,
+             device: str = "auto") -> "Engine":
         """model, draft: model references (tinyllama.hub: paths, hub ids, org/name:QUANT); draft
         `ngram` or `ngram:N`: prompt-lookup drafting, no draft model (tinyllama.lookup);
         revision: the hub revision of `model`; dtype: PyTorch models' compute dtype (auto:
-        measured, tinyllama.precision); n_gpu_layers: GGUF layers llama.cpp offloads to a GPU
-        (-1: all; needs a CUDA or Metal build); chat_template: a built-in name or .jinja file
+        measured, tinyllama.precision); device: where models run (tinyllama.devices: auto, cpu,
+        cuda); n_gpu_layers: GGUF layers llama.cpp offloads to a GPU (-1: all; None: all when the
+        device is auto or cuda and the build can offload); chat_template: a built-in name or .jinja file
         instead of the model's own template; parallel: sequences decoded together (n_ctx each)."""
-        target, tok = load_backend(model, n_ctx=n_ctx, dtype=dtype, n_gpu_layers=n_gpu_layers, revision=revision)
+        target, tok = load_backend(model, device=device, n_ctx=n_ctx, dtype=dtype, n_gpu_layers=n_gpu_layers,
+                                   revision=revision)
         try:
             lookup = NgramDraft.parse(str(draft)) if draft else None
-            draft_backend = lookup or (load_backend(draft, n_ctx=n_ctx, dtype=dtype, n_gpu_layers=n_gpu_layers,
-                                                    flag="--draft")[0] if draft else None)
+            draft_backend = lookup or (load_backend(draft, device=device, n_ctx=n_ctx, dtype=dtype,
+                                                    n_gpu_layers=n_gpu_layers, flag="--draft")[0] if draft else None)
         except BaseException:
             target.close()
             raise
@@ -203,13 +207,14 @@ class ModelDir:
     models (one CPU, one model computing at a time)."""
 
     def __init__(self, directory: str | os.PathLike, max_loaded: int = 2, n_ctx: int = 2048, dtype: str = "auto",
-                 n_gpu_layers: int = 0, chat_template: str | None = None, parallel: int = 1) -> None:
+                 n_gpu_layers: int | None = None, chat_template: str | None = None, parallel: int = 1,
+                 device: str = "auto") -> None:
         self.root = Path(directory).resolve()
         if not self.root.is_dir():
             raise NotFound(f"{directory}: not a directory")
         self.max_loaded, self.n_ctx = max_loaded, n_ctx
         self.load_options = {"dtype": dtype, "n_gpu_layers": n_gpu_layers, "chat_template": chat_template,
-                             "parallel": parallel}
+                             "parallel": parallel, "device": device}
         self.lock = threading.Lock()
         self._state = threading.Lock()          # guards _loaded and _users; held only briefly
         self._loaded: OrderedDict[str, Engine] = OrderedDict()
@@ -313,9 +318,10 @@ def add_model_arguments(ap: argparse.ArgumentParser, required: bool = True) -> N
     ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                     help="compute dtype of checkpoint directories; auto times bf16 against float32 once per "
                          "machine and takes bf16 only where it decodes faster (default: %(default)s)")
-    ap.add_argument("--n-gpu-layers", type=int, default=0, metavar="N",
+    ap.add_argument("--device", default="auto", help=DEVICE_HELP)
+    ap.add_argument("--n-gpu-layers", type=int, default=None, metavar="N",
                     help="GGUF layers to offload to the GPU in a CUDA or Metal build of llama.cpp; -1: all "
-                         "(default: %(default)s)")
+                         "(default: all when --device is auto or cuda and the build can offload, else 0)")
 
 
 def check_model_arguments(ap: argparse.ArgumentParser, args: argparse.Namespace, *more: str) -> None:
@@ -323,7 +329,7 @@ def check_model_arguments(ap: argparse.ArgumentParser, args: argparse.Namespace,
     for flag in ("n_ctx", *more):
         if getattr(args, flag) < 1:
             ap.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
-    if args.n_gpu_layers < -1:
+    if args.n_gpu_layers is not None and args.n_gpu_layers < -1:
         ap.error(f"--n-gpu-layers must be >= -1 (-1: all), got {args.n_gpu_layers}")
 
 
@@ -334,7 +340,8 @@ def load_engine(args: argparse.Namespace) -> Engine | None:
     try:
         engine = Engine.load(args.model, args.draft, args.num_draft, n_ctx=args.n_ctx,
                              adaptive_draft=getattr(args, "adaptive_draft", False),
-                             dtype=getattr(args, "dtype", "auto"), n_gpu_layers=getattr(args, "n_gpu_layers", 0),
+                             dtype=getattr(args, "dtype", "auto"), n_gpu_layers=getattr(args, "n_gpu_layers", None),
+                             device=getattr(args, "device", "auto"),
                              revision=getattr(args, "revision", None),
                              chat_template=getattr(args, "chat_template", None),
                              parallel=getattr(args, "parallel", 1))

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Sequence
 
 from tinyllama.cli import MODEL_HELP
+from tinyllama.devices import DEVICE_HELP
 from tinyllama.errors import UserError
 
 from .data import Conversation, load_conversations, split_eval
@@ -73,7 +74,7 @@ def distill_conversation(backend, tok, conv: Conversation, max_new_tokens: int,
 
 def distill(teacher: str | Path, data: str, out: str | Path, max_new_tokens: int = 96, eval_fraction: float = 0.05,
             seed: int = 42, limit: int | None = None, progress: bool = True, dtype: str = "stored",
-            revision: str | None = None, chat_template: str | None = None) -> dict:
+            revision: str | None = None, chat_template: str | None = None, device: str = "auto") -> dict:
     """Writes the teacher-answered training split of `data` to `out` (JSONL); returns counts."""
     from tqdm import tqdm
 
@@ -95,7 +96,7 @@ def distill(teacher: str | Path, data: str, out: str | Path, max_new_tokens: int
     # GGUF is made from these weights); a bf16 teacher's greedy answers drift from the float32
     # model's (a draft distilled from one agreed on 0.42 of tokens instead of ~0.8)
     backend, tok = load_backend(teacher, dtype=None if dtype == "stored" else dtype, revision=revision,
-                                flag="--teacher")
+                                flag="--teacher", device=device)
     print(f"teacher: {backend.name}: {backend.precision}", flush=True)
     replies = written = 0
     try:
@@ -137,13 +138,14 @@ def main(argv: list[str] | None = None) -> int:
                    help="the teacher's compute dtype if it is a checkpoint directory; stored: as its weights are, "
                         "so the draft learns the target as it is served; auto: bf16 only where a "
                         "timed bf16 matmul decodes faster here (default: %(default)s)")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     args = p.parse_args(argv)
     from tinyllama.errors import UserError, report
 
     try:
         counts = distill(args.teacher, args.data, args.out, args.max_new_tokens, args.eval_fraction, args.seed,
-                         args.limit, args.progress, args.dtype, args.revision, args.chat_template)
+                         args.limit, args.progress, args.dtype, args.revision, args.chat_template, args.device)
     except UserError as e:
         return report(e)
     print(f"wrote {counts['out']}: {counts['conversations']} conversations, {counts['teacher_replies']} teacher "

@@ -170,24 +170,31 @@ def test_cuda_kernels_match_reference_in_bf16():
 
 
 @pytest.mark.gpu
-def test_fused_kernels_match_the_pytorch_definitions():
-    import os
+@pytest.mark.parametrize("provider", ["liger", "flash"])
+def test_fused_kernels_match_the_pytorch_definitions(provider, monkeypatch):
+    from tinyllama import fused, kernels
 
-    from tinyllama import kernels
-
+    if fused._load(provider) is None:
+        pytest.skip(f"{provider} is not installed (or does not import) here")
+    monkeypatch.setenv("TINYLLAMA_FUSED", provider)
+    assert fused.provider_for(torch.zeros(1, device="cuda")).name == provider
+    torch.manual_seed(0)
     x = torch.randn(2, 64, 8, 64, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(2, 64, 2, 64, device="cuda", dtype=torch.bfloat16)
     w = torch.rand(64, device="cuda", dtype=torch.bfloat16) + 0.5
     cos = torch.randn(64, 32, device="cuda").repeat(1, 2)
     sin = torch.randn(64, 32, device="cuda").repeat(1, 2)
+    h = torch.randn(256, 64, device="cuda", dtype=torch.bfloat16)
+    head = torch.randn(32000, 64, device="cuda", dtype=torch.bfloat16) * 0.1
     logits = torch.randn(256, 32000, device="cuda")
     targets = torch.randint(0, 32000, (256,), device="cuda")
-    fused = (kernels.rms_norm(x, w, 1e-5), kernels.apply_rotary(x, cos.bfloat16(), sin.bfloat16()),
-             kernels.cross_entropy(logits, targets))
-    os.environ["TINYLLAMA_FUSED"] = "0"
-    try:
-        plain = (kernels.rms_norm(x, w, 1e-5), kernels.apply_rotary(x, cos.bfloat16(), sin.bfloat16()),
-                 kernels.cross_entropy(logits, targets))
-    finally:
-        del os.environ["TINYLLAMA_FUSED"]
-    for a, b in zip(fused, plain):
+
+    def ops():
+        return (kernels.rms_norm(x, w, 1e-5), *kernels.rotate_qk(x, k, cos, sin), kernels.swiglu(x, x),
+                kernels.cross_entropy(logits, targets), kernels.linear_cross_entropy(h, head, targets))
+
+    got = ops()
+    monkeypatch.setenv("TINYLLAMA_FUSED", "0")
+    want = ops()
+    for a, b in zip(got, want):
         assert (a.float() - b.float()).abs().max().item() < 3e-2

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -196,6 +197,36 @@ def test_two_process_fsdp2_equals_one_process(shards, tmp_path):
     assert "2 rank(s) × 1 accumulation step(s)" in r.stdout
 
 
+def _torchrun(yaml_path, n=2):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
+                           "-m", "pretrain", "--config", str(yaml_path)], capture_output=True, text=True, cwd=ROOT,
+                          env=env, timeout=600)
+
+
+@pytest.mark.slow
+def test_two_process_fsdp2_in_bf16_trains_like_one_process_autocast_and_resumes(shards, tmp_path):
+    # The GPU path: FSDP2 with MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32) on 2
+    # gloo ranks against one process with fp32 weights under bf16 autocast; then a resume of
+    # the 2-rank run from its step-2 training state (DCP) ends on the same weights.
+    kw = dict(max_steps=4, save_every=2, eval_every=0, dtype="bfloat16")
+    one = train(tiny_config(shards, tmp_path / "one", **kw))
+    two_yaml = tmp_path / "two.yaml"
+    two_yaml.write_text(tiny_config(shards, tmp_path / "two", **kw).to_yaml())
+    r = _torchrun(two_yaml)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    assert abs(rows[-1]["loss"] - one["loss"]) < 2e-2
+    a, b = final_weights(tmp_path / "one"), final_weights(tmp_path / "two")
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 2e-2
+    shutil.rmtree(tmp_path / "two" / "state" / "step-00000004")
+    shutil.rmtree(tmp_path / "two" / "final")
+    r = _torchrun(two_yaml)
+    assert r.returncode == 0 and "resuming from" in r.stdout, r.stderr[-3000:]
+    c = final_weights(tmp_path / "two")
+    assert max((b[k] - c[k]).abs().max().item() for k in b) == 0
+
+
 def test_activation_checkpointing_gives_the_same_weights(shards, tmp_path):
     plain = tiny_config(shards, tmp_path / "plain", max_steps=3, save_every=0, eval_every=0)
     ckpt = tiny_config(shards, tmp_path / "ckpt", max_steps=3, save_every=0, eval_every=0,
@@ -267,3 +298,69 @@ def test_an_init_from_flag_replaces_the_files_preset(tmp_path):
     assert TrainConfig.from_yaml(p, {"init_from": "acme/base"}).preset is None
     assert TrainConfig.from_yaml(p, {"init_from": "acme/base", "preset": "tinyllama-debug"}).preset == "tinyllama-debug"
     assert TrainConfig.from_yaml(p).preset == "tinyllama-19m"
+
+
+# ---- CUDA-path accounting, on the CPU --------------------------------------------------
+
+def test_a_step_reads_its_loss_once_not_per_micro_step(shards, tmp_path, monkeypatch):
+    # loss.item() per micro-step would synchronise a GPU 8 times per optimizer step here
+    from pretrain import train as train_mod
+
+    reads, real_item, real_step = [], torch.Tensor.item, train_mod.Trainer.train_step
+
+    def counted_step(self, it, lr):
+        n = [0]
+
+        def item(t):
+            # ours only: torch's own single-tensor AdamW reads its step counts on a CPU
+            n[0] += "/torch/" not in sys._getframe(1).f_code.co_filename
+            return real_item(t)
+        monkeypatch.setattr(torch.Tensor, "item", item)
+        try:
+            return real_step(self, it, lr)
+        finally:
+            monkeypatch.setattr(torch.Tensor, "item", real_item)
+            reads.append(n[0])
+    monkeypatch.setattr(train_mod.Trainer, "train_step", counted_step)
+    cfg = tiny_config(shards, tmp_path, global_batch_tokens=512, max_steps=2, save_every=0, eval_every=0)
+    assert cfg.grad_accum_steps(1) == 8
+    train(cfg)
+    assert reads == [1, 1]
+
+
+def test_adamw_is_fused_on_cuda_and_multi_tensor_elsewhere(shards, tmp_path):
+    from pretrain.train import build_optimizer
+
+    cfg, model = tiny_config(shards, tmp_path), torch.nn.Linear(4, 4)
+    assert build_optimizer(cfg, model, torch.device("cuda")).defaults["fused"] is True
+    cpu = build_optimizer(cfg, model, torch.device("cpu")).defaults
+    assert cpu["foreach"] is True and not cpu["fused"]
+
+
+@pytest.mark.parametrize("name, peak", [
+    ("NVIDIA L4", 121e12), ("NVIDIA L40S", 362e12), ("NVIDIA H100 80GB HBM3", 989e12),
+    ("NVIDIA H100 PCIe", 756e12), ("NVIDIA H100 NVL", 835e12), ("NVIDIA H200", 989e12),
+    ("NVIDIA H200 NVL", 835e12), ("NVIDIA GH200 480GB", 989e12), ("NVIDIA A100-SXM4-40GB", 312e12),
+    ("NVIDIA A100 80GB PCIe", 312e12), ("Tesla T4", None)])
+def test_gpu_peaks_match_whole_model_names(name, peak):
+    from pretrain.metrics import gpu_peak_bf16
+
+    assert gpu_peak_bf16(name) == peak
+
+
+def test_float32_mfu_counts_tf32_only_once_it_is_on(monkeypatch):
+    from pretrain.metrics import device_peak_flops
+    from pretrain.train import allow_fp32_tensor_cores
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
+    cuda, before = torch.device("cuda"), torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("highest")
+        peak, source = device_peak_flops(cuda, torch.float32)
+        assert peak != peak and "without TF32" in source             # nan: no TF32 figure claimed
+        assert not allow_fp32_tensor_cores(cuda, torch.bfloat16) and not allow_fp32_tensor_cores(torch.device("cpu"), torch.float32)
+        assert allow_fp32_tensor_cores(cuda, torch.float32)
+        assert device_peak_flops(cuda, torch.float32) == (989e12 / 2, "NVIDIA H100 80GB HBM3 data sheet, TF32")
+        assert device_peak_flops(cuda, torch.bfloat16)[0] == 989e12
+    finally:
+        torch.set_float32_matmul_precision(before)

@@ -19,6 +19,7 @@ from typing import Sequence
 
 import torch
 
+from .devices import gguf_gpu_layers, resolve_device
 from .errors import NotFound, UserError
 from .gguf_file import file_type_name, gguf_value, open_gguf
 from .hub import ModelRef, resolve_model
@@ -207,9 +208,18 @@ class GGUFBackend(Backend):
         self.llm.close()
 
 
-def load_backend(model: str | os.PathLike | ModelRef, device: str = "cpu", dtype: str | torch.dtype | None = "auto",
-                 n_ctx: int = 2048, n_gpu_layers: int = 0, revision: str | None = None,
-                 flag: str = "--model") -> tuple[Backend, Tokenizer]:
+def _llama_cpp_offloads() -> bool:
+    """Whether the installed llama.cpp can run layers on a GPU (a CUDA or Metal build)."""
+    try:
+        import llama_cpp
+    except ImportError:
+        return False              # GGUFBackend says what to install
+    return bool(llama_cpp.llama_supports_gpu_offload())
+
+
+def load_backend(model: str | os.PathLike | ModelRef, device: str | torch.device | None = "auto",
+                 dtype: str | torch.dtype | None = "auto", n_ctx: int = 2048, n_gpu_layers: int | None = None,
+                 revision: str | None = None, flag: str = "--model") -> tuple[Backend, Tokenizer]:
     """A model reference (tinyllama.hub: a checkpoint directory or .gguf file, or a hub id, a hub
     GGUF as org/name:QUANT) loaded in PyTorch (directories) or llama.cpp (GGUFs), with its
     tokenizer: the directory's own, or for a GGUF the one rebuilt from the file's vocabulary.
@@ -217,18 +227,24 @@ def load_backend(model: str | os.PathLike | ModelRef, device: str = "cpu", dtype
 
     dtype (PyTorch): "auto" measures what decodes faster here (tinyllama.precision: bf16 only on
     CPUs with bf16 instructions, bf16 on CUDA), a torch dtype or name forces one, None keeps the
-    stored dtype. `backend.precision` says what was chosen and why."""
+    stored dtype. `backend.precision` says what was chosen and why.
+
+    device (tinyllama.devices): auto, cpu, cuda or cuda:N. A directory's model goes there; for a
+    GGUF it decides `n_gpu_layers` unless that is given (auto: all, where llama.cpp's build can
+    offload)."""
     from .checkpoint import load_checkpoint, load_config
     from .precision import choose_dtype
 
     ref = resolve_model(model, revision=revision, flag=flag)
     if ref.kind == "checkpoint":
+        device = resolve_device(device)
         choice = None if dtype is None else choose_dtype(dtype, device, load_config(ref.path), work="decode")
         model, tok = load_checkpoint(ref.path, device=device, dtype=choice.dtype if choice else None)
         backend = TorchBackend(model, tok, name=ref.name, precision=str(choice) if choice else None)
         backend.path = ref.path
         return backend, tok
     reader = open_gguf(ref.path)                       # parsed once, for both
-    backend = GGUFBackend(ref.path, n_ctx=n_ctx, reader=reader, n_gpu_layers=n_gpu_layers)
+    backend = GGUFBackend(ref.path, n_ctx=n_ctx, reader=reader,
+                          n_gpu_layers=gguf_gpu_layers(device, n_gpu_layers, _llama_cpp_offloads()))
     backend.name = ref.name
     return backend, Tokenizer.from_gguf_vocab(ref.path, reader=reader)

@@ -15,19 +15,23 @@ attention (CUDA) > torch `scaled_dot_product_attention`. `TINYLLAMA_ATTENTION=sd
 forces one (an error if it cannot run). `reference_attention` is the plain-math definition
 that the tests hold every backend to.
 
-RMSNorm, rotary embeddings and cross-entropy use flash-attn's fused Triton kernels on CUDA when
-flash-attn is installed (`TINYLLAMA_FUSED=0` turns them off), else the PyTorch definitions
-below; a GPU-marked test holds the fused versions to them.
+RMSNorm, rotary embeddings, SwiGLU and cross-entropy (also fused with the LM head) use Triton
+kernels on CUDA, liger-kernel's or flash-attn's, whichever is installed and passes its check
+(tinyllama.fused; `TINYLLAMA_FUSED=0` turns them off), else the PyTorch definitions below; a
+GPU-marked test holds the fused versions to them.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import warnings
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 
+from . import fused
 from .errors import UserError
 
 try:  # optional GPU extra
@@ -45,7 +49,7 @@ _HALF = (torch.float16, torch.bfloat16)
 
 def available_backends() -> list[str]:
     out = ["sdpa"]
-    if _xops is not None and torch.cuda.is_available():
+    if torch.cuda.is_available() and _xformers_works(torch.device("cuda")):
         out.insert(0, "xformers")
     if _flash_attn_func is not None and torch.cuda.is_available():
         out.insert(0, "flash")
@@ -54,19 +58,42 @@ def available_backends() -> list[str]:
 
 def select_backend(q: torch.Tensor) -> str:
     forced = os.environ.get("TINYLLAMA_ATTENTION", "").strip().lower()
+    on_gpu = fused._serves(q)
     if forced:
         if forced not in ("sdpa", "flash", "xformers"):
             raise UserError(f"TINYLLAMA_ATTENTION={forced!r}: expected sdpa, flash or xformers")
-        if forced == "flash" and (_flash_attn_func is None or not q.is_cuda or q.dtype not in _HALF):
+        if forced == "flash" and (_flash_attn_func is None or not on_gpu or q.dtype not in _HALF):
             raise RuntimeError("TINYLLAMA_ATTENTION=flash needs flash-attn installed and fp16/bf16 CUDA tensors")
-        if forced == "xformers" and (_xops is None or not q.is_cuda):
-            raise RuntimeError("TINYLLAMA_ATTENTION=xformers needs xformers installed and CUDA tensors")
+        if forced == "xformers" and not (on_gpu and _xformers_works(q.device)):
+            raise RuntimeError("TINYLLAMA_ATTENTION=xformers needs xformers installed with its CUDA ops built for "
+                               "this torch (python -m xformers.info) and CUDA tensors")
         return forced
-    if q.is_cuda and q.dtype in _HALF and _flash_attn_func is not None:
+    if on_gpu and q.dtype in _HALF and _flash_attn_func is not None:
         return "flash"
-    if q.is_cuda and _xops is not None:
+    if on_gpu and _xformers_works(q.device):
         return "xformers"
     return "sdpa"
+
+
+_xformers_ok: dict[str, bool] = {}
+
+
+def _xformers_works(device: torch.device) -> bool:
+    """Whether xformers' attention runs here. Importing is not enough: a PyPI wheel built for
+    another torch/CUDA imports without its C++/CUDA ops and fails on the first call. So one
+    small call on `device` decides, once per device."""
+    if _xops is None:
+        return False
+    if str(device) not in _xformers_ok:
+        try:
+            q = torch.zeros(1, 2, 2, 1, 64, device=device, dtype=torch.bfloat16)        # (B, M, Hkv, g, hd)
+            _xops.memory_efficient_attention(q, q, q)
+            _xformers_ok[str(device)] = True
+        except Exception as e:      # noqa: BLE001 - NotImplementedError "No operator found", a missing .so, ...
+            warnings.warn(f"xformers is installed but its attention does not run on {device} "
+                          f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); using SDPA", stacklevel=2)
+            _xformers_ok[str(device)] = False
+    return _xformers_ok[str(device)]
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_lengths: torch.Tensor | None = None) -> torch.Tensor:
@@ -88,8 +115,11 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.T
     mask, causal = None, False
     if T == S:
         causal = T > 1
-    elif T > 1:  # queries are the last T of S positions: a bottom-right-aligned causal mask
-        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=S - T)
+    elif T > 1:
+        # Queries are the last T of S positions (speculative verification): a bottom-right
+        # causal bias, which SDPA's flash kernel takes as such on CUDA; a boolean mask would keep
+        # it off that kernel. Elsewhere the bias is materialised as that mask.
+        mask = causal_lower_right(T, S)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
                                           enable_gqa=q.shape[1] != k.shape[1])
 
@@ -134,31 +164,18 @@ def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> to
     return (scores.softmax(-1) @ v).to(q.dtype)
 
 
-# ---- fused elementwise kernels (flash-attn's Triton ops on CUDA) --------------------------
-
-try:
-    from flash_attn.ops.triton.cross_entropy import cross_entropy_loss as _flash_ce
-except Exception:
-    _flash_ce = None
-try:
-    from flash_attn.ops.triton.layer_norm import rms_norm_fn as _flash_rms_norm
-except Exception:
-    _flash_rms_norm = None
-try:
-    from flash_attn.layers.rotary import apply_rotary_emb as _flash_rotary
-except Exception:
-    _flash_rotary = None
-
-
-def _fused(t: torch.Tensor, kernel) -> bool:
-    return kernel is not None and t.is_cuda and os.environ.get("TINYLLAMA_FUSED", "1") != "0"
-
+# ---- elementwise kernels: fused on a GPU (tinyllama.fused), else these definitions --------
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """x (..., d) -> x / rms(x) * weight. Normalised in float32 and cast back before the weight,
     as transformers does, so bf16 checkpoints give the same numbers in both."""
-    if _fused(x, _flash_rms_norm) and x.dtype == weight.dtype:
-        return _flash_rms_norm(x, weight, None, eps=eps)
+    ops = fused.provider_for(x)
+    if ops is not None and x.dtype == weight.dtype:
+        return ops.rms_norm(x, weight, eps)
+    return reference_rms_norm(x, weight, eps)
+
+
+def reference_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     if x.dtype == torch.float32:      # one fused op; the same numbers as the three below
         return weight * F.rms_norm(x, (x.shape[-1],), eps=eps)
     dtype = x.dtype
@@ -171,9 +188,10 @@ def prepare_rotary(cos: torch.Tensor, sin: torch.Tensor, like: torch.Tensor) -> 
     """Done once per forward instead of once per apply_rotary call: for the PyTorch path, the
     (T, hd) tables as (T, 1, hd) (broadcast over heads) with sin's first half negated, so HF's
     rotate_half(x) * sin = cat(-x2, x1) * sin becomes x.roll(hd/2) * sin (one op instead of
-    three, the same numbers: -x2 * s == x2 * -s exactly). Unchanged where flash-attn's fused kernel may run (CUDA): it
-    takes plain tables, and whether it runs is decided per call by q/k's dtype (autocast)."""
-    if _fused(like, _flash_rotary):
+    three, the same numbers: -x2 * s == x2 * -s exactly). Unchanged where a fused kernel may run
+    (CUDA): it takes plain tables, and whether it runs is decided per call by q/k's dtype
+    (under autocast they are bf16 while `like`, the residual stream, is float32)."""
+    if fused.may_run(like):
         return cos, sin
     return _broadcast_signed_tables(cos, sin)
 
@@ -190,21 +208,62 @@ def rotary_rows(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, tor
     return cos[:, None], sin[:, None]
 
 
+def rotate_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """RoPE on q (B, T, H, hd) and k (B, T, Hkv, hd) in HF's rotate-half layout, with tables as
+    apply_rotary takes them. The tables follow q's dtype: under bf16 autocast q and k come out of
+    their projections in bf16 while the tables were built for the float32 residual stream, and
+    mixing the two would upcast q and k to float32 (twice the traffic and activation memory)
+    and fail flash-attn's kernel, which asserts equal dtypes."""
+    cos, sin = cos.to(q.dtype), sin.to(q.dtype)
+    if cos.dim() == 2 and q.dtype in _HALF:
+        ops = fused.provider_for(q)
+        if ops is not None:
+            return ops.rotary(q, k, cos, sin)
+    return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+
+
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """RoPE in HF's rotate-half layout. x (B, T, H, hd); cos, sin (T, hd) with the two halves
+    """RoPE on one tensor x (B, T, H, hd), in PyTorch; cos, sin (T, hd) with the two halves
     equal (RotaryEmbedding builds them so), or as prepare_rotary returns them."""
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     if cos.dim() == 2:
-        if _fused(x, _flash_rotary) and x.dtype in _HALF:
-            half = cos.shape[-1] // 2
-            return _flash_rotary(x, cos[:, :half].contiguous(), sin[:, :half].contiguous(), interleaved=False)
         cos, sin = _broadcast_signed_tables(cos, sin)
+    return _rotate(x, cos, sin)
+
+
+def reference_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """The definition: x (B, T, H, hd), plain (T, hd) tables."""
+    return apply_rotary(x, cos, sin)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin
 
 
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up, (..., ffn) each; one fused kernel where liger-kernel runs."""
+    ops = fused.provider_for(gate)
+    if ops is not None and ops.swiglu is not None and up.dtype == gate.dtype:
+        return ops.swiglu(gate, up)
+    return F.silu(gate) * up
+
+
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean token cross-entropy; logits (N, V), targets (N,), in float32. flash-attn's fused
-    kernel on CUDA never materialises the softmax."""
-    if _fused(logits, _flash_ce):
-        losses, _ = _flash_ce(logits, targets)
-        return losses.mean()
+    """Mean token cross-entropy; logits (N, V), targets (N,), in float32. The fused kernels on
+    CUDA never materialise the softmax."""
+    ops = fused.provider_for(logits)
+    if ops is not None:
+        return ops.cross_entropy(logits, targets)
     return F.cross_entropy(logits.float(), targets)
+
+
+def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """cross_entropy(h @ weightᵀ, targets) for h (N, d), weight (V, d), targets (N,): the LM head
+    and the loss in one, which liger-kernel computes chunk by chunk so the (N, V) logits (1 GB
+    for 8 × 2048 tokens of a 32k vocabulary in fp32) never exist. Elsewhere the logits are
+    computed (in the autocast dtype if one is active) and taken to float32, as `Llama.forward`
+    does."""
+    ops = fused.provider_for(h)
+    if ops is not None and ops.linear_cross_entropy is not None:
+        return ops.linear_cross_entropy(h, weight, targets)
+    return cross_entropy(F.linear(h, weight).float(), targets)

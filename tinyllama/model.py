@@ -24,11 +24,18 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
-from .kernels import apply_rotary, attention, prepare_rotary, rms_norm, rotary_rows
+from .kernels import (
+    attention,
+    linear_cross_entropy,
+    prepare_rotary,
+    rms_norm,
+    rotary_rows,
+    rotate_qk,
+    swiglu,
+)
 
 
 class RMSNorm(nn.Module):
@@ -136,8 +143,8 @@ class Attention(nn.Module):
                 rows: int | list[int] | None = None) -> torch.Tensor:
         B, T, _ = x.shape
         q, k, v = self.qkv(x)
-        q = apply_rotary(q.view(B, T, self.n_head, self.head_dim), cos, sin)        # (B, T, H, hd)
-        k = apply_rotary(k.view(B, T, self.n_kv_head, self.head_dim), cos, sin)     # (B, T, Hkv, hd)
+        q, k = rotate_qk(q.view(B, T, self.n_head, self.head_dim),                   # (B, T, H, hd)
+                         k.view(B, T, self.n_kv_head, self.head_dim), cos, sin)      # (B, T, Hkv, hd)
         v = v.view(B, T, self.n_kv_head, self.head_dim)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)                     # (B, H*, T, hd)
         lengths = None
@@ -167,7 +174,7 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up(x)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(swiglu(gate, up))
 
 
 class Block(nn.Module):
@@ -245,13 +252,20 @@ class Llama(nn.Module):
         return 0 if cache is None else cache.k.shape[2]
 
     # ---- forward -----------------------------------------------------------------------
-    def forward(self, input_ids: torch.Tensor, start_pos: int | None = None) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, start_pos: int | None = None,
+                targets: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids (B, T) -> logits (B, T, vocab) in float32.
 
         start_pos None: a plain causal forward over the T tokens (training).
         start_pos p:    the tokens sit at positions [p, p + T) and use the KV cache.
+        targets (B, T): the mean cross-entropy instead (a scalar), LM head and loss in one
+        (kernels.linear_cross_entropy: never the whole logits where liger-kernel runs). Inside
+        forward, not beside it, so that FSDP2's hooks gather lm_head's weight for it.
         """
-        return self.head(self.hidden_states(input_ids, start_pos)).float()   # (B, T, vocab)
+        h = self.hidden_states(input_ids, start_pos)                           # (B, T, d)
+        if targets is not None:
+            return linear_cross_entropy(h.flatten(0, 1), self.lm_head.weight, targets.flatten())
+        return self.head(h).float()                                            # (B, T, vocab)
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
         """Final-normed hidden states (..., d) -> logits (..., vocab) in the model's dtype."""

@@ -1,0 +1,204 @@
+"""The fused-kernel layer (tinyllama.fused) on the CPU: fake providers that keep the real
+libraries' calling conventions and asserts stand in for liger-kernel and flash-attn, and a
+seam makes CPU tensors count as CUDA ones. What only a GPU can show (the Triton kernels'
+numbers) is in the gpu-marked tests of test_model.py."""
+
+import types
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pretrain.train import loss_fn
+from tinyllama import fused, kernels
+from tinyllama.config import ModelConfig
+from tinyllama.model import Llama
+
+
+def _rotate_half(x):
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def fake_liger(calls: list):
+    """liger_kernel.transformers.functional's signatures and layouts, reference math inside."""
+    def liger_rope(q, k, cos, sin, position_ids=None, unsqueeze_dim=1):
+        calls.append("rope")
+        assert q.dim() == 4 and cos.dim() == 2 and q.shape[2] == cos.shape[0], "q (B, H, T, hd), cos (T, hd)"
+        assert q.dtype == cos.dtype == k.dtype, (q.dtype, cos.dtype)
+        c, s = cos[None, None], sin[None, None]
+        return q * c + _rotate_half(q) * s, k * c + _rotate_half(k) * s
+
+    def liger_rms_norm(x, w, eps, offset=0.0, casting_mode="llama", in_place=True):
+        calls.append("rms")
+        assert casting_mode == "llama" and not in_place
+        return w * (x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+    def liger_fused_linear_cross_entropy(h, w, targets):
+        calls.append("linear_ce")
+        assert h.dtype == w.dtype, "liger's chunked matmul needs one dtype"
+        return F.cross_entropy((h @ w.T).float(), targets)
+
+    return types.SimpleNamespace(
+        liger_rope=liger_rope, liger_rms_norm=liger_rms_norm,
+        liger_swiglu=lambda a, b: (calls.append("swiglu"), F.silu(a) * b)[1],
+        liger_cross_entropy=lambda logits, t: (calls.append("ce"), F.cross_entropy(logits.float(), t))[1],
+        liger_fused_linear_cross_entropy=liger_fused_linear_cross_entropy)
+
+
+def fake_flash_rotary(calls: list):
+    """flash_attn.layers.rotary.apply_rotary_emb: half-width tables, and its dtype assert."""
+    def apply_rotary_emb(x, cos, sin, interleaved=False):
+        calls.append("flash_rope")
+        assert x.dtype == cos.dtype, f"Input and cos/sin must have the same dtype, got {x.dtype} and {cos.dtype}"
+        c, s = torch.cat([cos, cos], -1)[:, None], torch.cat([sin, sin], -1)[:, None]
+        return x * c + _rotate_half(x) * s
+    return apply_rotary_emb
+
+
+@pytest.fixture
+def on_fake_gpu(monkeypatch):
+    """CPU tensors count as CUDA; providers are what the test installs (nothing cached)."""
+    monkeypatch.setattr(fused, "_serves", lambda t: True)
+    monkeypatch.setattr(fused, "_loaded", {})
+    monkeypatch.setattr(fused, "_working", {})
+    monkeypatch.delenv("TINYLLAMA_FUSED", raising=False)
+    return monkeypatch
+
+
+def install_liger(monkeypatch, calls):
+    ops = fused.LigerOps.__new__(fused.LigerOps)
+    ops._lf = fake_liger(calls)
+    monkeypatch.setitem(fused._loaded, "liger", ops)
+    monkeypatch.setitem(fused._loaded, "flash", None)
+    return ops
+
+
+def install_flash(monkeypatch, calls):
+    ops = fused.FlashOps.__new__(fused.FlashOps)
+    ops._rotary = fake_flash_rotary(calls)
+    ops._rms = lambda x, w, b, eps: kernels.reference_rms_norm(x, w, eps)
+    ops._ce = lambda logits, t: (F.cross_entropy(logits.float(), t, reduction="none"), None)
+    monkeypatch.setitem(fused._loaded, "flash", ops)
+    monkeypatch.setitem(fused._loaded, "liger", None)
+    return ops
+
+
+def small_model():
+    torch.manual_seed(0)
+    return Llama(ModelConfig.from_name("tinyllama-debug"))
+
+
+def test_fp32_weights_under_bf16_autocast_give_the_fused_rotary_one_dtype(on_fake_gpu):
+    # pretraining on one GPU: fp32 weights, bf16 autocast. q/k leave their projections in bf16
+    # while the tables follow the fp32 residual stream; flash-attn's kernel asserts equal dtypes.
+    calls = []
+    install_flash(on_fake_gpu, calls)
+    model, ids = small_model(), torch.randint(0, 32000, (2, 16))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(ids[:, :-1], targets=ids[:, 1:])
+    assert "flash_rope" in calls and torch.isfinite(loss)
+
+
+def test_rotary_keeps_q_and_k_in_the_autocast_dtype():
+    # without a fused kernel: bf16 q times fp32 tables would promote q and k to float32
+    q, k = torch.randn(2, 5, 4, 16, dtype=torch.bfloat16), torch.randn(2, 5, 2, 16, dtype=torch.bfloat16)
+    cos, sin = torch.randn(5, 8).repeat(1, 2), torch.randn(5, 8).repeat(1, 2)
+    rq, rk = kernels.rotate_qk(q, k, cos, sin)
+    assert rq.dtype == rk.dtype == torch.bfloat16
+    want = q.float() * cos[:, None] + _rotate_half(q.float()) * sin[:, None]
+    assert (rq.float() - want).abs().max() < 0.1
+
+
+def test_liger_provider_gives_the_pytorch_model_and_loss(on_fake_gpu):
+    calls = []
+    install_liger(on_fake_gpu, calls)
+    model, ids = small_model().to(torch.bfloat16), torch.randint(0, 32000, (2, 16))
+    fused_logits = model(ids)
+    fused_loss = model(ids[:, :-1], targets=ids[:, 1:])
+    assert {"rope", "rms", "swiglu", "linear_ce"} <= set(calls)
+    on_fake_gpu.setenv("TINYLLAMA_FUSED", "0")
+    calls.clear()
+    plain_logits = model(ids)
+    plain_loss = loss_fn(model, ids[:, :-1], ids[:, 1:], None)
+    assert calls == []
+    assert (fused_logits - plain_logits).abs().max() < 1e-2
+    assert abs(fused_loss.item() - plain_loss.item()) < 1e-2
+
+
+def test_liger_linear_cross_entropy_gets_one_dtype_under_autocast(on_fake_gpu):
+    calls = []
+    install_liger(on_fake_gpu, calls)
+    on_fake_gpu.setattr(torch, "is_autocast_enabled", lambda device_type=None: True)
+    on_fake_gpu.setattr(torch, "get_autocast_dtype", lambda device_type: torch.bfloat16)
+    h, w = torch.randn(6, 16), torch.randn(32, 16)                 # fp32 norm output, fp32 weight
+    loss = kernels.linear_cross_entropy(h, w, torch.arange(6))
+    assert calls[-1] == "linear_ce" and torch.isfinite(loss)     # after the provider's own check
+
+
+def test_a_provider_that_fails_its_check_is_skipped_with_a_warning(on_fake_gpu):
+    calls = []
+    ops = install_liger(on_fake_gpu, calls)
+    ops._lf.liger_rms_norm = lambda *a, **k: (_ for _ in ()).throw(RuntimeError("no kernel image for sm_90"))
+    x, w = torch.randn(2, 3, 8, dtype=torch.bfloat16), torch.ones(8, dtype=torch.bfloat16)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        assert fused.provider_for(x) is None
+        y = kernels.rms_norm(x, w, 1e-5)
+    assert any("no kernel image" in str(m.message) for m in seen)
+    assert torch.equal(y, kernels.reference_rms_norm(x, w, 1e-5))
+    on_fake_gpu.setenv("TINYLLAMA_FUSED", "liger")
+    with pytest.raises(RuntimeError, match="TINYLLAMA_FUSED=liger"):
+        fused.provider_for(x)
+
+
+def test_liger_is_preferred_and_flash_is_the_fallback(on_fake_gpu):
+    calls = []
+    liger = install_liger(on_fake_gpu, calls)
+    flash = fused.FlashOps.__new__(fused.FlashOps)
+    flash._rotary, flash._rms = fake_flash_rotary(calls), lambda x, w, b, eps: kernels.reference_rms_norm(x, w, eps)
+    flash._ce = lambda logits, t: (F.cross_entropy(logits.float(), t, reduction="none"), None)
+    on_fake_gpu.setitem(fused._loaded, "flash", flash)
+    x = torch.randn(2, 3, dtype=torch.bfloat16)
+    assert fused.provider_for(x) is liger
+    on_fake_gpu.setenv("TINYLLAMA_FUSED", "flash")
+    assert fused.provider_for(x) is flash
+    on_fake_gpu.setenv("TINYLLAMA_FUSED", "triton")
+    with pytest.raises(Exception, match="expected 0, 1, liger or flash"):
+        fused.provider_for(x)
+
+
+def test_no_provider_on_the_cpu():
+    assert fused.provider_for(torch.randn(2, dtype=torch.bfloat16)) is None
+    assert not fused.may_run(torch.randn(2))
+
+
+def test_the_loss_through_forward_equals_the_loss_of_the_logits():
+    model, ids = small_model(), torch.randint(0, 32000, (2, 16))
+    logits = model(ids[:, :-1])
+    want = F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten())
+    assert torch.equal(loss_fn(model, ids[:, :-1], ids[:, 1:], None), want)
+
+
+def test_xformers_without_its_cuda_ops_is_not_chosen(on_fake_gpu):
+    # PyPI's xformers wheel for another torch/CUDA imports fine and fails on the first call
+    def no_operator(q, k, v, attn_bias=None):
+        raise NotImplementedError("No operator found for `memory_efficient_attention_forward`")
+
+    on_fake_gpu.setattr(kernels, "_xops", types.SimpleNamespace(memory_efficient_attention=no_operator))
+    on_fake_gpu.setattr(kernels, "_flash_attn_func", None)
+    on_fake_gpu.setattr(kernels, "_xformers_ok", {})
+    q = torch.randn(1, 4, 3, 16, dtype=torch.bfloat16)
+    with pytest.warns(UserWarning, match="No operator found"):
+        assert kernels.select_backend(q) == "sdpa"
+    on_fake_gpu.setenv("TINYLLAMA_ATTENTION", "xformers")
+    with pytest.raises(RuntimeError, match="CUDA ops"):
+        kernels.select_backend(q)
+
+
+def test_xformers_that_runs_is_chosen(on_fake_gpu):
+    on_fake_gpu.setattr(kernels, "_xops", types.SimpleNamespace(memory_efficient_attention=lambda q, k, v, attn_bias=None: q))
+    on_fake_gpu.setattr(kernels, "_flash_attn_func", None)
+    on_fake_gpu.setattr(kernels, "_xformers_ok", {})
+    assert kernels.select_backend(torch.randn(1, 4, 3, 16, dtype=torch.bfloat16)) == "xformers"
