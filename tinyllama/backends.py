@@ -22,6 +22,7 @@ import torch
 from .devices import gguf_gpu_layers, resolve_device
 from .errors import NotFound, UserError
 from .gguf_file import file_type_name, gguf_value, open_gguf
+from .graphs import StaticDecoder
 from .hub import ModelRef, resolve_model
 from .model import Llama
 from .packing import pack_for_decoding, unpack
@@ -76,6 +77,15 @@ def check_context(context: Sequence[int], n_last: int, context_length: int, name
         raise ValueError(f"{name}: {len(context)} tokens exceed the context length {context_length}")
 
 
+MAX_GRAPH_TOKENS = 16          # a decode step, or a verification of up to 15 drafted tokens
+
+
+def use_cuda_graphs(model: Llama) -> bool:
+    """Whether a TorchBackend decodes `model` through captured CUDA graphs: on CUDA, unless
+    TINYLLAMA_CUDA_GRAPHS=0."""
+    return model.lm_head.weight.is_cuda and os.environ.get("TINYLLAMA_CUDA_GRAPHS", "1") != "0"
+
+
 class TorchBackend(Backend):
     """Our Llama with its positional KV cache (batch 1)."""
 
@@ -95,10 +105,15 @@ class TorchBackend(Backend):
         # fused q/k/v, gate/up, o, down and lm_head copies in the layout (transposed or oneDNN)
         # that decodes fastest here (tinyllama/packing.py); dropped again by close()
         self.packed_bytes = pack_for_decoding(self.model) if pack else 0
+        # on CUDA: decode and verification steps replayed as CUDA graphs over a cache of the
+        # whole context (tinyllama.graphs); eager steps would leave the GPU waiting on the host
+        self.graphs = StaticDecoder(model, self.context_length) if use_cuda_graphs(model) else None
 
     def logits(self, context: Sequence[int], n_last: int = 1) -> torch.Tensor:
         check_context(context, n_last, self.context_length, self.name)
         context = list(context)
+        if self.graphs is not None:
+            return self._graph_logits(context, n_last)
         if self.model.kv_cache_len < len(context):
             # grow in steps so a long generation reallocates a handful of times, not per token
             size = min(self.context_length, max(len(context), 2 * self.model.kv_cache_len, 256))
@@ -114,6 +129,23 @@ class TorchBackend(Backend):
             out = self.model.head(h)                                                  # (n_last, V)
         self._cached = context
         return out.float().cpu().clone()      # a normal tensor again: callers may edit it in place
+
+    def _graph_logits(self, context: list[int], n_last: int) -> torch.Tensor:
+        """logits() through the static decoder: steps of up to MAX_GRAPH_TOKENS new tokens are
+        replayed graphs; a longer prefill runs eagerly into the same cache."""
+        if not self.graphs.owns_cache():       # another user (a batch runner) set up its own
+            self.graphs.reset()
+            self._cached = []
+        start = min(common_prefix(self._cached, context), len(context) - n_last)
+        new = context[start:]
+        if len(new) <= MAX_GRAPH_TOKENS:
+            out = self.graphs.step(new, start)[-n_last:]
+        else:
+            with torch.inference_mode():
+                ids = torch.tensor([new], device=self.graphs.device)
+                out = self.model.head(self.model.hidden_states(ids, start_pos=start)[0, -n_last:]).float().cpu()
+        self._cached = context
+        return out
 
     def cached_tokens(self) -> int:
         return len(self._cached)
@@ -134,6 +166,7 @@ class TorchBackend(Backend):
         self._cached = []
 
     def close(self) -> None:
+        self.graphs = None
         self.model.clear_kv_cache()
         if self.packed_bytes:
             unpack(self.model)

@@ -124,6 +124,12 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.T
                                           enable_gqa=q.shape[1] != k.shape[1])
 
 
+def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """q (B, H, T, hd) over k, v (B, Hkv, S, hd) where allowed (T, S) is True: the static-shape
+    step's attention over a whole preallocated cache (tinyllama.graphs)."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, enable_gqa=q.shape[1] != k.shape[1])
+
+
 def sdpa_attention_lengths(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_lengths: torch.Tensor) -> torch.Tensor:
     if q.shape[2] != 1:
         raise ValueError(f"key_lengths needs one query per row, got {q.shape[2]}")

@@ -22,6 +22,7 @@ decoding) is just calling the next step with a smaller `start_pos`.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -30,6 +31,7 @@ from .config import ModelConfig
 from .kernels import (
     attention,
     linear_cross_entropy,
+    masked_attention,
     prepare_rotary,
     rms_norm,
     rotary_rows,
@@ -82,6 +84,14 @@ class RotaryEmbedding(nn.Module):
         return self.cos[positions].to(dtype), self.sin[positions].to(dtype)
 
 
+@dataclass
+class StaticStep:
+    """A step in static shapes (Llama.static_hidden_states): where its T tokens sit and what each
+    may see, as tensors, so that nothing about the step is a Python number."""
+    positions: torch.Tensor      # (T,) absolute positions
+    allowed: torch.Tensor        # (T, S) bool over the whole cache: key s visible to query t iff s <= positions[t]
+
+
 class KVCache(nn.Module):
     """Preallocated K/V for one layer: (B, n_kv_head, max_seq_len, head_dim)."""
 
@@ -106,6 +116,13 @@ class KVCache(nn.Module):
         keys[:, :, start_pos:end] = k
         values[:, :, start_pos:end] = v
         return keys[:, :, :end], values[:, :, :end]
+
+    def write_at(self, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """k, v (B, n_kv, T, hd) written at positions (T,) -> the whole cache (B, n_kv, S, hd):
+        the same shapes and addresses at every step (tinyllama.graphs captures it)."""
+        self.k.index_copy_(2, positions, k)
+        self.v.index_copy_(2, positions, v)
+        return self.k, self.v
 
     def update_rows(self, rows: list[int], positions: torch.Tensor, k: torch.Tensor,
                     v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -139,7 +156,7 @@ class Attention(nn.Module):
         (one fused matmul once tinyllama.packing has packed this module for decoding)."""
         return self.q_proj(x), self.k_proj(x), self.v_proj(x)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start_pos: int | torch.Tensor | None,
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start_pos: int | torch.Tensor | StaticStep | None,
                 rows: int | list[int] | None = None) -> torch.Tensor:
         B, T, _ = x.shape
         q, k, v = self.qkv(x)
@@ -148,6 +165,10 @@ class Attention(nn.Module):
         v = v.view(B, T, self.n_kv_head, self.head_dim)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)                     # (B, H*, T, hd)
         lengths = None
+        if isinstance(start_pos, StaticStep):
+            k, v = self.kv_cache.write_at(start_pos.positions, k, v)                    # (B, Hkv, S, hd)
+            y = masked_attention(q, k, v, start_pos.allowed)                            # (B, H, T, hd)
+            return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
         if start_pos is not None:
             if self.kv_cache is None:
                 raise RuntimeError("start_pos given but no KV cache: call model.setup_kv_cache() first")
@@ -185,7 +206,7 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start_pos: int | torch.Tensor | None,
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start_pos: int | torch.Tensor | StaticStep | None,
                 rows: int | list[int] | None = None) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, start_pos, rows)
         return x + self.mlp(self.post_attention_layernorm(x))
@@ -294,6 +315,23 @@ class Llama(nn.Module):
             cos, sin = prepare_rotary(cos, sin, x)                   # once for all layers
         for layer in self.model.layers:
             x = layer(x, cos, sin, start_pos, rows)
+        return self.model.norm(x)
+
+    def static_hidden_states(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """input_ids (B, T) at positions (T,), a tensor -> final-normed hidden states (B, T, d),
+        attending over the whole preallocated KV cache through a (T, S) mask: the same shapes,
+        addresses and no host synchronisation at every position, so a step can be captured as a
+        CUDA graph (tinyllama.graphs). The rotary tables must already cover the cache."""
+        cache = self.model.layers[0].self_attn.kv_cache
+        if cache is None:
+            raise RuntimeError("static steps need a KV cache: call model.setup_kv_cache() first")
+        x = self.model.embed_tokens(input_ids)                                       # (B, T, d)
+        keys = torch.arange(cache.k.shape[2], device=positions.device)
+        step = StaticStep(positions, keys[None, :] <= positions[:, None])            # mask (T, S), once per step
+        cos, sin = self.rope.cos[positions].to(x.dtype), self.rope.sin[positions].to(x.dtype)   # (T, hd) each
+        cos, sin = prepare_rotary(cos, sin, x)
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, step)
         return self.model.norm(x)
 
     def num_params(self) -> int:
