@@ -60,7 +60,18 @@ SERVE_ARGS ?=
 INIT_FROM ?=
 INIT_FLAGS := $(if $(INIT_FROM),--init-from $(INIT_FROM))
 
-.PHONY: help setup data pretrain sft quantize tools llama-server draft serve demo eval run test test-fast bench clean distclean
+# gpu-check (gpu_check/): every CUDA path checked and measured on one GPU in 8 minutes. Its results
+# go to GPU_CHECK_OUT; BUDGET (seconds, default 470), STAGES (default: all, in priority order) and
+# DRY=1 (the same stages on CPU, tiny shapes) pass through. The GPU machine is offline and has no
+# .venv: it runs with its own python3 (a CUDA torch) and what `make gpu-carry` put in .whl/ and
+# .cache/ (git-ignored: carry both), so gpu-check does not depend on setup.
+GPU_CHECK_OUT ?= $(OUT)/gpu-check
+BUDGET ?=
+STAGES ?=
+DRY ?=
+GPU_PY := $(if $(wildcard $(PY)),$(PY),$(PYTHON))
+
+.PHONY: help setup data pretrain sft quantize tools llama-server draft serve demo eval run test test-fast bench gpu-check gpu-carry clean distclean
 
 help:
 	@echo "make setup   create $(VENV), install torch (CPU build here), llama-cpp-python (built for this CPU), the project, the tokenizer"
@@ -79,6 +90,11 @@ help:
 	@echo "             CPU_ISA=avx2 on any target: torch and oneDNN limited to AVX2, as on a laptop without bf16"
 	@echo "make test    the whole test suite (what CI runs)"
 	@echo "make bench   benchmarks: ours vs the reference, side by side; rewrites bench/RESULTS.md"
+	@echo "make gpu-check  on one GPU: every CUDA path tested and measured (MFU, QLoRA memory, speculative decoding,"
+	@echo "             compile, FSDP2, a pretraining run) in BUDGET=470 s; STAGES='fsdp2 smoke' picks, DRY=1 rehearses"
+	@echo "             on CPU; results.jsonl, log.txt, summary.txt in GPU_CHECK_OUT=$(GPU_CHECK_OUT)"
+	@echo "make gpu-carry  before a run on the offline GPU machine (here, with network): the wheels it lacks into .whl/,"
+	@echo "             the tokenizer into .cache/tokenizers/ (both git-ignored: carry them along)"
 	@echo "make clean   remove $(OUT)/ and caches; distclean also removes $(VENV)"
 
 setup: $(SETUP_STAMP)
@@ -154,6 +170,12 @@ test-fast: setup
 
 bench: setup
 	$(PY) -m bench
+
+gpu-check:
+	OUT=$(GPU_CHECK_OUT) BUDGET=$(BUDGET) STAGES="$(STAGES)" DRY=$(DRY) $(GPU_PY) -m gpu_check
+
+gpu-carry: setup
+	PY=$(PY) bash gpu_check/prepare_carry.sh
 
 clean:
 	rm -rf $(OUT) $(DATA) .pytest_cache build *.egg-info

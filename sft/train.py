@@ -31,7 +31,13 @@ import torch
 
 from tinyllama.allocator import retain_freed_memory
 from tinyllama.chat import CHAT_TEMPLATE
-from tinyllama.checkpoint import CheckpointError, check_weights, load_config, save_checkpoint, stored_dtype
+from tinyllama.checkpoint import (
+    CheckpointError,
+    check_weights,
+    load_config,
+    save_checkpoint,
+    stored_dtype,
+)
 from tinyllama.cli import flag
 from tinyllama.errors import UserError
 from tinyllama.hub import ModelRef, resolve_model
@@ -39,7 +45,13 @@ from tinyllama.paths import check_output_dir
 from tinyllama.precision import DTYPE_CHOICES, choose_dtype
 from tinyllama.tokenizer import Tokenizer
 
-from .data import LoadStats, TokenStats, load_conversations, split_eval, tokenize_conversations
+from .data import (
+    LoadStats,
+    TokenStats,
+    load_conversations,
+    split_eval,
+    tokenize_conversations,
+)
 
 METHODS = ("full", "lora", "qlora")
 ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -296,15 +308,66 @@ def prepare_data(args: SFTArgs, tok: Tokenizer) -> SFTData:
     return SFTData(train_rows, eval_rows, eval_convs, load_stats, train_stats, eval_stats)
 
 
+def weight_dtype(method: str, device: str, compute: torch.dtype) -> torch.dtype:
+    """The dtype the model's weights are loaded in; `compute` (bf16 or float32) is the matmul dtype,
+    reached through autocast (the trainer's bf16=True) where it differs.
+
+    Weights the optimiser updates stay float32 everywhere (full fine-tuning's master copy): bf16
+    keeps 8 significant bits, so an AdamW step of lr 2e-5 on a weight of 0.02 (a relative change
+    of 1e-3, under half a bf16 ulp) rounds back to the old value, and a pure-bf16 full fine-tune
+    silently stops learning. A frozen base is never updated, so on CUDA LoRA keeps it in `compute`
+    (half the memory; peft makes the trained adapters float32) and QLoRA keeps its unquantized
+    layers (embeddings, norms, lm_head) there, its projections being nf4 computed in `compute`.
+    A CPU keeps float32 weights for every method and gets bf16 only through autocast."""
+    if device == "cuda" and method in ("lora", "qlora"):
+        return compute
+    return torch.float32
+
+
+def optimizer_name(method: str, device: str) -> str:
+    """The trainer's `optim`. On CUDA: QLoRA's paged 8-bit AdamW (its state in managed memory
+    that pages to the host under pressure: QLoRA is for fitting a small GPU), fused AdamW for
+    full and LoRA (one kernel over all parameters instead of several per tensor). A CPU keeps
+    plain AdamW, the path its runs and timings were measured on."""
+    if device != "cuda":
+        return "adamw_torch"
+    return "paged_adamw_8bit" if method == "qlora" else "adamw_torch_fused"
+
+
+# transformers 5.23 renamed TrainingArguments' gradient_checkpointing(_kwargs) to
+# activation_checkpointing(_kwargs), keeping the old names as deprecated aliases; older versions
+# (5.17 on the GPU machines) know only the old names. The new name first.
+CHECKPOINTING_FIELDS = ("activation_checkpointing", "gradient_checkpointing")
+
+
+def checkpointing_kwargs(config_cls, enabled: bool) -> dict[str, Any]:
+    """The keywords that turn activation checkpointing on or off in `config_cls` (trl's SFTConfig),
+    named as its dataclass fields name them. The flag is always passed: SFTConfig defaults it to
+    True, so leaving it out would checkpoint every method, not only QLoRA."""
+    names = {f.name for f in dataclasses.fields(config_cls)}
+    for name in CHECKPOINTING_FIELDS:
+        if name in names and f"{name}_kwargs" in names:
+            return {name: enabled, f"{name}_kwargs": {"use_reentrant": False}}
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        installed = f"transformers {version('transformers')}, trl {version('trl')}"
+    except PackageNotFoundError:
+        installed = "unknown versions"
+    raise SFTError(f"{config_cls.__module__}.{config_cls.__qualname__} has neither "
+                   f"{' nor '.join(f'{n}(_kwargs)' for n in CHECKPOINTING_FIELDS)} ({installed}): "
+                   "install the versions the sft extra names in pyproject.toml")
+
+
 def build_trainer(args: SFTArgs, data: SFTData, tok: Tokenizer, work: Path, device: str, compute: torch.dtype):
-    """trl's SFTTrainer over our model (LoRA/QLoRA through peft): bf16 weights on CUDA, float32
-    weights (under bf16 autocast where `compute` is bf16) on a CPU."""
+    """trl's SFTTrainer over our model (LoRA/QLoRA through peft), weights in weight_dtype (float32
+    where they train), matmuls in `compute` (bf16 autocast where it is bf16)."""
     from datasets import Dataset
     from trl import SFTTrainer
 
     hf_tok = _hf_tokenizer(tok, work / "tokenizer")
     torch.manual_seed(args.seed)
-    model = load_model(args.base, args.method, device, compute if device == "cuda" else torch.float32,
+    model = load_model(args.base, args.method, device, weight_dtype(args.method, device, compute),
                        compute_dtype=compute)
     peft_config = None
     if args.method in ("lora", "qlora"):
@@ -330,16 +393,15 @@ def _trainer_config(args: SFTArgs, work: Path, device: str, bf16: bool, has_eval
     from trl import SFTConfig
 
     grad_ckpt = args.method == "qlora" if args.gradient_checkpointing is None else args.gradient_checkpointing
-    optim = "paged_adamw_8bit" if (args.method == "qlora" and device == "cuda") else "adamw_torch"
     return SFTConfig(
         output_dir=str(work / "trainer"),
         num_train_epochs=args.epochs, max_steps=args.max_steps,
         per_device_train_batch_size=args.batch_size, per_device_eval_batch_size=args.batch_size,
         gradient_accumulation_steps=args.grad_accum,
         learning_rate=args.resolved_lr(), lr_scheduler_type="cosine", warmup_steps=args.warmup_ratio,   # a float in [0, 1) is a ratio of all steps
-        weight_decay=args.weight_decay, max_grad_norm=1.0, optim=optim,
+        weight_decay=args.weight_decay, max_grad_norm=1.0, optim=optimizer_name(args.method, device),
         max_length=args.max_len, packing=args.packing,
-        activation_checkpointing=grad_ckpt, activation_checkpointing_kwargs={"use_reentrant": False},
+        **checkpointing_kwargs(SFTConfig, grad_ckpt),
         bf16=bf16, use_cpu=device == "cpu",
         # Per epoch; a --max-steps run is evaluated before and after only.
         eval_strategy="epoch" if has_eval and args.max_steps <= 0 else "no",

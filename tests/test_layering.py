@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-STAGES = {"pretrain", "sft", "quantize", "serve", "demo", "evaluation", "bench"}
+STAGES = {"pretrain", "sft", "quantize", "serve", "demo", "evaluation", "bench", "gpu_check"}
 PACKAGES = ["tinyllama", *sorted(STAGES - {"bench"}), "bench"]
 MAX_FUNCTION_LINES = 80
 
@@ -42,7 +42,7 @@ def test_the_core_imports_no_stage():
 def test_stages_talk_through_files_not_imports():
     """A stage may import the core and itself; evaluation may read pretrain's shard and config
     formats and sft's data (its inputs), quantize the validation shards (its calibration text);
-    bench measures everything."""
+    bench and gpu_check measure everything."""
     allowed = {"evaluation": {"pretrain", "sft"}, "sft": set(), "pretrain": set(), "quantize": {"pretrain"},
                "serve": set(), "demo": {"serve"}}
     offenders = set()

@@ -55,7 +55,26 @@ def _fake_timings(monkeypatch, fp32: float, bf16: float) -> list:
 
     monkeypatch.setattr(precision, "_matmul_seconds", seconds)
     monkeypatch.setattr(precision, "_first_call_seconds", first)
+    monkeypatch.setattr(precision, "_has_bf16_instructions", lambda: True)      # rates given, not flags
     return calls
+
+
+def test_training_without_bf16_instructions_is_float32_untimed(monkeypatch):
+    # an x86 CPU without AVX-512 BF16 or AMX emulates a bf16 GEMM; timing it on a loaded machine
+    # once picked bf16 (its float32 probe slowed by other work)
+    import tinyllama.measure as m
+
+    monkeypatch.setattr(precision.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(m, "_IDENTITY", m.CPUIdentity("AMD EPYC", ("avx2", "fma", "f16c"), "AVX2", ()))
+    monkeypatch.setattr(precision, "_measure_matmuls", lambda *a: pytest.fail("training must not be timed here"))
+    choice = choose_dtype("auto", "cpu", CFG, work="train")
+    assert choice.dtype is torch.float32 and "no bf16 matrix instructions" in choice.reason
+    measured = []
+    monkeypatch.setattr(precision, "_measure_matmuls",
+                        lambda shapes, margin: measured.append(1) or precision._decision(0.5, margin, "decode GEMVs", ""))
+    assert choose_dtype("auto", "cpu", CFG, work="decode").dtype is torch.bfloat16 and measured   # decoding is timed
+    monkeypatch.setattr(m, "_IDENTITY", m.CPUIdentity("Xeon", ("avx2", "avx512f", "amx_bf16"), "AVX512", ()))
+    assert precision._has_bf16_instructions()
 
 
 def test_bf16_is_taken_where_it_is_clearly_faster(monkeypatch):

@@ -434,5 +434,6 @@ def test_bf16_autocast_on_the_cpu_keeps_float32_weights(base_dir, small_data, tm
     assert next(result.model.parameters()).dtype == torch.float32
     saved, _ = load_checkpoint(tmp_path / "bf16")
     assert saved.lm_head.weight.dtype == torch.float32
-    auto = lora_run.summary                                        # the default: measured here
-    assert auto["dtype_reason"].startswith("auto: bf16 matmul") and auto["dtype"] in ("float32", "bfloat16")
+    auto = lora_run.summary                  # the default: measured here, or float32 where bf16 is emulated
+    assert auto["dtype_reason"].startswith(("auto: bf16 matmul", "auto: float32: no bf16 matrix instructions"))
+    assert auto["dtype"] in ("float32", "bfloat16")
