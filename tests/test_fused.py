@@ -28,7 +28,8 @@ def fake_liger(calls: list):
         assert q.dim() == 4 and cos.dim() == 2 and q.shape[2] == cos.shape[0], "q (B, H, T, hd), cos (T, hd)"
         assert q.dtype == cos.dtype == k.dtype, (q.dtype, cos.dtype)
         c, s = cos[None, None], sin[None, None]
-        return q * c + _rotate_half(q) * s, k * c + _rotate_half(k) * s
+        rq, rk = q * c + _rotate_half(q) * s, k * c + _rotate_half(k) * s
+        return q.copy_(rq), k.copy_(rk)              # liger rotates in place, in q's and k's storage
 
     def liger_rms_norm(x, w, eps, offset=0.0, casting_mode="llama", in_place=True):
         calls.append("rms")

@@ -190,7 +190,7 @@ def test_fused_kernels_match_the_pytorch_definitions(provider, monkeypatch):
     targets = torch.randint(0, 32000, (256,), device="cuda")
 
     def ops():
-        return (kernels.rms_norm(x, w, 1e-5), *kernels.rotate_qk(x, k, cos, sin), kernels.swiglu(x, x),
+        return (kernels.rms_norm(x, w, 1e-5), *kernels.rotate_qk(x.clone(), k.clone(), cos, sin), kernels.swiglu(x, x),
                 kernels.cross_entropy(logits, targets), kernels.linear_cross_entropy(h, head, targets))
 
     got = ops()

@@ -41,6 +41,8 @@ class LigerOps:
         return self._lf.liger_rms_norm(x, weight, eps, casting_mode="llama", in_place=False)
 
     def rotary(self, q, k, cos, sin):
+        # liger writes the rotated values into q's and k's own storage (as in HF models, where
+        # q and k are fresh projection outputs nobody reads again); the returned views are them
         q, k = self._lf.liger_rope(q.transpose(1, 2), k.transpose(1, 2), cos, sin)   # (B, H*, T, hd)
         return q.transpose(1, 2), k.transpose(1, 2)
 
@@ -157,7 +159,7 @@ def _check(ops, device: torch.device) -> None:
     cos, sin = torch.randn(8, 32, generator=g).repeat(1, 2), torch.randn(8, 32, generator=g).repeat(1, 2)
     cos, sin = cos.to(device, torch.bfloat16), sin.to(device, torch.bfloat16)
     pairs = [(ops.rms_norm(x, w, 1e-5), reference_rms_norm(x, w, 1e-5)),
-             (ops.rotary(x, x[:, :, :2].contiguous(), cos, sin)[0], reference_rotary(x, cos, sin))]
+             (ops.rotary(x.clone(), x[:, :, :2].clone(), cos, sin)[0], reference_rotary(x, cos, sin))]   # liger rotates in place
     if ops.swiglu is not None:
         pairs.append((ops.swiglu(x, x), F.silu(x) * x))
     logits, targets = x.flatten(0, 2)[:, :32].float(), torch.arange(64, device=device) % 32
