@@ -12,18 +12,17 @@ repeated K/V on the backends that support it.
 
 Order: flash-attn 2 (`flash_attn_func`, CUDA, fp16/bf16) > xformers memory-efficient
 attention (CUDA) > torch `scaled_dot_product_attention`. `TINYLLAMA_ATTENTION=sdpa|flash|xformers`
-forces one (an error if it cannot run). `reference_attention` is the plain-math definition
-that the tests hold every backend to.
+forces one (an error if it cannot run). `reference_attention` (tinyllama.definitions,
+re-exported here) is the plain-math definition that the tests hold every backend to.
 
 RMSNorm, rotary embeddings, SwiGLU and cross-entropy (also fused with the LM head) use Triton
 kernels on CUDA, liger-kernel's or flash-attn's, whichever is installed and passes its check
-(tinyllama.fused; `TINYLLAMA_FUSED=0` turns them off), else the PyTorch definitions below; a
-GPU-marked test holds the fused versions to them.
+(tinyllama.fused; `TINYLLAMA_FUSED=0` turns them off), else the PyTorch definitions
+(tinyllama.definitions); a GPU-marked test holds the fused versions to them.
 """
 
 from __future__ import annotations
 
-import math
 import os
 import warnings
 
@@ -32,6 +31,13 @@ import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
 from . import fused
+from .definitions import (  # noqa: F401  (re-exported: the definitions beside the kernels)
+    apply_rotary,
+    broadcast_signed_tables,
+    reference_attention,
+    reference_rms_norm,
+    reference_rotary,
+)
 from .errors import UserError
 
 try:  # optional GPU extra
@@ -158,18 +164,6 @@ def xformers_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tor
     return y.reshape(B, T, H, hd).transpose(1, 2)
 
 
-def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """softmax(q kᵀ / sqrt(hd) + causal mask) v with K/V repeated per query group, in float32."""
-    T, S = q.shape[2], k.shape[2]
-    g = q.shape[1] // k.shape[1]
-    k = k.repeat_interleave(g, dim=1).float()
-    v = v.repeat_interleave(g, dim=1).float()
-    scores = q.float() @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])          # (B, H, T, S)
-    allowed = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=S - T)
-    scores = scores.masked_fill(~allowed, float("-inf"))
-    return (scores.softmax(-1) @ v).to(q.dtype)
-
-
 # ---- elementwise kernels: fused on a GPU (tinyllama.fused), else these definitions --------
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -181,15 +175,6 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return reference_rms_norm(x, weight, eps)
 
 
-def reference_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    if x.dtype == torch.float32:      # one fused op; the same numbers as the three below
-        return weight * F.rms_norm(x, (x.shape[-1],), eps=eps)
-    dtype = x.dtype
-    xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * xf.to(dtype)
-
-
 def prepare_rotary(cos: torch.Tensor, sin: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Done once per forward instead of once per apply_rotary call: for the PyTorch path, the
     (T, hd) tables as (T, 1, hd) (broadcast over heads) with sin's first half negated, so HF's
@@ -199,18 +184,13 @@ def prepare_rotary(cos: torch.Tensor, sin: torch.Tensor, like: torch.Tensor) -> 
     (under autocast they are bf16 while `like`, the residual stream, is float32)."""
     if fused.may_run(like):
         return cos, sin
-    return _broadcast_signed_tables(cos, sin)
-
-
-def _broadcast_signed_tables(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    half = sin.shape[-1] // 2
-    return cos[:, None, :], torch.cat((-sin[:, :half], sin[:, half:]), dim=-1)[:, None, :]   # (T, 1, hd)
+    return broadcast_signed_tables(cos, sin)
 
 
 def rotary_rows(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Tables at one position per batch row, cos, sin (B, hd) -> (B, 1, 1, hd) each, prepared
     as prepare_rotary's PyTorch path does, for x (B, 1, H, hd)."""
-    cos, sin = _broadcast_signed_tables(cos, sin)                   # (B, 1, hd)
+    cos, sin = broadcast_signed_tables(cos, sin)                   # (B, 1, hd)
     return cos[:, None], sin[:, None]
 
 
@@ -226,24 +206,6 @@ def rotate_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Te
         if ops is not None:
             return ops.rotary(q, k, cos, sin)
     return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """RoPE on one tensor x (B, T, H, hd), in PyTorch; cos, sin (T, hd) with the two halves
-    equal (RotaryEmbedding builds them so), or as prepare_rotary returns them."""
-    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-    if cos.dim() == 2:
-        cos, sin = _broadcast_signed_tables(cos, sin)
-    return _rotate(x, cos, sin)
-
-
-def reference_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """The definition: x (B, T, H, hd), plain (T, hd) tables."""
-    return apply_rotary(x, cos, sin)
-
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
