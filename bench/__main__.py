@@ -24,6 +24,7 @@ from . import (
     data_prep,
     decode,
     gguf,
+    graph_decode,
     kill_resume,
     server_compare,
     server_load,
@@ -124,6 +125,8 @@ def _sections(args) -> list[tuple[str, object]]:
         ("Allocator churn in CPU training (`python -m bench.allocator`)",
          lambda: allocator.run(steps=4 if args.quick else 6, rounds=1 if args.quick else 2)),
         ("Decode speed (`python -m bench.decode`)", decode_table),
+        ("Decode step cost, eager vs static-shape vs CUDA graphs (`python -m bench.graph_decode`)",
+         lambda: graph_decode.run(tokens=4 if args.quick else 8)),
         ("SFT memory and speed (`python -m bench.sft_memory`)", sft_table),
         ("GGUF sizes and llama.cpp decode (`python -m bench.gguf`)", gguf_tables),
         ("Speculative decoding, the CPU-default pair (`python -m bench.speculative`)" if have_pairs else
