@@ -137,7 +137,8 @@ def _sections(args) -> list[tuple[str, object]]:
                                 for t, _ in pairs for ps in ("copy", "chat")])) if have_pairs else
          (lambda: "Not measured: run `make run` first (it trains the target and its draft).")),
         ("Speculative decoding on a constructed 1.1B-shaped pair, the quick variant "
-         "(`python -m bench.speculative --pair 1b`)", lambda: speculative.run_pair("1b")),
+         "(`python -m bench.speculative --pair 1b`)",
+         lambda: "\n\n".join(speculative.run_pair("1b", a) for a in ((0.6, 0.7, 0.8) if args.full or args.only else (0.8,)))),
         ("Speculative decoding on a constructed 7B-shaped pair (`python -m bench.speculative --pair 7b`)",
          lambda: speculative.run_pair("7b") if args.full or args.only else
          "Not measured by default (~12 minutes and 10 GB of memory; the first build ~6 minutes and 15 GB): `python -m bench --full` or "

@@ -5,7 +5,7 @@ own speculative decoding beside ours.
     python -m bench.speculative [--target out/sft] [--draft out/draft/sft] [--k 1 2 4 6]
     python -m bench.speculative --target out/gguf/tinyllama-19m-chat-Q8_0.gguf \\
                                 --draft out/gguf/tinyllama-debug-chat-Q8_0.gguf [--anchor]
-    python -m bench.speculative --pair 7b [--alpha 0.8]         # llama-2-7b-shaped target, 1.1B draft
+    python -m bench.speculative --pair 7b [--alpha 0.6 0.7 0.8]         # llama-2-7b-shaped target, 1.1B draft
     python -m bench.speculative --pair 1b                       # the quick variant (1.1B target, ~110M draft)
     python -m bench.speculative --draft ngram --prompt-set copy     # prompt lookup, copy-heavy prompts
     python -m bench.speculative --json                              # the rows as JSON
@@ -266,7 +266,8 @@ def main(argv: list[str] | None = None) -> int:
                          "tinyllama-1.1b drafting for a llama-2-7b-shaped target, 1b = a ~110M draft for a "
                          "tinyllama-1.1b-shaped target; both GGUFs, alpha constructed; adds llama.cpp's own "
                          "speculative decoding as the anchor")
-    ap.add_argument("--alpha", type=float, default=0.8, help="--pair's constructed acceptance rate (default 0.8)")
+    ap.add_argument("--alpha", type=float, nargs="+", default=[0.8],
+                    help="--pair's constructed acceptance rate; several: one pair and table each (default 0.8)")
     ap.add_argument("--qtype", default="q4_0", choices=types, metavar="TYPE",
                     help=f"--pair's GGUF type, one of {', '.join(types)} (default q4_0)")
     ap.add_argument("--anchor", action="store_true",
@@ -289,9 +290,10 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, name) is None:
             setattr(args, name, value)
     if pair:
-        if not 0 < args.alpha <= 1:
-            ap.error(f"--alpha must be in (0, 1], got {args.alpha}")
-        print(run_pair(args.pair, args.alpha, args.qtype, args.k, args.tokens, args.prompts, args.repeats, args.json))
+        if not all(0 < a <= 1 for a in args.alpha):
+            ap.error(f"--alpha must be in (0, 1], got {' '.join(map(str, args.alpha))}")
+        print("\n\n".join(run_pair(args.pair, a, args.qtype, args.k, args.tokens, args.prompts, args.repeats, args.json)
+                          for a in args.alpha))
     else:
         print(run(args.target, args.draft, args.k, args.tokens, args.prompts, args.repeats, args.prompt_set, args.json,
                   anchor=args.anchor, device=args.device))
