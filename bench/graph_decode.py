@@ -21,6 +21,8 @@ from tinyllama.devices import resolve_device
 from tinyllama.graphs import StaticDecoder, count_torch_calls
 from tinyllama.model import Llama
 
+from .random_models import random_model
+
 
 def calls_per_step(preset: str) -> tuple[int, int]:
     """(eager calls, static calls) per one-token step of `preset`'s structure."""
@@ -36,9 +38,9 @@ def calls_per_step(preset: str) -> tuple[int, int]:
     return eager, static
 
 
-def copy_bandwidth(device: torch.device) -> float:
-    """Bytes/s of a 256 MiB device-to-device copy (read + write counted)."""
-    a = torch.empty(256 << 20, dtype=torch.uint8, device=device)
+def copy_bandwidth(device: torch.device, nbytes: int = 256 << 20) -> float:
+    """Bytes/s of an `nbytes` device-to-device copy, the best of 5 (read + write counted)."""
+    a = torch.empty(nbytes, dtype=torch.uint8, device=device)
     b = torch.empty_like(a)
     best = float("inf")
     for _ in range(5):
@@ -72,11 +74,7 @@ def time_preset(preset: str, device: torch.device, tokens: int) -> dict:
     if device.type == "cuda" and weight_bytes * 1.3 > torch.cuda.mem_get_info(device)[0]:
         return {"skipped": "does not fit in free GPU memory"}
     torch.manual_seed(0)
-    with torch.device("meta"):
-        model = Llama(cfg.replace(max_seq_len=256))
-    model = model.to_empty(device=device).to(dtype)
-    model.reset_parameters()
-    model.eval()
+    model = random_model(cfg.replace(max_seq_len=256), device, dtype)
     prompt = list(range(1, 9))
     eager = StaticDecoder(model, 256, capture=False)     # owns a cache of 256; the eager path reuses it
     eager.step(prompt, 0)

@@ -1,7 +1,9 @@
-"""Random-weight GGUFs of a preset's shape, for throughput benchmarks (speed does not depend on
-the weights' values), made once and cached under ~/.cache/tinyllama/bench/.
+"""Random-weight models of a preset's shape, for throughput benchmarks (speed does not depend on
+the weights' values): GGUFs made once and cached under ~/.cache/tinyllama/bench/, and PyTorch
+models built straight on a device in a dtype.
 
     path = random_gguf("tinyllama-1.1b", "Q4_K_M")      # ~670 MB; a few minutes the first time
+    model = random_model(ModelConfig.from_name("llama-2-7b"), torch.device("cuda"), torch.bfloat16)
 """
 
 from __future__ import annotations
@@ -9,6 +11,22 @@ from __future__ import annotations
 import shutil
 import tempfile
 from pathlib import Path
+
+
+def random_model(cfg, device, dtype):
+    """Llama(cfg) in eval mode, built on `device` in `dtype` (seeded by the caller): no float32
+    copy on the way, which for a 7B would need 27 GB."""
+    import torch
+
+    from tinyllama import Llama
+
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            return Llama(cfg).eval()
+    finally:
+        torch.set_default_dtype(default)
 
 
 def random_gguf(preset: str = "tinyllama-1.1b", qtype: str = "Q4_K_M", say=print) -> Path:

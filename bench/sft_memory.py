@@ -133,15 +133,17 @@ def _trainable(model, method: str, device: str):
         model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, task_type="CAUSAL_LM",
                                                  target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
                                                                  "gate_proj", "up_proj", "down_proj"]))
+    from sft.train import optimizer_name
+
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    if method == "qlora" and device == "cuda":
+    optim = optimizer_name(method, device)                        # what python -m sft's trainer uses
+    if optim == "paged_adamw_8bit":
         import bitsandbytes as bnb
 
         return model, params, bnb.optim.PagedAdamW8bit(params, lr=1e-4)
-    # fused on CUDA, as sft.train.optimizer_name picks; the CPU keeps the default (foreach)
     return model, params, torch.optim.AdamW(params, lr=1e-4 if method != "full" else 1e-5,
-                                            fused=True if device == "cuda" else None)
+                                            fused=True if optim == "adamw_torch_fused" else None)
 
 
 def _measure(impl: str, base: str, method: str, seq: int, steps: int) -> dict:

@@ -4,7 +4,8 @@ Measures: package versions (torch, CUDA, cuDNN, triton, transformers, peft, bits
 liger-kernel, ...) and on a GPU whether each imports, the device, which SDPA backend torch picks for the project's training,
 decode and speculative-verification shapes, the project's attention backends, and the ceilings:
 a bf16 8192³ matmul's FLOP/s (the measured MFU denominator: random data, warmed up, median of
-10 timed by CUDA events) and device-to-device copy bandwidth. A dry run measures a float32
+10 timed by CUDA events) and device-to-device copy bandwidth (bench.graph_decode.copy_bandwidth,
+the rate its memory floor uses). A dry run measures a float32
 1024³ matmul and a 64 MiB copy on the CPU instead.
 """
 
@@ -16,6 +17,8 @@ import sys
 import time
 
 import torch
+
+from bench.graph_decode import copy_bandwidth
 
 from .common import device_name, emit, error_text, fused_provider
 
@@ -92,13 +95,10 @@ def ceilings(device: str) -> dict:
     for _ in range(3):
         _timed(lambda: a @ b, device)
     times = sorted(_timed(lambda: a @ b, device) for _ in range(10))
-    x = torch.randn(copy_bytes // 4, device=device)
-    y = torch.empty_like(x)
-    _timed(lambda: y.copy_(x), device)
-    copy_s = min(_timed(lambda: y.copy_(x), device) for _ in range(3))
+    copy = copy_bandwidth(torch.device(device), copy_bytes)      # the rate bench.graph_decode's floor uses
     return {"matmul_n": n, "matmul_dtype": str(dtype).removeprefix("torch."),
             "matmul_tflops": round(2 * n**3 / times[len(times) // 2] / 1e12, 3),
-            "copy_tb_s": round(2 * copy_bytes / copy_s / 1e12, 4)}          # read + write
+            "copy_tb_s": round(copy / 1e12, 4)}                              # read + write
 
 
 def optional_libraries() -> dict:

@@ -85,7 +85,12 @@ def _one_rank_group(device: torch.device):
 
 
 def build(name: str, args, device: torch.device, dtype: torch.dtype) -> Variant:
-    from pretrain.train import build_model, initial_model_config, loss_fn
+    from pretrain.train import (
+        build_model,
+        checkpoint_blocks,
+        initial_model_config,
+        loss_fn,
+    )
 
     cfg = train_config(args)
     mcfg = initial_model_config(cfg)
@@ -102,12 +107,7 @@ def build(name: str, args, device: torch.device, dtype: torch.dtype) -> Variant:
     with torch.device(device):             # built on the GPU: initialising 1.1B on the CPU takes seconds
         model = Llama(mcfg)
     if args.ac:
-        from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
-            checkpoint_wrapper,
-        )
-
-        for i, block in enumerate(model.model.layers):
-            model.model.layers[i] = checkpoint_wrapper(block)
+        checkpoint_blocks(model)                      # as build_model does
     variant = Variant(model, loss_fn, autocast)
     if name.startswith("sdpa-"):
         from torch.nn.attention import SDPBackend, sdpa_kernel

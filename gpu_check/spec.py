@@ -37,6 +37,8 @@ from bench.constructed_pair import (
     target_config,
     target_shapes,
 )
+from bench.random_models import random_model
+from bench.speculative import solve_alpha, theory
 from tinyllama import Llama, ModelConfig
 from tinyllama.backends import TorchBackend
 from tinyllama.generate import generate
@@ -47,17 +49,6 @@ from .common import device_name, emit, read_results, sync
 TINY = (ModelConfig(name="tiny-draft", n_layer=2, d_model=64, n_head=4, n_kv_head=2, ffn_dim=176, max_seq_len=1024),
         ModelConfig(name="tiny-target", n_layer=3, d_model=128, n_head=4, n_kv_head=4, ffn_dim=300, max_seq_len=1024))
 POSITION = 256          # where the per-token latencies are timed (a KV cache of 1024)
-
-
-def random_model(cfg: ModelConfig, device: torch.device, dtype: torch.dtype) -> Llama:
-    """Built on the device in its dtype: a float32 7B would need 27 GB on the way."""
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            return Llama(cfg).eval()
-    finally:
-        torch.set_default_dtype(default)
 
 
 @torch.no_grad()
@@ -146,12 +137,6 @@ def draft_decode_report(draft: Llama, lat: dict) -> None:
          targets="eager_over_graph >= 5 or graph_over_floor <= 1.5")
 
 
-def theory(alpha: float, k: int, c: float, v: float = 1.0) -> float:
-    """Expected speedup (Leviathan et al.): tokens per round / a round's cost in target tokens."""
-    tokens = (k + 1) if alpha >= 1 else (1 - alpha ** (k + 1)) / (1 - alpha)
-    return tokens / (k * c + v)
-
-
 def latencies(models: dict[str, Llama], ks: list[int]) -> dict:
     """(model, eager|graph, T) -> seconds; T = 1 and k+1 for the pair, 1 for the plain 7B."""
     out = {}
@@ -202,8 +187,6 @@ def speculative_runs(draft: Llama, target: Llama, prompts: list[list[int]], toke
 
 
 def _speculative_mode(draft, target, prompts, tokens, ks, lat, how: str) -> None:
-    from bench.speculative import solve_alpha
-
     tb, db = TorchBackend(target, pack=False), TorchBackend(draft, pack=False)
     decode(tb, prompts, tokens)                                       # warm-up (and captures)
     plain, t_plain, _ = decode(tb, prompts, tokens)

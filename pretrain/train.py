@@ -71,12 +71,7 @@ def build_model(cfg: TrainConfig, env: Dist, model_cfg: ModelConfig, dtype: torc
     model.to(env.device)
 
     if cfg.activation_checkpointing:
-        from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
-            checkpoint_wrapper,
-        )
-
-        for i, block in enumerate(model.model.layers):
-            model.model.layers[i] = checkpoint_wrapper(block)
+        checkpoint_blocks(model)
     if cfg.compile and env.enabled:
         # Under FSDP2 each block compiles on its own (its hooks stay outside the graphs); a
         # single process compiles the whole loss instead (see _train): measured faster here.
@@ -90,6 +85,17 @@ def build_model(cfg: TrainConfig, env: Dist, model_cfg: ModelConfig, dtype: torc
             fully_shard(block, mp_policy=mp)
         fully_shard(model, mp_policy=mp)
     return model, tok
+
+
+def checkpoint_blocks(model: torch.nn.Module) -> None:
+    """Activation checkpointing: each transformer block wrapped so that its activations are
+    recomputed in the backward pass instead of kept."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+        checkpoint_wrapper,
+    )
+
+    for i, block in enumerate(model.model.layers):
+        model.model.layers[i] = checkpoint_wrapper(block)
 
 
 def init_checkpoint(cfg: TrainConfig) -> Path | None:

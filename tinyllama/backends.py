@@ -112,40 +112,35 @@ class TorchBackend(Backend):
     def logits(self, context: Sequence[int], n_last: int = 1) -> torch.Tensor:
         check_context(context, n_last, self.context_length, self.name)
         context = list(context)
-        if self.graphs is not None:
-            return self._graph_logits(context, n_last)
-        if self.model.kv_cache_len < len(context):
-            # grow in steps so a long generation reallocates a handful of times, not per token
-            size = min(self.context_length, max(len(context), 2 * self.model.kv_cache_len, 256))
-            self.model.setup_kv_cache(batch_size=1, max_seq_len=size)
-            self._cached = []
-        start = min(common_prefix(self._cached, context), len(context) - n_last)
-        device = self.model.lm_head.weight.device
-        # inference_mode: no version counters or view tracking, ~5% of a 19M decode step. The
-        # KV cache was allocated above, outside it, so it stays a normal tensor.
-        with torch.inference_mode():
-            h = self.model.hidden_states(torch.tensor([context[start:]], device=device), start_pos=start)[0]
-            h = h[-n_last:]                                                           # (n_last, d)
-            out = self.model.head(h)                                                  # (n_last, V)
-        self._cached = context
-        return out.float().cpu().clone()      # a normal tensor again: callers may edit it in place
-
-    def _graph_logits(self, context: list[int], n_last: int) -> torch.Tensor:
-        """logits() through the static decoder: steps of up to MAX_GRAPH_TOKENS new tokens are
-        replayed graphs; a longer prefill runs eagerly into the same cache."""
-        if not self.graphs.owns_cache():       # another user (a batch runner) set up its own
-            self.graphs.reset()
-            self._cached = []
+        self._fit_cache(len(context))
         start = min(common_prefix(self._cached, context), len(context) - n_last)
         new = context[start:]
-        if len(new) <= MAX_GRAPH_TOKENS:
-            out = self.graphs.step(new, start)[-n_last:]
+        if self.graphs is not None and len(new) <= MAX_GRAPH_TOKENS:
+            out = self.graphs.step(new, start)[-n_last:]           # a replayed CUDA graph, already on the host
         else:
+            device = self.model.lm_head.weight.device
+            # inference_mode: no version counters or view tracking, ~5% of a 19M decode step. The
+            # KV cache was allocated outside it, so it stays a normal tensor.
             with torch.inference_mode():
-                ids = torch.tensor([new], device=self.graphs.device)
-                out = self.model.head(self.model.hidden_states(ids, start_pos=start)[0, -n_last:]).float().cpu()
+                h = self.model.hidden_states(torch.tensor([new], device=device), start_pos=start)[0]
+                h = h[-n_last:]                                                       # (n_last, d)
+                out = self.model.head(h)                                              # (n_last, V)
+            out = out.float().cpu().clone()     # a normal tensor again: callers may edit it in place
         self._cached = context
         return out
+
+    def _fit_cache(self, n: int) -> None:
+        """A KV cache that holds `n` positions. With CUDA graphs: the static decoder's, of the
+        whole context, set up again if another user (a batch runner) replaced it. Otherwise
+        grown in steps, so a long generation reallocates a handful of times, not per token."""
+        if self.graphs is not None:
+            if not self.graphs.owns_cache():
+                self.graphs.reset()
+                self._cached = []
+        elif self.model.kv_cache_len < n:
+            size = min(self.context_length, max(n, 2 * self.model.kv_cache_len, 256))
+            self.model.setup_kv_cache(batch_size=1, max_seq_len=size)
+            self._cached = []
 
     def cached_tokens(self) -> int:
         return len(self._cached)

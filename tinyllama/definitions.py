@@ -48,10 +48,5 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return _rotate(x, cos, sin)
 
 
-def reference_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """The definition: x (B, T, H, hd), plain (T, hd) tables."""
-    return apply_rotary(x, cos, sin)
-
-
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin

@@ -22,7 +22,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from .definitions import reference_rms_norm, reference_rotary
+from .definitions import apply_rotary, reference_rms_norm
 from .errors import UserError
 
 
@@ -158,7 +158,7 @@ def _check(ops, device: torch.device) -> None:
     cos, sin = torch.randn(8, 32, generator=g).repeat(1, 2), torch.randn(8, 32, generator=g).repeat(1, 2)
     cos, sin = cos.to(device, torch.bfloat16), sin.to(device, torch.bfloat16)
     pairs = [(ops.rms_norm(x, w, 1e-5), reference_rms_norm(x, w, 1e-5)),
-             (ops.rotary(x.clone(), x[:, :, :2].clone(), cos, sin)[0], reference_rotary(x, cos, sin))]   # liger rotates in place
+             (ops.rotary(x.clone(), x[:, :, :2].clone(), cos, sin)[0], apply_rotary(x, cos, sin))]   # liger rotates in place
     if ops.swiglu is not None:
         pairs.append((ops.swiglu(x, x), F.silu(x) * x))
     logits, targets = x.flatten(0, 2)[:, :32].float(), torch.arange(64, device=device) % 32

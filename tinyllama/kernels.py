@@ -36,7 +36,6 @@ from .definitions import (  # noqa: F401  (re-exported: the definitions beside t
     broadcast_signed_tables,
     reference_attention,
     reference_rms_norm,
-    reference_rotary,
 )
 from .errors import UserError
 

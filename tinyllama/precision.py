@@ -101,7 +101,7 @@ def _has_bf16_instructions() -> bool:
     faster in bf16 on an AVX2 EPYC). Elsewhere (ARM, unknown CPUs) the measurement decides."""
     if platform.machine().lower() not in ("x86_64", "amd64", "i686", "x86"):
         return True
-    return bool({"avx512_bf16", "amx_bf16"} & set(cpu_identity().flags))
+    return cpu_identity().isa in ("amx", "avx512-bf16")
 
 
 def _cuda_choice(device: torch.device, work: str) -> DtypeChoice:
