@@ -55,7 +55,7 @@ def bench_tokenizer(quick: bool) -> list[tuple[str, str, str, str]]:
     ours_ids: list[list[int]] = []
 
     def ours():
-        tok._word_cache.clear()      # cold: every run starts without the piece cache
+        tok.clear_piece_cache()      # cold: every run starts without the piece cache
         ours_ids[:] = tok.encode_batch(texts, bos=False)
 
     t_ours = _time(ours, 3)

@@ -118,24 +118,31 @@ def throughput_row(label: str, srcs: list[tuple[str, dict]], workers: int) -> di
 
 
 def tokenizer_rows(srcs: list[tuple[str, dict]]) -> list[dict]:
-    """The encoders alone on the same texts, one core, cold caches: our packed word-cache
-    encoder, the Rust `tokenizers` batch encoder (one thread), SentencePiece. (Ours counts the
-    BOS of each text; the others do not: a 0.02% difference here.)"""
+    """The encoders alone on the same texts, one core, cold caches: our packed piece encoder
+    (C, and its Python twin), the Rust `tokenizers` batch encoder (one thread), SentencePiece.
+    (Ours counts the BOS of each text; the others do not: a 0.02% difference here.)"""
     import sentencepiece as spm
 
+    from tinyllama.pieces import PieceEncoder
     from tinyllama.tokenizer import Tokenizer
 
     texts = [d.text for src, kw in srcs for d in read_documents(src, **kw)]
     tok = Tokenizer.llama2()
     sp = spm.SentencePieceProcessor(model_file=str(llama2_dir() / "tokenizer.model"))
-    rows = []
     batches = [texts[i:i + 256] for i in range(0, len(texts), 256)]       # as prepare hands them over
-    for name, fn in (("ours: word-cache splitter, packed uint16 (Tokenizer.encode_packed)",
-                      lambda: sum(len(tok.encode_packed(b)[0]) for b in batches)),
-                     ("Rust tokenizers: Tokenizer.encode_batch, 1 thread",
-                      lambda: sum(len(e.ids) for e in tok.backend.encode_batch(texts, add_special_tokens=False))),
-                     ("SentencePiece: encode per document", lambda: sum(len(sp.encode(t)) for t in texts))):
-        tok._word_cache.clear()
+    encoders = [("ours, Python: regex splitter, dict of pieces, Rust BPE (TINYLLAMA_NATIVE=0)",
+                 PieceEncoder(tok.piece_encoder.rules, tok.backend, native=False))]
+    if tok.piece_encoder.native:
+        encoders.insert(0, ("ours, native: splitter, BPE and piece cache in C (Tokenizer.encode_packed)",
+                            tok.piece_encoder))
+    runs = [(name, lambda e=e: sum(len(e.encode_packed(b, [1], [])[0]) for b in batches)) for name, e in encoders]
+    runs += [("Rust tokenizers: Tokenizer.encode_batch, 1 thread",
+              lambda: sum(len(e.ids) for e in tok.backend.encode_batch(texts, add_special_tokens=False))),
+             ("SentencePiece: encode per document", lambda: sum(len(sp.encode(t)) for t in texts))]
+    rows = []
+    for (name, fn), enc in zip(runs, [e for _, e in encoders] + [None, None]):
+        if enc is not None:
+            enc.clear()
         t0 = time.perf_counter()
         n = fn()
         rows.append({"encoder": name, "tokens": n, "tokens_per_s": n / (time.perf_counter() - t0)})

@@ -33,6 +33,7 @@ _tokenizers: dict[str, Tokenizer] = {}     # per worker process: loaded once, it
 def seed_tokenizer(plan: Plan, tok: Tokenizer) -> None:
     """Hands the tokenizer prepare already loaded to this process's tasks (and, through fork,
     to the worker processes): no second load, and one piece cache."""
+    tok.piece_encoder                   # built here, before the workers fork
     _tokenizers[plan.settings["tokenizer_dir"] or ""] = tok
 
 

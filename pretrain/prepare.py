@@ -80,7 +80,7 @@ class PrepareConfig:
     split: str = "train"                        # HF dataset split
     progress: bool = True
     unit_mb: float | None = None                # None: about 4 units per worker, 1-64 MiB each
-    tasks: int | None = None                    # engine tasks (None: 4 per worker, at most one per unit)
+    tasks: int | None = None                    # engine tasks (None: 4 per worker, at most one per unit; 1 for 1 worker)
     local_tasks: int = -1                       # this machine runs tasks [rank_offset, rank_offset + local_tasks)
     rank_offset: int = 0
     retries: int = 5                            # per remote (hub) unit, with backoff
@@ -233,7 +233,9 @@ def _tokenize(cfg: PrepareConfig, plan: Plan, work: Path) -> None:
     todo = len(plan.units) - len(done_units(work))
     if todo == 0:
         return
-    tasks = cfg.tasks or min(len(plan.units), 4 * cfg.workers)
+    # several tasks per worker even out units of unequal size; one worker has nothing to even
+    # out, and each task costs datatrove's logger set-up (~30 ms)
+    tasks = cfg.tasks or (1 if cfg.workers == 1 else min(len(plan.units), 4 * cfg.workers))
     with _progress_monitor(cfg.progress, plan, work):
         run_local(work, tasks=tasks, workers=cfg.workers, local_tasks=cfg.local_tasks, rank_offset=cfg.rank_offset)
     error = first_error(work)
@@ -314,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
     eng.add_argument("--executor", choices=EXECUTORS, default="local",
                      help="local: this machine's cores; slurm: submit a job array and a merge job (default: local)")
     eng.add_argument("--tasks", type=int,
-                     help="tasks the units are dealt to (default: local 4 per worker, slurm one per unit up to 1000)")
+                     help="tasks the units are dealt to (default: local 4 per worker, or 1 with one worker; slurm one per unit up to 1000)")
     eng.add_argument("--unit-mb", type=float,
                      help="input MiB per unit (default: about 4 units per worker, 1-64 MiB; a hub file is one unit)")
     eng.add_argument("--local-tasks", type=int, default=-1,

@@ -101,5 +101,7 @@ step "installing the project with extras [$EXTRAS]"
 # --- the offline Llama-2 tokenizer -------------------------------------------------------
 step "building the offline Llama-2 tokenizer"
 "$PY" -m tinyllama tokenizer build
+step "compiling data preparation's piece cache (tinyllama/piece_cache.c, once per machine)"
+"$PY" -c "from tinyllama.pieces import library; library() or print('  no C compiler: the slower Python splitter will be used')"
 
 step "set-up done: $("$PY" -c 'import torch, sys; print(f"python {sys.version.split()[0]}, torch {torch.__version__}, cuda {torch.cuda.is_available()}")')"

@@ -86,7 +86,7 @@ def test_batch_equals_single(llama2_tokenizer):
 def test_safe_cuts_between_letters_and_marks(llama2_tokenizer):
     """The splitter cuts between ASCII letters and the punctuation that never touches a letter
     in a piece; where a mark does (</s>, 's>, /s), or a non-ASCII letter is next, it must not."""
-    cut = llama2_tokenizer._words.findall
+    cut = llama2_tokenizer.piece_encoder.pieces
     assert cut("▁self.assertEqual(x,") == ["▁self", ".", "assertEqual", "(", "x", ","]
     assert cut("▁</s>") == ["▁</s>"] and cut("▁naïve.") == ["▁naïve."]
     texts = ["</s> <s> <unk> a/s b<s c<u k> s> http://x.y/s?q=1&r=<u>", "naïve.café,über(é)ñ[ß]", "it's 'quoted' \"x\"",

