@@ -141,6 +141,15 @@ def test_native_bpe_merge_order_on_random_models(seed):
             assert got is None        # <unk>: the C loop declines, the Python path answers
 
 
+def test_a_text_too_long_for_int32_takes_the_python_path(native, python_path, monkeypatch):
+    texts = ["short one", "a longer text " * 10]
+    monkeypatch.setattr(pieces, "MAX_TEXT_BYTES", 40)
+    assert native._native.encode([normalize(t).encode() for t in texts], [1], [2]) is None
+    ids, lengths = native.encode_packed(texts, [1], [2])
+    ref = python_path.encode_packed(texts, [1], [2])
+    assert np.array_equal(ids, ref[0]) and np.array_equal(lengths, ref[1])
+
+
 def test_unknown_characters_without_byte_fallback_take_the_python_path():
     if not HAS_CC:
         pytest.skip("no C compiler here")

@@ -50,6 +50,7 @@ from .paths import cache_dir
 CACHE_MAX = 1_000_000       # distinct pieces kept (~100 MB in Python, ~60 MB native); a full cache starts again
 SOURCE = Path(__file__).with_name("piece_cache.c")
 CL_L, CL_S, CL_A = 1, 2, 4  # the C side's character classes (piece_cache.c)
+MAX_TEXT_BYTES = 2**31 - 1  # a longer text (a single 2 GiB document) takes the Python path
 
 
 def u16(ids: Sequence[int]) -> bytes:
@@ -260,10 +261,14 @@ class _NativeCache:
     def encode(self, data: list[bytes], head: Sequence[int], tail: Sequence[int]) -> tuple[np.ndarray, np.ndarray] | None:
         """data: each text normalized, as UTF-8. Every piece yields at most one id per byte,
         so the output fits in bytes + the head and tail ids of each text. None: a text has a
-        character the vocabulary can only give <unk> for (the caller's Python path does)."""
+        character the vocabulary can only give <unk> for, or a text of 2 GiB or more (piece
+        lengths and symbol positions are int32 in C); the caller's Python path does those."""
+        sizes = np.fromiter(map(len, data), dtype=np.int64, count=len(data))
+        if len(sizes) and sizes.max() >= MAX_TEXT_BYTES:
+            return None
         buf = b"".join(data)
         offsets = np.zeros(len(data) + 1, dtype=np.int64)
-        np.cumsum(np.fromiter(map(len, data), dtype=np.int64, count=len(data)), out=offsets[1:])
+        np.cumsum(sizes, out=offsets[1:])
         h, t = np.asarray(head, dtype=np.uint16), np.asarray(tail, dtype=np.uint16)
         out = np.empty(len(buf) + len(data) * (len(h) + len(t)), dtype=np.uint16)
         lengths = np.empty(len(data), dtype=np.uint32)
