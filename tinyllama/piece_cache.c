@@ -25,7 +25,7 @@
 #define CL_W 8
 
 /* A table from 64-bit keys (never 0) to two int32 values, open addressing. */
-typedef struct { uint64_t *key; int32_t *a, *b; int64_t mask, n; } Table;
+typedef struct { uint64_t *key; int32_t *a, *b; int64_t mask; } Table;
 
 typedef struct { int32_t rank, pos, id; } Merge;              /* a heap entry: (rank, pos) ascending */
 typedef struct { int32_t id, prev, next, len; } Symbol;       /* len 0: merged into its left neighbour */
@@ -70,7 +70,7 @@ static int table_init(Table *t, int64_t n) {
     t->key = calloc((size_t)size, sizeof *t->key);
     t->a = malloc((size_t)size * sizeof *t->a);
     t->b = malloc((size_t)size * sizeof *t->b);
-    t->mask = size - 1; t->n = 0;
+    t->mask = size - 1;
     return t->key && t->a && t->b ? 0 : -1;
 }
 
@@ -81,7 +81,7 @@ static void table_put(Table *t, uint64_t key, int32_t a, int32_t b) {
     int64_t i = (int64_t)(mix(key) & (uint64_t)t->mask);
     while (t->key[i] && t->key[i] != key) i = (i + 1) & t->mask;
     if (t->key[i]) return;
-    t->key[i] = key; t->a[i] = a; t->b[i] = b; t->n++;
+    t->key[i] = key; t->a[i] = a; t->b[i] = b;
 }
 
 static int64_t table_get(const Table *t, uint64_t key) {

@@ -11,12 +11,15 @@ cut off the vocabulary (see its docstring); every distinct piece then goes throu
 its ids are kept, so a text costs a lookup per piece instead of a BPE run.
 
 Two implementations of the same rule and cache:
-- native (`piece_cache.c`, compiled with the system C compiler on first use into
-  ~/.cache/tinyllama/native/ and loaded with ctypes): pieces cut and looked up in C, no Python
-  object per piece or token; new pieces go through the Rust BPE model in one call per batch;
-- Python (a regex and a dict): where no C compiler is found, or with TINYLLAMA_NATIVE=0.
+- native (`piece_cache.c`, compiled with the system C compiler by `make setup` or on first
+  use into ~/.cache/tinyllama/native/ and loaded with ctypes): pieces cut, looked up and, when
+  new, run through BPE in C (the `tokenizers` crate's merge loop, on the model's own merges),
+  no Python object per piece or token;
+- Python (a regex, a dict, the Rust BPE model): where no C compiler is found, with
+  TINYLLAMA_NATIVE=0, and for the texts the C code declines (a character only <unk> can
+  stand for, a text of 2 GiB or more).
 Both give ids identical to `Tokenizer.encode` (tested on llama.cpp's vectors, real code and
-random text, piece for piece against each other). TINYLLAMA_NATIVE=1 makes a failed build an
+random text; cut for cut and piece for piece against each other and the Rust model). TINYLLAMA_NATIVE=1 makes a failed build an
 error instead of a fallback.
 """
 
