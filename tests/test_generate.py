@@ -300,31 +300,52 @@ def test_ngram_sampling_matches_the_target_distribution(sampling):
 
 # ---- auto draft length ---------------------------------------------------------------------------------
 
-class SlowStub(Stub):
-    """A Stub that takes time like a model: `step` seconds a call plus `per_token` per extra position."""
+class VirtualClock:
+    """The generator's clock, advanced only by SlowStub: the policy's timings are then exact, so
+    the tests do not depend on how long sleeps and Python really take on the machine."""
 
-    def __init__(self, table, name, step, per_token=0.0):
+    def __init__(self):
+        self.now = 0.0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock(monkeypatch) -> VirtualClock:
+    import tinyllama.generate as gen_module
+
+    virtual = VirtualClock()
+    monkeypatch.setattr(gen_module, "time", virtual)
+    return virtual
+
+
+class SlowStub(Stub):
+    """A Stub that takes time like a model on `clock`: `step` seconds a call plus `per_token` per
+    extra position."""
+
+    def __init__(self, table, name, clock, step, per_token=0.0):
         super().__init__(table, name)
-        self.step, self.per_token = step, per_token
+        self.clock, self.step, self.per_token = clock, step, per_token
 
     def logits(self, context, n_last=1):
-        import time
-
-        time.sleep(self.step + self.per_token * (n_last - 1))
+        self.clock.now += self.step + self.per_token * (n_last - 1)
         return super().logits(context, n_last)
 
 
-def test_auto_draft_length_is_exact_and_drafts_when_it_pays(pair):
-    from tinyllama.draft_policy import AutoDraftLength
-
+def test_auto_draft_length_is_exact(pair):
     target, draft = pair
     prompt = [1, 5, 9, 2]
     ref = naive_greedy(target, prompt, 24)
     assert list(generate(target, prompt, max_new_tokens=24, draft_model=draft, num_draft="auto")) == ref
-    # a cheap draft that always agrees: auto drafts long rounds
+
+
+def test_auto_drafts_long_rounds_when_a_cheap_draft_always_agrees(clock):
+    from tinyllama.draft_policy import AutoDraftLength
+
     V = 8
     table = torch.randn(V, V, generator=torch.Generator().manual_seed(3)) * 3
-    tgt, good = SlowStub(table, "target", 0.004, 0.0004), SlowStub(table, "draft", 0.0003)
+    tgt, good = SlowStub(table, "target", clock, 0.004, 0.0004), SlowStub(table, "draft", clock, 0.0003)
     policy = AutoDraftLength()
     gen = generate(tgt, [0], max_new_tokens=120, draft_model=good, num_draft=policy)
     out = list(gen)
@@ -332,7 +353,7 @@ def test_auto_draft_length_is_exact_and_drafts_when_it_pays(pair):
     assert gen.stats.drafted / gen.stats.draft_rounds >= 3 and policy.alpha > 0.9
 
 
-def test_auto_falls_back_to_plain_when_the_draft_is_always_wrong():
+def test_auto_falls_back_to_plain_when_the_draft_is_always_wrong(clock):
     from tinyllama.draft_policy import AutoDraftLength
 
     V = 8
@@ -340,7 +361,7 @@ def test_auto_falls_back_to_plain_when_the_draft_is_always_wrong():
     wrong = table.clone()
     for last in range(V):          # the draft's choice is never the target's
         wrong[last] = -table[last]
-    tgt, bad = SlowStub(table, "target", 0.003, 0.0005), SlowStub(wrong, "draft", 0.0015)
+    tgt, bad = SlowStub(table, "target", clock, 0.003, 0.0005), SlowStub(wrong, "draft", clock, 0.0015)
     policy = AutoDraftLength()
     gen = generate(tgt, [0], max_new_tokens=300, draft_model=bad, num_draft=policy)
     out = list(gen)
@@ -351,7 +372,7 @@ def test_auto_falls_back_to_plain_when_the_draft_is_always_wrong():
     assert policy.last_k == 0 and policy.alpha < 0.2          # the prior (0.5 over 2 drafts) decays away
 
 
-def test_auto_does_not_probe_where_even_perfect_drafts_cannot_pay():
+def test_auto_does_not_probe_where_even_perfect_drafts_cannot_pay(clock):
     """A compute-bound target (verifying k+1 tokens costs k+1 steps, as 7B-shaped GGUFs measure on
     a 2-core AVX2 CPU) with a draft that is always right: no acceptance rate could pay, so after
     the first measuring round auto decodes plainly without probing."""
@@ -359,7 +380,7 @@ def test_auto_does_not_probe_where_even_perfect_drafts_cannot_pay():
 
     V = 8
     table = torch.randn(V, V, generator=torch.Generator().manual_seed(5)) * 3
-    tgt, right = SlowStub(table, "target", 0.002, 0.002), SlowStub(table, "draft", 0.0004)
+    tgt, right = SlowStub(table, "target", clock, 0.002, 0.002), SlowStub(table, "draft", clock, 0.0004)
     policy = AutoDraftLength()
     gen = generate(tgt, [0], max_new_tokens=200, draft_model=right, num_draft=policy)
     assert list(gen) == list(generate(tgt, [0], max_new_tokens=200))
