@@ -340,6 +340,13 @@ def test_auto_draft_length_is_exact(pair):
     assert list(generate(target, prompt, max_new_tokens=24, draft_model=draft, num_draft="auto")) == ref
 
 
+def test_auto_survives_a_clock_that_does_not_advance(pair, clock):
+    """A clock too coarse to see a step (every cost measures 0 s) must not divide by zero."""
+    target, draft = pair
+    ref = naive_greedy(target, [1, 5, 9, 2], 16)
+    assert list(generate(target, [1, 5, 9, 2], max_new_tokens=16, draft_model=draft, num_draft="auto")) == ref
+
+
 def test_auto_drafts_long_rounds_when_a_cheap_draft_always_agrees(clock):
     from tinyllama.draft_policy import AutoDraftLength
 

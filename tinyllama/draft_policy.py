@@ -31,7 +31,11 @@ HOPELESS_PROBE_GAP = 1024     # plain steps between probes when no acceptance ra
 PRIOR_SLOPE = 0.25           # verification cost per extra token, as a fraction of a step, before measuring
 
 
+MIN_SECONDS = 1e-9            # a clock too coarse to see a step must not make a cost zero (rates divide by it)
+
+
 def _ema(old: float | None, new: float, weight: float = 0.2) -> float:
+    new = max(new, MIN_SECONDS)
     return new if old is None else (1 - weight) * old + weight * new
 
 
