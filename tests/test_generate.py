@@ -13,7 +13,7 @@ import torch
 
 from tinyllama import Llama, ModelConfig
 from tinyllama.backends import Backend, TorchBackend
-from tinyllama.draft_policy import AutoDraftLength
+from tinyllama.draft_policy import HOPELESS_PROBE_GAP, AutoDraftLength
 from tinyllama.generate import SamplingParams, generate, process_logits
 
 
@@ -348,8 +348,6 @@ def test_auto_survives_a_clock_that_does_not_advance(pair, clock):
 
 
 def test_auto_drafts_long_rounds_when_a_cheap_draft_always_agrees(clock):
-    from tinyllama.draft_policy import AutoDraftLength
-
     V = 8
     table = torch.randn(V, V, generator=torch.Generator().manual_seed(3)) * 3
     tgt, good = SlowStub(table, "target", clock, 0.004, 0.0004), SlowStub(table, "draft", clock, 0.0003)
@@ -361,8 +359,6 @@ def test_auto_drafts_long_rounds_when_a_cheap_draft_always_agrees(clock):
 
 
 def test_auto_falls_back_to_plain_when_the_draft_is_always_wrong(clock):
-    from tinyllama.draft_policy import AutoDraftLength
-
     V = 8
     table = torch.randn(V, V, generator=torch.Generator().manual_seed(4)) * 3
     wrong = table.clone()
@@ -383,8 +379,6 @@ def test_auto_does_not_probe_where_even_perfect_drafts_cannot_pay(clock):
     """A compute-bound target (verifying k+1 tokens costs k+1 steps, as 7B-shaped GGUFs measure on
     a 2-core AVX2 CPU) with a draft that is always right: no acceptance rate could pay, so after
     the first measuring round auto decodes plainly without probing."""
-    from tinyllama.draft_policy import HOPELESS_PROBE_GAP, AutoDraftLength
-
     V = 8
     table = torch.randn(V, V, generator=torch.Generator().manual_seed(5)) * 3
     tgt, right = SlowStub(table, "target", clock, 0.002, 0.002), SlowStub(table, "draft", clock, 0.0004)

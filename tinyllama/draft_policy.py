@@ -29,9 +29,7 @@ MARGIN = 1.15                # speculate only where the model expects >= 15% mor
                              # estimates are noisy, and rounds cost a little more than it counts (cache rollback)
 HOPELESS_PROBE_GAP = 1024     # plain steps between probes when no acceptance rate could make drafting pay
 PRIOR_SLOPE = 0.25           # verification cost per extra token, as a fraction of a step, before measuring
-
-
-MIN_SECONDS = 1e-9            # a clock too coarse to see a step must not make a cost zero (rates divide by it)
+MIN_SECONDS = 1e-9           # a clock too coarse to see a step must not make a cost zero (rates divide by it)
 
 
 def _ema(old: float | None, new: float, weight: float = 0.2) -> float:

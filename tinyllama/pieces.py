@@ -64,6 +64,12 @@ def u16(ids: Sequence[int]) -> bytes:
     return a.tobytes()
 
 
+def pack(parts: Sequence[bytes]) -> tuple[np.ndarray, np.ndarray]:
+    """Texts' ids as uint16 bytes -> (all ids, one uint16 array; each text's count, uint32)."""
+    lengths = np.fromiter((len(p) >> 1 for p in parts), dtype=np.uint32, count=len(parts))
+    return np.frombuffer(b"".join(parts), dtype="<u2"), lengths
+
+
 @dataclass(frozen=True)
 class SplitRules:
     """Where normalized text may be cut: `letters` (ASCII letters), `safe` (ASCII punctuation
@@ -176,9 +182,7 @@ class PieceEncoder:
             encoded = self._native.encode(data, head, tail) if data is not None else None
             if encoded is not None:
                 return encoded
-        parts = self._python_parts(texts, u16(head), u16(tail))
-        lengths = np.fromiter((len(p) >> 1 for p in parts), dtype=np.uint32, count=len(parts))
-        return np.frombuffer(b"".join(parts), dtype="<u2"), lengths
+        return pack(self._python_parts(texts, u16(head), u16(tail)))
 
     def _python_parts(self, texts: Sequence[str], head: bytes, tail: bytes) -> list[bytes]:
         """Each text as uint16 bytes, from the piece cache. A text whose pieces are all cached

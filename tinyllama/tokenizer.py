@@ -43,7 +43,7 @@ from .atomic import atomic_dir
 from .errors import NotFound, UserError
 from .gguf_file import gguf_value, open_gguf, read_gguf_vocab
 from .paths import default_sdist, llama2_dir
-from .pieces import PieceEncoder, split_rules, u16
+from .pieces import PieceEncoder, pack, split_rules, u16
 from .vocab import backend_from_vocab, convert_sentencepiece, sentencepiece_model
 
 LLAMA2_VOCAB_MEMBER = "vendor/llama.cpp/models/ggml-vocab-llama-spm.gguf"
@@ -168,9 +168,7 @@ class Tokenizer:
         if self.piece_encoder is not None:
             return self.piece_encoder.encode_packed(texts, head, tail)
         encoded = self.backend.encode_batch(list(texts), add_special_tokens=False)
-        parts = [u16(head + e.ids + tail) for e in encoded]
-        lengths = np.fromiter((len(p) >> 1 for p in parts), dtype=np.uint32, count=len(parts))
-        return np.frombuffer(b"".join(parts), dtype="<u2"), lengths
+        return pack([u16(head + e.ids + tail) for e in encoded])
 
     @functools.cached_property
     def piece_encoder(self) -> PieceEncoder | None:
