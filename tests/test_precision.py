@@ -14,7 +14,9 @@ CFG = ModelConfig.from_name("tinyllama-debug")
 
 @pytest.fixture(autouse=True)
 def fresh_cache(tmp_path, monkeypatch):
+    """A new decision file, and `auto` measured even in the suite's forced tiers (make test-dtype)."""
     monkeypatch.setenv("TINYLLAMA_DECISIONS", str(tmp_path))
+    monkeypatch.delenv(precision.FORCE_ENV, raising=False)
     precision._CACHE.forget()
     yield
     precision._CACHE.forget()
@@ -36,8 +38,8 @@ def test_an_explicit_dtype_always_wins(monkeypatch):
 
 
 def _fake_timings(monkeypatch, fp32: float, bf16: float) -> list:
-    """_matmul_seconds / _first_call_seconds as if each dtype ran at a fixed rate (seconds per
-    GFLOP: fp32, bf16); records the calls."""
+    """The probe's chains and race as if each dtype ran at a fixed rate (seconds per GFLOP: fp32,
+    bf16); records what was timed: ("race", dtypes raced) and ("first", dtype)."""
     calls = []
     rate = {torch.float32: fp32, torch.bfloat16: bf16}
 
@@ -45,17 +47,22 @@ def _fake_timings(monkeypatch, fp32: float, bf16: float) -> list:
         m, k, n = shape
         return 2 * m * k * n / 1e9
 
-    def seconds(shapes, dtype):
-        calls.append(("all", dtype))
-        return sum(map(gflops, shapes)) * rate[dtype]
+    def chains(shapes, dtype):
+        return [(dtype, sum(map(gflops, shapes)))]
+
+    def race(chains):
+        calls.append(("race", tuple(dtype for dtype, _ in chains)))
+        return [work * rate[dtype] for dtype, work in chains]
 
     def first(shape, dtype):
         calls.append(("first", dtype))
         return gflops(shape) * rate[dtype]
 
-    monkeypatch.setattr(precision, "_matmul_seconds", seconds)
+    monkeypatch.setattr(precision, "_layout_chains", chains)
+    monkeypatch.setattr(precision, "_race", race)
     monkeypatch.setattr(precision, "_first_call_seconds", first)
-    monkeypatch.setattr(precision, "_has_bf16_instructions", lambda: True)      # rates given, not flags
+    monkeypatch.setattr(precision, "has_bf16_instructions", lambda: True)      # rates given, not flags
+    monkeypatch.delenv(precision.FORCE_ENV, raising=False)
     return calls
 
 
@@ -74,7 +81,7 @@ def test_training_without_bf16_instructions_is_float32_untimed(monkeypatch):
                         lambda shapes, margin: measured.append(1) or precision._decision(0.5, margin, "decode GEMVs", ""))
     assert choose_dtype("auto", "cpu", CFG, work="decode").dtype is torch.bfloat16 and measured   # decoding is timed
     monkeypatch.setattr(m, "_IDENTITY", m.CPUIdentity("Xeon", ("avx2", "avx512f", "amx_bf16"), "AVX512", ()))
-    assert precision._has_bf16_instructions()
+    assert precision.has_bf16_instructions()
 
 
 def test_bf16_is_taken_where_it_is_clearly_faster(monkeypatch):
@@ -88,7 +95,12 @@ def test_emulated_bf16_is_refused_after_one_call(monkeypatch):
     calls = _fake_timings(monkeypatch, fp32=0.01, bf16=1.0)    # AVX2 only: ~100x slower
     choice = choose_dtype("auto", "cpu", CFG, work="train")
     assert choice.dtype is torch.float32 and "100.0x slower" in choice.reason
-    assert calls == [("all", torch.float32), ("first", torch.bfloat16)]     # never the full bf16 probe
+    assert calls == [("race", (torch.float32,)), ("first", torch.bfloat16)]     # never the full bf16 probe
+    precision._CACHE.forget()
+    precision._CACHE.path.unlink()
+    calls = _fake_timings(monkeypatch, fp32=1.0, bf16=0.3)
+    choose_dtype("auto", "cpu", CFG, work="train")              # native bf16: raced beside float32
+    assert calls[-1] == ("race", (torch.float32, torch.bfloat16))
 
 
 def test_a_near_tie_keeps_float32(monkeypatch):
@@ -189,3 +201,71 @@ def test_load_backend_chooses_and_says_why(tiny_chat_checkpoint):
         assert backend.precision == "float32"
     finally:
         backend.close()
+
+
+def test_isa_limits_lower_the_level():
+    """CPU_ISA=avx2 on an AMX Xeon decides as an AVX2-only CPU would: the environment's limits
+    cap the level that `auto` reads, not only the kernels torch runs."""
+    from tinyllama.measure import CPUIdentity
+
+    amx = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16")
+    cases = {(): "amx", ("ONEDNN_MAX_CPU_ISA=AVX2",): "avx2", ("ATEN_CPU_CAPABILITY=avx2",): "avx2",
+             ("ONEDNN_MAX_CPU_ISA=AVX2", "ATEN_CPU_CAPABILITY=avx2"): "avx2",
+             ("ONEDNN_MAX_CPU_ISA=AVX512_CORE", "ATEN_CPU_CAPABILITY=avx512"): "avx512",
+             ("ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16",): "avx512-bf16", ("ONEDNN_MAX_CPU_ISA=avx512_core_amx",): "amx",
+             ("ATEN_CPU_CAPABILITY=avx512",): "amx", ("ONEDNN_MAX_CPU_ISA=SSE41",): "baseline"}
+    for limits, isa in cases.items():
+        assert CPUIdentity("Xeon", amx, "AVX512", limits).isa == isa, limits
+    # a limit never raises the level
+    assert CPUIdentity("EPYC", ("avx2", "fma"), "AVX2", ("ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16",)).isa == "avx2"
+
+
+def test_isa_limit_makes_training_float32_untimed(monkeypatch):
+    import tinyllama.measure as m
+
+    monkeypatch.delenv(precision.FORCE_ENV, raising=False)
+    monkeypatch.setattr(precision.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(m, "_IDENTITY", m.CPUIdentity("Xeon", ("avx2", "avx512f", "avx512_bf16", "amx_bf16"), "AVX2",
+                                                      ("ONEDNN_MAX_CPU_ISA=AVX2", "ATEN_CPU_CAPABILITY=avx2")))
+    monkeypatch.setattr(precision, "_measure_matmuls", lambda *a: pytest.fail("an emulated bf16 must not be timed"))
+    choice = choose_dtype("auto", "cpu", CFG, work="train")
+    assert choice.dtype is torch.float32 and "no bf16 matrix instructions" in choice.reason
+
+
+def test_the_environment_can_force_what_auto_means(monkeypatch):
+    """TINYLLAMA_AUTO_DTYPE: the suite's forced tiers (bf16 even where it is emulated); an
+    explicit dtype and CUDA's own rule still win; a bad value is a clear error."""
+    monkeypatch.setattr(precision, "_measure_matmuls", lambda *a: pytest.fail("a forced auto must not be timed"))
+    monkeypatch.setenv(precision.FORCE_ENV, "bfloat16")
+    for work in ("train", "decode"):
+        choice = choose_dtype("auto", "cpu", CFG, work=work)
+        assert choice.dtype is torch.bfloat16 and "TINYLLAMA_AUTO_DTYPE=bfloat16" in str(choice)
+    assert choose_dtype("float32", "cpu", CFG).dtype is torch.float32
+    monkeypatch.setenv(precision.FORCE_ENV, "fp32")
+    assert choose_dtype("auto", "cpu", CFG).dtype is torch.float32
+    monkeypatch.setenv(precision.FORCE_ENV, "float16")
+    with pytest.raises(ValueError, match="TINYLLAMA_AUTO_DTYPE='float16': expected float32 or bfloat16"):
+        choose_dtype("auto", "cpu", CFG)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: "Tesla T4")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
+    assert choose_dtype("auto", "cuda", CFG, work="train").dtype is torch.float32
+
+
+def test_the_race_keeps_each_chains_quiet_time(monkeypatch):
+    """Samples are interleaved and the fastest kept: load on the machine that slows some samples
+    (here 5x, in bursts of 1,000 calls) does not reach the result. On a virtual clock that only
+    the chains advance."""
+    now = [0.0]
+    monkeypatch.setattr(precision.time, "perf_counter", lambda: now[0])
+    monkeypatch.setattr("tinyllama.measure.time.perf_counter", lambda: now[0])
+    calls = [0]
+
+    def chain(cost):
+        def run():
+            calls[0] += 1
+            now[0] += cost * (5 if (calls[0] // 1000) % 2 else 1)
+        return run
+
+    fp32, bf16 = precision._race([chain(1e-4), chain(4e-5)])
+    assert fp32 == pytest.approx(1e-4) and bf16 == pytest.approx(4e-5)
+    assert calls[0] >= 5 * (precision.SAMPLE_SECONDS / 1e-4)         # each sample repeated for SAMPLE_SECONDS

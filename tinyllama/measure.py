@@ -35,6 +35,29 @@ from .paths import cache_dir
 _ISA_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "avx512_fp16",
               "amx_tile", "amx_bf16", "amx_int8", "asimd", "asimddp", "i8mm", "bf16", "sve")
 ISA_ENV = ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY")
+# x86 matrix levels, highest first, each with the flag that shows it
+_X86_LEVELS = (("amx", "amx_bf16"), ("avx512-bf16", "avx512_bf16"), ("avx512", "avx512f"), ("avx2", "avx2"),
+               ("baseline", None))
+_X86_ORDER = [level for level, _ in _X86_LEVELS]
+
+
+def _limit_level(limit: str) -> str | None:
+    """The level an ISA limit ("ONEDNN_MAX_CPU_ISA=AVX2") caps a CPU at; None: no cap. oneDNN runs
+    the bf16 GEMMs, so its limit decides whether they are native. ATEN_CPU_CAPABILITY limits torch's
+    own vector kernels: `default` and `avx2` cap there, `avx512` leaves oneDNN's bf16 as it is."""
+    name, _, value = limit.partition("=")
+    value = value.strip().upper()
+    if name == "ONEDNN_MAX_CPU_ISA":
+        if "AMX" in value or value in ("", "ALL", "DEFAULT"):
+            return None
+        if value.startswith(("AVX512_CORE_BF16", "AVX512_CORE_FP16", "AVX10")):
+            return "avx512-bf16"
+        if value.startswith("AVX512"):
+            return "avx512"
+        return "avx2" if value.startswith("AVX2") else "baseline"
+    if name == "ATEN_CPU_CAPABILITY":
+        return {"DEFAULT": "baseline", "AVX2": "avx2"}.get(value)
+    return None
 
 
 @dataclass(frozen=True)
@@ -46,17 +69,15 @@ class CPUIdentity:
 
     @property
     def isa(self) -> str:
-        """The matrix level in one word: amx, avx512-bf16, avx512, avx2, neon or baseline."""
+        """The matrix level in one word: amx, avx512-bf16, avx512, avx2, neon or baseline; the
+        environment's limits lower it (an AMX Xeon under ONEDNN_MAX_CPU_ISA=AVX2 is avx2, as its
+        kernels are), so a CPU_ISA=avx2 run decides as an AVX2-only CPU would."""
         f = set(self.flags)
-        if "amx_bf16" in f:
-            return "amx"
-        if "avx512_bf16" in f:
-            return "avx512-bf16"
-        if "avx512f" in f:
-            return "avx512"
-        if "avx2" in f:
-            return "avx2"
-        return "neon" if "asimd" in f or platform.machine() in ("arm64", "aarch64") else "baseline"
+        if "asimd" in f or platform.machine() in ("arm64", "aarch64"):
+            return "neon"
+        present = next(level for level, flag in _X86_LEVELS if flag is None or flag in f)
+        caps = [cap for cap in map(_limit_level, self.limits) if cap is not None]
+        return max([present, *caps], key=_X86_ORDER.index)       # the lowest level wins
 
     def describe(self) -> str:
         """'AMD EPYC (avx2, torch AVX2), 2 threads' (+ the environment's limits)."""

@@ -17,8 +17,11 @@ CUDA, `auto` is bf16 where the device supports it. An explicit dtype always wins
 from __future__ import annotations
 
 import math
+import os
 import platform
+import time
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -37,7 +40,11 @@ WORKS = ("train", "decode")
 MARGIN = {"train": 0.8, "decode": 0.7}
 FLOPS_PER_PROBE = 1e9            # each training probe matmul: ~10 ms of float32 on a laptop
 DECODE_PROBE_BYTES = 256 * 2**20  # float32 layer weights in the decode probe: beyond any L3
-_CACHE = DecisionCache("dtype-choices", version=7)
+SAMPLE_SECONDS = 0.01            # each timing sample repeats its matmul chain at least this long
+# What `auto` is on a CPU without measuring: the test suite's forced tiers (float32 or bfloat16,
+# even where bf16 is emulated), and a user who wants one answer for every stage.
+FORCE_ENV = "TINYLLAMA_AUTO_DTYPE"
+_CACHE = DecisionCache("dtype-choices", version=8)
 
 
 @dataclass(frozen=True)
@@ -84,7 +91,10 @@ def choose_dtype(requested: str | torch.dtype | None, device: str | torch.device
         return _cuda_choice(device, work)
     if device.type != "cpu":
         return DtypeChoice(torch.float32, f"auto: float32 on {device.type}")
-    if work == "train" and not _has_bf16_instructions():
+    forced = forced_dtype()
+    if forced is not None:
+        return DtypeChoice(forced, f"auto: {FORCE_ENV}={os.environ[FORCE_ENV]} (not measured)")
+    if work == "train" and not has_bf16_instructions():
         return DtypeChoice(torch.float32, f"auto: float32: no bf16 matrix instructions (AVX-512 BF16, AMX) on "
                                           f"{cpu_identity().describe()}, so a bf16 GEMM is emulated")
     shapes = _train_shapes(cfg, rows) if work == "train" else _decode_shapes(cfg)
@@ -93,7 +103,18 @@ def choose_dtype(requested: str | torch.dtype | None, device: str | torch.device
     return DtypeChoice(DTYPES[measured["dtype"]], _reason(measured))
 
 
-def _has_bf16_instructions() -> bool:
+def forced_dtype() -> torch.dtype | None:
+    """$TINYLLAMA_AUTO_DTYPE as a dtype (float32 or bfloat16); None when unset."""
+    value = os.environ.get(FORCE_ENV, "").strip()
+    if not value:
+        return None
+    dtype = parse_dtype(value)
+    if dtype not in (torch.float32, torch.bfloat16):
+        raise UserError(f"{FORCE_ENV}={value!r}: expected float32 or bfloat16 (or unset: measure)")
+    return dtype
+
+
+def has_bf16_instructions() -> bool:
     """False on an x86 CPU without AVX-512 BF16 or AMX: there a bf16 GEMM (training) is emulated,
     ~100x slower than float32, and timing it can only mislead: on a loaded machine a float32
     probe slowed by other work once lost to it (0.7 vs 0.4 GFLOP/s). Decoding is still measured
@@ -122,12 +143,19 @@ def _train_shapes(cfg: ModelConfig, rows: int) -> list[list[int]]:
 
 def _measure_matmuls(shapes: list[list[int]], margin: float) -> dict:
     """Times float32, then bf16 (given up after one call of its first matmul when that alone
-    takes 4x float32's share: an emulated bf16 then costs well under a second, not minutes)."""
-    fp32 = _matmul_seconds(shapes, torch.float32)
+    takes 4x float32's share: an emulated bf16 then costs well under a second, not minutes), then
+    both again interleaved (_race), so that a load on the machine slows both alike."""
     flops = [2 * m * k * n for m, k, n in shapes]
+    fp32_chains = _layout_chains(shapes, torch.float32)
+    fp32 = min(_race(fp32_chains))
     first_share = flops[0] / sum(flops)
     once = _first_call_seconds(shapes[0], torch.bfloat16)
-    bf16 = once / first_share if once > 4 * fp32 * first_share else _matmul_seconds(shapes, torch.bfloat16)
+    if once > 4 * fp32 * first_share:
+        bf16 = once / first_share
+    else:
+        bf16_chains = _layout_chains(shapes, torch.bfloat16)
+        times = _race(fp32_chains + bf16_chains)
+        fp32, bf16 = min(fp32, *times[:len(fp32_chains)]), min(times[len(fp32_chains):])
     return _decision(bf16 / fp32, margin, "matmul" if shapes[0][0] > 1 else "decode GEMVs",
                      f"{sum(flops) / bf16 / 1e9:.1f} vs {sum(flops) / fp32 / 1e9:.1f} GFLOP/s")
 
@@ -166,35 +194,55 @@ def _operands(shape: list[int], dtype: torch.dtype) -> tuple[torch.Tensor, torch
     return torch.full((m, k), 0.5, dtype=dtype), torch.full((n, k), 0.01, dtype=dtype)
 
 
-def _matmul_seconds(shapes: list[list[int]], dtype: torch.dtype) -> float:
-    """Seconds for one pass through all the matmuls in order (the median of up to 5 passes), a
-    chain as the model runs them, so weights larger than the caches stream from memory. A
-    decode chain (one row) is timed with the weight as stored and transposed, and the faster
-    counts: TorchBackend's packing picks the layout too, and float32 GEMVs gain most from it
-    (tinyllama-19m, AVX2 EPYC: float32 4.6 -> 2.5 ms a pass, bf16 2.3 ms: a tie, as decoding
-    itself is, 267 vs 275 tok/s)."""
-    best = _chain_seconds(shapes, dtype, "linear")
+def _layout_chains(shapes: list[list[int]], dtype: torch.dtype) -> list[Callable[[], None]]:
+    """One pass through all the matmuls in order, a chain as the model runs them (so weights
+    larger than the caches stream from memory), per weight layout worth timing. A decode chain
+    (one row) also runs with the weight transposed: TorchBackend's packing picks the layout too,
+    and float32 GEMVs gain most from it (tinyllama-19m, AVX2 EPYC: float32 4.6 -> 2.5 ms a pass,
+    bf16 2.3 ms: a tie, as decoding itself is, 267 vs 275 tok/s). The transposed layout is
+    dropped when its first pass takes twice the plain one's (bf16 `x @ Wt` on a CPU without bf16
+    instructions: 50x slower than F.linear)."""
+    chains = [_chain(shapes, dtype, "linear")]
     if shapes[0][0] == 1:
-        best = min(best, _chain_seconds(shapes, dtype, "transposed", give_up=2 * best))
-    return best
+        first = median_seconds(chains[0], repeats=1, warmup=0)
+        transposed = _chain(shapes, dtype, "transposed")
+        if median_seconds(transposed, repeats=1, warmup=0, give_up=2 * first) != math.inf:
+            chains.append(transposed)
+    return chains
 
 
-def _chain_seconds(shapes: list[list[int]], dtype: torch.dtype, layout: str, give_up: float = math.inf) -> float:
-    """`give_up`: inf as soon as one pass takes longer (bf16 `x @ Wt` on a CPU
-    without bf16 instructions: 50x slower than F.linear)."""
+def _chain(shapes: list[list[int]], dtype: torch.dtype, layout: str) -> Callable[[], None]:
     operands = [_operands(shape, dtype) for shape in shapes]
     if layout == "transposed":
         operands = [(x, w.t().contiguous()) for x, w in operands]          # (in, out): x @ w
 
+    @torch.no_grad()
     def chain() -> None:
         for x, w in operands:
             F.linear(x, w) if layout == "linear" else x @ w
 
-    with torch.no_grad():
-        # the warm-up pass, timed: a layout already out of the race is dropped after it
-        if median_seconds(chain, repeats=1, warmup=0, give_up=give_up) == math.inf:
-            return math.inf
-        return median_seconds(chain, repeats=5, warmup=0, budget_s=0.5)
+    return chain
+
+
+def _race(chains: list[Callable[[], None]], rounds: int = 5, budget_s: float = 2.0) -> list[float]:
+    """Seconds per call of each chain: the fastest of `rounds` samples, taken in turn (one sample
+    of each chain per round), each sample repeating its chain for at least SAMPLE_SECONDS. A
+    tiny model's pass takes ~0.1 ms, where one call's jitter decided the choice (the same CPU
+    chose bf16 at 1.4x and float32 at 1.0x in two runs); the fastest of long samples is what the
+    hardware does when nothing else runs."""
+    repeats = [max(1, math.ceil(SAMPLE_SECONDS / max(median_seconds(c, repeats=1, warmup=1), 1e-9)))
+               for c in chains]
+    best = [math.inf] * len(chains)
+    start = time.perf_counter()
+    for r in range(rounds):
+        for i, (chain, n) in enumerate(zip(chains, repeats)):
+            t0 = time.perf_counter()
+            for _ in range(n):
+                chain()
+            best[i] = min(best[i], (time.perf_counter() - t0) / n)
+        if r >= 1 and time.perf_counter() - start > budget_s:
+            break
+    return best
 
 
 def _reason(measured: dict) -> str:
