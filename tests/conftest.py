@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import tempfile
 
 import pytest
 import torch
@@ -11,11 +10,22 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# measured decisions (dtype choices, decode layouts: tinyllama.measure) go to a folder of this
-# run, not the user's cache
-os.environ["TINYLLAMA_DECISIONS"] = tempfile.mkdtemp(prefix="tinyllama-test-")
-
 from tinyllama import Llama, ModelConfig, Tokenizer  # noqa: E402
+from tinyllama.paths import cache_dir  # noqa: E402
+
+# Measured decisions (dtype choices, decode layouts: tinyllama.measure) are kept apart from the
+# user's, in a folder of the suite's own that lasts across runs on this machine: a choice measured
+# near its margin (bf16 against float32 for a tiny model) is taken once and then kept, so two runs
+# of the suite on one machine decide alike. (Decisions are keyed by the CPU, its ISA limits, the
+# thread count and torch's version, so other settings measure their own.)
+os.environ.setdefault("TINYLLAMA_DECISIONS", str(cache_dir() / "test-decisions"))
+
+
+# A test that needs llama.cpp's own tools asks for the llama_cpp_tools fixture, which builds them
+# once, up front, with a timeout; any other test that reaches for a missing tool gets a clear error
+# (here and in the processes it starts) instead of minutes of compiling inside its own run.
+os.environ["TINYLLAMA_TOOLS_BUILD"] = "never"
+TOOLS_BUILD_TIMEOUT = 40 * 60        # the build: 6-9 min on a 2-core AVX2 EPYC, 8 min on an AMX Xeon
 
 
 def pytest_collection_modifyitems(config, items):
@@ -62,3 +72,21 @@ def small_model(small_config) -> Llama:
             if name.endswith("norm.weight"):
                 p.uniform_(0.5, 1.5)
     return model
+
+
+@pytest.fixture(scope="session")
+def llama_cpp_tools(tmp_path_factory):
+    """The folder of llama.cpp's own tools (llama-quantize, llama-imatrix, llama-perplexity,
+    llama-server, llama-speculative-simple), built once per machine before the first test that
+    needs them. A build that fails or overruns TOOLS_BUILD_TIMEOUT fails those tests with the
+    build's own message and the end of its log."""
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is built by make setup")
+    from tinyllama.llama_cpp_tools import TOOLS, ToolBuildError, build_tools, tools_dir
+
+    where = tools_dir()
+    if all((where / name).is_file() for name in TOOLS):
+        return where
+    try:
+        return build_tools(timeout=TOOLS_BUILD_TIMEOUT)
+    except ToolBuildError as e:
+        pytest.fail(f"llama.cpp's tools could not be built for the tests that need them: {e}", pytrace=False)

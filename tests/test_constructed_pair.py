@@ -116,6 +116,7 @@ def test_llama_speculative_report_is_parsed():
 
 @pytest.mark.slow
 @pytest.mark.llamacpp
+@pytest.mark.usefixtures("llama_cpp_tools")
 def test_bench_speculative_with_the_llama_cpp_anchor(tmp_path, llama2_tokenizer, capsys):
     """Two GGUFs: llama-speculative-simple runs beside ours on the same prompts; the target
     drafting for itself is accepted every time by both."""

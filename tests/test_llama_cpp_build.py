@@ -3,6 +3,7 @@ fake uname / cpuinfo inputs, since only Linux x86-64 runs here."""
 
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -120,9 +121,50 @@ def test_tools_are_cached_per_build_and_a_missing_sdist_is_named(tmp_path, monke
     assert where.parent.parent == tmp_path / "tools" and where.parent.name.startswith("llama.cpp-0.3.36-")
     with pytest.raises(ValueError, match="not one of the tools"):
         llama_cpp_tools.tool("llama-cli")
+    # the suite runs with TINYLLAMA_TOOLS_BUILD=never: a missing tool is named, nothing is built
+    with pytest.raises(llama_cpp_tools.ToolBuildError, match="llama-quantize is not built, and "
+                       "TINYLLAMA_TOOLS_BUILD=never forbids building it on first use; run `make tools` first"):
+        llama_cpp_tools.tool("llama-quantize")
+    monkeypatch.delenv(llama_cpp_tools.BUILD_ENV)
     with pytest.raises(NotFound, match="sdist is not downloaded; run `make setup`"):
         llama_cpp_tools.tool("llama-quantize", say=lambda _: None)
     assert not where.exists()                                 # nothing that looks built
     monkeypatch.setattr(llama_cpp_tools.shutil, "which", lambda *a, **k: None)
     with pytest.raises(llama_cpp_tools.ToolBuildError, match="needs cmake"):
         llama_cpp_tools.build_tools()
+
+
+def test_a_build_step_that_overruns_is_stopped_with_its_log(tmp_path):
+    """The build's own timeout: the step is killed, its log's end is in the error, and the
+    progress goes to stderr (a command's --json output stays clean while it builds)."""
+    import pytest
+
+    from tinyllama import llama_cpp_tools
+
+    script = "import time; print('[ 10%] Building CXX object ggml.o', flush=True); time.sleep(60)"
+    t0 = time.monotonic()
+    with pytest.raises(llama_cpp_tools.ToolBuildError, match=r"did not finish in time(.|\n)*\[ 10%\] Building CXX"):
+        llama_cpp_tools._run([sys.executable, "-c", script], tmp_path / "build.log", progress=True,
+                             deadline=time.monotonic() + 2)
+    assert time.monotonic() - t0 < 30
+    with pytest.raises(llama_cpp_tools.ToolBuildError, match=r"failed \(exit 3\)(.|\n)*oops"):
+        llama_cpp_tools._run([sys.executable, "-c", "import sys; print('oops'); sys.exit(3)"], tmp_path / "b.log")
+
+
+def test_build_messages_go_to_stderr(tmp_path, monkeypatch, capsys):
+    """A tool built on first use says so on stderr: `bench.speculative --anchor --json` printed
+    the build's lines into its JSON (the anchor test's failure on a fresh clone)."""
+    from tinyllama import llama_cpp_tools
+
+    monkeypatch.setenv("TINYLLAMA_CACHE", str(tmp_path))
+    monkeypatch.delenv(llama_cpp_tools.BUILD_ENV)
+
+    def fake_build(say):
+        say("building llama.cpp's tools ...")
+        llama_cpp_tools.tools_dir().mkdir(parents=True)
+        (llama_cpp_tools.tools_dir() / "llama-quantize").write_text("")
+
+    monkeypatch.setattr(llama_cpp_tools, "build_tools", fake_build)
+    assert llama_cpp_tools.tool("llama-quantize").is_file()
+    out, err = capsys.readouterr()
+    assert out == "" and "building llama.cpp's tools" in err

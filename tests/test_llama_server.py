@@ -18,7 +18,7 @@ from tinyllama.chat import CHAT_TEMPLATE, apply_chat_template
 pytest.importorskip("llama_cpp", reason="llama-cpp-python is built by make setup")
 openai = pytest.importorskip("openai")
 
-pytestmark = [pytest.mark.slow, pytest.mark.llamacpp]
+pytestmark = [pytest.mark.slow, pytest.mark.llamacpp, pytest.mark.usefixtures("llama_cpp_tools")]
 
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
             {"role": "assistant", "content": "Hello! How can I help?"}, {"role": "user", "content": "What is 2+2?"}]

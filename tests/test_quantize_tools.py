@@ -82,6 +82,7 @@ def test_calibration_texts(llama2_tokenizer, tmp_path, calibration):
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("llama_cpp_tools")
 def test_imatrix_quants_quality_table_and_reuse(model_dir, calibration, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)            # no data/tokens here: the calibration file is the only text
     out = tmp_path / "gguf"
@@ -110,6 +111,7 @@ def test_imatrix_quants_quality_table_and_reuse(model_dir, calibration, tmp_path
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("llama_cpp_tools")
 def test_the_imatrix_reaches_the_quantizer(model_dir, calibration, tmp_path, monkeypatch):
     """With a matrix, the matmul weights it measured (every block's, and the output projection's)
     quantize differently; the token embeddings, which no matmul reads, do not."""
@@ -131,6 +133,7 @@ def test_the_imatrix_reaches_the_quantizer(model_dir, calibration, tmp_path, mon
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("llama_cpp_tools")
 def test_target_size_picks_the_best_type_that_fits(model_dir, calibration, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     sizes = {t: export(model_dir, [t], tmp_path / t)[0][1].stat().st_size for t in ("q4_k_m", "q8_0")}
