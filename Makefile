@@ -71,7 +71,7 @@ STAGES ?=
 DRY ?=
 GPU_PY := $(if $(wildcard $(PY)),$(PY),$(PYTHON))
 
-.PHONY: help setup data pretrain sft quantize tools llama-server draft serve demo eval run test test-fast bench gpu-check gpu-carry clean distclean
+.PHONY: help setup data pretrain sft quantize tools llama-server draft serve demo eval run test test-fast test-dtype bench gpu-check gpu-carry clean distclean
 
 help:
 	@echo "make setup   create $(VENV), install torch (CPU build here), llama-cpp-python (built for this CPU), the project, the tokenizer"
@@ -89,6 +89,7 @@ help:
 	@echo "make run     the main job on a small CPU default (outputs under $(OUT)/; STEPS=20 for a short run)"
 	@echo "             CPU_ISA=avx2 on any target: torch and oneDNN limited to AVX2, as on a laptop without bf16"
 	@echo "make test    the whole test suite (what CI runs)"
+	@echo "make test-dtype  the tests that train or decode with dtype auto, auto forced to DTYPE=bfloat16 (or float32)"
 	@echo "make bench   benchmarks: ours vs the reference, side by side; rewrites bench/RESULTS.md"
 	@echo "make gpu-check  on one GPU: every CUDA path tested and measured (MFU, QLoRA memory, speculative decoding,"
 	@echo "             compile, FSDP2, a pretraining run) in BUDGET=470 s; STAGES='fsdp2 smoke' picks, DRY=1 rehearses"
@@ -167,6 +168,13 @@ test: setup
 
 test-fast: setup
 	$(PY) -m pytest -m "not slow" -x -q $(PYTEST_ARGS)
+
+# The tests whose outcome can depend on what dtype `auto` picks (marked dtype_auto), again with
+# `auto` forced to DTYPE (TINYLLAMA_AUTO_DTYPE): bfloat16 checks the bf16 path on a CPU that would
+# never pick it (emulated there, on the tests' tiny shapes), float32 the other way round.
+DTYPE ?= bfloat16
+test-dtype: setup
+	TINYLLAMA_AUTO_DTYPE=$(DTYPE) $(PY) -m pytest -m dtype_auto -q $(PYTEST_ARGS)
 
 bench: setup
 	$(PY) -m bench

@@ -280,7 +280,15 @@ def run_sft(args: SFTArgs) -> SFTResult:
         _write_output(trainer, args, base, tok, out, work, summary, log_lines, adapter_base)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    return SFTResult(out=out, model=trainer.model, summary=summary)
+    return SFTResult(out=out, model=trained_model(trainer), summary=summary)
+
+
+def trained_model(trainer):
+    """The model the trainer trained, as a plain module again. Under bf16 mixed precision
+    accelerate replaces the model's `forward` with one that runs in autocast; left in place, the
+    model a caller gets back computes in bf16 although its weights are float32, and disagrees
+    with the checkpoint it was saved to (0.03 on the logits of a 4M model)."""
+    return trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)
 
 
 def prepare_data(args: SFTArgs, tok: Tokenizer) -> SFTData:

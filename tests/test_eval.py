@@ -100,6 +100,7 @@ def test_perplexity_is_exp_of_the_trainers_validation_loss(model_dir, tmp_path):
     assert n == 4 * 32 and ppl == pytest.approx(math.exp(float(loss)), rel=1e-4)
 
 
+@pytest.mark.dtype_auto
 def test_bad_tasks_and_models(model_dir):
     backend, tok = load_backend(model_dir)
     with pytest.raises(EvalError, match="unknown task"):
@@ -109,6 +110,7 @@ def test_bad_tasks_and_models(model_dir):
     assert r.returncode == 2 and "/nonexistent/model: no such file or directory" in r.stderr
 
 
+@pytest.mark.dtype_auto
 @pytest.mark.slow
 def test_checkpoint_sweep_over_a_pretraining_run(tmp_path, llama2_tokenizer):
     from pydoc_data.topics import topics

@@ -319,6 +319,7 @@ def test_server_usage_counts_the_templates_prompt(offline_hub):
 
 # ---- every stage's CLI takes every form -----------------------------------------------------------
 
+@pytest.mark.dtype_auto
 @pytest.mark.parametrize("model, draft", [
     ("acme/llama2-chat", None),
     ("acme/tiny-chat-GGUF:Q8_0", "acme/draft"),
@@ -353,6 +354,7 @@ def test_quantize_cli_from_a_hub_id(offline_hub, tmp_path, capsys):
     assert "this needs an HF-format model directory" in capsys.readouterr().err
 
 
+@pytest.mark.dtype_auto
 def test_sft_and_distill_clis_from_hub_ids(offline_hub, tmp_path, capsys):
     from sft.__main__ import main as sft_main
     from sft.distill import main as distill_main
@@ -368,6 +370,7 @@ def test_sft_and_distill_clis_from_hub_ids(offline_hub, tmp_path, capsys):
     assert Tokenizer.from_dir(tmp_path / "chat").chat_template == CHAT_TEMPLATE     # SFT writes our template
 
 
+@pytest.mark.dtype_auto
 def test_eval_and_demo_take_hub_references(offline_hub, capsys):
     from demo.app import build_app
     from evaluation.__main__ import main as eval_main

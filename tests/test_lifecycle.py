@@ -24,6 +24,7 @@ def cli(*argv: str, cwd: Path) -> str:
     return r.stdout
 
 
+@pytest.mark.dtype_auto
 @pytest.mark.slow
 @pytest.mark.llamacpp
 def test_raw_text_to_a_chat_model_in_llama_cpp(tmp_path):

@@ -225,6 +225,7 @@ def test_text_stream_utf8_and_stop_strings(llama2_tokenizer):
     assert "".join(s) == tok.decode(tok.encode("one two three four", bos=False)[:2]) and s.finish_reason == "length"
 
 
+@pytest.mark.dtype_auto
 def test_cli_generate_streams_and_reports(tmp_path, llama2_tokenizer):
     from tinyllama import save_checkpoint
 

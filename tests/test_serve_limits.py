@@ -12,6 +12,7 @@ from serve.engine import ModelDir  # noqa: E402
 from serve.server import create_app  # noqa: E402
 
 
+@pytest.mark.dtype_auto
 def test_models_dir_lists_loads_on_demand_and_evicts(tmp_path, tiny_chat_checkpoint):
     import shutil
 

@@ -14,6 +14,7 @@ from bench.server_load import run_load, table, tiny_checkpoint  # noqa: E402
 CLIENTS = 16
 
 
+@pytest.mark.dtype_auto
 @pytest.mark.timeout(120)
 def test_server_under_load_serves_rejects_and_frees_slots(tmp_path):
     r = run_load(tiny_checkpoint(tmp_path), clients=CLIENTS, duration_s=6.0, rounds=2, max_tokens=16)
