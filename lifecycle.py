@@ -3,6 +3,7 @@
     tinyllama pretrain --config pretrain/configs/cpu.yaml      # = python -m pretrain ...
     tinyllama sft --base out/pretrain/final --out out/sft      # = python -m sft ...
     tinyllama quantize --model out/sft --type q4_k_m --out out/gguf
+    tinyllama import SmolLM2-135M-Instruct.Q4_1.gguf --out out/smollm2     # a GGUF -> a checkpoint
     tinyllama serve --model out/gguf/tinyllama-19m-chat-Q4_K_M.gguf
     tinyllama presets                                          # the core's own commands
     tinyllama STAGE --help                                     # each stage's options
@@ -24,6 +25,7 @@ STAGES = {
     "sft": ("sft.__main__", "chat fine-tuning: full, LoRA or QLoRA"),
     "distill": ("sft.distill", "a teacher's greedy answers as a draft model's SFT data"),
     "quantize": ("quantize.__main__", "export to GGUF files for llama.cpp, verified"),
+    "import": ("quantize.gguf_import", "a GGUF file -> an HF-format checkpoint directory (dequantized)"),
     "complete": ("serve.complete", "stream a completion or a chat reply to the terminal"),
     "serve": ("serve.__main__", "the OpenAI-compatible HTTP server"),
     "demo": ("demo.__main__", "the Gradio chat app"),

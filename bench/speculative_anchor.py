@@ -53,17 +53,21 @@ def parse_report(text: str) -> dict:
 
 def run_once(target, draft, prompt: str, tokens: int, k: int, threads: int | None = None, n_ctx: int = 2048) -> dict:
     """One prompt through llama-speculative-simple; its parsed report."""
-    from tinyllama.llama_cpp_tools import tool
+    from tinyllama.llama_cpp_tools import LOST_LOG_ATTEMPTS, tool
 
     threads = str(threads or os.cpu_count() or 1)
     cmd = [str(tool("llama-speculative-simple")), "-m", str(target), "-md", str(draft), "-p", prompt,
            "-n", str(tokens), "--ignore-eos", "--temp", "0", "--top-k", "1", "--seed", "0", "-c", str(n_ctx),
            "-t", threads, "-td", threads, "--spec-type", "draft-simple", "--spec-draft-n-max", str(k), "--spec-draft-n-min", "0",
            "--spec-draft-p-min", "0", "-ngl", "0", "-ngld", "0"]
-    r = subprocess.run(cmd, capture_output=True, text=True, errors="replace")
-    if r.returncode != 0:
-        raise RuntimeError(f"llama-speculative-simple failed (exit {r.returncode}): {r.stderr.strip()[-1500:]}")
-    return parse_report(r.stdout + r.stderr)
+    for attempt in range(1, LOST_LOG_ATTEMPTS + 1):
+        r = subprocess.run(cmd, capture_output=True, text=True, errors="replace")
+        if r.returncode != 0:
+            raise RuntimeError(f"llama-speculative-simple failed (exit {r.returncode}): {r.stderr.strip()[-1500:]}")
+        text = r.stdout + r.stderr
+        if _DECODED.search(text) or attempt == LOST_LOG_ATTEMPTS:
+            return parse_report(text)
+    raise AssertionError("unreachable")
 
 
 def llama_cpp_speculative(target, draft, prompts: list[str], tokens: int, ks=(1, 2, 4),

@@ -52,8 +52,8 @@ def lm_class():
             n_spaces = len(context) - len(context.rstrip())
             if n_spaces:
                 context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
-            ctx = self.tok.encode(context, bos=True) if context else [self.tok.bos_id]
-            whole = self.tok.encode(context + continuation, bos=True)
+            ctx = self.tok.encode(context) if context else [self.tok.bos_id]      # BOS as the model adds it
+            whole = self.tok.encode(context + continuation)
             return ctx, whole[len(ctx):] if whole[:len(ctx)] == ctx else self.tok.encode(continuation, bos=False)
 
         def score(self, ctx: list[int], cont: list[int]) -> tuple[float, bool]:
@@ -73,7 +73,7 @@ def lm_class():
             out = []
             window = self.backend.context_length
             for r in requests:
-                ids = self.tok.encode(r.args[0], bos=True)
+                ids = self.tok.encode(r.args[0], bos=True)     # BOS as the prefix token, as lm-eval's own
                 total, pos = 0.0, 1
                 while pos < len(ids):                       # disjoint windows, each with its own context
                     end = min(pos + window - 1, len(ids))
@@ -91,7 +91,7 @@ def lm_class():
                 context, kwargs = r.args
                 until = kwargs.get("until") or []
                 until = [until] if isinstance(until, str) else list(until)
-                ids = self.tok.encode(context, bos=True)[-(self.backend.context_length - 1):]
+                ids = self.tok.encode(context)[-(self.backend.context_length - 1):]
                 room = self.backend.context_length - len(ids)
                 n = min(int(kwargs.get("max_gen_toks", self.max_gen_toks)), room)
                 gen = generate(self.backend, ids, max_new_tokens=max(1, n), stop_ids=list(self.tok.stop_ids))

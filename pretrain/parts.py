@@ -107,7 +107,7 @@ def tokenize_unit(work: Path, plan: Plan, index: int, tok: Tokenizer, *, chunk_d
     with atomic_file(tok_path) as tmp_tok, atomic_file(part_path(work, index, "len")) as tmp_len, \
             open(tmp_tok, "wb") as ft, open(tmp_len, "wb") as fl:
         for texts in _chunks(docs, chunk_docs, chunk_chars):
-            ids, lengths = tok.encode_packed(texts, bos=True, eos=True)
+            ids, lengths = tok.encode_packed(texts, eos=True)          # BOS where the model adds one
             check_disk_space(tok_path, ids.nbytes + lengths.nbytes)
             ft.write(ids.tobytes())
             fl.write(lengths.astype("<u4").tobytes())

@@ -4,6 +4,7 @@
     python -m quantize --model TinyLlama/TinyLlama-1.1B-Chat-v1.0 --type q4_0 --out tinyllama-q4_0.gguf
     python -m quantize --model out/sft --type iq4_xs iq3_m --imatrix --quality --out out/gguf
     python -m quantize --model out/sft --target-size 550MB --imatrix --out out/gguf
+    python -m quantize import SmolLM2-135M-Instruct.Q4_1.gguf --out out/smollm2   # GGUF -> checkpoint
 
 Float types (f32, f16, bf16) are written with gguf-py; quantized types by llama.cpp's own
 quantizer from an F32 intermediate. Each file is then loaded in llama.cpp and checked against the
@@ -58,6 +59,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["import"]:          # the other direction: a GGUF into a checkpoint directory
+        from .gguf_import import main as import_main
+
+        return import_main(argv[1:])
     ap = build_parser()
     args = ap.parse_args(argv)
     for flag in ("threads", "ctx", "chunks", "quality_chunks"):

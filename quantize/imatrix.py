@@ -137,9 +137,21 @@ def text_file(text: str, where: Path) -> Iterator[Path]:
         os.unlink(name)
 
 
-def run_tool(cmd: list[str], what: str, total: int | None = None) -> str:
+def run_tool(cmd: list[str], what: str, total: int | None = None, expect: str | None = None) -> str:
     """Runs a llama.cpp tool, a progress bar over its "[N]" chunk markers; returns its output.
-    A failure is a QuantizeError with the end of the tool's log."""
+    A failure is a QuantizeError with the end of the tool's log. `expect`: a pattern the output's
+    closing report holds; a run that exits 0 without it lost its log at exit and runs again
+    (tinyllama.llama_cpp_tools.LOST_LOG_ATTEMPTS)."""
+    from tinyllama.llama_cpp_tools import LOST_LOG_ATTEMPTS
+
+    for attempt in range(1, LOST_LOG_ATTEMPTS + 1):
+        output = _run_tool_once(cmd, what, total)
+        if expect is None or re.search(expect, output) or attempt == LOST_LOG_ATTEMPTS:
+            return output
+    raise AssertionError("unreachable")
+
+
+def _run_tool_once(cmd: list[str], what: str, total: int | None) -> str:
     from tqdm import tqdm
 
     bar = tqdm(total=total, desc=what, unit="chunk", file=sys.stderr, disable=total is None)

@@ -51,7 +51,8 @@ def score_base(f32_gguf: Path, text: str, logits_out: Path, ctx: int, chunks: in
     with text_file(text, logits_out.parent) as txt:
         out = run_tool([str(tool("llama-perplexity")), "-m", str(f32_gguf), "-f", str(txt), "-c", str(ctx),
                         "-b", str(ctx), "--chunks", str(chunks), "--kl-divergence-base", str(logits_out),
-                        "-t", str(os.cpu_count() or 1)], f"perplexity of {f32_gguf.name}", total=chunks)
+                        "-t", str(os.cpu_count() or 1)], f"perplexity of {f32_gguf.name}", total=chunks,
+                       expect=r"Final estimate: PPL")
     m = re.search(r"Final estimate: PPL = ([\d.]+)", out)
     if m is None:
         raise QuantizeError(f"llama-perplexity printed no estimate for {f32_gguf.name}:\n{out[-600:]}")
@@ -66,7 +67,7 @@ def score_against(gguf: Path, logits: Path, chunks: int) -> Quality:
 
     out = run_tool([str(tool("llama-perplexity")), "-m", str(gguf), "--kl-divergence-base", str(logits),
                     "--kl-divergence", "-t", str(os.cpu_count() or 1)], f"KL divergence of {gguf.name}",
-                   total=chunks)
+                   total=chunks, expect=r"Same top p:")
 
     def number(pattern: str) -> float:
         m = re.search(pattern, out)
@@ -81,13 +82,14 @@ def score_against(gguf: Path, logits: Path, chunks: int) -> Quality:
 @torch.no_grad()
 def torch_perplexity(model, tok: Tokenizer, text: str, ctx: int, chunks: int) -> Quality:
     """llama-perplexity's protocol on our PyTorch model (float32 as loaded)."""
-    ids = tok.encode(text, bos=True)
+    ids = tok.encode(text)
     n = windows(len(ids), ctx, chunks)
     first = ctx // 2
     nll, count = 0.0, 0
     for i in range(n):
         window = torch.tensor(ids[i * ctx:(i + 1) * ctx])
-        window[0] = tok.bos_id
+        if tok.add_bos:                                   # as llama-perplexity: BOS only where the model adds it
+            window[0] = tok.bos_id
         logits = model(window[None])[0, first:ctx - 1].float()               # (ctx - first - 1, V)
         nll += float(torch.nn.functional.cross_entropy(logits, window[first + 1:], reduction="sum"))
         count += ctx - first - 1

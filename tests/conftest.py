@@ -90,3 +90,23 @@ def llama_cpp_tools(tmp_path_factory):
         return build_tools(timeout=TOOLS_BUILD_TIMEOUT)
     except ToolBuildError as e:
         pytest.fail(f"llama.cpp's tools could not be built for the tests that need them: {e}", pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def real_gguf():
+    """SmolLM2-135M-Instruct's GGUF (tinyllama.real_model; `make real-model`, run by `make test`
+    where the package registry is reachable); the tests that need it skip with the fix otherwise."""
+    from tinyllama import real_model
+
+    path = real_model.path()
+    if path is None:
+        pytest.skip(real_model.absent_reason())
+    return path
+
+
+@pytest.fixture(scope="session")
+def real_checkpoint(real_gguf, tmp_path_factory):
+    """The real model imported into an HF-format directory (float32, dequantized from Q4_1)."""
+    from quantize.gguf_import import import_gguf
+
+    return import_gguf(real_gguf, tmp_path_factory.mktemp("real") / "smollm2", say=lambda _: None)

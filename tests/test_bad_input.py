@@ -233,6 +233,17 @@ CASES = [
       "no config.json"),
     C("quantize-model-is-a-gguf-file", "quantize", ["--model", "{gguf}", "--type", "f16", "--out", "{out}/m.gguf"],
       "is a GGUF file; this needs an HF-format model directory"),
+    C("import-missing-file", "quantize", ["import", "{in}/nope.gguf", "--out", "{out}/m"], "nope.gguf: no such GGUF file"),
+    C("import-truncated-gguf", "quantize", ["import", "{trunc_gguf}", "--out", "{out}/m"], "not a readable GGUF file",
+      sub=True),
+    C("import-random-bytes", "quantize", ["import", "{random_gguf}", "--out", "{out}/m"], "not a readable GGUF file"),
+    C("import-not-a-llama", "quantize", ["import", "{gpt2_gguf}", "--out", "{out}/m"],
+      "general.architecture is 'gpt2'; only Llama-architecture GGUFs import into PyTorch"),
+    C("import-tensor-type-not-dequantizable", "quantize", ["import", "{i32_gguf}", "--out", "{out}/m"],
+      "tensor blk.0.attn_norm.weight is I32, which gguf-py cannot dequantize"),
+    C("import-unknown-tokenizer-model", "quantize", ["import", "{jieba_gguf}", "--out", "{out}/m"],
+      "tokenizer.ggml.model is 'jieba'; the vocabularies read here are 'llama'"),
+    C("import-out-is-a-file", "quantize", ["import", "{gguf}", "--out", "{gguf}"], "exists and is not a folder"),
     C("quantize-truncated-safetensors", "quantize", ["--model", "{trunc_ckpt}", "--type", "f16", "--no-verify",
                                                      "--out", "{out}/gguf"],
       "model.safetensors: corrupt or truncated safetensors file"),
@@ -388,6 +399,25 @@ def _small_vocab_tokenizer(n: int) -> Tokenizer:
     return Tokenizer(backend)
 
 
+def _patched_gguf(src: Path, dst: Path, tensor_type: tuple[str, int] | None = None,
+                  string: tuple[str, bytes] | None = None) -> None:
+    """A copy of `src` with one tensor's GGML type number or one string value changed in place
+    (same byte length, so every offset stays valid)."""
+    import gguf
+
+    shutil.copyfile(src, dst)
+    reader = gguf.GGUFReader(str(dst), "r+")
+    if tensor_type is not None:
+        name, value = tensor_type
+        next(t for t in reader.tensors if t.name == name).field.parts[4][0] = value
+    if string is not None:
+        key, value = string
+        part = reader.fields[key].parts[-1]
+        assert len(part) == len(value)
+        part[:] = np.frombuffer(value, dtype=np.uint8)
+    reader.data.flush()
+
+
 def _gpt2_gguf(path: Path) -> None:
     """A well-formed GGUF of another architecture (with a GPT-2 style BPE vocabulary)."""
     import gguf
@@ -420,6 +450,8 @@ def assets(tmp_path_factory, llama2_tokenizer) -> Path:
     (d / "trunc.gguf").write_bytes(data[: len(data) // 2])
     (d / "random.gguf").write_bytes(np.random.default_rng(0).bytes(4096))
     _gpt2_gguf(d / "gpt2.gguf")
+    _patched_gguf(d / "m-F32.gguf", d / "i32.gguf", tensor_type=("blk.0.attn_norm.weight", 26))     # F32 -> I32
+    _patched_gguf(d / "m-F32.gguf", d / "jieba.gguf", string=("tokenizer.ggml.model", b"jieba"))   # was "llama"
 
     shutil.copytree(d / "ckpt", d / "noconfig")
     (d / "noconfig" / "config.json").unlink()
@@ -446,7 +478,8 @@ def paths(assets: Path, tmp: Path) -> dict[str, str]:
             "random_gguf": str(assets / "random.gguf"), "gpt2_gguf": str(assets / "gpt2.gguf"),
             "noconfig": str(assets / "noconfig"), "trunc_ckpt": str(assets / "trunc_ckpt"),
             "gpt2_ckpt": str(assets / "gpt2_ckpt"), "draft_swapped": str(assets / "draft_swapped"),
-            "draft_vocab": str(assets / "draft_vocab"), "shards": str(assets / "shards")}
+            "draft_vocab": str(assets / "draft_vocab"), "shards": str(assets / "shards"),
+            "i32_gguf": str(assets / "i32.gguf"), "jieba_gguf": str(assets / "jieba.gguf")}
 
 
 def _truncated_zst() -> bytes:

@@ -5,6 +5,8 @@ calibrated agreement; and the llama.cpp anchor (llama-speculative-simple) of ben
 from __future__ import annotations
 
 import json
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -112,6 +114,40 @@ def test_llama_speculative_report_is_parsed():
     assert rep == {"tokens": 35, "seconds": 0.311, "prompt_tokens": 25, "n_drafted": 36, "n_accept": 26}
     with pytest.raises(RuntimeError, match="no 'decoded N tokens' line"):
         parse_report("error: failed to load model")
+
+
+def flaky_tool(tmp_path, report: str, lost: int) -> Path:
+    """An executable standing in for a llama.cpp tool: exits 0 with its closing report lost the
+    first `lost` times (llama.cpp's unflushed log worker on a loaded machine), then prints it."""
+    script = tmp_path / "tool"
+    (tmp_path / "runs").write_text("0")
+    script.write_text(f"""#!{sys.executable}
+import pathlib
+runs = pathlib.Path({str(tmp_path / "runs")!r})
+n = int(runs.read_text()) + 1
+runs.write_text(str(n))
+print("generated text")
+if n > {lost}:
+    print({report!r})
+""")
+    script.chmod(0o755)
+    return script
+
+
+def test_a_run_whose_log_was_lost_at_exit_runs_again(tmp_path, monkeypatch):
+    from bench import speculative_anchor
+    from quantize.imatrix import run_tool
+    from tinyllama import llama_cpp_tools
+
+    script = flaky_tool(tmp_path, LLAMA_SPECULATIVE_TAIL, lost=2)
+    monkeypatch.setattr(llama_cpp_tools, "tool", lambda name, **kw: script)
+    assert speculative_anchor.run_once("t.gguf", "d.gguf", "hi", 8, 2)["tokens"] == 35
+    assert (tmp_path / "runs").read_text() == "3"
+    script = flaky_tool(tmp_path, "Final estimate: PPL = 12.5", lost=1)
+    assert "Final estimate: PPL = 12.5" in run_tool([str(script)], "perplexity", expect="Final estimate")
+    script = flaky_tool(tmp_path, LLAMA_SPECULATIVE_TAIL, lost=llama_cpp_tools.LOST_LOG_ATTEMPTS)
+    with pytest.raises(RuntimeError, match="no 'decoded N tokens' line"):       # lost every time: said so
+        speculative_anchor.run_once("t.gguf", "d.gguf", "hi", 8, 2)
 
 
 @pytest.mark.slow

@@ -191,19 +191,14 @@ def load_state_dict(path: str | os.PathLike, device: str | torch.device = "cpu")
     return sd
 
 
-def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu",
-                    dtype: torch.dtype | None = None, tokenizer: bool = True) -> tuple[Llama, Tokenizer | None]:
-    """Loads an HF-format Llama directory into our model. dtype None keeps the stored dtype.
-    Returns (model in eval mode, tokenizer or None when the directory has none and
-    tokenizer=False)."""
-    path = Path(path)
-    cfg = load_config(path)
-    sd = load_state_dict(path, device)
+def model_from_state_dict(cfg: ModelConfig, sd: dict[str, torch.Tensor], device: str | torch.device = "cpu",
+                          mismatch: str = "weights do not match the config") -> Llama:
+    """Our model (eval mode) holding `sd`'s tensors themselves, built on the meta device (no
+    initialisation, no copy); every missing, unexpected or misshapen tensor named after `mismatch`."""
     # Old transformers checkpoints carry a rotary buffer that is derived, not learned.
     sd = {k: v for k, v in sd.items() if not k.endswith("rotary_emb.inv_freq")}
     if cfg.tie_embeddings:
         sd.pop("lm_head.weight", None)
-
     with torch.device("meta"):
         model = Llama(cfg)
     expected = {k: p.shape for k, p in model.state_dict().items()
@@ -216,17 +211,29 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu",
             parts.append(f"missing {len(missing)} tensor(s), e.g. {', '.join(missing[:3])}")
         if unexpected:
             parts.append(f"unexpected {len(unexpected)} tensor(s), e.g. {', '.join(unexpected[:3])}")
-        raise CheckpointError(f"{path}: weights do not match config.json: " + "; ".join(parts))
+        raise CheckpointError(f"{mismatch}: " + "; ".join(parts))
     for k, shape in expected.items():
         if sd[k].shape != shape:
-            raise CheckpointError(f"{path}: tensor {k} has shape {tuple(sd[k].shape)}, config.json implies {tuple(shape)}")
-    if dtype is not None:
-        sd = {k: v.to(dtype) for k, v in sd.items()}
+            raise CheckpointError(f"{mismatch}: tensor {k} has shape {tuple(sd[k].shape)}, the config implies "
+                                  f"{tuple(shape)}")
     model.load_state_dict(sd, strict=False, assign=True)
     if cfg.tie_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     model.rope.build(cfg.max_seq_len, device=torch.device(device))   # buffers were on meta
-    model.eval()
+    return model.eval()
+
+
+def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu",
+                    dtype: torch.dtype | None = None, tokenizer: bool = True) -> tuple[Llama, Tokenizer | None]:
+    """Loads an HF-format Llama directory into our model. dtype None keeps the stored dtype.
+    Returns (model in eval mode, tokenizer or None when the directory has none and
+    tokenizer=False)."""
+    path = Path(path)
+    cfg = load_config(path)
+    sd = load_state_dict(path, device)
+    if dtype is not None:
+        sd = {k: v.to(dtype) for k, v in sd.items()}
+    model = model_from_state_dict(cfg, sd, device, f"{path}: weights do not match config.json")
 
     tok = None
     if tokenizer:

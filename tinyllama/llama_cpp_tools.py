@@ -41,6 +41,10 @@ _CMAKE_FIXED = ["-DCMAKE_BUILD_TYPE=Release", "-DBUILD_SHARED_LIBS=OFF", "-DLLAM
 
 
 BUILD_ENV = "TINYLLAMA_TOOLS_BUILD"      # "never": do not build on first use
+# The tools log through a worker thread that nothing flushes at exit (llama.cpp's common/log.cpp
+# says so): on a loaded machine a tool can exit 0 with the last lines of its report lost. Callers
+# that parse a closing report run the tool again, up to this many times in all.
+LOST_LOG_ATTEMPTS = 3
 
 
 class ToolBuildError(UserError):

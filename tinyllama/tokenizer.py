@@ -44,7 +44,7 @@ from .errors import NotFound, UserError
 from .gguf_file import gguf_value, open_gguf, read_gguf_vocab
 from .paths import default_sdist, llama2_dir
 from .pieces import PieceEncoder, pack, split_rules, u16
-from .vocab import backend_from_vocab, convert_sentencepiece, sentencepiece_model
+from .vocab import backend_from_vocab, byte_level_backend, convert_sentencepiece, sentencepiece_model
 
 LLAMA2_VOCAB_MEMBER = "vendor/llama.cpp/models/ggml-vocab-llama-spm.gguf"
 
@@ -53,9 +53,11 @@ class Tokenizer:
 
     def __init__(self, backend: HFTokenizer, *, bos_id: int = 1, eos_id: int = 2, unk_id: int = 0,
                  pad_id: int | None = None, chat_template: str | None = None, source: str = "",
-                 sp_model: bytes | None = None, stop_ids: Sequence[int] = ()) -> None:
+                 sp_model: bytes | None = None, stop_ids: Sequence[int] = (), add_bos: bool = True) -> None:
         """stop_ids: ids besides EOS that end a reply (generation_config.json's eos_token_id,
-        a GGUF's end-of-turn token)."""
+        a GGUF's end-of-turn token); add_bos: whether a text starts with BOS unless a caller says
+        otherwise (the model's own add_bos_token: Llama-2 yes, SmolLM2 and GPT-2 no)."""
+        self.add_bos = add_bos
         self.backend = backend
         self.sp_model = sp_model   # the SentencePiece tokenizer.model bytes, copied along on save()
         # Special tokens in user text are plain text, as in llama.cpp with parse_special=False.
@@ -117,10 +119,11 @@ class Tokenizer:
         unk = special("unk_token", backend.token_to_id("<unk>") if backend.token_to_id("<unk>") is not None else 0)
         pad_tok = cfg.get("pad_token")
         pad = special("pad_token", unk) if pad_tok else None
+        bos = special("bos_token", 1)
         sp = (path / "tokenizer.model").read_bytes() if (path / "tokenizer.model").exists() else None
-        return cls(backend, bos_id=special("bos_token", 1), eos_id=special("eos_token", 2), unk_id=unk,
+        return cls(backend, bos_id=bos, eos_id=special("eos_token", 2), unk_id=unk,
                    pad_id=pad, chat_template=_dir_chat_template(path, cfg), source=str(path), sp_model=sp,
-                   stop_ids=_generation_eos_ids(path))
+                   stop_ids=_generation_eos_ids(path), add_bos=_adds_bos(cfg, backend, bos))
 
     @classmethod
     def from_gguf_vocab(cls, gguf_path: str | os.PathLike, with_sentencepiece: bool = False,
@@ -130,31 +133,40 @@ class Tokenizer:
         file (parsing a 32000-token vocabulary takes about a second)."""
         reader = reader if reader is not None else open_gguf(Path(gguf_path))
         vocab = read_gguf_vocab(Path(gguf_path), reader)
-        ids = vocab[3]
-        sp = sentencepiece_model(*vocab) if with_sentencepiece else None
-        eot = [gguf_value(reader, f"tokenizer.ggml.{k}_token_id") for k in ("eot", "eom")]
-        return cls(backend_from_vocab(*vocab), bos_id=ids["bos"], eos_id=ids["eos"], unk_id=ids["unk"],
-                   chat_template=gguf_value(reader, "tokenizer.chat_template"), source=str(gguf_path), sp_model=sp,
-                   stop_ids=[int(i) for i in eot if i is not None])
+        ids, sp = vocab.ids, None
+        if vocab.model == "llama":
+            table = (vocab.pieces, vocab.scores, vocab.types, ids)
+            backend = backend_from_vocab(*table)
+            sp = sentencepiece_model(*table) if with_sentencepiece else None
+        else:
+            backend = byte_level_backend(vocab, gguf_path)
+        return cls(backend, bos_id=ids.get("bos", ids["eos"]), eos_id=ids["eos"], unk_id=ids.get("unk", ids["eos"]),
+                   pad_id=ids.get("pad"), chat_template=gguf_value(reader, "tokenizer.chat_template"),
+                   source=str(gguf_path), sp_model=sp, stop_ids=[ids[k] for k in ("eot", "eom") if k in ids],
+                   add_bos=vocab.add_bos)
 
     # ---- encode / decode ---------------------------------------------------------------
     @property
     def vocab_size(self) -> int:
         return self.backend.get_vocab_size(with_added_tokens=True)
 
-    def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
+    def encode(self, text: str, bos: bool | None = None, eos: bool = False) -> list[int]:
+        """The ids of `text`; bos: start with BOS (default: as the model does, `add_bos`)."""
         if not isinstance(text, str):
             raise TypeError(f"encode() takes a str, got {type(text).__name__}")
         ids = self.backend.encode(text, add_special_tokens=False).ids
-        return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
+        return ([self.bos_id] if self._bos(bos) else []) + ids + ([self.eos_id] if eos else [])
 
-    def encode_batch(self, texts: Sequence[str], bos: bool = True, eos: bool = False) -> list[list[int]]:
+    def _bos(self, bos: bool | None) -> bool:
+        return self.add_bos if bos is None else bos
+
+    def encode_batch(self, texts: Sequence[str], bos: bool | None = None, eos: bool = False) -> list[list[int]]:
         """Encodes many texts; ids equal `encode`'s (through `encode_packed`)."""
         data, lengths = self.encode_packed(texts, bos=bos, eos=eos)
         bounds = np.cumsum(np.concatenate([[0], lengths]))
         return [data[a:b].tolist() for a, b in zip(bounds[:-1], bounds[1:])]
 
-    def encode_packed(self, texts: Sequence[str], bos: bool = True, eos: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    def encode_packed(self, texts: Sequence[str], bos: bool | None = None, eos: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """All texts' ids, concatenated, as one little-endian uint16 array, and each text's
         length (uint32): what data preparation writes. Ids equal `encode`'s.
 
@@ -164,7 +176,7 @@ class Tokenizer:
         the Rust batch encoder."""
         if self.vocab_size > 65536:
             raise UserError(f"tokenizer has {self.vocab_size} tokens; uint16 holds at most 65536")
-        head, tail = [self.bos_id] if bos else [], [self.eos_id] if eos else []
+        head, tail = [self.bos_id] if self._bos(bos) else [], [self.eos_id] if eos else []
         if self.piece_encoder is not None:
             return self.piece_encoder.encode_packed(texts, head, tail)
         encoded = self.backend.encode_batch(list(texts), add_special_tokens=False)
@@ -216,7 +228,7 @@ class Tokenizer:
             # pre-tokenizer, which drops the separate "▁" of a leading space and so disagrees
             # with llama.cpp (and with this file). The generic class uses tokenizer.json as is.
             "tokenizer_class": "PreTrainedTokenizerFast",
-            "add_bos_token": True,
+            "add_bos_token": self.add_bos,
             "add_eos_token": False,
             "clean_up_tokenization_spaces": False,
             "model_max_length": 1_000_000_000_000_000_019_884_624_838_656,
@@ -247,6 +259,15 @@ def _dir_chat_template(path: Path, cfg: dict) -> str | None:
         named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
         template = named.get("default") or next(iter(named.values()), None)
     return template if isinstance(template, str) and template.strip() else None
+
+
+def _adds_bos(cfg: dict, backend: HFTokenizer, bos_id: int) -> bool:
+    """Whether the model starts a text with BOS: tokenizer_config.json's add_bos_token where it
+    says, else what tokenizer.json's post-processor does (as transformers decides)."""
+    if isinstance(cfg.get("add_bos_token"), bool):
+        return cfg["add_bos_token"]
+    ids = backend.encode("a", add_special_tokens=True).ids
+    return bool(ids) and ids[0] == bos_id
 
 
 def _generation_eos_ids(path: Path) -> list[int]:
@@ -304,7 +325,12 @@ def build_llama2(sdist: Path | None = None, gguf: Path | None = None, out_dir: P
                 raise NotFound(f"{sdist}: llama-cpp-python sdist not found (make setup downloads it)")
             vocab = _extract_from_sdist(sdist, tmp)
             source = f"{sdist.name}:{LLAMA2_VOCAB_MEMBER}"
-        tok = Tokenizer.from_gguf_vocab(vocab, with_sentencepiece=True)   # errors name the user's file
+        reader = open_gguf(vocab)                          # errors name the user's file
+        kind = gguf_value(reader, "tokenizer.ggml.model")
+        if kind != "llama":
+            raise UserError(f"{gguf or vocab}: tokenizer.ggml.model is {kind!r}, expected 'llama' (this builds "
+                            "Llama-2's SentencePiece vocabulary)")
+        tok = Tokenizer.from_gguf_vocab(vocab, with_sentencepiece=True, reader=reader)
         tok.save(tmp)
         if vocab.parent != tmp:
             vocab = Path(shutil.copyfile(vocab, tmp / "ggml-vocab-llama-spm.gguf"))

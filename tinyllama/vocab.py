@@ -1,21 +1,43 @@
-"""Vocabulary conversion: a SentencePiece-BPE vocabulary (pieces, scores, token types) to the
-Rust `tokenizers` backend that gives llama.cpp's ids, and to and from SentencePiece's
-`tokenizer.model`.
+"""Vocabulary conversion: a GGUF's or SentencePiece's vocabulary to the Rust `tokenizers` backend
+that gives llama.cpp's ids, and to and from SentencePiece's `tokenizer.model`.
 
-    backend = backend_from_vocab(pieces, scores, types, ids)     # byte-fallback BPE, Llama's normalizer
+    backend = backend_from_vocab(pieces, scores, types, ids)     # SentencePiece BPE: byte fallback, Llama's normalizer
+    backend = byte_level_backend(vocab, where)                   # byte-level BPE (GPT-2 style), vocab a GGUFVocab
     model_bytes = sentencepiece_model(pieces, scores, types, ids)
     pieces, scores, types, ids = read_sentencepiece_vocab(Path("tokenizer.model"))
+
+A byte-level vocabulary is cut into pieces before BPE by its pre-tokenizer, which a GGUF names
+(`tokenizer.ggml.pre`) and llama.cpp spells as regular expressions (src/llama-vocab.cpp); the
+table below holds those expressions for the families known here, applied in order as llama.cpp
+does, each split keeping its matches and what lies between them.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from tokenizers import AddedToken, decoders, normalizers, processors
+from tokenizers import AddedToken, Regex, decoders, normalizers, pre_tokenizers, processors
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers.models import BPE
 
 from .errors import UserError
+from .gguf_file import GGUFVocab
+
+_GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"
+_CONTRACTIONS = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])"
+_LLAMA3_SPLIT = (_CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+                 r"|\s+(?!\S)|\s+")
+_QWEN2_SPLIT = (_CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+                r"|\s+(?!\S)|\s+")
+# (tokenizer.ggml.pre values, the splits in order, ignore_merges: a whole word already in the
+# vocabulary is taken as it is, as llama.cpp and tokenizers do for Llama-3)
+PRE_TOKENIZERS = [
+    (("smollm", "starcoder", "refact", "codeshell", "exaone", "command-r", "minerva"), [r"\p{N}", _GPT2_SPLIT], False),
+    (("gpt-2", "phi-2", "mpt", "olmo", "jais"), [_GPT2_SPLIT], False),
+    (("llama3", "llama-v3", "llama-bpe", "falcon3", "dbrx", "smaug-bpe"), [_LLAMA3_SPLIT], True),
+    (("qwen2", "deepseek-r1-qwen", "stablelm2"), [_QWEN2_SPLIT], False),
+    (("default",), [r"[\p{P}\$\+<=>\^~\|]+", _GPT2_SPLIT, r"\p{N}+", r"[0-9][0-9][0-9]"], False),
+]
 
 # gguf token types (llama.cpp's llama_token_type)
 _NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED, _UNUSED, _BYTE = 1, 2, 3, 4, 5, 6
@@ -99,3 +121,35 @@ def read_sentencepiece_vocab(model_file: Path) -> tuple[list[str], list[float], 
 def convert_sentencepiece(path: Path) -> HFTokenizer:
     """A SentencePiece BPE tokenizer.model (Llama's) -> the same tokenizers backend as build."""
     return backend_from_vocab(*read_sentencepiece_vocab(path / "tokenizer.model"))
+
+
+def byte_level_backend(vocab: GGUFVocab, where: str | Path) -> HFTokenizer:
+    """A GGUF's byte-level BPE vocabulary (tokenizer.ggml.model "gpt2") as a `tokenizers` backend:
+    the pre-tokenizer's splits, then bytes mapped to GPT-2's printable characters, then the
+    ranked merges. Control and user-defined tokens (<|im_start|>, <|endoftext|>) are added tokens."""
+    found = next(((splits, ignore) for names, splits, ignore in PRE_TOKENIZERS if vocab.pre in names), None)
+    if found is None:
+        known = ", ".join(n for names, _, _ in PRE_TOKENIZERS for n in names)
+        raise UserError(f"{where}: tokenizer.ggml.pre is {vocab.pre!r}, a byte-level pre-tokenizer not known here "
+                        f"(known: {known})")
+    splits, ignore_merges = found
+    merges = [tuple(m.split(" ", 1)) for m in vocab.merges]
+    if any(len(m) != 2 for m in merges):
+        raise UserError(f"{where}: tokenizer.ggml.merges holds an entry that is not two pieces separated by a space")
+    backend = HFTokenizer(BPE(vocab={p: i for i, p in enumerate(vocab.pieces)}, merges=merges,
+                              ignore_merges=ignore_merges, fuse_unk=False, byte_fallback=False))
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in splits]
+        + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    backend.decoder = decoders.ByteLevel()
+    # control tokens are special (typed in text they stay text: Tokenizer sets encode_special_tokens);
+    # user-defined ones are matched in raw text before BPE, as llama.cpp does (MPT's space runs)
+    backend.add_special_tokens([AddedToken(p, special=True, normalized=False)
+                                for p, t in zip(vocab.pieces, vocab.types) if t == _CONTROL])
+    backend.add_tokens([AddedToken(p, special=False, normalized=False)
+                        for p, t in zip(vocab.pieces, vocab.types) if t == _USER_DEFINED])
+    if vocab.add_bos and "bos" in vocab.ids:
+        bos = vocab.pieces[vocab.ids["bos"]]
+        backend.post_processor = processors.TemplateProcessing(
+            single=f"{bos}:0 $A:0", pair=f"{bos}:0 $A:0 {bos}:1 $B:1", special_tokens=[(bos, vocab.ids["bos"])])
+    return backend

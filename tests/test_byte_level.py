@@ -1,0 +1,119 @@
+"""Byte-level BPE vocabularies (GPT-2 style: SmolLM2, Llama-3, Qwen2, StarCoder) read from a GGUF,
+held to llama.cpp: its own tokenizer test vectors for each pre-tokenizer family (the vocabulary
+files and vectors llama.cpp ships in models/, from the llama-cpp-python sdist), its live
+tokenizer on random text, and transformers on the directory we save."""
+
+from __future__ import annotations
+
+import random
+import tarfile
+
+import pytest
+
+from tinyllama.errors import UserError
+from tinyllama.paths import LLAMA_CPP_VERSION, default_sdist
+from tinyllama.tokenizer import Tokenizer
+
+# llama.cpp's vocabulary files, by the pre-tokenizer family they test (tokenizer.ggml.pre). Qwen2's
+# and Command-R's pass too (46 of 46 vectors each) but take 10-15 s each to read with gguf-py.
+FAMILIES = ("gpt-2", "llama-bpe", "starcoder", "refact", "mpt")
+LIVE = ("gpt-2", "llama-bpe", "starcoder")                  # also against llama.cpp's live tokenizer
+REFUSED = ("deepseek-coder", "bert-bge")                    # a pre-tokenizer, a tokenizer model not read here
+
+
+@pytest.fixture(scope="session")
+def vocab_dir(tmp_path_factory):
+    """models/ggml-vocab-*.gguf (+ .inp/.out test vectors) out of the sdist set-up downloaded."""
+    sdist = default_sdist()
+    if not sdist.is_file():
+        pytest.skip(f"{sdist}: the llama-cpp-python sdist is not downloaded (make setup)")
+    out = tmp_path_factory.mktemp("vocabs")
+    prefix = f"llama_cpp_python-{LLAMA_CPP_VERSION}/vendor/llama.cpp/models/ggml-vocab-"
+    wanted = {f"{prefix}{name}.gguf{ext}" for name in FAMILIES + REFUSED for ext in ("", ".inp", ".out")}
+    with tarfile.open(sdist) as tar:
+        for member in tar.getmembers():
+            if member.name in wanted:
+                (out / member.name.rsplit("/", 1)[-1]).write_bytes(tar.extractfile(member).read())
+    return out
+
+
+@pytest.fixture(scope="session")
+def tokenizers(vocab_dir):
+    return {name: Tokenizer.from_gguf_vocab(vocab_dir / f"ggml-vocab-{name}.gguf") for name in FAMILIES}
+
+
+def _vectors(vocab_dir, name: str) -> list[tuple[str, list[int]]]:
+    texts = (vocab_dir / f"ggml-vocab-{name}.gguf.inp").read_text(encoding="utf-8").split("\n__ggml_vocab_test__\n")
+    outs = (vocab_dir / f"ggml-vocab-{name}.gguf.out").read_text(encoding="utf-8").split("\n")
+    assert texts[-1] == "" and outs[-1] == ""       # each file ends with a separator
+    return [(t, [int(x) for x in o.split()]) for t, o in zip(texts[:-1], outs[:-1])]
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_llama_cpp_reference_vectors(vocab_dir, tokenizers, name):
+    """llama.cpp's test-tokenizer-0 vectors: whitespace runs, digits, contractions, code, emoji,
+    scripts that need no spaces; MPT's space-run tokens are user-defined tokens matched in text."""
+    cases = _vectors(vocab_dir, name)
+    assert len(cases) >= 40
+    tok = tokenizers[name]
+    failures = [(t, ids, tok.encode(t, bos=False)) for t, ids in cases if tok.encode(t, bos=False) != ids]
+    assert not failures
+
+
+def random_texts(n: int, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    alphabet = list("abcXYZ019 \n\t.,!?'\"<>/()[]{}_-=+#") + [
+        "é", "ß", "中", "語", "🦙", "\u200b", "\r\n", "\u00a0", "   ", "'s", "'LL", "1234567", "<|im_start|>",
+        "<|endoftext|>", "</s>", "def ", "return", "\x00", "ё", "\U0001f9d1\u200d\U0001f4bb", "  \n"]
+    return ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 40))) for _ in range(n)]
+
+
+@pytest.mark.llamacpp
+@pytest.mark.parametrize("name", LIVE)
+def test_ids_and_text_identical_to_llama_cpp(vocab_dir, tokenizers, name):
+    """Random text with special-token strings in it (text, not control tokens, as llama.cpp's
+    parse_special=False), and real Python source; decoding gives the text back."""
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is built by make setup")
+    llm = llama_cpp.Llama(model_path=str(vocab_dir / f"ggml-vocab-{name}.gguf"), vocab_only=True, verbose=False)
+    tok = tokenizers[name]
+    try:
+        for text in random_texts(300) + [open(random.__file__, encoding="utf-8").read()[:8000]]:
+            ids = tok.encode(text, bos=False)
+            assert ids == llm.tokenize(text.encode(), add_bos=False, special=False), text
+            assert tok.decode(ids) == text
+    finally:
+        llm.close()
+
+
+def test_bos_and_specials_come_from_the_file(tokenizers):
+    """add_bos_token as llama.cpp reads it (Llama-3's family adds BOS, GPT-2's and StarCoder's
+    do not); encode() follows it unless told; control tokens decode away, as in llama.cpp."""
+    llama3, star = tokenizers["llama-bpe"], tokenizers["starcoder"]
+    assert llama3.add_bos and llama3.encode("Hi")[0] == llama3.bos_id == 128000
+    assert not star.add_bos and star.encode("Hi") == star.encode("Hi", bos=False)
+    assert star.encode("Hi", bos=True)[0] == star.bos_id
+    assert llama3.vocab_size == 128256 and tokenizers["mpt"].vocab_size == 50432    # no 32000 assumed
+    eot = llama3.backend.token_to_id("<|eot_id|>")
+    assert llama3.decode([eot] + llama3.encode("ok", bos=False)) == "ok"
+
+
+@pytest.mark.parametrize("name", ["llama-bpe", "starcoder"])
+def test_saved_directory_gives_the_same_ids_here_and_in_transformers(tokenizers, tmp_path, name):
+    from transformers import AutoTokenizer
+
+    tok = tokenizers[name]
+    tok.save(tmp_path)
+    again, hf = Tokenizer.from_dir(tmp_path), AutoTokenizer.from_pretrained(str(tmp_path))
+    assert again.add_bos == tok.add_bos
+    for text in random_texts(100, seed=1):
+        ids = tok.encode(text)
+        assert again.encode(text) == ids
+        assert hf(text, split_special_tokens=True)["input_ids"] == ids, text
+
+
+def test_vocabularies_not_read_here_are_named(vocab_dir):
+    with pytest.raises(UserError, match="tokenizer.ggml.pre is 'deepseek-coder', a byte-level pre-tokenizer not "
+                                        "known here"):
+        Tokenizer.from_gguf_vocab(vocab_dir / "ggml-vocab-deepseek-coder.gguf")
+    with pytest.raises(UserError, match="tokenizer.ggml.model is 'bert'; the vocabularies read here are 'llama'"):
+        Tokenizer.from_gguf_vocab(vocab_dir / "ggml-vocab-bert-bge.gguf")

