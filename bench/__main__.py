@@ -133,6 +133,8 @@ def _sections(args) -> list[tuple[str, object]]:
          lambda: graph_decode.run(tokens=4 if args.quick else 8)),
         ("SFT memory and speed (`python -m bench.sft_memory`)", sft_table),
         ("GGUF sizes and llama.cpp decode (`python -m bench.gguf`)", gguf_tables),
+        ("GGUF quality on the real model, SmolLM2-135M-Instruct (`python -m bench.gguf --real-model`)",
+         lambda: gguf.real_model_quality(gguf.REAL_MODEL_TYPES)),
         ("Speculative decoding, the CPU-default pair (`python -m bench.speculative`)" if have_pairs else
          "Speculative decoding (`python -m bench.speculative`)",
          (lambda: "\n\n".join([speculative.run(t, d) for t, d in pairs] +
@@ -160,9 +162,11 @@ def _sections(args) -> list[tuple[str, object]]:
 
 
 def module_of(title: str) -> str:
-    """A section's name for --only: its module, and its --pair if any ("speculative-7b")."""
-    m = re.search(r"`python -m bench\.(\w+)(?: --pair (\w+))?`", title)
-    return m.group(1) + (f"-{m.group(2)}" if m.group(2) else "")
+    """A section's name for --only: its module, and its --pair or --real-model if any
+    ("speculative-7b", "gguf-real-model")."""
+    m = re.search(r"`python -m bench\.(\w+)(?: --pair (\w+)| --(real-model))?`", title)
+    extra = m.group(2) or m.group(3)
+    return m.group(1) + (f"-{extra}" if extra else "")
 
 
 def _command(title: str) -> str:

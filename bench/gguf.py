@@ -111,9 +111,11 @@ def _random_model_imatrix(tmp: Path, f32: Path) -> Path:
     return compute_imatrix(f32, "\n\n".join(topics.values()), tmp / "random.imatrix", "random", chunks=4, ctx=512)
 
 
-def quality(model_dir: str, types: list[str], ctx: int = 512, chunks: int = 32, imatrix_chunks: int = 64) -> str:
+def quality(model_dir: str, types: list[str], ctx: int = 512, chunks: int = 32, imatrix_chunks: int = 64,
+            text_pair: tuple[str, str, str] | None = None) -> str:
     """Per type, with and without an importance matrix: size, perplexity and KL divergence from
-    the F32 file on held-out validation documents, by llama-perplexity (the CPU default model)."""
+    the F32 file on held-out text, by llama-perplexity. `text_pair`: (calibration text, held-out
+    text, where they came from); default: alternate validation documents of the data pipeline."""
     from quantize.export import NEEDS_IMATRIX, quantize_gguf, write_gguf
     from quantize.imatrix import compute_imatrix, model_key, texts
     from quantize.quality import Scorer
@@ -121,7 +123,7 @@ def quality(model_dir: str, types: list[str], ctx: int = 512, chunks: int = 32, 
     from tinyllama.checkpoint import load_config
 
     ctx = min(ctx, load_config(model_dir).max_seq_len)
-    calib, held, note = texts(None, Tokenizer.from_dir(model_dir))
+    calib, held, note = text_pair or texts(None, Tokenizer.from_dir(model_dir))
     tmp = Path(tempfile.mkdtemp(dir=os.environ.get("TMPDIR")))
     rows = []
     try:
@@ -147,6 +149,34 @@ def quality(model_dir: str, types: list[str], ctx: int = 512, chunks: int = 32, 
 
 
 
+REAL_MODEL_TYPES = ["q8_0", "q4_k_m", "q3_k_m", "iq4_xs"]
+
+
+def python_help_texts() -> tuple[str, str, str]:
+    """(calibration, held-out, note): Python's help topics (pydoc_data, ~0.5 MB of English about
+    Python), alternate topics on each side: text any model's vocabulary reads, offline."""
+    from pydoc_data.topics import topics
+
+    docs = [t for _, t in sorted(topics.items())]
+    return ("\n\n".join(docs[::2]), "\n\n".join(docs[1::2]),
+            "importance matrix and quality: alternate topics of Python's help text (pydoc_data)")
+
+
+def real_model_quality(types: list[str]) -> str:
+    """quality() on the real model (tinyllama.real_model), imported to float32 first."""
+    from quantize.gguf_import import import_gguf
+    from tinyllama import real_model
+
+    gguf = real_model.path()
+    if gguf is None:
+        return f"Not measured: {real_model.absent_reason()}."
+    with tempfile.TemporaryDirectory(dir=os.environ.get("TMPDIR")) as tmp:
+        model_dir = import_gguf(gguf, Path(tmp) / "SmolLM2-135M-Instruct", say=lambda _: None)
+        table = quality(str(model_dir), types, text_pair=python_help_texts())
+    return (f"{real_model.HUB_ID}, imported from {real_model.GGUF_NAME} (its weights were Q4_1: the F32 reference "
+            f"holds those values, so every type below requantizes them)\n\n{table}")
+
+
 def _build_id() -> str:
     mark = Path(sys.prefix) / ".llama-cpp-build"
     return mark.read_text().strip() if mark.exists() else "unknown (not installed by make setup)"
@@ -158,7 +188,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--quality", metavar="MODEL_DIR", help="instead: the quality table of MODEL_DIR (e.g. out/sft)")
     ap.add_argument("--quality-types", nargs="+", default=["q4_k_m", "iq4_xs", "q3_k_m", "iq3_m", "q2_k"])
+    ap.add_argument("--real-model", action="store_true",
+                    help="instead: the quality table of the real model (make real-model), Q8_0 to IQ4_XS")
     args = ap.parse_args(argv)
+    if args.real_model:
+        print(real_model_quality(REAL_MODEL_TYPES))
+        return 0
     print(quality(args.quality, args.quality_types) if args.quality else run(args.types, args.tokens))
     return 0
 

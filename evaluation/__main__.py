@@ -93,7 +93,7 @@ def _models(args: argparse.Namespace, tasks: list[str]) -> int:
             print(f"{backend.name}: {backend.precision}", file=sys.stderr, flush=True)
             try:
                 results = run_tasks(backend, tok, tasks, include, args.num_fewshot, args.limit) if tasks else {}
-                ppl = {str(p): perplexity(backend, p, args.seq_len) for p in args.perplexity}
+                ppl = {str(p): perplexity(backend, p, args.seq_len, tokenizer=tok) for p in args.perplexity}
             finally:
                 backend.close()
             runs[backend.name] = (results, ppl)

@@ -30,6 +30,9 @@ PUBLISHED = {
 }
 TINYLLAMA_TASKS = list(PUBLISHED)
 LOCAL_TASK = "python_builtins_mc"
+# accuracy of guessing, in %: 1 / choices (BoolQ, PIQA and WinoGrande have two)
+CHANCE = {"hellaswag": 25.0, "openbookqa": 25.0, "winogrande": 50.0, "arc_challenge": 25.0, "arc_easy": 25.0,
+          "boolq": 50.0, "piqa": 50.0, LOCAL_TASK: 25.0}
 
 
 class EvalError(UserError):

@@ -10,16 +10,26 @@ from pathlib import Path
 
 import torch
 
-from pretrain.shards import PackedSource
+from pretrain.shards import PackedSource, ShardError
 from tinyllama.backends import Backend
+from tinyllama.tokenizer import Tokenizer
 
 from .harness import EvalError
 
 
-def perplexity(backend: Backend, shards: str | Path, seq_len: int = 256, max_blocks: int = 16) -> tuple[float, int]:
+def perplexity(backend: Backend, shards: str | Path, seq_len: int = 256, max_blocks: int = 16,
+               tokenizer: Tokenizer | None = None) -> tuple[float, int]:
     """exp(mean next-token loss) over the first `max_blocks` validation blocks of a token-shard
-    directory (pretrain.prepare's format), each (seq_len + 1) tokens as the trainer reads them."""
+    directory (pretrain.prepare's format), each (seq_len + 1) tokens as the trainer reads them.
+    `tokenizer`: the model's; shards tokenized with another vocabulary are refused (their ids
+    would mean other text to this model, and the perplexity nothing)."""
     src = PackedSource(shards, "validation")
+    if tokenizer is not None:
+        try:
+            src.check_tokenizer(tokenizer.fingerprint)
+        except ShardError as e:
+            raise EvalError(f"{e} (the model {backend.name} has {tokenizer.vocab_size:,} tokens; the shards' "
+                            f"tokenizer has {src.manifest['tokenizer'].get('vocab_size', '?')})") from None
     n = min(max_blocks, src.num_blocks(seq_len))
     if n == 0:
         raise EvalError(f"{shards}: fewer than {seq_len + 1} validation tokens")

@@ -58,7 +58,7 @@ def sweep(run_dir: str | Path, shards: Sequence[str | Path], tasks: Sequence[str
                 for task, m in run_tasks(backend, tok, tasks, include_path, limit=limit).items():
                     row[task] = m.get(PUBLISHED.get(task, (None, "acc_norm"))[1], m.get("acc"))
             for shard in shards:
-                row[f"ppl {Path(shard).name}"] = perplexity(backend, shard, seq_len)[0]
+                row[f"ppl {Path(shard).name}"] = perplexity(backend, shard, seq_len, tokenizer=tok)[0]
         finally:
             backend.close()
         rows.append(row)

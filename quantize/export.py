@@ -24,7 +24,9 @@ import numpy as np
 from tinyllama.atomic import atomic_file
 from tinyllama.checkpoint import load_config, load_state_dict
 from tinyllama.errors import UserError
+from tinyllama.gguf_file import GGUFVocab
 from tinyllama.tokenizer import Tokenizer
+from tinyllama.vocab import bpe_merges, is_byte_level, pre_tokenizer_name
 
 FLOAT_TYPES = ("f32", "f16", "bf16")
 QUANT_TYPES = ("q8_0", "q6_k", "q5_k_m", "q5_k_s", "q4_k_m", "q4_k_s", "q4_0", "iq4_xs", "iq4_nl", "q3_k_m",
@@ -57,28 +59,52 @@ def permute_for_llama_cpp(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def vocab_metadata(model_dir: Path, tok: Tokenizer) -> tuple[list, list[float], list[int]]:
-    """Pieces, scores and types. With SentencePiece's tokenizer.model (what our checkpoints and
-    Meta's carry): gguf-py's SentencePieceVocab, as llama.cpp's converter reads it (exact scores).
-    A directory with only tokenizer.json: its BPE vocabulary, scored -rank. gguf-py's
-    LlamaHfVocab would give every piece -1000, and llama.cpp's SentencePiece tokenizer merges by
-    score, so ties would change its ids; Llama's pieces are numbered in score order, so -id
-    keeps SentencePiece's merge priority (tested: llama.cpp tokenizes like us)."""
+def vocab_metadata(model_dir: Path, tok: Tokenizer) -> GGUFVocab:
+    """The vocabulary as llama.cpp reads it from a GGUF.
+
+    SentencePiece (`llama`): with tokenizer.model (what our checkpoints and Meta's carry),
+    gguf-py's SentencePieceVocab, as llama.cpp's converter reads it (exact scores). A directory
+    with only tokenizer.json: its BPE vocabulary, scored -rank. gguf-py's LlamaHfVocab would give
+    every piece -1000, and llama.cpp's SentencePiece tokenizer merges by score, so ties would
+    change its ids; Llama's pieces are numbered in score order, so -id keeps SentencePiece's merge
+    priority (tested: llama.cpp tokenizes like us).
+
+    Byte-level BPE (`gpt2`: SmolLM2, Llama-3): the pieces, the ranked merges and the
+    pre-tokenizer family's llama.cpp name (tinyllama.vocab.pre_tokenizer_name); added tokens are
+    control tokens when special, user-defined otherwise."""
     import gguf
 
+    ids = {"bos": tok.bos_id, "eos": tok.eos_id, "unk": tok.unk_id, "pad": tok.pad_id}
+    if is_byte_level(tok.backend):
+        pre = pre_tokenizer_name(tok.backend)
+        if pre is None:
+            raise ExportError(f"{model_dir}: tokenizer.json's pre-tokenizer is not one llama.cpp knows by a name here; "
+                              "llama.cpp would tokenize this model differently")
+        pieces = _pieces(tok)
+        added = tok.backend.get_added_tokens_decoder()
+        types = [int(gguf.TokenType.NORMAL) if i not in added else
+                 int(gguf.TokenType.CONTROL if added[i].special else gguf.TokenType.USER_DEFINED)
+                 for i in range(len(pieces))]
+        return GGUFVocab("gpt2", pre, pieces, types, [0.0] * len(pieces), bpe_merges(tok.backend), ids, tok.add_bos)
     if (model_dir / "tokenizer.model").exists():
         sp = gguf.vocab.SentencePieceVocab(model_dir)
         pieces, scores, types = zip(*sp.all_tokens())
-        return list(pieces), list(scores), [int(t) for t in types]
-    vocab = tok.backend.get_vocab(with_added_tokens=True)
-    pieces = [""] * len(vocab)
-    for piece, i in vocab.items():
-        pieces[i] = piece
+        return GGUFVocab("llama", "default", list(pieces), [int(t) for t in types], list(scores), [], ids, tok.add_bos)
+    pieces = _pieces(tok)
     special = {tok.bos_id, tok.eos_id}
     types = [gguf.TokenType.UNKNOWN if i == tok.unk_id else gguf.TokenType.CONTROL if i in special
              else gguf.TokenType.BYTE if p.startswith("<0x") and p.endswith(">") and len(p) == 6
              else gguf.TokenType.NORMAL for i, p in enumerate(pieces)]
-    return pieces, [-float(i) for i in range(len(pieces))], [int(t) for t in types]
+    return GGUFVocab("llama", "default", pieces, [int(t) for t in types], [-float(i) for i in range(len(pieces))], [],
+                     ids, tok.add_bos)
+
+
+def _pieces(tok: Tokenizer) -> list[str]:
+    vocab = tok.backend.get_vocab(with_added_tokens=True)
+    pieces = [""] * len(vocab)
+    for piece, i in vocab.items():
+        pieces[i] = piece
+    return pieces
 
 
 def write_gguf(model_dir: str | os.PathLike, out: str | os.PathLike, ftype: str = "f16", name: str | None = None) -> Path:
@@ -91,13 +117,13 @@ def write_gguf(model_dir: str | os.PathLike, out: str | os.PathLike, ftype: str 
                               name or (cfg.name if cfg.name != "custom" else model_dir.name), where=model_dir)
 
 
-def write_gguf_tensors(out: str | os.PathLike, cfg, tok: Tokenizer, vocab: tuple[list, list[float], list[int]],
+def write_gguf_tensors(out: str | os.PathLike, cfg, tok: Tokenizer, vocab: GGUFVocab,
                        shapes: list[tuple[str, tuple[int, ...]]], arrays, ftype: str = "f16", name: str = "model",
                        where: str | os.PathLike = "", keep_f32: frozenset[str] = frozenset()) -> Path:
     """Writes a GGUF from HF-named tensors, streamed: `shapes` lists every (HF name, shape) in
     file order, `arrays` yields their float32 values (HF layout) in that order, one at a time,
-    so a model larger than memory can be written. `vocab` is vocab_metadata's triple; tensors
-    named in `keep_f32` stay F32 whatever `ftype` is."""
+    so a model larger than memory can be written. `vocab` is vocab_metadata's; tensors named in
+    `keep_f32` stay F32 whatever `ftype` is."""
     import gguf
 
     if ftype not in FLOAT_TYPES:
@@ -171,14 +197,13 @@ def _read_model(model_dir: Path):
         vocab = vocab_metadata(model_dir, tok)
     except (UserError, ValueError, RuntimeError) as e:
         raise ExportError(str(e)) from None
-    if cfg.tie_embeddings and "lm_head.weight" not in sd:
-        sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
+    if cfg.tie_embeddings:      # written once, as token_embd, which llama.cpp then also uses as the output
+        sd.pop("lm_head.weight", None)
     return cfg, tok, sd, vocab
 
 
-def _add_metadata(w, cfg, tok: Tokenizer, vocab: tuple[list[str], list[float], list[int]], file_type) -> None:
+def _add_metadata(w, cfg, tok: Tokenizer, vocab: GGUFVocab, file_type) -> None:
     """Architecture hyperparameters and the whole tokenizer, as llama.cpp's converter writes them."""
-    pieces, scores, types = vocab
     w.add_context_length(cfg.max_seq_len)
     w.add_embedding_length(cfg.d_model)
     w.add_block_count(cfg.n_layer)
@@ -190,16 +215,21 @@ def _add_metadata(w, cfg, tok: Tokenizer, vocab: tuple[list[str], list[float], l
     w.add_layer_norm_rms_eps(cfg.norm_eps)
     w.add_vocab_size(cfg.vocab_size)
     w.add_file_type(file_type)
-    w.add_tokenizer_model("llama")
-    w.add_tokenizer_pre("default")
-    w.add_token_list(pieces)
-    w.add_token_scores(scores)
-    w.add_token_types(types)
+    w.add_tokenizer_model(vocab.model)
+    w.add_tokenizer_pre(vocab.pre)
+    w.add_token_list(vocab.pieces)
+    w.add_token_types(vocab.types)
+    if vocab.model == "llama":
+        w.add_token_scores(vocab.scores)
+    else:
+        w.add_token_merges(vocab.merges)
     w.add_bos_token_id(tok.bos_id)
     w.add_eos_token_id(tok.eos_id)
     w.add_unk_token_id(tok.unk_id)
     w.add_pad_token_id(tok.pad_id)
-    w.add_add_bos_token(True)
+    if len(tok.stop_ids) > 1:          # an end-of-turn token besides EOS (Llama-3's <|eot_id|>)
+        w.add_eot_token_id(tok.stop_ids[1])
+    w.add_add_bos_token(tok.add_bos)
     w.add_add_eos_token(False)
     if tok.chat_template:
         w.add_chat_template(tok.chat_template)

@@ -58,7 +58,7 @@ def import_gguf(gguf: str | Path, out: str | Path, dtype: str = "float32", say=p
     record = {"source": gguf.name, "sha256": _sha256(gguf), "architecture": "llama",
               "tensor_types": dict(sorted(types.items())), "dtype": dtype,
               "general.name": gguf_value(reader, "general.name")}
-    save_checkpoint(model, tok, out, generation_config={"eos_token_id": list(tok.stop_ids), "pad_token_id": tok.pad_id},
+    save_checkpoint(model, tok, out, generation_config={"eos_token_id": tok.generation_eos, "pad_token_id": tok.pad_id},
                     extra_files={"import.json": json.dumps(record, indent=2) + "\n", "README.md": _card(record, cfg)})
     say(f"wrote {out}: {cfg.n_layer} layers, d_model {cfg.d_model}, vocab {cfg.vocab_size}"
         f"{', tied embeddings' if cfg.tie_embeddings else ''}; dequantized from "

@@ -66,14 +66,14 @@ def show_samples(model_dir, questions: list[str], n: int) -> None:
     """Greedy answers of the saved chat model to held-out questions, through the chat template
     and tinyllama.generate: what a user of the model would see."""
     from tinyllama import load_checkpoint
-    from tinyllama.chat import encode_chat
+    from tinyllama.chat import apply_chat_template
     from tinyllama.generate import generate
 
     model, tok = load_checkpoint(model_dir)
     for q in (questions or ["What does `len()` do?"])[:n]:
-        ids, _ = encode_chat(tok, [{"role": "user", "content": q}], add_generation_prompt=True)
-        out = list(generate(model, ids, max_new_tokens=64, stop_ids=[tok.eos_id]))
-        stopped = bool(out) and out[-1] == tok.eos_id
+        ids = apply_chat_template(tok, [{"role": "user", "content": q}])
+        out = list(generate(model, ids, max_new_tokens=64, stop_ids=tok.stop_ids))
+        stopped = bool(out) and out[-1] in tok.stop_ids
         print(f"sample (held out): {q}\n  -> {tok.decode(out).strip()}" + ("" if stopped else " [...]"))
 
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from tinyllama.chat import ChatFormatError, encode_chat, validate
+from tinyllama.chat import ChatFormatError, encode_for_training, template_of, validate
 from tinyllama.errors import UserError
 from tinyllama.tokenizer import Tokenizer
 
@@ -199,13 +199,15 @@ class TokenStats:
 
 
 def tokenize_conversations(convs: Iterable[Conversation], tok: Tokenizer, max_len: int,
-                           stats: TokenStats | None = None) -> list[dict[str, list[int]]]:
-    """[{"input_ids", "labels"}]: labels are the ids on assistant contents and their closing
-    EOS, IGNORE_INDEX everywhere else (BOS, role headers, system and user turns)."""
+                           stats: TokenStats | None = None, template: str | None = None) -> list[dict[str, list[int]]]:
+    """[{"input_ids", "labels"}] in `template` (default: the model's own, else ours: Zephyr):
+    labels are the ids of each assistant reply and its end-of-turn token, IGNORE_INDEX
+    everywhere else (BOS, role headers, system and user turns)."""
     stats = stats if stats is not None else TokenStats()
+    template = template or template_of(tok)[0]
     out = []
     for messages in convs:
-        ids, is_target = encode_chat(tok, messages, for_training=True)
+        ids, is_target = encode_for_training(tok, messages, template)
         if len(ids) > max_len:
             ids, is_target = ids[:max_len], is_target[:max_len]
             if not any(is_target):

@@ -38,6 +38,10 @@ class TinyLlamaForCausalLM(PreTrainedModel):
     supports_gradient_checkpointing = True
     _no_split_modules = ["Block"]
     _keys_to_ignore_on_load_unexpected = [r"rotary_emb\.inv_freq"]
+    # a model with tied embeddings (SmolLM2) stores only the embedding; transformers ties lm_head to
+    # it after loading (config.tie_word_embeddings), as for its own LlamaForCausalLM. Without this,
+    # lm_head was "missing" and freshly initialised: SFT on SmolLM2 started from a loss of 1e22.
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
 
     def __init__(self, config: LlamaConfig) -> None:
         super().__init__(config)

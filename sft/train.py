@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from tinyllama.allocator import retain_freed_memory
-from tinyllama.chat import CHAT_TEMPLATE
+from tinyllama.chat import template_of
 from tinyllama.checkpoint import (
     CheckpointError,
     check_weights,
@@ -101,6 +101,9 @@ class SFTArgs:
     lora_dropout: float = field(default=0.05, metadata=flag("dropout on the adapters' input", group="LoRA"))
     target_modules: list[str] = field(default_factory=lambda: list(ALL_PROJECTIONS), metadata=flag(
         "projections to adapt", choices=ALL_PROJECTIONS, group="LoRA", metavar="NAME"))
+    chat_template: str | None = field(default=None, metadata=flag(
+        "the template to train and write: a built-in name (zephyr, llama-2, chatml) or a .jinja file; default: the "
+        "base model's own, else zephyr (TinyLlama-Chat's, with no added tokens)", metavar="NAME|FILE"))
     eval_fraction: float = field(default=0.05, metadata=flag("held-out share for the evaluation loss", group=_RUN))
     eval_split: str | None = field(default=None, metadata=flag(
         "a hub dataset's own evaluation split instead (e.g. test)", group=_RUN))
@@ -254,7 +257,9 @@ def run_sft(args: SFTArgs) -> SFTResult:
     choice = choose_dtype(args.dtype, device, load_config(base), work="train", rows=args.batch_size * args.max_len)
     print(f"dtype: {choice}", flush=True)
     tok = Tokenizer.from_dir(base)
-    data = prepare_data(args, tok)
+    template, template_origin = template_of(tok, args.chat_template)
+    print(f"chat template: {template_origin}", flush=True)
+    data = prepare_data(args, tok, template)
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.work-", dir=out.resolve().parent))
     try:
         trainer = build_trainer(args, data, tok, work, device, choice.dtype)
@@ -269,6 +274,7 @@ def run_sft(args: SFTArgs) -> SFTResult:
             "base": typed_base, "data": args.data, "method": args.method,
             "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(args).items()},
             "learning_rate": args.resolved_lr(), "device": device, "dtype": choice.name, "dtype_reason": choice.reason,
+            "chat_template": template_origin,
             "conversations_read": data.load_stats.read, "conversations_skipped": data.load_stats.skipped,
             "train": dataclasses.asdict(data.train_stats), "eval": dataclasses.asdict(data.eval_stats),
             "steps": result.global_step, "train_loss": result.training_loss, "train_seconds": round(seconds, 1),
@@ -277,7 +283,7 @@ def run_sft(args: SFTArgs) -> SFTResult:
                                  for c in data.eval_convs[:5]],
         }
         log_lines = "".join(json.dumps(r) + "\n" for r in trainer.state.log_history)
-        _write_output(trainer, args, base, tok, out, work, summary, log_lines, adapter_base)
+        _write_output(trainer, args, base, tok.with_template(template), out, work, summary, log_lines, adapter_base)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return SFTResult(out=out, model=trained_model(trainer), summary=summary)
@@ -291,9 +297,9 @@ def trained_model(trainer):
     return trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)
 
 
-def prepare_data(args: SFTArgs, tok: Tokenizer) -> SFTData:
+def prepare_data(args: SFTArgs, tok: Tokenizer, template: str) -> SFTData:
     """Conversations read, split (the dataset's own eval split, or a seeded fraction) and
-    tokenized with the assistant-only label mask; the counts printed."""
+    tokenized in `template` with the assistant-only label mask; the counts printed."""
     load_stats = LoadStats()
     convs = load_conversations(args.data, skip_invalid=args.skip_invalid, stats=load_stats)
     if args.eval_split:
@@ -304,8 +310,8 @@ def prepare_data(args: SFTArgs, tok: Tokenizer) -> SFTData:
     else:
         train_convs, eval_convs = convs, []
     train_stats, eval_stats = TokenStats(), TokenStats()
-    train_rows = tokenize_conversations(train_convs, tok, args.max_len, train_stats)
-    eval_rows = tokenize_conversations(eval_convs, tok, args.max_len, eval_stats)
+    train_rows = tokenize_conversations(train_convs, tok, args.max_len, train_stats, template)
+    eval_rows = tokenize_conversations(eval_convs, tok, args.max_len, eval_stats, template)
     if not train_rows:
         raise SFTError(f"--data {args.data}: no training example fits --max-len {args.max_len}")
     print(f"data: {args.data}: read {load_stats.read} conversations"
@@ -462,9 +468,7 @@ def _write_output(trainer, args: SFTArgs, base: Path, tok: Tokenizer, out: Path,
     if llama.config.name != "custom" and not llama.config.name.endswith("-chat"):
         # names the GGUF files and their general.name: tinyllama-19m-chat-Q4_K_M.gguf
         llama.config = llama.config.replace(name=f"{llama.config.name}-chat")
-    chat_tok = Tokenizer(tok.backend, bos_id=tok.bos_id, eos_id=tok.eos_id, unk_id=tok.unk_id, pad_id=tok.pad_id,
-                         chat_template=CHAT_TEMPLATE, source=tok.source, sp_model=tok.sp_model)
-    save_checkpoint(llama, chat_tok, out, generation_config={"pad_token_id": tok.pad_id},
+    save_checkpoint(llama, tok, out, generation_config={"pad_token_id": tok.pad_id, "eos_token_id": tok.generation_eos},
                     extra_files={"sft_summary.json": json.dumps(summary, indent=2) + "\n",
                                  "sft_log.jsonl": log_lines},
                     extra_dirs=extra_dirs)

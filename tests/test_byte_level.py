@@ -117,3 +117,42 @@ def test_vocabularies_not_read_here_are_named(vocab_dir):
         Tokenizer.from_gguf_vocab(vocab_dir / "ggml-vocab-deepseek-coder.gguf")
     with pytest.raises(UserError, match="tokenizer.ggml.model is 'bert'; the vocabularies read here are 'llama'"):
         Tokenizer.from_gguf_vocab(vocab_dir / "ggml-vocab-bert-bge.gguf")
+
+
+@pytest.mark.llamacpp
+@pytest.mark.parametrize("name, pre", [("llama-bpe", "llama3"), ("starcoder", "smollm")])
+def test_a_byte_level_checkpoint_exports_to_a_gguf_llama_cpp_reads_alike(tokenizers, tmp_path, name, pre):
+    """quantize.export on a checkpoint with a byte-level vocabulary: tokenizer.ggml.model gpt2,
+    the pre-tokenizer family by its llama.cpp name, the merges and token types as read, tied
+    embeddings written once; llama.cpp then tokenizes as we do and computes our logits."""
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is built by make setup")
+    import torch
+
+    from quantize.export import write_gguf
+    from tinyllama import Llama, ModelConfig, save_checkpoint
+    from tinyllama.gguf_file import open_gguf, read_gguf_vocab
+
+    tok = tokenizers[name]
+    cfg = ModelConfig(name=f"tiny-{name}", n_layer=1, d_model=64, n_head=2, n_kv_head=1, ffn_dim=96,
+                      vocab_size=tok.vocab_size, max_seq_len=128, tie_embeddings=True,
+                      bos_id=tok.bos_id, eos_id=tok.eos_id)
+    torch.manual_seed(0)
+    model = Llama(cfg).eval()
+    save_checkpoint(model, tok, tmp_path / "ckpt")
+    gguf_path = write_gguf(tmp_path / "ckpt", tmp_path / "m.gguf", "f32")
+    reader = open_gguf(gguf_path)
+    vocab = read_gguf_vocab(gguf_path, reader)
+    assert (vocab.model, vocab.pre, vocab.add_bos) == ("gpt2", pre, tok.add_bos)
+    assert "output.weight" not in {t.name for t in reader.tensors}
+    llm = llama_cpp.Llama(model_path=str(gguf_path), n_ctx=128, logits_all=True, verbose=False,
+                          type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32)    # F32 throughout
+    try:
+        for text in random_texts(60, seed=2):
+            assert llm.tokenize(text.encode(), add_bos=False, special=False) == tok.encode(text, bos=False), text
+        ids = tok.encode("def add(a, b):\n    return a + b  # 42", bos=False)
+        llm.eval(ids)
+        theirs = torch.tensor(llm.scores[:len(ids)])
+    finally:
+        llm.close()
+    with torch.no_grad():
+        torch.testing.assert_close(model(torch.tensor([ids]))[0], theirs, rtol=0, atol=1e-3)

@@ -168,3 +168,71 @@ def test_the_server_answers_through_the_openai_client(real_gguf, real_checkpoint
     assert reply == streamed == tok.decode([i for i in expected if i not in tok.stop_ids])
     if backend_kind == "checkpoint":
         assert "Paris" in reply and r.choices[0].finish_reason == "stop", reply
+
+
+@pytest.mark.llamacpp
+def test_the_import_exports_back_to_a_gguf_that_chats_in_llama_cpp(real_gguf, real_checkpoint, tmp_path):
+    """checkpoint -> F16 GGUF: the vocabulary written is the original file's (pieces, types,
+    merges, pre-tokenizer, BOS rule, template), the embeddings are written once (tied), and
+    llama.cpp answers the Paris question greedily from it."""
+    from quantize.export import write_gguf
+    from tinyllama.backends import load_backend
+    from tinyllama.generate import generate
+    from tinyllama.gguf_file import gguf_value, open_gguf, read_gguf_vocab
+
+    f16 = write_gguf(real_checkpoint, tmp_path / "smollm2-F16.gguf", "f16")
+    original, written = (read_gguf_vocab(p, open_gguf(p)) for p in (real_gguf, f16))
+    assert written.model == "gpt2" and written.pre == "smollm"
+    assert (written.pieces, written.types, written.merges, written.add_bos) == \
+        (original.pieces, original.types, original.merges, original.add_bos)
+    reader = open_gguf(f16)
+    assert gguf_value(reader, "tokenizer.chat_template") == gguf_value(open_gguf(real_gguf), "tokenizer.chat_template")
+    assert "output.weight" not in {t.name for t in reader.tensors}
+    backend, tok = load_backend(f16)
+    try:
+        reply = tok.decode(list(generate(backend, apply_chat_template(tok, PARIS), max_new_tokens=24,
+                                         stop_ids=tok.stop_ids)))
+    finally:
+        backend.close()
+    assert "Paris" in reply, reply
+
+
+@pytest.fixture(scope="module")
+def real_shards(real_checkpoint, tmp_path_factory):
+    """Held-out natural text (Python's help topics) and code (the json package) as token shards
+    in the real model's own vocabulary."""
+    import json as json_pkg
+    from pathlib import Path
+
+    from pydoc_data.topics import topics
+
+    from pretrain.prepare import PrepareConfig, prepare
+
+    d = tmp_path_factory.mktemp("real-shards")
+    natural = d / "natural.jsonl"
+    natural.write_text("".join(json.dumps({"text": t}) + "\n" for _, t in sorted(topics.items())))
+    for name, src, kw in [("natural", natural, {}), ("code", Path(json_pkg.__file__).parent, {"extensions": (".py",)})]:
+        prepare(PrepareConfig(source=str(src), out=d / name, workers=1, val_fraction=0.2, progress=False,
+                              tokenizer_dir=real_checkpoint, **kw))
+    return d
+
+
+def test_evaluation_on_the_real_model(real_checkpoint, real_shards, tmp_path):
+    """Perplexity on held-out text and code in its own vocabulary (the 19M CPU-default model:
+    ~290 and ~150 on its own shards), the local multiple-choice task above chance (25%), and
+    shards of another vocabulary refused."""
+    from evaluation.harness import CHANCE, LOCAL_TASK, EvalError, local_task_dir, run_tasks
+    from evaluation.perplexity import perplexity
+    from tinyllama.backends import load_backend
+
+    backend, tok = load_backend(real_checkpoint, dtype="float32")
+    try:
+        natural, _ = perplexity(backend, real_shards / "natural", 256, max_blocks=4, tokenizer=tok)
+        code, _ = perplexity(backend, real_shards / "code", 256, max_blocks=4, tokenizer=tok)
+        acc = run_tasks(backend, tok, [LOCAL_TASK], local_task_dir(tmp_path / "task"), limit=60)[LOCAL_TASK]
+        with pytest.raises(EvalError, match="shards were tokenized with a different tokenizer"):
+            perplexity(backend, real_shards / "natural", 256, tokenizer=Tokenizer.llama2())
+    finally:
+        backend.close()
+    assert natural < 40 and code < 20, (natural, code)
+    assert acc["acc_norm"] * 100 > CHANCE[LOCAL_TASK] + 10, acc

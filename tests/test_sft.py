@@ -185,6 +185,22 @@ def test_adapter_is_our_model(base_dir):
     assert hf.llama.model is hf.model                          # one module tree, shared
 
 
+def test_adapter_ties_the_embeddings_of_a_tied_model(tmp_path):
+    """A tied model (SmolLM2) stores no lm_head.weight: the adapter ties it to the embedding, as
+    transformers' LlamaForCausalLM does, instead of initialising a fresh one."""
+    from tinyllama import Tokenizer
+
+    torch.manual_seed(0)
+    save_checkpoint(Llama(ModelConfig.from_name("tinyllama-debug").replace(tie_embeddings=True)), Tokenizer.llama2(),
+                    tmp_path / "tied")
+    hf = TinyLlamaForCausalLM.from_pretrained(str(tmp_path / "tied"), dtype=torch.float32).eval()
+    ours, _ = load_checkpoint(tmp_path / "tied", dtype=torch.float32)
+    assert hf.lm_head.weight is hf.model.embed_tokens.weight is hf.llama.lm_head.weight
+    ids = torch.randint(3, 32000, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, ours(ids), rtol=0, atol=0)
+
+
 def test_adapter_loss_masks_and_packing(base_dir):
     hf = TinyLlamaForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32).eval()
     a, b = torch.randint(3, 32000, (1, 9)), torch.randint(3, 32000, (1, 6))

@@ -209,6 +209,33 @@ def apply_chat_template(tok: Tokenizer, messages: Sequence[dict], add_generation
     return ids
 
 
+def encode_for_training(tok: Tokenizer, messages: Sequence[dict], template: str | None = None
+                        ) -> tuple[list[int], list[bool]]:
+    """(ids, is_target) of a training conversation in `template` (default: the model's own,
+    template_of): is_target marks each assistant turn's tokens, found by rendering: what the
+    conversation up to and including a reply adds to the conversation up to it with the
+    generation prompt, up to and including its end-of-turn token (a stop id), as transformers'
+    assistant masks mark them. Works for any template that renders a conversation as a prefix of its longer
+    versions (ChatML, Llama-2, Zephyr: for ours the ids equal encode_chat's)."""
+    validate(messages, for_training=True)
+    ids: list[int] = []
+    target: list[bool] = []
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        prompt = apply_chat_template(tok, messages[:i], add_generation_prompt=True, template=template)
+        full = apply_chat_template(tok, messages[:i + 1], add_generation_prompt=False, template=template)
+        if prompt[:len(ids)] != ids or full[:len(prompt)] != prompt or len(full) == len(prompt):
+            raise ChatFormatError(f"turn {i}: the chat template does not render this conversation as a prefix of "
+                                  "its longer versions, so the reply's tokens cannot be told apart")
+        reply = full[len(prompt):]
+        # the reply ends at its end-of-turn token: what follows it (ChatML's "\n") is never generated
+        end = next((k + 1 for k, t in enumerate(reply) if t in tok.stop_ids), len(reply))
+        target += [False] * (len(prompt) - len(ids)) + [True] * end + [False] * (len(reply) - end)
+        ids = full
+    return ids, target
+
+
 def _special_strings(tok: Tokenizer) -> dict[int, str]:
     """id -> text of the tokens a template may write as special (<s>, </s>, <unk>, added ones)."""
     found = {i: t.content for i, t in tok.backend.get_added_tokens_decoder().items() if t.special}

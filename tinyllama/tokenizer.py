@@ -27,6 +27,7 @@ CLI:  python -m tinyllama tokenizer build [--sdist FILE | --gguf FILE] [--out DI
 
 from __future__ import annotations
 
+import copy
 import functools
 import hashlib
 import json
@@ -144,6 +145,17 @@ class Tokenizer:
                    pad_id=ids.get("pad"), chat_template=gguf_value(reader, "tokenizer.chat_template"),
                    source=str(gguf_path), sp_model=sp, stop_ids=[ids[k] for k in ("eot", "eom") if k in ids],
                    add_bos=vocab.add_bos)
+
+    @property
+    def generation_eos(self) -> int | list[int]:
+        """generation_config.json's eos_token_id: EOS, or every id that ends a reply."""
+        return self.stop_ids[0] if len(self.stop_ids) == 1 else list(self.stop_ids)
+
+    def with_template(self, chat_template: str | None) -> "Tokenizer":
+        """The same tokenizer chatting in another template (what SFT writes beside its model)."""
+        other = copy.copy(self)
+        other.chat_template = chat_template
+        return other
 
     # ---- encode / decode ---------------------------------------------------------------
     @property

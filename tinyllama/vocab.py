@@ -138,9 +138,7 @@ def byte_level_backend(vocab: GGUFVocab, where: str | Path) -> HFTokenizer:
         raise UserError(f"{where}: tokenizer.ggml.merges holds an entry that is not two pieces separated by a space")
     backend = HFTokenizer(BPE(vocab={p: i for i, p in enumerate(vocab.pieces)}, merges=merges,
                               ignore_merges=ignore_merges, fuse_unk=False, byte_fallback=False))
-    backend.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in splits]
-        + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    backend.pre_tokenizer = _family_pre_tokenizer(splits)
     backend.decoder = decoders.ByteLevel()
     # control tokens are special (typed in text they stay text: Tokenizer sets encode_special_tokens);
     # user-defined ones are matched in raw text before BPE, as llama.cpp does (MPT's space runs)
@@ -153,3 +151,43 @@ def byte_level_backend(vocab: GGUFVocab, where: str | Path) -> HFTokenizer:
         backend.post_processor = processors.TemplateProcessing(
             single=f"{bos}:0 $A:0", pair=f"{bos}:0 $A:0 {bos}:1 $B:1", special_tokens=[(bos, vocab.ids["bos"])])
     return backend
+
+
+# Text that tells the pre-tokenizer families apart (digits, contractions, whitespace runs, line
+# breaks, punctuation runs, letters of several scripts)
+_FAMILY_PROBE = ("Hello world! It's 2024: 12345 apples, 3.14 pies... they'LL go\n\n  \tIndented — naïve 東京 "
+                 "🦙's   end\r\n$x+=1;  ")
+
+
+def _family_pre_tokenizer(splits: list[str]):
+    return pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(r), behavior="isolated") for r in splits]
+                                   + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+
+
+def pre_tokenizer_name(backend: HFTokenizer) -> str | None:
+    """The llama.cpp name (tokenizer.ggml.pre) of the family whose pre-tokenizer cuts text as
+    `backend`'s does, or None: the inverse of PRE_TOKENIZERS, by behaviour on a probe text (as
+    llama.cpp's converter identifies a tokenizer by what it does, not by its class)."""
+    if backend.pre_tokenizer is None:
+        return None
+    cut = [piece for piece, _ in backend.pre_tokenizer.pre_tokenize_str(_FAMILY_PROBE)]
+    for names, splits, _ in PRE_TOKENIZERS:
+        if [piece for piece, _ in _family_pre_tokenizer(splits).pre_tokenize_str(_FAMILY_PROBE)] == cut:
+            return names[0]
+    return None
+
+
+def is_byte_level(backend: HFTokenizer) -> bool:
+    """A GPT-2-style vocabulary: text cut, then its bytes mapped to printable characters."""
+    import json
+
+    decoder = json.loads(backend.to_str()).get("decoder") or {}
+    return decoder.get("type") == "ByteLevel"
+
+
+def bpe_merges(backend: HFTokenizer) -> list[str]:
+    """The ranked merges of a BPE backend, as "a b" strings (GGUF's tokenizer.ggml.merges)."""
+    import json
+
+    merges = json.loads(backend.to_str())["model"].get("merges") or []
+    return [m if isinstance(m, str) else " ".join(m) for m in merges]
