@@ -1,6 +1,7 @@
 """Batch-1 greedy decode speed: our generator vs the reference on the same model, in one run.
 
     python -m bench.decode [--tokens 64] [--presets tinyllama-19m tinyllama-1.1b] [--dtypes float32 bfloat16] [--no-gguf]
+    python -m bench.decode --real-model        # SmolLM2-135M-Instruct: its import, and its Q4_1 GGUF
 
 PyTorch rows: `tinyllama.generate` on our model vs `transformers` `generate` on
 LlamaForCausalLM (sdpa, static KV cache off, the default dynamic cache), same random weights,
@@ -56,25 +57,31 @@ def _best_interleaved(ours, theirs, repeats: int) -> tuple[float, float]:
 
 
 def torch_rows(preset: str, dtype: torch.dtype, n: int, repeats: int = 5) -> tuple:
-    from transformers import LlamaForCausalLM
-
-    from tinyllama import Llama, ModelConfig, Tokenizer, load_checkpoint, save_checkpoint
-    from tinyllama.backends import TorchBackend
+    from tinyllama import Llama, ModelConfig, Tokenizer, save_checkpoint
 
     with tempfile.TemporaryDirectory() as tmp:
         torch.manual_seed(0)
         save_checkpoint(Llama(ModelConfig.from_name(preset)).to(dtype), Tokenizer.llama2(), Path(tmp) / "m")
-        ours = TorchBackend(load_checkpoint(Path(tmp) / "m", dtype=dtype)[0])    # as load_backend runs it
-        hf = LlamaForCausalLM.from_pretrained(Path(tmp) / "m", dtype=dtype, attn_implementation="sdpa").eval()
-    prompt = list(range(1, 33))
+        return checkpoint_row(Path(tmp) / "m", preset, dtype, n, list(range(1, 33)), repeats)
+
+
+def checkpoint_row(path: Path, label: str, dtype: torch.dtype, n: int, prompt: list[int], repeats: int = 5) -> tuple:
+    """Ours against transformers' LlamaForCausalLM on one checkpoint directory, both in `dtype`."""
+    from transformers import LlamaForCausalLM
+
+    from tinyllama import load_checkpoint
+    from tinyllama.backends import TorchBackend
+
+    ours = TorchBackend(load_checkpoint(path, dtype=dtype)[0])    # as load_backend runs it
+    hf = LlamaForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa").eval()
     _ours_torch(ours, prompt, 4), _hf(hf, prompt, 4)                          # warm-up
     o, h = _best_interleaved(lambda: _ours_torch(ours, prompt, n), lambda: _hf(hf, prompt, n), repeats)
     ours.close()
-    name = f"{preset} {str(dtype).removeprefix('torch.')} (PyTorch)"
+    name = f"{label} {str(dtype).removeprefix('torch.')} (PyTorch)"
     return (name, f"{o:,.1f} tok/s", f"{h:,.1f} tok/s (transformers generate)", f"{o / h:.2f}x")
 
 
-def gguf_row(gguf: Path, n: int, repeats: int = 5) -> tuple:
+def gguf_row(gguf: Path, n: int, repeats: int = 5, prompt: list[int] | None = None) -> tuple:
     import llama_cpp
 
     from tinyllama.backends import GGUFBackend
@@ -82,7 +89,8 @@ def gguf_row(gguf: Path, n: int, repeats: int = 5) -> tuple:
 
     backend = GGUFBackend(gguf, n_ctx=512)
     llm = llama_cpp.Llama(model_path=str(gguf), n_ctx=512, verbose=False, n_threads=backend.llm.n_threads)
-    prompt = list(range(1, 33))
+    prompt = prompt or list(range(1, 33))
+    eos = llama_cpp.llama_vocab_eos(llm._model.vocab)
     try:
         def ours() -> float:
             backend.reset()
@@ -97,7 +105,7 @@ def gguf_row(gguf: Path, n: int, repeats: int = 5) -> tuple:
             llm.create_completion(prompt, max_tokens=1, temperature=0.0)
             t1 = time.perf_counter()
             llm.reset()
-            out = llm.create_completion(prompt, max_tokens=n, temperature=0.0, logit_bias={2: -1e9})
+            out = llm.create_completion(prompt, max_tokens=n, temperature=0.0, logit_bias={eos: -1e9})
             t2 = time.perf_counter()
             got = out["usage"]["completion_tokens"]
             return (got - 1) / ((t2 - t1) - (t1 - t0))
@@ -135,13 +143,40 @@ def run(presets=("tinyllama-19m", "tinyllama-1.1b"), n: int = 64, gguf_preset: s
     return markdown_table(head, rows)
 
 
+def real_model_rows(n: int, repeats: int = 5) -> str:
+    """SmolLM2-135M-Instruct: its float32 import against transformers, its Q4_1 GGUF against
+    llama.cpp's own loop; the prompt is a chat turn in its template."""
+    from quantize.gguf_import import import_gguf
+    from tinyllama import real_model
+    from tinyllama.chat import apply_chat_template
+    from tinyllama.tokenizer import Tokenizer
+
+    gguf = real_model.path()
+    if gguf is None:
+        raise SystemExit(f"error: {real_model.absent_reason()}")
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = import_gguf(gguf, Path(tmp) / "smollm2", say=lambda _: None)
+        tok = Tokenizer.from_dir(ckpt)
+        prompt = apply_chat_template(tok, [{"role": "user", "content": "Write a short story about a lighthouse."}])
+        rows = [checkpoint_row(ckpt, "SmolLM2-135M-Instruct", torch.float32, n, prompt, repeats),
+                gguf_row(gguf, n, repeats, prompt)]
+    head = (f"model (batch 1, greedy, {n} new tokens, {len(prompt)}-token chat prompt)", "ours (tinyllama.generate)",
+            "reference", "ours vs ref")
+    return markdown_table(head, rows)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--presets", nargs="+", default=["tinyllama-19m", "tinyllama-1.1b"])
     ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--no-gguf", action="store_true", help="skip the GGUF (llama.cpp) row")
+    ap.add_argument("--real-model", action="store_true",
+                    help="SmolLM2-135M-Instruct instead (make real-model): its import and its own GGUF")
     args = ap.parse_args(argv)
+    if args.real_model:
+        print(real_model_rows(args.tokens))
+        return 0
     print(run(args.presets, args.tokens, dtypes=args.dtypes, gguf=not args.no_gguf))
     return 0
 

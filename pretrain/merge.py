@@ -16,6 +16,7 @@ import numpy as np
 
 from tinyllama.atomic import atomic_dir
 from tinyllama.errors import UserError
+from tinyllama.tokenizer import packed_dtype
 
 from .parts import Plan, first_error, is_done, progress_bar, read_part, remove
 from .shards import FORMAT, ShardWriter
@@ -58,8 +59,9 @@ def merge(work: Path, plan: Plan, progress=None) -> dict:
     period = max(2, round(1 / s["val_fraction"])) if s["val_fraction"] > 0 else 0
     counts = {"empty": 0, "bad": 0, "filtered": 0, "repaired_utf8": 0, "examples": []}
     with atomic_dir(out) as tmp:
-        writers = {"train": ShardWriter(tmp, "train", s["shard_tokens"]),
-                   "validation": ShardWriter(tmp, "validation", s["shard_tokens"])}
+        dtype = packed_dtype(s["tokenizer_info"]["vocab_size"])
+        writers = {"train": ShardWriter(tmp, "train", s["shard_tokens"], dtype),
+                   "validation": ShardWriter(tmp, "validation", s["shard_tokens"], dtype)}
         index = 0                                        # documents merged so far
         for u in range(len(plan.units)):
             tokens, lengths, info = read_part(work, u)
@@ -81,7 +83,7 @@ def merge(work: Path, plan: Plan, progress=None) -> dict:
             "format": FORMAT,
             "name": s["name"],
             "source": s["source"],
-            "dtype": "uint16",
+            "dtype": dtype.name,
             "tokenizer": s["tokenizer_info"],
             "separator_policy": SEPARATOR_POLICY,
             "val_fraction": s["val_fraction"],

@@ -3,7 +3,8 @@
     <out>.prepare/  (a hidden sibling of the output folder: `.NAME.prepare`)
       plan.json               the arguments, the tokenizer fingerprint, the units, the input files'
                               sizes and mtimes: a resumed run must match it
-      parts/u-000042.tok      unit 42's documents, BOS + ids + EOS each, uint16 little-endian
+      parts/u-000042.tok      unit 42's documents, BOS + ids + EOS each, uint16 (uint32 for vocabularies
+                              over 65,536 ids) little-endian
       parts/u-000042.len      each document's length in tokens, uint32 little-endian
       parts/u-000042.json     its counts and skip statistics; written last, so it marks the unit done
       parts/u-000042.error    a unit that failed on bad input: the message (the run stops)
@@ -84,9 +85,9 @@ def done_units(work: Path) -> set[int]:
 
 
 def read_part(work: Path, index: int) -> tuple[np.ndarray, np.ndarray, dict]:
-    """(tokens uint16, document lengths uint32, counts) of a finished unit."""
+    """(tokens uint16 or uint32, document lengths uint32, counts) of a finished unit."""
     info = json.loads(part_path(work, index, "json").read_text())
-    tokens = np.fromfile(part_path(work, index, "tok"), dtype="<u2")
+    tokens = np.fromfile(part_path(work, index, "tok"), dtype=np.dtype(info.get("dtype", "uint16")).newbyteorder("<"))
     lengths = np.fromfile(part_path(work, index, "len"), dtype="<u4")
     if len(tokens) != info["tokens"] or len(lengths) != info["documents"]:
         raise UserError(f"{part_path(work, index, 'tok')}: damaged ({len(tokens)} tokens, {len(lengths)} documents; "
@@ -113,7 +114,8 @@ def tokenize_unit(work: Path, plan: Plan, index: int, tok: Tokenizer, *, chunk_d
             fl.write(lengths.astype("<u4").tobytes())
             documents += len(lengths)
             tokens += len(ids)
-    info = {"unit": index, "documents": documents, "tokens": tokens, "stats": asdict(stats)}
+    info = {"unit": index, "documents": documents, "tokens": tokens, "dtype": tok.packed_dtype.name,
+            "stats": asdict(stats)}
     _write_atomic(part_path(work, index, "json"), (json.dumps(info) + "\n").encode())
     return info
 

@@ -1,4 +1,4 @@
-"""Raw text or code -> packed uint16 token shards plus a manifest, for one source.
+"""Raw text or code -> packed token shards (uint16; uint32 past 65,536 ids) plus a manifest, for one source.
 
     python -m pretrain.prepare data/raw/natural.jsonl --out data/tokens/natural
     python -m pretrain.prepare /usr/lib/python3.11 --out data/tokens/code --extensions .py --exclude test tests
@@ -6,8 +6,8 @@
     python -m pretrain.prepare cerebras/SlimPajama-627B --out /shared/tok/sp --executor slurm --tasks 1000
 
 Format (`tinyllama-packed-v1`), in the output directory:
-  train-00000.bin ...       token ids, uint16 little-endian, `shard_tokens` per shard; the last
-  validation-00000.bin ...  shard of a split holds what is left and is never padded
+  train-00000.bin ...       token ids, little-endian uint16 (uint32 past 65,536 ids), `shard_tokens`
+  validation-00000.bin ...  per shard; the last shard of a split holds what is left, never padded
   manifest.json             tokenizer fingerprint, document/token counts, per-shard sha256 and
                             token count, the separator policy, what was skipped and why
 Separator policy: every document is `BOS + tokens + EOS`, documents are concatenated, and
@@ -112,10 +112,7 @@ class PrepareConfig:
 
 
 def _load_tokenizer(cfg: PrepareConfig) -> Tokenizer:
-    tok = Tokenizer.from_dir(cfg.tokenizer_dir) if cfg.tokenizer_dir else Tokenizer.llama2()
-    if tok.vocab_size > 65536:
-        raise UserError(f"tokenizer has {tok.vocab_size} tokens; uint16 shards hold at most 65536")
-    return tok
+    return Tokenizer.from_dir(cfg.tokenizer_dir) if cfg.tokenizer_dir else Tokenizer.llama2()
 
 
 def prepare(cfg: PrepareConfig) -> dict | None:

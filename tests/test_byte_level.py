@@ -156,3 +156,48 @@ def test_a_byte_level_checkpoint_exports_to_a_gguf_llama_cpp_reads_alike(tokeniz
         llm.close()
     with torch.no_grad():
         torch.testing.assert_close(model(torch.tensor([ids]))[0], theirs, rtol=0, atol=1e-3)
+
+
+def test_a_llama_3_vocabulary_runs_end_to_end_in_uint32_shards(tokenizers, tmp_path):
+    """128,256 ids do not fit uint16: shards are uint32, their ids equal encode's, and continued
+    pretraining and perplexity run on them from a checkpoint with that vocabulary."""
+    import json
+
+    import numpy as np
+    import torch
+
+    from evaluation.perplexity import perplexity
+    from pretrain.config import TrainConfig
+    from pretrain.prepare import PrepareConfig, prepare
+    from pretrain.shards import PackedSource
+    from pretrain.train import train
+    from tinyllama.backends import load_backend
+    from tinyllama.checkpoint import save_checkpoint
+    from tinyllama.config import ModelConfig
+    from tinyllama.model import Llama
+
+    tok = tokenizers["llama-bpe"]
+    texts = [f"Привет, как дела? Grüße aus München, 日本語のテキスト {i}. def f(x): return x * {i}" for i in range(40)]
+    assert max(tok.encode(texts[0])) > 65535
+    torch.manual_seed(0)
+    save_checkpoint(Llama(ModelConfig.from_name("tinyllama-debug").replace(vocab_size=tok.vocab_size)), tok,
+                    tmp_path / "base")
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    manifest = prepare(PrepareConfig(source=str(tmp_path / "d.jsonl"), out=tmp_path / "tokens", workers=1,
+                                     tokenizer_dir=tmp_path / "base", val_fraction=0.2, progress=False))
+    assert manifest["dtype"] == "uint32"
+    src = PackedSource(tmp_path / "tokens", split="train", verify=True)
+    train_texts = [t for i, t in enumerate(texts) if i % 5 != 2]          # one in five is held out
+    expected = np.concatenate([tok.encode(t) + [tok.eos_id] for t in train_texts])
+    assert np.array_equal(src.read(0, src.tokens), expected)
+
+    result = train(TrainConfig(init_from=str(tmp_path / "base"), data={"natural": str(tmp_path / "tokens")},
+                               weights={"natural": 1.0}, seq_len=32, micro_batch=2, global_batch_tokens=64,
+                               max_steps=2, warmup_steps=1, dtype="float32", out_dir=str(tmp_path / "run"),
+                               save_every=0, eval_every=0, log_every=1, sample_tokens=0, tensorboard=False,
+                               progress=False))
+    assert np.isfinite(result["loss"])
+    backend, run_tok = load_backend(tmp_path / "run" / "final", dtype="float32")
+    assert run_tok.vocab_size == 128256 and run_tok.fingerprint == tok.fingerprint
+    ppl, n = perplexity(backend, tmp_path / "tokens", seq_len=16, max_blocks=4, tokenizer=run_tok)
+    assert n > 0 and 1 < ppl < float("inf")

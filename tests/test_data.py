@@ -293,6 +293,26 @@ def test_damaged_shards_are_detected(tmp_path):
         PackedSource(tmp_path / "missing")
 
 
+def test_uint32_shards_hold_ids_past_65535_and_say_so(tmp_path):
+    ids = np.arange(70000, 73000, dtype=np.uint32)
+    w = ShardWriter(tmp_path, "train", 1000, dtype=np.dtype("<u4"))
+    w.add(ids)
+    manifest = {"format": "tinyllama-packed-v1", "name": "wide", "dtype": "uint32", "tokenizer": {"fingerprint": "fp"},
+                "splits": {"train": w.close()}}
+    assert (tmp_path / "train-00000.bin").stat().st_size == 4 * 1000
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    src = PackedSource(tmp_path)
+    assert src.read(990, 20).tolist() == list(range(70990, 71010))     # across a shard boundary
+    manifest["dtype"] = "float32"
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ShardError, match="manifest.json: dtype 'float32'; token shards are 'uint16' or 'uint32'"):
+        PackedSource(tmp_path)
+    manifest["dtype"] = "uint16"                                        # 4-byte ids read as 2-byte ones
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ShardError, match="train-00000.bin: 4000 bytes, manifest.json says 2000"):
+        PackedSource(tmp_path)
+
+
 def test_source_smaller_than_a_block(tmp_path):
     a = synthetic_source(tmp_path / "a", 20)
     with pytest.raises(ShardError, match="fewer than one block"):

@@ -197,7 +197,7 @@ def test_llama2_prompt_layout_and_stop_ids(tiny_chat_checkpoint, tmp_path):
     assert ids[:4] == [1, 518, 25580, 29962] and ids.count(1) == 2 and ids.count(2) == 1
     assert tok.decode(ids, skip_special=False).startswith("<s> [INST] <<SYS>>\nYou are terse.\n<</SYS>>")
     assert tok.stop_ids == (2, 7)
-    assert template_of(tok)[1].startswith("the model's own")
+    assert template_of(tok)[1].startswith("Llama-2 [INST], the model's own")
 
 
 def test_template_sources_as_transformers_reads_them(tiny_chat_checkpoint, tmp_path):
@@ -332,7 +332,7 @@ def test_complete_cli(offline_hub, capsys, model, draft):
     assert main(argv) == 0, capsys.readouterr().err
     err = capsys.readouterr().err
     assert f"model: {model.split('/llama2')[0] + ':F16' if model.endswith('.gguf') else model}:" in err
-    assert "chat template: the model's own" in err
+    assert "chat template: Llama-2 [INST], the model's own" in err
 
 
 def test_serve_cli_refuses_a_bad_reference_with_one_line(offline_hub, capsys):
@@ -367,7 +367,8 @@ def test_sft_and_distill_clis_from_hub_ids(offline_hub, tmp_path, capsys):
     summary = json.loads((tmp_path / "chat" / "sft_summary.json").read_text())
     adapter = json.loads((tmp_path / "chat" / "adapter" / "adapter_config.json").read_text())
     assert summary["base"] == "acme/llama2-chat" == adapter["base_model_name_or_path"]
-    assert Tokenizer.from_dir(tmp_path / "chat").chat_template == CHAT_TEMPLATE     # SFT writes our template
+    # SFT trains and writes the base model's own template (Llama-2's here), not ours
+    assert Tokenizer.from_dir(tmp_path / "chat").chat_template == LLAMA2
 
 
 @pytest.mark.dtype_auto

@@ -236,3 +236,124 @@ def test_evaluation_on_the_real_model(real_checkpoint, real_shards, tmp_path):
         backend.close()
     assert natural < 40 and code < 20, (natural, code)
     assert acc["acc_norm"] * 100 > CHANCE[LOCAL_TASK] + 10, acc
+
+
+def test_continued_pretraining_starts_from_the_models_own_loss(real_checkpoint, real_shards, tmp_path):
+    """pretrain --init-from the imported model: its first logged loss on shards in its own
+    vocabulary sits near its held-out loss there, not at a random start's ln(49,152) = 10.8."""
+    import math
+
+    from evaluation.perplexity import perplexity
+    from pretrain.config import TrainConfig
+    from pretrain.train import train
+    from tinyllama.backends import load_backend
+
+    backend, tok = load_backend(real_checkpoint, dtype="float32")
+    try:
+        held_out, _ = perplexity(backend, real_shards / "natural", 256, max_blocks=4, tokenizer=tok)
+    finally:
+        backend.close()
+    train(TrainConfig(init_from=str(real_checkpoint), data={"natural": str(real_shards / "natural")},
+                      weights={"natural": 1.0}, seq_len=256, micro_batch=2, global_batch_tokens=512, max_steps=1,
+                      lr=1e-5, min_lr=1e-6, warmup_steps=0, dtype="float32", out_dir=str(tmp_path / "run"), save_every=0,
+                      eval_every=0, log_every=1, sample_tokens=0, tensorboard=False, progress=False))
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    first = next(r["loss"] for r in rows if "loss" in r)
+    assert abs(first - math.log(held_out)) < 0.75, (first, math.log(held_out))
+
+
+def test_inspect_shows_the_gguf_and_its_import(real_gguf, real_checkpoint, capsys):
+    from tinyllama.__main__ import main
+
+    assert main(["inspect", str(real_gguf)]) == 0
+    gguf = capsys.readouterr().out
+    assert "architecture llama, Q4_1, 134,515,008 parameters" in gguf and "30 layers, d_model 576" in gguf
+    assert "tokenizer: byte-level BPE (pre-tokenizer smollm), 49,152 tokens, BOS 1 not added" in gguf
+    assert "chat template: ChatML" in gguf
+    assert main(["inspect", str(real_checkpoint)]) == 0
+    ckpt = capsys.readouterr().out
+    assert "134,515,008 parameters (torch.float32), 30 layers" in ckpt and "RoPE θ 100000, tied embeddings" in ckpt
+    assert "imported from SmolLM2-135M-Instruct.Q4_1.gguf (dequantized from F32, Q4_1, Q8_0)" in ckpt
+    assert "chat template: ChatML" in ckpt
+
+
+@pytest.mark.llamacpp
+def test_complete_names_the_template_it_chats_in(real_gguf, capsys):
+    from lifecycle import main
+
+    assert main(["complete", "--model", str(real_gguf), "--chat", "--prompt", "What is the capital of France?",
+                 "--max-tokens", "8", "--temperature", "0"]) == 0
+    captured = capsys.readouterr()
+    assert "chat template: ChatML, the model's own" in captured.err and captured.out.strip()
+
+
+@pytest.fixture(scope="module")
+def real_sft_data(tmp_path_factory):
+    """The first 60 conversations of the shipped Guanaco-format sample (Python Q&A)."""
+    from sft.data import SAMPLE_PATH
+
+    path = tmp_path_factory.mktemp("sft-data") / "sample60.jsonl"
+    path.write_text("".join(SAMPLE_PATH.read_text().splitlines(keepends=True)[:60]))
+    return path
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_sft_on_the_real_model(real_checkpoint, real_sft_data, tmp_path, method):
+    """LoRA and QLoRA from SmolLM2 in its own ChatML template: the held-out assistant-token loss
+    falls, the merged model still names Paris, and (LoRA) its F16 GGUF does too in llama.cpp."""
+    from sft.train import SFTArgs, run_sft
+    from tinyllama.backends import load_backend
+    from tinyllama.generate import generate
+
+    if method == "qlora":
+        pytest.importorskip("bitsandbytes")
+    out = tmp_path / method
+    result = run_sft(SFTArgs(base=real_checkpoint, out=out, data=str(real_sft_data), method=method, max_steps=4,
+                             lr=1e-3, batch_size=4, max_len=256, eval_fraction=0.1, progress=False, dtype="float32",
+                             logging_steps=1))
+    s = result.summary
+    assert s["eval_loss_after"] < s["eval_loss_before"] - 0.1, s
+    tok_cfg = json.loads((out / "tokenizer_config.json").read_text())
+    assert "<|im_start|>" in tok_cfg["chat_template"]
+    models = [out]
+    if method == "lora":
+        from quantize.export import write_gguf
+
+        models.append(write_gguf(out, tmp_path / "chat-F16.gguf", "f16"))
+    for model in models:
+        backend, tok = load_backend(model, dtype="float32")
+        try:
+            ids = list(generate(backend, apply_chat_template(tok, PARIS), max_new_tokens=16, stop_ids=tok.stop_ids))
+        finally:
+            backend.close()
+        assert "Paris" in tok.decode(ids), (model, tok.decode(ids))
+
+
+@pytest.mark.slow
+def test_the_demo_answers_through_gradio(real_checkpoint):
+    """The Gradio app on the imported model, through gradio_client: a streamed ChatML reply
+    naming Paris, with the speed line."""
+    pytest.importorskip("gradio")
+    gradio_client = pytest.importorskip("gradio_client")
+    import socket
+
+    from demo.app import DEFAULT_SYSTEM, build_app, message_text
+    from serve.engine import Engine
+
+    engine = Engine.load(str(real_checkpoint), None, dtype="float32")
+    app = build_app(engine).queue(default_concurrency_limit=1)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    app.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    try:
+        client = gradio_client.Client(f"http://127.0.0.1:{port}/", verbose=False)
+        job = client.submit(PARIS[0]["content"], [], DEFAULT_SYSTEM, 0.0, 1.0, 24, False, api_name="/chat")
+        updates = list(job)
+        history, _, stats = job.result()
+    finally:
+        app.close()
+        engine.close()
+    assert engine.template_origin.startswith("ChatML, the model's own")
+    assert "Paris" in message_text(history[-1]["content"]) and len(updates) > 2 and "tok/s" in stats

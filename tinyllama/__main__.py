@@ -3,6 +3,7 @@
     python -m tinyllama presets
     python -m tinyllama init --preset tinyllama-19m --out out/init
     python -m tinyllama inspect out/init --verify-hf
+    python -m tinyllama inspect SmolLM2-135M-Instruct.Q4_1.gguf
     python -m tinyllama tokenizer build            # make setup runs this
     python -m tinyllama tokenizer encode "Hello world"
 """
@@ -10,6 +11,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -57,14 +59,21 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     from .hub import resolve_model
 
+    if Path(args.dir).suffix == ".gguf" and Path(args.dir).is_file():
+        return inspect_gguf(Path(args.dir))
     typed, args.dir = args.dir, str(resolve_model(args.dir, kinds=("checkpoint",), flag="inspect").path)
     model, tok = load_checkpoint(args.dir)
     cfg = model.config
     dtype = next(model.parameters()).dtype
     print(f"{typed}: {cfg.name}, {model.num_params():,} parameters ({dtype}), "
           f"{cfg.n_layer} layers, d_model {cfg.d_model}, {cfg.n_head} heads / {cfg.n_kv_head} KV groups, "
-          f"ffn {cfg.ffn_dim}, vocab {cfg.vocab_size}, context {cfg.max_seq_len}; loaded in {time.perf_counter() - t0:.2f}s")
-    print(f"tokenizer: {tok}")
+          f"ffn {cfg.ffn_dim}, vocab {cfg.vocab_size}, context {cfg.max_seq_len}, RoPE θ {cfg.rope_base:g}"
+          f"{', tied embeddings' if cfg.tie_embeddings else ''}; loaded in {time.perf_counter() - t0:.2f}s")
+    print(f"tokenizer: {describe_tokenizer(tok)}")
+    imported = Path(args.dir) / "import.json"
+    if imported.is_file():
+        record = json.loads(imported.read_text())
+        print(f"imported from {record['source']} (dequantized from {', '.join(record['tensor_types'])})")
     ids = torch.tensor([tok.encode(args.text)])
     if ids.shape[1] < 2:
         print("error: --text needs at least one token to score after BOS", file=sys.stderr)
@@ -88,6 +97,45 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         print(f"transformers.LlamaForCausalLM on the same directory: max |Δlogit| = {diff:.2e} ({status}, tolerance {tol:g})")
         if diff >= tol:
             return 1
+    return 0
+
+
+def describe_tokenizer(tok: Tokenizer) -> str:
+    """One line: the vocabulary's kind and size, BOS/EOS, and the chat template's family."""
+    from .chat import template_family
+    from .vocab import is_byte_level, pre_tokenizer_name
+
+    kind = f"byte-level BPE (pre-tokenizer {pre_tokenizer_name(tok.backend) or '?'})" if is_byte_level(tok.backend) \
+        else "SentencePiece BPE"
+    template = template_family(tok.chat_template) if tok.chat_template else "none"
+    return (f"{kind}, {tok.vocab_size:,} tokens, BOS {tok.bos_id} {'added' if tok.add_bos else 'not added'}, "
+            f"EOS {tok.eos_id}, stop ids {list(tok.stop_ids)}, chat template: {template}")
+
+
+def inspect_gguf(path: Path) -> int:
+    """A GGUF's architecture, shape, quantization and tokenizer, from its metadata (llama.cpp
+    runs it; `python -m quantize import` turns a Llama one into a checkpoint)."""
+    from collections import Counter
+
+    from .gguf_file import VocabularyNotRead, file_type_name, gguf_value, open_gguf
+
+    reader = open_gguf(path)
+    arch = gguf_value(reader, "general.architecture")
+    shape = {k: gguf_value(reader, f"{arch}.{k}") for k in
+             ("block_count", "embedding_length", "attention.head_count", "attention.head_count_kv",
+              "feed_forward_length", "context_length", "rope.freq_base")}
+    params = sum(int(t.n_elements) for t in reader.tensors)
+    types = Counter(t.tensor_type.name for t in reader.tensors)
+    print(f"{path}: {gguf_value(reader, 'general.name') or path.stem}, architecture {arch}, "
+          f"{file_type_name(reader)}, {params:,} parameters, {path.stat().st_size / 2**20:.1f} MiB; "
+          f"{shape['block_count']} layers, d_model {shape['embedding_length']}, {shape['attention.head_count']} heads / "
+          f"{shape['attention.head_count_kv']} KV groups, ffn {shape['feed_forward_length']}, "
+          f"context {shape['context_length']}, RoPE θ {shape['rope.freq_base'] or 10000:g}")
+    print("tensor types: " + ", ".join(f"{name} {n}" for name, n in types.most_common()))
+    try:
+        print(f"tokenizer: {describe_tokenizer(Tokenizer.from_gguf_vocab(path, reader=reader))}")
+    except VocabularyNotRead as e:          # llama.cpp still tokenizes it when serving the file
+        print(f"tokenizer: not rebuilt here ({str(e).removeprefix(f'{path}: ')}); llama.cpp's own is used to serve it")
     return 0
 
 
@@ -115,8 +163,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--preset", default="tinyllama-19m", choices=sorted(PRESETS), help="model shape (default: %(default)s)")
     p.add_argument("--out", required=True, help="output directory (written atomically)")
     p.add_argument("--seed", type=int, default=0, help="initialisation seed (default: %(default)s)")
-    p = sub.add_parser("inspect", help="load a checkpoint directory, print its shape and a perplexity")
-    p.add_argument("dir", help="an HF-format Llama directory (ours or TinyLlama's) or a hub id (org/name[@REV])")
+    p = sub.add_parser("inspect", help="print a checkpoint's shape, tokenizer and a perplexity, or a GGUF's metadata")
+    p.add_argument("dir", help="an HF-format Llama directory (ours or TinyLlama's), a hub id (org/name[@REV]) "
+                               "or a .gguf file")
     p.add_argument("--text", default="The quick brown fox jumps over the lazy dog.", help="text to score")
     p.add_argument("--verify-hf", action="store_true",
                    help="also load the directory with transformers and compare logits")

@@ -1,7 +1,8 @@
 """The two things the generator can run: our PyTorch model and a GGUF file in llama.cpp.
 
     backend = load_backend("out/sft")                         # HF-format directory -> PyTorch
-    backend = load_backend("out/gguf/x-Q4_K_M.gguf")          # GGUF -> llama.cpp (llama-cpp-python)
+    backend = load_backend("out/gguf/x-Q4_K_M.gguf")          # GGUF -> llama.cpp (llama-cpp-python),
+                                                              # any architecture llama.cpp runs
     logits = backend.logits(context_ids, n_last=3)            # (3, vocab) float32
 
 Both keep a KV cache of the last context they saw. `logits(context, n_last)` reuses the longest
@@ -21,7 +22,7 @@ import torch
 
 from .devices import gguf_gpu_layers, resolve_device
 from .errors import NotFound, UserError
-from .gguf_file import file_type_name, gguf_value, open_gguf
+from .gguf_file import VocabularyNotRead, file_type_name, gguf_value, open_gguf
 from .graphs import StaticDecoder
 from .hub import ModelRef, resolve_model
 from .model import Llama
@@ -169,7 +170,8 @@ class TorchBackend(Backend):
 
 
 class GGUFBackend(Backend):
-    """A GGUF in llama.cpp through llama-cpp-python, logits at every position (logits_all)."""
+    """A GGUF in llama.cpp through llama-cpp-python, logits at every position (logits_all): any
+    architecture llama.cpp runs whose KV cache can be cut back (not recurrent ones)."""
 
     def __init__(self, path: str | os.PathLike, n_ctx: int = 2048, n_threads: int | None = None,
                  reader=None, n_gpu_layers: int = 0) -> None:
@@ -184,10 +186,8 @@ class GGUFBackend(Backend):
             raise NotFound(f"{path}: no such GGUF file")
         self._llama_cpp = llama_cpp
         reader = reader if reader is not None else open_gguf(path)
-        arch = gguf_value(reader, "general.architecture")
-        if arch != "llama":      # our tokenizer, chat format and cache logic are Llama's
-            raise UserError(f"{path}: general.architecture is {arch!r}; only Llama-architecture GGUFs are supported")
-        trained = gguf_value(reader, "llama.context_length")
+        self.architecture = gguf_value(reader, "general.architecture")
+        trained = gguf_value(reader, f"{self.architecture}.context_length")
         if trained:
             n_ctx = min(n_ctx, int(trained))     # no longer than the model was trained for
         try:
@@ -196,6 +196,10 @@ class GGUFBackend(Backend):
                                        n_gpu_layers=n_gpu_layers)
         except ValueError as e:
             raise UserError(f"{path}: llama.cpp cannot load this file ({e})") from None
+        if llama_cpp.llama_model_is_recurrent(self.llm._model.model):
+            self.llm.close()             # its state cannot be cut back to a shorter context
+            raise UserError(f"{path}: general.architecture is {self.architecture!r}, a recurrent model; the "
+                            "generator rolls contexts back (speculative drafts, shared prefixes), which needs a KV cache")
         self.name = path.name
         self.path = path
         offload = llama_cpp.llama_supports_gpu_offload() and n_gpu_layers != 0
@@ -235,6 +239,78 @@ class GGUFBackend(Backend):
     def close(self) -> None:
         self.llm.close()
 
+    def tokenizer(self, reader) -> Tokenizer:
+        """The file's tokenizer: for a Llama GGUF whose vocabulary is read here, rebuilt with
+        `tokenizers` (ids equal llama.cpp's; it also saves as tokenizer.json); for any other,
+        llama.cpp's own through this loaded file."""
+        if self.architecture == "llama":
+            try:
+                return Tokenizer.from_gguf_vocab(self.path, reader=reader)
+            except VocabularyNotRead:
+                pass
+        lib, vocab = self._llama_cpp, self.llm._model.vocab
+        ids = {name: int(getattr(lib, f"llama_vocab_{name}")(vocab)) for name in ("bos", "eos", "eot")}
+        ids = {k: v for k, v in ids.items() if 0 <= v < self.vocab_size}
+        eos = ids.get("eos", ids.get("eot", 0))
+        return Tokenizer(LlamaCppVocab(self.llm), bos_id=ids.get("bos", eos), eos_id=eos, unk_id=eos,
+                         chat_template=gguf_value(reader, "tokenizer.chat_template"), source=str(self.path),
+                         stop_ids=[i for i in (ids.get("eot"),) if i is not None],
+                         add_bos=bool(lib.llama_vocab_get_add_bos(vocab)))
+
+
+class LlamaCppVocab:
+    """What Tokenizer asks of its `tokenizers` backend, answered by llama.cpp's own vocabulary in
+    a loaded GGUF: for the architectures and tokenizers that are not rebuilt here."""
+
+    encode_special_tokens = True           # as Tokenizer sets it: special-token text stays text
+
+    def __init__(self, llm) -> None:
+        import llama_cpp
+
+        self.llm, vocab = llm, llm._model.vocab
+        self._pieces = [llama_cpp.llama_vocab_get_text(vocab, i).decode("utf-8", "replace") for i in range(llm.n_vocab())]
+        self._control = {i for i in range(len(self._pieces)) if llama_cpp.llama_vocab_is_control(vocab, i)}
+
+    def no_padding(self) -> None:
+        pass
+
+    def no_truncation(self) -> None:
+        pass
+
+    def get_vocab_size(self, with_added_tokens: bool = True) -> int:
+        return len(self._pieces)
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> "_Encoding":
+        return _Encoding(self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=False))
+
+    def encode_batch(self, texts: Sequence[str], add_special_tokens: bool = False) -> list["_Encoding"]:
+        return [self.encode(t) for t in texts]
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        if skip_special_tokens:
+            ids = [i for i in ids if i not in self._control]
+        return self.llm.detokenize(list(ids), special=not skip_special_tokens).decode("utf-8", "replace")
+
+    def id_to_token(self, i: int) -> str | None:
+        return self._pieces[i] if 0 <= i < len(self._pieces) else None
+
+    def get_vocab(self, with_added_tokens: bool = True) -> dict[str, int]:
+        return {p: i for i, p in enumerate(self._pieces)}
+
+    def get_added_tokens_decoder(self) -> dict:
+        from tokenizers import AddedToken
+
+        return {i: AddedToken(self._pieces[i], special=True) for i in sorted(self._control)}
+
+    def save(self, path: str) -> None:
+        raise UserError(f"{self.llm.model_path}: this tokenizer is llama.cpp's, read from the GGUF; it is not "
+                        "saved as tokenizer.json")
+
+
+class _Encoding:
+    def __init__(self, ids: list[int]) -> None:
+        self.ids = ids
+
 
 def _llama_cpp_offloads() -> bool:
     """Whether the installed llama.cpp can run layers on a GPU (a CUDA or Metal build)."""
@@ -250,7 +326,7 @@ def load_backend(model: str | os.PathLike | ModelRef, device: str | torch.device
                  revision: str | None = None, flag: str = "--model") -> tuple[Backend, Tokenizer]:
     """A model reference (tinyllama.hub: a checkpoint directory or .gguf file, or a hub id, a hub
     GGUF as org/name:QUANT) loaded in PyTorch (directories) or llama.cpp (GGUFs), with its
-    tokenizer: the directory's own, or for a GGUF the one rebuilt from the file's vocabulary.
+    tokenizer: the directory's own, or for a GGUF the file's (GGUFBackend.tokenizer).
     `backend.name` is the reference's short name.
 
     dtype (PyTorch): "auto" measures what decodes faster here (tinyllama.precision: bf16 only on
@@ -275,4 +351,4 @@ def load_backend(model: str | os.PathLike | ModelRef, device: str | torch.device
     backend = GGUFBackend(ref.path, n_ctx=n_ctx, reader=reader,
                           n_gpu_layers=gguf_gpu_layers(device, n_gpu_layers, _llama_cpp_offloads()))
     backend.name = ref.name
-    return backend, Tokenizer.from_gguf_vocab(ref.path, reader=reader)
+    return backend, backend.tokenizer(reader)

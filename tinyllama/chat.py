@@ -148,6 +148,16 @@ BUILTIN_TEMPLATES = {"zephyr": CHAT_TEMPLATE, "llama-2": LLAMA2_CHAT_TEMPLATE, "
 _LLAMA2_CHAT_NAME = re.compile(r"llama[-_ ]?2.*chat", re.IGNORECASE)
 
 
+# what a template's own markers say it is, in the names llama.cpp's chat formats use
+_FAMILIES = (("<|im_start|>", "ChatML"), ("<|start_header_id|>", "Llama-3"), ("[INST]", "Llama-2 [INST]"),
+             ("<|user|>", "Zephyr"), ("<start_of_turn>", "Gemma"))
+
+
+def template_family(template: str) -> str:
+    """The chat format a Jinja template renders ("ChatML", "Llama-3", ...), or "custom"."""
+    return next((family for marker, family in _FAMILIES if marker in template), "custom")
+
+
 def template_of(tok: Tokenizer, override: str | None = None, name: str = "") -> tuple[str, str]:
     """(the Jinja template a model chats in, where it came from): `override` (a built-in name
     or a .jinja file) first, then the model's own, then by its `name` Llama-2-chat's, else ours."""
@@ -160,7 +170,7 @@ def template_of(tok: Tokenizer, override: str | None = None, name: str = "") -> 
             raise ChatFormatError(f"--chat-template {override}: neither a built-in template "
                                   f"({', '.join(BUILTIN_TEMPLATES)}) nor a readable file ({e})") from None
     if tok.chat_template:
-        return tok.chat_template, f"the model's own ({tok.source or 'tokenizer'})"
+        return tok.chat_template, f"{template_family(tok.chat_template)}, the model's own ({tok.source or 'tokenizer'})"
     if _LLAMA2_CHAT_NAME.search(name):
         return LLAMA2_CHAT_TEMPLATE, f"Llama-2-chat's (the model has none; its name {name!r} says Llama-2 chat)"
     return CHAT_TEMPLATE, "the built-in Zephyr template (the model has none)"

@@ -51,9 +51,13 @@ def file_type_name(reader) -> str:
 
     ftype = gguf_value(reader, "general.file_type")
     try:
-        return gguf.LlamaFileType(int(ftype)).name.removeprefix("MOSTLY_") if ftype is not None else "GGUF"
+        return gguf.LlamaFileType(int(ftype)).name.removeprefix("MOSTLY_").removeprefix("ALL_") if ftype is not None else "GGUF"
     except (ValueError, TypeError):
         return f"file type {ftype}"
+
+
+class VocabularyNotRead(UserError):
+    """A GGUF whose tokenizer is of a kind not rebuilt here (llama.cpp may still run it)."""
 
 
 # tokenizer.ggml.model values read here, and what they are
@@ -94,7 +98,7 @@ def read_gguf_vocab(gguf_path: Path, reader) -> GGUFVocab:
     model = bytes(field_("tokenizer.ggml.model").parts[-1]).decode()
     if model not in TOKENIZER_MODELS:
         known = "; ".join(f"{k!r}: {v}" for k, v in TOKENIZER_MODELS.items())
-        raise UserError(f"{gguf_path}: tokenizer.ggml.model is {model!r}; the vocabularies read here are {known}")
+        raise VocabularyNotRead(f"{gguf_path}: tokenizer.ggml.model is {model!r}; the vocabularies read here are {known}")
     pieces = strings("tokenizer.ggml.tokens")
     yf = field_("tokenizer.ggml.token_type")
     types = [int(yf.parts[i][0]) for i in yf.data]

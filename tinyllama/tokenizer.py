@@ -3,7 +3,7 @@
     tok = Tokenizer.llama2()                 # built by `make setup`; no model hub needed
     tok.encode("Hello world")                # [1, 15043, 3186]
     tok.encode_batch(texts, bos=False)       # one call for many texts
-    tok.encode_packed(texts, eos=True)       # (uint16 ids of all texts, each text's length)
+    tok.encode_packed(texts, eos=True)       # (uint16/uint32 ids of all texts, each text's length)
     tok.decode([1, 15043, 3186])             # "Hello world"
     tok = Tokenizer.from_dir("some/hf/dir")  # any HF tokenizer directory
 
@@ -48,6 +48,11 @@ from .pieces import PieceEncoder, pack, split_rules, u16
 from .vocab import backend_from_vocab, byte_level_backend, convert_sentencepiece, sentencepiece_model
 
 LLAMA2_VOCAB_MEMBER = "vendor/llama.cpp/models/ggml-vocab-llama-spm.gguf"
+
+def packed_dtype(vocab_size: int) -> np.dtype:
+    """Little-endian uint16 for vocabularies of up to 65,536 ids, uint32 beyond."""
+    return np.dtype("<u2") if vocab_size <= 65536 else np.dtype("<u4")
+
 
 class Tokenizer:
     """A Llama tokenizer: ids identical to llama.cpp's for the same vocabulary."""
@@ -178,21 +183,30 @@ class Tokenizer:
         bounds = np.cumsum(np.concatenate([[0], lengths]))
         return [data[a:b].tolist() for a, b in zip(bounds[:-1], bounds[1:])]
 
+    @property
+    def packed_dtype(self) -> np.dtype:
+        """The id type of encode_packed and of token shards: uint16 while the vocabulary fits
+        (Llama-2, SmolLM2: half the bytes), uint32 for larger ones (Llama-3's 128,256)."""
+        return packed_dtype(self.vocab_size)
+
     def encode_packed(self, texts: Sequence[str], bos: bool | None = None, eos: bool = False) -> tuple[np.ndarray, np.ndarray]:
-        """All texts' ids, concatenated, as one little-endian uint16 array, and each text's
-        length (uint32): what data preparation writes. Ids equal `encode`'s.
+        """All texts' ids, concatenated, as one little-endian array of `packed_dtype`, and
+        each text's length (uint32): what data preparation writes. Ids equal `encode`'s.
 
         For SentencePiece-style Llama vocabularies each text is cut where no merge can cross
         and every distinct piece is run through BPE once, its ids kept (tinyllama.pieces: in C
         where a compiler is found, no Python object per piece or token). Other tokenizers use
         the Rust batch encoder."""
-        if self.vocab_size > 65536:
-            raise UserError(f"tokenizer has {self.vocab_size} tokens; uint16 holds at most 65536")
         head, tail = [self.bos_id] if self._bos(bos) else [], [self.eos_id] if eos else []
-        if self.piece_encoder is not None:
+        wide = self.packed_dtype.itemsize > 2
+        if self.piece_encoder is not None and not wide:
             return self.piece_encoder.encode_packed(texts, head, tail)
         encoded = self.backend.encode_batch(list(texts), add_special_tokens=False)
-        return pack([u16(head + e.ids + tail) for e in encoded])
+        if not wide:
+            return pack([u16(head + e.ids + tail) for e in encoded])
+        lengths = np.array([len(head) + len(e.ids) + len(tail) for e in encoded], dtype=np.uint32)
+        ids = np.fromiter((i for e in encoded for i in (*head, *e.ids, *tail)), dtype="<u4", count=int(lengths.sum()))
+        return ids, lengths
 
     @functools.cached_property
     def piece_encoder(self) -> PieceEncoder | None:

@@ -21,7 +21,7 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers.models import BPE
 
 from .errors import UserError
-from .gguf_file import GGUFVocab
+from .gguf_file import GGUFVocab, VocabularyNotRead
 
 _GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"
 _CONTRACTIONS = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])"
@@ -130,7 +130,7 @@ def byte_level_backend(vocab: GGUFVocab, where: str | Path) -> HFTokenizer:
     found = next(((splits, ignore) for names, splits, ignore in PRE_TOKENIZERS if vocab.pre in names), None)
     if found is None:
         known = ", ".join(n for names, _, _ in PRE_TOKENIZERS for n in names)
-        raise UserError(f"{where}: tokenizer.ggml.pre is {vocab.pre!r}, a byte-level pre-tokenizer not known here "
+        raise VocabularyNotRead(f"{where}: tokenizer.ggml.pre is {vocab.pre!r}, a byte-level pre-tokenizer not known here "
                         f"(known: {known})")
     splits, ignore_merges = found
     merges = [tuple(m.split(" ", 1)) for m in vocab.merges]
