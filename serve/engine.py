@@ -15,7 +15,7 @@ stop on its own end-of-turn ids; a draft only drafts.
 
 With parallel=1 the model holds one KV cache and generations run one at a time (`engine.turn()`:
 the engine's lock, or the folder's one lock across its models). With parallel=N each generation
-leases one of N slots of a batched KV cache (tinyllama.batching) and every busy slot advances in
+leases one of N slots of a batched KV cache (serve.batching) and every busy slot advances in
 one forward pass per step; a request that finds every slot taken waits for one. With a draft,
 a request speculates only while at most `speculate_max_busy` slots are busy: with more, a batched
 step already amortises the weights' reads, and drafting would only add work. The server bounds
@@ -32,9 +32,9 @@ import threading
 from collections import Counter, OrderedDict
 from pathlib import Path
 
+from typing import ContextManager, Protocol, runtime_checkable
+
 from tinyllama.backends import Backend, load_backend
-from tinyllama.batch_runners import batch_runner
-from tinyllama.batching import Lease, SlotPool
 from tinyllama.chat import apply_chat_template, template_of
 from tinyllama.cli import CHAT_TEMPLATE_HELP, MODEL_HELP, NUM_DRAFT_HELP, draft_length
 from tinyllama.devices import DEVICE_HELP
@@ -48,6 +48,9 @@ from tinyllama.generate import (
 )
 from tinyllama.lookup import NgramDraft
 from tinyllama.tokenizer import Tokenizer
+
+from .batch_runners import batch_runner
+from .batching import Lease, SlotPool
 
 
 class RequestError(UserError):
@@ -195,6 +198,30 @@ class Engine:
         self.target.close()
         if self.draft is not None:
             self.draft.close()
+
+
+@runtime_checkable
+class ModelSource(Protocol):
+    """What the server asks of the models it serves: one Engine under any name (server.OneModel)
+    or every model in a folder (ModelDir). docs/life-of-a-request.md follows a request through it."""
+
+    def names(self) -> list[str]:
+        """The names GET /v1/models lists."""
+
+    def engines(self) -> dict[str, "Engine"]:
+        """The engines loaded now, by name."""
+
+    def check(self, name: str | None) -> None:
+        """Raises ModelNotFound unless a request may name `name` (before it is queued)."""
+
+    def acquire(self, name: str | None) -> "Engine":
+        """The engine for `name`, loaded if needed; every acquire is paired with one release."""
+
+    def release(self, name: str | None) -> None:
+        """Gives back what acquire took (a loaded model may then be closed)."""
+
+    def turn(self, engine: "Engine") -> ContextManager:
+        """What a generation holds while it runs on `engine` (a lock, or nothing when it batches)."""
 
 
 class ModelDir:

@@ -1,4 +1,4 @@
-"""An OpenAI-compatible HTTP server over an Engine or a ModelDir (FastAPI):
+"""An OpenAI-compatible HTTP server over an Engine or a ModelSource such as ModelDir (FastAPI):
 
     GET  /health                 {"status": "ok", "models": [...], "in_flight": n}
     GET  /v1/models              the model(s) served
@@ -38,7 +38,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from tinyllama.errors import UserError
 from tinyllama.generate import SamplingParams, TextStream
 
-from .engine import Engine, ModelDir, ModelNotFound, RequestError
+from .engine import Engine, ModelNotFound, ModelSource, RequestError
 
 
 class SamplingFields(BaseModel):
@@ -89,7 +89,7 @@ class ChatRequest(SamplingFields):
 
 
 class OneModel:
-    """A single Engine seen as a model folder: every name maps to it."""
+    """A single Engine as a ModelSource: every name maps to it."""
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
@@ -185,7 +185,8 @@ class Run:
     async text deltas; leaving the read early cancels it at the next token. The engine (and the
     admission slot) are released when the generation ends, however it ends."""
 
-    def __init__(self, stream: TextStream, engine: Engine, name: str | None, models, admission: Admission) -> None:
+    def __init__(self, stream: TextStream, engine: Engine, name: str | None, models: ModelSource,
+                 admission: Admission) -> None:
         self.stream, self.engine, self.name = stream, engine, name
         self.models, self.admission = models, admission
         self.loop = asyncio.get_running_loop()
@@ -294,7 +295,7 @@ def not_found(e: ModelNotFound) -> JSONResponse:
 
 # ---- the app -------------------------------------------------------------------------------------
 
-def create_app(models: Engine | ModelDir, api_key: str | None = None, max_queue: int = 8,
+def create_app(models: Engine | ModelSource, api_key: str | None = None, max_queue: int = 8,
                max_body_bytes: int = 1 << 20, max_tokens_limit: int = 4096) -> FastAPI:
     if isinstance(models, Engine):
         models = OneModel(models)
@@ -342,7 +343,7 @@ def _add_auth(app: FastAPI, api_key: str | None) -> None:
         return await call_next(request)
 
 
-def _add_model_routes(app: FastAPI, models, admission: Admission) -> None:
+def _add_model_routes(app: FastAPI, models: ModelSource, admission: Admission) -> None:
     @app.get("/health")
     async def health() -> dict:
         slots = {name: state for name, e in models.engines().items() if (state := e.slots()) is not None}
@@ -373,7 +374,7 @@ class Requests:
     """A generation request from its admission to its response: a slot, the model, the sampling
     settings, the stream; every early exit gives back what it took."""
 
-    def __init__(self, models, admission: Admission, max_tokens_limit: int) -> None:
+    def __init__(self, models: ModelSource, admission: Admission, max_tokens_limit: int) -> None:
         self.models, self.admission, self.max_tokens_limit = models, admission, max_tokens_limit
 
     async def handle(self, req: SamplingFields, kind: str, max_tokens: int | None, build) -> Any:

@@ -1,4 +1,4 @@
-"""Continuous batching (tinyllama.batching): sequences of different lengths decoded together in one
+"""Continuous batching (serve.batching): sequences of different lengths decoded together in one
 forward pass per step, each giving what it gives alone (greedy, seeded sampling, speculative),
 on our PyTorch model and on a GGUF in llama.cpp; prompts in chunks; slots freed and reused;
 and the server with --parallel under concurrent streaming clients."""
@@ -14,8 +14,8 @@ from test_generate import noisy_pair, random_llama
 
 from tinyllama import ModelConfig
 from tinyllama.backends import TorchBackend
-from tinyllama.batch_runners import TorchRunner, batch_runner
-from tinyllama.batching import SlotPool
+from serve.batch_runners import TorchRunner, batch_runner
+from serve.batching import SlotPool
 from tinyllama.generate import SamplingParams, generate
 
 PROMPTS = [[1, 450, 6593, 310, 2834, 338], [1, 306], [1, 15043, 29892, 590, 1024, 338, 263, 2107, 29889, 13] * 3,
@@ -232,7 +232,7 @@ def test_gguf_slots_batch_in_one_llama_decode_and_equal_alone(tmp_path, target_a
     from quantize.export import write_gguf
     from tinyllama import save_checkpoint
     from tinyllama.backends import GGUFBackend
-    from tinyllama.batch_runners import LlamaCppRunner
+    from serve.batch_runners import LlamaCppRunner
 
     save_checkpoint(target_and_draft[0], llama2_tokenizer, tmp_path / "m")
     backend = GGUFBackend(write_gguf(tmp_path / "m", tmp_path / "m.gguf", "f32"), n_ctx=128)

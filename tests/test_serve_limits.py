@@ -8,8 +8,8 @@ import pytest
 pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
 
-from serve.engine import ModelDir  # noqa: E402
-from serve.server import create_app  # noqa: E402
+from serve.engine import ModelDir, ModelSource  # noqa: E402
+from serve.server import OneModel, create_app  # noqa: E402
 
 
 @pytest.mark.dtype_auto
@@ -21,6 +21,7 @@ def test_models_dir_lists_loads_on_demand_and_evicts(tmp_path, tiny_chat_checkpo
     for name in ("a", "b"):
         shutil.copytree(tiny_chat_checkpoint, models / name)
     folder = ModelDir(models, max_loaded=1)
+    assert isinstance(folder, ModelSource) and issubclass(OneModel, ModelSource)    # what create_app serves
     with TestClient(create_app(folder)) as client:
         assert [m["id"] for m in client.get("/v1/models").json()["data"]] == ["a", "b"]
         assert client.get("/health").json()["models"] == []

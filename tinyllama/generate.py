@@ -196,7 +196,7 @@ class Generation:
         """num_draft: k per round, or "auto" (an AutoDraftLength of its own) or a shared
         AutoDraftLength: k chosen each round from measured acceptance and costs. may_speculate:
         asked before each round; False makes it a plain step (a batched server with many busy
-        slots: tinyllama.batching). release: called once when the generation ends, however it
+        slots: serve.batching). release: called once when the generation ends, however it
         ends (a slot goes back to its pool)."""
         if not len(prompt_ids):
             raise ValueError("generate() needs at least one prompt token (e.g. BOS)")

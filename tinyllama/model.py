@@ -105,7 +105,7 @@ class KVCache(nn.Module):
     def update(self, start_pos: int, k: torch.Tensor, v: torch.Tensor,
                row: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """k, v (B, n_kv, T, hd) -> the cache up to start_pos + T. row: one sequence (B = 1) kept in
-        that row of a batched cache (a slot's prompt, tinyllama.batching)."""
+        that row of a batched cache (a slot's prompt, serve.batching)."""
         end = start_pos + k.shape[2]
         if end > self.k.shape[2]:
             raise ValueError(f"KV cache overflow: position {end} > cache length {self.k.shape[2]}; "
@@ -297,7 +297,7 @@ class Llama(nn.Module):
         """input_ids (B, T) -> the final-normed hidden states (B, T, d), before lm_head (what a
         chunked/fused LM-head loss needs).
 
-        Independent sequences in one batched KV cache (continuous batching, tinyllama.batching):
+        Independent sequences in one batched KV cache (continuous batching, serve.batching):
         rows=i with an int start_pos runs one sequence (B = 1) in cache row i; rows=[i, j, ...]
         with start_pos a (B,) tensor runs one token per sequence (T = 1), each at its own
         position, attending only to its own row's keys up to that position."""

@@ -1,6 +1,6 @@
 """Continuous batching: many generations share one model, one forward pass per step.
 
-    pool = SlotPool(batch_runner(backend, n_slots=4))   # tinyllama.batch_runners: PyTorch or llama.cpp
+    pool = SlotPool(batch_runner(backend, n_slots=4))   # serve.batch_runners: PyTorch or llama.cpp
     lease = pool.lease(prompt_ids)                       # a Backend; takes a free slot on first use
     gen = generate(lease, prompt_ids, sampling, release=lease.release)   # in any thread
     for token in gen: ...                                # runs in step with the other slots' generations
@@ -27,7 +27,7 @@ from typing import Sequence
 
 import torch
 
-from .backends import Backend, check_context, common_prefix
+from tinyllama.backends import Backend, check_context, common_prefix
 
 
 @dataclass

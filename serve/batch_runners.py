@@ -1,4 +1,4 @@
-"""What runs a SlotPool's steps (tinyllama.batching): our PyTorch model with a KV cache of
+"""What runs a SlotPool's steps (serve.batching): our PyTorch model with a KV cache of
 n_slots rows, or a GGUF in llama.cpp with n_slots sequences, one llama_decode per step.
 
     runner = batch_runner(load_backend("out/gguf/x-Q4_K_M.gguf")[0], n_slots=4)
@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .backends import Backend, GGUFBackend, TorchBackend
+from tinyllama.backends import Backend, GGUFBackend, TorchBackend
 from .batching import BatchRunner, Row
 
 
