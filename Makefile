@@ -126,7 +126,7 @@ quantize: setup
 # ~/.cache/tinyllama/tools (quantize --imatrix/--quality/--target-size and the benchmarks that
 # compare with llama.cpp build them on first use too); `make llama-server` is the same build
 tools llama-server: setup
-	$(PY) -m tinyllama.llama_cpp_tools
+	$(PY) -m tinyllama.llamacpp.tools
 
 # The draft for speculative decoding: the same pretraining recipe on a 4M-parameter preset.
 # The draft is fine-tuned on the target's own greedy answers (sft.distill), not the human ones:

@@ -17,7 +17,7 @@ def chat_prompts(tok, n: int) -> list[list[int]]:
     """The speculative benchmarks' prompts: the first n questions `make sft` held out of the SFT
     sample, in the model's own chat template."""
     from sft.data import load_conversations, split_eval
-    from tinyllama.chat import apply_chat_template
+    from tinyllama.formats.chat import apply_chat_template
 
     _, held = split_eval(load_conversations("sample"), 0.05, seed=42)
     return [apply_chat_template(tok, [c[0]]) for c in held[:n]]

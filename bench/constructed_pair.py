@@ -190,8 +190,8 @@ def calibration_logits(draft_gguf: Path, target_gguf: Path, draft: Llama, prompt
     a greedy run visits while the pair agrees: each prompt continued by the draft's own greedy
     tokens, in llama.cpp (the quantized files as they will run). push = h E^T std(W): what unit
     lm_head noise adds to the target's logits (h = the draft's final hidden states, fp32)."""
-    from tinyllama.backends import GGUFBackend
-    from tinyllama.generate import generate
+    from tinyllama.inference.backends import GGUFBackend
+    from tinyllama.inference.generate import generate
 
     d_gguf, t_gguf = GGUFBackend(draft_gguf), GGUFBackend(target_gguf)
     W = draft.lm_head.weight.detach()

@@ -124,7 +124,7 @@ def tokenizer_rows(srcs: list[tuple[str, dict]]) -> list[dict]:
     import sentencepiece as spm
 
     from tinyllama.pieces import PieceEncoder
-    from tinyllama.tokenizer import Tokenizer
+    from tinyllama.formats.tokenizer import Tokenizer
 
     texts = [d.text for src, kw in srcs for d in read_documents(src, **kw)]
     tok = Tokenizer.llama2()

@@ -3,9 +3,9 @@
     python -m bench.decode [--tokens 64] [--presets tinyllama-19m tinyllama-1.1b] [--dtypes float32 bfloat16] [--no-gguf]
     python -m bench.decode --real-model        # SmolLM2-135M-Instruct: its import, and its Q4_1 GGUF
 
-PyTorch rows: `tinyllama.generate` on our model vs `transformers` `generate` on
+PyTorch rows: `tinyllama.inference.generate` on our model vs `transformers` `generate` on
 LlamaForCausalLM (sdpa, static KV cache off, the default dynamic cache), same random weights,
-same dtype, `max_new_tokens` forced (no EOS). GGUF row: `tinyllama.generate` over llama.cpp
+same dtype, `max_new_tokens` forced (no EOS). GGUF row: `tinyllama.inference.generate` over llama.cpp
 (GGUFBackend) vs llama.cpp's own completion loop (`Llama.create_completion`, greedy), same
 Q4_K_M file. Tokens/s count the generated tokens over the wall time after the prefill; each
 side's best of 5 runs, ours and the reference alternating.
@@ -24,7 +24,7 @@ from . import markdown_table
 
 
 def _ours_torch(backend, prompt: list[int], n: int) -> float:
-    from tinyllama.generate import generate
+    from tinyllama.inference.generate import generate
 
     backend.reset()                               # no KV cache carried over from the last run
     gen = generate(backend, prompt, max_new_tokens=n)
@@ -70,7 +70,7 @@ def checkpoint_row(path: Path, label: str, dtype: torch.dtype, n: int, prompt: l
     from transformers import LlamaForCausalLM
 
     from tinyllama import load_checkpoint
-    from tinyllama.backends import TorchBackend
+    from tinyllama.inference.backends import TorchBackend
 
     ours = TorchBackend(load_checkpoint(path, dtype=dtype)[0])    # as load_backend runs it
     hf = LlamaForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa").eval()
@@ -84,8 +84,8 @@ def checkpoint_row(path: Path, label: str, dtype: torch.dtype, n: int, prompt: l
 def gguf_row(gguf: Path, n: int, repeats: int = 5, prompt: list[int] | None = None) -> tuple:
     import llama_cpp
 
-    from tinyllama.backends import GGUFBackend
-    from tinyllama.generate import generate
+    from tinyllama.inference.backends import GGUFBackend
+    from tinyllama.inference.generate import generate
 
     backend = GGUFBackend(gguf, n_ctx=512)
     llm = llama_cpp.Llama(model_path=str(gguf), n_ctx=512, verbose=False, n_threads=backend.llm.n_threads)
@@ -126,7 +126,7 @@ def run(presets=("tinyllama-19m", "tinyllama-1.1b"), n: int = 64, gguf_preset: s
         for dtype in dtypes:
             rows.append(torch_rows(preset, getattr(torch, dtype), n))
     if not gguf:
-        head = (f"model (batch 1, greedy, {n} new tokens, 32-token prompt)", "ours (tinyllama.generate)",
+        head = (f"model (batch 1, greedy, {n} new tokens, 32-token prompt)", "ours (tinyllama.inference.generate)",
                 "reference", "ours vs ref")
         return markdown_table(head, rows)
     with tempfile.TemporaryDirectory() as tmp:
@@ -138,7 +138,7 @@ def run(presets=("tinyllama-19m", "tinyllama-1.1b"), n: int = 64, gguf_preset: s
         f32 = write_gguf(Path(tmp) / "m", Path(tmp) / "m-f32.gguf", "f32")
         q4 = quantize_gguf(f32, Path(tmp) / f"{gguf_preset}-Q4_K_M.gguf", "q4_k_m")
         rows.append(gguf_row(q4, n))
-    head = (f"model (batch 1, greedy, {n} new tokens, 32-token prompt)", "ours (tinyllama.generate)", "reference",
+    head = (f"model (batch 1, greedy, {n} new tokens, 32-token prompt)", "ours (tinyllama.inference.generate)", "reference",
             "ours vs ref")
     return markdown_table(head, rows)
 
@@ -148,8 +148,8 @@ def real_model_rows(n: int, repeats: int = 5) -> str:
     llama.cpp's own loop; the prompt is a chat turn in its template."""
     from quantize.gguf_import import import_gguf
     from tinyllama import real_model
-    from tinyllama.chat import apply_chat_template
-    from tinyllama.tokenizer import Tokenizer
+    from tinyllama.formats.chat import apply_chat_template
+    from tinyllama.formats.tokenizer import Tokenizer
 
     gguf = real_model.path()
     if gguf is None:
@@ -160,7 +160,7 @@ def real_model_rows(n: int, repeats: int = 5) -> str:
         prompt = apply_chat_template(tok, [{"role": "user", "content": "Write a short story about a lighthouse."}])
         rows = [checkpoint_row(ckpt, "SmolLM2-135M-Instruct", torch.float32, n, prompt, repeats),
                 gguf_row(gguf, n, repeats, prompt)]
-    head = (f"model (batch 1, greedy, {n} new tokens, {len(prompt)}-token chat prompt)", "ours (tinyllama.generate)",
+    head = (f"model (batch 1, greedy, {n} new tokens, {len(prompt)}-token chat prompt)", "ours (tinyllama.inference.generate)",
             "reference", "ours vs ref")
     return markdown_table(head, rows)
 

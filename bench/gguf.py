@@ -120,7 +120,7 @@ def quality(model_dir: str, types: list[str], ctx: int = 512, chunks: int = 32, 
     from quantize.imatrix import compute_imatrix, model_key, texts
     from quantize.quality import Scorer
     from tinyllama import Tokenizer
-    from tinyllama.checkpoint import load_config
+    from tinyllama.formats.checkpoint import load_config
 
     ctx = min(ctx, load_config(model_dir).max_seq_len)
     calib, held, note = text_pair or texts(None, Tokenizer.from_dir(model_dir))

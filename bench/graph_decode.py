@@ -1,4 +1,4 @@
-"""Per-token decode cost, eager against static-shape and captured (tinyllama.graphs): torch
+"""Per-token decode cost, eager against static-shape and captured (tinyllama.inference.graphs): torch
 calls per step (each at least one kernel launch on a GPU), milliseconds per token, and the
 memory-bandwidth floor (weight bytes / the measured copy rate) it is meant to approach.
 
@@ -16,10 +16,10 @@ import time
 
 import torch
 
-from tinyllama.config import ModelConfig
+from tinyllama.model.config import ModelConfig
 from tinyllama.devices import resolve_device
-from tinyllama.graphs import StaticDecoder, count_torch_calls
-from tinyllama.model import Llama
+from tinyllama.inference.graphs import StaticDecoder, count_torch_calls
+from tinyllama.model.model import Llama
 
 from .random_models import random_model
 

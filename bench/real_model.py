@@ -46,9 +46,9 @@ def scores(model: Path, shards: dict[str, Path], task_dir: Path, limit: int) -> 
     """Perplexity on each held-out source, the local task's acc_norm, the greedy Paris reply."""
     from evaluation.harness import LOCAL_TASK, run_tasks
     from evaluation.perplexity import perplexity
-    from tinyllama.backends import load_backend
-    from tinyllama.chat import apply_chat_template
-    from tinyllama.generate import generate
+    from tinyllama.inference.backends import load_backend
+    from tinyllama.formats.chat import apply_chat_template
+    from tinyllama.inference.generate import generate
 
     backend, tok = load_backend(model, dtype="float32")
     try:

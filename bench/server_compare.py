@@ -13,7 +13,7 @@ latency (p50 / p99), and errors: non-200 answers, errors inside a stream, broken
 The model: tinyllama-1.1b-shaped with random weights (bench.random_models; speed does not
 depend on the values) as Q4_K_M, and the 19M chat GGUF `make run` leaves, when present.
 llama-server is built from the llama.cpp sources in the llama-cpp-python sdist
-(tinyllama.llama_cpp_tools, `make tools`).
+(tinyllama.llamacpp.tools, `make tools`).
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ def start_server(kind: str, model: Path, port: int, parallel: int, n_ctx: int, l
         cmd = [sys.executable, "-m", "serve", "--model", str(model), "--port", str(port), "--parallel", str(parallel),
                "--n-ctx", str(n_ctx), "--max-queue", "1000"]
     else:
-        from tinyllama.llama_cpp_tools import tool
+        from tinyllama.llamacpp.tools import tool
 
         cmd = [str(tool("llama-server")), "-m", str(model), "--port", str(port), "--host", "127.0.0.1",
                "-np", str(parallel), "-c", str(parallel * n_ctx), "-t", str(os.cpu_count() or 2)]

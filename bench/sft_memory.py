@@ -1,5 +1,5 @@
 """SFT memory and speed: full, LoRA and QLoRA on one preset (random weights), ours (sft.modeling,
-tinyllama.model.Llama under transformers) vs transformers' own LlamaForCausalLM, same loop,
+tinyllama.model.model.Llama under transformers) vs transformers' own LlamaForCausalLM, same loop,
 each in a fresh process so its peak memory is its own.
 
     python -m bench.sft_memory [--preset tinyllama-1.1b] [--seq 512] [--steps 2] [--methods full lora qlora]

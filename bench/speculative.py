@@ -28,7 +28,7 @@ token at a near-tie (llama.cpp's own speculative decoding likewise).
 own function plus lm_head noise calibrated to a CONSTRUCTED alpha, both Q4_0, and runs
 llama.cpp's `llama-speculative-simple` on the same files and prompts at each k
 (bench.speculative_anchor; "vs llama.cpp" = our tokens/s over its). `--draft ngram[:N]` drafts by
-prompt lookup (tinyllama.lookup): no draft model, c taken as 0. `--prompt-set copy` uses prompts
+prompt lookup (tinyllama.inference.lookup): no draft model, c taken as 0. `--prompt-set copy` uses prompts
 whose answer copies from the prompt: a piece of the standard library's source, then a request to
 write it again, started with its first line; `chat` (default) uses the held-out SFT questions.
 """
@@ -68,7 +68,7 @@ def _copy_prompts(tok, n: int, budget: int, max_code: int = 400) -> list[list[in
 def _decode(target, prompts, tokens: int, draft=None, k: int = 4, adaptive: bool = False):
     """(outputs, seconds, drafted, accepted, target passes, rounds, verification seconds): every
     prompt decoded, prefill excluded."""
-    from tinyllama.generate import generate
+    from tinyllama.inference.generate import generate
 
     outs, seconds, drafted, accepted, passes, rounds, verify = [], 0.0, 0, 0, 0, 0, 0.0
     for ids in prompts:
@@ -154,10 +154,10 @@ def measure(target_path: str, draft_path: str, ks=(1, 2, 4, 6), tokens: int = 48
             device: str = "cpu") -> tuple[str, list[dict]]:
     """Rows for plain target and draft, each k, adaptive and auto k; with `anchor` (two GGUFs)
     also llama.cpp's own speculative decoding at each k on the same prompts (bench.speculative_anchor)."""
-    from tinyllama.backends import GGUFBackend, load_backend
-    from tinyllama.draft_policy import AutoDraftLength
-    from tinyllama.generate import check_same_vocabulary
-    from tinyllama.lookup import NgramDraft
+    from tinyllama.inference.backends import GGUFBackend, load_backend
+    from tinyllama.inference.draft_policy import AutoDraftLength
+    from tinyllama.inference.generate import check_same_vocabulary
+    from tinyllama.inference.lookup import NgramDraft
 
     # float32 for checkpoint directories: identity with plain greedy decoding is checked, and in
     # bf16 a (k+1)-token verification and a 1-token step round differently, which can flip a

@@ -1,5 +1,5 @@
 """llama.cpp's own speculative decoding (`llama-speculative-simple`, built from the llama.cpp
-sources in the llama-cpp-python sdist by tinyllama.llama_cpp_tools) on the same two GGUFs and
+sources in the llama-cpp-python sdist by tinyllama.llamacpp.tools) on the same two GGUFs and
 the same prompts as bench.speculative: the anchor our llama.cpp pair is compared with.
 
     rows = llama_cpp_speculative(target_gguf, draft_gguf, prompt_texts, tokens=48, ks=(1, 2, 4))
@@ -53,7 +53,7 @@ def parse_report(text: str) -> dict:
 
 def run_once(target, draft, prompt: str, tokens: int, k: int, threads: int | None = None, n_ctx: int = 2048) -> dict:
     """One prompt through llama-speculative-simple; its parsed report."""
-    from tinyllama.llama_cpp_tools import LOST_LOG_ATTEMPTS, tool
+    from tinyllama.llamacpp.tools import LOST_LOG_ATTEMPTS, tool
 
     threads = str(threads or os.cpu_count() or 1)
     cmd = [str(tool("llama-speculative-simple")), "-m", str(target), "-md", str(draft), "-p", prompt,

@@ -1,1 +1,1 @@
-"""demo: the Gradio chat app (python -m demo), over serve.engine.Engine and tinyllama.generate."""
+"""demo: the Gradio chat app (python -m demo), over serve.engine.Engine and tinyllama.inference.generate."""

@@ -3,7 +3,7 @@
     app = build_app(Engine.load("out/gguf/tinyllama-19m-chat-Q4_K_M.gguf", draft=...))
     app.launch(server_name="127.0.0.1")
 
-Replies stream token by token through the one chat format (tinyllama.chat), with a system
+Replies stream token by token through the one chat format (tinyllama.formats.chat), with a system
 prompt, temperature / top-p / max tokens, stop and clear buttons, and a speculative-decoding
 toggle (when a draft is loaded) whose live stats show tokens/s, drafted and accepted tokens,
 the acceptance rate and the speedup against the last plain reply.
@@ -19,7 +19,7 @@ import gradio as gr
 
 from serve.engine import Engine
 from tinyllama.errors import UserError
-from tinyllama.generate import SamplingParams
+from tinyllama.inference.generate import SamplingParams
 
 DEFAULTS = SamplingParams()        # the one default: greedy
 
@@ -33,14 +33,14 @@ def model_info(path: str | os.PathLike | None, name: str | None = None) -> str:
     path = Path(path)
     name = name or path.name
     if path.suffix == ".gguf":
-        from tinyllama.gguf_file import open_gguf
+        from tinyllama.formats.gguf_file import open_gguf
 
         reader = open_gguf(path)
         params = sum(int(t.n_elements) for t in reader.tensors)
         types = sorted({t.tensor_type.name for t in reader.tensors if t.tensor_type.name not in ("F32",)})
         return (f"`{name}`: {params / 1e6:,.1f}M parameters, llama.cpp, {'/'.join(types) or 'F32'} weights, "
                 f"{path.stat().st_size / 1e6:,.1f} MB")
-    from tinyllama.checkpoint import load_config
+    from tinyllama.formats.checkpoint import load_config
 
     cfg = load_config(path)
     size = sum(f.stat().st_size for f in path.glob("*.safetensors"))

@@ -5,7 +5,7 @@
     python -m evaluation --model out/sft --perplexity data/tokens/natural --tasks none
     python -m evaluation --sweep out/pretrain --perplexity data/tokens/natural   # every step-*/ + a plot
 
-Models run through `tinyllama.backends` (our PyTorch model, or llama.cpp for a GGUF) wrapped as
+Models run through `tinyllama.inference.backends` (our PyTorch model, or llama.cpp for a GGUF) wrapped as
 an lm-eval `LM`: log-likelihoods score the continuation tokens from one forward pass per request,
 reusing the KV cache for the shared context of a question's choices; generation is greedy
 (deterministic, TinyLlama PR #8). The default task set is TinyLlama's seven zero-shot
@@ -77,8 +77,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _models(args: argparse.Namespace, tasks: list[str]) -> int:
-    from tinyllama.backends import load_backend
-    from tinyllama.hub import resolve_model
+    from tinyllama.inference.backends import load_backend
+    from tinyllama.formats.hub import resolve_model
 
     from .harness import local_task_dir, run_tasks
     from .perplexity import perplexity

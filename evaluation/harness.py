@@ -18,9 +18,9 @@ from typing import Sequence
 
 import torch
 
-from tinyllama.backends import Backend
+from tinyllama.inference.backends import Backend
 from tinyllama.errors import UserError
-from tinyllama.tokenizer import Tokenizer
+from tinyllama.formats.tokenizer import Tokenizer
 
 # TinyLlama 1.1B, 3T tokens (arXiv 2401.02385, Table 2), and the lm-eval metric it reports.
 PUBLISHED = {
@@ -87,7 +87,7 @@ def lm_class():
             return out
 
         def generate_until(self, requests) -> list[str]:
-            from tinyllama.generate import TextStream, generate
+            from tinyllama.inference.generate import TextStream, generate
 
             out = []
             for r in requests:

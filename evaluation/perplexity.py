@@ -10,9 +10,9 @@ from pathlib import Path
 
 import torch
 
-from pretrain.shards import PackedSource, ShardError
-from tinyllama.backends import Backend
-from tinyllama.tokenizer import Tokenizer
+from tinyllama.formats.shards import PackedSource, ShardError
+from tinyllama.inference.backends import Backend
+from tinyllama.formats.tokenizer import Tokenizer
 
 from .harness import EvalError
 

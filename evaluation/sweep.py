@@ -12,7 +12,7 @@ from typing import Sequence
 from pretrain.checkpointing import step_name
 from pretrain.config import ConfigError, TrainConfig
 from tinyllama.atomic import atomic_file
-from tinyllama.backends import load_backend
+from tinyllama.inference.backends import load_backend
 
 from .harness import PUBLISHED, EvalError, run_tasks
 from .perplexity import perplexity

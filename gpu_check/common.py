@@ -62,12 +62,12 @@ def sync(device) -> None:
 
 
 def fused_provider(device) -> str | None:
-    """The fused-kernel library (tinyllama.fused: liger-kernel, flash-attn) the model's ops use on
+    """The fused-kernel library (tinyllama.model.fused: liger-kernel, flash-attn) the model's ops use on
     `device` now, None for the PyTorch definitions."""
     import torch
 
     try:
-        from tinyllama import fused
+        from tinyllama.model import fused
 
         ops = fused.provider_for(torch.zeros(1, device=device))
     except Exception as e:         # TINYLLAMA_FUSED forcing one that cannot run here

@@ -41,7 +41,7 @@ def versions() -> dict:
             out[name] = md.version(name)
         except md.PackageNotFoundError:
             out[name] = None
-    from tinyllama import kernels
+    from tinyllama.model import kernels
 
     out["attention_backends"] = kernels.available_backends()      # flash / xformers / sdpa, as the model picks
     return out

@@ -8,7 +8,7 @@ with gradient clipping, separately. The compute dtype is what `auto` picks (tiny
 bf16 on a GPU), under autocast as one process trains.
 
   eager            what `python -m pretrain` runs on one GPU: SDPA's own backend choice, the
-                   fused Triton kernels tinyllama.fused picks (liger-kernel where it works)
+                   fused Triton kernels tinyllama.model.fused picks (liger-kernel where it works)
   unfused          the same with TINYLLAMA_FUSED=0: the PyTorch definitions of RMSNorm, RoPE,
                    SwiGLU and the loss (the logits materialised)
   sdpa-flash, sdpa-cudnn, sdpa-efficient, sdpa-math     eager with that SDPA backend forced
@@ -117,7 +117,7 @@ def build(name: str, args, device: torch.device, dtype: torch.dtype) -> Variant:
         variant.sdpa = lambda: sdpa_kernel([backend])
     elif name == "unfused":
         before = os.environ.get("TINYLLAMA_FUSED")
-        os.environ["TINYLLAMA_FUSED"] = "0"                       # read by tinyllama.fused at every op
+        os.environ["TINYLLAMA_FUSED"] = "0"                       # read by tinyllama.model.fused at every op
         variant.close.append(lambda: _restore_env("TINYLLAMA_FUSED", before))
     elif name == "compile":
         variant.loss = torch.compile(loss_fn)

@@ -9,8 +9,8 @@ token equals the draft's on a fraction alpha of the positions a greedy run visit
 still pays for a full 7B forward (same shapes, dense GEMMs).
 
 Measured: per-token latency of draft, target and a plain random 7B (eager, and through
-tinyllama.graphs' captured static step, as TorchBackend decodes on CUDA), the cost of verifying
-k+1 tokens vs 1, c = t_draft / t_target, and the wall-clock speedup of tinyllama.generate's
+tinyllama.inference.graphs' captured static step, as TorchBackend decodes on CUDA), the cost of verifying
+k+1 tokens vs 1, c = t_draft / t_target, and the wall-clock speedup of tinyllama.inference.generate's
 speculative loop at the constructed alpha, eager and captured. Derived: the expected speedup
 at alpha 0.6-0.9 from each mode's measured costs. Alpha itself
 is synthetic, not TinyLlama-vs-Llama-2's acceptance; outputs_differing_from_plain_greedy counts
@@ -40,9 +40,9 @@ from bench.constructed_pair import (
 from bench.random_models import random_model
 from bench.speculative import solve_alpha, theory
 from tinyllama import Llama, ModelConfig
-from tinyllama.backends import TorchBackend
-from tinyllama.generate import generate
-from tinyllama.graphs import StaticDecoder
+from tinyllama.inference.backends import TorchBackend
+from tinyllama.inference.generate import generate
+from tinyllama.inference.graphs import StaticDecoder
 
 from .common import device_name, emit, read_results, sync
 
@@ -106,7 +106,7 @@ def per_token_eager(model: Llama, T: int, n: int = 20) -> float:
 
 
 def per_token_graph(model: Llama, T: int, reps: int = 20) -> float | None:
-    """Median seconds of a T-token step at POSITION through tinyllama.graphs.StaticDecoder's
+    """Median seconds of a T-token step at POSITION through tinyllama.inference.graphs.StaticDecoder's
     captured CUDA graph, as TorchBackend decodes on CUDA (ids in, logits back on the host)."""
     device = model.lm_head.weight.device
     if device.type != "cuda":

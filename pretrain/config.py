@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from tinyllama.config import PRESETS
+from tinyllama.model.config import PRESETS
 from tinyllama.errors import UserError
 
 
@@ -30,7 +30,7 @@ class ConfigError(UserError):
 class TrainConfig:
     # model
     preset: str | None = None             # None: the init_from checkpoint's shape, else tinyllama-1.1b
-    init_from: str | None = None          # continue pretraining from: a directory or hub id (tinyllama.hub)
+    init_from: str | None = None          # continue pretraining from: a directory or hub id (tinyllama.formats.hub)
     # data: name -> shard directory, and the mixture weights (TinyLlama: 0.693584 / 0.306416)
     data: dict[str, str] = field(default_factory=lambda: {"natural": "data/tokens/natural", "code": "data/tokens/code"})
     weights: dict[str, float] = field(default_factory=lambda: {"natural": 0.7, "code": 0.3})

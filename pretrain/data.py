@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from .shards import PackedSource, ShardError
+from tinyllama.formats.shards import PackedSource, ShardError
 
 
 class FeistelPermutation:

@@ -16,10 +16,10 @@ import numpy as np
 
 from tinyllama.atomic import atomic_dir
 from tinyllama.errors import UserError
-from tinyllama.tokenizer import packed_dtype
+from tinyllama.formats.tokenizer import packed_dtype
 
 from .parts import Plan, first_error, is_done, progress_bar, read_part, remove
-from .shards import FORMAT, ShardWriter
+from tinyllama.formats.shards import FORMAT, ShardWriter
 from .sources import SourceError
 
 SEPARATOR_POLICY = ("each document is BOS + tokens + EOS; documents are concatenated; blocks are cut from the "

@@ -31,7 +31,7 @@ import numpy as np
 from tinyllama.atomic import atomic_file
 from tinyllama.errors import UserError
 from tinyllama.paths import check_disk_space
-from tinyllama.tokenizer import Tokenizer
+from tinyllama.formats.tokenizer import Tokenizer
 
 from .sources import ReadStats, SourceError
 from .units import Unit, unit_documents

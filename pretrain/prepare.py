@@ -47,7 +47,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tinyllama.errors import UserError, report
-from tinyllama.tokenizer import Tokenizer
+from tinyllama.formats.tokenizer import Tokenizer
 
 from .engine import run_local, seed_tokenizer, submit_slurm
 from .merge import SEPARATOR_POLICY, finish  # noqa: F401  (SEPARATOR_POLICY: part of this module's API)

@@ -25,10 +25,10 @@ import torch
 from tinyllama import Llama, ModelConfig, Tokenizer, load_checkpoint
 from tinyllama.allocator import retain_freed_memory
 from tinyllama.atomic import atomic_file
-from tinyllama.checkpoint import load_config
+from tinyllama.formats.checkpoint import load_config
 from tinyllama.errors import UserError
-from tinyllama.generate import SamplingParams, generate
-from tinyllama.hub import resolve_model
+from tinyllama.inference.generate import SamplingParams, generate
+from tinyllama.formats.hub import resolve_model
 from tinyllama.precision import DtypeChoice, choose_dtype
 
 from .checkpointing import (
@@ -43,7 +43,7 @@ from .data import BatchLoader, Mixture
 from .distributed import Dist
 from .metrics import MetricsLog, device_peak_flops, peak_memory_gb, plot_loss_curve
 from .schedule import lr_at
-from .shards import PackedSource, ShardError
+from tinyllama.formats.shards import PackedSource, ShardError
 
 
 def compute_dtype(cfg: TrainConfig, model_cfg: ModelConfig, env: Dist) -> DtypeChoice:

@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     for flag in ("threads", "ctx", "chunks", "quality_chunks"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             ap.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
-    from tinyllama.hub import resolve_model
+    from tinyllama.formats.hub import resolve_model
 
     from .pipeline import export, size_table, verify_all
 
@@ -98,7 +98,7 @@ class _Plan:
     """What the flags ask of llama.cpp's tools: the texts, the matrix, the quality table."""
 
     def __init__(self, args: argparse.Namespace, model: Path) -> None:
-        from tinyllama.checkpoint import load_config
+        from tinyllama.formats.checkpoint import load_config
 
         from .pipeline import parse_size
 

@@ -22,11 +22,11 @@ from pathlib import Path
 import numpy as np
 
 from tinyllama.atomic import atomic_file
-from tinyllama.checkpoint import load_config, load_state_dict
+from tinyllama.formats.checkpoint import load_config, load_state_dict
 from tinyllama.errors import UserError
-from tinyllama.gguf_file import GGUFVocab
-from tinyllama.tokenizer import Tokenizer
-from tinyllama.vocab import bpe_merges, is_byte_level, pre_tokenizer_name
+from tinyllama.formats.gguf_file import GGUFVocab
+from tinyllama.formats.tokenizer import Tokenizer
+from tinyllama.formats.vocab import bpe_merges, is_byte_level, pre_tokenizer_name
 
 FLOAT_TYPES = ("f32", "f16", "bf16")
 QUANT_TYPES = ("q8_0", "q6_k", "q5_k_m", "q5_k_s", "q4_k_m", "q4_k_s", "q4_0", "iq4_xs", "iq4_nl", "q3_k_m",
@@ -70,7 +70,7 @@ def vocab_metadata(model_dir: Path, tok: Tokenizer) -> GGUFVocab:
     priority (tested: llama.cpp tokenizes like us).
 
     Byte-level BPE (`gpt2`: SmolLM2, Llama-3): the pieces, the ranked merges and the
-    pre-tokenizer family's llama.cpp name (tinyllama.vocab.pre_tokenizer_name); added tokens are
+    pre-tokenizer family's llama.cpp name (tinyllama.formats.vocab.pre_tokenizer_name); added tokens are
     control tokens when special, user-defined otherwise."""
     import gguf
 
@@ -258,7 +258,7 @@ def quantize_gguf(src: str | os.PathLike, out: str | os.PathLike, qtype: str, th
     threads = str(threads or os.cpu_count() or 1)
     with atomic_file(out) as tmp:
         if imatrix is not None:
-            from tinyllama.llama_cpp_tools import tool
+            from tinyllama.llamacpp.tools import tool
 
             cmd = [str(tool("llama-quantize")), "--imatrix", str(imatrix), str(src), str(tmp), qtype.upper(), threads]
         else:

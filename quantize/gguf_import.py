@@ -28,12 +28,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tinyllama.checkpoint import model_from_state_dict, save_checkpoint
-from tinyllama.config import ModelConfig
+from tinyllama.formats.checkpoint import model_from_state_dict, save_checkpoint
+from tinyllama.model.config import ModelConfig
 from tinyllama.errors import NotFound, UserError, report
-from tinyllama.gguf_file import gguf_value, open_gguf
-from tinyllama.model import Llama
-from tinyllama.tokenizer import Tokenizer
+from tinyllama.formats.gguf_file import gguf_value, open_gguf
+from tinyllama.model.model import Llama
+from tinyllama.formats.tokenizer import Tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -182,8 +182,8 @@ def _card(record: dict, cfg: ModelConfig) -> str:
 def verify(gguf: Path, out: Path, text: str, n_ctx: int = 512) -> dict:
     """llama.cpp on the GGUF against PyTorch on the imported directory, over `text`: top-1
     agreement per position and the largest logit difference."""
-    from tinyllama.backends import GGUFBackend
-    from tinyllama.checkpoint import load_checkpoint
+    from tinyllama.inference.backends import GGUFBackend
+    from tinyllama.formats.checkpoint import load_checkpoint
 
     model, tok = load_checkpoint(out, dtype=torch.float32)
     ids = tok.encode(text)[:n_ctx]

@@ -28,7 +28,7 @@ from typing import Iterator
 
 from tinyllama.atomic import atomic_file
 from tinyllama.errors import NotFound, UserError
-from tinyllama.tokenizer import Tokenizer
+from tinyllama.formats.tokenizer import Tokenizer
 
 DEFAULT_SHARDS = ("data/tokens/natural", "data/tokens/code")     # what `make data` writes
 
@@ -70,7 +70,7 @@ def _read_calibration(calibration: str | Path) -> str:
 
 
 def _validation_documents(tok: Tokenizer, shards, max_tokens: int) -> list[str]:
-    from pretrain.shards import PackedSource, ShardError
+    from tinyllama.formats.shards import PackedSource, ShardError
 
     docs: list[str] = []
     for d in shards:
@@ -108,7 +108,7 @@ def compute_imatrix(f32_gguf: Path, text: str, out: Path, key: str, chunks: int 
                     threads: int | None = None) -> Path:
     """llama-imatrix over `text` (at most `chunks` chunks of `ctx` tokens), written to `out`
     atomically; reused when `out` was computed from the same weights, text, chunks and ctx."""
-    from tinyllama.llama_cpp_tools import tool
+    from tinyllama.llamacpp.tools import tool
 
     record = {"model": key, "text_sha256": hashlib.sha256(text.encode()).hexdigest(), "chunks": chunks, "ctx": ctx}
     meta = out.with_name(out.name + ".json")
@@ -141,8 +141,8 @@ def run_tool(cmd: list[str], what: str, total: int | None = None, expect: str | 
     """Runs a llama.cpp tool, a progress bar over its "[N]" chunk markers; returns its output.
     A failure is a QuantizeError with the end of the tool's log. `expect`: a pattern the output's
     closing report holds; a run that exits 0 without it lost its log at exit and runs again
-    (tinyllama.llama_cpp_tools.LOST_LOG_ATTEMPTS)."""
-    from tinyllama.llama_cpp_tools import LOST_LOG_ATTEMPTS
+    (tinyllama.llamacpp.tools.LOST_LOG_ATTEMPTS)."""
+    from tinyllama.llamacpp.tools import LOST_LOG_ATTEMPTS
 
     for attempt in range(1, LOST_LOG_ATTEMPTS + 1):
         output = _run_tool_once(cmd, what, total)

@@ -58,7 +58,7 @@ def export(model_dir: str | Path, types: list[str], out: Path, name: str | None 
     intermediate (the F32 file itself when it is asked for; else a hidden temporary, removed),
     with `imatrix` when given. `with_f32(f32, rows)` runs last, while the F32 file still exists
     (quality scoring). A folder this call created for files it could not write is removed again."""
-    from tinyllama.checkpoint import load_config
+    from tinyllama.formats.checkpoint import load_config
 
     model_dir, types = Path(model_dir), [t.lower() for t in types]
     unknown = [t for t in types if t not in ALL_TYPES]
@@ -104,7 +104,7 @@ def export_for_budget(model_dir: str | Path, budget: int, out: Path, name: str |
     import shutil
     import tempfile
 
-    from tinyllama.checkpoint import load_config
+    from tinyllama.formats.checkpoint import load_config
 
     t0 = time.perf_counter()
     model_dir = Path(model_dir)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from tinyllama.tokenizer import Tokenizer
+from tinyllama.formats.tokenizer import Tokenizer
 
 from .imatrix import QuantizeError, run_tool, text_file
 
@@ -46,7 +46,7 @@ def windows(n_tokens: int, ctx: int, chunks: int) -> int:
 
 def score_base(f32_gguf: Path, text: str, logits_out: Path, ctx: int, chunks: int) -> Quality:
     """Perplexity of the F32 file, saving its logits for score_against."""
-    from tinyllama.llama_cpp_tools import tool
+    from tinyllama.llamacpp.tools import tool
 
     with text_file(text, logits_out.parent) as txt:
         out = run_tool([str(tool("llama-perplexity")), "-m", str(f32_gguf), "-f", str(txt), "-c", str(ctx),
@@ -63,7 +63,7 @@ def score_base(f32_gguf: Path, text: str, logits_out: Path, ctx: int, chunks: in
 
 def score_against(gguf: Path, logits: Path, chunks: int) -> Quality:
     """Perplexity and KL divergence of `gguf` on the tokens and F32 logits in `logits`."""
-    from tinyllama.llama_cpp_tools import tool
+    from tinyllama.llamacpp.tools import tool
 
     out = run_tool([str(tool("llama-perplexity")), "-m", str(gguf), "--kl-divergence-base", str(logits),
                     "--kl-divergence", "-t", str(os.cpu_count() or 1)], f"KL divergence of {gguf.name}",

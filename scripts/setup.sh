@@ -65,12 +65,12 @@ if [ ! -f "$SDIST" ]; then
 fi
 
 # Which llama.cpp build: a function of (OS, machine, CPU flags, CUDA GPU) in
-# tinyllama/llama_cpp_build.py (standard library only; unit-tested with fake inputs). Never
+# tinyllama/llamacpp/build.py (standard library only; unit-tested with fake inputs). Never
 # GGML_NATIVE: on AMX Xeons it turns on AMX weight repacking, which crashes on quantized files.
 # x86-64: AVX-512 (+VBMI/VNNI/BF16, AMX off) or AVX2; aarch64: NEON + dotprod/fp16/sve/i8mm;
 # macOS arm64: Metal; + GGML_CUDA where nvidia-smi sees a GPU. LLAMA_BUILD=avx2|avx512 overrides.
 # (run by path, not as a script: a script's folder would shadow standard modules with the core's)
-BUILD_LINE=$("$PY" -c 'import runpy; runpy.run_path("tinyllama/llama_cpp_build.py", run_name="__main__")')
+BUILD_LINE=$("$PY" -c 'import runpy; runpy.run_path("tinyllama/llamacpp/build.py", run_name="__main__")')
 BUILD_ID=${BUILD_LINE%%$'\t'*}
 LLAMA_CMAKE=${BUILD_LINE#*$'\t'}
 

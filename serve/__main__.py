@@ -12,7 +12,7 @@ folder of them.
 Endpoints: GET /health, GET /v1/models, POST /v1/completions, POST /v1/chat/completions
 (stream or not; max_tokens, temperature, top_p, stop, seed; extensions top_k and
 repetition_penalty). Chat prompts are rendered in the model's own chat template
-(tinyllama.chat; our Zephyr one for a model without one) and replies stop at its own
+(tinyllama.formats.chat; our Zephyr one for a model without one) and replies stop at its own
 end-of-turn ids. With --draft, requests are decoded speculatively (exact: the same output distribution as the target alone).
 
 Continuous batching (--parallel N, default 4): up to N requests decode together, one forward

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from tinyllama.backends import Backend, GGUFBackend, TorchBackend
+from tinyllama.inference.backends import Backend, GGUFBackend, TorchBackend
 from .batching import BatchRunner, Row
 
 

@@ -27,7 +27,7 @@ from typing import Sequence
 
 import torch
 
-from tinyllama.backends import Backend, check_context, common_prefix
+from tinyllama.inference.backends import Backend, check_context, common_prefix
 
 
 @dataclass

@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from tinyllama.generate import SamplingParams
+from tinyllama.inference.generate import SamplingParams
 
 from .engine import add_model_arguments, check_model_arguments, load_engine
 

@@ -8,7 +8,7 @@
     models = ModelDir("models/")                  # every model in a folder, loaded on demand
     engine = models.acquire("tinyllama-19m-chat-Q4_K_M.gguf"); ...; models.release(name)
 
-Chats are rendered in the target model's own template (tinyllama.chat.apply_chat_template) and
+Chats are rendered in the target model's own template (tinyllama.formats.chat.apply_chat_template) and
 stop on its own end-of-turn ids; a draft only drafts.
 
     engine = Engine.load(path, parallel=4)        # continuous batching: 4 sequences decode together
@@ -34,20 +34,20 @@ from pathlib import Path
 
 from typing import ContextManager, Protocol, runtime_checkable
 
-from tinyllama.backends import Backend, load_backend
-from tinyllama.chat import apply_chat_template, template_of
+from tinyllama.inference.backends import Backend, load_backend
+from tinyllama.formats.chat import apply_chat_template, template_of
 from tinyllama.cli import CHAT_TEMPLATE_HELP, MODEL_HELP, NUM_DRAFT_HELP, draft_length
 from tinyllama.devices import DEVICE_HELP
-from tinyllama.draft_policy import resolve_num_draft
+from tinyllama.inference.draft_policy import resolve_num_draft
 from tinyllama.errors import NotFound, UserError
-from tinyllama.generate import (
+from tinyllama.inference.generate import (
     SamplingParams,
     TextStream,
     check_same_vocabulary,
     generate,
 )
-from tinyllama.lookup import NgramDraft
-from tinyllama.tokenizer import Tokenizer
+from tinyllama.inference.lookup import NgramDraft
+from tinyllama.formats.tokenizer import Tokenizer
 
 from .batch_runners import batch_runner
 from .batching import Lease, SlotPool
@@ -98,8 +98,8 @@ class Engine:
              n_ctx: int = 2048, adaptive_draft: bool = False, dtype: str = "auto", n_gpu_layers: int | None = None,
              revision: str | None = None, chat_template: str | None = None, parallel: int = 1,
              device: str = "auto") -> "Engine":
-        """model, draft: model references (tinyllama.hub: paths, hub ids, org/name:QUANT); draft
-        `ngram` or `ngram:N`: prompt-lookup drafting, no draft model (tinyllama.lookup);
+        """model, draft: model references (tinyllama.formats.hub: paths, hub ids, org/name:QUANT); draft
+        `ngram` or `ngram:N`: prompt-lookup drafting, no draft model (tinyllama.inference.lookup);
         revision: the hub revision of `model`; dtype: PyTorch models' compute dtype (auto:
         measured, tinyllama.precision); device: where models run (tinyllama.devices: auto, cpu,
         cuda); n_gpu_layers: GGUF layers llama.cpp offloads to a GPU (-1: all; None: all when the

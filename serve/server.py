@@ -36,14 +36,14 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tinyllama.errors import UserError
-from tinyllama.generate import SamplingParams, TextStream
+from tinyllama.inference.generate import SamplingParams, TextStream
 
 from .engine import Engine, ModelNotFound, ModelSource, RequestError
 
 
 class SamplingFields(BaseModel):
     """The request fields shared by both endpoints. Types are checked here; ranges once, by
-    tinyllama.generate.SamplingParams (a 400 naming the field)."""
+    tinyllama.inference.generate.SamplingParams (a 400 naming the field)."""
 
     model_config = ConfigDict(extra="ignore", allow_inf_nan=False)   # NaN would pass every range check
 

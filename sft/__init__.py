@@ -3,6 +3,6 @@
     python -m sft --base out/pretrain/final --out out/sft              # LoRA on the shipped sample
     from sft.train import SFTArgs, run_sft                             # the same, as a library
 
-data.py (Guanaco / JSONL / hub -> masked token rows), modeling.py (tinyllama.model.Llama as a
+data.py (Guanaco / JSONL / hub -> masked token rows), modeling.py (tinyllama.model.model.Llama as a
 transformers PreTrainedModel), train.py (SFTTrainer, LoRA/QLoRA, merge, atomic output).
 """

@@ -64,10 +64,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def show_samples(model_dir, questions: list[str], n: int) -> None:
     """Greedy answers of the saved chat model to held-out questions, through the chat template
-    and tinyllama.generate: what a user of the model would see."""
+    and tinyllama.inference.generate: what a user of the model would see."""
     from tinyllama import load_checkpoint
-    from tinyllama.chat import apply_chat_template
-    from tinyllama.generate import generate
+    from tinyllama.formats.chat import apply_chat_template
+    from tinyllama.inference.generate import generate
 
     model, tok = load_checkpoint(model_dir)
     for q in (questions or ["What does `len()` do?"])[:n]:

@@ -25,9 +25,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from tinyllama.chat import ChatFormatError, encode_for_training, template_of, validate
+from tinyllama.formats.chat import ChatFormatError, encode_for_training, template_of, validate
 from tinyllama.errors import UserError
-from tinyllama.tokenizer import Tokenizer
+from tinyllama.formats.tokenizer import Tokenizer
 
 SAMPLE_PATH = Path(__file__).with_name("samples") / "python-qa-guanaco.jsonl"
 GUANACO = "timdettmers/openassistant-guanaco"

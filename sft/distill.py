@@ -40,8 +40,8 @@ from .data import Conversation, load_conversations, split_eval
 def teacher_reply(backend, tok, messages: Sequence[dict], max_new_tokens: int, template: str | None = None) -> str:
     """The teacher's greedy reply to `messages` (ending with a user turn) in `template` (default:
     the teacher's own), its end-of-turn id excluded."""
-    from tinyllama.chat import apply_chat_template
-    from tinyllama.generate import generate
+    from tinyllama.formats.chat import apply_chat_template
+    from tinyllama.inference.generate import generate
 
     ids = apply_chat_template(tok, messages, add_generation_prompt=True, template=template)
     budget = min(max_new_tokens, backend.context_length - len(ids))
@@ -79,8 +79,8 @@ def distill(teacher: str | Path, data: str, out: str | Path, max_new_tokens: int
     from tqdm import tqdm
 
     from tinyllama.atomic import atomic_file
-    from tinyllama.backends import load_backend
-    from tinyllama.chat import template_of
+    from tinyllama.inference.backends import load_backend
+    from tinyllama.formats.chat import template_of
 
     if max_new_tokens < 1:
         raise UserError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")

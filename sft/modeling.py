@@ -1,4 +1,4 @@
-"""The transformers face of `tinyllama.model.Llama`, so trl, peft and bitsandbytes train it.
+"""The transformers face of `tinyllama.model.model.Llama`, so trl, peft and bitsandbytes train it.
 
     model = TinyLlamaForCausalLM.from_pretrained("out/pretrain/final")            # fp32 / bf16
     model = TinyLlamaForCausalLM.from_pretrained(dir, quantization_config=nf4)     # QLoRA base
@@ -28,8 +28,8 @@ from torch.utils.checkpoint import checkpoint
 from transformers import GenerationConfig, LlamaConfig, PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutput, CausalLMOutputWithPast
 
-from tinyllama.config import ModelConfig
-from tinyllama.model import Block, Llama
+from tinyllama.model.config import ModelConfig
+from tinyllama.model.model import Block, Llama
 
 
 class TinyLlamaForCausalLM(PreTrainedModel):
@@ -101,9 +101,9 @@ class TinyLlamaForCausalLM(PreTrainedModel):
         return self.llama.config
 
     def prepare_inputs_for_generation(self, *args: Any, **kwargs: Any) -> dict:
-        # peft's causal-LM wrapper looks this up; generation itself is tinyllama.generate's job.
+        # peft's causal-LM wrapper looks this up; generation itself is tinyllama.inference.generate's job.
         raise NotImplementedError("this training wrapper does not generate; load the saved directory with "
-                                  "tinyllama.load_checkpoint and use tinyllama.generate")
+                                  "tinyllama.load_checkpoint and use tinyllama.inference.generate")
 
     @property
     def base_model(self) -> "HFBackbone":

@@ -30,8 +30,8 @@ from typing import Any
 import torch
 
 from tinyllama.allocator import retain_freed_memory
-from tinyllama.chat import template_of
-from tinyllama.checkpoint import (
+from tinyllama.formats.chat import template_of
+from tinyllama.formats.checkpoint import (
     CheckpointError,
     check_weights,
     load_config,
@@ -40,10 +40,10 @@ from tinyllama.checkpoint import (
 )
 from tinyllama.cli import flag
 from tinyllama.errors import UserError
-from tinyllama.hub import ModelRef, resolve_model
+from tinyllama.formats.hub import ModelRef, resolve_model
 from tinyllama.paths import check_output_dir
 from tinyllama.precision import DTYPE_CHOICES, choose_dtype
-from tinyllama.tokenizer import Tokenizer
+from tinyllama.formats.tokenizer import Tokenizer
 
 from .data import (
     LoadStats,
@@ -182,7 +182,7 @@ def _hf_tokenizer(tok: Tokenizer, work: Path):
 
 
 def load_model(base: str | Path, method: str, device: str, dtype: torch.dtype, compute_dtype: torch.dtype | None = None):
-    """The base as a trainable transformers model over tinyllama.model.Llama, weights in `dtype`;
+    """The base as a trainable transformers model over tinyllama.model.model.Llama, weights in `dtype`;
     nf4 for qlora, dequantized to `compute_dtype` (default: dtype) for its matmuls."""
     from .modeling import TinyLlamaForCausalLM
 

@@ -81,7 +81,7 @@ def llama_cpp_tools(tmp_path_factory):
     needs them. A build that fails or overruns TOOLS_BUILD_TIMEOUT fails those tests with the
     build's own message and the end of its log."""
     pytest.importorskip("llama_cpp", reason="llama-cpp-python is built by make setup")
-    from tinyllama.llama_cpp_tools import TOOLS, ToolBuildError, build_tools, tools_dir
+    from tinyllama.llamacpp.tools import TOOLS, ToolBuildError, build_tools, tools_dir
 
     where = tools_dir()
     if all((where / name).is_file() for name in TOOLS):

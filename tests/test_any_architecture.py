@@ -108,9 +108,9 @@ def test_the_gguf_backend_runs_it_with_the_files_own_tokenizer(gpt2_gguf):
     on the same file."""
     import llama_cpp
 
-    from tinyllama.backends import LlamaCppVocab, load_backend
-    from tinyllama.chat import apply_chat_template, template_of
-    from tinyllama.generate import generate
+    from tinyllama.inference.backends import LlamaCppVocab, load_backend
+    from tinyllama.formats.chat import apply_chat_template, template_of
+    from tinyllama.inference.generate import generate
 
     backend, tok = load_backend(gpt2_gguf, n_ctx=CTX)
     llm = llama_cpp.Llama(model_path=str(gpt2_gguf), n_ctx=CTX, verbose=False, n_threads=2)

@@ -637,7 +637,7 @@ from fastapi.testclient import TestClient  # noqa: E402
 
 from serve.engine import Engine, ModelDir  # noqa: E402
 from serve.server import create_app  # noqa: E402
-from tinyllama.backends import TorchBackend  # noqa: E402
+from tinyllama.inference.backends import TorchBackend  # noqa: E402
 
 
 @pytest.fixture(scope="module")

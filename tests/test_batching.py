@@ -13,10 +13,10 @@ import torch
 from test_generate import noisy_pair, random_llama
 
 from tinyllama import ModelConfig
-from tinyllama.backends import TorchBackend
+from tinyllama.inference.backends import TorchBackend
 from serve.batch_runners import TorchRunner, batch_runner
 from serve.batching import SlotPool
-from tinyllama.generate import SamplingParams, generate
+from tinyllama.inference.generate import SamplingParams, generate
 
 PROMPTS = [[1, 450, 6593, 310, 2834, 338], [1, 306], [1, 15043, 29892, 590, 1024, 338, 263, 2107, 29889, 13] * 3,
            [1, 1576, 4996, 17354], [1, 822, 1667, 7295, 13, 1678], [1, 29871, 29896, 29892, 29871, 29906]]
@@ -136,7 +136,7 @@ def test_a_free_slot_keeps_its_prefix_and_is_reused(target_and_draft, llama2_tok
 def test_a_stop_id_gives_the_slot_back_at_once(target_and_draft, llama2_tokenizer):
     """A reply that ends on its end-of-turn id frees its slot as the text ends (regression: the
     slot stayed taken until garbage collection, and a loaded server ran out of slots)."""
-    from tinyllama.generate import TextStream
+    from tinyllama.inference.generate import TextStream
 
     target, _ = target_and_draft
     pool = SlotPool(TorchRunner(TorchBackend(target, llama2_tokenizer, pack=False), n_slots=1))
@@ -231,7 +231,7 @@ def test_gguf_slots_batch_in_one_llama_decode_and_equal_alone(tmp_path, target_a
     pytest.importorskip("llama_cpp", reason="llama-cpp-python is built by make setup")
     from quantize.export import write_gguf
     from tinyllama import save_checkpoint
-    from tinyllama.backends import GGUFBackend
+    from tinyllama.inference.backends import GGUFBackend
     from serve.batch_runners import LlamaCppRunner
 
     save_checkpoint(target_and_draft[0], llama2_tokenizer, tmp_path / "m")

@@ -4,8 +4,8 @@ import json
 
 from bench import speculative
 from serve.engine import Engine
-from tinyllama.generate import SamplingParams
-from tinyllama.lookup import NgramDraft
+from tinyllama.inference.generate import SamplingParams
+from tinyllama.inference.lookup import NgramDraft
 
 
 def test_engine_drafts_by_prompt_lookup(tiny_chat_checkpoint):

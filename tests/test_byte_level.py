@@ -12,7 +12,7 @@ import pytest
 
 from tinyllama.errors import UserError
 from tinyllama.paths import LLAMA_CPP_VERSION, default_sdist
-from tinyllama.tokenizer import Tokenizer
+from tinyllama.formats.tokenizer import Tokenizer
 
 # llama.cpp's vocabulary files, by the pre-tokenizer family they test (tokenizer.ggml.pre). Qwen2's
 # and Command-R's pass too (46 of 46 vectors each) but take 10-15 s each to read with gguf-py.
@@ -130,7 +130,7 @@ def test_a_byte_level_checkpoint_exports_to_a_gguf_llama_cpp_reads_alike(tokeniz
 
     from quantize.export import write_gguf
     from tinyllama import Llama, ModelConfig, save_checkpoint
-    from tinyllama.gguf_file import open_gguf, read_gguf_vocab
+    from tinyllama.formats.gguf_file import open_gguf, read_gguf_vocab
 
     tok = tokenizers[name]
     cfg = ModelConfig(name=f"tiny-{name}", n_layer=1, d_model=64, n_head=2, n_kv_head=1, ffn_dim=96,
@@ -169,12 +169,12 @@ def test_a_llama_3_vocabulary_runs_end_to_end_in_uint32_shards(tokenizers, tmp_p
     from evaluation.perplexity import perplexity
     from pretrain.config import TrainConfig
     from pretrain.prepare import PrepareConfig, prepare
-    from pretrain.shards import PackedSource
+    from tinyllama.formats.shards import PackedSource
     from pretrain.train import train
-    from tinyllama.backends import load_backend
-    from tinyllama.checkpoint import save_checkpoint
-    from tinyllama.config import ModelConfig
-    from tinyllama.model import Llama
+    from tinyllama.inference.backends import load_backend
+    from tinyllama.formats.checkpoint import save_checkpoint
+    from tinyllama.model.config import ModelConfig
+    from tinyllama.model.model import Llama
 
     tok = tokenizers["llama-bpe"]
     texts = [f"Привет, как дела? Grüße aus München, 日本語のテキスト {i}. def f(x): return x * {i}" for i in range(40)]

@@ -3,7 +3,7 @@
 import pytest
 
 from tinyllama import Tokenizer
-from tinyllama.chat import CHAT_TEMPLATE, ChatFormatError, encode_chat, render_chat
+from tinyllama.formats.chat import CHAT_TEMPLATE, ChatFormatError, encode_chat, render_chat
 from tinyllama.paths import llama2_dir
 
 CONVERSATION = [

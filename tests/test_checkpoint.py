@@ -5,7 +5,7 @@ import torch
 from safetensors.torch import save_file
 
 from tinyllama import CheckpointError, Llama, ModelConfig, load_checkpoint, save_checkpoint
-from tinyllama.checkpoint import load_state_dict
+from tinyllama.formats.checkpoint import load_state_dict
 
 
 @pytest.fixture(scope="module")
@@ -122,7 +122,7 @@ def test_overwrite_is_atomic(tmp_path, small_model, monkeypatch):
     def boom(*args, **kwargs):
         raise OSError("No space left on device")
 
-    monkeypatch.setattr("tinyllama.checkpoint.save_file", boom)
+    monkeypatch.setattr("tinyllama.formats.checkpoint.save_file", boom)
     with pytest.raises(OSError, match="No space left"):
         save_checkpoint(small_model, None, out)
     assert (out / "model.safetensors").read_bytes() == before           # old checkpoint intact

@@ -137,7 +137,7 @@ if n > {lost}:
 def test_a_run_whose_log_was_lost_at_exit_runs_again(tmp_path, monkeypatch):
     from bench import speculative_anchor
     from quantize.imatrix import run_tool
-    from tinyllama import llama_cpp_tools
+    from tinyllama.llamacpp import tools as llama_cpp_tools
 
     script = flaky_tool(tmp_path, LLAMA_SPECULATIVE_TAIL, lost=2)
     monkeypatch.setattr(llama_cpp_tools, "tool", lambda name, **kw: script)

@@ -10,7 +10,7 @@ import pytest
 
 from pretrain.data import BatchLoader, FeistelPermutation, Mixture
 from pretrain.prepare import PrepareConfig, prepare
-from pretrain.shards import PackedSource, ShardError, ShardWriter
+from tinyllama.formats.shards import PackedSource, ShardError, ShardWriter
 from pretrain.sources import SourceError
 from pretrain.units import read_documents
 

@@ -14,9 +14,9 @@ gradio_client = pytest.importorskip("gradio_client")
 from demo.app import DEFAULT_SYSTEM, build_app, message_text  # noqa: E402
 from serve.engine import Engine  # noqa: E402
 from tinyllama import Llama, ModelConfig  # noqa: E402
-from tinyllama.backends import TorchBackend  # noqa: E402
-from tinyllama.chat import encode_chat  # noqa: E402
-from tinyllama.generate import generate  # noqa: E402
+from tinyllama.inference.backends import TorchBackend  # noqa: E402
+from tinyllama.formats.chat import encode_chat  # noqa: E402
+from tinyllama.inference.generate import generate  # noqa: E402
 
 SYSTEM = "Be brief."
 
@@ -181,7 +181,7 @@ def test_cli_refuses_a_missing_model(tmp_path):
 
 def test_stats_say_when_auto_drafted_nothing():
     from demo.app import stats_markdown
-    from tinyllama.generate import GenerationStats
+    from tinyllama.inference.generate import GenerationStats
 
     stats = GenerationStats(generated_tokens=12, decode_seconds=0.5)
     assert "no tokens drafted" in stats_markdown(stats, speculative=True, last_plain_tps=None)

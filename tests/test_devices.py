@@ -43,7 +43,7 @@ def test_cuda_with_a_cpu_only_llama_cpp_names_the_fix():
 
 
 def test_load_backend_refuses_cuda_here(tiny_chat_checkpoint, monkeypatch):
-    from tinyllama.backends import load_backend
+    from tinyllama.inference.backends import load_backend
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(UserError, match="no GPU here"):

@@ -13,9 +13,9 @@ import pytest
 
 from sft.data import load_conversations, split_eval
 from sft.distill import distill, distill_conversation, main
-from tinyllama.backends import load_backend
-from tinyllama.chat import encode_chat
-from tinyllama.generate import generate
+from tinyllama.inference.backends import load_backend
+from tinyllama.formats.chat import encode_chat
+from tinyllama.inference.generate import generate
 
 CONVERSATIONS = [
     {"messages": [{"role": "user", "content": "What does `len()` do?"},

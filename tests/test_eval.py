@@ -17,7 +17,7 @@ pytest.importorskip("lm_eval")
 from evaluation.harness import EvalError, lm_class, run_tasks, task_yaml  # noqa: E402
 from evaluation.perplexity import perplexity  # noqa: E402
 from tinyllama import Llama, ModelConfig, load_checkpoint, save_checkpoint  # noqa: E402
-from tinyllama.backends import TorchBackend, load_backend  # noqa: E402
+from tinyllama.inference.backends import TorchBackend, load_backend  # noqa: E402
 
 TASK_DATA = Path(__file__).with_name("data") / "mc_task.jsonl"
 
@@ -85,7 +85,7 @@ def test_perplexity_is_exp_of_the_trainers_validation_loss(model_dir, tmp_path):
     from pydoc_data.topics import topics
 
     from pretrain.prepare import PrepareConfig, prepare
-    from pretrain.shards import PackedSource
+    from tinyllama.formats.shards import PackedSource
     from pretrain.train import loss_fn
 
     raw = tmp_path / "raw.jsonl"

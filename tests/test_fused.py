@@ -1,4 +1,4 @@
-"""The fused-kernel layer (tinyllama.fused) on the CPU: fake providers that keep the real
+"""The fused-kernel layer (tinyllama.model.fused) on the CPU: fake providers that keep the real
 libraries' calling conventions and asserts stand in for liger-kernel and flash-attn, and a
 seam makes CPU tensors count as CUDA ones. What only a GPU can show (the Triton kernels'
 numbers) is in the gpu-marked tests of test_model.py."""
@@ -11,9 +11,9 @@ import torch
 import torch.nn.functional as F
 
 from pretrain.train import loss_fn
-from tinyllama import fused, kernels
-from tinyllama.config import ModelConfig
-from tinyllama.model import Llama
+from tinyllama.model import fused, kernels
+from tinyllama.model.config import ModelConfig
+from tinyllama.model.model import Llama
 
 
 def _rotate_half(x):

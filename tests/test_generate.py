@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from tinyllama import Llama, ModelConfig
-from tinyllama.backends import Backend, TorchBackend
-from tinyllama.draft_policy import HOPELESS_PROBE_GAP, AutoDraftLength
-from tinyllama.generate import SamplingParams, generate, process_logits
+from tinyllama.inference.backends import Backend, TorchBackend
+from tinyllama.inference.draft_policy import HOPELESS_PROBE_GAP, AutoDraftLength
+from tinyllama.inference.generate import SamplingParams, generate, process_logits
 
 
 def random_llama(cfg: ModelConfig, seed: int) -> Llama:
@@ -229,7 +229,7 @@ def gguf_pair(tmp_path_factory):
 
 @pytest.mark.llamacpp
 def test_gguf_backend_greedy_and_speculative(gguf_pair):
-    from tinyllama.backends import GGUFBackend, load_backend
+    from tinyllama.inference.backends import GGUFBackend, load_backend
 
     target, draft, tok, files = gguf_pair
     prompt = tok.encode("The meaning of life is")
@@ -260,7 +260,7 @@ def test_gguf_backend_greedy_and_speculative(gguf_pair):
 # ---- prompt lookup (n-gram) drafting ----------------------------------------------------------------
 
 def test_ngram_proposals():
-    from tinyllama.lookup import NgramDraft
+    from tinyllama.inference.lookup import NgramDraft
 
     d = NgramDraft(max_ngram=3)
     #            0  1  2  3  4  5  6  7  8  9
@@ -274,7 +274,7 @@ def test_ngram_proposals():
 
 
 def test_ngram_drafting_is_token_identical_to_greedy(pair):
-    from tinyllama.lookup import NgramDraft
+    from tinyllama.inference.lookup import NgramDraft
 
     target, _ = pair
     prompt = [1, 7, 8, 9, 10, 11, 7, 8, 9, 10, 11, 7, 8]            # repetitive: lookups find matches
@@ -290,7 +290,7 @@ def test_ngram_drafting_is_token_identical_to_greedy(pair):
 @pytest.mark.slow
 @pytest.mark.parametrize("sampling", [dict(temperature=1.0), dict(temperature=0.7, top_k=4, repetition_penalty=1.5)])
 def test_ngram_sampling_matches_the_target_distribution(sampling):
-    from tinyllama.lookup import NgramDraft
+    from tinyllama.inference.lookup import NgramDraft
 
     target = Stub(torch.randn(6, 6, generator=torch.Generator().manual_seed(0)) * 1.5, "target")
     prompt = [0, 1, 2, 0, 1]                 # the tail "0 1" recurs: the lookup proposes "2 0 ..."
@@ -313,7 +313,7 @@ class VirtualClock:
 
 @pytest.fixture
 def clock(monkeypatch) -> VirtualClock:
-    import tinyllama.generate as gen_module
+    import tinyllama.inference.generate as gen_module
 
     virtual = VirtualClock()
     monkeypatch.setattr(gen_module, "time", virtual)

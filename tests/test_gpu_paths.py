@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from tinyllama import Llama, ModelConfig, kernels
-from tinyllama.backends import TorchBackend
-from tinyllama.generate import generate
+from tinyllama.inference.backends import TorchBackend
+from tinyllama.inference.generate import generate
 
 DEV = os.environ.get("GPU_CHECK_DEVICE", "cuda")
 pytestmark = [pytest.mark.gpu] if DEV == "cuda" else []

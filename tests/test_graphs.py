@@ -1,4 +1,4 @@
-"""Static-shape decoding (tinyllama.graphs, Llama.static_hidden_states) on the CPU: the same
+"""Static-shape decoding (tinyllama.inference.graphs, Llama.static_hidden_states) on the CPU: the same
 numbers as the dynamic KV-cache path, traceable whole (no graph breaks, no host syncs: what a
 CUDA graph capture needs), and the torch-call count it exists to collapse. Capture itself is
 in the gpu-marked test."""
@@ -6,9 +6,9 @@ in the gpu-marked test."""
 import pytest
 import torch
 
-from tinyllama.config import ModelConfig
-from tinyllama.graphs import StaticDecoder, count_torch_calls
-from tinyllama.model import Llama
+from tinyllama.model.config import ModelConfig
+from tinyllama.inference.graphs import StaticDecoder, count_torch_calls
+from tinyllama.model.model import Llama
 
 
 @pytest.fixture(scope="module")
@@ -98,8 +98,8 @@ def test_captured_steps_equal_eager_ones_on_cuda():
 
 def test_a_backend_through_the_static_decoder_generates_what_the_eager_one_does(model, monkeypatch):
     # the CUDA path of TorchBackend (graphs on), run here with the static steps eager
-    from tinyllama import backends
-    from tinyllama.generate import SamplingParams, generate
+    from tinyllama.inference import backends
+    from tinyllama.inference.generate import SamplingParams, generate
 
     ids = [1, 450, 4996, 17354]
     plain = backends.TorchBackend(model, pack=False)

@@ -13,7 +13,7 @@ import torch
 
 from hub_cache import add_dir, add_repo
 from tinyllama import Llama, ModelConfig, Tokenizer, save_checkpoint
-from tinyllama.chat import (
+from tinyllama.formats.chat import (
     BUILTIN_TEMPLATES,
     CHAT_TEMPLATE,
     ChatFormatError,
@@ -22,7 +22,7 @@ from tinyllama.chat import (
     template_of,
 )
 from tinyllama.errors import NotFound, UserError
-from tinyllama.hub import HubError, _pick_quant, _quant_of, resolve_model
+from tinyllama.formats.hub import HubError, _pick_quant, _quant_of, resolve_model
 
 TEMPLATES = Path(__file__).parent / "data" / "chat_templates"
 LLAMA2 = (TEMPLATES / "llama-2-chat.jinja").read_text()
@@ -132,7 +132,7 @@ def test_hub_errors_become_one_line_each(offline_hub, monkeypatch):
     import httpx2
     from huggingface_hub import errors
 
-    import tinyllama.hub as hub_module
+    import tinyllama.formats.hub as hub_module
 
     response = httpx2.Response(401, request=httpx2.Request("GET", "https://huggingface.co/api/models/meta/x"))
     for error, message in [(errors.GatedRepoError("gated", response=response), "gated repository; accept its licence"
@@ -248,7 +248,7 @@ def test_a_template_that_refuses_is_a_chat_format_error(tiny_chat_checkpoint, tm
 
 
 def test_a_gguf_chats_in_its_own_template(offline_hub):
-    from tinyllama.backends import load_backend
+    from tinyllama.inference.backends import load_backend
 
     backend, tok = load_backend("acme/tiny-chat-GGUF:Q8_0")
     try:
@@ -266,7 +266,7 @@ def test_a_gguf_chats_in_its_own_template(offline_hub):
 
 def test_speculative_with_a_llama2_target_is_greedy_identical(offline_hub):
     from serve.engine import Engine
-    from tinyllama.generate import SamplingParams
+    from tinyllama.inference.generate import SamplingParams
 
     engine = Engine.load("acme/llama2-chat", draft="acme/draft", dtype="float32", num_draft=3)
     try:
@@ -347,7 +347,7 @@ def test_quantize_cli_from_a_hub_id(offline_hub, tmp_path, capsys):
     from quantize.__main__ import main
 
     assert main(["--model", "acme/llama2-chat", "--type", "f16", "--out", str(tmp_path / "m.gguf"), "--no-verify"]) == 0
-    from tinyllama.gguf_file import gguf_value, open_gguf
+    from tinyllama.formats.gguf_file import gguf_value, open_gguf
 
     assert gguf_value(open_gguf(tmp_path / "m.gguf"), "tokenizer.chat_template") == LLAMA2
     assert main(["--model", "acme/tiny-chat-GGUF:Q8_0", "--type", "f16", "--out", str(tmp_path / "x.gguf")]) == 2

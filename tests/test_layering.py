@@ -55,8 +55,37 @@ def test_stages_talk_through_files_not_imports():
     assert not offenders, sorted(offenders)
 
 
+# the core's rooms, lowest first: a room imports the top-level utilities and the rooms below it
+ROOMS = ("model", "formats", "inference")
+# top-level files that reach into a room: precision times a model's own shapes; measure reads the
+# CPU flags where the set-up script's build chooser keeps them (it runs before anything is installed)
+TOP_INTO_ROOMS = {"precision.py": {"model"}, "measure.py": {"llamacpp"}}
+
+
+def _rooms_imported(path: Path) -> set[str]:
+    return {m.split(".")[1] for m in imported_modules(path)
+            if m.startswith("tinyllama.") and m.split(".")[1] in (*ROOMS, "llamacpp")}
+
+
+def test_the_core_is_in_rooms_that_import_downward():
+    core = ROOT / "tinyllama"
+    offenders = set()
+    for i, room in enumerate(ROOMS):
+        for f in (core / room).rglob("*.py"):
+            above = _rooms_imported(f) - set(ROOMS[:i + 1])
+            offenders |= {f"{f.relative_to(ROOT)} imports tinyllama.{r}" for r in above}
+    for f in (core / "llamacpp").rglob("*.py"):
+        offenders |= {f"{f.relative_to(ROOT)} imports tinyllama.{r}" for r in _rooms_imported(f) - {"llamacpp"}}
+    for f in core.glob("*.py"):
+        if f.name not in ("__init__.py", "__main__.py"):
+            extra = _rooms_imported(f) - TOP_INTO_ROOMS.get(f.name, set())
+            offenders |= {f"{f.relative_to(ROOT)} imports tinyllama.{r}" for r in extra}
+    assert not offenders, sorted(offenders)
+    assert {d.name for d in core.iterdir() if (d / "__init__.py").is_file()} == {*ROOMS, "llamacpp"}
+
+
 def test_the_model_knows_no_optimisation():
-    mods = imported_modules(ROOT / "tinyllama" / "model.py")
+    mods = imported_modules(ROOT / "tinyllama" / "model" / "model.py")
     assert not {m for m in mods if "packing" in m or "precision" in m}, mods
 
 

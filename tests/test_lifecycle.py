@@ -31,7 +31,7 @@ def test_raw_text_to_a_chat_model_in_llama_cpp(tmp_path):
     from pydoc_data.topics import topics
 
     from tinyllama import load_checkpoint
-    from tinyllama.chat import CHAT_TEMPLATE
+    from tinyllama.formats.chat import CHAT_TEMPLATE
 
     raw = tmp_path / "raw.jsonl"
     raw.write_text("".join(json.dumps({"text": t}) + "\n" for _, t in sorted(topics.items())[:40]))

@@ -1,4 +1,4 @@
-"""The llama.cpp build choice (tinyllama/llama_cpp_build.py) for machines other than this one:
+"""The llama.cpp build choice (tinyllama/llamacpp/build.py) for machines other than this one:
 fake uname / cpuinfo inputs, since only Linux x86-64 runs here."""
 
 import subprocess
@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from tinyllama import llama_cpp_build as lb
-from tinyllama.llama_cpp_build import choose_build
+from tinyllama.llamacpp import build as lb
+from tinyllama.llamacpp.build import choose_build
 
 ROOT = Path(__file__).resolve().parent.parent
 # /proc/cpuinfo flag sets of real CPUs (abridged to what matters)
@@ -96,11 +96,11 @@ def test_cpu_flags_reads_proc_cpuinfo_and_macos_sysctl(monkeypatch, tmp_path):
 
 
 def test_the_script_prints_id_and_args_for_setup(monkeypatch):
-    out = subprocess.run([sys.executable, "-c", "import runpy; runpy.run_path('tinyllama/llama_cpp_build.py', "
+    out = subprocess.run([sys.executable, "-c", "import runpy; runpy.run_path('tinyllama/llamacpp/build.py', "
                           "run_name='__main__')"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
     build_id, _, cmake = out.strip().partition("\t")
     assert build_id and ("-DGGML_NATIVE=OFF" in cmake or "-DGGML_METAL=ON" in cmake)
-    bad = subprocess.run([sys.executable, "-c", "import runpy; runpy.run_path('tinyllama/llama_cpp_build.py', "
+    bad = subprocess.run([sys.executable, "-c", "import runpy; runpy.run_path('tinyllama/llamacpp/build.py', "
                           "run_name='__main__')"], cwd=ROOT, capture_output=True, text=True,
                          env={"LLAMA_BUILD": "avx9", "PATH": "/usr/bin:/bin"})
     import platform
@@ -108,12 +108,12 @@ def test_the_script_prints_id_and_args_for_setup(monkeypatch):
         assert bad.returncode == 2 and "LLAMA_BUILD" in bad.stderr
 
 
-# ---- llama.cpp's own tools (tinyllama/llama_cpp_tools.py) ------------------------------------------
+# ---- llama.cpp's own tools (tinyllama/llamacpp/tools.py) ------------------------------------------
 
 def test_tools_are_cached_per_build_and_a_missing_sdist_is_named(tmp_path, monkeypatch):
     import pytest
 
-    from tinyllama import llama_cpp_tools
+    from tinyllama.llamacpp import tools as llama_cpp_tools
     from tinyllama.errors import NotFound
 
     monkeypatch.setenv("TINYLLAMA_CACHE", str(tmp_path))
@@ -139,7 +139,7 @@ def test_a_build_step_that_overruns_is_stopped_with_its_log(tmp_path):
     progress goes to stderr (a command's --json output stays clean while it builds)."""
     import pytest
 
-    from tinyllama import llama_cpp_tools
+    from tinyllama.llamacpp import tools as llama_cpp_tools
 
     script = "import time; print('[ 10%] Building CXX object ggml.o', flush=True); time.sleep(60)"
     t0 = time.monotonic()
@@ -154,7 +154,7 @@ def test_a_build_step_that_overruns_is_stopped_with_its_log(tmp_path):
 def test_build_messages_go_to_stderr(tmp_path, monkeypatch, capsys):
     """A tool built on first use says so on stderr: `bench.speculative --anchor --json` printed
     the build's lines into its JSON (the anchor test's failure on a fresh clone)."""
-    from tinyllama import llama_cpp_tools
+    from tinyllama.llamacpp import tools as llama_cpp_tools
 
     monkeypatch.setenv("TINYLLAMA_CACHE", str(tmp_path))
     monkeypatch.delenv(llama_cpp_tools.BUILD_ENV)

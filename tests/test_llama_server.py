@@ -13,7 +13,7 @@ import pytest
 from test_generate import random_llama
 
 from tinyllama import ModelConfig, save_checkpoint
-from tinyllama.chat import CHAT_TEMPLATE, apply_chat_template
+from tinyllama.formats.chat import CHAT_TEMPLATE, apply_chat_template
 
 pytest.importorskip("llama_cpp", reason="llama-cpp-python is built by make setup")
 openai = pytest.importorskip("openai")
@@ -39,7 +39,7 @@ def chat_gguf(tmp_path_factory, llama2_tokenizer) -> Path:
 
 def llama_server(gguf: Path, log: Path, *args: str) -> tuple[str, subprocess.Popen]:
     from bench.server_load import free_port, wait_until_up
-    from tinyllama.llama_cpp_tools import tool
+    from tinyllama.llamacpp.tools import tool
 
     port = free_port()
     with open(log, "w") as fh:
@@ -56,7 +56,7 @@ def llama_server(gguf: Path, log: Path, *args: str) -> tuple[str, subprocess.Pop
 
 def test_llama_server_chats_in_our_template_and_answers_as_we_do(chat_gguf, tmp_path):
     from serve.engine import Engine
-    from tinyllama.generate import SamplingParams
+    from tinyllama.inference.generate import SamplingParams
 
     url, proc = llama_server(chat_gguf, tmp_path / "llama-server.log", "-np", "1", "-c", "256", "-fa", "off")
     engine = Engine.load(chat_gguf, n_ctx=256)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from tinyllama import Llama, ModelConfig
-from tinyllama.kernels import attention, reference_attention, sdpa_attention, select_backend
+from tinyllama.model.kernels import attention, reference_attention, sdpa_attention, select_backend
 
 
 def _hf_model(cfg: ModelConfig, attn: str = "eager"):
@@ -154,7 +154,7 @@ def test_backward_reaches_every_parameter(small_model):
 
 @pytest.mark.gpu
 def test_cuda_kernels_match_reference_in_bf16():
-    from tinyllama import kernels
+    from tinyllama.model import kernels
 
     q = torch.randn(2, 8, 33, 64, device="cuda", dtype=torch.bfloat16)
     k = torch.randn(2, 2, 33, 64, device="cuda", dtype=torch.bfloat16)
@@ -172,7 +172,7 @@ def test_cuda_kernels_match_reference_in_bf16():
 @pytest.mark.gpu
 @pytest.mark.parametrize("provider", ["liger", "flash"])
 def test_fused_kernels_match_the_pytorch_definitions(provider, monkeypatch):
-    from tinyllama import fused, kernels
+    from tinyllama.model import fused, kernels
 
     if fused._load(provider) is None:
         pytest.skip(f"{provider} is not installed (or does not import) here")

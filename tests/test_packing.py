@@ -1,4 +1,4 @@
-"""Inference-only weight packing (tinyllama/packing.py): the packed forward gives the plain
+"""Inference-only weight packing (tinyllama/inference/packing.py): the packed forward gives the plain
 forward's numbers, and a pack is never used once it could be wrong (autograd on, weights
 changed in place, a module swapped for a LoRA wrapper, dtype changed)."""
 
@@ -12,9 +12,9 @@ import pytest
 import torch
 from torch import nn
 
-from tinyllama import packing
-from tinyllama.backends import TorchBackend
-from tinyllama.generate import generate
+from tinyllama.inference import packing
+from tinyllama.inference.backends import TorchBackend
+from tinyllama.inference.generate import generate
 
 _NO_ONEDNN = pytest.mark.skipif(not packing.onednn_supports(torch.float32), reason="this torch has no oneDNN")
 @pytest.fixture(params=["transposed", pytest.param("onednn", marks=_NO_ONEDNN)])
@@ -304,9 +304,9 @@ def test_backend_packs_and_close_unpacks(small_model, always_packed):
 def test_generate_on_a_bare_llama_neither_packs_nor_times(small_model, always_packed, monkeypatch):
     """A model in training (pretrain's samples, SFT's previews) is decoded as it is: no layout
     timing (up to ~40 s for 1.1B), no inference-only copies."""
-    import tinyllama.backends
+    import tinyllama.inference.backends
 
-    monkeypatch.setattr(tinyllama.backends, "pack_for_decoding", lambda *a, **k: pytest.fail("packed a bare model"))
+    monkeypatch.setattr(tinyllama.inference.backends, "pack_for_decoding", lambda *a, **k: pytest.fail("packed a bare model"))
     monkeypatch.setattr(packing, "_fastest_layout", lambda *a, **k: pytest.fail("timed a bare model"))
     assert len(list(generate(small_model, [1, 2, 3], max_new_tokens=3))) == 3
     assert packs(small_model) == []
@@ -315,7 +315,7 @@ def test_generate_on_a_bare_llama_neither_packs_nor_times(small_model, always_pa
 def test_packing_swaps_classes_in_place_and_back(small_model, always_packed):
     """Packed modules are subclasses installed on the instances: same parameters, same
     state-dict names; unpack restores the plain classes."""
-    from tinyllama.model import MLP, Attention
+    from tinyllama.model.model import MLP, Attention
 
     names = list(small_model.state_dict())
     params = [id(p) for p in small_model.parameters()]

@@ -22,7 +22,7 @@ from tinyllama.pieces import (
     normalize,
     split_rules,
 )
-from tinyllama.tokenizer import Tokenizer
+from tinyllama.formats.tokenizer import Tokenizer
 
 HAS_CC = any(shutil.which(c) for c in ("cc", "gcc", "clang"))
 ALPHABET = list("abcXYZ019 \n\t.,!?'\"<>/()[]{}_-=+#@~`\\") + [

@@ -183,7 +183,7 @@ def test_decision_cache_keys_include_threads(monkeypatch, tmp_path):
 
 
 def test_load_backend_chooses_and_says_why(tiny_chat_checkpoint):
-    from tinyllama.backends import load_backend
+    from tinyllama.inference.backends import load_backend
 
     backend, _ = load_backend(tiny_chat_checkpoint)                 # auto
     try:

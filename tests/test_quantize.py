@@ -15,7 +15,7 @@ llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is built b
 
 from quantize.export import ExportError, permute_for_llama_cpp, quantize_gguf, write_gguf  # noqa: E402
 from quantize.verify import SAMPLE_TEXT, verify_gguf  # noqa: E402
-from tinyllama.gguf_file import read_metadata  # noqa: E402
+from tinyllama.formats.gguf_file import read_metadata  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TEMPLATE = "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}</s>\n{% endfor %}<|assistant|>\n"

@@ -14,7 +14,7 @@ from quantize.__main__ import main  # noqa: E402
 from quantize.export import ExportError, quantize_gguf, write_gguf  # noqa: E402
 from quantize.imatrix import QuantizeError, texts  # noqa: E402
 from quantize.pipeline import export, parse_size  # noqa: E402
-from tinyllama.gguf_file import file_type_name, open_gguf  # noqa: E402
+from tinyllama.formats.gguf_file import file_type_name, open_gguf  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -10,8 +10,8 @@ import pytest
 import torch
 from test_byte_level import random_texts
 
-from tinyllama.chat import apply_chat_template
-from tinyllama.tokenizer import Tokenizer
+from tinyllama.formats.chat import apply_chat_template
+from tinyllama.formats.tokenizer import Tokenizer
 
 pytestmark = pytest.mark.slow
 
@@ -60,7 +60,7 @@ def test_import_equals_transformers_own_load_of_the_gguf(real_gguf, real_checkpo
     we wrote gives transformers our ids."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tinyllama.checkpoint import load_checkpoint
+    from tinyllama.formats.checkpoint import load_checkpoint
 
     ours, tok = load_checkpoint(real_checkpoint, dtype=torch.float32)
     ids = torch.tensor([tok.encode("The capital of France is Paris. def f(x):\n    return 2 * x  # 12345")])
@@ -97,8 +97,8 @@ def test_import_agrees_with_llama_cpp_on_the_gguf(real_gguf, real_checkpoint, ca
 
 
 def test_the_imported_model_answers_the_paris_question(real_checkpoint):
-    from tinyllama.backends import load_backend
-    from tinyllama.generate import generate
+    from tinyllama.inference.backends import load_backend
+    from tinyllama.inference.generate import generate
 
     backend, tok = load_backend(real_checkpoint, dtype="float32")
     try:
@@ -116,8 +116,8 @@ def test_the_gguf_chats_in_its_own_template_as_llama_cpp_does(real_gguf, real_to
     llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is built by make setup")
     from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
-    from tinyllama.backends import load_backend
-    from tinyllama.generate import generate
+    from tinyllama.inference.backends import load_backend
+    from tinyllama.inference.generate import generate
 
     backend, tok = load_backend(real_gguf)
     try:
@@ -147,7 +147,7 @@ def test_the_server_answers_through_the_openai_client(real_gguf, real_checkpoint
 
     from serve.engine import Engine
     from serve.server import create_app
-    from tinyllama.generate import generate
+    from tinyllama.inference.generate import generate
 
     model = real_checkpoint if backend_kind == "checkpoint" else real_gguf
     engine = Engine.load(str(model), None, dtype="float32")
@@ -176,9 +176,9 @@ def test_the_import_exports_back_to_a_gguf_that_chats_in_llama_cpp(real_gguf, re
     merges, pre-tokenizer, BOS rule, template), the embeddings are written once (tied), and
     llama.cpp answers the Paris question greedily from it."""
     from quantize.export import write_gguf
-    from tinyllama.backends import load_backend
-    from tinyllama.generate import generate
-    from tinyllama.gguf_file import gguf_value, open_gguf, read_gguf_vocab
+    from tinyllama.inference.backends import load_backend
+    from tinyllama.inference.generate import generate
+    from tinyllama.formats.gguf_file import gguf_value, open_gguf, read_gguf_vocab
 
     f16 = write_gguf(real_checkpoint, tmp_path / "smollm2-F16.gguf", "f16")
     original, written = (read_gguf_vocab(p, open_gguf(p)) for p in (real_gguf, f16))
@@ -223,7 +223,7 @@ def test_evaluation_on_the_real_model(real_checkpoint, real_shards, tmp_path):
     shards of another vocabulary refused."""
     from evaluation.harness import CHANCE, LOCAL_TASK, EvalError, local_task_dir, run_tasks
     from evaluation.perplexity import perplexity
-    from tinyllama.backends import load_backend
+    from tinyllama.inference.backends import load_backend
 
     backend, tok = load_backend(real_checkpoint, dtype="float32")
     try:
@@ -246,7 +246,7 @@ def test_continued_pretraining_starts_from_the_models_own_loss(real_checkpoint, 
     from evaluation.perplexity import perplexity
     from pretrain.config import TrainConfig
     from pretrain.train import train
-    from tinyllama.backends import load_backend
+    from tinyllama.inference.backends import load_backend
 
     backend, tok = load_backend(real_checkpoint, dtype="float32")
     try:
@@ -303,8 +303,8 @@ def test_sft_on_the_real_model(real_checkpoint, real_sft_data, tmp_path, method)
     """LoRA and QLoRA from SmolLM2 in its own ChatML template: the held-out assistant-token loss
     falls, the merged model still names Paris, and (LoRA) its F16 GGUF does too in llama.cpp."""
     from sft.train import SFTArgs, run_sft
-    from tinyllama.backends import load_backend
-    from tinyllama.generate import generate
+    from tinyllama.inference.backends import load_backend
+    from tinyllama.inference.generate import generate
 
     if method == "qlora":
         pytest.importorskip("bitsandbytes")

@@ -15,9 +15,9 @@ import pytest
 import torch
 
 from tinyllama import Llama, ModelConfig
-from tinyllama.backends import Backend, TorchBackend
-from tinyllama.chat import encode_chat
-from tinyllama.generate import TextStream, generate
+from tinyllama.inference.backends import Backend, TorchBackend
+from tinyllama.formats.chat import encode_chat
+from tinyllama.inference.generate import TextStream, generate
 
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")

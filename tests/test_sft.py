@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from tinyllama import Llama, ModelConfig, load_checkpoint, save_checkpoint
-from tinyllama.chat import CHAT_TEMPLATE, ChatFormatError, encode_chat
+from tinyllama.formats.chat import CHAT_TEMPLATE, ChatFormatError, encode_chat
 from tinyllama.errors import NotFound
 
 pytest.importorskip("trl")
@@ -160,7 +160,7 @@ def test_length_policy_truncates_or_drops(llama2_tokenizer):
     assert "truncated" in stats.describe() and "1 dropped" in stats.describe()
 
 
-# ---- the transformers face of tinyllama.model.Llama -----------------------------------------------
+# ---- the transformers face of tinyllama.model.model.Llama -----------------------------------------------
 
 @pytest.fixture(scope="module")
 def base_dir(tmp_path_factory) -> Path:
@@ -439,7 +439,7 @@ def test_gguf_of_the_chat_model_chats_in_llama_cpp_with_our_template(lora_run, l
     from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
     from quantize.export import quantize_gguf, write_gguf
-    from tinyllama.gguf_file import read_metadata
+    from tinyllama.formats.gguf_file import read_metadata
 
     f32 = write_gguf(lora_run.out, tmp_path / "chat-f32.gguf", "f32")
     q8 = quantize_gguf(f32, tmp_path / "chat-q8_0.gguf", "q8_0")

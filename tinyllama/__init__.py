@@ -17,17 +17,18 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 _LAZY = {
-    "ModelConfig": "config", "PRESETS": "config", "Llama": "model", "Tokenizer": "tokenizer",
-    "load_checkpoint": "checkpoint", "save_checkpoint": "checkpoint", "CheckpointError": "checkpoint",
+    "ModelConfig": "model.config", "PRESETS": "model.config", "Llama": "model.model", "Tokenizer": "formats.tokenizer",
+    "load_checkpoint": "formats.checkpoint", "save_checkpoint": "formats.checkpoint",
+    "CheckpointError": "formats.checkpoint",
 }
 __all__ = list(_LAZY)
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
-    from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint  # noqa: F401
-    from .config import PRESETS, ModelConfig  # noqa: F401
-    from .model import Llama  # noqa: F401
-    from .tokenizer import Tokenizer  # noqa: F401
+    from tinyllama.formats.checkpoint import CheckpointError, load_checkpoint, save_checkpoint  # noqa: F401
+    from tinyllama.model.config import PRESETS, ModelConfig  # noqa: F401
+    from tinyllama.model.model import Llama  # noqa: F401
+    from tinyllama.formats.tokenizer import Tokenizer  # noqa: F401
 
 
 def __getattr__(name: str) -> Any:

@@ -18,12 +18,12 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import load_checkpoint, save_checkpoint
-from .config import PRESETS, ModelConfig
-from .errors import UserError, report
-from .model import Llama
-from .paths import default_sdist, llama2_dir
-from .tokenizer import Tokenizer, build_llama2
+from tinyllama.formats.checkpoint import load_checkpoint, save_checkpoint
+from tinyllama.model.config import PRESETS, ModelConfig
+from tinyllama.errors import UserError, report
+from tinyllama.model.model import Llama
+from tinyllama.paths import default_sdist, llama2_dir
+from tinyllama.formats.tokenizer import Tokenizer, build_llama2
 
 
 def _human(n: float) -> str:
@@ -57,7 +57,7 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
-    from .hub import resolve_model
+    from tinyllama.formats.hub import resolve_model
 
     if Path(args.dir).suffix == ".gguf" and Path(args.dir).is_file():
         return inspect_gguf(Path(args.dir))
@@ -102,8 +102,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 def describe_tokenizer(tok: Tokenizer) -> str:
     """One line: the vocabulary's kind and size, BOS/EOS, and the chat template's family."""
-    from .chat import template_family
-    from .vocab import is_byte_level, pre_tokenizer_name
+    from tinyllama.formats.chat import template_family
+    from tinyllama.formats.vocab import is_byte_level, pre_tokenizer_name
 
     kind = f"byte-level BPE (pre-tokenizer {pre_tokenizer_name(tok.backend) or '?'})" if is_byte_level(tok.backend) \
         else "SentencePiece BPE"
@@ -117,7 +117,7 @@ def inspect_gguf(path: Path) -> int:
     runs it; `python -m quantize import` turns a Llama one into a checkpoint)."""
     from collections import Counter
 
-    from .gguf_file import VocabularyNotRead, file_type_name, gguf_value, open_gguf
+    from tinyllama.formats.gguf_file import VocabularyNotRead, file_type_name, gguf_value, open_gguf
 
     reader = open_gguf(path)
     arch = gguf_value(reader, "general.architecture")

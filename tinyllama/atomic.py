@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from .paths import check_output_parent
+from tinyllama.paths import check_output_parent
 
 
 def _fsync(path: Path) -> None:

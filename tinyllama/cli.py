@@ -15,10 +15,10 @@ import argparse
 import dataclasses
 from typing import Any
 
-# the --help text of every model-reference flag (tinyllama.hub resolves them)
+# the --help text of every model-reference flag (tinyllama.formats.hub resolves them)
 MODEL_HELP = ("a checkpoint directory (PyTorch) or .gguf file (llama.cpp); or from the Hugging Face hub: "
               "org/name (safetensors), org/name:Q4_K_M (that quant type's GGUF in the repo) or org/name/FILE.gguf")
-# ... and of --chat-template (tinyllama.chat.template_of)
+# ... and of --chat-template (tinyllama.formats.chat.template_of)
 CHAT_TEMPLATE_HELP = ("chat in this template instead of the model's own: zephyr (ours), llama-2, chatml, or a .jinja "
                       "file (default: the model's own; for a model without one, Llama-2-chat's if its name says "
                       "so, else zephyr)")

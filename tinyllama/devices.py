@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from .errors import UserError
+from tinyllama.errors import UserError
 
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
 DEVICE_HELP = ("where models run: auto (a GPU if there is one: PyTorch models on CUDA in bf16, every GGUF "

@@ -27,9 +27,9 @@ from typing import Any, Callable
 
 import torch
 
-from .atomic import atomic_file
-from .llama_cpp_build import cpu_flags
-from .paths import cache_dir
+from tinyllama.atomic import atomic_file
+from tinyllama.llamacpp.build import cpu_flags
+from tinyllama.paths import cache_dir
 
 # The flags that decide which matmul kernels exist (x86 and ARM names as /proc/cpuinfo spells them)
 _ISA_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "avx512_fp16",

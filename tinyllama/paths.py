@@ -14,7 +14,7 @@ import os
 import shutil
 from pathlib import Path
 
-from .errors import NotFound, UserError
+from tinyllama.errors import NotFound, UserError
 
 LLAMA_CPP_VERSION = "0.3.36"       # the llama-cpp-python sdist make setup downloads and builds
 

@@ -46,9 +46,9 @@ from typing import Sequence
 import numpy as np
 from tokenizers import Tokenizer as HFTokenizer
 
-from .atomic import atomic_file
-from .errors import UserError
-from .paths import cache_dir
+from tinyllama.atomic import atomic_file
+from tinyllama.errors import UserError
+from tinyllama.paths import cache_dir
 
 CACHE_MAX = 1_000_000       # distinct pieces kept (~100 MB in Python, ~60 MB native); a full cache starts again
 SOURCE = Path(__file__).with_name("piece_cache.c")

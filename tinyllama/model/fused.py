@@ -1,7 +1,7 @@
 """Fused Triton kernels for training on a GPU, from whichever library is installed and works:
 liger-kernel (RMSNorm, RoPE, SwiGLU, cross-entropy and the fused linear cross-entropy that
 never materialises the (N, vocab) logits) or flash-attn's Triton ops (RMSNorm, RoPE,
-cross-entropy). tinyllama.kernels asks `provider_for(tensor)` before each op and falls back to
+cross-entropy). tinyllama.model.kernels asks `provider_for(tensor)` before each op and falls back to
 its PyTorch definitions (which define the numbers) when it returns None.
 
     TINYLLAMA_FUSED unset or 1   liger-kernel if it works here, else flash-attn's ops, else none
@@ -22,8 +22,8 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from .definitions import apply_rotary, reference_rms_norm
-from .errors import UserError
+from tinyllama.model.definitions import apply_rotary, reference_rms_norm
+from tinyllama.errors import UserError
 
 
 class LigerOps:

@@ -1,5 +1,5 @@
 """The plain-PyTorch definitions that fix the numbers: every fused or library kernel
-(tinyllama.kernels' backends, tinyllama.fused's providers) is held to these in the tests and
+(tinyllama.model.kernels' backends, tinyllama.model.fused's providers) is held to these in the tests and
 in the providers' own check. Kept apart from both so that neither imports the other for them.
 """
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import NotFound, UserError
+from tinyllama.errors import NotFound, UserError
 
 
 class UnknownPreset(UserError, KeyError):

@@ -1,6 +1,6 @@
 """Which llama.cpp build this machine gets: a small function of (OS, machine, CPU flags, GPU).
 
-    python3 -c "import runpy; runpy.run_path('tinyllama/llama_cpp_build.py', run_name='__main__')"
+    python3 -c "import runpy; runpy.run_path('tinyllama/llamacpp/build.py', run_name='__main__')"
                                                   # prints "BUILD_ID<TAB>CMAKE_ARGS" (scripts/setup.sh)
     choose_build("Linux", "x86_64", {"avx2", "fma", "f16c"}, cuda=False)   # -> Build("avx2-x86_64", [...])
 

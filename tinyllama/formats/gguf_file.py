@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import UserError
+from tinyllama.errors import UserError
 
 
 def open_gguf(gguf_path: Path):

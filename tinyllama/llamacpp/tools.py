@@ -1,9 +1,9 @@
 """llama.cpp's own command-line tools (llama-quantize, llama-imatrix, llama-perplexity, ...), built
 once per machine from the llama.cpp sources inside the llama-cpp-python sdist that set-up already
-downloads, with the same CPU flags as the wheel (tinyllama.llama_cpp_build), and cached beside it.
+downloads, with the same CPU flags as the wheel (tinyllama.llamacpp.build), and cached beside it.
 
     tool("llama-imatrix")                      # the binary's Path; the first call builds every TOOLS
-    python -m tinyllama.llama_cpp_tools        # build them now (`make tools`); prints where they are
+    python -m tinyllama.llamacpp.tools        # build them now (`make tools`); prints where they are
 
 TINYLLAMA_TOOLS_BUILD=never makes a missing tool an error instead of minutes of compiling on first
 use (a server, CI, the test suite: they build once, up front). Build messages go to stderr, so a
@@ -28,8 +28,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from .errors import NotFound, UserError
-from .paths import LLAMA_CPP_VERSION, cache_dir, default_sdist
+from tinyllama.errors import NotFound, UserError
+from tinyllama.paths import LLAMA_CPP_VERSION, cache_dir, default_sdist
 
 TOOLS = ("llama-quantize", "llama-imatrix", "llama-perplexity", "llama-server", "llama-speculative-simple")
 _SOURCE_PREFIX = f"llama_cpp_python-{LLAMA_CPP_VERSION}/vendor/llama.cpp/"
@@ -57,7 +57,7 @@ def _to_stderr(message: str) -> None:
 
 def tools_dir() -> Path:
     """~/.cache/tinyllama/tools/llama.cpp-<version>-<build id>/bin ($TINYLLAMA_CACHE moves it)."""
-    from .llama_cpp_build import detect
+    from tinyllama.llamacpp.build import detect
 
     return cache_dir() / "tools" / f"llama.cpp-{LLAMA_CPP_VERSION}-{detect().id}" / "bin"
 
@@ -80,7 +80,7 @@ def build_tools(targets: tuple[str, ...] = TOOLS, jobs: int | None = None, say=_
     """Extracts llama.cpp from the sdist, builds `targets` with this machine's flags and installs
     them into tools_dir() in one rename (a killed build leaves nothing that looks built).
     `timeout`: seconds for the whole build, after which it is stopped with a ToolBuildError."""
-    from .llama_cpp_build import detect
+    from tinyllama.llamacpp.build import detect
 
     # the cmake the [gguf] extra installs beside this interpreter, else the system's
     cmake = shutil.which("cmake", path=str(Path(sys.executable).parent)) or shutil.which("cmake")
@@ -162,9 +162,9 @@ def _tail(log: Path, lines: int = 15) -> str:
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    from .errors import report
+    from tinyllama.errors import report
 
-    ap = argparse.ArgumentParser(prog="python -m tinyllama.llama_cpp_tools",
+    ap = argparse.ArgumentParser(prog="python -m tinyllama.llamacpp.tools",
                                  description=f"Builds llama.cpp's {', '.join(TOOLS)} once per machine (a few "
                                              "minutes) and prints where they are.")
     ap.add_argument("--timeout", type=float, help="stop the build after this many seconds (default: none)")

@@ -22,11 +22,11 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .atomic import atomic_dir
-from .config import ModelConfig
-from .errors import NotFound, UserError
-from .model import Llama
-from .tokenizer import Tokenizer
+from tinyllama.atomic import atomic_dir
+from tinyllama.model.config import ModelConfig
+from tinyllama.errors import NotFound, UserError
+from tinyllama.model.model import Llama
+from tinyllama.formats.tokenizer import Tokenizer
 
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"

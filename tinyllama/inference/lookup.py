@@ -18,7 +18,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .errors import UserError
+from tinyllama.errors import UserError
 
 DEFAULT_MAX_NGRAM = 3
 _SPEC = re.compile(r"ngram(?::(\d+))?")

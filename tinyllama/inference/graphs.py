@@ -28,7 +28,7 @@ from typing import Callable, Sequence
 import torch
 from torch.overrides import TorchFunctionMode
 
-from .model import Llama
+from tinyllama.model.model import Llama
 
 # calls that are metadata or views: no kernel launch
 _FREE = {"view", "transpose", "__getitem__", "unsqueeze", "reshape", "flatten", "dim", "size", "shape", "__get__",

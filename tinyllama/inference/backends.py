@@ -20,14 +20,14 @@ from typing import Sequence
 
 import torch
 
-from .devices import gguf_gpu_layers, resolve_device
-from .errors import NotFound, UserError
-from .gguf_file import VocabularyNotRead, file_type_name, gguf_value, open_gguf
-from .graphs import StaticDecoder
-from .hub import ModelRef, resolve_model
-from .model import Llama
-from .packing import pack_for_decoding, unpack
-from .tokenizer import Tokenizer
+from tinyllama.devices import gguf_gpu_layers, resolve_device
+from tinyllama.errors import NotFound, UserError
+from tinyllama.formats.gguf_file import VocabularyNotRead, file_type_name, gguf_value, open_gguf
+from tinyllama.inference.graphs import StaticDecoder
+from tinyllama.formats.hub import ModelRef, resolve_model
+from tinyllama.model.model import Llama
+from tinyllama.inference.packing import pack_for_decoding, unpack
+from tinyllama.formats.tokenizer import Tokenizer
 
 
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -92,7 +92,7 @@ class TorchBackend(Backend):
 
     def __init__(self, model: Llama, tokenizer: Tokenizer | None = None, name: str = "model",
                  precision: str | None = None, pack: bool = True) -> None:
-        """pack: install the CPU decode fast path (tinyllama.packing, timed once per model shape;
+        """pack: install the CPU decode fast path (tinyllama.inference.packing, timed once per model shape;
         removed again by close()). generate() on a bare model passes False: a model being
         trained or previewed is not given inference-only copies."""
         self.model = model.eval()
@@ -104,10 +104,10 @@ class TorchBackend(Backend):
         self._cached: list[int] = []
         self._fingerprint: str | None = None
         # fused q/k/v, gate/up, o, down and lm_head copies in the layout (transposed or oneDNN)
-        # that decodes fastest here (tinyllama/packing.py); dropped again by close()
+        # that decodes fastest here (tinyllama/inference/packing.py); dropped again by close()
         self.packed_bytes = pack_for_decoding(self.model) if pack else 0
         # on CUDA: decode and verification steps replayed as CUDA graphs over a cache of the
-        # whole context (tinyllama.graphs); eager steps would leave the GPU waiting on the host
+        # whole context (tinyllama.inference.graphs); eager steps would leave the GPU waiting on the host
         self.graphs = StaticDecoder(model, self.context_length) if use_cuda_graphs(model) else None
 
     def logits(self, context: Sequence[int], n_last: int = 1) -> torch.Tensor:
@@ -324,7 +324,7 @@ def _llama_cpp_offloads() -> bool:
 def load_backend(model: str | os.PathLike | ModelRef, device: str | torch.device | None = "auto",
                  dtype: str | torch.dtype | None = "auto", n_ctx: int = 2048, n_gpu_layers: int | None = None,
                  revision: str | None = None, flag: str = "--model") -> tuple[Backend, Tokenizer]:
-    """A model reference (tinyllama.hub: a checkpoint directory or .gguf file, or a hub id, a hub
+    """A model reference (tinyllama.formats.hub: a checkpoint directory or .gguf file, or a hub id, a hub
     GGUF as org/name:QUANT) loaded in PyTorch (directories) or llama.cpp (GGUFs), with its
     tokenizer: the directory's own, or for a GGUF the file's (GGUFBackend.tokenizer).
     `backend.name` is the reference's short name.
@@ -336,8 +336,8 @@ def load_backend(model: str | os.PathLike | ModelRef, device: str | torch.device
     device (tinyllama.devices): auto, cpu, cuda or cuda:N. A directory's model goes there; for a
     GGUF it decides `n_gpu_layers` unless that is given (auto: all, where llama.cpp's build can
     offload)."""
-    from .checkpoint import load_checkpoint, load_config
-    from .precision import choose_dtype
+    from tinyllama.formats.checkpoint import load_checkpoint, load_config
+    from tinyllama.precision import choose_dtype
 
     ref = resolve_model(model, revision=revision, flag=flag)
     if ref.kind == "checkpoint":

@@ -10,7 +10,7 @@ Pre-norm RMSNorm, rotary embeddings (HF rotate-half convention), SwiGLU MLP, gro
 attention, untied lm_head. Parameter names are exactly the Hugging Face Llama names, so a
 state dict moves between this module and `transformers.LlamaForCausalLM` unchanged.
 LoRA, quantization, FSDP, activation checkpointing, torch.compile and the inference-only weight
-packing for CPU decoding (tinyllama.packing, which swaps in subclasses that fuse `qkv` and
+packing for CPU decoding (tinyllama.inference.packing, which swaps in subclasses that fuse `qkv` and
 `gate_up` into one matmul each) all wrap or replace modules from outside; nothing of them lives
 here.
 
@@ -27,8 +27,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .config import ModelConfig
-from .kernels import (
+from tinyllama.model.config import ModelConfig
+from tinyllama.model.kernels import (
     attention,
     linear_cross_entropy,
     masked_attention,
@@ -119,7 +119,7 @@ class KVCache(nn.Module):
 
     def write_at(self, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """k, v (B, n_kv, T, hd) written at positions (T,) -> the whole cache (B, n_kv, S, hd):
-        the same shapes and addresses at every step (tinyllama.graphs captures it)."""
+        the same shapes and addresses at every step (tinyllama.inference.graphs captures it)."""
         self.k.index_copy_(2, positions, k)
         self.v.index_copy_(2, positions, v)
         return self.k, self.v
@@ -153,7 +153,7 @@ class Attention(nn.Module):
 
     def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x (B, T, d) -> q (B, T, H·hd), k and v (B, T, Hkv·hd): three projections of one input
-        (one fused matmul once tinyllama.packing has packed this module for decoding)."""
+        (one fused matmul once tinyllama.inference.packing has packed this module for decoding)."""
         return self.q_proj(x), self.k_proj(x), self.v_proj(x)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start_pos: int | torch.Tensor | StaticStep | None,
@@ -321,7 +321,7 @@ class Llama(nn.Module):
         """input_ids (B, T) at positions (T,), a tensor -> final-normed hidden states (B, T, d),
         attending over the whole preallocated KV cache through a (T, S) mask: the same shapes,
         addresses and no host synchronisation at every position, so a step can be captured as a
-        CUDA graph (tinyllama.graphs). The rotary tables must already cover the cache."""
+        CUDA graph (tinyllama.inference.graphs). The rotary tables must already cover the cache."""
         cache = self.model.layers[0].self_attn.kv_cache
         if cache is None:
             raise RuntimeError("static steps need a KV cache: call model.setup_kv_cache() first")

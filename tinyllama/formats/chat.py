@@ -33,8 +33,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Sequence
 
-from .errors import UserError
-from .tokenizer import Tokenizer
+from tinyllama.errors import UserError
+from tinyllama.formats.tokenizer import Tokenizer
 
 ROLES = ("system", "user", "assistant")
 

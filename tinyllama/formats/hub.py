@@ -25,9 +25,9 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import NotFound, UserError
+from tinyllama.errors import NotFound, UserError
 
-# What a checkpoint stage reads from a repo (tinyllama.checkpoint, Tokenizer.from_dir, chat).
+# What a checkpoint stage reads from a repo (tinyllama.formats.checkpoint, Tokenizer.from_dir, chat).
 CHECKPOINT_FILES = ("config.json", "generation_config.json", "*.safetensors", "*.safetensors.index.json",
                     "tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
                     "chat_template.jinja", "chat_template.json")

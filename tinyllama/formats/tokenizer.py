@@ -40,12 +40,12 @@ from typing import Iterable, Sequence
 import numpy as np
 from tokenizers import Tokenizer as HFTokenizer
 
-from .atomic import atomic_dir
-from .errors import NotFound, UserError
-from .gguf_file import gguf_value, open_gguf, read_gguf_vocab
-from .paths import default_sdist, llama2_dir
-from .pieces import PieceEncoder, pack, split_rules, u16
-from .vocab import backend_from_vocab, byte_level_backend, convert_sentencepiece, sentencepiece_model
+from tinyllama.atomic import atomic_dir
+from tinyllama.errors import NotFound, UserError
+from tinyllama.formats.gguf_file import gguf_value, open_gguf, read_gguf_vocab
+from tinyllama.paths import default_sdist, llama2_dir
+from tinyllama.pieces import PieceEncoder, pack, split_rules, u16
+from tinyllama.formats.vocab import backend_from_vocab, byte_level_backend, convert_sentencepiece, sentencepiece_model
 
 LLAMA2_VOCAB_MEMBER = "vendor/llama.cpp/models/ggml-vocab-llama-spm.gguf"
 
@@ -89,7 +89,7 @@ class Tokenizer:
                 raise NotFound(
                     f"the offline Llama-2 tokenizer is not built yet ({d / 'tokenizer.json'} is missing) and "
                     f"the llama-cpp-python sdist it is built from is not at {sdist}; run `make setup` "
-                    "(or `python -m tinyllama.tokenizer build --gguf ggml-vocab-llama-spm.gguf`)"
+                    "(or `python -m tinyllama.formats.tokenizer build --gguf ggml-vocab-llama-spm.gguf`)"
                 )
             build_llama2(sdist=sdist, out_dir=d)
         return cls.from_dir(d)

@@ -45,9 +45,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import UserError
-from .measure import DecisionCache, median_seconds
-from .model import MLP, Attention, Llama
+from tinyllama.errors import UserError
+from tinyllama.measure import DecisionCache, median_seconds
+from tinyllama.model.model import MLP, Attention, Llama
 
 MIN_PACK_BUDGET = 512 * 2**20
 LAYOUT_MARGIN = 0.9                # a layout must cut the step time by 10%: memory for a near-tie is waste

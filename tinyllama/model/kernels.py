@@ -12,13 +12,13 @@ repeated K/V on the backends that support it.
 
 Order: flash-attn 2 (`flash_attn_func`, CUDA, fp16/bf16) > xformers memory-efficient
 attention (CUDA) > torch `scaled_dot_product_attention`. `TINYLLAMA_ATTENTION=sdpa|flash|xformers`
-forces one (an error if it cannot run). `reference_attention` (tinyllama.definitions,
+forces one (an error if it cannot run). `reference_attention` (tinyllama.model.definitions,
 re-exported here) is the plain-math definition that the tests hold every backend to.
 
 RMSNorm, rotary embeddings, SwiGLU and cross-entropy (also fused with the LM head) use Triton
 kernels on CUDA, liger-kernel's or flash-attn's, whichever is installed and passes its check
-(tinyllama.fused; `TINYLLAMA_FUSED=0` turns them off), else the PyTorch definitions
-(tinyllama.definitions); a GPU-marked test holds the fused versions to them.
+(tinyllama.model.fused; `TINYLLAMA_FUSED=0` turns them off), else the PyTorch definitions
+(tinyllama.model.definitions); a GPU-marked test holds the fused versions to them.
 """
 
 from __future__ import annotations
@@ -30,14 +30,14 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
-from . import fused
-from .definitions import (  # noqa: F401  (re-exported: the definitions beside the kernels)
+from tinyllama.model import fused
+from tinyllama.model.definitions import (  # noqa: F401  (re-exported: the definitions beside the kernels)
     apply_rotary,
     broadcast_signed_tables,
     reference_attention,
     reference_rms_norm,
 )
-from .errors import UserError
+from tinyllama.errors import UserError
 
 try:  # optional GPU extra
     from flash_attn import flash_attn_func as _flash_attn_func
@@ -131,7 +131,7 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.T
 
 def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
     """q (B, H, T, hd) over k, v (B, Hkv, S, hd) where allowed (T, S) is True: the static-shape
-    step's attention over a whole preallocated cache (tinyllama.graphs)."""
+    step's attention over a whole preallocated cache (tinyllama.inference.graphs)."""
     return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, enable_gqa=q.shape[1] != k.shape[1])
 
 
@@ -163,7 +163,7 @@ def xformers_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tor
     return y.reshape(B, T, H, hd).transpose(1, 2)
 
 
-# ---- elementwise kernels: fused on a GPU (tinyllama.fused), else these definitions --------
+# ---- elementwise kernels: fused on a GPU (tinyllama.model.fused), else these definitions --------
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """x (..., d) -> x / rms(x) * weight. Normalised in float32 and cast back before the weight,

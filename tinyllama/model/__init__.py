@@ -1,0 +1,1 @@
+"""The model: its configuration and presets, the Llama module, and the attention/norm kernels behind it."""
