@@ -13,7 +13,8 @@ import os
 import pytest
 import torch
 
-from tinyllama import Llama, ModelConfig, kernels
+from tinyllama import Llama, ModelConfig
+from tinyllama.model import kernels
 from tinyllama.inference.backends import TorchBackend
 from tinyllama.inference.generate import generate
 
