@@ -158,6 +158,7 @@ def test_a_byte_level_checkpoint_exports_to_a_gguf_llama_cpp_reads_alike(tokeniz
         torch.testing.assert_close(model(torch.tensor([ids]))[0], theirs, rtol=0, atol=1e-3)
 
 
+@pytest.mark.slow
 def test_a_llama_3_vocabulary_runs_end_to_end_in_uint32_shards(tokenizers, tmp_path):
     """128,256 ids do not fit uint16: shards are uint32, their ids equal encode's, and continued
     pretraining and perplexity run on them from a checkpoint with that vocabulary."""
