@@ -14,6 +14,7 @@
 # Usage: scripts/setup.sh            (make setup calls it; it is idempotent)
 # Env:   PYTHON=python3  VENV=.venv  TORCH_SPEC=torch==2.13.0  EXTRAS=dev,train,sft,gguf,serve,demo,eval
 #        TINYLLAMA_CACHE=~/.cache/tinyllama  LLAMA_CPP_VERSION=0.3.36
+#        CMAKE_ARGS=...  (llama-cpp-python's own: added after the flags chosen for this CPU)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -36,6 +37,12 @@ TORCH_SPEC=${TORCH_SPEC:-$DEFAULT_TORCH}
 EXTRAS=${EXTRAS:-$DEFAULT_EXTRAS}
 
 step() { printf '\n== %s\n' "$*"; }
+
+# trl >= 1.16 and transformers 5.23 need Python 3.11: say so before anything is installed
+if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
+  echo "error: $PYTHON is Python $("$PYTHON" -c 'import platform; print(platform.python_version())' 2>/dev/null || echo '?'); the project needs 3.11 or newer (set PYTHON=python3.11 or newer)" >&2
+  exit 1
+fi
 # pip on these machines warns once per package about local index folders that do not hold it;
 # keep its real messages, drop that noise.
 quiet() { "$@" 2>&1 | { grep -v 'is ignored: it is neither a file nor a directory' || true; }; return "${PIPESTATUS[0]}"; }
@@ -73,6 +80,12 @@ fi
 BUILD_LINE=$("$PY" -c 'import runpy; runpy.run_path("tinyllama/llamacpp/build.py", run_name="__main__")')
 BUILD_ID=${BUILD_LINE%%$'\t'*}
 LLAMA_CMAKE=${BUILD_LINE#*$'\t'}
+# The user's own CMAKE_ARGS (Vulkan, HIP, BLAS, ...) go after ours, so cmake keeps theirs where both
+# set an option; the cached wheel is then keyed by them too.
+if [ -n "${CMAKE_ARGS:-}" ]; then
+  BUILD_ID="$BUILD_ID+cmake-$("$PY" -c 'import hashlib, sys; print(hashlib.sha256(sys.argv[1].encode()).hexdigest()[:8])' "$CMAKE_ARGS")"
+  LLAMA_CMAKE="$LLAMA_CMAKE $CMAKE_ARGS"
+fi
 
 if [[ ",$EXTRAS," == *",gguf,"* || ",$EXTRAS," == *",serve,"* ]]; then
   MARK="$VENV/.llama-cpp-build"
