@@ -200,21 +200,10 @@ def test_the_import_exports_back_to_a_gguf_that_chats_in_llama_cpp(real_gguf, re
 @pytest.fixture(scope="module")
 def real_shards(real_checkpoint, tmp_path_factory):
     """Held-out natural text (Python's help topics) and code (the json package) as token shards
-    in the real model's own vocabulary."""
-    import json as json_pkg
-    from pathlib import Path
+    in the real model's own vocabulary: {"natural": dir, "code": dir}, as bench.real_model makes them."""
+    from bench.real_model import held_out_shards
 
-    from pydoc_data.topics import topics
-
-    from pretrain.prepare import PrepareConfig, prepare
-
-    d = tmp_path_factory.mktemp("real-shards")
-    natural = d / "natural.jsonl"
-    natural.write_text("".join(json.dumps({"text": t}) + "\n" for _, t in sorted(topics.items())))
-    for name, src, kw in [("natural", natural, {}), ("code", Path(json_pkg.__file__).parent, {"extensions": (".py",)})]:
-        prepare(PrepareConfig(source=str(src), out=d / name, workers=1, val_fraction=0.2, progress=False,
-                              tokenizer_dir=real_checkpoint, **kw))
-    return d
+    return held_out_shards(real_checkpoint, tmp_path_factory.mktemp("real-shards"))
 
 
 def test_evaluation_on_the_real_model(real_checkpoint, real_shards, tmp_path):
@@ -227,11 +216,11 @@ def test_evaluation_on_the_real_model(real_checkpoint, real_shards, tmp_path):
 
     backend, tok = load_backend(real_checkpoint, dtype="float32")
     try:
-        natural, _ = perplexity(backend, real_shards / "natural", 256, max_blocks=4, tokenizer=tok)
-        code, _ = perplexity(backend, real_shards / "code", 256, max_blocks=4, tokenizer=tok)
+        natural, _ = perplexity(backend, real_shards["natural"], 256, max_blocks=4, tokenizer=tok)
+        code, _ = perplexity(backend, real_shards["code"], 256, max_blocks=4, tokenizer=tok)
         acc = run_tasks(backend, tok, [LOCAL_TASK], local_task_dir(tmp_path / "task"), limit=60)[LOCAL_TASK]
         with pytest.raises(EvalError, match="shards were tokenized with a different tokenizer"):
-            perplexity(backend, real_shards / "natural", 256, tokenizer=Tokenizer.llama2())
+            perplexity(backend, real_shards["natural"], 256, tokenizer=Tokenizer.llama2())
     finally:
         backend.close()
     assert natural < 40 and code < 20, (natural, code)
@@ -250,10 +239,10 @@ def test_continued_pretraining_starts_from_the_models_own_loss(real_checkpoint, 
 
     backend, tok = load_backend(real_checkpoint, dtype="float32")
     try:
-        held_out, _ = perplexity(backend, real_shards / "natural", 256, max_blocks=4, tokenizer=tok)
+        held_out, _ = perplexity(backend, real_shards["natural"], 256, max_blocks=4, tokenizer=tok)
     finally:
         backend.close()
-    train(TrainConfig(init_from=str(real_checkpoint), data={"natural": str(real_shards / "natural")},
+    train(TrainConfig(init_from=str(real_checkpoint), data={"natural": str(real_shards["natural"])},
                       weights={"natural": 1.0}, seq_len=256, micro_batch=2, global_batch_tokens=512, max_steps=1,
                       lr=1e-5, min_lr=1e-6, warmup_steps=0, dtype="float32", out_dir=str(tmp_path / "run"), save_every=0,
                       eval_every=0, log_every=1, sample_tokens=0, tensorboard=False, progress=False))

@@ -227,9 +227,7 @@ class GGUFBackend(Backend):
 
     def vocab_fingerprint(self) -> str | None:
         if self._fingerprint is None:     # computed once: generate() checks it on every call
-            vocab = self.llm._model.vocab
-            pieces = [self._llama_cpp.llama_token_get_text(vocab, i).decode("utf-8", "replace")
-                      for i in range(self.vocab_size)]
+            pieces = llama_cpp_pieces(self.llm)
             self._fingerprint = hashlib.sha256("\n".join(pieces).encode()).hexdigest()
         return self._fingerprint
 
@@ -258,6 +256,14 @@ class GGUFBackend(Backend):
                          add_bos=bool(lib.llama_vocab_get_add_bos(vocab)))
 
 
+def llama_cpp_pieces(llm) -> list[str]:
+    """Every token's text in a loaded GGUF's vocabulary, as llama.cpp holds it."""
+    import llama_cpp
+
+    vocab = llm._model.vocab
+    return [llama_cpp.llama_vocab_get_text(vocab, i).decode("utf-8", "replace") for i in range(llm.n_vocab())]
+
+
 class LlamaCppVocab:
     """What Tokenizer asks of its `tokenizers` backend, answered by llama.cpp's own vocabulary in
     a loaded GGUF: for the architectures and tokenizers that are not rebuilt here."""
@@ -268,7 +274,7 @@ class LlamaCppVocab:
         import llama_cpp
 
         self.llm, vocab = llm, llm._model.vocab
-        self._pieces = [llama_cpp.llama_vocab_get_text(vocab, i).decode("utf-8", "replace") for i in range(llm.n_vocab())]
+        self._pieces = llama_cpp_pieces(llm)
         self._control = {i for i in range(len(self._pieces)) if llama_cpp.llama_vocab_is_control(vocab, i)}
 
     def no_padding(self) -> None:
