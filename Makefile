@@ -134,7 +134,7 @@ tools llama-server: setup
 # all its weights train: LoRA would leave the embeddings and lm_head, nearly all of a 4M model,
 # frozen (full: acceptance 0.73 -> 0.81 at k = 1).
 draft: setup data
-	$(PY) -m pretrain --config $(DRAFT_CONFIG) --out-dir $(OUT)/draft/pretrain $(SHORT_PRETRAIN)
+	$(PY) -m pretrain --config $(DRAFT_CONFIG) --out $(OUT)/draft/pretrain $(SHORT_PRETRAIN)
 	$(PY) -m sft.distill --teacher $(DRAFT_TEACHER) --data $(SFT_DATA) --out $(OUT)/draft/distill.jsonl $(SHORT_DISTILL)
 	$(PY) -m sft --base $(OUT)/draft/pretrain/final --data $(OUT)/draft/distill.jsonl --out $(OUT)/draft/sft $(DRAFT_SFT_ARGS) --samples 0 $(SHORT_SFT)
 	$(PY) -m quantize --model $(OUT)/draft/sft --type q8_0 --out $(OUT)/gguf
@@ -157,7 +157,7 @@ demo: setup
 # The lifecycle so far: corpus -> shards -> pretrained base -> chat model (SFT) -> GGUF for llama.cpp.
 run: setup data
 	@$(PY) -c "from tinyllama.measure import cpu_identity; print('CPU:', cpu_identity().describe())"
-	$(PY) -m pretrain --config $(PRETRAIN_CONFIG) --out-dir $(OUT)/pretrain $(SHORT_PRETRAIN) $(PRETRAIN_ARGS)
+	$(PY) -m pretrain --config $(PRETRAIN_CONFIG) --out $(OUT)/pretrain $(SHORT_PRETRAIN) $(PRETRAIN_ARGS)
 	$(PY) -m tinyllama inspect $(OUT)/pretrain/final --verify-hf --text "To be, or not to be, that is the question:"
 	$(PY) -m sft --base $(OUT)/pretrain/final --data $(SFT_DATA) --out $(OUT)/sft $(SFT_ARGS) $(SHORT_SFT)
 	$(PY) -m quantize --model $(OUT)/sft --type $(QUANT_TYPES) --out $(OUT)/gguf

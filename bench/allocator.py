@@ -25,8 +25,9 @@ def _child(preset: str, steps: int) -> dict:
     import time
 
     from tinyllama.allocator import retain_freed_memory
+    from tinyllama.runtime import RuntimeOptions
 
-    applied = retain_freed_memory()
+    applied = retain_freed_memory(RuntimeOptions.from_env().allocator)     # as a training CLI reads it
     import torch
 
     from pretrain.train import loss_fn

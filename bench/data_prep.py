@@ -131,7 +131,7 @@ def tokenizer_rows(srcs: list[tuple[str, dict]]) -> list[dict]:
     sp = spm.SentencePieceProcessor(model_file=str(llama2_dir() / "tokenizer.model"))
     batches = [texts[i:i + 256] for i in range(0, len(texts), 256)]       # as prepare hands them over
     encoders = [("ours, Python: regex splitter, dict of pieces, Rust BPE (TINYLLAMA_NATIVE=0)",
-                 PieceEncoder(tok.piece_encoder.rules, tok.backend, native=False))]
+                 PieceEncoder(tok.piece_encoder.rules, tok.backend, native="off"))]
     if tok.piece_encoder.native:
         encoders.insert(0, ("ours, native: splitter, BPE and piece cache in C (Tokenizer.encode_packed)",
                             tok.piece_encoder))

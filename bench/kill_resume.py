@@ -81,7 +81,7 @@ def write_config(shards: dict[str, str], out_dir: Path, steps: int, save_every: 
 
     cfg = TrainConfig(preset="tinyllama-debug", data=shards, weights={"natural": 0.7, "code": 0.3}, seq_len=32,
                       micro_batch=2, global_batch_tokens=128, max_steps=steps, lr=3e-3, min_lr=3e-4, warmup_steps=2,
-                      dtype="float32", out_dir=str(out_dir), save_every=save_every, keep_last=2, eval_every=0,
+                      dtype="float32", out=str(out_dir), save_every=save_every, keep_last=2, eval_every=0,
                       log_every=1, sample_tokens=0, tensorboard=False, progress=False, seed=5)
     path = out_dir.with_suffix(".yaml")
     path.write_text(cfg.to_yaml())

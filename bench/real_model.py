@@ -76,7 +76,7 @@ def continued_pretraining(ckpt: Path, shards: dict[str, Path], out: Path, steps:
 
     train(TrainConfig(init_from=str(ckpt), data={k: str(v) for k, v in shards.items()},
                       weights={"natural": 0.7, "code": 0.3}, seq_len=256, micro_batch=4, global_batch_tokens=4096,
-                      max_steps=steps, lr=1e-4, min_lr=1e-5, warmup_steps=1, dtype="float32", out_dir=str(out),
+                      max_steps=steps, lr=1e-4, min_lr=1e-5, warmup_steps=1, dtype="float32", out=str(out),
                       save_every=0, eval_every=steps, eval_batches=4, log_every=1, sample_tokens=0,
                       tensorboard=False, progress=False))
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

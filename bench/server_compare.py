@@ -3,7 +3,7 @@ batching) and llama.cpp's own `llama-server`, on the same GGUF, with the same cl
 
     python -m bench.server_compare [--model PATH] [--clients 1 8 32] [--duration 60] [--parallel 8]
 
-Each server is started with `parallel` slots of `n_ctx` tokens (ours: --parallel N --n-ctx C;
+Each server is started with `parallel` slots of `n_ctx` tokens (ours: --parallel N --ctx-size C;
 llama-server: -np N -c N*C, its defaults otherwise), then for each client count that many
 streaming chat clients send requests back to back for `duration` seconds (greedy, `max_tokens`
 each, questions cycled from one list and numbered, so no prompt repeats: both servers keep
@@ -28,6 +28,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from tinyllama.cli import add_renamed
+
 from . import markdown_table
 from .server_load import DEFAULT_MODEL, free_port, percentile, wait_until_up
 
@@ -40,7 +42,7 @@ def start_server(kind: str, model: Path, port: int, parallel: int, n_ctx: int, l
     """`python -m serve` (kind "ours") or llama-server (kind "llama-server") on 127.0.0.1:port."""
     if kind == "ours":
         cmd = [sys.executable, "-m", "serve", "--model", str(model), "--port", str(port), "--parallel", str(parallel),
-               "--n-ctx", str(n_ctx), "--max-queue", "1000"]
+               "--ctx-size", str(n_ctx), "--max-queue", "1000"]
     else:
         from tinyllama.llamacpp.tools import tool
 
@@ -199,13 +201,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32], help="client counts (default: 1 8 32)")
     ap.add_argument("--duration", type=float, default=60.0, help="seconds per client count (default: %(default)s)")
     ap.add_argument("--parallel", type=int, default=8, help="slots in both servers (default: %(default)s)")
-    ap.add_argument("--n-ctx", type=int, default=512, help="context per slot (default: %(default)s)")
+    ap.add_argument("-c", "--ctx-size", dest="ctx_size", type=int, default=512,
+                    help="context per slot (default: %(default)s)")
+    add_renamed(ap, "--n-ctx", "--ctx-size", dest="ctx_size", type=int)
     ap.add_argument("--max-tokens", type=int, default=32, help="per request (default: %(default)s)")
     ap.add_argument("--json", action="store_true", help="print the rows as JSON instead of the table")
     args = ap.parse_args(argv)
     rows = measure_models([Path(m) for m in args.model or []], args.clients, args.duration, args.parallel,
-                          args.n_ctx, args.max_tokens)
-    print(json.dumps(rows, indent=1) if args.json else table(rows, args.parallel, args.n_ctx, args.max_tokens))
+                          args.ctx_size, args.max_tokens)
+    print(json.dumps(rows, indent=1) if args.json else table(rows, args.parallel, args.ctx_size, args.max_tokens))
     return 0 if all(r["bad_status"] + r["stream_errors"] + r["transport_errors"] == 0 for r in rows) else 1
 
 

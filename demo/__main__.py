@@ -9,41 +9,55 @@
 
 Each model chats in its own template (Llama-2's [INST], TinyLlama's Zephyr, ...).
 
-Binds 127.0.0.1:7860; `--share` asks Gradio for a public link (off by default).
+Binds 127.0.0.1:7860 ($GRADIO_SERVER_NAME and $GRADIO_SERVER_PORT change the defaults, as in any
+Gradio app); `--share` asks Gradio for a public link (off by default).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
-from tinyllama.cli import CHAT_TEMPLATE_HELP, MODEL_HELP, NUM_DRAFT_HELP, draft_length
-from tinyllama.devices import DEVICE_HELP
+from tinyllama.cli import MODEL_HELP, NUM_DRAFT_HELP, ModelArgs, add_model_args, draft_length
+from tinyllama.errors import UserError, report
 
 DEFAULT_MODEL = Path("out/gguf/tinyllama-19m-chat-Q4_K_M.gguf")
 DEFAULT_DRAFT = Path("out/gguf/tinyllama-debug-chat-Q8_0.gguf")
 
 
-def main(argv: list[str] | None = None) -> int:
+def gradio_address(env=os.environ) -> tuple[str, int]:
+    """The host and port Gradio itself would default to: $GRADIO_SERVER_NAME, $GRADIO_SERVER_PORT,
+    else 127.0.0.1:7860 (only this machine: --host 0.0.0.0 exposes the demo)."""
+    port = env.get("GRADIO_SERVER_PORT", "7860").strip()
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise UserError(f"GRADIO_SERVER_PORT={port!r}: expected a port number (1-65535)")
+    return env.get("GRADIO_SERVER_NAME", "").strip() or "127.0.0.1", int(port)
+
+
+def build_parser(host: str = "127.0.0.1", port: int = 7860) -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m demo", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=None, help=f"{MODEL_HELP} (default: {DEFAULT_MODEL})")
-    ap.add_argument("--revision", help="hub revision of --model (default: main)")
+    add_model_args(ap, required=False, help=f"{MODEL_HELP} (default: {DEFAULT_MODEL})")
     ap.add_argument("--draft", default=None, help="draft model for speculative decoding, any form --model takes, "
                                                   "or ngram[:N] for prompt lookup (no draft model) "
                                                   f"(default: {DEFAULT_DRAFT} when it exists)")
-    ap.add_argument("--chat-template", metavar="NAME|FILE", help=CHAT_TEMPLATE_HELP)
     ap.add_argument("--no-draft", action="store_true", help="no draft even if the default one exists")
     ap.add_argument("--num-draft", type=draft_length, default="auto", help=NUM_DRAFT_HELP)
-    ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
-                    help="compute dtype of checkpoint directories; auto: bf16 only where a timed bf16 matmul "
-                         "decodes faster here (default: %(default)s)")
-    ap.add_argument("--device", default="auto", help=DEVICE_HELP)
-    ap.add_argument("--host", default="127.0.0.1", help="(default: %(default)s)")
-    ap.add_argument("--port", type=int, default=7860, help="(default: %(default)s)")
+    ap.add_argument("--host", default=host, help="($GRADIO_SERVER_NAME; default: %(default)s)")
+    ap.add_argument("--port", type=int, default=port, help="($GRADIO_SERVER_PORT; default: %(default)s)")
     ap.add_argument("--share", action="store_true", help="ask Gradio for a public share link")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        ap = build_parser(*gradio_address())
+        args = ap.parse_args(argv)
+        chosen = ModelArgs.from_namespace(args)
+    except UserError as e:
+        return report(e)
     model = args.model or str(DEFAULT_MODEL)
     draft = None if args.no_draft else (args.draft or (str(DEFAULT_DRAFT) if DEFAULT_DRAFT.exists() else None))
     if args.model is None and not DEFAULT_MODEL.exists():
@@ -51,26 +65,26 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     from serve.engine import Engine, describe
-    from tinyllama.errors import UserError
 
     from .app import build_app
 
+    options = {"n_ctx": chosen.ctx_size, "dtype": chosen.dtype, "n_gpu_layers": chosen.n_gpu_layers,
+               "revision": chosen.revision, "chat_template": chosen.chat_template, "device": chosen.device,
+               "runtime": chosen.runtime}
     draft_error = None
     try:
         try:
-            engine = Engine.load(model, draft, args.num_draft, dtype=args.dtype, revision=args.revision,
-                                 chat_template=args.chat_template, device=args.device)
+            engine = Engine.load(model, draft, args.num_draft, **options)
         except (UserError, ImportError) as e:
             if draft is None:
                 raise
             # the chat still works without the draft: say why in the page, not in a traceback
-            engine = Engine.load(model, None, args.num_draft, dtype=args.dtype, revision=args.revision,
-                                 chat_template=args.chat_template, device=args.device)
+            engine = Engine.load(model, None, args.num_draft, **options)
             draft_error, draft = f"draft {draft} not used: {e}", None
     except (UserError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    describe(engine)
+    describe(engine, chosen.runtime)
     if draft_error:
         print(f"warning: {draft_error}", file=sys.stderr)
     print(f"chat with {engine.model_id}" + (f", drafted by {draft}" if draft else "") +

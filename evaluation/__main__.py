@@ -1,7 +1,7 @@
 """python -m evaluation: lm-eval-harness tasks and perplexity, on checkpoint directories and GGUFs.
 
     python -m evaluation --model out/sft out/gguf/x-Q4_K_M.gguf        # make eval: one column each
-    python -m evaluation --model out/sft --tasks hellaswag piqa         # TinyLlama's tasks (needs the hub)
+    python -m evaluation --model out/sft --tasks hellaswag,piqa         # TinyLlama's tasks (needs the hub)
     python -m evaluation --model out/sft --perplexity data/tokens/natural --tasks none
     python -m evaluation --sweep out/pretrain --perplexity data/tokens/natural   # every step-*/ + a plot
 
@@ -23,9 +23,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-from tinyllama.devices import DEVICE_HELP
+from tinyllama.cli import ModelArgs, add_model_args, comma_list
 from tinyllama.errors import UserError, report
 from tinyllama.paths import check_output_parent
+from tinyllama.runtime import INFERENCE
 
 from .harness import LOCAL_TASK, TINYLLAMA_TASKS
 
@@ -35,22 +36,19 @@ def build_parser() -> argparse.ArgumentParser:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sweep", type=Path, default=None, metavar="RUN_DIR",
                     help="evaluate every step-*/ checkpoint of a pretraining run instead, and plot it")
-    ap.add_argument("--model", nargs="+", default=[],
-                    help="models, one column each (e.g. a model and its GGUF): checkpoint directories, .gguf files "
-                         "or hub references (org/name, org/name:Q4_K_M, org/name/FILE.gguf; org/name@REV)")
-    ap.add_argument("--tasks", nargs="+", default=None,
-                    help=f"lm-eval task names (default: {' '.join(TINYLLAMA_TASKS)} when HF_HUB_OFFLINE is "
-                         f"unset, else {LOCAL_TASK}); 'none' for perplexity only")
+    add_model_args(ap, required=False, many=True, only=("device", "dtype", "ctx_size", "n_gpu_layers", "runtime"),
+                   help="models, one column each (e.g. a model and its GGUF): checkpoint directories, .gguf files "
+                        "or hub references (org/name, org/name:Q4_K_M, org/name/FILE.gguf; org/name@REV)")
+    ap.add_argument("--tasks", nargs="+", default=None, metavar="TASK[,TASK...]",
+                    help=f"lm-eval task names, as lm-eval takes them (a,b) or space-separated (default: "
+                         f"{','.join(TINYLLAMA_TASKS)} when HF_HUB_OFFLINE is unset, else {LOCAL_TASK}); "
+                         "'none' for perplexity only")
     ap.add_argument("--num-fewshot", type=int, default=None, help="(default: each task's own; 0 for these)")
     ap.add_argument("--limit", type=int, default=None, help="at most this many examples per task")
     ap.add_argument("--perplexity", nargs="*", default=[], metavar="SHARDS",
                     help="token-shard directories (pretrain.prepare) to report validation perplexity on")
     ap.add_argument("--seq-len", type=int, default=256, help="perplexity block length (default: %(default)s)")
     ap.add_argument("--out", type=Path, default=None, help="also write the results as JSON here")
-    ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
-                    help="compute dtype of checkpoint directories; auto: bf16 only where a timed bf16 matmul "
-                         "decodes faster here (default: %(default)s)")
-    ap.add_argument("--device", default="auto", help=DEVICE_HELP)
     return ap
 
 
@@ -62,21 +60,22 @@ def main(argv: list[str] | None = None) -> int:
         if value is not None and value < low:
             ap.error(f"--{flag.replace('_', '-')} must be >= {low}, got {value}")
     offline = os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1"
-    tasks = args.tasks or ([LOCAL_TASK] if offline else TINYLLAMA_TASKS)
+    tasks = comma_list(args.tasks) or ([LOCAL_TASK] if offline else TINYLLAMA_TASKS)
     tasks = [] if tasks == ["none"] else tasks
     try:
+        model = ModelArgs.from_namespace(args)
         if args.out is not None:
             check_output_parent(args.out, "--out")            # before minutes of evaluation
         if args.sweep is not None:
-            return _sweep(args, tasks)
-        if not args.model:
+            return _sweep(args, model, tasks)
+        if not model.model:
             raise UserError("give --model (or --sweep RUN_DIR)")
-        return _models(args, tasks)
+        return _models(args, model, tasks)
     except UserError as e:
         return report(e)
 
 
-def _models(args: argparse.Namespace, tasks: list[str]) -> int:
+def _models(args: argparse.Namespace, model: ModelArgs, tasks: list[str]) -> int:
     from tinyllama.inference.backends import load_backend
     from tinyllama.formats.hub import resolve_model
 
@@ -84,13 +83,14 @@ def _models(args: argparse.Namespace, tasks: list[str]) -> int:
     from .perplexity import perplexity
     from .report import markdown_report
 
-    refs = [resolve_model(m) for m in args.model]     # all resolved (and fetched) before minutes of work
+    refs = [resolve_model(m) for m in model.model]     # all resolved (and fetched) before minutes of work
     runs = {}
     with tempfile.TemporaryDirectory() as tmp:
         include = local_task_dir(Path(tmp)) if LOCAL_TASK in tasks else None
         for ref in refs:
-            backend, tok = load_backend(ref, dtype=args.dtype, device=args.device)
-            print(f"{backend.name}: {backend.precision}", file=sys.stderr, flush=True)
+            backend, tok = load_backend(ref, **model.backend_kwargs())
+            print(f"{backend.name}: {backend.precision}; {model.runtime.describe(INFERENCE)}", file=sys.stderr,
+                  flush=True)
             try:
                 results = run_tasks(backend, tok, tasks, include, args.num_fewshot, args.limit) if tasks else {}
                 ppl = {str(p): perplexity(backend, p, args.seq_len, tokenizer=tok) for p in args.perplexity}
@@ -104,15 +104,16 @@ def _models(args: argparse.Namespace, tasks: list[str]) -> int:
     return 0
 
 
-def _sweep(args: argparse.Namespace, tasks: list[str]) -> int:
+def _sweep(args: argparse.Namespace, model: ModelArgs, tasks: list[str]) -> int:
     from .harness import local_task_dir
     from .sweep import sweep
 
     png = args.out.with_suffix(".png") if args.out else args.sweep / "eval_sweep.png"
+    print(f"sweep {args.sweep}: dtype {model.dtype}; {model.runtime.describe(INFERENCE)}", file=sys.stderr, flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         include = local_task_dir(Path(tmp)) if LOCAL_TASK in tasks else None
-        rows = sweep(args.sweep, args.perplexity, tasks, args.seq_len, include, args.limit, png, args.dtype,
-                     args.device)
+        rows = sweep(args.sweep, args.perplexity, tasks, args.seq_len, include, args.limit, png, model.dtype,
+                     model.device, model.runtime)
     keys = [k for k in rows[0] if k != "checkpoint"]
     print("| checkpoint | " + " | ".join(keys) + " |")
     print("|---|" + "---|" * len(keys))

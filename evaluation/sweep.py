@@ -13,6 +13,7 @@ from pretrain.checkpointing import step_name
 from pretrain.config import ConfigError, TrainConfig
 from tinyllama.atomic import atomic_file
 from tinyllama.inference.backends import load_backend
+from tinyllama.runtime import RuntimeOptions
 
 from .harness import PUBLISHED, EvalError, run_tasks
 from .perplexity import perplexity
@@ -45,13 +46,14 @@ def _step_of(directory: Path) -> int | None:
 
 def sweep(run_dir: str | Path, shards: Sequence[str | Path], tasks: Sequence[str] = (), seq_len: int = 256,
           include_path: str | Path | None = None, limit: int | None = None,
-          png: str | Path | None = None, dtype: str = "auto", device: str = "auto") -> list[dict]:
+          png: str | Path | None = None, dtype: str = "auto", device: str = "auto",
+          runtime: RuntimeOptions = RuntimeOptions()) -> list[dict]:
     """[{"checkpoint", "step", "tokens", task/shard: value}, ...] for every checkpoint of the run
     (tokens = step × the run's global_batch_tokens); plotted into `png` when given."""
     cfg, points = run_checkpoints(Path(run_dir))
     rows = []
     for step, ckpt in points:
-        backend, tok = load_backend(ckpt, dtype=dtype, device=device)
+        backend, tok = load_backend(ckpt, dtype=dtype, device=device, runtime=runtime)
         try:
             row: dict = {"checkpoint": ckpt.name, "step": step, "tokens": step * cfg.global_batch_tokens}
             if tasks:

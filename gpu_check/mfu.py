@@ -9,7 +9,7 @@ bf16 on a GPU), under autocast as one process trains.
 
   eager            what `python -m pretrain` runs on one GPU: SDPA's own backend choice, the
                    fused Triton kernels tinyllama.model.fused picks (liger-kernel where it works)
-  unfused          the same with TINYLLAMA_FUSED=0: the PyTorch definitions of RMSNorm, RoPE,
+  unfused          the same with --fused off (TINYLLAMA_FUSED=0): the PyTorch definitions of RMSNorm, RoPE,
                    SwiGLU and the loss (the logits materialised)
   sdpa-flash, sdpa-cudnn, sdpa-efficient, sdpa-math     eager with that SDPA backend forced
   compile          torch.compile(loss_fn), as the Trainer does for one process
@@ -116,22 +116,16 @@ def build(name: str, args, device: torch.device, dtype: torch.dtype) -> Variant:
                                        "efficient": "EFFICIENT_ATTENTION", "math": "MATH"}[name[5:]])
         variant.sdpa = lambda: sdpa_kernel([backend])
     elif name == "unfused":
-        before = os.environ.get("TINYLLAMA_FUSED")
-        os.environ["TINYLLAMA_FUSED"] = "0"                       # read by tinyllama.model.fused at every op
-        variant.close.append(lambda: _restore_env("TINYLLAMA_FUSED", before))
+        from tinyllama.model import fused
+
+        fused.use_provider("off")                        # the process's choice, asked at every op
+        variant.close.append(lambda: fused.use_provider("auto"))
     elif name == "compile":
         variant.loss = torch.compile(loss_fn)
     elif name == "compile-blocks":
         for block in model.model.layers:
             block.compile()
     return variant
-
-
-def _restore_env(name: str, value: str | None) -> None:
-    if value is None:
-        os.environ.pop(name, None)
-    else:
-        os.environ[name] = value
 
 
 def time_steps(v: Variant, args, device: torch.device, vocab: int) -> tuple[dict, Callable]:

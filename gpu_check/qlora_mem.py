@@ -44,7 +44,7 @@ def e2e(base: str, work: str, seq: int, dtype: str) -> dict:
         baseline = read()
         poller = PeakPoller(read).start()
     t0 = time.perf_counter()
-    res = run_sft(SFTArgs(base=base, out=str(Path(work) / "sft-qlora"), method="qlora", batch_size=1, max_len=seq,
+    res = run_sft(SFTArgs(base=base, out=str(Path(work) / "sft-qlora"), method="qlora", batch_size=1, seq_len=seq,
                           max_steps=4, eval_fraction=0.02, progress=False, logging_steps=1, device=device,
                           dtype=dtype))
     r = {"what": "run_sft qlora", "seconds": round(time.perf_counter() - t0, 1), "steps": res.summary["steps"],

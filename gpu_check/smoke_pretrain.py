@@ -48,7 +48,7 @@ def pretrain_command(args, data: dict[str, str], run_dir: Path) -> list[str]:
             "--seq-len", str(args.seq_len), "--micro-batch", str(args.micro_batch),
             "--global-batch-tokens", str(batch_tokens), "--save-every", "3", "--eval-every", "3",
             "--eval-batches", "2", "--log-every", "1", "--sample-tokens", "16", "--warmup-steps", "2",
-            "--no-tensorboard", "--no-progress", "--out-dir", str(run_dir), *args.extra]
+            "--no-tensorboard", "--no-progress", "--out", str(run_dir), *args.extra]
 
 
 def run(label: str, cmd: list[str], run_dir: Path, timeout: float) -> bool:

@@ -24,7 +24,6 @@ flip near-tied argmaxes).
 from __future__ import annotations
 
 import argparse
-import os
 import time
 
 import torch
@@ -43,6 +42,7 @@ from tinyllama import Llama, ModelConfig
 from tinyllama.inference.backends import TorchBackend
 from tinyllama.inference.generate import generate
 from tinyllama.inference.graphs import StaticDecoder
+from tinyllama.runtime import RuntimeOptions
 
 from .common import device_name, emit, read_results, sync
 
@@ -176,18 +176,15 @@ def decode(target: TorchBackend, prompts: list[list[int]], tokens: int, draft: T
 def speculative_runs(draft: Llama, target: Llama, prompts: list[list[int]], tokens: int, ks: list[int],
                      lat: dict) -> None:
     """The generator's plain and speculative loops, eager and through captured graphs
-    (TinyLlama's TorchBackend on CUDA: TINYLLAMA_CUDA_GRAPHS=0 turns capture off)."""
+    (TinyLlama's TorchBackend on CUDA: RuntimeOptions(cuda_graphs=False) turns capture off)."""
     modes = ("eager", "graph") if target.lm_head.weight.is_cuda else ("eager",)
     for how in modes:
-        os.environ["TINYLLAMA_CUDA_GRAPHS"] = "1" if how == "graph" else "0"
-        try:
-            _speculative_mode(draft, target, prompts, tokens, ks, lat, how)
-        finally:
-            os.environ.pop("TINYLLAMA_CUDA_GRAPHS", None)
+        _speculative_mode(draft, target, prompts, tokens, ks, lat, how)
 
 
 def _speculative_mode(draft, target, prompts, tokens, ks, lat, how: str) -> None:
-    tb, db = TorchBackend(target, pack=False), TorchBackend(draft, pack=False)
+    runtime = RuntimeOptions(cuda_graphs=how == "graph")
+    tb, db = TorchBackend(target, pack=False, runtime=runtime), TorchBackend(draft, pack=False, runtime=runtime)
     decode(tb, prompts, tokens)                                       # warm-up (and captures)
     plain, t_plain, _ = decode(tb, prompts, tokens)
     _, t_draft, _ = decode(db, prompts, tokens)

@@ -6,10 +6,11 @@
     python -m pretrain --preset tinyllama-19m --data natural=data/tokens/natural code=data/tokens/code \\
         --weights natural=0.7 code=0.3 --seq-len 256 --micro-batch 8 --global-batch-tokens 4096 --max-steps 100
     python -m pretrain --init-from TinyLlama/TinyLlama-1.1B-intermediate-step-1431k-3T --data mine=data/tokens/mine \\
-        --weights mine=1 --lr 1e-4 --warmup-steps 100 --max-steps 2000 --out-dir out/continued   # continued pretraining
+        --weights mine=1 --lr 1e-4 --warmup-steps 100 --max-steps 2000 --out out/continued   # continued pretraining
 
 Every field of the config is a flag (`--field-name value`); flags override the YAML file.
-Re-running the same command resumes from the newest complete checkpoint in --out-dir.
+Re-running the same command resumes from the newest complete checkpoint in --out.
+The runtime flags (--attention, --fused, --allocator) default to their TINYLLAMA_* variables.
 """
 
 from __future__ import annotations
@@ -22,8 +23,9 @@ from tinyllama.allocator import configure_mkl
 
 configure_mkl()          # before torch loads MKL (tinyllama/allocator.py: ~280k page faults a step less)
 
-from tinyllama.cli import add_flags  # noqa: E402
+from tinyllama.cli import add_flags, add_renamed  # noqa: E402
 from tinyllama.errors import UserError, report  # noqa: E402
+from tinyllama.runtime import TRAINING, RuntimeOptions, add_runtime_args  # noqa: E402
 
 from .config import ConfigError, TrainConfig  # noqa: E402
 
@@ -40,6 +42,7 @@ _HELP = {
     "dtype": "auto (bf16 where a timed bf16 matmul beats float32 on this CPU; bf16 on CUDA), bfloat16 or float32",
     "save_every": "optimizer steps between checkpoints (0: only the final one)",
     "keep_last": "training-state checkpoints to keep",
+    "out": "the run's folder: checkpoints, training state, metrics (re-running resumes from it)",
 }
 
 
@@ -58,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", help="a YAML file of config fields (see pretrain/configs/)")
     add_flags(ap, TrainConfig, raw=True, helps=_HELP)      # every field; values are checked by TrainConfig
+    add_renamed(ap, "--out-dir", "--out", dest="out")
+    add_runtime_args(ap, TRAINING)
     return ap
 
 
@@ -71,9 +76,10 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             overrides[f.name] = _pairs(v, f.name.replace("_", "-")) if str(f.type).startswith("dict") else v
         cfg = TrainConfig.from_yaml(args.config, overrides).validate()
+        runtime = RuntimeOptions.from_namespace(args)
         from .train import train  # torch and friends load only once the config is sound
 
-        summary = train(cfg)
+        summary = train(cfg, runtime=runtime)
     except UserError as e:
         return report(e)
     if summary["loss"] != summary["loss"]:   # NaN: resumed from the last step, nothing left to train

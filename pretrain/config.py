@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -54,7 +55,7 @@ class TrainConfig:
     activation_checkpointing: bool = False
     num_workers: int = 0                  # dataloader worker processes per rank
     # checkpoints, evaluation, logging
-    out_dir: str = "out/pretrain"
+    out: str = "out/pretrain"             # the run's folder (checkpoints, state, metrics); was out_dir
     save_every: int = 1000                # optimizer steps between checkpoints (0: only final)
     keep_last: int = 2                    # training-state checkpoints kept (HF step-*/ dirs are all kept)
     eval_every: int = 500
@@ -110,6 +111,9 @@ class TrainConfig:
             bad("weight_decay", "must be >= 0")
         if self.grad_clip < 0:
             bad("grad_clip", "must be >= 0 (0 disables clipping)")
+        if self.dtype == "float16":
+            bad("dtype", "must be auto, bfloat16 or float32: float16 training needs loss scaling, which "
+                         "pretraining does not do; bfloat16 has float32's range and needs none")
         if self.dtype not in ("auto", "bfloat16", "float32"):
             bad("dtype", "must be auto, bfloat16 or float32")
         if self.save_every < 0 or self.eval_every < 0 or self.keep_last < 1:
@@ -129,6 +133,7 @@ class TrainConfig:
     # ---- I/O ----------------------------------------------------------------------------
     @classmethod
     def from_dict(cls, d: dict[str, Any], source: str = "config") -> "TrainConfig":
+        d = _renamed_fields(d, source)
         names = {f.name: f for f in fields(cls)}
         unknown = sorted(set(d) - set(names))
         if unknown:
@@ -169,6 +174,22 @@ class TrainConfig:
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+RENAMED_FIELDS = {"out_dir": "out"}        # old name -> new; configs written before still load
+
+
+def _renamed_fields(d: dict[str, Any], source: str) -> dict[str, Any]:
+    """`d` with old field names under their new ones; one line on stderr for each."""
+    d = dict(d)
+    for old, new in RENAMED_FIELDS.items():
+        if old in d:
+            if new in d:
+                raise ConfigError(f"{source}: fields {old} and {new} are the same field ({old} is its old name); "
+                                  f"give {new} only")
+            print(f"note: {source}: config field {old} is now {new}", file=sys.stderr)
+            d[new] = d.pop(old)
+    return d
 
 
 def _coerce(f: dataclasses.Field, value: Any, source: str) -> Any:

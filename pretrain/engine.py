@@ -41,6 +41,7 @@ def plan_tokenizer(plan: Plan) -> Tokenizer:
     key = plan.settings["tokenizer_dir"] or ""
     if key not in _tokenizers:
         _tokenizers[key] = Tokenizer.from_dir(key) if key else Tokenizer.llama2()
+        _tokenizers[key].native_pieces = plan.settings.get("native", "auto")     # plans from before it: auto
         if _tokenizers[key].fingerprint != plan.tokenizer_fingerprint:
             raise RuntimeError(f"{key or 'the Llama-2 tokenizer'} differs from the one this run was planned with")
     return _tokenizers[key]

@@ -30,7 +30,8 @@ itself appears only when complete (written under a temporary name, then renamed)
 Speed: the Llama tokenizer cuts text where no BPE merge can cross and runs each distinct piece
 through BPE once, in C (tinyllama/piece_cache.c, compiled by `make setup` or on first use with
 the system C compiler). Without one it says so and uses the same rule in Python (its encoder ~4x slower).
-TINYLLAMA_NATIVE=0 chooses the Python path; TINYLLAMA_NATIVE=1 makes a failed build an error.
+--native off (TINYLLAMA_NATIVE=0) chooses the Python path; --native on (TINYLLAMA_NATIVE=1) makes a
+failed build an error.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ from pathlib import Path
 
 from tinyllama.errors import UserError, report
 from tinyllama.formats.tokenizer import Tokenizer
+from tinyllama.runtime import PREPARE, RuntimeOptions, add_runtime_args
 
 from .engine import run_local, seed_tokenizer, submit_slurm
 from .merge import SEPARATOR_POLICY, finish  # noqa: F401  (SEPARATOR_POLICY: part of this module's API)
@@ -93,6 +95,7 @@ class PrepareConfig:
     slurm_partition: str | None = None
     slurm_time: str = "24:00:00"
     slurm_mem_gb: float = 2
+    native: str = "auto"                        # the C piece cache: auto, off or on (tinyllama.runtime)
 
     def validate(self) -> None:
         if self.shard_tokens < 1024:
@@ -112,7 +115,9 @@ class PrepareConfig:
 
 
 def _load_tokenizer(cfg: PrepareConfig) -> Tokenizer:
-    return Tokenizer.from_dir(cfg.tokenizer_dir) if cfg.tokenizer_dir else Tokenizer.llama2()
+    tok = Tokenizer.from_dir(cfg.tokenizer_dir) if cfg.tokenizer_dir else Tokenizer.llama2()
+    tok.native_pieces = cfg.native
+    return tok
 
 
 def prepare(cfg: PrepareConfig) -> dict | None:
@@ -180,10 +185,11 @@ def _settings(cfg: PrepareConfig, tok: Tokenizer, out: Path) -> dict:
             "tokenizer_info": {"fingerprint": tok.fingerprint, "vocab_size": tok.vocab_size, "bos_id": tok.bos_id,
                                "eos_id": tok.eos_id, "source": tok.source},
             # not compared:
-            "retries": cfg.retries, "chunk_docs": cfg.chunk_docs, "chunk_chars": cfg.chunk_chars}
+            "retries": cfg.retries, "chunk_docs": cfg.chunk_docs, "chunk_chars": cfg.chunk_chars,
+            "native": cfg.native}
 
 
-RUNTIME_SETTINGS = ("retries", "chunk_docs", "chunk_chars")
+RUNTIME_SETTINGS = ("retries", "chunk_docs", "chunk_chars", "native")
 
 
 def _start(cfg: PrepareConfig, tok: Tokenizer, out: Path, work: Path) -> Plan:
@@ -328,7 +334,13 @@ def main(argv: list[str] | None = None) -> int:
     eng.add_argument("--slurm-partition", help="SLURM partition (needed with --executor slurm)")
     eng.add_argument("--slurm-time", default="24:00:00", help="SLURM time limit per job (default: %(default)s)")
     eng.add_argument("--slurm-mem-gb", type=float, default=2, help="SLURM memory per task, GB (default: 2)")
+    add_runtime_args(ap, PREPARE)
     args = ap.parse_args(argv)
+    try:
+        options = RuntimeOptions.from_namespace(args)
+    except UserError as e:
+        return report(e)
+    print(f"prepare {args.source}: {options.describe(PREPARE)}", file=sys.stderr, flush=True)
     exts = tuple(e if e.startswith(".") else "." + e for e in args.extensions) if args.extensions else None
     cfg = PrepareConfig(source=args.source, out=args.out, name=args.name, text_field=args.text_field, extensions=exts,
                         exclude=tuple(args.exclude), tokenizer_dir=args.tokenizer, workers=args.workers,
@@ -336,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
                         split=args.split, progress=not args.no_progress, executor=args.executor, tasks=args.tasks,
                         unit_mb=args.unit_mb, local_tasks=args.local_tasks, rank_offset=args.rank_offset,
                         retries=args.retries, slurm_partition=args.slurm_partition, slurm_time=args.slurm_time,
-                        slurm_mem_gb=args.slurm_mem_gb)
+                        slurm_mem_gb=args.slurm_mem_gb, native=options.native)
     try:
         manifest = prepare(cfg)
     except UserError as e:

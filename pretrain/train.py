@@ -7,7 +7,7 @@ cosine schedule on optimizer steps, sharded checkpoints with exact resume.
 One process runs the model unwrapped; under torchrun every transformer block and then the
 root are wrapped with FSDP2 `fully_shard` (bf16 parameters and fp32 gradient reduction on
 CUDA, fp32 with gloo on CPU). Running the same command again resumes from the newest
-complete checkpoint in out_dir, at exactly the next batch.
+complete checkpoint in cfg.out, at exactly the next batch.
 """
 
 from __future__ import annotations
@@ -30,6 +30,8 @@ from tinyllama.errors import UserError
 from tinyllama.inference.generate import SamplingParams, generate
 from tinyllama.formats.hub import resolve_model
 from tinyllama.precision import DtypeChoice, choose_dtype
+from tinyllama.model.kernels import use_kernels
+from tinyllama.runtime import TRAINING, RuntimeOptions
 
 from .checkpointing import (
     find_resume_state,
@@ -204,34 +206,37 @@ def remove_stale_temporaries(out: Path) -> None:
             stale.unlink(missing_ok=True)
 
 
-def train(cfg: TrainConfig, stop_after: int | None = None, on_step: Callable[[int, float], None] | None = None) -> dict:
+def train(cfg: TrainConfig, stop_after: int | None = None, on_step: Callable[[int, float], None] | None = None,
+          runtime: RuntimeOptions = RuntimeOptions()) -> dict:
     """Runs (or resumes) pretraining; returns a summary. `stop_after` ends the process's work
-    after that many optimizer steps of this invocation, as if it had been killed (tests)."""
+    after that many optimizer steps of this invocation, as if it had been killed (tests).
+    runtime: the attention and fused kernels, and the allocator (tinyllama.runtime)."""
     cfg.validate()
-    retain_freed_memory()          # no mmap/munmap of the logits every step (tinyllama/allocator.py)
+    retain_freed_memory(runtime.allocator)    # no mmap/munmap of the logits every step (tinyllama/allocator.py)
+    use_kernels(runtime)
     env = Dist()
     try:
-        return _train(cfg, env, stop_after, on_step)
+        return _train(cfg, env, stop_after, on_step, runtime)
     finally:
         env.close()
 
 
-def _train(cfg: TrainConfig, env: Dist, stop_after: int | None, on_step) -> dict:
-    return Trainer(cfg, env).fit(stop_after, on_step)
+def _train(cfg: TrainConfig, env: Dist, stop_after: int | None, on_step, runtime: RuntimeOptions) -> dict:
+    return Trainer(cfg, env, runtime).fit(stop_after, on_step)
 
 
 class Trainer:
     """One pretraining run: built (or resumed) by __init__, stepped by fit(), in named pieces as
     torchtitan's Trainer (train_step, maybe_log, maybe_evaluate, maybe_save)."""
 
-    def __init__(self, cfg: TrainConfig, env: Dist) -> None:
-        self.cfg, self.env, self.out = cfg, env, Path(cfg.out_dir)
+    def __init__(self, cfg: TrainConfig, env: Dist, runtime: RuntimeOptions = RuntimeOptions()) -> None:
+        self.cfg, self.env, self.out = cfg, env, Path(cfg.out)
         self.accum = cfg.grad_accum_steps(env.world_size)
         init_dir = init_checkpoint(cfg)                  # resolved (a hub id fetched) once
         self.model_cfg = initial_model_config(cfg, init_dir)
         choice = compute_dtype(cfg, self.model_cfg, env)
         if env.main:
-            print(f"dtype: {choice}", flush=True)
+            print(f"dtype: {choice}; {runtime.describe(TRAINING)}", flush=True)
         self.model, self.tok = build_model(cfg, env, self.model_cfg, choice.dtype, init_dir)
         train_mix = build_data(cfg, self.tok, "train")
         self.val_mix = build_data(cfg, self.tok, "validation") if cfg.eval_every and cfg.eval_batches else None
@@ -256,7 +261,7 @@ class Trainer:
         self.window = (time.perf_counter(), 0, [])            # (start, tokens, losses) since the last log
 
     def _resume(self) -> tuple[int, int]:
-        """(step, tokens) of the newest intact training state in out_dir, loaded; (0, 0) if none."""
+        """(step, tokens) of the newest intact training state in the run's folder, loaded; (0, 0) if none."""
         resume = find_resume_state(self.out, say=print if self.env.main else (lambda _: None))
         if resume is None:
             return 0, 0

@@ -25,6 +25,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from tinyllama.cli import add_model_args, add_renamed
 from tinyllama.errors import UserError, report
 
 from .export import ALL_TYPES
@@ -33,9 +34,8 @@ from .export import ALL_TYPES
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m quantize", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", required=True, help="the Llama to export: an HF-format directory (ours or TinyLlama's) "
-                                                   "or a hub id (org/name, safetensors)")
-    ap.add_argument("--revision", help="hub revision of --model (default: main)")
+    add_model_args(ap, help="the Llama to export: an HF-format directory (ours or TinyLlama's) or a hub id "
+                            "(org/name, safetensors)", only=("revision",))
     ap.add_argument("--type", nargs="+", default=["q4_k_m"], metavar="TYPE",
                     help=f"one or more of {', '.join(ALL_TYPES)} (default: q4_k_m)")
     ap.add_argument("--out", required=True, type=Path, help="a .gguf file (one type) or a folder")
@@ -45,9 +45,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="quantize with an importance matrix: computed (and saved as OUT/NAME.imatrix), or FILE")
     q.add_argument("--calibration", type=Path, metavar="FILE",
                    help="plain text for the importance matrix (default: the validation shards under data/tokens)")
-    q.add_argument("--chunks", type=int, default=64, help="importance-matrix chunks of --ctx tokens (default: 64)")
-    q.add_argument("--ctx", type=int, default=None,
-                   help="tokens per chunk, for the matrix and for quality (default: min(512, the model's context))")
+    q.add_argument("--chunks", type=int, default=64, help="importance-matrix chunks of --ctx-size tokens (default: 64)")
+    q.add_argument("-c", "--ctx-size", dest="ctx_size", type=int, default=None, metavar="N",
+                   help="tokens per chunk, for the matrix and for quality, as llama-imatrix's and llama-perplexity's -c "
+                        "(default: min(512, the model's context))")
+    add_renamed(q, "--ctx", "--ctx-size", dest="ctx_size", type=int)
     q.add_argument("--quality", action="store_true", help="a quality table from llama-perplexity over held-out "
                    "text: perplexity and KL divergence from the F32 file (mean, p99, same top token)")
     q.add_argument("--quality-chunks", type=int, default=32, help="chunks scored by --quality (default: 32)")
@@ -66,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         return import_main(argv[1:])
     ap = build_parser()
     args = ap.parse_args(argv)
-    for flag in ("threads", "ctx", "chunks", "quality_chunks"):
+    for flag in ("threads", "ctx_size", "chunks", "quality_chunks"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             ap.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     from tinyllama.formats.hub import resolve_model
@@ -104,7 +106,7 @@ class _Plan:
 
         self.args, self.model, self.report = args, model, ""
         cfg = load_config(model)
-        self.n_params, self.ctx = cfg.num_params(), args.ctx or min(512, cfg.max_seq_len)
+        self.n_params, self.ctx = cfg.num_params(), args.ctx_size or min(512, cfg.max_seq_len)
         self.name = args.name or (cfg.name if cfg.name != "custom" else model.name)
         self.budget_bytes = parse_size(args.target_size) if args.target_size else None
         if args.imatrix is not None and args.imatrix is not True and not Path(args.imatrix).is_file():

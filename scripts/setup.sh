@@ -13,7 +13,7 @@
 #
 # Usage: scripts/setup.sh            (make setup calls it; it is idempotent)
 # Env:   PYTHON=python3  VENV=.venv  TORCH_SPEC=torch==2.13.0  EXTRAS=dev,train,sft,gguf,serve,demo,eval
-#        TINYLLAMA_CACHE=~/.cache/tinyllama  LLAMA_CPP_VERSION=0.3.36
+#        TINYLLAMA_CACHE=${XDG_CACHE_HOME:-~/.cache}/tinyllama  LLAMA_CPP_VERSION=0.3.36
 #        CMAKE_ARGS=...  (llama-cpp-python's own: added after the flags chosen for this CPU)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -21,7 +21,7 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 VENV=${VENV:-.venv}
 LLAMA_CPP_VERSION=${LLAMA_CPP_VERSION:-0.3.36}
-CACHE=${TINYLLAMA_CACHE:-$HOME/.cache/tinyllama}
+CACHE=${TINYLLAMA_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/tinyllama}
 export TINYLLAMA_CACHE=$CACHE
 
 if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then

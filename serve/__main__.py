@@ -31,10 +31,12 @@ from __future__ import annotations
 
 import argparse
 
+from tinyllama.runtime import INFERENCE
+
 from .engine import ModelDir, add_model_arguments, check_model_arguments, load_engine
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m serve", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_arguments(ap, required=False)
@@ -51,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/ endpoints (default: none)")
     ap.add_argument("--parallel", type=int, default=4, metavar="N",
                     help="sequences decoded together (continuous batching, like llama-server -np N): up to N "
-                         "requests advance in one forward pass per step, each with its own --n-ctx of KV "
+                         "requests advance in one forward pass per step, each with its own --ctx-size of KV "
                          "cache; 1: one request at a time (default: %(default)s)")
     ap.add_argument("--max-queue", type=int, default=8,
                     help="requests in flight (running + waiting) before answering 429 (default: %(default)s)")
@@ -60,12 +62,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-tokens-limit", type=int, default=4096,
                     help="largest max_tokens a request may ask for (the context length caps it too); the "
                          "default when a chat request sets none (default: %(default)s)")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = build_parser()
     args = ap.parse_args(argv)
     if (args.model is None) == (args.models_dir is None):
         ap.error("give exactly one of --model and --models-dir")
     if args.models_dir and args.draft:
         ap.error("--draft needs --model (one target model)")
-    check_model_arguments(ap, args, "max_queue", "max_loaded", "max_body_bytes", "max_tokens_limit", "parallel")
+    model = check_model_arguments(ap, args, "max_queue", "max_loaded", "max_body_bytes", "max_tokens_limit",
+                                  "parallel")
 
     import uvicorn
 
@@ -73,16 +81,16 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.models_dir:
         try:
-            models = ModelDir(args.models_dir, max_loaded=args.max_loaded, n_ctx=args.n_ctx, dtype=args.dtype,
-                              n_gpu_layers=args.n_gpu_layers, chat_template=args.chat_template,
-                              parallel=args.parallel, device=args.device)
+            models = ModelDir(args.models_dir, max_loaded=args.max_loaded, n_ctx=model.ctx_size, dtype=model.dtype,
+                              n_gpu_layers=model.n_gpu_layers, chat_template=model.chat_template,
+                              parallel=args.parallel, device=model.device, runtime=model.runtime)
         except FileNotFoundError as e:
             ap.error(str(e))
         if not models.names():
             ap.error(f"{args.models_dir}: no *.gguf files or checkpoint folders (config.json + *.safetensors) in it")
-        what = f"{len(models.names())} models in {args.models_dir}"
+        what = f"{len(models.names())} models in {args.models_dir}; {model.runtime.describe(INFERENCE)}"
     else:
-        models = load_engine(args)
+        models = load_engine(args, model)
         if models is None:
             return 2
         what = models.model_id + (f" (draft {args.draft}, k={args.num_draft})" if args.draft else "")

@@ -24,7 +24,7 @@ from .engine import add_model_arguments, check_model_arguments, load_engine
 DEFAULTS = SamplingParams()
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m serve.complete", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_arguments(ap)
@@ -39,8 +39,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repetition-penalty", type=float, default=1.0, help="(default: %(default)s)")
     ap.add_argument("--stop", nargs="*", default=[], help="stop strings")
     ap.add_argument("--seed", type=int, default=None)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = build_parser()
     args = ap.parse_args(argv)
-    check_model_arguments(ap, args)
+    model = check_model_arguments(ap, args)
 
     from tinyllama.errors import UserError, report
 
@@ -50,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
                                   stop=tuple(args.stop))
     except UserError as e:                         # checked before the model loads
         return report(e)
-    engine = load_engine(args)
+    engine = load_engine(args, model)
     if engine is None:
         return 2
     try:

@@ -36,8 +36,8 @@ from typing import ContextManager, Protocol, runtime_checkable
 
 from tinyllama.inference.backends import Backend, load_backend
 from tinyllama.formats.chat import apply_chat_template, template_of
-from tinyllama.cli import CHAT_TEMPLATE_HELP, MODEL_HELP, NUM_DRAFT_HELP, draft_length
-from tinyllama.devices import DEVICE_HELP
+from tinyllama.cli import NUM_DRAFT_HELP, ModelArgs, add_model_args, draft_length
+from tinyllama.runtime import INFERENCE, RuntimeOptions
 from tinyllama.inference.draft_policy import resolve_num_draft
 from tinyllama.errors import NotFound, UserError
 from tinyllama.inference.generate import (
@@ -97,20 +97,22 @@ class Engine:
     def load(cls, model: str | os.PathLike, draft: str | os.PathLike | None = None, num_draft: int | str = "auto",
              n_ctx: int = 2048, adaptive_draft: bool = False, dtype: str = "auto", n_gpu_layers: int | None = None,
              revision: str | None = None, chat_template: str | None = None, parallel: int = 1,
-             device: str = "auto") -> "Engine":
+             device: str = "auto", runtime: RuntimeOptions = RuntimeOptions()) -> "Engine":
         """model, draft: model references (tinyllama.formats.hub: paths, hub ids, org/name:QUANT); draft
         `ngram` or `ngram:N`: prompt-lookup drafting, no draft model (tinyllama.inference.lookup);
         revision: the hub revision of `model`; dtype: PyTorch models' compute dtype (auto:
         measured, tinyllama.precision); device: where models run (tinyllama.devices: auto, cpu,
         cuda); n_gpu_layers: GGUF layers llama.cpp offloads to a GPU (-1: all; None: all when the
         device is auto or cuda and the build can offload); chat_template: a built-in name or .jinja file
-        instead of the model's own template; parallel: sequences decoded together (n_ctx each)."""
+        instead of the model's own template; parallel: sequences decoded together (n_ctx each);
+        runtime: kernels, packing and CUDA graphs of PyTorch models (tinyllama.runtime)."""
         target, tok = load_backend(model, device=device, n_ctx=n_ctx, dtype=dtype, n_gpu_layers=n_gpu_layers,
-                                   revision=revision)
+                                   revision=revision, runtime=runtime)
         try:
             lookup = NgramDraft.parse(str(draft)) if draft else None
             draft_backend = lookup or (load_backend(draft, device=device, n_ctx=n_ctx, dtype=dtype,
-                                                    n_gpu_layers=n_gpu_layers, flag="--draft")[0] if draft else None)
+                                                    n_gpu_layers=n_gpu_layers, flag="--draft",
+                                                    runtime=runtime)[0] if draft else None)
         except BaseException:
             target.close()
             raise
@@ -235,13 +237,13 @@ class ModelDir:
 
     def __init__(self, directory: str | os.PathLike, max_loaded: int = 2, n_ctx: int = 2048, dtype: str = "auto",
                  n_gpu_layers: int | None = None, chat_template: str | None = None, parallel: int = 1,
-                 device: str = "auto") -> None:
+                 device: str = "auto", runtime: RuntimeOptions = RuntimeOptions()) -> None:
         self.root = Path(directory).resolve()
         if not self.root.is_dir():
             raise NotFound(f"{directory}: not a directory")
         self.max_loaded, self.n_ctx = max_loaded, n_ctx
         self.load_options = {"dtype": dtype, "n_gpu_layers": n_gpu_layers, "chat_template": chat_template,
-                             "parallel": parallel, "device": device}
+                             "parallel": parallel, "device": device, "runtime": runtime}
         self.lock = threading.Lock()
         self._state = threading.Lock()          # guards _loaded and _users; held only briefly
         self._loaded: OrderedDict[str, Engine] = OrderedDict()
@@ -330,58 +332,47 @@ class ModelDir:
 
 
 def add_model_arguments(ap: argparse.ArgumentParser, required: bool = True) -> None:
-    ap.add_argument("--model", required=required, help=MODEL_HELP)
-    ap.add_argument("--revision", help="hub revision (branch, tag or commit) of --model (default: main)")
+    add_model_args(ap, required=required)
     ap.add_argument("--draft", help="a draft model with the same vocabulary, for speculative decoding: any form "
                                     "--model takes (org/name@REV for a revision); or `ngram[:N]`: prompt lookup, "
                                     "drafts copied from where the last N (default 3) tokens occurred before, no model")
-    ap.add_argument("--chat-template", metavar="NAME|FILE", help=CHAT_TEMPLATE_HELP)
     ap.add_argument("--num-draft", type=draft_length, default="auto", help=NUM_DRAFT_HELP)
     ap.add_argument("--adaptive-draft", action="store_true",
                     help="start at --num-draft and adapt it per round: +2 after a fully accepted round, -1 "
                          "after a rejection (the output is unchanged; only speed)")
-    ap.add_argument("--n-ctx", type=int, default=2048,
-                    help="context length for GGUF models, at most the trained one (default: %(default)s)")
-    ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
-                    help="compute dtype of checkpoint directories; auto times bf16 against float32 once per "
-                         "machine and takes bf16 only where it decodes faster (default: %(default)s)")
-    ap.add_argument("--device", default="auto", help=DEVICE_HELP)
-    ap.add_argument("--n-gpu-layers", type=int, default=None, metavar="N",
-                    help="GGUF layers to offload to the GPU in a CUDA or Metal build of llama.cpp; -1: all "
-                         "(default: all when --device is auto or cuda and the build can offload, else 0)")
 
 
-def check_model_arguments(ap: argparse.ArgumentParser, args: argparse.Namespace, *more: str) -> None:
-    """ap.error unless the model arguments (and the CLI's own counts in `more`) are in range."""
-    for flag in ("n_ctx", *more):
+def check_model_arguments(ap: argparse.ArgumentParser, args: argparse.Namespace, *more: str) -> ModelArgs:
+    """The model arguments as ModelArgs; ap.error unless they (and the CLI's own counts in `more`)
+    are in range and the TINYLLAMA_* variables are valid."""
+    for flag in more:
         if getattr(args, flag) < 1:
             ap.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
-    if args.n_gpu_layers is not None and args.n_gpu_layers < -1:
-        ap.error(f"--n-gpu-layers must be >= -1 (-1: all), got {args.n_gpu_layers}")
-
-
-def load_engine(args: argparse.Namespace) -> Engine | None:
-    """Engine.load from the CLI arguments; prints one line and returns None on bad input."""
-    from tinyllama.errors import UserError
-
     try:
-        engine = Engine.load(args.model, args.draft, args.num_draft, n_ctx=args.n_ctx,
+        return ModelArgs.from_namespace(args)
+    except UserError as e:
+        ap.error(str(e))
+
+
+def load_engine(args: argparse.Namespace, model: ModelArgs) -> Engine | None:
+    """Engine.load from the CLI arguments; prints one line and returns None on bad input."""
+    try:
+        engine = Engine.load(model.model, args.draft, args.num_draft, n_ctx=model.ctx_size,
                              adaptive_draft=getattr(args, "adaptive_draft", False),
-                             dtype=getattr(args, "dtype", "auto"), n_gpu_layers=getattr(args, "n_gpu_layers", None),
-                             device=getattr(args, "device", "auto"),
-                             revision=getattr(args, "revision", None),
-                             chat_template=getattr(args, "chat_template", None),
-                             parallel=getattr(args, "parallel", 1))
+                             dtype=model.dtype, n_gpu_layers=model.n_gpu_layers, device=model.device,
+                             revision=model.revision, chat_template=model.chat_template,
+                             parallel=getattr(args, "parallel", 1), runtime=model.runtime)
     except (UserError, ImportError) as e:        # ImportError: llama-cpp-python is not installed
         print(f"error: {e}", file=sys.stderr)
         return None
-    describe(engine)
+    describe(engine, model.runtime)
     return engine
 
 
-def describe(engine: Engine) -> None:
-    """The loaded models, their precision and the chat template, on stderr."""
-    print(f"model: {engine.target.name}: {engine.target.precision}", file=sys.stderr, flush=True)
+def describe(engine: Engine, runtime: RuntimeOptions | None = None) -> None:
+    """The loaded models, their precision (and the runtime options), the chat template, on stderr."""
+    print(f"model: {engine.target.name}: {engine.target.precision}"
+          + (f"; {runtime.describe(INFERENCE)}" if runtime else ""), file=sys.stderr, flush=True)
     print(f"chat template: {engine.template_origin}", file=sys.stderr, flush=True)
     if engine.draft is not None:
         print(f"draft: {engine.draft.name}: {engine.draft.precision}", file=sys.stderr, flush=True)

@@ -26,35 +26,40 @@ DATA_HELP = """\
   OWNER/NAME             a Hugging Face dataset with one of those fields (needs the hub), e.g.
                          timdettmers/openassistant-guanaco (with --eval-split test)
 
-Examples longer than --max-len keep their start and are cut; an example whose assistant tokens all
+Examples longer than --seq-len keep their start and are cut; an example whose assistant tokens all
 fall beyond the cut is dropped. Both are counted in the data summary. Loss is computed on
 assistant tokens only (each reply and its closing </s>).
 """
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from tinyllama.cli import add_flags
+    from tinyllama.cli import add_flags, add_renamed
+    from tinyllama.runtime import TRAINING, add_runtime_args
 
     from .train import SFTArgs
 
     p = argparse.ArgumentParser(prog="python -m sft", description=__doc__, epilog=DATA_HELP,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_flags(p, SFTArgs)
+    add_renamed(p, "--max-len", "--seq-len", dest="seq_len", type=int)
     p.add_argument("--samples", type=int, default=2, metavar="N",
                    help="print the saved model's greedy answers to N held-out questions (default: %(default)s)")
+    add_runtime_args(p, TRAINING)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from tinyllama.errors import UserError, report
+    from tinyllama.runtime import DEST, RuntimeOptions
 
     from .train import SFTArgs, run_sft
 
     samples = args.samples
-    del args.samples
     try:
-        result = run_sft(SFTArgs(**vars(args)))
+        runtime = RuntimeOptions.from_namespace(args)
+        fields = {k: v for k, v in vars(args).items() if k != "samples" and not k.startswith(DEST)}
+        result = run_sft(SFTArgs(**fields), runtime)
     except UserError as e:
         return report(e)
     if samples:

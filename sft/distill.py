@@ -30,9 +30,9 @@ import json
 from pathlib import Path
 from typing import Sequence
 
-from tinyllama.cli import MODEL_HELP
-from tinyllama.devices import DEVICE_HELP
+from tinyllama.cli import DTYPE_NAMES, MODEL_HELP, ModelArgs, add_model_args
 from tinyllama.errors import UserError
+from tinyllama.runtime import INFERENCE, RuntimeOptions
 
 from .data import Conversation, load_conversations, split_eval
 
@@ -74,8 +74,11 @@ def distill_conversation(backend, tok, conv: Conversation, max_new_tokens: int,
 
 def distill(teacher: str | Path, data: str, out: str | Path, max_new_tokens: int = 96, eval_fraction: float = 0.05,
             seed: int = 42, limit: int | None = None, progress: bool = True, dtype: str = "stored",
-            revision: str | None = None, chat_template: str | None = None, device: str = "auto") -> dict:
-    """Writes the teacher-answered training split of `data` to `out` (JSONL); returns counts."""
+            revision: str | None = None, chat_template: str | None = None, device: str = "auto",
+            n_ctx: int = 2048, n_gpu_layers: int | None = None, runtime: RuntimeOptions = RuntimeOptions()) -> dict:
+    """Writes the teacher-answered training split of `data` to `out` (JSONL); returns counts.
+    The teacher loads as tinyllama.inference.backends.load_backend loads it (n_ctx, n_gpu_layers:
+    a GGUF's; runtime: a checkpoint's kernels, packing and CUDA graphs)."""
     from tqdm import tqdm
 
     from tinyllama.atomic import atomic_file
@@ -95,9 +98,9 @@ def distill(teacher: str | Path, data: str, out: str | Path, max_new_tokens: int
     # the stored dtype by default: the draft learns to agree with the target as it is served (its
     # GGUF is made from these weights); a bf16 teacher's greedy answers drift from the float32
     # model's (a draft distilled from one agreed on 0.42 of tokens instead of ~0.8)
-    backend, tok = load_backend(teacher, dtype=None if dtype == "stored" else dtype, revision=revision,
-                                flag="--teacher", device=device)
-    print(f"teacher: {backend.name}: {backend.precision}", flush=True)
+    backend, tok = load_backend(teacher, dtype=None if dtype in (None, "stored") else dtype, revision=revision,
+                                flag="--teacher", device=device, n_ctx=n_ctx, n_gpu_layers=n_gpu_layers, runtime=runtime)
+    print(f"teacher: {backend.name}: {backend.precision}; {runtime.describe(INFERENCE)}", flush=True)
     replies = written = 0
     try:
         template, origin = template_of(tok, chat_template, backend.name)
@@ -119,13 +122,11 @@ def distill(teacher: str | Path, data: str, out: str | Path, max_new_tokens: int
             "teacher_replies": replies, "out": str(out)}
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m sft.distill", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--teacher", required=True, help="the target model: " + MODEL_HELP)
-    p.add_argument("--revision", help="hub revision of --teacher (default: main)")
-    p.add_argument("--chat-template", metavar="NAME|FILE", help="prompt the teacher in this template instead of its "
-                   "own: zephyr, llama-2, chatml or a .jinja file")
+    add_model_args(p, flag="--teacher", help="the target model: " + MODEL_HELP, dtypes=("stored", *DTYPE_NAMES),
+                   dtype_default="stored")
     p.add_argument("--data", default="sample", help="conversations to answer, as `python -m sft --data` "
                                                     "(default: %(default)s)")
     p.add_argument("--out", required=True, help="JSONL to write (atomically)")
@@ -134,18 +135,19 @@ def main(argv: list[str] | None = None) -> int:
                    help="held-out share left unanswered, as python -m sft splits it (default: %(default)s)")
     p.add_argument("--seed", type=int, default=42, help="the split's seed, as python -m sft's (default: %(default)s)")
     p.add_argument("--limit", type=int, default=None, help="answer only the first N training conversations")
-    p.add_argument("--dtype", default="stored", choices=["stored", "auto", "float32", "bfloat16"],
-                   help="the teacher's compute dtype if it is a checkpoint directory; stored: as its weights are, "
-                        "so the draft learns the target as it is served; auto: bf16 only where a "
-                        "timed bf16 matmul decodes faster here (default: %(default)s)")
-    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     from tinyllama.errors import UserError, report
 
     try:
-        counts = distill(args.teacher, args.data, args.out, args.max_new_tokens, args.eval_fraction, args.seed,
-                         args.limit, args.progress, args.dtype, args.revision, args.chat_template, args.device)
+        teacher = ModelArgs.from_namespace(args)       # --dtype stored: None, the weights' own dtype
+        counts = distill(teacher.model, args.data, args.out, args.max_new_tokens, args.eval_fraction, args.seed,
+                         args.limit, args.progress, teacher.dtype, teacher.revision, teacher.chat_template,
+                         teacher.device, teacher.ctx_size, teacher.n_gpu_layers, teacher.runtime)
     except UserError as e:
         return report(e)
     print(f"wrote {counts['out']}: {counts['conversations']} conversations, {counts['teacher_replies']} teacher "

@@ -44,6 +44,8 @@ from tinyllama.formats.hub import ModelRef, resolve_model
 from tinyllama.paths import check_output_dir
 from tinyllama.precision import DTYPE_CHOICES, choose_dtype
 from tinyllama.formats.tokenizer import Tokenizer
+from tinyllama.model.kernels import use_kernels
+from tinyllama.runtime import TRAINING, RuntimeOptions
 
 from .data import (
     LoadStats,
@@ -54,6 +56,7 @@ from .data import (
 )
 
 METHODS = ("full", "lora", "qlora")
+REPORT_TO = ("none", "tensorboard", "wandb")          # as pretraining's tensorboard / wandb switches
 ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 DEFAULT_LR = {"full": 2e-5, "lora": 2e-4, "qlora": 2e-4}   # Zephyr's full SFT; QLoRA paper's small models
 # bitsandbytes warns at import when its optional hub kernels cannot be fetched (no hub here);
@@ -86,9 +89,9 @@ class SFTArgs:
         group=_OPT))
     batch_size: int = field(default=8, metadata=flag("examples per micro-batch", group=_OPT))
     grad_accum: int = field(default=1, metadata=flag("micro-batches per step", group=_OPT))
-    max_len: int = field(default=512, metadata=flag("tokens per example", group=_OPT))
+    seq_len: int = field(default=512, metadata=flag("tokens per example (was --max-len)", group=_OPT))
     packing: bool = field(default=False, metadata=flag(
-        "pack examples into --max-len rows (padding-free; examples never attend to each other)", group=_OPT))
+        "pack examples into --seq-len rows (padding-free; examples never attend to each other)", group=_OPT))
     group_by_length: bool = field(default=True, metadata=flag(
         "batch examples of similar length (less padding, the same examples)", group=_OPT))
     warmup_ratio: float = field(default=0.03, metadata=flag("share of the steps spent warming up", group=_OPT))
@@ -112,8 +115,12 @@ class SFTArgs:
     device: str = field(default="auto", metadata=flag("where to train", choices=("auto", "cpu", "cuda"), group=_RUN))
     dtype: str = field(default="auto", metadata=flag(
         "compute dtype; auto times a bf16 and a float32 matmul of the model's shapes once per machine and takes "
-        "bf16 only where it is faster (AMX, AVX-512 BF16, GPUs)", choices=DTYPE_CHOICES, group=_RUN))
+        "bf16 only where it is faster (AMX, AVX-512 BF16, GPUs); float16 on CUDA only (with loss scaling, for "
+        "GPUs without bf16)", choices=DTYPE_CHOICES, group=_RUN))
     logging_steps: int = field(default=10, metadata=flag("steps between log lines", group=_RUN))
+    report_to: str = field(default="none", metadata=flag(
+        "where trl's trainer also logs (its report_to): none, tensorboard (event files in OUT/runs) or wandb; "
+        "the log lines and OUT/sft_log.jsonl are written either way", choices=REPORT_TO, group=_RUN))
     progress: bool = field(default=True, metadata=flag("a progress bar", group=_RUN))
 
     def resolved_lr(self) -> float:
@@ -137,7 +144,7 @@ def _check(args: SFTArgs) -> ModelRef:
         check_weights(base)           # a truncated file, now rather than after the slow imports
     except (CheckpointError, ValueError) as e:
         raise SFTError(f"--base {base}: {e}") from None
-    for name in ("batch_size", "grad_accum", "max_len", "lora_r", "lora_alpha"):
+    for name in ("batch_size", "grad_accum", "seq_len", "lora_r", "lora_alpha"):
         if getattr(args, name) <= 0:
             raise SFTError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     if args.max_steps <= 0 and args.epochs <= 0:
@@ -156,18 +163,24 @@ def _check(args: SFTArgs) -> ModelRef:
         raise SFTError(f"--target-modules: unknown {', '.join(unknown)}; choose from {', '.join(ALL_PROJECTIONS)}")
     if args.dtype not in DTYPE_CHOICES:
         raise SFTError(f"--dtype {args.dtype!r}: expected one of {', '.join(DTYPE_CHOICES)}")
+    if args.report_to not in REPORT_TO:
+        raise SFTError(f"--report-to {args.report_to!r}: expected one of {', '.join(REPORT_TO)}")
+    _device(args.device, args.dtype)              # no GPU, or float16 on a CPU: said now, not after the imports
     check_output_dir(args.out, "--out")
     return ref
 
 
-def _device(name: str) -> str:
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise SFTError("--device cuda: no CUDA device is available")
-    if name not in ("cpu", "cuda"):
+def _device(name: str, dtype: str = "auto") -> str:
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
+    if device not in ("cpu", "cuda"):
         raise SFTError(f"--device {name!r}: expected auto, cpu or cuda")
-    return name
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SFTError("--device cuda: no CUDA device is available")
+    if dtype == "float16" and device == "cpu":
+        # the trainer's fp16 is autocast with a gradient scaler, which accelerate runs on GPUs only
+        raise SFTError("--dtype float16 trains on CUDA only (mixed precision with loss scaling); on a CPU "
+                       "use bfloat16 or float32 (or auto)")
+    return device
 
 
 def _hf_tokenizer(tok: Tokenizer, work: Path):
@@ -241,8 +254,9 @@ class SFTData:
     eval_stats: TokenStats
 
 
-def run_sft(args: SFTArgs) -> SFTResult:
-    """Fine-tunes args.base on args.data and writes args.out (see the module docstring)."""
+def run_sft(args: SFTArgs, runtime: RuntimeOptions = RuntimeOptions()) -> SFTResult:
+    """Fine-tunes args.base on args.data and writes args.out (see the module docstring).
+    runtime: the attention and fused kernels, and the allocator (tinyllama.runtime)."""
     ref = _check(args)
     typed_base = str(args.base)
     args = dataclasses.replace(args, base=ref.path)        # a hub id becomes its cached snapshot
@@ -251,11 +265,12 @@ def run_sft(args: SFTArgs) -> SFTResult:
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()      # keep the console to progress and our own summary
-    retain_freed_memory()                 # tinyllama/allocator.py
-    device = _device(args.device)
+    retain_freed_memory(runtime.allocator)        # tinyllama/allocator.py
+    use_kernels(runtime)
+    device = _device(args.device, args.dtype)
     base, out = Path(args.base), Path(args.out)
-    choice = choose_dtype(args.dtype, device, load_config(base), work="train", rows=args.batch_size * args.max_len)
-    print(f"dtype: {choice}", flush=True)
+    choice = choose_dtype(args.dtype, device, load_config(base), work="train", rows=args.batch_size * args.seq_len)
+    print(f"dtype: {choice}; {runtime.describe(TRAINING)}", flush=True)
     tok = Tokenizer.from_dir(base)
     template, template_origin = template_of(tok, args.chat_template)
     print(f"chat template: {template_origin}", flush=True)
@@ -310,10 +325,10 @@ def prepare_data(args: SFTArgs, tok: Tokenizer, template: str) -> SFTData:
     else:
         train_convs, eval_convs = convs, []
     train_stats, eval_stats = TokenStats(), TokenStats()
-    train_rows = tokenize_conversations(train_convs, tok, args.max_len, train_stats, template)
-    eval_rows = tokenize_conversations(eval_convs, tok, args.max_len, eval_stats, template)
+    train_rows = tokenize_conversations(train_convs, tok, args.seq_len, train_stats, template)
+    eval_rows = tokenize_conversations(eval_convs, tok, args.seq_len, eval_stats, template)
     if not train_rows:
-        raise SFTError(f"--data {args.data}: no training example fits --max-len {args.max_len}")
+        raise SFTError(f"--data {args.data}: no training example fits --seq-len {args.seq_len}")
     print(f"data: {args.data}: read {load_stats.read} conversations"
           + (f", skipped {load_stats.skipped} invalid" if load_stats.skipped else ""))
     print(f"  train: {train_stats.describe()}")
@@ -390,7 +405,7 @@ def build_trainer(args: SFTArgs, data: SFTData, tok: Tokenizer, work: Path, devi
             from peft import prepare_model_for_kbit_training
 
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    config = _trainer_config(args, work, device, bf16=compute == torch.bfloat16, has_eval=bool(data.eval_rows))
+    config = _trainer_config(args, work, device, compute, has_eval=bool(data.eval_rows))
     trainer_cls = SFTTrainer if device == "cuda" else plain_loss_trainer(SFTTrainer)
     trainer = trainer_cls(model=model, args=config, train_dataset=Dataset.from_list(data.train_rows),
                           eval_dataset=Dataset.from_list(data.eval_rows) if data.eval_rows else None,
@@ -403,7 +418,18 @@ def build_trainer(args: SFTArgs, data: SFTData, tok: Tokenizer, work: Path, devi
     return trainer
 
 
-def _trainer_config(args: SFTArgs, work: Path, device: str, bf16: bool, has_eval: bool):
+def mixed_precision(compute: torch.dtype) -> dict[str, bool]:
+    """The trainer's autocast flags for a compute dtype: bf16 as is, float16 with accelerate's
+    gradient scaler (fp16's range needs loss scaling), float32 neither."""
+    return {"bf16": compute == torch.bfloat16, "fp16": compute == torch.float16}
+
+
+def report_to(choice: str) -> list[str]:
+    """--report-to as trl's (transformers') report_to: [] logs to no integration."""
+    return [] if choice == "none" else [choice]
+
+
+def _trainer_config(args: SFTArgs, work: Path, device: str, compute: torch.dtype, has_eval: bool):
     from trl import SFTConfig
 
     grad_ckpt = args.method == "qlora" if args.gradient_checkpointing is None else args.gradient_checkpointing
@@ -414,13 +440,14 @@ def _trainer_config(args: SFTArgs, work: Path, device: str, bf16: bool, has_eval
         gradient_accumulation_steps=args.grad_accum,
         learning_rate=args.resolved_lr(), lr_scheduler_type="cosine", warmup_steps=args.warmup_ratio,   # a float in [0, 1) is a ratio of all steps
         weight_decay=args.weight_decay, max_grad_norm=1.0, optim=optimizer_name(args.method, device),
-        max_length=args.max_len, packing=args.packing,
+        max_length=args.seq_len, packing=args.packing,
         **checkpointing_kwargs(SFTConfig, grad_ckpt),
-        bf16=bf16, use_cpu=device == "cpu",
+        **mixed_precision(compute), use_cpu=device == "cpu",
         # Per epoch; a --max-steps run is evaluated before and after only.
         eval_strategy="epoch" if has_eval and args.max_steps <= 0 else "no",
         train_sampling_strategy="group_by_length" if args.group_by_length and not args.packing else "random",
-        save_strategy="no", report_to=[], logging_steps=args.logging_steps, logging_first_step=True,
+        save_strategy="no", report_to=report_to(args.report_to), logging_steps=args.logging_steps,
+        logging_first_step=True,
         disable_tqdm=not args.progress, seed=args.seed, data_seed=args.seed,
         dataloader_num_workers=0, remove_unused_columns=True,
     )
@@ -463,6 +490,8 @@ def _write_output(trainer, args: SFTArgs, base: Path, tok: Tokenizer, out: Path,
         _rewrite_adapter_base(adapter_dir, adapter_base)
         llama = merge_adapter(base, adapter_dir)
         extra_dirs["adapter"] = adapter_dir
+    if (work / "trainer" / "runs").is_dir():          # --report-to tensorboard: the event files, kept
+        extra_dirs["runs"] = work / "trainer" / "runs"
     base_dtype = stored_dtype(base)
     llama = llama.to(device="cpu", dtype=base_dtype)
     if llama.config.name != "custom" and not llama.config.name.endswith("-chat"):

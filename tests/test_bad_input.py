@@ -58,10 +58,10 @@ CLIS = {          # python -m NAME -> module holding main(argv)
 
 GOOD_CHAT = json.dumps({"text": "### Human: What does len() do?### Assistant: It counts items."}) + "\n"
 GOOD_DOC = json.dumps({"text": "Some text to tokenize."}) + "\n"
-YAML_SHARDS = ("preset: tinyllama-debug\nout_dir: {out}/run\ndata: {natural: {shards}}\nweights: {natural: 1.0}\n"
+YAML_SHARDS = ("preset: tinyllama-debug\nout: {out}/run\ndata: {natural: {shards}}\nweights: {natural: 1.0}\n"
                "seq_len: 16\nmicro_batch: 1\nglobal_batch_tokens: 16\nmax_steps: 2\nwarmup_steps: 0\n"
                "tensorboard: false\nprogress: false\nsample_tokens: 0\n")
-YAML_OK = "preset: tinyllama-debug\nout_dir: {out}/run\ndata: {natural: {in}/none}\nweights: {natural: 1.0}\n"
+YAML_OK = "preset: tinyllama-debug\nout: {out}/run\ndata: {natural: {in}/none}\nweights: {natural: 1.0}\n"
 
 
 @dataclass
@@ -109,6 +109,9 @@ CASES = [
     C("prepare-shard-tokens-too-small", "pretrain.prepare", ["{in}/d.jsonl", "--out", "{out}/tok",
                                                             "--shard-tokens", "10"],
       "shard_tokens must be >= 1024, got 10", {"d.jsonl": GOOD_DOC}),
+    C("prepare-bad-native-variable", "pretrain.prepare", ["{in}/d.jsonl", "--out", "{out}/tok"],
+      "TINYLLAMA_NATIVE='yes': expected 0 (off), 1 (required) or auto", {"d.jsonl": GOOD_DOC},
+      env={"TINYLLAMA_NATIVE": "yes"}),
     C("prepare-workers-zero", "pretrain.prepare", ["{in}/d.jsonl", "--out", "{out}/tok", "--workers", "0"],
       "workers must be >= 1, got 0", {"d.jsonl": GOOD_DOC}),
     C("prepare-workers-not-a-number", "pretrain.prepare", ["{in}/d.jsonl", "--out", "{out}/tok", "--workers", "two"],
@@ -135,7 +138,7 @@ CASES = [
     C("pretrain-config-not-a-mapping", "pretrain", ["--config", "{in}/c.yaml"], "c.yaml: expected a mapping",
       {"c.yaml": "- lr: 1\n- seq_len: 2\n"}),
     C("pretrain-config-not-utf8", "pretrain", ["--config", "{in}/c.yaml"], "c.yaml: not UTF-8 text",
-      {"c.yaml": b"preset: tinyllama-debug\nout_dir: \xff\xfe\n"}),
+      {"c.yaml": b"preset: tinyllama-debug\nout: \xff\xfe\n"}),
     C("pretrain-config-unknown-key", "pretrain", ["--config", "{in}/c.yaml"], "unknown field(s) learning_rate",
       {"c.yaml": "preset: tinyllama-debug\nlearning_rate: 1e-3\n"}),
     C("pretrain-config-unknown-preset", "pretrain", ["--config", "{in}/c.yaml"],
@@ -157,8 +160,19 @@ CASES = [
     C("pretrain-config-beta-out-of-range", "pretrain", ["--config", "{in}/c.yaml"],
       "config field beta2: must be in [0, 1) (got 1.5)", {"c.yaml": "preset: tinyllama-debug\nbeta2: 1.5\n"}),
     C("pretrain-config-bad-dtype", "pretrain", ["--config", "{in}/c.yaml"],
-      "config field dtype: must be auto, bfloat16 or float32 (got 'float16')",
-      {"c.yaml": "preset: tinyllama-debug\ndtype: float16\n"}),
+      "config field dtype: must be auto, bfloat16 or float32 (got 'float64')",
+      {"c.yaml": "preset: tinyllama-debug\ndtype: float64\n"}),
+    C("pretrain-config-float16", "pretrain", ["--config", "{in}/c.yaml"],
+      "config field dtype: must be auto, bfloat16 or float32: float16 training needs loss scaling, which "
+      "pretraining does not do", {"c.yaml": "preset: tinyllama-debug\ndtype: float16\n"}),
+    C("pretrain-config-out-and-out-dir", "pretrain", ["--config", "{in}/c.yaml"],
+      "fields out_dir and out are the same field (out_dir is its old name); give out only",
+      {"c.yaml": "preset: tinyllama-debug\nout: a\nout_dir: b\n"}),
+    C("pretrain-bad-allocator-variable", "pretrain", ["--config", "{in}/c.yaml"],
+      "TINYLLAMA_ALLOCATOR='jemalloc': expected system or retain", {"c.yaml": YAML_OK},
+      env={"TINYLLAMA_ALLOCATOR": "jemalloc"}, sub=True),
+    C("pretrain-bad-attention-flag", "pretrain", ["--config", "{in}/c.yaml", "--attention", "fast"],
+      "argument --attention: invalid choice: 'fast'", {"c.yaml": YAML_OK}),
     C("pretrain-config-weights-without-data", "pretrain", ["--config", "{in}/c.yaml"],
       "config field weights: names source(s) not in data: web",
       {"c.yaml": "preset: tinyllama-debug\ndata: {natural: d}\nweights: {natural: 1, web: 1}\n"}),
@@ -204,6 +218,12 @@ CASES = [
       "--eval-fraction must be in [0, 1), got 1.5"),
     C("sft-unknown-method", "sft", ["--base", "{ckpt}", "--out", "{out}/chat", "--method", "dpo"],
       "argument --method: invalid choice: 'dpo'"),
+    C("sft-unknown-report-to", "sft", ["--base", "{ckpt}", "--out", "{out}/chat", "--report-to", "mlflow"],
+      "argument --report-to: invalid choice: 'mlflow'"),
+    C("sft-float16-on-a-cpu", "sft", ["--base", "{ckpt}", "--out", "{out}/chat", "--dtype", "float16", "--device", "cpu"],
+      "--dtype float16 trains on CUDA only", sub=True),
+    C("sft-old-max-len-flag-zero", "sft", ["--base", "{ckpt}", "--out", "{out}/chat", "--max-len", "0"],
+      "--seq-len must be positive, got 0"),
     C("sft-epochs-not-a-number", "sft", ["--base", "{ckpt}", "--out", "{out}/chat", "--epochs", "three"],
       "argument --epochs: invalid float value: 'three'"),
     C("sft-out-parent-missing", "sft", ["--base", "{ckpt}", "--out", "{out}/no/such/chat"],
@@ -270,8 +290,10 @@ CASES = [
                                                  "--out", "{out}/g"], "e.txt: the file is empty", {"e.txt": "\n"}),
     C("quantize-bad-target-size", "quantize", ["--model", "{ckpt}", "--target-size", "big", "--out", "{out}/g"],
       "--target-size 'big': expected a size such as 550MB"),
-    C("quantize-ctx-zero", "quantize", ["--model", "{ckpt}", "--quality", "--ctx", "0", "--out", "{out}/g"],
-      "--ctx must be >= 1, got 0"),
+    C("quantize-ctx-zero", "quantize", ["--model", "{ckpt}", "--quality", "--ctx-size", "0", "--out", "{out}/g"],
+      "--ctx-size must be >= 1, got 0"),
+    C("quantize-old-ctx-flag-zero", "quantize", ["--model", "{ckpt}", "--quality", "--ctx", "0", "--out", "{out}/g"],
+      "--ctx-size must be >= 1, got 0"),
     C("quantize-threads-zero", "quantize", ["--model", "{ckpt}", "--type", "q8_0", "--threads", "0", "--out", "{out}/m.gguf"],
       "--threads must be >= 1, got 0"),
 
@@ -311,8 +333,14 @@ CASES = [
       "temperature must be in [0, 2], got 5.0"),
     C("generate-top-p-zero", "serve.complete", ["--model", "{ckpt}", "--prompt", "hi", "--top-p", "0"],
       "top_p must be in (0, 1], got 0.0"),
-    C("generate-n-ctx-zero", "serve.complete", ["--model", "{gguf}", "--prompt", "hi", "--n-ctx", "0"],
-      "--n-ctx must be >= 1, got 0"),
+    C("generate-ctx-size-zero", "serve.complete", ["--model", "{gguf}", "--prompt", "hi", "-c", "0"],
+      "--ctx-size must be >= 1, got 0"),
+    C("generate-old-n-ctx-flag-zero", "serve.complete", ["--model", "{gguf}", "--prompt", "hi", "--n-ctx", "0"],
+      "--ctx-size must be >= 1, got 0"),
+    C("generate-bad-fused-variable", "serve.complete", ["--model", "{ckpt}", "--prompt", "hi"],
+      "TINYLLAMA_FUSED='triton': expected 0, 1, liger or flash", env={"TINYLLAMA_FUSED": "triton"}, sub=True),
+    C("generate-bad-packing-flag", "serve.complete", ["--model", "{ckpt}", "--prompt", "hi", "--packing", "fast"],
+      "argument --packing: invalid choice: 'fast'"),
 
     # ---- python -m serve (startup only) --------------------------------------------------------------
     C("serve-model-missing", "serve", ["--model", "{in}/nope.gguf"], "--model {in}/nope.gguf: no such file or directory",
@@ -325,6 +353,8 @@ CASES = [
     C("serve-num-draft-zero", "serve", ["--model", "{ckpt}", "--draft", "{ckpt}", "--num-draft", "0"],
       "argument --num-draft: must be >= 1 (or auto), got 0"),
     C("serve-max-queue-zero", "serve", ["--model", "{ckpt}", "--max-queue", "0"], "--max-queue must be >= 1, got 0"),
+    C("serve-n-gpu-layers-below-minus-one", "serve", ["--model", "{ckpt}", "--n-gpu-layers", "-2"],
+      "--n-gpu-layers must be >= -1 (-1: all), got -2"),
 
     # ---- python -m demo (startup only) ---------------------------------------------------------------
     C("demo-model-missing", "demo", ["--model", "{in}/nope.gguf"], "--model {in}/nope.gguf: no such file or directory",
@@ -334,6 +364,10 @@ CASES = [
     C("demo-gguf-llama-cpp-cannot-load", "demo", ["--model", "{gpt2_gguf}"], "gpt2.gguf: llama.cpp cannot load this file"),
     C("demo-num-draft-zero", "demo", ["--model", "{ckpt}", "--num-draft", "0"],
       "argument --num-draft: must be >= 1 (or auto), got 0"),
+    C("demo-bad-gradio-port-variable", "demo", ["--model", "{ckpt}"],
+      "GRADIO_SERVER_PORT='http': expected a port number (1-65535)", env={"GRADIO_SERVER_PORT": "http"}, sub=True),
+    C("demo-bad-attention-variable", "demo", ["--model", "{ckpt}"],
+      "TINYLLAMA_ATTENTION='fast': expected sdpa, flash or xformers", env={"TINYLLAMA_ATTENTION": "fast"}),
     C("serve-num-draft-word", "serve", ["--model", "{ckpt}", "--num-draft", "many"],
       "argument --num-draft: expected auto or an integer, got 'many'"),
 
@@ -355,6 +389,10 @@ CASES = [
     C("eval-truncated-safetensors", "evaluation", ["--model", "{trunc_ckpt}", "--tasks", "none"],
       "model.safetensors: corrupt or truncated safetensors file"),
     C("eval-limit-zero", "evaluation", ["--model", "{ckpt}", "--limit", "0"], "--limit must be >= 1, got 0"),
+    C("eval-unknown-task-in-a-comma-list", "evaluation", ["--model", "{ckpt}", "--tasks", "python_builtins_mc,no_such_xyz"],
+      "unknown task(s): no_such_xyz"),
+    C("eval-ctx-size-zero", "evaluation", ["--model", "{ckpt}", "--tasks", "none", "--ctx-size", "0"],
+      "--ctx-size must be >= 1, got 0"),
     C("eval-seq-len-zero", "evaluation", ["--model", "{ckpt}", "--tasks", "none", "--seq-len", "0"],
       "--seq-len must be >= 1, got 0"),
     C("eval-out-parent-missing", "evaluation", ["--model", "{ckpt}", "--tasks", "none", "--out", "{out}/no/r.json"],

@@ -194,7 +194,7 @@ def test_a_llama_3_vocabulary_runs_end_to_end_in_uint32_shards(tokenizers, tmp_p
 
     result = train(TrainConfig(init_from=str(tmp_path / "base"), data={"natural": str(tmp_path / "tokens")},
                                weights={"natural": 1.0}, seq_len=32, micro_batch=2, global_batch_tokens=64,
-                               max_steps=2, warmup_steps=1, dtype="float32", out_dir=str(tmp_path / "run"),
+                               max_steps=2, warmup_steps=1, dtype="float32", out=str(tmp_path / "run"),
                                save_every=0, eval_every=0, log_every=1, sample_tokens=0, tensorboard=False,
                                progress=False))
     assert np.isfinite(result["loss"])

@@ -23,7 +23,7 @@ def shards(tmp_path_factory):
 def config(shards, out_dir, **kw):
     base = dict(preset="tinyllama-debug", data=shards, weights={"natural": 0.7, "code": 0.3}, seq_len=32,
                 micro_batch=2, global_batch_tokens=128, max_steps=6, lr=3e-3, min_lr=3e-4, warmup_steps=2,
-                dtype="float32", out_dir=str(out_dir), save_every=2, keep_last=2, eval_every=0, log_every=1,
+                dtype="float32", out=str(out_dir), save_every=2, keep_last=2, eval_every=0, log_every=1,
                 sample_tokens=0, tensorboard=False, progress=False, seed=5)
     return TrainConfig(**{**base, **kw})
 

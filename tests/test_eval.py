@@ -125,7 +125,7 @@ def test_checkpoint_sweep_over_a_pretraining_run(tmp_path, llama2_tokenizer):
     prepare(PrepareConfig(source=str(raw), out=tmp_path / "shards", workers=1, val_fraction=0.2, progress=False))
     cfg = TrainConfig(preset="tinyllama-debug", data={"n": str(tmp_path / "shards")}, weights={"n": 1.0}, seq_len=32,
                       micro_batch=2, global_batch_tokens=128, max_steps=6, lr=3e-3, min_lr=3e-4, warmup_steps=1,
-                      dtype="float32", out_dir=str(tmp_path / "run"), save_every=2, keep_last=3, eval_every=0,
+                      dtype="float32", out=str(tmp_path / "run"), save_every=2, keep_last=3, eval_every=0,
                       sample_tokens=0, tensorboard=False, progress=False)
     train(cfg)
     rows = sweep(tmp_path / "run", [tmp_path / "shards"], seq_len=32, png=tmp_path / "sweep.png")

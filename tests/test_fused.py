@@ -14,6 +14,7 @@ from pretrain.train import loss_fn
 from tinyllama.model import fused, kernels
 from tinyllama.model.config import ModelConfig
 from tinyllama.model.model import Llama
+from tinyllama.runtime import RuntimeOptions
 
 
 def _rotate_half(x):
@@ -64,7 +65,8 @@ def on_fake_gpu(monkeypatch):
     monkeypatch.setattr(fused, "_serves", lambda t: True)
     monkeypatch.setattr(fused, "_loaded", {})
     monkeypatch.setattr(fused, "_working", {})
-    monkeypatch.delenv("TINYLLAMA_FUSED", raising=False)
+    monkeypatch.setattr(fused, "_wanted_provider", "auto")     # use_provider's choice, restored after
+    monkeypatch.setattr(kernels, "_attention", "auto")
     return monkeypatch
 
 
@@ -119,7 +121,7 @@ def test_liger_provider_gives_the_pytorch_model_and_loss(on_fake_gpu):
     fused_logits = model(ids)
     fused_loss = model(ids[:, :-1], targets=ids[:, 1:])
     assert {"rope", "rms", "swiglu", "linear_ce"} <= set(calls)
-    on_fake_gpu.setenv("TINYLLAMA_FUSED", "0")
+    fused.use_provider("off")
     calls.clear()
     plain_logits = model(ids)
     plain_loss = loss_fn(model, ids[:, :-1], ids[:, 1:], None)
@@ -149,8 +151,8 @@ def test_a_provider_that_fails_its_check_is_skipped_with_a_warning(on_fake_gpu):
         y = kernels.rms_norm(x, w, 1e-5)
     assert any("no kernel image" in str(m.message) for m in seen)
     assert torch.equal(y, kernels.reference_rms_norm(x, w, 1e-5))
-    on_fake_gpu.setenv("TINYLLAMA_FUSED", "liger")
-    with pytest.raises(RuntimeError, match="TINYLLAMA_FUSED=liger"):
+    fused.use_provider("liger")
+    with pytest.raises(RuntimeError, match=r"fused liger \(--fused, TINYLLAMA_FUSED\)"):
         fused.provider_for(x)
 
 
@@ -163,11 +165,14 @@ def test_liger_is_preferred_and_flash_is_the_fallback(on_fake_gpu):
     on_fake_gpu.setitem(fused._loaded, "flash", flash)
     x = torch.randn(2, 3, dtype=torch.bfloat16)
     assert fused.provider_for(x) is liger
-    on_fake_gpu.setenv("TINYLLAMA_FUSED", "flash")
+    fused.use_provider("flash")
     assert fused.provider_for(x) is flash
-    on_fake_gpu.setenv("TINYLLAMA_FUSED", "triton")
+    with pytest.raises(Exception, match="expected auto, off, liger, flash"):
+        fused.use_provider("triton")
     with pytest.raises(Exception, match="expected 0, 1, liger or flash"):
-        fused.provider_for(x)
+        RuntimeOptions.from_env({"TINYLLAMA_FUSED": "triton"})
+    kernels.use_kernels(RuntimeOptions.from_env({"TINYLLAMA_FUSED": "flash"}))     # the CLI's way, the same choice
+    assert fused.provider_for(x) is flash
 
 
 def test_no_provider_on_the_cpu():
@@ -193,7 +198,7 @@ def test_xformers_without_its_cuda_ops_is_not_chosen(on_fake_gpu):
     q = torch.randn(1, 4, 3, 16, dtype=torch.bfloat16)
     with pytest.warns(UserWarning, match="No operator found"):
         assert kernels.select_backend(q) == "sdpa"
-    on_fake_gpu.setenv("TINYLLAMA_ATTENTION", "xformers")
+    kernels.use_attention("xformers")
     with pytest.raises(RuntimeError, match="CUDA ops"):
         kernels.select_backend(q)
 

@@ -38,7 +38,7 @@ def test_raw_text_to_a_chat_model_in_llama_cpp(tmp_path):
     cli("-m", "pretrain.prepare", str(raw), "--out", "tokens", "--workers", "1", "--no-progress", cwd=tmp_path)
     cli("-m", "pretrain", "--preset", "tinyllama-debug", "--data", "natural=tokens", "--weights", "natural=1",
         "--seq-len", "64", "--micro-batch", "2", "--global-batch-tokens", "256", "--max-steps", "6",
-        "--warmup-steps", "1", "--dtype", "float32", "--out-dir", "pretrain", "--eval-every", "0",
+        "--warmup-steps", "1", "--dtype", "float32", "--out", "pretrain", "--eval-every", "0",
         "--sample-tokens", "0", "--no-tensorboard", "--no-progress", cwd=tmp_path)
     out = cli("-m", "sft", "--base", "pretrain/final", "--out", "chat", "--method", "lora", "--max-steps", "3",
               "--lr", "1e-3", "--no-progress", "--samples", "1", cwd=tmp_path)

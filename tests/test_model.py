@@ -99,13 +99,18 @@ def test_reference_attention_is_causal():
 
 
 def test_forced_backend_is_validated(monkeypatch):
+    from tinyllama.model import kernels
+    from tinyllama.runtime import RuntimeOptions
+
     q = torch.randn(1, 2, 3, 8)
-    monkeypatch.setenv("TINYLLAMA_ATTENTION", "flash")
+    monkeypatch.setattr(kernels, "_attention", "auto")         # restored after the test
+    kernels.use_attention("flash")
     with pytest.raises(RuntimeError, match="flash-attn"):
         select_backend(q)
-    monkeypatch.setenv("TINYLLAMA_ATTENTION", "bogus")
+    with pytest.raises(ValueError, match="expected auto, sdpa"):
+        kernels.use_attention("bogus")
     with pytest.raises(ValueError, match="expected sdpa"):
-        select_backend(q)
+        RuntimeOptions.from_env({"TINYLLAMA_ATTENTION": "bogus"})
 
 
 def test_tinyllama_initialisation():
@@ -176,7 +181,7 @@ def test_fused_kernels_match_the_pytorch_definitions(provider, monkeypatch):
 
     if fused._load(provider) is None:
         pytest.skip(f"{provider} is not installed (or does not import) here")
-    monkeypatch.setenv("TINYLLAMA_FUSED", provider)
+    monkeypatch.setattr(fused, "_wanted_provider", provider)
     assert fused.provider_for(torch.zeros(1, device="cuda")).name == provider
     torch.manual_seed(0)
     x = torch.randn(2, 64, 8, 64, device="cuda", dtype=torch.bfloat16)
@@ -194,7 +199,7 @@ def test_fused_kernels_match_the_pytorch_definitions(provider, monkeypatch):
                 kernels.cross_entropy(logits, targets), kernels.linear_cross_entropy(h, head, targets))
 
     got = ops()
-    monkeypatch.setenv("TINYLLAMA_FUSED", "0")
+    fused.use_provider("off")
     want = ops()
     for a, b in zip(got, want):
         assert (a.float() - b.float()).abs().max().item() < 3e-2

@@ -21,7 +21,7 @@ _NO_ONEDNN = pytest.mark.skipif(not packing.onednn_supports(torch.float32), reas
 def always_packed(request, monkeypatch):
     """Packing decisions come from timing; tests pin them so every group is packed, in each
     layout, and single-linear packs take the few-rows path."""
-    monkeypatch.setenv("TINYLLAMA_PACKING", request.param)
+    monkeypatch.setattr(packing, "_remembered_layout", lambda *a, **k: request.param)   # what auto times
     monkeypatch.setattr(packing, "_rowmajor_few_rows_is_faster", lambda *a, **k: True)
     return request.param
 
@@ -210,15 +210,24 @@ def test_a_corrupt_cache_file_is_timed_over(small_model, fresh_layout_cache, mon
 
 @pytest.mark.parametrize("value, packed", [("none", False), ("transposed", True), (" ", True)])
 def test_the_environment_forces_a_layout(small_model, fresh_layout_cache, monkeypatch, value, packed):
+    """TINYLLAMA_PACKING, read once by a CLI (tinyllama.runtime), reaches the packer as its layout."""
+    from tinyllama.runtime import RuntimeOptions
+
     monkeypatch.setattr(packing, "_fastest_layout", lambda *a, **k: "transposed")   # what auto times
-    monkeypatch.setenv("TINYLLAMA_PACKING", value)
-    assert (packing.pack_for_decoding(small_model) > 0) == packed
+    layout = RuntimeOptions.from_env({"TINYLLAMA_PACKING": value}).packing
+    assert (packing.pack_for_decoding(small_model, layout=layout) > 0) == packed
+    backend = TorchBackend(small_model, runtime=RuntimeOptions(packing=layout))
+    assert (backend.packed_bytes > 0) == packed
+    backend.close()
 
 
 def test_a_bad_packing_setting_is_a_clear_error(small_model, monkeypatch):
-    monkeypatch.setenv("TINYLLAMA_PACKING", "fast")
+    from tinyllama.runtime import RuntimeOptions
+
     with pytest.raises(ValueError, match="TINYLLAMA_PACKING='fast': expected auto, none, transposed or onednn"):
-        packing.pack_for_decoding(small_model)
+        RuntimeOptions.from_env({"TINYLLAMA_PACKING": "fast"})
+    with pytest.raises(ValueError, match="packing 'fast': expected auto, none, transposed or onednn"):
+        packing.pack_for_decoding(small_model, layout="fast")
 
 
 def test_the_timing_compares_every_layout_against_unpacked(small_model, monkeypatch):

@@ -52,7 +52,7 @@ def native(llama2_tokenizer):
 
 @pytest.fixture(scope="module")
 def python_path(llama2_tokenizer):
-    return PieceEncoder(llama2_tokenizer.piece_encoder.rules, llama2_tokenizer.backend, native=False)
+    return PieceEncoder(llama2_tokenizer.piece_encoder.rules, llama2_tokenizer.backend, native="off")
 
 
 def test_native_cuts_exactly_where_the_regex_does(native, python_path):
@@ -178,35 +178,42 @@ def test_native_mode_switch(monkeypatch, tmp_path, llama2_tokenizer):
     monkeypatch.setenv("TINYLLAMA_CACHE", str(tmp_path))       # nothing built here yet
     pieces.library.cache_clear()
     try:
-        monkeypatch.setenv("TINYLLAMA_NATIVE", "0")
-        assert pieces.library() is None
-        assert not Tokenizer.from_dir(llama2_tokenizer.source).piece_encoder.native
+        assert pieces.library("off") is None
+        tok = Tokenizer.from_dir(llama2_tokenizer.source)
+        tok.native_pieces = "off"
+        assert not tok.piece_encoder.native
         pieces.library.cache_clear()
 
         monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
-        monkeypatch.setenv("TINYLLAMA_NATIVE", "1")
-        with pytest.raises(UserError, match="TINYLLAMA_NATIVE=1 but the native piece cache cannot be used"):
-            pieces.library()
+        with pytest.raises(UserError, match=r"--native on \(TINYLLAMA_NATIVE=1\) but the native piece cache cannot be used"):
+            pieces.library("on")
         pieces.library.cache_clear()
 
-        monkeypatch.setenv("TINYLLAMA_NATIVE", "auto")
         with pytest.warns(UserWarning, match="slower Python splitter"):
-            assert pieces.library() is None
+            assert pieces.library("auto") is None
         assert not list(tmp_path.rglob("*.so"))            # nothing half-built left behind
         pieces.library.cache_clear()
 
-        monkeypatch.setenv("TINYLLAMA_NATIVE", "yes")
-        with pytest.raises(UserError, match="expected 0 .off., 1 .required. or auto"):
-            pieces.library()
+        with pytest.raises(UserError, match="native 'yes': expected auto, off, on"):
+            pieces.library("yes")
     finally:
         pieces.library.cache_clear()
+
+
+def test_native_mode_from_the_environment():
+    """TINYLLAMA_NATIVE keeps its spellings (0, 1, auto), read once by the CLI (tinyllama.runtime)."""
+    from tinyllama.runtime import RuntimeOptions
+
+    assert [RuntimeOptions.from_env({"TINYLLAMA_NATIVE": v}).native for v in ("0", "1", "auto", "")] == \
+        ["off", "on", "auto", "auto"]
+    with pytest.raises(UserError, match="expected 0 .off., 1 .required. or auto"):
+        RuntimeOptions.from_env({"TINYLLAMA_NATIVE": "yes"})
 
 
 def test_compiled_once_per_source_version(monkeypatch, tmp_path):
     if not HAS_CC:
         pytest.skip("no C compiler here")
     monkeypatch.setenv("TINYLLAMA_CACHE", str(tmp_path))
-    monkeypatch.delenv("TINYLLAMA_NATIVE", raising=False)
     pieces.library.cache_clear()
     try:
         assert pieces.library() is not None

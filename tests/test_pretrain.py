@@ -38,7 +38,7 @@ def shards(tmp_path_factory):
 def tiny_config(shards, out_dir, **kw):
     base = dict(preset="tinyllama-debug", data=shards, weights={"natural": 0.7, "code": 0.3}, seq_len=32,
                 micro_batch=2, global_batch_tokens=128, max_steps=8, lr=3e-3, min_lr=3e-4, warmup_steps=2,
-                dtype="float32", out_dir=str(out_dir), save_every=2, keep_last=2, eval_every=4, eval_batches=2,
+                dtype="float32", out=str(out_dir), save_every=2, keep_last=2, eval_every=4, eval_batches=2,
                 log_every=1, sample_tokens=0, tensorboard=False, progress=False, seed=5)
     base.update(kw)
     return TrainConfig(**base)
@@ -110,7 +110,7 @@ def test_yaml_and_flags(tmp_path):
 
 
 def test_cli_errors_are_clear(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "pretrain", "--preset", "nope", "--out-dir", str(tmp_path / "o")],
+    r = subprocess.run([sys.executable, "-m", "pretrain", "--preset", "nope", "--out", str(tmp_path / "o")],
                        capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 2 and "preset: unknown preset" in r.stderr and "Traceback" not in r.stderr
     r = subprocess.run([sys.executable, "-m", "pretrain", "--help"], capture_output=True, text=True, cwd=ROOT)

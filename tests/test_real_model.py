@@ -244,7 +244,7 @@ def test_continued_pretraining_starts_from_the_models_own_loss(real_checkpoint, 
         backend.close()
     train(TrainConfig(init_from=str(real_checkpoint), data={"natural": str(real_shards["natural"])},
                       weights={"natural": 1.0}, seq_len=256, micro_batch=2, global_batch_tokens=512, max_steps=1,
-                      lr=1e-5, min_lr=1e-6, warmup_steps=0, dtype="float32", out_dir=str(tmp_path / "run"), save_every=0,
+                      lr=1e-5, min_lr=1e-6, warmup_steps=0, dtype="float32", out=str(tmp_path / "run"), save_every=0,
                       eval_every=0, log_every=1, sample_tokens=0, tensorboard=False, progress=False))
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     first = next(r["loss"] for r in rows if "loss" in r)
@@ -299,7 +299,7 @@ def test_sft_on_the_real_model(real_checkpoint, real_sft_data, tmp_path, method)
         pytest.importorskip("bitsandbytes")
     out = tmp_path / method
     result = run_sft(SFTArgs(base=real_checkpoint, out=out, data=str(real_sft_data), method=method, max_steps=4,
-                             lr=1e-3, batch_size=4, max_len=256, eval_fraction=0.1, progress=False, dtype="float32",
+                             lr=1e-3, batch_size=4, seq_len=256, eval_fraction=0.1, progress=False, dtype="float32",
                              logging_steps=1))
     s = result.summary
     assert s["eval_loss_after"] < s["eval_loss_before"] - 0.1, s

@@ -407,7 +407,7 @@ def test_bad_requests_write_nothing(base_dir, small_data, tmp_path):
         (dict(lora_r=0), SFTError, "--lora-r must be positive"),
         (dict(target_modules=["qkv"]), SFTError, "unknown qkv"),
         (dict(data=str(bad)), DataError, "bad.jsonl:2: invalid JSON"),
-        (dict(max_len=8), SFTError, "no training example fits --max-len 8"),
+        (dict(seq_len=8), SFTError, "no training example fits --seq-len 8"),
         (dict(out=tmp_path / "no" / "such" / "dir"), NotFound, "output folder does not exist"),
     ]
 

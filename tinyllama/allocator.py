@@ -2,6 +2,7 @@
 
     configure_mkl()            # in a CLI, before torch is imported (python -m pretrain, python -m sft)
     retain_freed_memory()      # at the start of training: glibc keeps large freed blocks
+    retain_freed_memory("system")   # --allocator system (TINYLLAMA_ALLOCATOR=system): the C library's defaults
 
 A CPU training step of tinyllama-19m allocates several 65 MB tensors (the (8, 256, 32000)
 logits, their log-softmax and gradients). glibc serves any block over 32 MB with mmap and
@@ -34,11 +35,11 @@ def configure_mkl() -> None:
     os.environ.setdefault("MKL_DISABLE_FAST_MM", "1")
 
 
-def retain_freed_memory() -> bool:
+def retain_freed_memory(allocator: str = "retain") -> bool:
     """Tells glibc to serve large blocks from the heap (no mmap) and to keep up to RETAIN_BYTES
     of freed memory instead of trimming it. Returns whether it applied: only on glibc, and not
-    when TINYLLAMA_ALLOCATOR=system asks for the C library's defaults."""
-    if os.environ.get("TINYLLAMA_ALLOCATOR", "").strip().lower() == "system":
+    when `allocator` is "system" (tinyllama.runtime: the C library's defaults)."""
+    if allocator == "system":
         return False
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return False

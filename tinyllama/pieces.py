@@ -15,12 +15,12 @@ Two implementations of the same rule and cache:
   use into ~/.cache/tinyllama/native/ and loaded with ctypes): pieces cut, looked up and, when
   new, run through BPE in C (the `tokenizers` crate's merge loop, on the model's own merges),
   no Python object per piece or token;
-- Python (a regex, a dict, the Rust BPE model): where no C compiler is found, with
-  TINYLLAMA_NATIVE=0, and for the texts the C code declines (a character only <unk> can
-  stand for, a text of 2 GiB or more).
+- Python (a regex, a dict, the Rust BPE model): where no C compiler is found, with native
+  "off" (--native off, TINYLLAMA_NATIVE=0), and for the texts the C code declines (a character
+  only <unk> can stand for, a text of 2 GiB or more).
 Both give ids identical to `Tokenizer.encode` (tested on llama.cpp's vectors, real code and
-random text; cut for cut and piece for piece against each other and the Rust model). TINYLLAMA_NATIVE=1 makes a failed build an
-error instead of a fallback.
+random text; cut for cut and piece for piece against each other and the Rust model). Native
+"on" (TINYLLAMA_NATIVE=1) makes a failed build an error instead of a fallback.
 """
 
 from __future__ import annotations
@@ -148,13 +148,14 @@ def normalize(text: str) -> str:
 class PieceEncoder:
     """Texts to packed uint16 ids through the piece rule and cache; native when it builds."""
 
-    def __init__(self, rules: SplitRules, backend: HFTokenizer, native: bool = True) -> None:
-        """native=False: the Python implementation even where the C one builds (benchmarks)."""
+    def __init__(self, rules: SplitRules, backend: HFTokenizer, native: str = "auto") -> None:
+        """native: auto (C where it builds), off (the Python implementation even where the C one
+        builds: benchmarks) or on (an error where it does not build)."""
         self.rules = rules
         self._tokenize = backend.model.tokenize
         self._words = rules.regex
         self._cache: dict[str, bytes] = {}      # Python path: piece -> its ids as uint16 LE bytes
-        self._native = _NativeCache.create(rules, backend) if native else None
+        self._native = _NativeCache.create(rules, backend, native)
 
     @property
     def native(self) -> bool:
@@ -230,14 +231,14 @@ class _NativeCache:
             raise MemoryError("piece cache: out of memory")
 
     @classmethod
-    def create(cls, rules: SplitRules, backend: HFTokenizer) -> "_NativeCache | None":
-        """The native cache, or None where it does not build or cannot be this tokenizer's
-        BPE (options piece_cache.c does not implement)."""
+    def create(cls, rules: SplitRules, backend: HFTokenizer, mode: str = "auto") -> "_NativeCache | None":
+        """The native cache, or None where it does not build, `mode` is off, or it cannot be this
+        tokenizer's BPE (options piece_cache.c does not implement)."""
         m = backend.model
         if sys.byteorder != "little" or m.ignore_merges or m.dropout or m.continuing_subword_prefix \
                 or m.end_of_word_suffix:
             return None
-        lib = library()
+        lib = library(mode)
         if lib is None:
             return None
         return cls(lib, rules, json.loads(backend.to_str())["model"])
@@ -314,28 +315,25 @@ def _model_tables(model: dict) -> tuple[np.ndarray, ...]:
     return chars, char_lens, char_ids, byte_ids, np.array(triples, dtype=np.int32).reshape(-1, 3)
 
 
-def native_mode() -> str:
-    mode = os.environ.get("TINYLLAMA_NATIVE", "auto").strip().lower() or "auto"
-    if mode not in ("0", "1", "auto"):
-        raise UserError(f"TINYLLAMA_NATIVE={mode!r}: expected 0 (off), 1 (required) or auto")
-    return mode
+NATIVE_MODES = ("auto", "off", "on")
 
 
 @lru_cache(maxsize=None)
-def library() -> ctypes.CDLL | None:
+def library(mode: str = "auto") -> ctypes.CDLL | None:
     """piece_cache.c, compiled once per source version and machine type into the cache
-    folder, loaded with ctypes; None (with a warning) where it cannot be built, or when
-    TINYLLAMA_NATIVE=0."""
-    mode = native_mode()
-    if mode == "0":
+    folder, loaded with ctypes; None when `mode` is off, or (with a warning) where it cannot be
+    built and `mode` is auto; an error then when it is on."""
+    if mode not in NATIVE_MODES:
+        raise UserError(f"native {mode!r}: expected {', '.join(NATIVE_MODES)}")
+    if mode == "off":
         return None
     try:
         return _declare(ctypes.CDLL(str(_built())))
     except (OSError, subprocess.SubprocessError) as e:
-        if mode == "1":
-            raise UserError(f"TINYLLAMA_NATIVE=1 but the native piece cache cannot be used: {e}") from None
-        warnings.warn(f"native piece cache unavailable ({e}); data preparation uses the slower "
-                      "Python splitter (set CC to a C compiler, or TINYLLAMA_NATIVE=0 to silence this)", stacklevel=2)
+        if mode == "on":
+            raise UserError(f"--native on (TINYLLAMA_NATIVE=1) but the native piece cache cannot be used: {e}") from None
+        warnings.warn(f"native piece cache unavailable ({e}); data preparation uses the slower Python splitter "
+                      "(set CC to a C compiler, or --native off / TINYLLAMA_NATIVE=0 to silence this)", stacklevel=2)
         return None
 
 

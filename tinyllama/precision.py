@@ -26,12 +26,13 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from tinyllama.cli import DTYPE_NAMES
 from tinyllama.model.config import ModelConfig
 from tinyllama.errors import UserError
 from tinyllama.measure import DecisionCache, cpu_identity, median_seconds
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-DTYPE_CHOICES = ("auto", "float32", "bfloat16")     # what the CLIs offer
+DTYPE_CHOICES = DTYPE_NAMES                          # what the CLIs offer: auto and DTYPES' names
 WORKS = ("train", "decode")
 # bf16 must cut the matmul time by this much: autocast adds casts (training), and a near-tie
 # is not worth bf16's lost precision: in decoding it also changes greedy outputs. The decode

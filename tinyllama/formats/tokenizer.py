@@ -77,6 +77,9 @@ class Tokenizer:
         self.chat_template = chat_template
         self.stop_ids = tuple(dict.fromkeys([eos_id, *stop_ids]))      # EOS first, no repeats
         self.source = source
+        # whether encode_packed's piece cache is the C one: auto, off or on (tinyllama.runtime's
+        # native; data preparation sets it before the piece encoder is built)
+        self.native_pieces = "auto"
 
     # ---- constructors ------------------------------------------------------------------
     @classmethod
@@ -214,7 +217,7 @@ class Tokenizer:
         vocabulary is not of the kind its cuts are proven for. Built on first use (~0.2 s):
         data preparation builds it before its workers fork, so they share it."""
         rules = split_rules(self.backend)
-        return PieceEncoder(rules, self.backend) if rules is not None else None
+        return PieceEncoder(rules, self.backend, native=self.native_pieces) if rules is not None else None
 
     def clear_piece_cache(self) -> None:
         """Forgets encode_packed's cached pieces (a cold start, for benchmarks)."""

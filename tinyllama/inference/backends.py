@@ -27,7 +27,9 @@ from tinyllama.inference.graphs import StaticDecoder
 from tinyllama.formats.hub import ModelRef, resolve_model
 from tinyllama.model.model import Llama
 from tinyllama.inference.packing import pack_for_decoding, unpack
+from tinyllama.model.kernels import use_kernels
 from tinyllama.formats.tokenizer import Tokenizer
+from tinyllama.runtime import RuntimeOptions
 
 
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -81,20 +83,21 @@ def check_context(context: Sequence[int], n_last: int, context_length: int, name
 MAX_GRAPH_TOKENS = 16          # a decode step, or a verification of up to 15 drafted tokens
 
 
-def use_cuda_graphs(model: Llama) -> bool:
-    """Whether a TorchBackend decodes `model` through captured CUDA graphs: on CUDA, unless
-    TINYLLAMA_CUDA_GRAPHS=0."""
-    return model.lm_head.weight.is_cuda and os.environ.get("TINYLLAMA_CUDA_GRAPHS", "1") != "0"
+def use_cuda_graphs(model: Llama, allowed: bool = True) -> bool:
+    """Whether a TorchBackend decodes `model` through captured CUDA graphs: on CUDA, unless not
+    `allowed` (--no-cuda-graphs, TINYLLAMA_CUDA_GRAPHS=0)."""
+    return model.lm_head.weight.is_cuda and allowed
 
 
 class TorchBackend(Backend):
     """Our Llama with its positional KV cache (batch 1)."""
 
     def __init__(self, model: Llama, tokenizer: Tokenizer | None = None, name: str = "model",
-                 precision: str | None = None, pack: bool = True) -> None:
+                 precision: str | None = None, pack: bool = True, runtime: RuntimeOptions = RuntimeOptions()) -> None:
         """pack: install the CPU decode fast path (tinyllama.inference.packing, timed once per model shape;
         removed again by close()). generate() on a bare model passes False: a model being
-        trained or previewed is not given inference-only copies."""
+        trained or previewed is not given inference-only copies. runtime: its packing layout
+        and whether CUDA graphs are used."""
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.name = name
@@ -105,10 +108,10 @@ class TorchBackend(Backend):
         self._fingerprint: str | None = None
         # fused q/k/v, gate/up, o, down and lm_head copies in the layout (transposed or oneDNN)
         # that decodes fastest here (tinyllama/inference/packing.py); dropped again by close()
-        self.packed_bytes = pack_for_decoding(self.model) if pack else 0
+        self.packed_bytes = pack_for_decoding(self.model, layout=runtime.packing) if pack else 0
         # on CUDA: decode and verification steps replayed as CUDA graphs over a cache of the
         # whole context (tinyllama.inference.graphs); eager steps would leave the GPU waiting on the host
-        self.graphs = StaticDecoder(model, self.context_length) if use_cuda_graphs(model) else None
+        self.graphs = StaticDecoder(model, self.context_length) if use_cuda_graphs(model, runtime.cuda_graphs) else None
 
     def logits(self, context: Sequence[int], n_last: int = 1) -> torch.Tensor:
         check_context(context, n_last, self.context_length, self.name)
@@ -329,7 +332,8 @@ def _llama_cpp_offloads() -> bool:
 
 def load_backend(model: str | os.PathLike | ModelRef, device: str | torch.device | None = "auto",
                  dtype: str | torch.dtype | None = "auto", n_ctx: int = 2048, n_gpu_layers: int | None = None,
-                 revision: str | None = None, flag: str = "--model") -> tuple[Backend, Tokenizer]:
+                 revision: str | None = None, flag: str = "--model",
+                 runtime: RuntimeOptions = RuntimeOptions()) -> tuple[Backend, Tokenizer]:
     """A model reference (tinyllama.formats.hub: a checkpoint directory or .gguf file, or a hub id, a hub
     GGUF as org/name:QUANT) loaded in PyTorch (directories) or llama.cpp (GGUFs), with its
     tokenizer: the directory's own, or for a GGUF the file's (GGUFBackend.tokenizer).
@@ -341,7 +345,10 @@ def load_backend(model: str | os.PathLike | ModelRef, device: str | torch.device
 
     device (tinyllama.devices): auto, cpu, cuda or cuda:N. A directory's model goes there; for a
     GGUF it decides `n_gpu_layers` unless that is given (auto: all, where llama.cpp's build can
-    offload)."""
+    offload).
+
+    runtime (tinyllama.runtime): the attention and fused kernels (made the process's choice
+    here), CPU packing and CUDA graphs of a PyTorch model."""
     from tinyllama.formats.checkpoint import load_checkpoint, load_config
     from tinyllama.precision import choose_dtype
 
@@ -350,7 +357,8 @@ def load_backend(model: str | os.PathLike | ModelRef, device: str | torch.device
         device = resolve_device(device)
         choice = None if dtype is None else choose_dtype(dtype, device, load_config(ref.path), work="decode")
         model, tok = load_checkpoint(ref.path, device=device, dtype=choice.dtype if choice else None)
-        backend = TorchBackend(model, tok, name=ref.name, precision=str(choice) if choice else None)
+        use_kernels(runtime)
+        backend = TorchBackend(model, tok, name=ref.name, precision=str(choice) if choice else None, runtime=runtime)
         backend.path = ref.path
         return backend, tok
     reader = open_gguf(ref.path)                       # parsed once, for both

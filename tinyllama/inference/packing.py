@@ -36,7 +36,6 @@ packing, at least 512 MiB; groups past it run unpacked).
 from __future__ import annotations
 
 import math
-import os
 import sys
 import time
 from collections.abc import Sequence
@@ -217,11 +216,12 @@ def _plan(model: nn.Module) -> list[tuple[nn.Module, tuple[str, ...], nn.Module]
     return [g for g in groups if _packable(g[0], g[1])]
 
 
-def pack_for_decoding(model: nn.Module, max_bytes: int | None = None) -> int:
+def pack_for_decoding(model: nn.Module, max_bytes: int | None = None, layout: str = "auto") -> int:
     """Packs the packable groups of `model` in the layout that decodes fastest here (timed once
     per model shape, dtype and thread count), within `max_bytes` of copies (default: a quarter
     of the available memory, at least MIN_PACK_BUDGET); returns the bytes packed (0: nothing
-    packed, the model runs as before)."""
+    packed, the model runs as before). layout: auto (timed), none, transposed or onednn
+    (tinyllama.runtime's packing: --packing, TINYLLAMA_PACKING)."""
     unpack(model)
     ref = next(model.parameters(), None)
     if ref is None or ref.device.type != "cpu":
@@ -232,7 +232,7 @@ def pack_for_decoding(model: nn.Module, max_bytes: int | None = None) -> int:
     budget = default_pack_budget() if max_bytes is None else max_bytes
     # what one forward reads: the few-rows timings flush this much so weights start cold
     model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    layout = forced_layout(ref.dtype)
+    layout = forced_layout(ref.dtype, layout)
     if layout == "auto":
         layout = _remembered_layout(model, plan, budget, model_bytes)
     if layout is None:
@@ -240,13 +240,12 @@ def pack_for_decoding(model: nn.Module, max_bytes: int | None = None) -> int:
     return _pack(plan, layout, budget, flush_bytes=model_bytes)
 
 
-def forced_layout(dtype: torch.dtype) -> str | None:
-    """TINYLLAMA_PACKING: auto (default: timed), none, transposed or onednn."""
-    value = os.environ.get("TINYLLAMA_PACKING", "auto").strip().lower() or "auto"
+def forced_layout(dtype: torch.dtype, value: str = "auto") -> str | None:
+    """`value` checked: auto (timed), None for none, or the layout asked for."""
     if value not in ("auto", "none", *LAYOUTS):
-        raise UserError(f"TINYLLAMA_PACKING={value!r}: expected auto, none, {' or '.join(LAYOUTS)}")
+        raise UserError(f"packing {value!r}: expected auto, none, {' or '.join(LAYOUTS)}")
     if value == "onednn" and not onednn_supports(dtype):
-        raise UserError(f"TINYLLAMA_PACKING=onednn: oneDNN does not run {dtype} here "
+        raise UserError(f"packing onednn (--packing, TINYLLAMA_PACKING): oneDNN does not run {dtype} here "
                          "(torch without mkldnn, or a CPU without that dtype's instructions)")
     return None if value == "none" else value
 

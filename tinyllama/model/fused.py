@@ -4,9 +4,11 @@ never materialises the (N, vocab) logits) or flash-attn's Triton ops (RMSNorm, R
 cross-entropy). tinyllama.model.kernels asks `provider_for(tensor)` before each op and falls back to
 its PyTorch definitions (which define the numbers) when it returns None.
 
-    TINYLLAMA_FUSED unset or 1   liger-kernel if it works here, else flash-attn's ops, else none
-    TINYLLAMA_FUSED=liger|flash  that one (an error naming the problem if it cannot run)
-    TINYLLAMA_FUSED=0            none
+    use_provider("auto")           liger-kernel if it works here, else flash-attn's ops, else none
+    use_provider("liger"|"flash")  that one (an error naming the problem if it cannot run)
+    use_provider("off")            none
+
+CLIs make the choice from --fused or TINYLLAMA_FUSED (0, 1, liger, flash: tinyllama.runtime).
 
 "Works" is checked, not assumed: a provider's kernels run once on small tensors of the device
 they will serve and are compared with the PyTorch definitions (a wheel built for another
@@ -16,7 +18,6 @@ mid-training). Only CUDA tensors go to a provider.
 
 from __future__ import annotations
 
-import os
 import warnings
 
 import torch
@@ -101,11 +102,20 @@ def _load(name: str):
     return _loaded[name]
 
 
+PROVIDER_CHOICES = ("auto", "off", *_PROVIDERS)
+# The process's choice, as torch.backends' flags are: asked per op inside the model's forward.
+_wanted_provider = "auto"
+
+
+def use_provider(choice: str = "auto") -> None:
+    global _wanted_provider
+    if choice not in PROVIDER_CHOICES:
+        raise UserError(f"fused {choice!r}: expected {', '.join(PROVIDER_CHOICES)}")
+    _wanted_provider = choice
+
+
 def _wanted() -> str:
-    value = os.environ.get("TINYLLAMA_FUSED", "1").strip().lower()
-    if value not in ("0", "1", "liger", "flash"):
-        raise UserError(f"TINYLLAMA_FUSED={value!r}: expected 0, 1, liger or flash")
-    return value
+    return _wanted_provider
 
 
 def _serves(t: torch.Tensor) -> bool:
@@ -115,7 +125,7 @@ def _serves(t: torch.Tensor) -> bool:
 
 def may_run(t: torch.Tensor) -> bool:
     """Whether a provider could serve ops on `t`'s device (without running its check)."""
-    return _serves(t) and _wanted() != "0" and any(_load(name) is not None for name in _PROVIDERS)
+    return _serves(t) and _wanted() != "off" and any(_load(name) is not None for name in _PROVIDERS)
 
 
 def provider_for(t: torch.Tensor):
@@ -124,15 +134,16 @@ def provider_for(t: torch.Tensor):
     if not _serves(t):
         return None
     wanted = _wanted()
-    if wanted == "0":
+    if wanted == "off":
         return None
     for name in ((wanted,) if wanted in _PROVIDERS else tuple(_PROVIDERS)):
         ops = _load(name)
         if ops is not None and works(ops, t.device):
             return ops
         if wanted == name:
-            raise RuntimeError(f"TINYLLAMA_FUSED={name}: {'it does not import' if ops is None else 'its kernels failed their check'} "
-                               f"on {t.device}; install a build for this torch/CUDA or unset TINYLLAMA_FUSED")
+            raise RuntimeError(f"fused {name} (--fused, TINYLLAMA_FUSED): "
+                               f"{'it does not import' if ops is None else 'its kernels failed their check'} "
+                               f"on {t.device}; install a build for this torch/CUDA or choose auto")
     return None
 
 

@@ -11,19 +11,19 @@ verification (1 < T < S). Grouped-query attention (H a multiple of Hkv) never ma
 repeated K/V on the backends that support it.
 
 Order: flash-attn 2 (`flash_attn_func`, CUDA, fp16/bf16) > xformers memory-efficient
-attention (CUDA) > torch `scaled_dot_product_attention`. `TINYLLAMA_ATTENTION=sdpa|flash|xformers`
-forces one (an error if it cannot run). `reference_attention` (tinyllama.model.definitions,
+attention (CUDA) > torch `scaled_dot_product_attention`. `use_attention("sdpa"|"flash"|"xformers")`
+forces one (an error if it cannot run); CLIs call it from --attention or TINYLLAMA_ATTENTION
+(tinyllama.runtime). `reference_attention` (tinyllama.model.definitions,
 re-exported here) is the plain-math definition that the tests hold every backend to.
 
 RMSNorm, rotary embeddings, SwiGLU and cross-entropy (also fused with the LM head) use Triton
 kernels on CUDA, liger-kernel's or flash-attn's, whichever is installed and passes its check
-(tinyllama.model.fused; `TINYLLAMA_FUSED=0` turns them off), else the PyTorch definitions
+(tinyllama.model.fused; `fused.use_provider("off")` turns them off), else the PyTorch definitions
 (tinyllama.model.definitions); a GPU-marked test holds the fused versions to them.
 """
 
 from __future__ import annotations
 
-import os
 import warnings
 
 import torch
@@ -38,6 +38,7 @@ from tinyllama.model.definitions import (  # noqa: F401  (re-exported: the defin
     reference_rms_norm,
 )
 from tinyllama.errors import UserError
+from tinyllama.runtime import RuntimeOptions
 
 try:  # optional GPU extra
     from flash_attn import flash_attn_func as _flash_attn_func
@@ -61,17 +62,37 @@ def available_backends() -> list[str]:
     return out
 
 
+ATTENTION_CHOICES = ("auto", "sdpa", "flash", "xformers")
+# The process's choice, as torch.backends' flags are: read per call deep inside the model's
+# forward, where an argument would have to pass through every module of the model definition.
+_attention = "auto"
+
+
+def use_attention(choice: str = "auto") -> None:
+    """auto picks per call by what runs here; a backend's name forces it."""
+    global _attention
+    if choice not in ATTENTION_CHOICES:
+        raise UserError(f"attention {choice!r}: expected {', '.join(ATTENTION_CHOICES)}")
+    _attention = choice
+
+
+def use_kernels(runtime: RuntimeOptions) -> None:
+    """Makes runtime's attention and fused-kernel choices the process's (where a model is loaded
+    for inference or training)."""
+    use_attention(runtime.attention)
+    fused.use_provider(runtime.fused)
+
+
 def select_backend(q: torch.Tensor) -> str:
-    forced = os.environ.get("TINYLLAMA_ATTENTION", "").strip().lower()
+    forced = _attention
     on_gpu = fused._serves(q)
-    if forced:
-        if forced not in ("sdpa", "flash", "xformers"):
-            raise UserError(f"TINYLLAMA_ATTENTION={forced!r}: expected sdpa, flash or xformers")
+    if forced != "auto":
         if forced == "flash" and (_flash_attn_func is None or not on_gpu or q.dtype not in _HALF):
-            raise RuntimeError("TINYLLAMA_ATTENTION=flash needs flash-attn installed and fp16/bf16 CUDA tensors")
+            raise RuntimeError("attention flash (--attention, TINYLLAMA_ATTENTION) needs flash-attn installed and "
+                               "fp16/bf16 CUDA tensors")
         if forced == "xformers" and not (on_gpu and _xformers_works(q.device)):
-            raise RuntimeError("TINYLLAMA_ATTENTION=xformers needs xformers installed with its CUDA ops built for "
-                               "this torch (python -m xformers.info) and CUDA tensors")
+            raise RuntimeError("attention xformers (--attention, TINYLLAMA_ATTENTION) needs xformers installed with "
+                               "its CUDA ops built for this torch (python -m xformers.info) and CUDA tensors")
         return forced
     if on_gpu and q.dtype in _HALF and _flash_attn_func is not None:
         return "flash"
