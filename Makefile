@@ -143,7 +143,8 @@ serve: setup
 	$(PY) -m serve --model $(MODEL) $(if $(DRAFT),--draft $(DRAFT)) $(SERVE_ARGS)
 
 # Offline, TinyLlama's seven hub tasks cannot be downloaded: the default is the shipped local
-# task; EVAL_TASKS="hellaswag openbookqa winogrande arc_challenge arc_easy boolq piqa" where online.
+# task; EVAL_TASKS=hellaswag,openbookqa,winogrande,arc_challenge,arc_easy,boolq,piqa where online
+# (lm-eval's comma list; space-separated names work too).
 EVAL_TASKS ?= python_builtins_mc
 eval: setup
 	HF_HUB_OFFLINE=$${HF_HUB_OFFLINE:-1} HF_DATASETS_OFFLINE=$${HF_DATASETS_OFFLINE:-1} $(PY) -m evaluation \

@@ -70,7 +70,7 @@ def fused_provider(device) -> str | None:
         from tinyllama.model import fused
 
         ops = fused.provider_for(torch.zeros(1, device=device))
-    except Exception as e:         # TINYLLAMA_FUSED forcing one that cannot run here
+    except Exception as e:         # --fused / TINYLLAMA_FUSED forcing one that cannot run here
         return f"error: {error_text(e, 200)}"
     return ops.name if ops is not None else None
 

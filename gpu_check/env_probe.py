@@ -121,6 +121,10 @@ def optional_libraries() -> dict:
 
 
 def main() -> None:
+    from tinyllama.model.kernels import use_kernels
+    from tinyllama.runtime import RuntimeOptions
+
+    use_kernels(RuntimeOptions.from_env())          # TINYLLAMA_ATTENTION / _FUSED, as every CLI reads them
     device = device_name()
     record = {"device_type": device, **versions()}
     if device == "cuda":

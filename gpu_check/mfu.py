@@ -118,8 +118,9 @@ def build(name: str, args, device: torch.device, dtype: torch.dtype) -> Variant:
     elif name == "unfused":
         from tinyllama.model import fused
 
+        before = fused._wanted()
         fused.use_provider("off")                        # the process's choice, asked at every op
-        variant.close.append(lambda: fused.use_provider("auto"))
+        variant.close.append(lambda: fused.use_provider(before))
     elif name == "compile":
         variant.loss = torch.compile(loss_fn)
     elif name == "compile-blocks":
@@ -260,7 +261,11 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> None:
+    from tinyllama.model.kernels import use_kernels
+    from tinyllama.runtime import RuntimeOptions
+
     args = parse_args(argv)
+    use_kernels(RuntimeOptions.from_env())          # TINYLLAMA_ATTENTION / _FUSED, as every CLI reads them
     device = torch.device(device_name())
     for name in args.variants:
         stage = STAGE_OF.get(name, "mfu")

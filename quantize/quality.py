@@ -40,7 +40,7 @@ def windows(n_tokens: int, ctx: int, chunks: int) -> int:
     n = min(chunks, n_tokens // ctx)
     if n_tokens < 2 * ctx:
         raise QuantizeError(f"the evaluation text has {n_tokens} tokens; llama-perplexity needs at least "
-                            f"{2 * ctx} for a context of {ctx} (give longer --calibration text or a smaller --ctx)")
+                            f"{2 * ctx} for a context of {ctx} (give longer --calibration text or a smaller --ctx-size)")
     return n
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import importlib.util
 import logging
 import shutil
 import tempfile
@@ -89,7 +90,7 @@ class SFTArgs:
         group=_OPT))
     batch_size: int = field(default=8, metadata=flag("examples per micro-batch", group=_OPT))
     grad_accum: int = field(default=1, metadata=flag("micro-batches per step", group=_OPT))
-    seq_len: int = field(default=512, metadata=flag("tokens per example (was --max-len)", group=_OPT))
+    seq_len: int = field(default=512, metadata=flag("tokens per example", group=_OPT))
     packing: bool = field(default=False, metadata=flag(
         "pack examples into --seq-len rows (padding-free; examples never attend to each other)", group=_OPT))
     group_by_length: bool = field(default=True, metadata=flag(
@@ -165,6 +166,9 @@ def _check(args: SFTArgs) -> ModelRef:
         raise SFTError(f"--dtype {args.dtype!r}: expected one of {', '.join(DTYPE_CHOICES)}")
     if args.report_to not in REPORT_TO:
         raise SFTError(f"--report-to {args.report_to!r}: expected one of {', '.join(REPORT_TO)}")
+    if args.report_to != "none" and importlib.util.find_spec(args.report_to) is None:
+        # the trainer would fail on it only after the model has loaded
+        raise SFTError(f"--report-to {args.report_to}: {args.report_to} is not installed (pip install {args.report_to})")
     _device(args.device, args.dtype)              # no GPU, or float16 on a CPU: said now, not after the imports
     check_output_dir(args.out, "--out")
     return ref

@@ -19,13 +19,14 @@ from tinyllama.runtime import INFERENCE, RuntimeOptions
 
 ROOT = Path(__file__).resolve().parents[1]
 
+ALL = {"revision", "chat_template", "device", "dtype", "ctx_size", "n_gpu_layers", "runtime"}
 # module holding build_parser(), the flag naming the model, the model flags it offers
 MODEL_CLIS = [
-    ("serve.__main__", "--model", {"revision", "chat_template", "device", "dtype", "ctx_size", "n_gpu_layers", "runtime"}),
-    ("serve.complete", "--model", {"revision", "chat_template", "device", "dtype", "ctx_size", "n_gpu_layers", "runtime"}),
-    ("demo.__main__", "--model", {"revision", "chat_template", "device", "dtype", "ctx_size", "n_gpu_layers", "runtime"}),
-    ("evaluation.__main__", "--model", {"device", "dtype", "ctx_size", "n_gpu_layers", "runtime"}),
-    ("sft.distill", "--teacher", {"revision", "chat_template", "device", "dtype", "ctx_size", "n_gpu_layers", "runtime"}),
+    ("serve.__main__", "--model", ALL),
+    ("serve.complete", "--model", ALL),
+    ("demo.__main__", "--model", ALL),
+    ("evaluation.__main__", "--model", ALL - {"revision", "chat_template"}),     # org/name@REV; no chat
+    ("sft.distill", "--teacher", ALL),
     ("quantize.__main__", "--model", {"revision"}),
 ]
 EXTRA = {"serve.complete": ["--prompt", "hi"], "sft.distill": ["--out", "x.jsonl"], "quantize.__main__": ["--out", "g"]}
@@ -272,3 +273,15 @@ def test_report_to_defaults_to_none_on_the_command_line():
 
     assert build_parser().parse_args(["--base", "b", "--out", "o"]).report_to == "none"
     assert build_parser().parse_args(["--base", "b", "--out", "o", "--report-to", "wandb"]).report_to == "wandb"
+
+
+def test_report_to_a_logger_that_is_not_installed_is_said_before_training(tiny_chat_checkpoint, tmp_path, monkeypatch):
+    import importlib.util
+
+    from sft import train
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    args = train.SFTArgs(base=str(tiny_chat_checkpoint), out=str(tmp_path / "o"), report_to="wandb")
+    with pytest.raises(train.SFTError, match=r"--report-to wandb: wandb is not installed \(pip install wandb\)"):
+        train._check(args)

@@ -105,7 +105,7 @@ def test_a_backend_through_the_static_decoder_generates_what_the_eager_one_does(
     plain = backends.TorchBackend(model, pack=False)
     want = list(generate(plain, ids, SamplingParams(max_new_tokens=12, temperature=0)))
     plain.close()
-    monkeypatch.setattr(backends, "use_cuda_graphs", lambda m: True)
+    monkeypatch.setattr(backends, "use_cuda_graphs", lambda m, allowed=True: allowed)
     static = backends.TorchBackend(model, pack=False)
     assert static.graphs is not None
     assert list(generate(static, ids, SamplingParams(max_new_tokens=12, temperature=0))) == want

@@ -56,7 +56,8 @@ def test_cli_options_are_checked(tmp_path, capsys):
                           (["--models-dir", str(tmp_path)], "no *.gguf files or checkpoint folders"),
                           (["--models-dir", str(tmp_path), "--draft", "d"], "--draft needs --model"),
                           (["--model", "x", "--max-body-bytes", "0"], "--max-body-bytes must be >= 1"),
-                          (["--model", "x", "--n-ctx", "0"], "--n-ctx must be >= 1")]:
+                          (["--model", "x", "--ctx-size", "0"], "--ctx-size must be >= 1"),
+                          (["--model", "x", "--n-ctx", "0"], "--ctx-size must be >= 1")]:
         with pytest.raises(SystemExit) as e:
             main(argv)
         assert e.value.code == 2 and message in capsys.readouterr().err

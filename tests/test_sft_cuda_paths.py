@@ -107,11 +107,23 @@ def test_trainer_config_under_transformers_517(monkeypatch, tmp_path, method, de
 
     monkeypatch.setattr(trl, "SFTConfig", sftconfig_like_transformers_517())
     args = SFTArgs(base="unused", out=tmp_path / "out", method=method)
-    config = train._trainer_config(args, tmp_path, device, bf16=True, has_eval=False)
+    config = train._trainer_config(args, tmp_path, device, torch.bfloat16, has_eval=False)
     assert not hasattr(config, "activation_checkpointing")
     assert config.gradient_checkpointing is checkpointing
     assert config.gradient_checkpointing_kwargs == {"use_reentrant": False}
-    assert config.optim == optim and config.bf16 is True
+    assert config.optim == optim and config.bf16 is True and config.fp16 is False
+
+
+@pytest.mark.parametrize("report_to, want", [("none", []), ("tensorboard", ["tensorboard"]), ("wandb", ["wandb"])])
+def test_float16_on_cuda_is_the_trainer_s_fp16(monkeypatch, tmp_path, report_to, want):
+    """--dtype float16 on a GPU without bf16: the trainer's fp16 (autocast + gradient scaler),
+    and --report-to as trl's report_to."""
+    import trl
+
+    monkeypatch.setattr(trl, "SFTConfig", sftconfig_like_transformers_517())
+    args = SFTArgs(base="unused", out=tmp_path / "out", method="lora", dtype="float16", report_to=report_to)
+    config = train._trainer_config(args, tmp_path, "cuda", torch.float16, has_eval=False)
+    assert config.fp16 is True and config.bf16 is False and config.report_to == want
 
 
 # ---- weights' dtype and optimiser --------------------------------------------------------------

