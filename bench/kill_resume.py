@@ -63,7 +63,7 @@ def make_shards(work: Path) -> dict[str, str]:
     import json as json_pkg
     from pydoc_data.topics import topics
 
-    from pretrain.prepare import PrepareConfig, prepare
+    from prepare.prepare import PrepareConfig, prepare
 
     work.mkdir(parents=True, exist_ok=True)
     natural = work / "natural.jsonl"

@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--num-fewshot", type=int, default=None, help="(default: each task's own; 0 for these)")
     ap.add_argument("--limit", type=int, default=None, help="at most this many examples per task")
     ap.add_argument("--perplexity", nargs="*", default=[], metavar="SHARDS",
-                    help="token-shard directories (pretrain.prepare) to report validation perplexity on")
+                    help="token-shard directories (prepare) to report validation perplexity on")
     ap.add_argument("--seq-len", type=int, default=256, help="perplexity block length (default: %(default)s)")
     ap.add_argument("--out", type=Path, default=None, help="also write the results as JSON here")
     ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],

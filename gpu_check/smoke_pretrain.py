@@ -1,7 +1,7 @@
 """Stage `smoke`: the real `python -m pretrain` on the GPU, end to end, then a resume.
 
 Shards from texts that ship with Python (pydoc's topics as natural text, the asyncio package as
-code, through pretrain.prepare), then tinyllama-19m for 6 steps with bf16 autocast, evaluation,
+code, through prepare), then tinyllama-19m for 6 steps with bf16 autocast, evaluation,
 the sharded training state and HF checkpoint saved every 3 steps and the final samples generated
 on the GPU; then the same command to 9 steps, which must resume from step 6. Records per run:
 exit status, seconds, whether it resumed, the last metrics rows (loss, tokens/s, MFU, memory),
@@ -30,7 +30,7 @@ def shards(work: Path) -> dict[str, str]:
     import asyncio as code_package
     from pydoc_data.topics import topics
 
-    from pretrain.prepare import PrepareConfig, prepare
+    from prepare.prepare import PrepareConfig, prepare
 
     natural = work / "natural.jsonl"
     natural.write_text("".join(json.dumps({"text": t}) + "\n" for _, t in sorted(topics.items())))

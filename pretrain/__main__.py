@@ -33,7 +33,7 @@ _HELP = {
     "init_from": "continue pretraining from a Llama checkpoint: an HF-format directory or a hub id (org/name, "
                  "org/name@REVISION, e.g. one of TinyLlama's intermediate checkpoints); new optimizer state, the "
                  "schedule from step 0; given as a flag it replaces the config file's preset",
-    "data": "sources as NAME=SHARD_DIR ... (from python -m pretrain.prepare)",
+    "data": "sources as NAME=SHARD_DIR ... (from python -m prepare)",
     "weights": "mixture weights as NAME=WEIGHT ...",
     "global_batch_tokens": "tokens per optimizer step, across ranks and accumulation",
     "max_steps": "optimizer steps (default: max_tokens / global_batch_tokens)",

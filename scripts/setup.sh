@@ -12,7 +12,7 @@
 # llama-cpp-python sdist carries (no model hub needed).
 #
 # Usage: scripts/setup.sh            (make setup calls it; it is idempotent)
-# Env:   PYTHON=python3  VENV=.venv  TORCH_SPEC=torch==2.13.0  EXTRAS=dev,train,sft,gguf,serve,demo,eval
+# Env:   PYTHON=python3  VENV=.venv  TORCH_SPEC=torch==2.13.0  EXTRAS=dev,prepare,train,sft,gguf,serve,demo,eval
 #        TINYLLAMA_CACHE=~/.cache/tinyllama  LLAMA_CPP_VERSION=0.3.36
 #        CMAKE_ARGS=...  (llama-cpp-python's own: added after the flags chosen for this CPU)
 set -euo pipefail
@@ -27,11 +27,11 @@ export TINYLLAMA_CACHE=$CACHE
 if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
   HAS_CUDA=1
   DEFAULT_TORCH=torch
-  DEFAULT_EXTRAS=dev,train,sft,gguf,serve,demo,eval
+  DEFAULT_EXTRAS=dev,prepare,train,sft,gguf,serve,demo,eval
 else
   HAS_CUDA=0
   DEFAULT_TORCH=torch==2.13.0
-  DEFAULT_EXTRAS=dev,train,sft,gguf,serve,demo,eval
+  DEFAULT_EXTRAS=dev,prepare,train,sft,gguf,serve,demo,eval
 fi
 TORCH_SPEC=${TORCH_SPEC:-$DEFAULT_TORCH}
 EXTRAS=${EXTRAS:-$DEFAULT_EXTRAS}
@@ -114,7 +114,7 @@ step "installing the project with extras [$EXTRAS]"
 # --- the offline Llama-2 tokenizer -------------------------------------------------------
 step "building the offline Llama-2 tokenizer"
 "$PY" -m tinyllama tokenizer build
-step "compiling data preparation's piece cache (tinyllama/piece_cache.c, once per machine)"
-"$PY" -c "from tinyllama.pieces import library; library() or print('  no C compiler: the slower Python splitter will be used')"
+step "compiling data preparation's piece cache (prepare/piece_cache.c, once per machine)"
+"$PY" -c "from prepare.pieces import library; library() or print('  no C compiler: the slower Python splitter will be used')"
 
 step "set-up done: $("$PY" -c 'import torch, sys; print(f"python {sys.version.split()[0]}, torch {torch.__version__}, cuda {torch.cuda.is_available()}")')"

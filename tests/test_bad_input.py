@@ -42,8 +42,8 @@ from tinyllama import Llama, ModelConfig, Tokenizer, save_checkpoint
 ROOT = Path(__file__).resolve().parents[1]
 
 CLIS = {          # python -m NAME -> module holding main(argv)
-    "pretrain.prepare": "pretrain.prepare",
-    "pretrain.corpus": "pretrain.corpus",
+    "prepare": "prepare.__main__",
+    "prepare.corpus": "prepare.corpus",
     "pretrain": "pretrain.__main__",
     "sft": "sft.__main__",
     "sft.distill": "sft.distill",
@@ -80,53 +80,53 @@ def C(id, cli, argv, message, files=None, sub=False, env=None):
 
 
 CASES = [
-    # ---- python -m pretrain.prepare: raw text -> token shards -----------------------------------
-    C("prepare-missing-source", "pretrain.prepare", ["{in}/nope.jsonl", "--out", "{out}/tok"],
+    # ---- python -m prepare: raw text -> token shards -----------------------------------
+    C("prepare-missing-source", "prepare", ["{in}/nope.jsonl", "--out", "{out}/tok"],
       "nope.jsonl: no such file or directory"),
-    C("prepare-empty-jsonl", "pretrain.prepare", ["{in}/empty.jsonl", "--out", "{out}/tok"],
+    C("prepare-empty-jsonl", "prepare", ["{in}/empty.jsonl", "--out", "{out}/tok"],
       "empty.jsonl: no documents", {"empty.jsonl": ""}),
-    C("prepare-corrupt-jsonl-line", "pretrain.prepare", ["{in}/bad.jsonl", "--out", "{out}/tok"],
+    C("prepare-corrupt-jsonl-line", "prepare", ["{in}/bad.jsonl", "--out", "{out}/tok"],
       "bad.jsonl:2: malformed JSON", {"bad.jsonl": GOOD_DOC + "{not json\n" + GOOD_DOC}, sub=True),
-    C("prepare-truncated-jsonl", "pretrain.prepare", ["{in}/cut.jsonl", "--out", "{out}/tok"],
+    C("prepare-truncated-jsonl", "prepare", ["{in}/cut.jsonl", "--out", "{out}/tok"],
       "cut.jsonl:3: malformed JSON", {"cut.jsonl": GOOD_DOC * 2 + GOOD_DOC[:12]}),
-    C("prepare-jsonl-not-an-object", "pretrain.prepare", ["{in}/list.jsonl", "--out", "{out}/tok"],
+    C("prepare-jsonl-not-an-object", "prepare", ["{in}/list.jsonl", "--out", "{out}/tok"],
       "list.jsonl:1: expected a JSON object per line, got list", {"list.jsonl": '["a", "b"]\n'}),
-    C("prepare-jsonl-no-text-field", "pretrain.prepare", ["{in}/f.jsonl", "--out", "{out}/tok"],
+    C("prepare-jsonl-no-text-field", "prepare", ["{in}/f.jsonl", "--out", "{out}/tok"],
       "f.jsonl:1: no text field; tried text, content (fields: body)", {"f.jsonl": '{"body": "x"}\n'}),
-    C("prepare-jsonl-text-not-a-string", "pretrain.prepare", ["{in}/n.jsonl", "--out", "{out}/tok"],
+    C("prepare-jsonl-text-not-a-string", "prepare", ["{in}/n.jsonl", "--out", "{out}/tok"],
       "n.jsonl:2: text field is a int, not a string", {"n.jsonl": GOOD_DOC + '{"text": 7}\n'}),
-    C("prepare-unknown-text-field", "pretrain.prepare", ["{in}/d.jsonl", "--out", "{out}/tok", "--text-field", "body"],
+    C("prepare-unknown-text-field", "prepare", ["{in}/d.jsonl", "--out", "{out}/tok", "--text-field", "body"],
       "d.jsonl:1: no field 'body'", {"d.jsonl": GOOD_DOC}),
-    C("prepare-truncated-zst", "pretrain.prepare", ["{in}/d.jsonl.zst", "--out", "{out}/tok"],
+    C("prepare-truncated-zst", "prepare", ["{in}/d.jsonl.zst", "--out", "{out}/tok"],
       "d.jsonl.zst: truncated zstd stream", {"d.jsonl.zst": "ZST_TRUNCATED"}),
-    C("prepare-corrupt-parquet", "pretrain.prepare", ["{in}/d.parquet", "--out", "{out}/tok"],
+    C("prepare-corrupt-parquet", "prepare", ["{in}/d.parquet", "--out", "{out}/tok"],
       "d.parquet: not a readable parquet file", {"d.parquet": b"PAR1 this is not parquet PAR1"}),
-    C("prepare-dir-without-matching-files", "pretrain.prepare", ["{in}/src", "--out", "{out}/tok", "--extensions", "py"],
+    C("prepare-dir-without-matching-files", "prepare", ["{in}/src", "--out", "{out}/tok", "--extensions", "py"],
       "src: no files with extension .py", {"src/notes.bin": b"\x00\x01"}),
-    C("prepare-val-fraction-out-of-range", "pretrain.prepare", ["{in}/d.jsonl", "--out", "{out}/tok",
+    C("prepare-val-fraction-out-of-range", "prepare", ["{in}/d.jsonl", "--out", "{out}/tok",
                                                                "--val-fraction", "0.7"],
       "val_fraction must be in [0, 0.5), got 0.7", {"d.jsonl": GOOD_DOC}),
-    C("prepare-shard-tokens-too-small", "pretrain.prepare", ["{in}/d.jsonl", "--out", "{out}/tok",
+    C("prepare-shard-tokens-too-small", "prepare", ["{in}/d.jsonl", "--out", "{out}/tok",
                                                             "--shard-tokens", "10"],
       "shard_tokens must be >= 1024, got 10", {"d.jsonl": GOOD_DOC}),
-    C("prepare-workers-zero", "pretrain.prepare", ["{in}/d.jsonl", "--out", "{out}/tok", "--workers", "0"],
+    C("prepare-workers-zero", "prepare", ["{in}/d.jsonl", "--out", "{out}/tok", "--workers", "0"],
       "workers must be >= 1, got 0", {"d.jsonl": GOOD_DOC}),
-    C("prepare-workers-not-a-number", "pretrain.prepare", ["{in}/d.jsonl", "--out", "{out}/tok", "--workers", "two"],
+    C("prepare-workers-not-a-number", "prepare", ["{in}/d.jsonl", "--out", "{out}/tok", "--workers", "two"],
       "argument --workers: invalid int value: 'two'", {"d.jsonl": GOOD_DOC}),
-    C("prepare-out-parent-is-a-file", "pretrain.prepare", ["{in}/d.jsonl", "--out", "{in}/d.jsonl/tok"],
+    C("prepare-out-parent-is-a-file", "prepare", ["{in}/d.jsonl", "--out", "{in}/d.jsonl/tok"],
       "is not a folder", {"d.jsonl": GOOD_DOC}),
-    C("prepare-bad-source-leaves-no-new-parent", "pretrain.prepare", ["{in}/bad.jsonl", "--out", "{out}/new/tok"],
+    C("prepare-bad-source-leaves-no-new-parent", "prepare", ["{in}/bad.jsonl", "--out", "{out}/new/tok"],
       "bad.jsonl:1: malformed JSON", {"bad.jsonl": "{oops\n"}),
-    C("prepare-missing-tokenizer-dir", "pretrain.prepare", ["{in}/d.jsonl", "--out", "{out}/tok",
+    C("prepare-missing-tokenizer-dir", "prepare", ["{in}/d.jsonl", "--out", "{out}/tok",
                                                            "--tokenizer", "{in}/no-tok"],
       "no-tok: tokenizer directory not found", {"d.jsonl": GOOD_DOC}),
 
-    # ---- python -m pretrain.corpus: the default corpus --------------------------------------------
-    C("corpus-val-fraction-out-of-range", "pretrain.corpus", ["--out", "{out}/data", "--val-fraction", "0.9"],
+    # ---- python -m prepare.corpus: the default corpus --------------------------------------------
+    C("corpus-val-fraction-out-of-range", "prepare.corpus", ["--out", "{out}/data", "--val-fraction", "0.9"],
       "--val-fraction must be in [0, 0.5), got 0.9", sub=True),
-    C("corpus-workers-zero", "pretrain.corpus", ["--out", "{out}/data", "--workers", "0"],
+    C("corpus-workers-zero", "prepare.corpus", ["--out", "{out}/data", "--workers", "0"],
       "--workers must be >= 1, got 0"),
-    C("corpus-out-is-a-file", "pretrain.corpus", ["--out", "{in}/f"], "f: not a folder", {"f": "x"}),
+    C("corpus-out-is-a-file", "prepare.corpus", ["--out", "{in}/f"], "f: not a folder", {"f": "x"}),
 
     # ---- python -m pretrain: YAML config and flags ------------------------------------------------
     C("pretrain-config-missing", "pretrain", ["--config", "{in}/nope.yaml"], "nope.yaml: config file not found"),
@@ -456,7 +456,7 @@ def _gpt2_gguf(path: Path) -> None:
 
 @pytest.fixture(scope="session")
 def assets(tmp_path_factory, llama2_tokenizer) -> Path:
-    from pretrain.prepare import PrepareConfig, prepare
+    from prepare.prepare import PrepareConfig, prepare
     from quantize.export import write_gguf
 
     d = tmp_path_factory.mktemp("bad-input-assets")

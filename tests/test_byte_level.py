@@ -169,7 +169,7 @@ def test_a_llama_3_vocabulary_runs_end_to_end_in_uint32_shards(tokenizers, tmp_p
 
     from evaluation.perplexity import perplexity
     from pretrain.config import TrainConfig
-    from pretrain.prepare import PrepareConfig, prepare
+    from prepare.prepare import PrepareConfig, prepare
     from tinyllama.formats.shards import PackedSource
     from pretrain.train import train
     from tinyllama.inference.backends import load_backend

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from pretrain.config import ConfigError, TrainConfig
-from pretrain.prepare import PrepareConfig, prepare
+from prepare.prepare import PrepareConfig, prepare
 from pretrain.schedule import lr_at
 from pretrain.train import train
 

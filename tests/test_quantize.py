@@ -32,7 +32,7 @@ def model_dir(tmp_path_factory, llama2_tokenizer):
     torch.manual_seed(0)
     cfg = ModelConfig(name="gguf-test", n_layer=2, d_model=256, n_head=4, n_kv_head=2, ffn_dim=512, max_seq_len=256)
     model = Llama(cfg)
-    ids = torch.tensor(sum(llama2_tokenizer.encode_batch([t for _, t in sorted(topics.items())[:40]]), []))
+    ids = torch.tensor([i for _, t in sorted(topics.items())[:40] for i in llama2_tokenizer.encode(t)])
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     g = torch.Generator().manual_seed(0)
     for _ in range(60):

@@ -53,7 +53,7 @@ def check_output_dir(path: str | os.PathLike, flag: str | None = None) -> Path:
 
 class DiskSpaceError(UserError):
     """Not enough free space for the next write; nothing was written. Work that resumes
-    (pretrain.prepare) keeps what it has: free space and run the same command again."""
+    (prepare) keeps what it has: free space and run the same command again."""
     resumable = True
 
 

@@ -339,9 +339,17 @@ def library() -> ctypes.CDLL | None:
         return None
 
 
-def _built() -> Path:
+# The safety net's build (tests/test_piece_cache_safety.py): every out-of-bounds access, use after
+# free and undefined behaviour stops the process instead of passing silently.
+SANITIZE_FLAGS = ("-O1", "-g", "-fno-omit-frame-pointer", "-fsanitize=address,undefined",
+                  "-fno-sanitize-recover=undefined")
+
+
+def _built(sanitize: bool = False) -> Path:
+    """The compiled library's path, compiling it first where needed; sanitize: with
+    SANITIZE_FLAGS instead of -O2 (needs libasan preloaded into the process that loads it)."""
     source = SOURCE.read_bytes()
-    tag = hashlib.sha256(source).hexdigest()[:16]
+    tag = hashlib.sha256(source).hexdigest()[:16] + ("-asan" if sanitize else "")
     out = cache_dir() / "native" / f"piece_cache-{tag}-{platform.system().lower()}-{platform.machine()}.so"
     if out.exists():
         return out
@@ -350,7 +358,8 @@ def _built() -> Path:
         raise OSError("no C compiler found (cc, gcc or clang on PATH, or CC)")
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_file(out) as tmp:      # workers that compile at once each rename a whole file
-        r = subprocess.run([*cc.split(), "-O2", "-shared", "-fPIC", "-o", str(tmp), str(SOURCE)],
+        flags = SANITIZE_FLAGS if sanitize else ("-O2",)
+        r = subprocess.run([*cc.split(), *flags, "-shared", "-fPIC", "-o", str(tmp), str(SOURCE)],
                            capture_output=True, text=True, timeout=120)
         if r.returncode != 0:
             raise OSError(f"{cc} failed on {SOURCE.name}: {(r.stderr or r.stdout).strip()[-500:]}")

@@ -8,7 +8,7 @@ Why datatrove: it is what Hugging Face runs FineWeb's and SmolLM's data processi
 same task model on a laptop (LocalPipelineExecutor), a SLURM cluster (SlurmPipelineExecutor:
 job arrays, requeue, a dependent job) and Ray (RayPipelineExecutor), with per-task logs and
 stats. Task `rank` of `tasks` tokenizes units rank, rank + tasks, ...; each unit's result is
-its own set of part files (pretrain.parts), so what a task leaves behind when it is killed is
+its own set of part files (prepare.parts), so what a task leaves behind when it is killed is
 exactly the units it finished, and the merged output is the same for any number of tasks.
 """
 
@@ -24,6 +24,7 @@ from datatrove.pipeline.base import PipelineStep
 
 from tinyllama.formats.tokenizer import Tokenizer
 
+from .encoding import piece_encoder
 from .merge import finish
 from .parts import Plan, run_units
 
@@ -33,7 +34,7 @@ _tokenizers: dict[str, Tokenizer] = {}     # per worker process: loaded once, it
 def seed_tokenizer(plan: Plan, tok: Tokenizer) -> None:
     """Hands the tokenizer prepare already loaded to this process's tasks (and, through fork,
     to the worker processes): no second load, and one piece cache."""
-    tok.piece_encoder                   # built here, before the workers fork
+    piece_encoder(tok)                  # built here, before the workers fork
     _tokenizers[plan.settings["tokenizer_dir"] or ""] = tok
 
 
