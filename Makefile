@@ -130,9 +130,8 @@ tools llama-server: setup
 
 # The draft for speculative decoding: the same pretraining recipe on a 4M-parameter preset.
 # The draft is fine-tuned on the target's own greedy answers (sft.distill), not the human ones:
-# it learns to agree with the model it drafts for (acceptance 0.57 -> 0.73 on the CPU pair), and
-# all its weights train: LoRA would leave the embeddings and lm_head, nearly all of a 4M model,
-# frozen (full: acceptance 0.73 -> 0.81 at k = 1).
+# it learns to agree with the model it drafts for, and all its weights train: LoRA would leave the
+# embeddings and lm_head, nearly all of a 4M model, frozen (acceptance: bench.speculative).
 draft: setup data
 	$(PY) -m pretrain --config $(DRAFT_CONFIG) --out-dir $(OUT)/draft/pretrain $(SHORT_PRETRAIN)
 	$(PY) -m sft.distill --teacher $(DRAFT_TEACHER) --data $(SFT_DATA) --out $(OUT)/draft/distill.jsonl $(SHORT_DISTILL)

@@ -9,8 +9,8 @@ The GPU machine it is written for: one H100/H200, Python 3.12, a CUDA torch, tri
 transformers, peft, accelerate and the project's core dependencies, and no network. What it
 lacks (trl, datasets, bitsandbytes, liger-kernel; a recent enough transformers) travels as
 wheels in .whl/ (gpu_check/prepare_carry.sh), installed into a temporary folder, never into the
-image; the offline tokenizer travels in .cache/tokenizers/llama2. Both are git-ignored: a
-device call must carry them explicitly.
+image; the offline tokenizer travels in .cache/tokenizers/llama2. Both are git-ignored: copy
+them to the GPU machine along with the checkout.
 
 Stages, in priority order, each time-boxed (seconds on an H200), inside a total BUDGET:
 
