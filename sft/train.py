@@ -18,6 +18,7 @@ Writes one HF-format directory, atomically:
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import logging
 import shutil
@@ -66,6 +67,12 @@ _OPT, _RUN = "optimisation", "data and runtime"
 
 class SFTError(UserError):
     """A fine-tuning request that cannot run; the message names the argument or file at fault."""
+
+
+# The sft extra installs bitsandbytes only where PyPI has a wheel for it (0.50 ships no sdist).
+QLORA_NEEDS_BITSANDBYTES = ("--method qlora needs bitsandbytes, which is not installed: pip install 'bitsandbytes>=0.50' "
+                            "(wheels for Linux x86-64/aarch64, Windows and macOS 14+ on Apple silicon), "
+                            "or fine-tune with --method lora")
 
 
 @dataclass
@@ -124,6 +131,8 @@ def _check(args: SFTArgs) -> ModelRef:
     """Refuses bad arguments before the slow imports; returns --base resolved to a local directory."""
     if args.method not in METHODS:
         raise SFTError(f"--method {args.method!r}: expected one of {', '.join(METHODS)}")
+    if args.method == "qlora" and importlib.util.find_spec("bitsandbytes") is None:
+        raise SFTError(QLORA_NEEDS_BITSANDBYTES)
     try:
         ref = resolve_model(args.base, revision=args.revision, kinds=("checkpoint",), flag="--base")
     except UserError as e:
