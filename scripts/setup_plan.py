@@ -128,16 +128,15 @@ def drop(constraints: str, name: str) -> str:
     return "\n".join(keep) + "\n"
 
 
-def torch_source(system: str, cuda: bool, spec: str, index_reachable) -> tuple[str, str]:
+def torch_source(system: str, cuda: bool, spec: str, index: str, index_reachable) -> tuple[str, str]:
     """(index URL to add for torch or "", why). Only Linux without a CUDA GPU needs PyTorch's CPU
-    index: there PyPI's torch is the multi-GB CUDA build. macOS and Windows wheels on PyPI are CPU
-    builds already; with a GPU the CUDA build is what is wanted. `index_reachable(url)` is asked
-    only where it matters (a probe costs up to PROBE_TIMEOUT)."""
+    `index` (TORCH_INDEX_URL; empty: never): there PyPI's torch is the multi-GB CUDA build. PyPI's
+    macOS and Windows wheels carry no CUDA; with a GPU the CUDA build is what is wanted.
+    `index_reachable(url)` is asked only where it matters (a probe costs up to PROBE_TIMEOUT)."""
     if system != "Linux":
-        return "", f"{spec} from the default index (its {system} wheel is a CPU build)"
+        return "", f"{spec} from the default index (PyPI's {system} wheel carries no CUDA)"
     if cuda:
         return "", f"{spec} from the default index (a CUDA GPU is present: the CUDA build)"
-    index = os.environ.get("TORCH_INDEX_URL", CPU_INDEX)
     if index and index_reachable(index):
         return index, f"{spec} from PyTorch's CPU index ({index}), no CUDA GPU here"
     why = "TORCH_INDEX_URL is empty" if not index else f"{index} is not reachable"
@@ -222,7 +221,8 @@ def main(argv: list[str]) -> int:
     project = load_pyproject()
     if command == "torch":
         spec = os.environ.get("TORCH_SPEC") or default_torch_spec(_constraints_text(), project)
-        index, why = torch_source(platform.system(), _has_cuda_gpu(), spec, reachable)
+        index, why = torch_source(platform.system(), _has_cuda_gpu(), spec,
+                                  os.environ.get("TORCH_INDEX_URL", CPU_INDEX), reachable)
         print(f"{spec}\n{index}\n{why}")
     elif command == "extras":
         print(",".join(_extras()))

@@ -56,6 +56,7 @@ def hub(tmp_path_factory, tiny_chat_checkpoint):
     """HF_HOME with: acme/tiny-chat (no template: the Zephyr fallback), acme/llama2-chat (Llama-2's
     template, generation_config eos [2, 7]), acme/tiny-chat-GGUF (F16 + Q8_0 of llama2-chat),
     acme/draft (another random tinyllama-debug), acme/bin-only (pickles only)."""
+    pytest.importorskip("llama_cpp", reason="the hub's Q8_0 file is quantized by llama.cpp (built by make setup)")
     from quantize.export import quantize_gguf, write_gguf
 
     root = tmp_path_factory.mktemp("hub")

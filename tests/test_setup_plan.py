@@ -70,28 +70,28 @@ class Probe:
         return self.answer
 
 
-def test_linux_without_gpu_takes_the_cpu_index_when_it_answers(monkeypatch):
-    monkeypatch.delenv("TORCH_INDEX_URL", raising=False)
-    probe = Probe(True)
-    index, why = plan["torch_source"]("Linux", False, "torch==2.13.0", probe)
-    assert index == plan["CPU_INDEX"] == "https://download.pytorch.org/whl/cpu" and probe.asked == [index]
-    assert "torch==2.13.0 from PyTorch's CPU index" in why
-    index, why = plan["torch_source"]("Linux", False, "torch==2.13.0", Probe(False))
-    assert index == "" and why == f"torch==2.13.0 from the default index ({plan['CPU_INDEX']} is not reachable)"
+def test_linux_without_gpu_takes_the_cpu_index_when_it_answers():
+    cpu, probe = plan["CPU_INDEX"], Probe(True)
+    assert cpu == "https://download.pytorch.org/whl/cpu"
+    index, why = plan["torch_source"]("Linux", False, "torch==2.13.0", cpu, probe)
+    assert index == cpu and probe.asked == [cpu]
+    assert why == f"torch==2.13.0 from PyTorch's CPU index ({cpu}), no CUDA GPU here"
+    index, why = plan["torch_source"]("Linux", False, "torch==2.13.0", cpu, Probe(False))
+    assert index == "" and why == f"torch==2.13.0 from the default index ({cpu} is not reachable)"
+    mirror = "https://mirror.example/whl/cpu"
+    assert plan["torch_source"]("Linux", False, "torch", mirror, Probe(True))[0] == mirror
 
 
-def test_gpu_macos_and_windows_never_probe_and_an_empty_index_turns_it_off(monkeypatch):
-    probe = Probe(True)
-    assert plan["torch_source"]("Linux", True, "torch==2.13.0", probe) == \
+def test_gpu_macos_windows_and_an_empty_index_never_probe():
+    probe, cpu = Probe(True), plan["CPU_INDEX"]
+    assert plan["torch_source"]("Linux", True, "torch==2.13.0", cpu, probe) == \
         ("", "torch==2.13.0 from the default index (a CUDA GPU is present: the CUDA build)")
     for system in ("Darwin", "Windows"):
-        index, why = plan["torch_source"](system, False, "torch==2.13.0", probe)
-        assert index == "" and "CPU build" in why
-    monkeypatch.setenv("TORCH_INDEX_URL", "")
-    assert plan["torch_source"]("Linux", False, "torch", probe) == ("", "torch from the default index (TORCH_INDEX_URL is empty)")
+        assert plan["torch_source"](system, False, "torch==2.13.0", cpu, probe) == \
+            ("", f"torch==2.13.0 from the default index (PyPI's {system} wheel carries no CUDA)")
+    assert plan["torch_source"]("Linux", False, "torch", "", probe) == \
+        ("", "torch from the default index (TORCH_INDEX_URL is empty)")
     assert probe.asked == []
-    monkeypatch.setenv("TORCH_INDEX_URL", "https://mirror.example/whl/cpu")
-    assert plan["torch_source"]("Linux", False, "torch", Probe(True))[0] == "https://mirror.example/whl/cpu"
 
 
 def test_torch_is_pinned_by_the_constraints_and_a_users_spec_drops_the_pin():
