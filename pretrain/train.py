@@ -65,7 +65,7 @@ def build_model(cfg: TrainConfig, env: Dist, model_cfg: ModelConfig, dtype: torc
         model, tok = load_checkpoint(init_dir, dtype=torch.float32)
     else:
         model = Llama(model_cfg)
-        tok = Tokenizer.llama2()
+        tok = scratch_tokenizer(cfg)
     if tok.vocab_size > model_cfg.vocab_size:
         raise ConfigError(f"the tokenizer has {tok.vocab_size} tokens but the model's vocabulary is {model_cfg.vocab_size}")
     model.to(env.device)
@@ -111,11 +111,29 @@ def init_checkpoint(cfg: TrainConfig) -> Path | None:
 _SHAPE = ("n_layer", "d_model", "n_head", "n_kv_head", "ffn_dim", "vocab_size", "tie_embeddings")
 
 
+def scratch_tokenizer(cfg: TrainConfig) -> Tokenizer:
+    """The vocabulary a model built from scratch speaks: config field tokenizer's (a checkpoint
+    directory or hub id: a draft in its target's vocabulary and template), else Llama-2's."""
+    if not cfg.tokenizer:
+        return Tokenizer.llama2()
+    try:
+        path = resolve_model(cfg.tokenizer, kinds=("checkpoint",), flag="config field tokenizer:").path
+        return Tokenizer.from_dir(path)
+    except UserError as e:
+        raise ConfigError(str(e)) from None
+
+
 def initial_model_config(cfg: TrainConfig, init_dir: Path | None = None) -> ModelConfig:
     """The architecture a run trains: the init_from checkpoint's (`init_dir`; a preset that
-    disagrees with it is an error naming both), else the preset's (tinyllama-1.1b by default)."""
+    disagrees with it is an error naming both), else the preset's (tinyllama-1.1b by default)
+    in config field tokenizer's vocabulary and special ids."""
     if init_dir is None:
         model_cfg = ModelConfig.from_name(cfg.preset or "tinyllama-1.1b")
+        if cfg.tokenizer:
+            tok = scratch_tokenizer(cfg)
+            model_cfg = model_cfg.replace(vocab_size=tok.vocab_size, bos_id=tok.bos_id, eos_id=tok.eos_id)
+        if cfg.tie_embeddings is not None:
+            model_cfg = model_cfg.replace(tie_embeddings=cfg.tie_embeddings)
         return model_cfg.replace(max_seq_len=max(model_cfg.max_seq_len, cfg.seq_len))
     loaded = load_config(init_dir)
     if cfg.preset is not None:
