@@ -25,9 +25,12 @@ def test_engine_drafts_by_prompt_lookup(tiny_chat_checkpoint):
 
 
 def test_bench_speculative_json_rows_with_ngram(tiny_chat_checkpoint, capsys):
-    speculative.main(["--target", str(tiny_chat_checkpoint), "-md", "ngram", "--prompt-set", "copy",
+    # the old flag name still works, and says which to use
+    speculative.main(["--target", str(tiny_chat_checkpoint), "--draft", "ngram", "--prompt-set", "copy",
                       "--k", "2", "--tokens", "8", "--prompts", "2", "--repeats", "1", "--json"])
-    out = json.loads(capsys.readouterr().out)
+    captured = capsys.readouterr()
+    assert "warning: --draft is an old name: use --model-draft" in captured.err
+    out = json.loads(captured.out)
     assert "drafted by ngram:3" in out["pair"] and "copy prompts" in out["pair"]
     rows = {r["config"]: r for r in out["rows"]}
     assert rows["plain target"]["speedup"] == 1.0 and rows["plain target"]["tokens_per_s"] > 0
