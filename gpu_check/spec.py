@@ -40,7 +40,9 @@ from bench.constructed_pair import (
 from bench.random_models import random_model
 from bench.speculative import solve_alpha, theory
 from tinyllama import Llama, ModelConfig
+from tinyllama.cli import add_draft_model_flag
 from tinyllama.inference.backends import TorchBackend
+from tinyllama.inference.draft_policy import Fixed
 from tinyllama.inference.generate import generate
 from tinyllama.inference.graphs import StaticDecoder
 
@@ -164,7 +166,7 @@ def decode(target: TorchBackend, prompts: list[list[int]], tokens: int, draft: T
             draft.reset()
         sync(device)
         t0 = time.perf_counter()
-        g = generate(target, p, max_new_tokens=tokens, draft_model=draft, num_draft=k)
+        g = generate(target, p, max_new_tokens=tokens, drafter=draft, draft_policy=Fixed(k))
         outs.append(list(g))
         sync(device)
         seconds += time.perf_counter() - t0 - g.stats.prefill_seconds
@@ -213,7 +215,7 @@ def _speculative_mode(draft, target, prompts, tokens, ks, lat, how: str) -> None
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tiny", action="store_true", help="tiny draft and target (a CPU rehearsal)")
-    ap.add_argument("--draft", default="tinyllama-1.1b")
+    add_draft_model_flag(ap, "the draft's preset (random weights) (default: %(default)s)", default="tinyllama-1.1b")
     ap.add_argument("--target", default="llama-2-7b")
     ap.add_argument("--alpha", type=float, default=0.8, help="the constructed greedy agreement")
     ap.add_argument("--tokens", type=int, default=64, help="new tokens per prompt")
@@ -226,7 +228,7 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     device = torch.device(device_name())
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    dcfg, tcfg = TINY if args.tiny else (ModelConfig.from_name(args.draft), ModelConfig.from_name(args.target))
+    dcfg, tcfg = TINY if args.tiny else (ModelConfig.from_name(args.model_draft), ModelConfig.from_name(args.target))
     tcfg = tcfg.replace(max_seq_len=dcfg.max_seq_len)
     torch.manual_seed(0)
     t0 = time.perf_counter()
