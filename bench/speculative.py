@@ -156,7 +156,8 @@ def measure(target_path: str, draft_path: str, ks=(1, 2, 4, 6), tokens: int = 48
     also llama.cpp's own speculative decoding at each k on the same prompts (bench.speculative_anchor)."""
     from tinyllama.inference.backends import GGUFBackend, load_backend
     from tinyllama.inference.draft_policy import Adaptive, Auto, Fixed
-    from tinyllama.inference.drafters import ModelDrafter, open_drafter
+    from tinyllama.inference.backends import open_drafter
+    from tinyllama.inference.drafters import ModelDrafter
 
     # float32 for checkpoint directories: identity with plain greedy decoding is checked, and in
     # bf16 a (k+1)-token verification and a 1-token step round differently, which can flip a

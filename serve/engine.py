@@ -42,7 +42,8 @@ from tinyllama.formats.chat import apply_chat_template, template_of
 from tinyllama.formats.tokenizer import Tokenizer
 from tinyllama.inference.backends import Backend, load_backend
 from tinyllama.inference.draft_policy import Auto, Capped, DraftPolicy, add_draft_policy_flags, draft_policy_of
-from tinyllama.inference.drafters import Drafter, ModelDrafter, open_drafter
+from tinyllama.inference.backends import open_drafter
+from tinyllama.inference.drafters import Drafter, ModelDrafter
 from tinyllama.inference.generate import SamplingParams, TextStream, generate
 
 from .batch_runners import batch_runner

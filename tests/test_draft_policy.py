@@ -23,7 +23,8 @@ from tinyllama.inference.draft_policy import (
     add_draft_policy_flags,
     draft_policy_of,
 )
-from tinyllama.inference.drafters import Drafter, ModelDrafter, open_drafter
+from tinyllama.inference.backends import open_drafter
+from tinyllama.inference.drafters import Drafter, ModelDrafter
 from tinyllama.inference.generate import generate
 from tinyllama.inference.lookup import NgramDrafter
 

@@ -23,7 +23,9 @@ import torch
 from tinyllama.devices import gguf_gpu_layers, resolve_device
 from tinyllama.errors import NotFound, UserError
 from tinyllama.formats.gguf_file import VocabularyNotRead, file_type_name, gguf_value, open_gguf
+from tinyllama.inference.drafters import Drafter, ModelDrafter
 from tinyllama.inference.graphs import StaticDecoder
+from tinyllama.inference.lookup import NgramDrafter
 from tinyllama.formats.hub import ModelRef, resolve_model
 from tinyllama.model.model import Llama
 from tinyllama.inference.packing import pack_for_decoding, unpack
@@ -358,3 +360,9 @@ def load_backend(model: str | os.PathLike | ModelRef, device: str | torch.device
                           n_gpu_layers=gguf_gpu_layers(device, n_gpu_layers, _llama_cpp_offloads()))
     backend.name = ref.name
     return backend, backend.tokenizer(reader)
+
+
+def open_drafter(spec: str | os.PathLike, **load_options) -> Drafter:
+    """`ngram[:N]` (prompt lookup) or a model reference loaded as load_backend loads it
+    (load_options: device, dtype, n_ctx, n_gpu_layers)."""
+    return NgramDrafter.parse(str(spec)) or ModelDrafter(load_backend(spec, flag="--model-draft", **load_options)[0])

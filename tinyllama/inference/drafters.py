@@ -2,7 +2,7 @@
 verifies. Two kinds: a small model with the target's vocabulary (either backend), and prompt
 lookup (tinyllama.inference.lookup.NgramDrafter), which needs no model.
 
-    drafter = open_drafter("out/draft/sft")          # a model reference: ModelDrafter
+    drafter = open_drafter("out/draft/sft")          # a model reference (tinyllama.inference.backends)
     drafter = open_drafter("ngram:2")                # prompt lookup
     drafter = ModelDrafter(backend)                  # a Backend already loaded (a batching slot)
     generate(target, ids, drafter=drafter, draft_policy=Fixed(4))
@@ -14,15 +14,15 @@ test min(1, p(x) / q(x)) (Leviathan et al. 2023); None when every token is a poi
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
-from typing import Callable, Protocol, Sequence, runtime_checkable
+from typing import TYPE_CHECKING, Callable, Protocol, Sequence, runtime_checkable
 
 import torch
 
 from tinyllama.errors import UserError
-from tinyllama.inference.backends import Backend, load_backend
-from tinyllama.inference.lookup import NgramDrafter
+
+if TYPE_CHECKING:      # a drafter speaks to the Backend interface, whichever backend implements it
+    from tinyllama.inference.backends import Backend
 
 # the generator's sampler: logits (vocab,) after a context -> a token and the q (vocab,) it was
 # drawn from, None for a point mass (greedy)
@@ -88,12 +88,6 @@ class ModelDrafter:
 
     def close(self) -> None:
         self.backend.close()
-
-
-def open_drafter(spec: str | os.PathLike, **load_options) -> Drafter:
-    """`ngram[:N]` (prompt lookup) or a model reference loaded as load_backend loads it
-    (load_options: device, dtype, n_ctx, n_gpu_layers)."""
-    return NgramDrafter.parse(str(spec)) or ModelDrafter(load_backend(spec, flag="--model-draft", **load_options)[0])
 
 
 def check_same_vocabulary(target: Backend, draft: Backend) -> None:
