@@ -15,14 +15,12 @@ test min(1, p(x) / q(x)) (Leviathan et al. 2023); None when every token is a poi
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Protocol, Sequence, runtime_checkable
+from typing import Callable, Protocol, Sequence, runtime_checkable
 
 import torch
 
 from tinyllama.errors import UserError
-
-if TYPE_CHECKING:      # a drafter speaks to the Backend interface, whichever backend implements it
-    from tinyllama.inference.backends import Backend
+from tinyllama.inference.interface import Backend
 
 # the generator's sampler: logits (vocab,) after a context -> a token and the q (vocab,) it was
 # drawn from, None for a point mass (greedy)
