@@ -6,11 +6,13 @@
     print(gen.stats.describe())                # prompt/generated tokens, tokens/s, acceptance
 
     gen = generate(target, prompt_ids, draft_model=draft, num_draft=4)   # speculative decoding
+    gen = generate(model, prompt_ids, logprobs=5, prompt_logprobs=True)  # gen.token_logprobs, .prompt_logprobs
 
 `model` and `draft_model` are our `Llama` or any `tinyllama.inference.backends.Backend` (a GGUF in
 llama.cpp included). How tokens are picked is one SamplingParams (greedy by default; see its
 docstring). Generation stops at max_new_tokens or after yielding a stop id; TextStream adds
-stop strings.
+stop strings. Log-probabilities (`logprobs`, `prompt_logprobs`) are those of the target's raw
+logits, whatever sampling did with them (TokenLogprob).
 
 Speculative decoding (Leviathan et al. 2023; Chen et al. 2023): the draft proposes k tokens
 one at a time from its processed distribution q; the target scores all k (+1) positions in one
@@ -139,6 +141,45 @@ def process_logits(logits: torch.Tensor, context: Sequence[int], sampling: Sampl
 
 
 MAX_ADAPTIVE_DRAFT = 16   # a longer verification pass than this costs more than it saves
+MAX_TOP_LOGPROBS = 20     # alternatives reported per position (OpenAI's limit)
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A token's log-probability under the model's raw logits (log-softmax before temperature,
+    penalties or cuts: what the model itself says, however the token was picked) and the `top`
+    likeliest tokens at that position as (id, logprob), likeliest first."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+def token_logprobs(logits: torch.Tensor, tokens: Sequence[int], top: int = 0) -> list[TokenLogprob]:
+    """logits (n, vocab), row i the one tokens[i] was chosen from -> their TokenLogprobs."""
+    logp = torch.log_softmax(logits.float(), dim=-1)                              # (n, V)
+    chosen = logp[torch.arange(len(tokens)), torch.tensor(list(tokens))].tolist()
+    alternatives: list[tuple] = [()] * len(tokens)
+    if top > 0:
+        values, ids = torch.topk(logp, min(top, logp.shape[-1]), dim=-1)          # (n, top)
+        alternatives = [tuple(zip(i, v)) for i, v in zip(ids.tolist(), values.tolist())]
+    return [TokenLogprob(t, c, a) for t, c, a in zip(tokens, chosen, alternatives)]
+
+
+def score_tokens(model: Backend, ids: Sequence[int], start: int = 1, top: int = 0,
+                 chunk: int = 256) -> list[TokenLogprob]:
+    """The TokenLogprob of each of ids[start:] given the tokens before it (start >= 1), from
+    passes over at most `chunk` positions each: a batching slot's step carries a few hundred
+    tokens, and (chunk, vocab) logits stay small. The backend's KV cache makes each pass compute
+    only its own chunk."""
+    ids = list(ids)
+    out: list[TokenLogprob] = []
+    for first in range(max(1, start), len(ids), chunk):
+        end = min(first + chunk, len(ids))
+        # rows predict tokens first .. end-1 (backends.py: row i predicts len(context) - n_last + i + 1)
+        logits = model.logits(ids[:end - 1], n_last=end - first)                  # (end - first, V)
+        out += token_logprobs(logits, ids[first:end], top)
+    return out
 
 
 @dataclass
@@ -192,12 +233,16 @@ class Generation:
     def __init__(self, model: Llama | Backend, prompt_ids: Sequence[int], sampling: SamplingParams = SamplingParams(),
                  stop_ids: Iterable[int] = (), draft_model: Llama | Backend | NgramDraft | None = None,
                  num_draft: int | str | AutoDraftLength = 4, adaptive_draft: bool = False,
-                 may_speculate: Callable[[], bool] | None = None, release: Callable[[], None] | None = None) -> None:
+                 may_speculate: Callable[[], bool] | None = None, release: Callable[[], None] | None = None,
+                 logprobs: int | None = None, prompt_logprobs: bool = False) -> None:
         """num_draft: k per round, or "auto" (an AutoDraftLength of its own) or a shared
         AutoDraftLength: k chosen each round from measured acceptance and costs. may_speculate:
         asked before each round; False makes it a plain step (a batched server with many busy
         slots: serve.batching). release: called once when the generation ends, however it
-        ends (a slot goes back to its pool)."""
+        ends (a slot goes back to its pool). logprobs: record each produced token's
+        TokenLogprob in `token_logprobs`, with this many alternatives (None: off);
+        prompt_logprobs: also score the prompt's tokens after the first, before generating,
+        into `prompt_logprobs` (with max_new_tokens 0, only that)."""
         if not len(prompt_ids):
             raise ValueError("generate() needs at least one prompt token (e.g. BOS)")
         num_draft = resolve_num_draft(num_draft)
@@ -226,6 +271,9 @@ class Generation:
         self._speculating = self.draft is not None or self.lookup is not None
         self.may_speculate = may_speculate
         self._release = release
+        self.top_logprobs = logprobs
+        self.token_logprobs: list[TokenLogprob] = []
+        self.prompt_logprobs: list[TokenLogprob] | None = [] if prompt_logprobs else None
         self._it = self._run()
 
     def __iter__(self) -> "Generation":
@@ -247,10 +295,12 @@ class Generation:
             release()
 
     def _run(self) -> Iterator[int]:
-        if self.max_new_tokens == 0:
-            self.stats.stop_reason = "length"
-            return
         try:
+            if self.prompt_logprobs is not None:
+                self.prompt_logprobs = score_tokens(self.target, self.prompt, 1, self.top_logprobs or 0)
+            if self.max_new_tokens == 0:
+                self.stats.stop_reason = "length"
+                return
             yield from (self._speculative() if self._speculating else self._plain())
         finally:
             for backend in self._owned:
@@ -274,9 +324,12 @@ class Generation:
             return int(probs.argmax())
         return int(torch.multinomial(probs, 1, generator=self.generator))
 
-    def _emit(self, token: int) -> bool:
-        """Counts one produced token; True when generation must end after it."""
+    def _emit(self, token: int, logits: torch.Tensor) -> bool:
+        """Counts one produced token, chosen from the raw `logits` (vocab,); True when generation
+        must end after it."""
         self.stats.generated_tokens += 1
+        if self.top_logprobs is not None:
+            self.token_logprobs += token_logprobs(logits[None], [token], self.top_logprobs)
         if token in self.stop_ids:
             self.stats.stop_reason = "stop_id"
             return True
@@ -295,7 +348,7 @@ class Generation:
             t0 = time.perf_counter()
             token = self._next_token(logits, context)
             self.stats.decode_seconds += time.perf_counter() - t0
-            done = self._emit(token)
+            done = self._emit(token, logits)
             yield token
             if done:
                 return
@@ -332,16 +385,16 @@ class Generation:
                 k = auto.choose(cap) if auto is not None else min(self.num_draft, cap)
             proposal = self.lookup.propose(context, k) if self.lookup is not None and k >= 1 else None
             if (k < 1 or proposal == []) and first is not None:
-                new_tokens = [self._next_token(first, context)]     # the prefill's logits: no second pass
+                new_tokens, rows = [self._next_token(first, context)], first[None]   # the prefill's: no second pass
             elif k < 1 or proposal == []:
-                new_tokens = self._plain_step(context)      # nothing to verify: one plain step
+                new_tokens, rows = self._plain_step(context)      # nothing to verify: one plain step
                 if auto is not None:
                     auto.record_step(time.perf_counter() - t0)
             else:
                 accepted_before = self.stats.accepted
                 drafts, qs = (proposal, None) if proposal is not None else self._draft(context, k)
                 drafted = time.perf_counter()
-                new_tokens = self._verify(context, drafts, qs)
+                new_tokens, rows = self._verify(context, drafts, qs)
                 k = len(drafts)
                 draft_seconds, verify_seconds = drafted - t0, time.perf_counter() - drafted
                 self.stats.draft_seconds += draft_seconds
@@ -354,17 +407,17 @@ class Generation:
                         max(1, self.num_draft - 1)
             self.stats.decode_seconds += time.perf_counter() - t0
             first = None
-            for token in new_tokens:
-                done = self._emit(token)
+            for token, row in zip(new_tokens, rows):      # row: the target's logits it came from
+                done = self._emit(token, row)
                 yield token
                 if done:
                     return
                 context.append(token)
 
-    def _plain_step(self, context: list[int]) -> list[int]:
-        logits = self.target.logits(context, 1)[0]
+    def _plain_step(self, context: list[int]) -> tuple[list[int], torch.Tensor]:
+        logits = self.target.logits(context, 1)                              # (1, vocab)
         self.stats.target_calls += 1
-        return [self._next_token(logits, context)]
+        return [self._next_token(logits[0], context)], logits
 
     def _draft(self, context: list[int], k: int) -> tuple[list[int], list[torch.Tensor]]:
         """k tokens from the draft model, one at a time, and their distributions (sampling only)."""
@@ -380,9 +433,11 @@ class Generation:
                 qs.append(q)
         return drafts, qs
 
-    def _verify(self, context: list[int], drafts: list[int], qs: list[torch.Tensor] | None) -> list[int]:
-        """One target pass over the k drafts (+1): the accepted tokens and the next one. qs None:
-        the drafts are point masses (prompt lookup)."""
+    def _verify(self, context: list[int], drafts: list[int], qs: list[torch.Tensor] | None
+                ) -> tuple[list[int], torch.Tensor]:
+        """One target pass over the k drafts (+1): the accepted tokens and the next one, and the
+        target's logits (k+1, vocab), row i the one token i came from. qs None: the drafts are
+        point masses (prompt lookup)."""
         k = len(drafts)
         target_logits = self.target.logits(context + drafts, k + 1)            # (k+1, vocab)
         if qs is None:
@@ -395,7 +450,7 @@ class Generation:
         self.stats.drafted += k
         out: list[int] = []
         try:
-            return self._accept(context, drafts, qs, target_logits, out)
+            return self._accept(context, drafts, qs, target_logits, out), target_logits
         finally:
             # Roll both caches back to the accepted tokens (the last new token is not cached yet).
             n_ok = len(context) + max(0, len(out) - 1)
@@ -444,7 +499,7 @@ def generate(model: Llama | Backend, prompt_ids: Sequence[int], sampling: Sampli
              stop_ids: Iterable[int] = (), draft_model: Llama | Backend | NgramDraft | None = None,
              num_draft: int | str | AutoDraftLength = 4, adaptive_draft: bool = False,
              may_speculate: Callable[[], bool] | None = None, release: Callable[[], None] | None = None,
-             **settings) -> Generation:
+             logprobs: int | None = None, prompt_logprobs: bool = False, **settings) -> Generation:
     """Streams new token ids; see the module docstring. `sampling` (default: greedy, 64 tokens),
     with any SamplingParams field given as a keyword replacing its value:
 
@@ -456,7 +511,7 @@ def generate(model: Llama | Backend, prompt_ids: Sequence[int], sampling: Sampli
     if settings:
         sampling = sampling.replace(**settings)
     return Generation(model, prompt_ids, sampling, stop_ids, draft_model, num_draft, adaptive_draft,
-                      may_speculate, release)
+                      may_speculate, release, logprobs, prompt_logprobs)
 
 
 def check_same_vocabulary(target: Backend, draft: Backend) -> None:
