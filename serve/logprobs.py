@@ -1,12 +1,13 @@
 """Log-probabilities in the OpenAI API's two shapes, from the generator's TokenLogprobs.
 
-    texts = TokenTexts(tokenizer, prompt_ids + generated_ids)
+    texts = TokenTexts(tokenizer, prompt_ids + generated_ids, len(prompt_ids))
     body, end = completion_logprobs(texts, scored, first=1)   # /v1/completions: tokens, token_logprobs,
                                                               # top_logprobs, text_offset; where the text ends
     chat_logprobs(texts, scored, first=len(prompt_ids))   # /v1/chat/completions: {"content": [...]}
 
 A token's text is what it adds to the text decoded before it, so "▁cow" after "a" is " cow" and
-the texts of a reply's tokens join to the reply. A special token (</s>, <|im_end|>) adds no text;
+the texts of a reply's tokens join to the reply. The prompt and the reply are decoded apart, as
+the reply's text is (SentencePiece drops the space that starts a text), so offsets hold in both. A special token (</s>, <|im_end|>) adds no text;
 it is shown as its piece and moves no offset. A token that holds part of a UTF-8 character shows
 what decoding it alone gives.
 """
@@ -24,13 +25,15 @@ FLOOR = -9999.0      # JSON has no -inf; OpenAI-compatible servers report this f
 class TokenTexts:
     """The text each token of `ids` adds in its context, and the text an alternative would have added."""
 
-    def __init__(self, tokenizer, ids: Sequence[int]) -> None:
-        self.tok, self.ids = tokenizer, list(ids)
+    def __init__(self, tokenizer, ids: Sequence[int], reply_start: int = 0) -> None:
+        """reply_start: where the generated tokens start; they are decoded without the prompt."""
+        self.tok, self.ids, self.reply_start = tokenizer, list(ids), reply_start
         self._heads: dict[int, str] = {}
 
     def added(self, position: int, token: int | None = None) -> str:
         """The text `token` (default: the one there) adds at `position`; "" for a special token."""
-        before = self.ids[max(0, position - WINDOW):position]
+        floor = self.reply_start if position >= self.reply_start else 0
+        before = self.ids[max(floor, position - WINDOW):position]
         if position not in self._heads:
             self._heads[position] = self.tok.decode(before)
         head = self._heads[position]
@@ -64,8 +67,9 @@ def completion_logprobs(texts: TokenTexts, scored: Sequence[TokenLogprob | None]
             out["token_logprobs"].append(None)
             out["top_logprobs"].append(None)
             continue
-        top = {texts.shown(position, t): _lp(v) for t, v in s.top}
-        top[texts.shown(position)] = _lp(s.logprob)
+        top: dict[str, float] = {}
+        for t, v in (*s.top, (s.token, s.logprob)):       # likeliest first: a text shared keeps its best
+            top.setdefault(texts.shown(position, t), _lp(v))
         out["token_logprobs"].append(_lp(s.logprob))
         out["top_logprobs"].append(top)
     return out, offset

@@ -224,7 +224,7 @@ class Reply:
             return (echo or "") + text, None
         gen, n_prompt = self.gen, len(self.gen.prompt)
         scored = gen.token_logprobs[self.sent:upto]
-        texts = TokenTexts(self.tok, gen.prompt + [s.token for s in gen.token_logprobs])
+        texts = TokenTexts(self.tok, gen.prompt + [s.token for s in gen.token_logprobs], n_prompt)
         first, self.sent = n_prompt + self.sent, self.sent + len(scored)
         if self.kind == "chat":
             return text, chat_logprobs(texts, scored, first)
