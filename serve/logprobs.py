@@ -7,9 +7,9 @@
 
 A token's text is what it adds to the text decoded before it, so "▁cow" after "a" is " cow" and
 the texts of a reply's tokens join to the reply. The prompt and the reply are decoded apart, as
-the reply's text is (SentencePiece drops the space that starts a text), so offsets hold in both. A special token (</s>, <|im_end|>) adds no text;
-it is shown as its piece and moves no offset. A token that holds part of a UTF-8 character shows
-what decoding it alone gives.
+the reply's text is (SentencePiece drops the space that starts a text), so offsets hold in both.
+A special token (</s>, <|im_end|>) adds no text: it is shown as its piece and moves no offset.
+A token that holds part of a UTF-8 character shows what decoding it alone gives.
 """
 
 from __future__ import annotations
