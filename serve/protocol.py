@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from tinyllama.inference.generate import MAX_TOP_LOGPROBS, SamplingParams
 
@@ -43,6 +43,11 @@ def _sent(extra: dict[str, Any] | None) -> dict[str, Any]:
     return {k: v for k, v in (extra or {}).items() if v not in (None, [], {})}
 
 
+def _without_nulls(data: Any) -> Any:
+    """A field sent as null is a field not sent, declared or not (clients serialise unset fields so)."""
+    return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
+
+
 def _neutral(name: str, value: Any) -> bool:
     """Whether `value` is the do-nothing value of `name` (1 and 1.0 alike, never True for 1)."""
     want = NEUTRAL[name]
@@ -68,6 +73,7 @@ class RequestFields(BaseModel):
     user: str | None = None                   # an end-user id, for the client's own bookkeeping
 
     path: ClassVar[str] = ""
+    _nulls = model_validator(mode="before")(_without_nulls)
 
     def sampling(self, max_tokens: int) -> SamplingParams:
         """The one sampling object, from the fields the client sent (SamplingError if out of range)."""
@@ -151,6 +157,7 @@ class CompletionRequest(RequestFields):
 
 class Message(BaseModel):
     model_config = ConfigDict(extra="allow")
+    _nulls = model_validator(mode="before")(_without_nulls)
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[Any]

@@ -177,6 +177,24 @@ def test_text_parts_and_developer_messages(served):
                  response_format=None, logprobs=False, model="anything") == plain
 
 
+def test_the_fields_listed_are_the_fields_read():
+    from serve.protocol import FIELDS, ChatRequest, CompletionRequest
+
+    for model in (ChatRequest, CompletionRequest):
+        assert set(FIELDS[model.path]) == set(model.model_fields), model.path
+
+
+def test_nulls_are_fields_not_sent(served):
+    _, client = served
+    body = {"prompt": "Hi", "max_tokens": 2, "stream": None, "echo": None, "logprobs": None, "temperature": None,
+            "stop": None, "suffix": None}
+    r = client.post("/v1/completions", json=body)
+    assert r.status_code == 200 and r.json()["choices"][0]["logprobs"] is None, r.text
+    r = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "Hi", "name": None}],
+                                                  "max_tokens": 2, "logprobs": None, "top_logprobs": None})
+    assert r.status_code == 200, r.text
+
+
 def test_the_openai_client_reads_logprobs(weights, llama2_tokenizer):
     openai = pytest.importorskip("openai")
     from test_serve import start_server
