@@ -96,11 +96,11 @@ class RequestFields(BaseModel):
                     raise Unsupported(f"{name}={value!r} is not supported: only {name}={NEUTRAL[name]}", name)
                 continue
             raise Unsupported(f"{name} is not supported by this server; {self.path} reads "
-                               f"{', '.join(FIELDS[self.path])}, and {self._neutral_text()}", name)
+                              f"{', '.join(FIELDS[self.path])}, and {self._neutral_text()}", name)
         unknown = set(_sent(self.stream_options)) - {"include_usage"}
         if unknown:
             raise Unsupported(f"stream_options.{min(unknown)} is not supported; only include_usage is",
-                               "stream_options")
+                              "stream_options")
 
     @staticmethod
     def _neutral_text() -> str:
@@ -148,7 +148,7 @@ class CompletionRequest(RequestFields):
         if isinstance(p, list) and p and isinstance(p[0], (str, list)):
             if len(p) > 1:
                 raise Unsupported(f"prompt: a batch of {len(p)} prompts is not supported; send one prompt per "
-                                   "request (concurrent requests are batched by the server)", "prompt")
+                                  "request (concurrent requests are batched by the server)", "prompt")
             p = p[0]
         if isinstance(p, list) and not p:
             raise RequestError("prompt: no token ids", "prompt")
@@ -219,7 +219,7 @@ def _text(i: int, content: str | list[Any]) -> str:
         if kind != "text":
             what = f"of type {kind!r}" if kind else "without a type"
             raise Unsupported(f"messages.{i}.content.{j}: a content part {what} is not supported; only text "
-                               "parts ({\"type\": \"text\", \"text\": ...})", f"messages.{i}.content")
+                              "parts ({\"type\": \"text\", \"text\": ...})", f"messages.{i}.content")
         if not isinstance(part.get("text"), str):
             raise RequestError(f"messages.{i}.content.{j}.text: a text part needs a string 'text'",
                                f"messages.{i}.content")
