@@ -125,24 +125,40 @@ class Engine:
         return self.target.context_length
 
     # ---- requests ----------------------------------------------------------------------------
-    def complete(self, prompt: str, sampling: SamplingParams, speculative: bool | None = None) -> TextStream:
-        """Plain text continuation of `prompt` (BOS added). speculative None: use the draft
-        when one is loaded."""
-        return self._stream(self.tokenizer.encode(prompt), sampling, speculative)
+    def complete(self, prompt: str | list[int], sampling: SamplingParams, speculative: bool | None = None,
+                 logprobs: int | None = None, echo: bool = False) -> TextStream:
+        """Plain text continuation of `prompt`: a text (BOS added as the model does) or token ids
+        (used as given). speculative None: use the draft when one is loaded. logprobs: record
+        each token's logprob with this many alternatives (None: off); echo: score the prompt's
+        tokens too (then max_new_tokens may be 0: the prompt's logprobs alone)."""
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else self._known_ids(prompt)
+        return self._stream(ids, sampling, speculative, logprobs, echo)
 
-    def chat(self, messages: list[dict], sampling: SamplingParams, speculative: bool | None = None) -> TextStream:
+    def chat(self, messages: list[dict], sampling: SamplingParams, speculative: bool | None = None,
+             logprobs: int | None = None) -> TextStream:
         """The assistant's next turn, the prompt rendered in the target model's own chat template."""
         ids = apply_chat_template(self.tokenizer, messages, add_generation_prompt=True, template=self.template)
-        return self._stream(ids, sampling, speculative)
+        return self._stream(ids, sampling, speculative, logprobs)
 
-    def _stream(self, ids: list[int], s: SamplingParams, speculative: bool | None) -> TextStream:
+    def _known_ids(self, ids: list[int]) -> list[int]:
+        bad = next((i for i in ids if not 0 <= i < self.target.vocab_size), None)
+        if bad is not None:
+            raise RequestError(f"prompt: token id {bad} is not in the vocabulary (0 to {self.target.vocab_size - 1})",
+                               "prompt")
+        return list(ids)
+
+    def _stream(self, ids: list[int], s: SamplingParams, speculative: bool | None, logprobs: int | None = None,
+                echo: bool = False) -> TextStream:
         """The settings were checked when `s` was made; what depends on this model is checked here."""
+        if not ids:
+            raise RequestError("the prompt is empty (and this model starts none with BOS)", "prompt")
         room = self.context_length - len(ids)
-        if room < 1:
+        if room < min(1, s.max_new_tokens):          # scoring a prompt alone needs no room after it
             raise RequestError(f"the prompt has {len(ids)} tokens; the context length is {self.context_length}",
                                "messages")
-        if s.max_new_tokens < 1:
-            raise RequestError(f"max_tokens must be at least 1, got {s.max_new_tokens}", "max_tokens")
+        if s.max_new_tokens < 1 and not echo:
+            raise RequestError(f"max_tokens must be at least 1, got {s.max_new_tokens} (0 only with echo: the "
+                               "prompt's logprobs alone)", "max_tokens")
         if s.max_new_tokens > self.context_length:
             raise RequestError(f"max_tokens {s.max_new_tokens} exceeds the context length {self.context_length}",
                                "max_tokens")
@@ -154,7 +170,7 @@ class Engine:
         if self.pool is not None:
             target, draft, release = self._leases(ids, draft)
         gen = generate(target, ids, s, stop_ids=list(self.tokenizer.stop_ids), drafter=draft,
-                       draft_policy=self.policy, release=release)
+                       draft_policy=self.policy, release=release, logprobs=logprobs, prompt_logprobs=echo)
         return TextStream(gen, self.tokenizer)
 
     def _leases(self, ids: list[int], draft: Drafter | None):

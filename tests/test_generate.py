@@ -130,6 +130,46 @@ def test_a_perfect_draft_is_always_accepted(pair):
     assert "mean k 4.0" in s.describe()
 
 
+@pytest.mark.parametrize("draft, sampling", [(None, dict()), (None, dict(temperature=0.8, top_k=5, seed=3)),
+                                             ("model", dict()), ("model", dict(temperature=1.0, seed=4)),
+                                             ("ngram", dict())])
+def test_logprobs_are_the_models_log_softmax(pair, draft, sampling):
+    """Every produced token's logprob (and its top alternatives) is the target's own log-softmax
+    of the raw logits at that position, however it was picked: plain, a speculative round's
+    verification rows, prompt lookup; the prompt's are scored too (in chunks)."""
+    from tinyllama.inference.lookup import NgramDrafter
+
+    target, other = pair
+    prompt = [1, 5, 9, 13, 5, 9, 13, 5, 9]
+    drafter = {"model": other, "ngram": NgramDrafter(), None: None}[draft]
+    gen = generate(target, prompt, max_new_tokens=12, drafter=drafter, draft_policy=Fixed(3), logprobs=4,
+                   prompt_logprobs=True, **sampling)
+    out = list(gen)
+    ids = prompt + out
+    with torch.no_grad():
+        logp = torch.log_softmax(target(torch.tensor([ids]))[0], -1)                 # (T, V)
+    scored = gen.prompt_logprobs + gen.token_logprobs
+    assert [s.token for s in scored] == ids[1:]
+    for i, s in enumerate(scored):
+        assert s.logprob == pytest.approx(float(logp[i, ids[i + 1]]), abs=1e-4)
+        values, top = torch.topk(logp[i], 4)
+        assert [t for t, _ in s.top] == top.tolist()
+        assert [v for _, v in s.top] == pytest.approx(values.tolist(), abs=1e-4)
+
+
+def test_prompt_logprobs_alone_and_in_chunks(pair):
+    from tinyllama.inference.generate import score_tokens
+
+    target, _ = pair
+    prompt = list(range(1, 40))
+    gen = generate(target, prompt, max_new_tokens=0, prompt_logprobs=True)
+    assert list(gen) == [] and gen.stats.stop_reason == "length"
+    backend = TorchBackend(target, pack=False)
+    chunked = score_tokens(backend, prompt, start=1, chunk=7)
+    assert [s.logprob for s in gen.prompt_logprobs] == pytest.approx([s.logprob for s in chunked], abs=1e-4)
+    assert len(chunked) == len(prompt) - 1 and score_tokens(backend, prompt[:1]) == []
+
+
 def test_adaptive_k_shrinks_after_rejections(pair):
     target, draft = pair
     policy = Adaptive(6)

@@ -6,11 +6,14 @@
     print(gen.stats.describe())                # prompt/generated tokens, tokens/s, acceptance
 
     gen = generate(target, prompt_ids, drafter=draft, draft_policy=Fixed(4))   # speculative decoding
+    gen = generate(model, prompt_ids, logprobs=5, prompt_logprobs=True)  # gen.token_logprobs, .prompt_logprobs
 
 `model` is our `Llama` or any `tinyllama.inference.backends.Backend` (a GGUF in llama.cpp
 included); `drafter` one of those too, or any tinyllama.inference.drafters.Drafter. How tokens
 are picked is one SamplingParams (greedy by default; see its docstring). Generation stops at
-max_new_tokens or after yielding a stop id; TextStream adds stop strings.
+max_new_tokens or after yielding a stop id; TextStream adds stop strings. Log-probabilities
+(`logprobs`, `prompt_logprobs`) are those of the target's raw logits, whatever sampling did with
+them (TokenLogprob).
 
 Speculative decoding (Leviathan et al. 2023; Chen et al. 2023): the draft proposes k tokens
 one at a time from its processed distribution q; the target scores all k (+1) positions in one
@@ -132,6 +135,47 @@ def process_logits(logits: torch.Tensor, context: Sequence[int], sampling: Sampl
     return probs
 
 
+MAX_TOP_LOGPROBS = 20     # alternatives reported per position (OpenAI's limit)
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A token's log-probability under the model's raw logits (log-softmax before temperature,
+    penalties or cuts: what the model itself says, however the token was picked) and the `top`
+    likeliest tokens at that position as (id, logprob), likeliest first."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+def token_logprobs(logits: torch.Tensor, tokens: Sequence[int], top: int = 0) -> list[TokenLogprob]:
+    """logits (n, vocab), row i the one tokens[i] was chosen from -> their TokenLogprobs."""
+    logp = torch.log_softmax(logits.float(), dim=-1)                              # (n, V)
+    chosen = logp[torch.arange(len(tokens)), torch.tensor(list(tokens))].tolist()
+    alternatives: list[tuple] = [()] * len(tokens)
+    if top > 0:
+        values, ids = torch.topk(logp, min(top, logp.shape[-1]), dim=-1)          # (n, top)
+        alternatives = [tuple(zip(i, v)) for i, v in zip(ids.tolist(), values.tolist())]
+    return [TokenLogprob(t, c, a) for t, c, a in zip(tokens, chosen, alternatives)]
+
+
+def score_tokens(model: Backend, ids: Sequence[int], start: int = 1, top: int = 0,
+                 chunk: int = 256) -> list[TokenLogprob]:
+    """The TokenLogprob of each of ids[start:] given the tokens before it (start >= 1), from
+    passes over at most `chunk` positions each: a batching slot's step carries a few hundred
+    tokens, and (chunk, vocab) logits stay small. The backend's KV cache makes each pass compute
+    only its own chunk."""
+    ids = list(ids)
+    out: list[TokenLogprob] = []
+    for first in range(max(1, start), len(ids), chunk):
+        end = min(first + chunk, len(ids))
+        # rows predict tokens first .. end-1 (backends.py: row i predicts len(context) - n_last + i + 1)
+        logits = model.logits(ids[:end - 1], n_last=end - first)                  # (end - first, V)
+        out += token_logprobs(logits, ids[first:end], top)
+    return out
+
+
 @dataclass
 class GenerationStats:
     prompt_tokens: int = 0
@@ -182,10 +226,15 @@ class Generation:
 
     def __init__(self, model: Llama | Backend, prompt_ids: Sequence[int], sampling: SamplingParams = SamplingParams(),
                  stop_ids: Iterable[int] = (), drafter: Llama | Backend | Drafter | None = None,
-                 draft_policy: DraftPolicy | None = None, release: Callable[[], None] | None = None) -> None:
+                 draft_policy: DraftPolicy | None = None, release: Callable[[], None] | None = None,
+                 logprobs: int | None = None, prompt_logprobs: bool = False) -> None:
         """drafter: what drafts (None: plain decoding); draft_policy: each round's k (default
         Fixed(4)), started once for this generation. release: called once when the generation
-        ends, however it ends (a slot goes back to its pool)."""
+        ends, however it ends (a slot goes back to its pool). logprobs: record each produced
+        token's TokenLogprob (its log-softmax under the target's raw logits) in
+        `token_logprobs`, with this many alternatives (None: off); prompt_logprobs: also score
+        the prompt's tokens after the first, before generating, into `prompt_logprobs` (with
+        max_new_tokens 0, only that)."""
         if not len(prompt_ids):
             raise ValueError("generate() needs at least one prompt token (e.g. BOS)")
         self.target = _as_backend(model)
@@ -205,6 +254,9 @@ class Generation:
         self.stop_ids = set(stop_ids)
         self.stats = GenerationStats(prompt_tokens=len(self.prompt))
         self._release = release
+        self.top_logprobs = logprobs
+        self.token_logprobs: list[TokenLogprob] = []
+        self.prompt_logprobs: list[TokenLogprob] | None = [] if prompt_logprobs else None
         self._it = self._run()
 
     def _as_drafter(self, draft: Llama | Backend | Drafter | None) -> Drafter | None:
@@ -237,10 +289,12 @@ class Generation:
             release()
 
     def _run(self) -> Iterator[int]:
-        if self.max_new_tokens == 0:
-            self.stats.stop_reason = "length"
-            return
         try:
+            if self.prompt_logprobs is not None:
+                self.prompt_logprobs = score_tokens(self.target, self.prompt, 1, self.top_logprobs or 0)
+            if self.max_new_tokens == 0:
+                self.stats.stop_reason = "length"
+                return
             yield from (self._speculative() if self.drafter is not None else self._plain())
         finally:
             for backend in self._owned:
@@ -264,9 +318,12 @@ class Generation:
             return int(probs.argmax())
         return int(torch.multinomial(probs, 1, generator=self.generator))
 
-    def _emit(self, token: int) -> bool:
-        """Counts one produced token; True when generation must end after it."""
+    def _emit(self, token: int, logits: torch.Tensor) -> bool:
+        """Counts one produced token, chosen from the raw `logits` (vocab,); True when generation
+        must end after it."""
         self.stats.generated_tokens += 1
+        if self.top_logprobs is not None:
+            self.token_logprobs += token_logprobs(logits[None], [token], self.top_logprobs)
         if token in self.stop_ids:
             self.stats.stop_reason = "stop_id"
             return True
@@ -285,7 +342,7 @@ class Generation:
             t0 = time.perf_counter()
             token = self._next_token(logits, context)
             self.stats.decode_seconds += time.perf_counter() - t0
-            done = self._emit(token)
+            done = self._emit(token, logits)
             yield token
             if done:
                 return
@@ -306,42 +363,43 @@ class Generation:
             self.drafter.prefill(context)
         self.stats.prefill_seconds = time.perf_counter() - t0
         while True:
-            new_tokens = self._round(context, first)
+            new_tokens, rows = self._round(context, first)
             first = None
-            for token in new_tokens:
-                done = self._emit(token)
+            for token, row in zip(new_tokens, rows):      # row: the target's logits it came from
+                done = self._emit(token, row)
                 yield token
                 if done:
                     return
                 context.append(token)
 
-    def _round(self, context: list[int], first: torch.Tensor | None) -> list[int]:
+    def _round(self, context: list[int], first: torch.Tensor | None) -> tuple[list[int], torch.Tensor]:
         """One round: k from the policy, drafts, one verification pass; or, with no drafts, a
-        plain step (on the prefill's logits `first` (vocab,) when they are still unused)."""
+        plain step (on the prefill's logits `first` (vocab,) when they are still unused). The
+        new tokens, and the target's logits (n, vocab) each came from."""
         t0 = time.perf_counter()
         room = min(self.max_new_tokens - self.stats.generated_tokens, self.target.context_length - len(context),
                    self.drafter.context_length - len(context))
         k = self.policy.choose(room - 1)                  # room for the k drafts and the bonus token
         drafts, qs = self.drafter.draft(context, k, self._sample_draft) if k >= 1 else ([], None)
         if not drafts and first is not None:
-            new_tokens = [self._next_token(first, context)]
+            new_tokens, rows = [self._next_token(first, context)], first[None]
         elif not drafts:
-            new_tokens = self._plain_step(context)
+            new_tokens, rows = self._plain_step(context)
             self.policy.record_step(time.perf_counter() - t0)
         else:
             accepted_before, drafted = self.stats.accepted, time.perf_counter()
-            new_tokens = self._verify(context, drafts, qs)
+            new_tokens, rows = self._verify(context, drafts, qs)
             draft_seconds, verify_seconds = drafted - t0, time.perf_counter() - drafted
             self.stats.draft_seconds += draft_seconds
             self.stats.verify_seconds += verify_seconds
             self.policy.record_round(len(drafts), self.stats.accepted - accepted_before, draft_seconds, verify_seconds)
         self.stats.decode_seconds += time.perf_counter() - t0
-        return new_tokens
+        return new_tokens, rows
 
-    def _plain_step(self, context: list[int]) -> list[int]:
-        logits = self.target.logits(context, 1)[0]
+    def _plain_step(self, context: list[int]) -> tuple[list[int], torch.Tensor]:
+        logits = self.target.logits(context, 1)                              # (1, vocab)
         self.stats.target_calls += 1
-        return [self._next_token(logits, context)]
+        return [self._next_token(logits[0], context)], logits
 
     def _sample_draft(self, logits: torch.Tensor, context: Sequence[int]) -> tuple[int, torch.Tensor | None]:
         """A draft model's token from its logits (vocab,), picked as the target's would be, and the
@@ -351,9 +409,11 @@ class Generation:
         q = self._probs(logits, context)
         return self._pick(q), q
 
-    def _verify(self, context: list[int], drafts: list[int], qs: list[torch.Tensor] | None) -> list[int]:
-        """One target pass over the k drafts (+1): the accepted tokens and the next one. qs None:
-        the drafts are point masses (greedy decoding, prompt lookup)."""
+    def _verify(self, context: list[int], drafts: list[int], qs: list[torch.Tensor] | None
+                ) -> tuple[list[int], torch.Tensor]:
+        """One target pass over the k drafts (+1): the accepted tokens and the next one, and the
+        target's logits (k+1, vocab), row i the one token i came from. qs None: the drafts are
+        point masses (greedy decoding, prompt lookup)."""
         k = len(drafts)
         target_logits = self.target.logits(context + drafts, k + 1)            # (k+1, vocab)
         if qs is None:
@@ -366,7 +426,7 @@ class Generation:
         self.stats.drafted += k
         out: list[int] = []
         try:
-            return self._accept(context, drafts, qs, target_logits, out)
+            return self._accept(context, drafts, qs, target_logits, out), target_logits
         finally:
             # Roll both caches back to the accepted tokens (the last new token is not cached yet).
             n_ok = len(context) + max(0, len(out) - 1)
@@ -413,7 +473,7 @@ class Generation:
 def generate(model: Llama | Backend, prompt_ids: Sequence[int], sampling: SamplingParams | None = None, *,
              stop_ids: Iterable[int] = (), drafter: Llama | Backend | Drafter | None = None,
              draft_policy: DraftPolicy | None = None, release: Callable[[], None] | None = None,
-             **settings) -> Generation:
+             logprobs: int | None = None, prompt_logprobs: bool = False, **settings) -> Generation:
     """Streams new token ids; see the module docstring. `sampling` (default: greedy, 64 tokens),
     with any SamplingParams field given as a keyword replacing its value:
 
@@ -424,7 +484,8 @@ def generate(model: Llama | Backend, prompt_ids: Sequence[int], sampling: Sampli
     sampling = sampling or SamplingParams()
     if settings:
         sampling = sampling.replace(**settings)
-    return Generation(model, prompt_ids, sampling, stop_ids, drafter, draft_policy, release)
+    return Generation(model, prompt_ids, sampling, stop_ids, drafter, draft_policy, release, logprobs,
+                      prompt_logprobs)
 
 
 class TextStream:
