@@ -38,6 +38,8 @@ _HELP = {
                  "prepared with the same tokenizer); unset: Llama-2's",
     "tie_embeddings": "lm_head shares the embedding table (unset: as the preset has it); halves a small "
                       "model's parameters in a large vocabulary",
+    "embeddings_from": "start the embedding table from this checkpoint's (same vocabulary; a draft's target), "
+                       "projected onto its d_model principal directions",
     "data": "sources as NAME=SHARD_DIR ... (from python -m prepare)",
     "weights": "mixture weights as NAME=WEIGHT ...",
     "global_batch_tokens": "tokens per optimizer step, across ranks and accumulation",

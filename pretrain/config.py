@@ -35,6 +35,9 @@ class TrainConfig:
     # or hub id whose tokenizer, special ids and chat template the new model takes; None: Llama-2's
     tokenizer: str | None = None
     tie_embeddings: bool | None = None    # lm_head shares the embedding table; None: the preset's
+    # start the embedding table from another model's (same vocabulary), projected onto its d_model
+    # principal directions: a draft begins with its target's geometry of tokens
+    embeddings_from: str | None = None
     # data: name -> shard directory, and the mixture weights (TinyLlama: 0.693584 / 0.306416)
     data: dict[str, str] = field(default_factory=lambda: {"natural": "data/tokens/natural", "code": "data/tokens/code"})
     weights: dict[str, float] = field(default_factory=lambda: {"natural": 0.7, "code": 0.3})
@@ -118,9 +121,9 @@ class TrainConfig:
             bad("dtype", "must be auto, bfloat16 or float32")
         if self.save_every < 0 or self.eval_every < 0 or self.keep_last < 1:
             bad("keep_last" if self.keep_last < 1 else "save_every", "must be >= 0 (keep_last >= 1)")
-        if self.init_from and (self.tokenizer or self.tie_embeddings is not None):
-            bad("tokenizer" if self.tokenizer else "tie_embeddings",
-                "only for a model built from scratch; an init_from checkpoint brings its own")
+        scratch_only = [f for f in ("tokenizer", "tie_embeddings", "embeddings_from") if getattr(self, f) is not None]
+        if self.init_from and scratch_only:
+            bad(scratch_only[0], "only for a model built from scratch; an init_from checkpoint brings its own")
         if not self.data:
             bad("data", "needs at least one source")
         unknown = set(self.weights) - set(self.data)

@@ -66,6 +66,9 @@ def build_model(cfg: TrainConfig, env: Dist, model_cfg: ModelConfig, dtype: torc
     else:
         model = Llama(model_cfg)
         tok = scratch_tokenizer(cfg)
+        if cfg.embeddings_from:
+            with torch.no_grad():
+                model.model.embed_tokens.weight.copy_(projected_embeddings(cfg.embeddings_from, model_cfg))
     if tok.vocab_size > model_cfg.vocab_size:
         raise ConfigError(f"the tokenizer has {tok.vocab_size} tokens but the model's vocabulary is {model_cfg.vocab_size}")
     model.to(env.device)
@@ -121,6 +124,33 @@ def scratch_tokenizer(cfg: TrainConfig) -> Tokenizer:
         return Tokenizer.from_dir(path)
     except UserError as e:
         raise ConfigError(str(e)) from None
+
+
+def projected_embeddings(source: str, cfg: ModelConfig) -> torch.Tensor:
+    """`source`'s embedding table (vocab, D) projected onto its cfg.d_model principal directions
+    (vocab, d), scaled to the std the model's own initialisation gives: the rows keep their
+    relative geometry (which tokens are near which) in the smaller width."""
+    from safetensors import safe_open
+
+    try:
+        path = resolve_model(source, kinds=("checkpoint",), flag="config field embeddings_from:").path
+    except UserError as e:
+        raise ConfigError(str(e)) from None
+    files = sorted(Path(path).glob("*.safetensors"))
+    table = None
+    for f in files:
+        with safe_open(f, "pt") as st:
+            if "model.embed_tokens.weight" in st.keys():
+                table = st.get_tensor("model.embed_tokens.weight").float()               # (V, D)
+    if table is None:
+        raise ConfigError(f"config field embeddings_from: {path} has no model.embed_tokens.weight")
+    if table.shape[0] != cfg.vocab_size or table.shape[1] < cfg.d_model:
+        raise ConfigError(f"config field embeddings_from: {path}'s embedding table is {tuple(table.shape)}; "
+                          f"this model needs {cfg.vocab_size} rows and at least {cfg.d_model} columns")
+    centered = table - table.mean(0)
+    _, _, vt = torch.linalg.svd(centered, full_matrices=False)                          # vt: (D, D)
+    projected = centered @ vt[:cfg.d_model].T                                           # (V, d)
+    return projected * (math.sqrt(2.0 / (5 * cfg.d_model)) / projected.std())
 
 
 def initial_model_config(cfg: TrainConfig, init_dir: Path | None = None) -> ModelConfig:

@@ -211,6 +211,7 @@ def test_a_model_built_from_scratch_takes_another_models_vocabulary(tokenizers, 
     import json
 
     import numpy as np
+    import torch
 
     from prepare.prepare import PrepareConfig, prepare
     from pretrain.config import ConfigError, TrainConfig
@@ -235,6 +236,20 @@ def test_a_model_built_from_scratch_takes_another_models_vocabulary(tokenizers, 
     assert (model.config.bos_id, model.config.eos_id) == (target.bos_id, target.eos_id)
     assert tok.fingerprint == target.fingerprint and tok.chat_template == target.chat_template
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+
+    # embeddings_from: the draft starts from the (projected) table of a model in that vocabulary
+    from pretrain.train import projected_embeddings
+    from tinyllama.formats.checkpoint import save_checkpoint
+    from tinyllama.model.config import ModelConfig
+    from tinyllama.model.model import Llama
+
+    save_checkpoint(Llama(ModelConfig.from_name("tinyllama-debug").replace(vocab_size=target.vocab_size, d_model=128,
+                                                                            ffn_dim=256)), target, tmp_path / "big")
+    train(TrainConfig(tokenizer=str(tmp_path / "target"), embeddings_from=str(tmp_path / "big"),
+                      **{**cfg, "out_dir": str(tmp_path / "run-e"), "lr": 1e-7, "min_lr": 0.0}))
+    started, _ = load_checkpoint(tmp_path / "run-e" / "final")
+    expected = projected_embeddings(str(tmp_path / "big"), started.config)
+    torch.testing.assert_close(started.model.embed_tokens.weight, expected, rtol=0, atol=1e-4)
 
     with pytest.raises(ConfigError, match="config field tokenizer: only for a model built from scratch"):
         TrainConfig(init_from=str(tmp_path / "run" / "final"), tokenizer=str(tmp_path / "target"), **cfg).validate()
