@@ -190,7 +190,7 @@ gpu-check:
 	OUT=$(GPU_CHECK_OUT) BUDGET=$(BUDGET) STAGES="$(STAGES)" DRY=$(DRY) $(GPU_PY) -m gpu_check
 
 gpu-carry: setup
-	PY=$(PY) bash gpu_check/prepare_carry.sh
+	PY=$(PY) bash scripts/gpu_carry.sh
 
 clean:
 	rm -rf $(OUT) $(DATA) .pytest_cache build *.egg-info

@@ -8,6 +8,7 @@ own speculative decoding beside ours.
     python -m bench.speculative --pair 7b [--alpha 0.6 0.7 0.8]         # llama-2-7b-shaped target, 1.1B draft
     python -m bench.speculative --pair 1b                       # the quick variant (1.1B target, ~110M draft)
     python -m bench.speculative -md ngram --prompt-set copy         # prompt lookup, copy-heavy prompts
+    python -m bench.speculative --pair 7b --backend torch --device cuda   # built on the GPU, eager and captured
     python -m bench.speculative --json                              # the rows as JSON
 
 (`make run` leaves both trained pairs.) Greedy decoding of held-out questions from the SFT sample
@@ -31,6 +32,11 @@ llama.cpp's `llama-speculative-simple` on the same files and prompts at each k
 prompt lookup (tinyllama.inference.lookup): no draft model, c taken as 0. `--prompt-set copy` uses prompts
 whose answer copies from the prompt: a piece of the standard library's source, then a request to
 write it again, started with its first line; `chat` (default) uses the held-out SFT questions.
+
+`--pair 7b|1b|tiny --backend torch` builds the pair in memory on `--device` instead (bf16 on a
+GPU) and records, as JSON, per-token latencies eager and through captured CUDA graphs and the
+generator's speculative loop in both modes against the theory (bench.speculative_torch; the
+GPU suite's spec stage).
 """
 
 from __future__ import annotations
@@ -65,19 +71,24 @@ def _copy_prompts(tok, n: int, budget: int, max_code: int = 400) -> list[list[in
     return out
 
 
-def _decode(target, prompts, tokens: int, draft=None, policy=None):
+def _decode(target, prompts, tokens: int, draft=None, policy=None, device=None):
     """(outputs, seconds, drafted, accepted, target passes, rounds, verification seconds): every
-    prompt decoded, prefill excluded; policy: a DraftPolicy (one object for every prompt)."""
+    prompt decoded, prefill excluded; policy: a DraftPolicy (one object for every prompt);
+    device: a torch device to wait for at both ends of each timing (a GPU's queued kernels)."""
     from tinyllama.inference.generate import generate
+
+    from . import sync
 
     outs, seconds, drafted, accepted, passes, rounds, verify = [], 0.0, 0, 0, 0, 0, 0.0
     for ids in prompts:
         for b in (target, draft):
             if b is not None:
                 b.reset()
+        sync(device)
         t0 = time.perf_counter()
         gen = generate(target, ids, max_new_tokens=tokens, drafter=draft, draft_policy=policy)
         outs.append(list(gen))
+        sync(device)
         seconds += time.perf_counter() - t0 - gen.stats.prefill_seconds
         drafted, accepted = drafted + gen.stats.drafted, accepted + gen.stats.accepted
         passes += gen.stats.target_calls
@@ -254,7 +265,7 @@ def _rows(best: dict, anchors: dict, ks, prompts, tokens: int, model_draft: bool
     return rows
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     from tinyllama.cli import add_draft_model_flag
 
     from .constructed_pair import qtypes
@@ -264,11 +275,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--target", default="out/sft")
     add_draft_model_flag(ap, "a draft model, or ngram[:N] for prompt lookup (default: %(default)s)",
                          default="out/draft/sft")
-    ap.add_argument("--pair", choices=["7b", "1b"],
+    ap.add_argument("--pair", choices=["7b", "1b", "tiny"],
                     help="instead of --target/--model-draft: a constructed pair (bench.constructed_pair): 7b = "
                          "tinyllama-1.1b drafting for a llama-2-7b-shaped target, 1b = a ~110M draft for a "
                          "tinyllama-1.1b-shaped target; both GGUFs, alpha constructed; adds llama.cpp's own "
-                         "speculative decoding as the anchor")
+                         "speculative decoding as the anchor; tiny = tiny shapes, --backend torch only")
+    ap.add_argument("--backend", choices=["gguf", "torch"], default="gguf",
+                    help="--pair's backend: gguf (the cached Q4_0 files, llama.cpp beside ours) or torch (built in "
+                         "memory on --device, bf16 on a GPU, timed eager and captured: bench.speculative_torch, "
+                         "JSON records) (default: %(default)s)")
     ap.add_argument("--alpha", type=float, nargs="+", default=[0.8],
                     help="--pair's constructed acceptance rate; several: one pair and table each (default 0.8)")
     ap.add_argument("--qtype", default="q4_0", choices=types, metavar="TYPE",
@@ -282,9 +297,17 @@ def main(argv: list[str] | None = None) -> int:
                                                  "with --pair 1)")
     ap.add_argument("--prompt-set", choices=["chat", "copy"], default="chat",
                     help="chat: held-out SFT questions; copy: code to write out again (default: chat)")
-    ap.add_argument("--device", default="cpu", help="where --target/--model-draft run: cpu, cuda or auto (GGUFs: all "
-                                                    "layers offloaded unless cpu) (default: %(default)s)")
+    ap.add_argument("--device", default=None, help="where --target/--model-draft run: cpu, cuda or auto (GGUFs: all "
+                                                   "layers offloaded unless cpu) (default: cpu; with --backend torch: "
+                                                   "auto)")
     ap.add_argument("--json", action="store_true", help="print the rows as JSON")
+    return ap
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The flags, with the defaults that depend on --pair filled in; refuses combinations that
+    cannot run."""
+    ap = _parser()
     args = ap.parse_args(argv)
     pair = args.pair is not None
     defaults = dict(k=[1, 2, 4], tokens=32, prompts=4, repeats=1) if pair else \
@@ -292,14 +315,30 @@ def main(argv: list[str] | None = None) -> int:
     for name, value in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
-    if pair:
-        if not all(0 < a <= 1 for a in args.alpha):
-            ap.error(f"--alpha must be in (0, 1], got {' '.join(map(str, args.alpha))}")
+    if pair and not all(0 < a <= 1 for a in args.alpha):
+        ap.error(f"--alpha must be in (0, 1], got {' '.join(map(str, args.alpha))}")
+    if args.backend == "torch" and not pair:
+        ap.error("--backend torch needs --pair")
+    if args.pair == "tiny" and args.backend != "torch":
+        ap.error("--pair tiny runs with --backend torch only")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.backend == "torch":
+        from tinyllama.devices import resolve_device
+
+        from .speculative_torch import run_torch_pair
+
+        for a in args.alpha:
+            run_torch_pair(args.pair, a, args.k, args.tokens, args.prompts, resolve_device(args.device or "auto"))
+    elif args.pair:
         print("\n\n".join(run_pair(args.pair, a, args.qtype, args.k, args.tokens, args.prompts, args.repeats, args.json)
                           for a in args.alpha))
     else:
         print(run(args.target, args.model_draft, args.k, args.tokens, args.prompts, args.repeats, args.prompt_set, args.json,
-                  anchor=args.anchor, device=args.device))
+                  anchor=args.anchor, device=args.device or "cpu"))
     return 0
 
 

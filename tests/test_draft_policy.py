@@ -208,10 +208,10 @@ def test_defaults_and_help():
     assert "--model-draft" in text and "--draft-max" in text and "--num-draft" not in text
 
 
-def test_gpu_check_spec_takes_both_names(capsys):
-    from gpu_check.spec import parse_args
+def test_bench_speculative_takes_both_names(capsys):
+    from bench.speculative import parse_args
 
-    assert parse_args([]).model_draft == "tinyllama-1.1b"
+    assert parse_args([]).model_draft == "out/draft/sft"
     assert parse_args(["-md", "tinyllama-debug"]).model_draft == "tinyllama-debug"
     assert parse_args(["--draft", "tinyllama-debug"]).model_draft == "tinyllama-debug"
     assert "warning: --draft is an old name: use --model-draft" in capsys.readouterr().err
