@@ -154,7 +154,7 @@ draft: setup data
 	$(PY) -m quantize --model $(OUT)/draft/sft --type q8_0 --out $(OUT)/gguf
 
 serve: setup
-	$(PY) -m serve --model $(MODEL) $(if $(DRAFT),--draft $(DRAFT)) $(SERVE_ARGS)
+	$(PY) -m serve --model $(MODEL) $(if $(DRAFT),--model-draft $(DRAFT)) $(SERVE_ARGS)
 
 # Offline, TinyLlama's seven hub tasks cannot be downloaded: the default is the shipped local
 # task; EVAL_TASKS="hellaswag openbookqa winogrande arc_challenge arc_easy boolq piqa" where online.
@@ -166,7 +166,7 @@ eval: setup
 
 DEMO_ARGS ?=
 demo: setup
-	$(PY) -m demo --model $(MODEL) $(if $(DRAFT),--draft $(DRAFT),$(if $(filter $(MODEL),$(SERVE_MODEL)),--draft $(DEFAULT_DRAFT),--no-draft)) $(DEMO_ARGS)
+	$(PY) -m demo --model $(MODEL) $(if $(DRAFT),--model-draft $(DRAFT),$(if $(filter $(MODEL),$(SERVE_MODEL)),--model-draft $(DEFAULT_DRAFT),--no-draft)) $(DEMO_ARGS)
 
 # The lifecycle so far: corpus -> shards -> pretrained base -> chat model (SFT) -> GGUF for llama.cpp.
 run: setup data
@@ -205,7 +205,7 @@ gpu-check:
 	OUT=$(GPU_CHECK_OUT) BUDGET=$(BUDGET) STAGES="$(STAGES)" DRY=$(DRY) $(GPU_PY) -m gpu_check
 
 gpu-carry: setup
-	PY=$(PY) bash gpu_check/prepare_carry.sh
+	PY=$(PY) bash scripts/gpu_carry.sh
 
 clean:
 	rm -rf $(OUT) $(DATA) .pytest_cache build *.egg-info

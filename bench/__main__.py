@@ -143,7 +143,7 @@ def _sections(args) -> list[tuple[str, object]]:
         ("Speculative decoding, the CPU-default pair (`python -m bench.speculative`)" if have_pairs else
          "Speculative decoding (`python -m bench.speculative`)",
          (lambda: "\n\n".join([speculative.run(t, d) for t, d in pairs] +
-                               ["Prompt lookup (`--draft ngram`, no draft model), on code to copy and on chat:"] +
+                               ["Prompt lookup (`-md ngram`, no draft model), on code to copy and on chat:"] +
                                [speculative.run(t, "ngram", ks=(2, 4), repeats=2, prompt_set=ps)
                                 for t, _ in pairs for ps in ("copy", "chat")])) if have_pairs else
          (lambda: "Not measured: run `make run` first (it trains the target and its draft).")),

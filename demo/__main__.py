@@ -1,11 +1,11 @@
 """python -m demo: the Gradio chat app (make demo).
 
     python -m demo                              # what `make run` left: the chat GGUF + its draft
-    python -m demo --model out/sft --draft out/draft/sft
-    python -m demo --model out/sft --draft ngram                # prompt lookup: no draft model
-    python -m demo --model llama-2-7b-chat.Q4_K_M.gguf --draft out/gguf/tinyllama-debug-chat-Q8_0.gguf
+    python -m demo --model out/sft --model-draft out/draft/sft --draft-max 4
+    python -m demo --model out/sft -md ngram                    # prompt lookup: no draft model
+    python -m demo --model llama-2-7b-chat.Q4_K_M.gguf -md out/gguf/tinyllama-debug-chat-Q8_0.gguf
     python -m demo --model TinyLlama/TinyLlama-1.1B-Chat-v1.0 --no-draft            # from the hub
-    python -m demo --model TheBloke/Llama-2-7B-Chat-GGUF:Q4_K_M --draft TinyLlama/TinyLlama-1.1B-Chat-v1.0
+    python -m demo --model TheBloke/Llama-2-7B-Chat-GGUF:Q4_K_M -md TinyLlama/TinyLlama-1.1B-Chat-v1.0
 
 Each model chats in its own template (Llama-2's [INST], TinyLlama's Zephyr, ...).
 
@@ -18,8 +18,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from tinyllama.cli import CHAT_TEMPLATE_HELP, MODEL_HELP, NUM_DRAFT_HELP, draft_length
+from tinyllama.cli import CHAT_TEMPLATE_HELP, MODEL_HELP, add_draft_model_flag
 from tinyllama.devices import DEVICE_HELP
+from tinyllama.inference.draft_policy import add_draft_policy_flags, draft_policy_of
 
 DEFAULT_MODEL = Path("out/gguf/tinyllama-19m-chat-Q4_K_M.gguf")
 DEFAULT_DRAFT = Path("out/gguf/tinyllama-debug-chat-Q8_0.gguf")
@@ -30,12 +31,11 @@ def main(argv: list[str] | None = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help=f"{MODEL_HELP} (default: {DEFAULT_MODEL})")
     ap.add_argument("--revision", help="hub revision of --model (default: main)")
-    ap.add_argument("--draft", default=None, help="draft model for speculative decoding, any form --model takes, "
-                                                  "or ngram[:N] for prompt lookup (no draft model) "
-                                                  f"(default: {DEFAULT_DRAFT} when it exists)")
+    add_draft_model_flag(ap, "draft model for speculative decoding, any form --model takes, or ngram[:N] for "
+                             f"prompt lookup (no draft model) (default: {DEFAULT_DRAFT} when it exists)")
     ap.add_argument("--chat-template", metavar="NAME|FILE", help=CHAT_TEMPLATE_HELP)
     ap.add_argument("--no-draft", action="store_true", help="no draft even if the default one exists")
-    ap.add_argument("--num-draft", type=draft_length, default="auto", help=NUM_DRAFT_HELP)
+    add_draft_policy_flags(ap)
     ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                     help="compute dtype of checkpoint directories; auto: bf16 only where a timed bf16 matmul "
                          "decodes faster here (default: %(default)s)")
@@ -45,7 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--share", action="store_true", help="ask Gradio for a public share link")
     args = ap.parse_args(argv)
     model = args.model or str(DEFAULT_MODEL)
-    draft = None if args.no_draft else (args.draft or (str(DEFAULT_DRAFT) if DEFAULT_DRAFT.exists() else None))
+    draft = None if args.no_draft else (args.model_draft or (str(DEFAULT_DRAFT) if DEFAULT_DRAFT.exists() else None))
+    policy = draft_policy_of(args)
     if args.model is None and not DEFAULT_MODEL.exists():
         print(f"error: {model}: no such model (run `make run` first, or pass --model)", file=sys.stderr)
         return 2
@@ -58,13 +59,13 @@ def main(argv: list[str] | None = None) -> int:
     draft_error = None
     try:
         try:
-            engine = Engine.load(model, draft, args.num_draft, dtype=args.dtype, revision=args.revision,
+            engine = Engine.load(model, draft, policy, dtype=args.dtype, revision=args.revision,
                                  chat_template=args.chat_template, device=args.device)
         except (UserError, ImportError) as e:
             if draft is None:
                 raise
             # the chat still works without the draft: say why in the page, not in a traceback
-            engine = Engine.load(model, None, args.num_draft, dtype=args.dtype, revision=args.revision,
+            engine = Engine.load(model, None, policy, dtype=args.dtype, revision=args.revision,
                                  chat_template=args.chat_template, device=args.device)
             draft_error, draft = f"draft {draft} not used: {e}", None
     except (UserError, ImportError) as e:

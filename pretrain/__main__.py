@@ -33,6 +33,13 @@ _HELP = {
     "init_from": "continue pretraining from a Llama checkpoint: an HF-format directory or a hub id (org/name, "
                  "org/name@REVISION, e.g. one of TinyLlama's intermediate checkpoints); new optimizer state, the "
                  "schedule from step 0; given as a flag it replaces the config file's preset",
+    "tokenizer": "build from scratch in this model's vocabulary: a checkpoint directory or hub id whose tokenizer, "
+                 "special ids and chat template the new model takes (a draft for that model; its shards must be "
+                 "prepared with the same tokenizer); unset: Llama-2's",
+    "tie_embeddings": "lm_head shares the embedding table (unset: as the preset has it); halves a small "
+                      "model's parameters in a large vocabulary",
+    "embeddings_from": "start the embedding table from this checkpoint's (same vocabulary; a draft's target), "
+                       "projected onto its d_model principal directions",
     "data": "sources as NAME=SHARD_DIR ... (from python -m prepare)",
     "weights": "mixture weights as NAME=WEIGHT ...",
     "global_batch_tokens": "tokens per optimizer step, across ranks and accumulation",

@@ -106,6 +106,23 @@ def _file_level_core_imports(path: Path, core: set[str]) -> set[str]:
     return out - {_core_module(path), "tinyllama"}
 
 
+def test_the_core_import_graph_is_at_most_six_levels_deep():
+    """Levels as in a layered design: a file that imports no core file (errors, definitions, cli)
+    is level 0, every other file one above the highest file it imports when loaded. At most 6:
+    any chain a newcomer follows from a file to the bottom has six imports or fewer."""
+    files = {_core_module(f): f for f in python_files("tinyllama")}
+    graph = {m: _file_level_core_imports(f, set(files)) - {p for p in files if m.startswith(p + ".")}
+             for m, f in files.items()}
+
+    def chain(m: str, seen: tuple = ()) -> list[str]:
+        assert m not in seen, f"import cycle: {' -> '.join((*seen, m))}"
+        below = [chain(d, (*seen, m)) for d in graph[m]]
+        return [m, *max(below, key=len, default=[])]
+
+    deepest = max((chain(m) for m in graph), key=len)
+    assert len(deepest) - 1 <= 6, " -> ".join(deepest)
+
+
 # core files that are commands of their own (python -m ...), not imported by what they serve
 CORE_COMMANDS = {"tinyllama.__main__", "tinyllama.real_model"}
 

@@ -178,5 +178,12 @@ def test_failed_quantization_leaves_nothing(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["not-a-model.gguf"]
 
 
-def test_sample_text_is_varied():
-    assert "\n" in SAMPLE_TEXT and "def " in SAMPLE_TEXT
+def test_the_verification_text_spans_prose_and_code(llama2_tokenizer):
+    """verify_gguf compares logits over SAMPLE_TEXT's tokens: enough positions, and a spread of
+    ids (prose, code keywords, newlines and indentation) so a layer that only breaks some rows
+    of the embedding or lm_head still shows."""
+    ids = llama2_tokenizer.encode(SAMPLE_TEXT)
+    newline = llama2_tokenizer.encode("\n", bos=False)[-1]
+    code = {i for i in llama2_tokenizer.encode("def return", bos=False)}
+    assert len(ids) >= 64 and len(set(ids)) >= 40, (len(ids), len(set(ids)))
+    assert newline in ids and code & set(ids)

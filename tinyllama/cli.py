@@ -7,12 +7,14 @@ each field is `--field-name`, its help and choices come from the field's metadat
         method: str = field(default="lora", metadata=flag("how to train", choices=METHODS, group="training"))
     add_flags(parser, Args)                  # typed, with the dataclass's defaults
     add_flags(parser, Cfg, raw=True)         # strings, default None: a YAML file fills the rest
+    add_renamed_flag(parser, "--num-draft", "--draft-max", dest="draft_max")   # an old name still works
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
 from typing import Any
 
 # the --help text of every model-reference flag (tinyllama.formats.hub resolves them)
@@ -81,18 +83,26 @@ def _argument(f: dataclasses.Field, meta: dict, defaults: dict, raw: bool) -> di
     return {**kwargs, "help": f"{help_text} (default: {shown})"}
 
 
-NUM_DRAFT_HELP = ("tokens drafted per round, or auto: chosen each round from the measured acceptance rate and "
-                  "costs, 0 (plain decoding) when drafting does not pay (default: %(default)s)")
+class _RenamedFlag(argparse.Action):
+    """An old name of a flag: does what the new one does, after one line on stderr naming it."""
+
+    def __init__(self, option_strings, dest, new: str, **kwargs) -> None:
+        super().__init__(option_strings, dest, **kwargs)
+        self.new = new
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        print(f"warning: {option_string} is an old name: use {self.new}", file=sys.stderr)
+        setattr(namespace, self.dest, True if self.nargs == 0 else values)
 
 
-def draft_length(value: str) -> int | str:
-    """argparse type of --num-draft: "auto" or an integer >= 1."""
-    if value == "auto":
-        return value
-    try:
-        k = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected auto or an integer, got {value!r}") from None
-    if k < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1 (or auto), got {k}")
-    return k
+def add_renamed_flag(ap: argparse.ArgumentParser, old: str, new: str, dest: str, **kwargs) -> None:
+    """`old` as a hidden alias of the flag `new` (which sets `dest`), kept so that scripts written
+    for it still run; kwargs: its type or nargs (0: a switch)."""
+    ap.add_argument(old, dest=dest, action=_RenamedFlag, new=new, default=argparse.SUPPRESS,
+                    help=argparse.SUPPRESS, **kwargs)
+
+
+def add_draft_model_flag(ap: argparse.ArgumentParser, help: str, **kwargs) -> None:
+    """-md/--model-draft (llama.cpp's name; `dest` model_draft), with --draft as its old name."""
+    ap.add_argument("-md", "--model-draft", dest="model_draft", help=help, **kwargs)
+    add_renamed_flag(ap, "--draft", "--model-draft", dest="model_draft")
