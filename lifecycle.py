@@ -19,8 +19,8 @@ import sys
 
 # command -> (module whose main(argv) runs it, what it does)
 STAGES = {
-    "corpus": ("pretrain.corpus", "build and tokenize the default corpus (make data)"),
-    "prepare": ("pretrain.prepare", "raw text or code -> packed token shards"),
+    "corpus": ("prepare.corpus", "build and tokenize the default corpus (make data)"),
+    "prepare": ("prepare.__main__", "raw text or code -> packed token shards"),
     "pretrain": ("pretrain.__main__", "pretrain (or resume) with FSDP2 from a YAML config and flags"),
     "sft": ("sft.__main__", "chat fine-tuning: full, LoRA or QLoRA"),
     "distill": ("sft.distill", "a teacher's greedy answers as a draft model's SFT data"),

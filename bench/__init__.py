@@ -21,3 +21,12 @@ def chat_prompts(tok, n: int) -> list[list[int]]:
 
     _, held = split_eval(load_conversations("sample"), 0.05, seed=42)
     return [apply_chat_template(tok, [c[0]]) for c in held[:n]]
+
+
+def sync(device) -> None:
+    """Waits for the GPU, so that a wall-clock interval covers the kernels it launched (a no-op
+    on a CPU)."""
+    if getattr(device, "type", device) == "cuda":
+        import torch
+
+        torch.cuda.synchronize(device)

@@ -1,6 +1,6 @@
 """Runs every benchmark and rewrites bench/RESULTS.md with the machine and the date.
 
-    python -m bench [--quick | --full]      (make bench: the default, ~23 minutes on 2 cores)
+    python -m bench [--quick | --full]      (make bench: the default)
     python -m bench --only server_load       rerun some benchmarks, replacing only their sections
 """
 
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
             f"Machine: {machine()}.\n\nEach row measures ours and the reference in the same run; "
             "'ours vs ref' > 1 means ours is faster.\n")
     body = "".join(f"\n## {t}\n\n{tbl}\n" for t, tbl in sections)
-    # Figures measured on a lent GPU machine live below this marker and survive a CPU re-run.
+    # Figures measured on a GPU (make gpu-check) live below this marker and survive a CPU re-run.
     old = RESULTS.read_text() if RESULTS.exists() else ""
     gpu_part = old[old.index(GPU_MARKER):] if GPU_MARKER in old else ""
     with atomic_file(RESULTS) as tmp:
@@ -97,7 +97,7 @@ def with_cpu(text: str) -> str:
 def _sections(args) -> list[tuple[str, object]]:
     """(title naming `python -m bench.MODULE`, a function measuring it) for every section, run
     lazily so that --only skips the rest."""
-    # default: ~23 minutes on 2 CPU cores (23:01 on the AVX2 EPYC); SFT memory on the 120M preset, decode of 1.1B in bf16
+    # default: SFT memory on the 120M preset, decode of 1.1B in bf16
     def decode_table() -> str:
         if args.quick:
             return decode.run(["tinyllama-19m"], 64)
@@ -143,7 +143,7 @@ def _sections(args) -> list[tuple[str, object]]:
         ("Speculative decoding, the CPU-default pair (`python -m bench.speculative`)" if have_pairs else
          "Speculative decoding (`python -m bench.speculative`)",
          (lambda: "\n\n".join([speculative.run(t, d) for t, d in pairs] +
-                               ["Prompt lookup (`--draft ngram`, no draft model), on code to copy and on chat:"] +
+                               ["Prompt lookup (`-md ngram`, no draft model), on code to copy and on chat:"] +
                                [speculative.run(t, "ngram", ks=(2, 4), repeats=2, prompt_set=ps)
                                 for t, _ in pairs for ps in ("copy", "chat")])) if have_pairs else
          (lambda: "Not measured: run `make run` first (it trains the target and its draft).")),

@@ -20,6 +20,8 @@ a ~110M half-width draft for a tinyllama-1.1b-shaped target. Both GGUFs are quan
 type (default Q4_0: every block of the draft's rows reappears unchanged in the target's rows, so
 quantization does not move the constructed alpha much). Tensors are produced one at a time and
 streamed to disk: the 7B target never sits in memory (peak RSS 15 GB while building the 7b pair, ~6 minutes; 10 GB while it runs).
+On a GPU the same pair is built in memory instead (embed_draft, then add_calibrated_noise on
+PyTorch's logits): bench.speculative --backend torch.
 """
 
 from __future__ import annotations
@@ -141,14 +143,21 @@ def target_config(d: ModelConfig, t: ModelConfig) -> ModelConfig:
     return t.replace(norm_eps=d.norm_eps / 2, name=f"{t.name}-embeds-{d.name}")
 
 
-def embed_draft(draft: Llama, t: ModelConfig) -> Llama:
-    """The whole target in memory (small shapes and tests; the builder streams instead)."""
+@torch.no_grad()
+def embed_draft(draft: Llama, t: ModelConfig, dtype: torch.dtype = torch.float32) -> Llama:
+    """The whole target in memory, on the draft's device in `dtype`, each tensor computed there in
+    float32 (small shapes, tests, and a 7B on a GPU for the PyTorch runs of bench.speculative;
+    the GGUF builder streams to disk instead). Built on the meta device first: no float32 copy
+    of a 7B on the way."""
     d = draft.config
     check_embeddable(d, t)
-    tc = target_config(d, t)
+    device = draft.lm_head.weight.device
     sd = {k: v.float() for k, v in draft.state_dict().items()}
-    target = Llama(tc)
-    target.load_state_dict({n: embedded_tensor(n, sd, d, t) for n, _ in target_shapes(t)})
+    with torch.device("meta"):
+        target = Llama(target_config(d, t))
+    with torch.device(device):
+        weights = {name: embedded_tensor(name, sd, d, t).to(dtype) for name, _ in target_shapes(t)}
+    target.load_state_dict(weights, assign=True)        # the RoPE tables rebuild on first use
     return target.eval()
 
 
@@ -182,6 +191,33 @@ def _noise_direction(shape, seed: int) -> torch.Tensor:
 def lm_head_noise(draft_head: torch.Tensor, sigma: float, seed: int = 0) -> torch.Tensor:
     """The target's lm_head noise (vocab, draft width): sigma * std(W) * E, E ~ N(0, 1) seeded."""
     return sigma * draft_head.float().std() * _noise_direction(draft_head.shape, seed)
+
+
+@torch.no_grad()
+def add_calibrated_noise(draft: Llama, target: Llama, prompts: list[list[int]], tokens: int, alpha: float,
+                         seed: int = 0) -> dict:
+    """For an in-memory pair (embed_draft): noise on the target's lm_head so that its greedy token
+    equals the draft's on a fraction alpha of the positions, calibrated on PyTorch's own logits
+    (calibration_logits does it on llama.cpp's for the GGUF pair): each prompt continued by the
+    draft's own greedy tokens."""
+    from tinyllama.inference.backends import TorchBackend
+    from tinyllama.inference.generate import generate
+
+    device = draft.lm_head.weight.device
+    rows = {"draft": [], "target": [], "h": []}
+    for p in prompts:
+        ids = torch.tensor([p + list(generate(TorchBackend(draft, pack=False), p, max_new_tokens=tokens))], device=device)
+        h = draft.hidden_states(ids)[0, len(p) - 1:-1]                      # positions predicting new tokens
+        rows["h"].append(h.float())
+        rows["draft"].append(draft.head(h).float())
+        rows["target"].append(target(ids)[0, len(p) - 1:-1].float())
+        draft.clear_kv_cache()
+    h, W = torch.cat(rows["h"]), draft.lm_head.weight.detach().float().cpu()
+    push = h @ lm_head_noise(W, 1.0, seed).to(device).t()                  # what unit noise adds to the logits
+    sigma, agree = calibrate_noise(torch.cat(rows["draft"]), torch.cat(rows["target"]), push, alpha)
+    dd = draft.config.d_model
+    target.lm_head.weight[:, :dd] += lm_head_noise(W, sigma, seed).to(device, target.lm_head.weight.dtype)
+    return {"sigma": sigma, "calibrated_agree": agree, "calibration_positions": int(h.shape[0])}
 
 
 def calibration_logits(draft_gguf: Path, target_gguf: Path, draft: Llama, prompts: list[list[int]], tokens: int,

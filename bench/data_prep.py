@@ -1,4 +1,4 @@
-"""Data preparation: our `pretrain.prepare` vs a TinyLlama-style loop, same corpus, one run;
+"""Data preparation: our `prepare` vs a TinyLlama-style loop, same corpus, one run;
 the tokenizers alone; and prepare killed at random moments, then resumed.
 
     python -m bench.data_prep [--corpus data] [--workers N] [--large-mb 40] [--kills 3] [--json]
@@ -34,9 +34,10 @@ from pathlib import Path
 
 import numpy as np
 
-from pretrain.corpus import STDLIB_EXCLUDE, write_natural
-from pretrain.prepare import PrepareConfig, prepare
-from pretrain.units import read_documents
+from prepare.corpus import STDLIB_EXCLUDE, write_natural
+from prepare.encoding import piece_encoder
+from prepare.prepare import PrepareConfig, prepare
+from prepare.units import read_documents
 from tinyllama.measure import cpu_identity
 from tinyllama.paths import llama2_dir
 
@@ -123,7 +124,7 @@ def tokenizer_rows(srcs: list[tuple[str, dict]]) -> list[dict]:
     (Ours counts the BOS of each text; the others do not: a 0.02% difference here.)"""
     import sentencepiece as spm
 
-    from tinyllama.pieces import PieceEncoder
+    from prepare.pieces import PieceEncoder
     from tinyllama.formats.tokenizer import Tokenizer
 
     texts = [d.text for src, kw in srcs for d in read_documents(src, **kw)]
@@ -131,10 +132,10 @@ def tokenizer_rows(srcs: list[tuple[str, dict]]) -> list[dict]:
     sp = spm.SentencePieceProcessor(model_file=str(llama2_dir() / "tokenizer.model"))
     batches = [texts[i:i + 256] for i in range(0, len(texts), 256)]       # as prepare hands them over
     encoders = [("ours, Python: regex splitter, dict of pieces, Rust BPE (TINYLLAMA_NATIVE=0)",
-                 PieceEncoder(tok.piece_encoder.rules, tok.backend, native="off"))]
-    if tok.piece_encoder.native:
-        encoders.insert(0, ("ours, native: splitter, BPE and piece cache in C (Tokenizer.encode_packed)",
-                            tok.piece_encoder))
+                 PieceEncoder(piece_encoder(tok).rules, tok.backend, native="off"))]
+    if piece_encoder(tok).native:
+        encoders.insert(0, ("ours, native: splitter, BPE and piece cache in C (prepare.encoding.encode_packed)",
+                            piece_encoder(tok)))
     for _, enc in encoders:
         enc.clear()                  # cold: each runs once, from an empty piece cache
     runs = [(name, lambda e=e: sum(len(e.encode_packed(b, [1], [])[0]) for b in batches)) for name, e in encoders]
@@ -152,7 +153,7 @@ def tokenizer_rows(srcs: list[tuple[str, dict]]) -> list[dict]:
 # ---- killed and resumed -----------------------------------------------------------------------
 
 def _cli(src: Path, out: Path, workers: int, unit_mb: float) -> list[str]:
-    return [sys.executable, "-m", "pretrain.prepare", str(src), "--out", str(out), "--workers", str(workers),
+    return [sys.executable, "-m", "prepare", str(src), "--out", str(out), "--workers", str(workers),
             "--unit-mb", str(unit_mb), "--shard-tokens", "65536", "--val-fraction", "0.01", "--no-progress"]
 
 

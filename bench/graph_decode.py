@@ -21,6 +21,7 @@ from tinyllama.devices import resolve_device
 from tinyllama.inference.graphs import StaticDecoder, count_torch_calls
 from tinyllama.model.model import Llama
 
+from . import sync
 from .random_models import random_model
 
 
@@ -44,26 +45,21 @@ def copy_bandwidth(device: torch.device, nbytes: int = 256 << 20) -> float:
     b = torch.empty_like(a)
     best = float("inf")
     for _ in range(5):
-        _sync(device)
+        sync(device)
         t = time.perf_counter()
         b.copy_(a)
-        _sync(device)
+        sync(device)
         best = min(best, time.perf_counter() - t)
     return 2 * a.numel() / best
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def ms_per_token(step, tokens: int, device: torch.device) -> float:
     step(0)                                           # warm-up (and capture)
-    _sync(device)
+    sync(device)
     t = time.perf_counter()
     for i in range(1, tokens + 1):
         step(i)
-    _sync(device)
+    sync(device)
     return (time.perf_counter() - t) / tokens * 1e3
 
 

@@ -3,6 +3,7 @@ with the same command each time, and compare its final weights with an uninterru
 
     python -m bench.kill_resume                      # 12 kills over a 24-step run (make bench)
     python -m bench.kill_resume --kills 3 --steps 8  # what tests/test_kill_resume.py runs
+    python -m bench.kill_resume --smoke [--preset tinyllama-19m] [--compile]   # the GPU suite's smoke stage
 
 Each launch is `torchrun --standalone --nproc_per_node=2 -m pretrain --config run.yaml`, in its
 own session so that a kill takes the whole job, as a lost node would. Kills come in three kinds,
@@ -16,6 +17,11 @@ under its final name is complete (training states verify against their manifests
 directories have their config and readable safetensors). The resumed runs print which state they
 loaded; the last launch runs to the end, and its final weights must equal, bit for bit, those of
 the run that was never killed.
+
+--smoke: the same lifecycle in one process on whatever device `python -m pretrain` picks (a GPU
+for the GPU suite), stopped cleanly instead of killed: 6 steps with evaluation, checkpoints and
+samples, then the same command to 9, which must resume from step 6; a JSON record per run
+(bench.records).
 """
 
 from __future__ import annotations
@@ -57,21 +63,24 @@ class Campaign:
     metrics_steps_ok: bool = False
 
 
-def make_shards(work: Path) -> dict[str, str]:
-    """Two small real sources, as in the tests: Python's English help topics and the json
-    package's code."""
-    import json as json_pkg
-    from pydoc_data.topics import topics
+def make_shards(work: Path, topics: int | None = 60, code: str = "json", val_fraction: float = 0.2) -> dict[str, str]:
+    """Two small real sources that ship with Python, as in the tests: the first `topics` of its
+    English help topics (None: all) and the `code` package's source."""
+    import importlib
 
-    from pretrain.prepare import PrepareConfig, prepare
+    from pydoc_data.topics import topics as help_topics
+
+    from prepare.prepare import PrepareConfig, prepare
 
     work.mkdir(parents=True, exist_ok=True)
     natural = work / "natural.jsonl"
-    natural.write_text("".join(json.dumps({"text": t}) + "\n" for _, t in sorted(topics.items())[:60]))
+    natural.write_text("".join(json.dumps({"text": t}) + "\n" for _, t in sorted(help_topics.items())[:topics]))
+    package = Path(importlib.import_module(code).__file__).parent
     out = {}
-    for name, src, kw in [("natural", natural, {}), ("code", Path(json_pkg.__file__).parent, {"extensions": (".py",)})]:
+    for name, src, kw in [("natural", natural, {}), ("code", package, {"extensions": (".py",)})]:
         if not (work / name / "manifest.json").exists():
-            prepare(PrepareConfig(source=str(src), out=work / name, workers=1, val_fraction=0.2, progress=False, **kw))
+            prepare(PrepareConfig(source=str(src), out=work / name, workers=1, val_fraction=val_fraction,
+                                  progress=False, **kw))
         out[name] = str(work / name)
     return out
 
@@ -299,15 +308,92 @@ def run(kills: int = 12, steps: int = 24, save_every: int = 2, seed: int = 0) ->
     return table(c, steps)
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench.kill_resume", description=__doc__,
+# ---- --smoke: one process on the default device, stopped cleanly and resumed -----------------------
+
+SMOKE_RUNS = (("first", 6), ("resume", 9))     # (label, --max-steps): checkpoints at 3 and 6, resumed at 6
+
+
+def smoke_command(args, data: dict[str, str], run_dir: Path) -> list[str]:
+    batch_tokens = 2 * args.micro_batch * args.seq_len               # two micro-batches: accumulation runs too
+    return [sys.executable, "-m", "pretrain", "--preset", args.preset,
+            "--data", *[f"{k}={v}" for k, v in data.items()], "--weights", "natural=0.7", "code=0.3",
+            "--seq-len", str(args.seq_len), "--micro-batch", str(args.micro_batch),
+            "--global-batch-tokens", str(batch_tokens), "--save-every", "3", "--eval-every", "3",
+            "--eval-batches", "2", "--log-every", "1", "--sample-tokens", "16", "--warmup-steps", "2",
+            "--no-tensorboard", "--no-progress", "--out", str(run_dir), *args.extra]
+
+
+def smoke_run(label: str, cmd: list[str], run_dir: Path, timeout: float) -> bool:
+    """One `python -m pretrain`, recorded: exit status, seconds, whether it resumed, its last
+    metrics rows, whether final/ and samples.txt were written."""
+    from .records import record
+
+    t0 = time.perf_counter()
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        record("kill_resume", what=label, timed_out=True, timeout_s=round(timeout))
+        return False
+    sys.stdout.write(r.stdout[-3000:])
+    sys.stderr.write(r.stderr[-3000:])
+    metrics = run_dir / "metrics.jsonl"
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
+    record("kill_resume", what=label, rc=r.returncode, seconds=round(time.perf_counter() - t0, 1),
+           resumed="resuming from" in r.stdout, last_rows=rows[-2:],
+           final=(run_dir / "final" / "config.json").exists(), samples=(run_dir / "samples.txt").exists(),
+           stdout_tail=r.stdout[-600:], stderr_tail=r.stderr[-1500:] if r.returncode else "")
+    return r.returncode == 0
+
+
+def smoke(args) -> None:
+    """The real `python -m pretrain` end to end on whatever device it picks (the GPU suite's
+    smoke stage): shards from all of Python's help topics and the asyncio package, 6 steps with
+    evaluation, the training state and HF checkpoint saved every 3 and the samples generated;
+    then the same command to 9 steps, which must resume from step 6. A JSON record per run."""
+    import shutil
+    import tempfile
+
+    from .records import record, seconds_left
+
+    work = Path(tempfile.mkdtemp(prefix="smoke-pretrain-"))
+    try:
+        t0 = time.perf_counter()
+        data = make_shards(work, topics=None, code="asyncio", val_fraction=0.1)
+        record("kill_resume", what="shards", seconds=round(time.perf_counter() - t0, 1))
+        for label, steps in SMOKE_RUNS:
+            cmd = smoke_command(args, data, work / "run") + ["--max-steps", str(steps)]
+            if not smoke_run(label, cmd, work / "run", max(10.0, min(300.0, seconds_left() - 5))):
+                break
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The flags; with --smoke, those it does not know are kept in .extra for python -m pretrain."""
+    ap = argparse.ArgumentParser(prog="python -m bench.kill_resume", description=__doc__, allow_abbrev=False,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--kills", type=int, default=12, help="SIGKILLs before the run may finish (default: %(default)s)")
     ap.add_argument("--steps", type=int, default=24, help="optimizer steps of the run (default: %(default)s)")
     ap.add_argument("--save-every", type=int, default=2, help="steps between checkpoints (default: %(default)s)")
     ap.add_argument("--seed", type=int, default=0, help="seeds the kill moments (default: %(default)s)")
     ap.add_argument("--work", type=Path, default=None, help="working folder (default: a temporary one)")
-    args = ap.parse_args(argv)
+    sm = ap.add_argument_group("--smoke (one process, stopped after 6 steps and resumed to 9; other flags go to "
+                               "python -m pretrain, e.g. --compile, --dtype float32)")
+    sm.add_argument("--smoke", action="store_true", help="instead of the kill campaign")
+    sm.add_argument("--preset", default="tinyllama-19m")
+    sm.add_argument("--seq-len", type=int, default=256)
+    sm.add_argument("--micro-batch", type=int, default=8)
+    args, args.extra = ap.parse_known_args(argv)
+    if args.extra and not args.smoke:
+        ap.error(f"unrecognized arguments: {' '.join(args.extra)}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.smoke:
+        smoke(args)
+        return 0
     import tempfile
 
     with tempfile.TemporaryDirectory(prefix="kill-resume-") as tmp:

@@ -4,7 +4,7 @@ LoRA and QLoRA fine-tunes of it, their GGUF exports in llama.cpp, continued pret
     python -m bench.real_model [--sft-steps 30] [--pretrain-steps 6]
 
 Held-out data, all in the model's own vocabulary: natural text (Python's help topics) and code
-(the json package) as token shards (pretrain.prepare, 20% held out), the shipped Guanaco-format
+(the json package) as token shards (prepare, 20% held out), the shipped Guanaco-format
 SFT sample (5% held out, as `make sft` splits it) and the local multiple-choice task built from
 that sample's held-out answers (evaluation.harness). Each model's greedy reply to "What is the
 capital of France?" in its own chat template is printed beside its scores. Needs the real model
@@ -30,7 +30,7 @@ def held_out_shards(ckpt: Path, out: Path) -> dict[str, Path]:
 
     from pydoc_data.topics import topics
 
-    from pretrain.prepare import PrepareConfig, prepare
+    from prepare.prepare import PrepareConfig, prepare
 
     natural = out / "natural.jsonl"
     natural.write_text("".join(json.dumps({"text": t}) + "\n" for _, t in sorted(topics.items())))

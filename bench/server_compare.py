@@ -28,7 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from tinyllama.cli import add_renamed
+from tinyllama.cli import add_renamed_flag
 
 from . import markdown_table
 from .server_load import DEFAULT_MODEL, free_port, percentile, wait_until_up
@@ -203,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--parallel", type=int, default=8, help="slots in both servers (default: %(default)s)")
     ap.add_argument("-c", "--ctx-size", dest="ctx_size", type=int, default=512,
                     help="context per slot (default: %(default)s)")
-    add_renamed(ap, "--n-ctx", "--ctx-size", dest="ctx_size", type=int)
+    add_renamed_flag(ap, "--n-ctx", "--ctx-size", dest="ctx_size", type=int)
     ap.add_argument("--max-tokens", type=int, default=32, help="per request (default: %(default)s)")
     ap.add_argument("--json", action="store_true", help="print the rows as JSON instead of the table")
     args = ap.parse_args(argv)

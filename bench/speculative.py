@@ -2,12 +2,13 @@
 theory, on both backends, in one run; on constructed 7B- and 1.1B-shaped pairs with llama.cpp's
 own speculative decoding beside ours.
 
-    python -m bench.speculative [--target out/sft] [--draft out/draft/sft] [--k 1 2 4 6]
+    python -m bench.speculative [--target out/sft] [--model-draft out/draft/sft] [--k 1 2 4 6]
     python -m bench.speculative --target out/gguf/tinyllama-19m-chat-Q8_0.gguf \\
-                                --draft out/gguf/tinyllama-debug-chat-Q8_0.gguf [--anchor]
+                                -md out/gguf/tinyllama-debug-chat-Q8_0.gguf [--anchor]
     python -m bench.speculative --pair 7b [--alpha 0.6 0.7 0.8]         # llama-2-7b-shaped target, 1.1B draft
     python -m bench.speculative --pair 1b                       # the quick variant (1.1B target, ~110M draft)
-    python -m bench.speculative --draft ngram --prompt-set copy     # prompt lookup, copy-heavy prompts
+    python -m bench.speculative -md ngram --prompt-set copy         # prompt lookup, copy-heavy prompts
+    python -m bench.speculative --pair 7b --backend torch --device cuda   # built on the GPU, eager and captured
     python -m bench.speculative --json                              # the rows as JSON
 
 (`make run` leaves both trained pairs.) Greedy decoding of held-out questions from the SFT sample
@@ -27,10 +28,15 @@ token at a near-tie (llama.cpp's own speculative decoding likewise).
 `--pair 7b|1b` builds (once, cached: bench.constructed_pair) a target that computes the draft's
 own function plus lm_head noise calibrated to a CONSTRUCTED alpha, both Q4_0, and runs
 llama.cpp's `llama-speculative-simple` on the same files and prompts at each k
-(bench.speculative_anchor; "vs llama.cpp" = our tokens/s over its). `--draft ngram[:N]` drafts by
+(bench.speculative_anchor; "vs llama.cpp" = our tokens/s over its). `-md ngram[:N]` drafts by
 prompt lookup (tinyllama.inference.lookup): no draft model, c taken as 0. `--prompt-set copy` uses prompts
 whose answer copies from the prompt: a piece of the standard library's source, then a request to
 write it again, started with its first line; `chat` (default) uses the held-out SFT questions.
+
+`--pair 7b|1b|tiny --backend torch` builds the pair in memory on `--device` instead (bf16 on a
+GPU) and records, as JSON, per-token latencies eager and through captured CUDA graphs and the
+generator's speculative loop in both modes against the theory (bench.speculative_torch; the
+GPU suite's spec stage).
 """
 
 from __future__ import annotations
@@ -65,19 +71,24 @@ def _copy_prompts(tok, n: int, budget: int, max_code: int = 400) -> list[list[in
     return out
 
 
-def _decode(target, prompts, tokens: int, draft=None, k: int = 4, adaptive: bool = False):
+def _decode(target, prompts, tokens: int, draft=None, policy=None, device=None):
     """(outputs, seconds, drafted, accepted, target passes, rounds, verification seconds): every
-    prompt decoded, prefill excluded."""
+    prompt decoded, prefill excluded; policy: a DraftPolicy (one object for every prompt);
+    device: a torch device to wait for at both ends of each timing (a GPU's queued kernels)."""
     from tinyllama.inference.generate import generate
+
+    from . import sync
 
     outs, seconds, drafted, accepted, passes, rounds, verify = [], 0.0, 0, 0, 0, 0, 0.0
     for ids in prompts:
         for b in (target, draft):
             if b is not None:
                 b.reset()
+        sync(device)
         t0 = time.perf_counter()
-        gen = generate(target, ids, max_new_tokens=tokens, draft_model=draft, num_draft=k, adaptive_draft=adaptive)
+        gen = generate(target, ids, max_new_tokens=tokens, drafter=draft, draft_policy=policy)
         outs.append(list(gen))
+        sync(device)
         seconds += time.perf_counter() - t0 - gen.stats.prefill_seconds
         drafted, accepted = drafted + gen.stats.drafted, accepted + gen.stats.accepted
         passes += gen.stats.target_calls
@@ -155,42 +166,42 @@ def measure(target_path: str, draft_path: str, ks=(1, 2, 4, 6), tokens: int = 48
     """Rows for plain target and draft, each k, adaptive and auto k; with `anchor` (two GGUFs)
     also llama.cpp's own speculative decoding at each k on the same prompts (bench.speculative_anchor)."""
     from tinyllama.inference.backends import GGUFBackend, load_backend
-    from tinyllama.inference.draft_policy import AutoDraftLength
-    from tinyllama.inference.generate import check_same_vocabulary
-    from tinyllama.inference.lookup import NgramDraft
+    from tinyllama.inference.draft_policy import Adaptive, Auto, Fixed
+    from tinyllama.inference.backends import open_drafter
+    from tinyllama.inference.drafters import ModelDrafter
 
     # float32 for checkpoint directories: identity with plain greedy decoding is checked, and in
     # bf16 a (k+1)-token verification and a 1-token step round differently, which can flip a
     # near-tied argmax (seen on the 19M pair, which `auto` decodes in bf16 on an AVX2 CPU)
     target, tok = load_backend(target_path, dtype="float32", device=device)
-    lookup = NgramDraft.parse(draft_path)
-    draft = lookup or load_backend(draft_path, dtype="float32", device=device)[0]
-    if lookup is None:
-        check_same_vocabulary(target, draft)
+    drafter = open_drafter(draft_path, dtype="float32", device=device)
+    drafter.check(target)
+    model_draft = isinstance(drafter, ModelDrafter)
+    draft = drafter.backend if model_draft else drafter            # a model also decodes plainly below
     budget = target.context_length - tokens - 1
     prompts = _copy_prompts(tok, n_prompts, budget) if prompt_set == "copy" else chat_prompts(tok, n_prompts)
     # warm-up at full length: a 7B GGUF's first pass over its weights after loading runs ~30%
     # slower, and would be charged to whichever configuration came first
     _decode(target, prompts[:1], tokens)
-    if lookup is None:
+    if model_draft:
         _decode(draft, prompts[:1], tokens)
     # Every configuration once per round, rounds repeated, each configuration's fastest round
     # kept: a slow spell of a shared machine then hits all configurations alike.
-    configs = [("plain target", target, {})] + ([("plain draft", draft, {})] if lookup is None else [])
-    configs += [(f"speculative k={k}", target, dict(draft=draft, k=k)) for k in ks]
-    configs += [("speculative adaptive k", target, dict(draft=draft, k=4, adaptive=True))]
+    configs = [("plain target", target, {})] + ([("plain draft", draft, {})] if model_draft else [])
+    configs += [(f"speculative k={k}", target, dict(draft=draft, policy=Fixed(k))) for k in ks]
+    configs += [("speculative adaptive k", target, dict(draft=draft, policy=Adaptive(4)))]
     # auto: one policy for all prompts and rounds, as the engine keeps one across requests
-    configs += [("speculative auto k", target, dict(draft=draft, k=AutoDraftLength()))]
+    configs += [("speculative auto k", target, dict(draft=draft, policy=Auto()))]
     gguf = isinstance(target, GGUFBackend)
     anchor = anchor and gguf and isinstance(draft, GGUFBackend)
     texts = [tok.decode(ids[1:], skip_special=False) for ids in prompts]    # the tool adds the BOS itself
     best, anchors = _rounds(configs, prompts, tokens, repeats, ks,
                             (target.path, draft.path, texts) if anchor else None)
-    rows = _rows(best, anchors, ks, prompts, tokens, lookup is None, exact=not gguf)
+    rows = _rows(best, anchors, ks, prompts, tokens, model_draft, exact=not gguf)
     target.close()
-    draft.close()
-    drafter = draft.name if lookup is not None else Path(draft_path).name
-    title = (f"{Path(target_path).name} drafted by {drafter} (greedy, {len(prompts)} {prompt_set} prompts x "
+    drafter.close()
+    by = Path(draft_path).name if model_draft else drafter.name
+    title = (f"{Path(target_path).name} drafted by {by} (greedy, {len(prompts)} {prompt_set} prompts x "
              f"{tokens} tokens, best of {repeats} interleaved rounds)")
     return title, rows
 
@@ -254,18 +265,25 @@ def _rows(best: dict, anchors: dict, ks, prompts, tokens: int, model_draft: bool
     return rows
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
+    from tinyllama.cli import add_draft_model_flag
+
     from .constructed_pair import qtypes
 
     types = qtypes()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--target", default="out/sft")
-    ap.add_argument("--draft", default="out/draft/sft", help="a draft model, or ngram[:N] for prompt lookup")
-    ap.add_argument("--pair", choices=["7b", "1b"],
-                    help="instead of --target/--draft: a constructed pair (bench.constructed_pair): 7b = "
+    add_draft_model_flag(ap, "a draft model, or ngram[:N] for prompt lookup (default: %(default)s)",
+                         default="out/draft/sft")
+    ap.add_argument("--pair", choices=["7b", "1b", "tiny"],
+                    help="instead of --target/--model-draft: a constructed pair (bench.constructed_pair): 7b = "
                          "tinyllama-1.1b drafting for a llama-2-7b-shaped target, 1b = a ~110M draft for a "
                          "tinyllama-1.1b-shaped target; both GGUFs, alpha constructed; adds llama.cpp's own "
-                         "speculative decoding as the anchor")
+                         "speculative decoding as the anchor; tiny = tiny shapes, --backend torch only")
+    ap.add_argument("--backend", choices=["gguf", "torch"], default="gguf",
+                    help="--pair's backend: gguf (the cached Q4_0 files, llama.cpp beside ours) or torch (built in "
+                         "memory on --device, bf16 on a GPU, timed eager and captured: bench.speculative_torch, "
+                         "JSON records) (default: %(default)s)")
     ap.add_argument("--alpha", type=float, nargs="+", default=[0.8],
                     help="--pair's constructed acceptance rate; several: one pair and table each (default 0.8)")
     ap.add_argument("--qtype", default="q4_0", choices=types, metavar="TYPE",
@@ -279,9 +297,17 @@ def main(argv: list[str] | None = None) -> int:
                                                  "with --pair 1)")
     ap.add_argument("--prompt-set", choices=["chat", "copy"], default="chat",
                     help="chat: held-out SFT questions; copy: code to write out again (default: chat)")
-    ap.add_argument("--device", default="cpu", help="where --target/--draft run: cpu, cuda or auto (GGUFs: all "
-                                                    "layers offloaded unless cpu) (default: %(default)s)")
+    ap.add_argument("--device", default=None, help="where --target/--model-draft run: cpu, cuda or auto (GGUFs: all "
+                                                   "layers offloaded unless cpu) (default: cpu; with --backend torch: "
+                                                   "auto)")
     ap.add_argument("--json", action="store_true", help="print the rows as JSON")
+    return ap
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The flags, with the defaults that depend on --pair filled in; refuses combinations that
+    cannot run."""
+    ap = _parser()
     args = ap.parse_args(argv)
     pair = args.pair is not None
     defaults = dict(k=[1, 2, 4], tokens=32, prompts=4, repeats=1) if pair else \
@@ -289,14 +315,30 @@ def main(argv: list[str] | None = None) -> int:
     for name, value in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
-    if pair:
-        if not all(0 < a <= 1 for a in args.alpha):
-            ap.error(f"--alpha must be in (0, 1], got {' '.join(map(str, args.alpha))}")
+    if pair and not all(0 < a <= 1 for a in args.alpha):
+        ap.error(f"--alpha must be in (0, 1], got {' '.join(map(str, args.alpha))}")
+    if args.backend == "torch" and not pair:
+        ap.error("--backend torch needs --pair")
+    if args.pair == "tiny" and args.backend != "torch":
+        ap.error("--pair tiny runs with --backend torch only")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.backend == "torch":
+        from tinyllama.devices import resolve_device
+
+        from .speculative_torch import run_torch_pair
+
+        for a in args.alpha:
+            run_torch_pair(args.pair, a, args.k, args.tokens, args.prompts, resolve_device(args.device or "auto"))
+    elif args.pair:
         print("\n\n".join(run_pair(args.pair, a, args.qtype, args.k, args.tokens, args.prompts, args.repeats, args.json)
                           for a in args.alpha))
     else:
-        print(run(args.target, args.draft, args.k, args.tokens, args.prompts, args.repeats, args.prompt_set, args.json,
-                  anchor=args.anchor, device=args.device))
+        print(run(args.target, args.model_draft, args.k, args.tokens, args.prompts, args.repeats, args.prompt_set, args.json,
+                  anchor=args.anchor, device=args.device or "cpu"))
     return 0
 
 

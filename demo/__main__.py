@@ -1,11 +1,11 @@
 """python -m demo: the Gradio chat app (make demo).
 
     python -m demo                              # what `make run` left: the chat GGUF + its draft
-    python -m demo --model out/sft --draft out/draft/sft
-    python -m demo --model out/sft --draft ngram                # prompt lookup: no draft model
-    python -m demo --model llama-2-7b-chat.Q4_K_M.gguf --draft out/gguf/tinyllama-debug-chat-Q8_0.gguf
+    python -m demo --model out/sft --model-draft out/draft/sft --draft-max 4
+    python -m demo --model out/sft -md ngram                    # prompt lookup: no draft model
+    python -m demo --model llama-2-7b-chat.Q4_K_M.gguf -md out/gguf/tinyllama-debug-chat-Q8_0.gguf
     python -m demo --model TinyLlama/TinyLlama-1.1B-Chat-v1.0 --no-draft            # from the hub
-    python -m demo --model TheBloke/Llama-2-7B-Chat-GGUF:Q4_K_M --draft TinyLlama/TinyLlama-1.1B-Chat-v1.0
+    python -m demo --model TheBloke/Llama-2-7B-Chat-GGUF:Q4_K_M -md TinyLlama/TinyLlama-1.1B-Chat-v1.0
 
 Each model chats in its own template (Llama-2's [INST], TinyLlama's Zephyr, ...).
 
@@ -20,8 +20,9 @@ import os
 import sys
 from pathlib import Path
 
-from tinyllama.cli import MODEL_HELP, NUM_DRAFT_HELP, ModelArgs, add_model_args, draft_length
+from tinyllama.cli import MODEL_HELP, ModelArgs, add_draft_model_flag, add_model_args
 from tinyllama.errors import UserError, report
+from tinyllama.inference.draft_policy import add_draft_policy_flags, draft_policy_of
 
 DEFAULT_MODEL = Path("out/gguf/tinyllama-19m-chat-Q4_K_M.gguf")
 DEFAULT_DRAFT = Path("out/gguf/tinyllama-debug-chat-Q8_0.gguf")
@@ -40,11 +41,10 @@ def build_parser(host: str = "127.0.0.1", port: int = 7860) -> argparse.Argument
     ap = argparse.ArgumentParser(prog="python -m demo", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(ap, required=False, help=f"{MODEL_HELP} (default: {DEFAULT_MODEL})")
-    ap.add_argument("--draft", default=None, help="draft model for speculative decoding, any form --model takes, "
-                                                  "or ngram[:N] for prompt lookup (no draft model) "
-                                                  f"(default: {DEFAULT_DRAFT} when it exists)")
+    add_draft_model_flag(ap, "draft model for speculative decoding, any form --model takes, or ngram[:N] for "
+                             f"prompt lookup (no draft model) (default: {DEFAULT_DRAFT} when it exists)")
     ap.add_argument("--no-draft", action="store_true", help="no draft even if the default one exists")
-    ap.add_argument("--num-draft", type=draft_length, default="auto", help=NUM_DRAFT_HELP)
+    add_draft_policy_flags(ap)
     ap.add_argument("--host", default=host, help="($GRADIO_SERVER_NAME; default: %(default)s)")
     ap.add_argument("--port", type=int, default=port, help="($GRADIO_SERVER_PORT; default: %(default)s)")
     ap.add_argument("--share", action="store_true", help="ask Gradio for a public share link")
@@ -59,7 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         return report(e)
     model = args.model or str(DEFAULT_MODEL)
-    draft = None if args.no_draft else (args.draft or (str(DEFAULT_DRAFT) if DEFAULT_DRAFT.exists() else None))
+    draft = None if args.no_draft else (args.model_draft or (str(DEFAULT_DRAFT) if DEFAULT_DRAFT.exists() else None))
+    policy = draft_policy_of(args)
     if args.model is None and not DEFAULT_MODEL.exists():
         print(f"error: {model}: no such model (run `make run` first, or pass --model)", file=sys.stderr)
         return 2
@@ -74,12 +75,12 @@ def main(argv: list[str] | None = None) -> int:
     draft_error = None
     try:
         try:
-            engine = Engine.load(model, draft, args.num_draft, **options)
+            engine = Engine.load(model, draft, policy, **options)
         except (UserError, ImportError) as e:
             if draft is None:
                 raise
             # the chat still works without the draft: say why in the page, not in a traceback
-            engine = Engine.load(model, None, args.num_draft, **options)
+            engine = Engine.load(model, None, policy, **options)
             draft_error, draft = f"draft {draft} not used: {e}", None
     except (UserError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)

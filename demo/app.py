@@ -111,7 +111,7 @@ def build_app(engine: Engine, model_path: str | None = None, draft_path: str | N
         gr.Markdown(f"Model: {model_info(model_path, engine.model_id) or engine.model_id}" +
                     (f"  \nDraft: {model_info(draft_path, engine.draft.name) or engine.draft.name}" if has_draft else
                      f"  \n**{draft_error}**; speculative decoding is off." if draft_error else
-                     "  \nNo draft model loaded (`--draft`): speculative decoding is off."), elem_id="model-info")
+                     "  \nNo draft model loaded (`--model-draft`): speculative decoding is off."), elem_id="model-info")
         chatbot = gr.Chatbot(label="Chat", height=420, elem_id="chatbot")
         with gr.Row():
             box = gr.Textbox(placeholder="Ask about a Python built-in, e.g. What does `len()` do?", show_label=False,

@@ -3,6 +3,7 @@
     python -m evaluation --model out/sft out/gguf/x-Q4_K_M.gguf        # make eval: one column each
     python -m evaluation --model out/sft --tasks hellaswag,piqa         # TinyLlama's tasks (needs the hub)
     python -m evaluation --model out/sft --perplexity data/tokens/natural --tasks none
+    python -m evaluation --model out/sft --tasks python_builtins_gen --apply-chat-template   # prompts as chats
     python -m evaluation --sweep out/pretrain --perplexity data/tokens/natural   # every step-*/ + a plot
 
 Models run through `tinyllama.inference.backends` (our PyTorch model, or llama.cpp for a GGUF) wrapped as
@@ -11,7 +12,8 @@ reusing the KV cache for the shared context of a question's choices; generation 
 (deterministic, TinyLlama PR #8). The default task set is TinyLlama's seven zero-shot
 commonsense tasks, reported beside the paper's numbers; offline they cannot be downloaded, so
 `make eval` runs the shipped local task `python_builtins_mc` (multiple choice built from the SFT
-sample's held-out docstrings) and perplexity on the validation shards.
+sample's held-out docstrings) and perplexity on the validation shards; `python_builtins_gen`
+asks a chat model to write those answers (greedy; exact match and chrF).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from tinyllama.errors import UserError, report
 from tinyllama.paths import check_output_parent
 from tinyllama.runtime import INFERENCE
 
-from .harness import LOCAL_TASK, TINYLLAMA_TASKS
+from .harness import LOCAL_GEN_TASK, LOCAL_TASK, LOCAL_TASKS, TINYLLAMA_TASKS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,12 +43,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "or hub references (org/name, org/name:Q4_K_M, org/name/FILE.gguf; org/name@REV)")
     ap.add_argument("--tasks", nargs="+", default=None, metavar="TASK[,TASK...]",
                     help=f"lm-eval task names, as lm-eval takes them (a,b) or space-separated (default: "
-                         f"{','.join(TINYLLAMA_TASKS)} when HF_HUB_OFFLINE is unset, else {LOCAL_TASK}); "
-                         "'none' for perplexity only")
+                         f"{','.join(TINYLLAMA_TASKS)} when HF_HUB_OFFLINE is unset, else {LOCAL_TASK}; offline "
+                         f"also {LOCAL_GEN_TASK}); 'none' for perplexity only")
+    ap.add_argument("--apply-chat-template", action="store_true",
+                    help="give each prompt as a user turn in the model's own chat template, tokenized as the "
+                         "server tokenizes a chat request (for chat models)")
     ap.add_argument("--num-fewshot", type=int, default=None, help="(default: each task's own; 0 for these)")
     ap.add_argument("--limit", type=int, default=None, help="at most this many examples per task")
     ap.add_argument("--perplexity", nargs="*", default=[], metavar="SHARDS",
-                    help="token-shard directories (pretrain.prepare) to report validation perplexity on")
+                    help="token-shard directories (prepare) to report validation perplexity on")
     ap.add_argument("--seq-len", type=int, default=256, help="perplexity block length (default: %(default)s)")
     ap.add_argument("--out", type=Path, default=None, help="also write the results as JSON here")
     return ap
@@ -86,13 +91,14 @@ def _models(args: argparse.Namespace, model: ModelArgs, tasks: list[str]) -> int
     refs = [resolve_model(m) for m in model.model]     # all resolved (and fetched) before minutes of work
     runs = {}
     with tempfile.TemporaryDirectory() as tmp:
-        include = local_task_dir(Path(tmp)) if LOCAL_TASK in tasks else None
+        include = local_task_dir(Path(tmp)) if set(tasks) & set(LOCAL_TASKS) else None
         for ref in refs:
             backend, tok = load_backend(ref, **model.backend_kwargs())
             print(f"{backend.name}: {backend.precision}; {model.runtime.describe(INFERENCE)}", file=sys.stderr,
                   flush=True)
             try:
-                results = run_tasks(backend, tok, tasks, include, args.num_fewshot, args.limit) if tasks else {}
+                results = run_tasks(backend, tok, tasks, include, args.num_fewshot, args.limit,
+                                    args.apply_chat_template) if tasks else {}
                 ppl = {str(p): perplexity(backend, p, args.seq_len, tokenizer=tok) for p in args.perplexity}
             finally:
                 backend.close()
@@ -111,7 +117,7 @@ def _sweep(args: argparse.Namespace, model: ModelArgs, tasks: list[str]) -> int:
     png = args.out.with_suffix(".png") if args.out else args.sweep / "eval_sweep.png"
     print(f"sweep {args.sweep}: dtype {model.dtype}; {model.runtime.describe(INFERENCE)}", file=sys.stderr, flush=True)
     with tempfile.TemporaryDirectory() as tmp:
-        include = local_task_dir(Path(tmp)) if LOCAL_TASK in tasks else None
+        include = local_task_dir(Path(tmp)) if set(tasks) & set(LOCAL_TASKS) else None
         rows = sweep(args.sweep, args.perplexity, tasks, args.seq_len, include, args.limit, png, model.dtype,
                      model.device, model.runtime)
     keys = [k for k in rows[0] if k != "checkpoint"]

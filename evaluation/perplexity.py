@@ -20,7 +20,7 @@ from .harness import EvalError
 def perplexity(backend: Backend, shards: str | Path, seq_len: int = 256, max_blocks: int = 16,
                tokenizer: Tokenizer | None = None) -> tuple[float, int]:
     """exp(mean next-token loss) over the first `max_blocks` validation blocks of a token-shard
-    directory (pretrain.prepare's format), each (seq_len + 1) tokens as the trainer reads them.
+    directory (prepare's format), each (seq_len + 1) tokens as the trainer reads them.
     `tokenizer`: the model's; shards tokenized with another vocabulary are refused (their ids
     would mean other text to this model, and the perplexity nothing)."""
     src = PackedSource(shards, "validation")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .harness import CHANCE, PUBLISHED
+from .harness import CHANCE, PUBLISHED, REPORTED
 
 
 def markdown_report(runs: dict[str, tuple[dict[str, dict[str, float]], dict[str, tuple[float, int]]]]) -> str:
@@ -13,7 +13,7 @@ def markdown_report(runs: dict[str, tuple[dict[str, dict[str, float]], dict[str,
              "|---|---|" + "---|" * len(names) + "---|---|"]
     tasks = list(dict.fromkeys(t for res, _ in runs.values() for t in res))
     for task in tasks:
-        pub, metric = PUBLISHED.get(task, (None, "acc_norm"))
+        pub, metric = PUBLISHED.get(task, (None, REPORTED.get(task, "acc_norm")))
         cells = []
         for res, _ in runs.values():
             m = res.get(task, {})

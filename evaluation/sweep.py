@@ -15,7 +15,7 @@ from tinyllama.atomic import atomic_file
 from tinyllama.inference.backends import load_backend
 from tinyllama.runtime import RuntimeOptions
 
-from .harness import PUBLISHED, EvalError, run_tasks
+from .harness import PUBLISHED, REPORTED, EvalError, run_tasks
 from .perplexity import perplexity
 
 
@@ -58,7 +58,7 @@ def sweep(run_dir: str | Path, shards: Sequence[str | Path], tasks: Sequence[str
             row: dict = {"checkpoint": ckpt.name, "step": step, "tokens": step * cfg.global_batch_tokens}
             if tasks:
                 for task, m in run_tasks(backend, tok, tasks, include_path, limit=limit).items():
-                    row[task] = m.get(PUBLISHED.get(task, (None, "acc_norm"))[1], m.get("acc"))
+                    row[task] = m.get(PUBLISHED.get(task, (None, REPORTED.get(task, "acc_norm")))[1], m.get("acc"))
             for shard in shards:
                 row[f"ppl {Path(shard).name}"] = perplexity(backend, shard, seq_len, tokenizer=tok)[0]
         finally:

@@ -1,5 +1,6 @@
 """python -m gpu_check (make gpu-check): runs the stages in priority order, each in its own
-process and time box, inside a total budget, and prints the summary last.
+process and time box, inside a total budget, and prints the summary last. A stage is a command
+in stage_table: a benchmark's suite mode (python -m bench.X) or one of the two probes (PROBES).
 
 Settings come from the environment (the Makefile passes them through):
     OUT      where results.jsonl, log.txt and summary.txt go (default out/gpu-check)
@@ -10,7 +11,8 @@ Settings come from the environment (the Makefile passes them through):
 
 results.jsonl is appended to: a second call into the same OUT (the stages the budget skipped)
 adds to the first, and its summary covers both. A stage that fails, overruns its box or finds a
-library missing is recorded as such and the run goes on; a stage that would start with under MIN_LEFT seconds left is recorded as skipped.
+library missing is recorded as such and the run goes on; a stage that would start with under
+MIN_LEFT seconds left is recorded as skipped.
 Exit status 1 when a stage failed or timed out, else 0.
 """
 
@@ -25,7 +27,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .common import emit, read_results
+from bench.records import emit, read_results
+
 from .summarize import write_summary
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -42,31 +45,40 @@ class Stage:
     argv: tuple[str, ...]
 
 
+# The stages that are not a benchmark's suite mode: what the machine is, and the gpu-marked tests
+PROBES = ("gpu_check.env_probe", "gpu_check.run_tests")
+
+
 def stage_table(dry: bool) -> list[Stage]:
-    """The stages with their H200 boxes; DRY=1 gives them tiny shapes for a CPU."""
-    py = sys.executable
+    """The stages with their H200 boxes, each a benchmark's suite mode (`python -m bench.X`) or a
+    probe (PROBES); DRY=1 gives them tiny shapes on the CPU."""
+    def run(module: str, *args: str) -> tuple[str, ...]:
+        return (sys.executable, "-m", module, *args)
+
+    device = ("--device", "cpu" if dry else "cuda")
     if dry:
         # float32 on the CPU: `auto` would time bf16 there, and an emulated bf16 (AVX2) is 100x slower
         f32 = ("--dtype", "float32")
         shape = ("--preset", "tinyllama-debug", "--seq", "64", "--batch", "2", "--steps", "2", "--warmup", "1", *f32)
         qlora = ("--preset", "tinyllama-debug", "--seq", "64", "--steps", "1", *f32)
-        spec = ("--tiny", "--tokens", "16", "--prompts", "2", "--ks", "1", "2")
+        spec = ("--pair", "tiny", "--tokens", "16", "--prompts", "2", "--k", "1", "2")
         smoke = ("--preset", "tinyllama-debug", "--seq-len", "64", "--micro-batch", "2", *f32)
     else:
         shape = ("--preset", "tinyllama-1.1b", "--seq", "2048", "--batch", "8", "--steps", "5", "--warmup", "2")
         qlora = ("--preset", "tinyllama-1.1b", "--seq", "512", "--steps", "3")
-        spec = ("--alpha", "0.8", "--tokens", "64", "--prompts", "4", "--ks", "1", "2", "4")
+        spec = ("--pair", "7b", "--alpha", "0.8", "--tokens", "64", "--prompts", "4", "--k", "1", "2", "4")
         smoke = ()
-    mfu = (py, "-m", "gpu_check.mfu", *shape)
+    mfu = run("bench.train_throughput", *shape, *device)
     return [
-        Stage("env", 60, (py, "-m", "gpu_check.env_probe")),
-        Stage("tests", 100, (py, "-m", "gpu_check.run_tests")),
+        Stage("env", 60, run("gpu_check.env_probe", *device)),
+        Stage("tests", 100, run("gpu_check.run_tests", *device)),
         Stage("mfu", 170, (*mfu, "--profile", "--variants", "eager", "unfused", "sdpa-flash", "sdpa-cudnn")),
-        Stage("qlora", 170, (py, "-m", "gpu_check.qlora_mem", *qlora, "--impls", "ours", "hf", "--e2e")),
-        Stage("spec", 170, (py, "-m", "gpu_check.spec", *spec)),
+        Stage("qlora", 170, run("bench.sft_memory", "--records", *qlora, "--methods", "qlora", "--impls", "ours", "hf",
+                                "--e2e", "--timeout", "120", *device)),
+        Stage("spec", 170, run("bench.speculative", "--backend", "torch", *spec, *device)),
         Stage("compile", 170, (*mfu, "--variants", "compile-blocks", "compile")),
         Stage("fsdp2", 80, (*mfu, "--variants", "fsdp2")),
-        Stage("smoke", 100, (py, "-m", "gpu_check.smoke_pretrain", *smoke)),
+        Stage("smoke", 100, run("bench.kill_resume", "--smoke", *smoke)),
     ]
 
 
@@ -80,7 +92,7 @@ def run_stage(stage: Stage, limit: float, log: Path, env: dict) -> dict:
     """Runs one stage, its output appended to `log`; past `limit` seconds its whole process
     group (its own children too: qlora's measurement processes) is terminated, then killed."""
     t0 = time.monotonic()
-    env = {**env, "GPU_CHECK_DEADLINE": str(time.time() + limit)}
+    env = {**env, "GPU_CHECK_DEADLINE": str(time.time() + limit), "GPU_CHECK_STAGE": stage.name}
     with open(log, "ab") as fh:
         proc = subprocess.Popen(stage.argv, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
                                 start_new_session=True)
@@ -151,10 +163,11 @@ def install_wheels(log: Path) -> Path | None:
 
 
 def stage_env(out: Path, dry: bool, site: Path | None) -> dict:
-    """The stages' environment: offline, unbuffered, the checkout (then the wheels) first on
+    """The stages' environment: where their records go (bench.records; each stage's name and
+    deadline are added per stage), offline, unbuffered, the checkout (then the wheels) first on
     the path, the carried tokenizer where one was carried."""
-    env = dict(os.environ, OUT=str(out), PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false",
-               HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    env = dict(os.environ, GPU_CHECK_RESULTS=str(out / "results.jsonl"), PYTHONUNBUFFERED="1",
+               TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     paths = [str(ROOT), *([str(site)] if site else []), *filter(None, [os.environ.get("PYTHONPATH")])]
     env["PYTHONPATH"] = os.pathsep.join(paths)
     carried = ROOT / ".cache" / "tokenizers" / "llama2"
@@ -182,7 +195,7 @@ def main() -> int:
     t0 = time.monotonic()
     out, budget, selected, dry = settings()
     out.mkdir(parents=True, exist_ok=True)
-    os.environ["OUT"] = str(out)                  # this process's own records (emit) go there too
+    os.environ["GPU_CHECK_RESULTS"] = str(out / "results.jsonl")     # this process's own records (emit) too
     log = out / "log.txt"
     if not dry:
         import torch

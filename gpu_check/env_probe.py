@@ -1,4 +1,6 @@
-"""Stage `env`: what the machine is and the two ceilings every later number is read against.
+"""Stage `env`: what the machine is and the two ceilings every later number is read against
+(bench.train_throughput's MFU against the measured matmul rate, bench.speculative_torch's memory
+floor against the copy rate read them back from the run's results).
 
 Measures: package versions (torch, CUDA, cuDNN, triton, transformers, peft, bitsandbytes,
 liger-kernel, ...) and on a GPU whether each imports, the device, which SDPA backend torch picks for the project's training,
@@ -7,10 +9,13 @@ a bf16 8192³ matmul's FLOP/s (the measured MFU denominator: random data, warmed
 10 timed by CUDA events) and device-to-device copy bandwidth (bench.graph_decode.copy_bandwidth,
 the rate its memory floor uses). A dry run measures a float32
 1024³ matmul and a 64 MiB copy on the CPU instead.
+
+    python -m gpu_check.env_probe [--device cpu]
 """
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import importlib.metadata as md
 import sys
@@ -19,8 +24,9 @@ import time
 import torch
 
 from bench.graph_decode import copy_bandwidth
-
-from .common import device_name, emit, error_text, fused_provider
+from bench.records import emit, error_text
+from bench.train_throughput import fused_provider
+from tinyllama.devices import resolve_device
 
 PACKAGES = ("triton", "transformers", "peft", "accelerate", "trl", "datasets", "bitsandbytes", "liger-kernel",
             "xformers", "flash-attn", "pyarrow", "huggingface-hub", "tokenizers", "safetensors", "gguf", "numpy")
@@ -120,12 +126,18 @@ def optional_libraries() -> dict:
     return out
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="auto", help="auto, cpu, cuda (default: %(default)s)")
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
     from tinyllama.model.kernels import use_kernels
     from tinyllama.runtime import RuntimeOptions
 
     use_kernels(RuntimeOptions.from_env())          # TINYLLAMA_ATTENTION / _FUSED, as every CLI reads them
-    device = device_name()
+    device = resolve_device(parse_args(argv).device).type
     record = {"device_type": device, **versions()}
     if device == "cuda":
         record.update(cuda_device())

@@ -4,18 +4,24 @@ Runs the gpu-marked tests of every test file that has them: tests/test_model.py 
 backends and fused kernels held to the PyTorch definitions), tests/test_gpu_paths.py (the
 verification-mask attention path, forward/backward in bf16 parameters and under autocast,
 KV-cache decoding against the full forward, self-speculation's identity, sampling on a CUDA
-model) and any added since; records how many passed and which failed. A dry run runs tests/test_gpu_paths.py on the CPU (GPU_CHECK_DEVICE=cpu).
+model) and any added since; records how many passed and which failed. With --device cpu (a dry
+run) it runs tests/test_gpu_paths.py on the CPU (GPU_CHECK_DEVICE=cpu).
+
+    python -m gpu_check.run_tests [--device cpu]
 """
 
 from __future__ import annotations
 
+import argparse
+import os
 import sys
 from collections import Counter
 from pathlib import Path
 
 import pytest
 
-from .common import device_name, emit
+from bench.records import emit
+from tinyllama.devices import resolve_device
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -49,11 +55,18 @@ def gpu_test_files() -> list[str]:
     return sorted(str(f.relative_to(ROOT)) for f in (ROOT / "tests").glob("test_*.py") if "mark.gpu" in f.read_text())
 
 
-def main() -> int:
-    if device_name() == "cuda":
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="auto", help="auto, cpu, cuda (default: %(default)s)")
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    if resolve_device(parse_args(argv).device).type == "cuda":
         args = ["-m", "gpu", "--continue-on-collection-errors", *gpu_test_files()]
     else:
-        args = ["tests/test_gpu_paths.py"]          # its checks run unmarked on the CPU (GPU_CHECK_DEVICE=cpu)
+        os.environ["GPU_CHECK_DEVICE"] = "cpu"      # tests/test_gpu_paths.py's checks then run unmarked on the CPU
+        args = ["tests/test_gpu_paths.py"]
     outcomes = Outcomes()
     rc = int(pytest.main(["-q", "-p", "no:cacheprovider", "-rA", *args], plugins=[outcomes]))
     emit("tests", what="pytest", rc=rc, files=[a for a in args if a.endswith(".py")], **outcomes.counts,

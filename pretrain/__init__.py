@@ -1,6 +1,5 @@
-"""pretrain: raw text and code -> packed token shards (prepare, corpus, shards), then pretraining
-with FSDP2 across ranks (train, checkpointing, data, metrics).
+"""pretrain: pretraining with FSDP2 across ranks (train, checkpointing, data, metrics), reading
+the packed token shards the prepare stage writes.
 
-    python -m pretrain.prepare RAW --out data/tokens/natural      # or python -m pretrain.corpus
     python -m pretrain --config pretrain/configs/cpu.yaml          # train(TrainConfig...) as a library
 """

@@ -23,7 +23,7 @@ from tinyllama.allocator import configure_mkl
 
 configure_mkl()          # before torch loads MKL (tinyllama/allocator.py: ~280k page faults a step less)
 
-from tinyllama.cli import add_flags, add_renamed  # noqa: E402
+from tinyllama.cli import add_flags, add_renamed_flag  # noqa: E402
 from tinyllama.errors import UserError, report  # noqa: E402
 from tinyllama.runtime import TRAINING, RuntimeOptions, add_runtime_args  # noqa: E402
 
@@ -35,7 +35,14 @@ _HELP = {
     "init_from": "continue pretraining from a Llama checkpoint: an HF-format directory or a hub id (org/name, "
                  "org/name@REVISION, e.g. one of TinyLlama's intermediate checkpoints); new optimizer state, the "
                  "schedule from step 0; given as a flag it replaces the config file's preset",
-    "data": "sources as NAME=SHARD_DIR ... (from python -m pretrain.prepare)",
+    "tokenizer": "build from scratch in this model's vocabulary: a checkpoint directory or hub id whose tokenizer, "
+                 "special ids and chat template the new model takes (a draft for that model; its shards must be "
+                 "prepared with the same tokenizer); unset: Llama-2's",
+    "tie_embeddings": "lm_head shares the embedding table (unset: as the preset has it); halves a small "
+                      "model's parameters in a large vocabulary",
+    "embeddings_from": "start the embedding table from this checkpoint's (same vocabulary; a draft's target), "
+                       "projected onto its d_model principal directions",
+    "data": "sources as NAME=SHARD_DIR ... (from python -m prepare)",
     "weights": "mixture weights as NAME=WEIGHT ...",
     "global_batch_tokens": "tokens per optimizer step, across ranks and accumulation",
     "max_steps": "optimizer steps (default: max_tokens / global_batch_tokens)",
@@ -61,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", help="a YAML file of config fields (see pretrain/configs/)")
     add_flags(ap, TrainConfig, raw=True, helps=_HELP)      # every field; values are checked by TrainConfig
-    add_renamed(ap, "--out-dir", "--out", dest="out")
+    add_renamed_flag(ap, "--out-dir", "--out", dest="out")
     add_runtime_args(ap, TRAINING)
     return ap
 

@@ -32,6 +32,13 @@ class TrainConfig:
     # model
     preset: str | None = None             # None: the init_from checkpoint's shape, else tinyllama-1.1b
     init_from: str | None = None          # continue pretraining from: a directory or hub id (tinyllama.formats.hub)
+    # from scratch in another model's vocabulary (a draft for that model): a checkpoint directory
+    # or hub id whose tokenizer, special ids and chat template the new model takes; None: Llama-2's
+    tokenizer: str | None = None
+    tie_embeddings: bool | None = None    # lm_head shares the embedding table; None: the preset's
+    # start the embedding table from another model's (same vocabulary), projected onto its d_model
+    # principal directions: a draft begins with its target's geometry of tokens
+    embeddings_from: str | None = None
     # data: name -> shard directory, and the mixture weights (TinyLlama: 0.693584 / 0.306416)
     data: dict[str, str] = field(default_factory=lambda: {"natural": "data/tokens/natural", "code": "data/tokens/code"})
     weights: dict[str, float] = field(default_factory=lambda: {"natural": 0.7, "code": 0.3})
@@ -118,6 +125,9 @@ class TrainConfig:
             bad("dtype", "must be auto, bfloat16 or float32")
         if self.save_every < 0 or self.eval_every < 0 or self.keep_last < 1:
             bad("keep_last" if self.keep_last < 1 else "save_every", "must be >= 0 (keep_last >= 1)")
+        scratch_only = [f for f in ("tokenizer", "tie_embeddings", "embeddings_from") if getattr(self, f) is not None]
+        if self.init_from and scratch_only:
+            bad(scratch_only[0], "only for a model built from scratch; an init_from checkpoint brings its own")
         if not self.data:
             bad("data", "needs at least one source")
         unknown = set(self.weights) - set(self.data)
@@ -187,7 +197,7 @@ def _renamed_fields(d: dict[str, Any], source: str) -> dict[str, Any]:
             if new in d:
                 raise ConfigError(f"{source}: fields {old} and {new} are the same field ({old} is its old name); "
                                   f"give {new} only")
-            print(f"note: {source}: config field {old} is now {new}", file=sys.stderr)
+            print(f"warning: {source}: config field {old} is an old name: use {new}", file=sys.stderr)
             d[new] = d.pop(old)
     return d
 

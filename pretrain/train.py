@@ -67,7 +67,10 @@ def build_model(cfg: TrainConfig, env: Dist, model_cfg: ModelConfig, dtype: torc
         model, tok = load_checkpoint(init_dir, dtype=torch.float32)
     else:
         model = Llama(model_cfg)
-        tok = Tokenizer.llama2()
+        tok = scratch_tokenizer(cfg)
+        if cfg.embeddings_from:
+            with torch.no_grad():
+                model.model.embed_tokens.weight.copy_(projected_embeddings(cfg.embeddings_from, model_cfg))
     if tok.vocab_size > model_cfg.vocab_size:
         raise ConfigError(f"the tokenizer has {tok.vocab_size} tokens but the model's vocabulary is {model_cfg.vocab_size}")
     model.to(env.device)
@@ -113,11 +116,56 @@ def init_checkpoint(cfg: TrainConfig) -> Path | None:
 _SHAPE = ("n_layer", "d_model", "n_head", "n_kv_head", "ffn_dim", "vocab_size", "tie_embeddings")
 
 
+def scratch_tokenizer(cfg: TrainConfig) -> Tokenizer:
+    """The vocabulary a model built from scratch speaks: config field tokenizer's (a checkpoint
+    directory or hub id: a draft in its target's vocabulary and template), else Llama-2's."""
+    if not cfg.tokenizer:
+        return Tokenizer.llama2()
+    try:
+        path = resolve_model(cfg.tokenizer, kinds=("checkpoint",), flag="config field tokenizer:").path
+        return Tokenizer.from_dir(path)
+    except UserError as e:
+        raise ConfigError(str(e)) from None
+
+
+def projected_embeddings(source: str, cfg: ModelConfig) -> torch.Tensor:
+    """`source`'s embedding table (vocab, D) projected onto its cfg.d_model principal directions
+    (vocab, d), scaled to the std the model's own initialisation gives: the rows keep their
+    relative geometry (which tokens are near which) in the smaller width."""
+    from safetensors import safe_open
+
+    try:
+        path = resolve_model(source, kinds=("checkpoint",), flag="config field embeddings_from:").path
+    except UserError as e:
+        raise ConfigError(str(e)) from None
+    files = sorted(Path(path).glob("*.safetensors"))
+    table = None
+    for f in files:
+        with safe_open(f, "pt") as st:
+            if "model.embed_tokens.weight" in st.keys():
+                table = st.get_tensor("model.embed_tokens.weight").float()               # (V, D)
+    if table is None:
+        raise ConfigError(f"config field embeddings_from: {path} has no model.embed_tokens.weight")
+    if table.shape[0] != cfg.vocab_size or table.shape[1] < cfg.d_model:
+        raise ConfigError(f"config field embeddings_from: {path}'s embedding table is {tuple(table.shape)}; "
+                          f"this model needs {cfg.vocab_size} rows and at least {cfg.d_model} columns")
+    centered = table - table.mean(0)
+    _, _, vt = torch.linalg.svd(centered, full_matrices=False)                          # vt: (D, D)
+    projected = centered @ vt[:cfg.d_model].T                                           # (V, d)
+    return projected * (math.sqrt(2.0 / (5 * cfg.d_model)) / projected.std())
+
+
 def initial_model_config(cfg: TrainConfig, init_dir: Path | None = None) -> ModelConfig:
     """The architecture a run trains: the init_from checkpoint's (`init_dir`; a preset that
-    disagrees with it is an error naming both), else the preset's (tinyllama-1.1b by default)."""
+    disagrees with it is an error naming both), else the preset's (tinyllama-1.1b by default)
+    in config field tokenizer's vocabulary and special ids."""
     if init_dir is None:
         model_cfg = ModelConfig.from_name(cfg.preset or "tinyllama-1.1b")
+        if cfg.tokenizer:
+            tok = scratch_tokenizer(cfg)
+            model_cfg = model_cfg.replace(vocab_size=tok.vocab_size, bos_id=tok.bos_id, eos_id=tok.eos_id)
+        if cfg.tie_embeddings is not None:
+            model_cfg = model_cfg.replace(tie_embeddings=cfg.tie_embeddings)
         return model_cfg.replace(max_seq_len=max(model_cfg.max_seq_len, cfg.seq_len))
     loaded = load_config(init_dir)
     if cfg.preset is not None:

@@ -25,7 +25,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from tinyllama.cli import add_model_args, add_renamed
+from tinyllama.cli import add_model_args, add_renamed_flag
 from tinyllama.errors import UserError, report
 
 from .export import ALL_TYPES
@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("-c", "--ctx-size", dest="ctx_size", type=int, default=None, metavar="N",
                    help="tokens per chunk, for the matrix and for quality, as llama-imatrix's and llama-perplexity's -c "
                         "(default: min(512, the model's context))")
-    add_renamed(q, "--ctx", "--ctx-size", dest="ctx_size", type=int)
+    add_renamed_flag(q, "--ctx", "--ctx-size", dest="ctx_size", type=int)
     q.add_argument("--quality", action="store_true", help="a quality table from llama-perplexity over held-out "
                    "text: perplexity and KL divergence from the F32 file (mean, p99, same top token)")
     q.add_argument("--quality-chunks", type=int, default=32, help="chunks scored by --quality (default: 32)")

@@ -2,9 +2,9 @@
 folder of them.
 
     python -m serve --model out/gguf/tinyllama-19m-chat-Q4_K_M.gguf            # make serve
-    python -m serve --model llama-2-7b.Q4_K_M.gguf --draft tinyllama-Q4_K_M.gguf --num-draft 4
-    python -m serve --model TheBloke/Llama-2-7B-Chat-GGUF:Q4_K_M --draft TheBloke/TinyLlama-1.1B-Chat-v1.0-GGUF:Q4_K_M
-    python -m serve --model out/gguf/tinyllama-19m-chat-Q4_K_M.gguf --draft ngram   # prompt lookup
+    python -m serve --model llama-2-7b.Q4_K_M.gguf -md tinyllama-Q4_K_M.gguf --draft-max 4
+    python -m serve --model TheBloke/Llama-2-7B-Chat-GGUF:Q4_K_M --model-draft TheBloke/TinyLlama-1.1B-Chat-v1.0-GGUF:Q4_K_M
+    python -m serve --model out/gguf/tinyllama-19m-chat-Q4_K_M.gguf -md ngram      # prompt lookup
     python -m serve --models-dir out/gguf --api-key sk-local                   # "model": "<file name>"
     curl localhost:8000/v1/chat/completions -H 'Content-Type: application/json' \\
          -d '{"messages": [{"role": "user", "content": "What does len() do?"}]}'
@@ -13,11 +13,12 @@ Endpoints: GET /health, GET /v1/models, POST /v1/completions, POST /v1/chat/comp
 (stream or not; max_tokens, temperature, top_p, stop, seed; extensions top_k and
 repetition_penalty). Chat prompts are rendered in the model's own chat template
 (tinyllama.formats.chat; our Zephyr one for a model without one) and replies stop at its own
-end-of-turn ids. With --draft, requests are decoded speculatively (exact: the same output distribution as the target alone).
+end-of-turn ids. With --model-draft, requests are decoded speculatively (exact: the same output
+distribution as the target alone), --draft-max tokens a round (default auto).
 
 Continuous batching (--parallel N, default 4): up to N requests decode together, one forward
 pass per step for all of them (prompts in chunks between steps, so running streams keep
-flowing); the output of each is what it would be alone. With --draft, a request speculates
+flowing); the output of each is what it would be alone. With --model-draft, a request speculates
 while it is the only one running and decodes plainly in a batch otherwise.
 
 Safe by default: listens on 127.0.0.1 only; bodies over --max-body-bytes get 413, max_tokens
@@ -70,8 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if (args.model is None) == (args.models_dir is None):
         ap.error("give exactly one of --model and --models-dir")
-    if args.models_dir and args.draft:
-        ap.error("--draft needs --model (one target model)")
+    if args.models_dir and args.model_draft:
+        ap.error("--model-draft needs --model (one target model)")
     model = check_model_arguments(ap, args, "max_queue", "max_loaded", "max_body_bytes", "max_tokens_limit",
                                   "parallel")
 
@@ -93,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         models = load_engine(args, model)
         if models is None:
             return 2
-        what = models.model_id + (f" (draft {args.draft}, k={args.num_draft})" if args.draft else "")
+        what = models.model_id + (f" (draft {args.model_draft}, {models.policy})" if args.model_draft else "")
     print(f"serving {what} on http://{args.host}:{args.port}/v1", flush=True)
     try:
         uvicorn.run(create_app(models, api_key=args.api_key, max_queue=args.max_queue,

@@ -89,8 +89,8 @@ class _Slot:
 class _ComputeThread:
     """The one thread that runs every pool's steps, in this process. Not the generations' own
     threads: llama.cpp and torch parallelise each pass with OpenMP, and OpenMP teams started from
-    several live threads slow each other ~3x on a few cores (measured: 1.0 vs 3.0 ms per step of
-    the 19M GGUF on 2 cores), so all batched compute goes through this one. Its lock also guards
+    several live threads slow each other down several-fold on a few cores, so all batched
+    compute goes through this one. Its lock also guards
     every pool's slots and requests."""
 
     def __init__(self) -> None:

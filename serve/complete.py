@@ -2,11 +2,11 @@
 
     python -m serve.complete --model out/sft --prompt "What does len() do?" --chat
     python -m serve.complete --model out/gguf/tinyllama-19m-chat-Q4_K_M.gguf --prompt "def fib(n):"
-    python -m serve.complete --model target.gguf --draft draft.gguf --prompt "..." --temperature 0
+    python -m serve.complete --model target.gguf -md draft.gguf --draft-max 4 --prompt "..." --temperature 0
     python -m serve.complete --model TheBloke/Llama-2-7B-Chat-GGUF:Q4_K_M \
-        --draft TinyLlama/TinyLlama-1.1B-Chat-v1.0 --prompt "Name three prime numbers." --chat
+        --model-draft TinyLlama/TinyLlama-1.1B-Chat-v1.0 --prompt "Name three prime numbers." --chat
 
---model and --draft take a checkpoint directory (PyTorch) or a .gguf file (llama.cpp), or a
+--model and --model-draft take a checkpoint directory (PyTorch) or a .gguf file (llama.cpp), or a
 Hugging Face hub id (org/name, org/name:QUANT, org/name/FILE.gguf), in any combination; the
 draft must share the target's vocabulary. --chat renders the prompt in the target's own chat
 template.

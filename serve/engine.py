@@ -1,7 +1,8 @@
 """One loaded model (and optional draft) behind a lock, for the CLI, the server and the demo.
 
     engine = Engine.load("out/gguf/tinyllama-19m-chat-Q4_K_M.gguf", draft=None)
-    engine = Engine.load("TheBloke/Llama-2-7B-Chat-GGUF:Q4_K_M", draft="TinyLlama/TinyLlama-1.1B-Chat-v1.0")
+    engine = Engine.load("TheBloke/Llama-2-7B-Chat-GGUF:Q4_K_M", draft="TinyLlama/TinyLlama-1.1B-Chat-v1.0",
+                         draft_policy=DraftPolicy.parse("auto"))
     stream = engine.chat([{"role": "user", "content": "Hi"}], SamplingParams(max_new_tokens=64, temperature=0.7))
     for delta in stream: ...                      # text deltas; stream.stats, stream.finish_reason
 
@@ -17,9 +18,9 @@ With parallel=1 the model holds one KV cache and generations run one at a time (
 the engine's lock, or the folder's one lock across its models). With parallel=N each generation
 leases one of N slots of a batched KV cache (serve.batching) and every busy slot advances in
 one forward pass per step; a request that finds every slot taken waits for one. With a draft,
-a request speculates only while at most `speculate_max_busy` slots are busy: with more, a batched
-step already amortises the weights' reads, and drafting would only add work. The server bounds
-how many requests may wait.
+a request speculates only while at most `speculate_max_busy` slots are busy (the draft policy
+wrapped in tinyllama.inference.draft_policy.Capped): with more, a batched step already amortises
+the weights' reads, and drafting would only add work. The server bounds how many requests may wait.
 """
 
 from __future__ import annotations
@@ -34,23 +35,19 @@ from pathlib import Path
 
 from typing import ContextManager, Protocol, runtime_checkable
 
-from tinyllama.inference.backends import Backend, load_backend
-from tinyllama.formats.chat import apply_chat_template, template_of
-from tinyllama.cli import NUM_DRAFT_HELP, ModelArgs, add_model_args, draft_length
-from tinyllama.runtime import INFERENCE, RuntimeOptions
-from tinyllama.inference.draft_policy import resolve_num_draft
+from tinyllama.cli import ModelArgs, add_draft_model_flag, add_model_args
 from tinyllama.errors import NotFound, UserError
-from tinyllama.inference.generate import (
-    SamplingParams,
-    TextStream,
-    check_same_vocabulary,
-    generate,
-)
-from tinyllama.inference.lookup import NgramDraft
+from tinyllama.formats.chat import apply_chat_template, template_of
 from tinyllama.formats.tokenizer import Tokenizer
+from tinyllama.inference.backends import Backend, load_backend
+from tinyllama.inference.draft_policy import Auto, Capped, DraftPolicy, add_draft_policy_flags, draft_policy_of
+from tinyllama.inference.backends import open_drafter
+from tinyllama.inference.drafters import Drafter, ModelDrafter
+from tinyllama.inference.generate import SamplingParams, TextStream, generate
+from tinyllama.runtime import INFERENCE, RuntimeOptions
 
 from .batch_runners import batch_runner
-from .batching import Lease, SlotPool
+from .batching import SlotPool
 
 
 class RequestError(UserError):
@@ -70,34 +67,36 @@ class ModelNotFound(UserError):
 
 
 class Engine:
-    def __init__(self, target: Backend, tokenizer: Tokenizer, model_id: str, draft: Backend | NgramDraft | None = None,
-                 num_draft: int | str = "auto", adaptive_draft: bool = False, chat_template: str | None = None,
+    def __init__(self, target: Backend, tokenizer: Tokenizer, model_id: str, draft: Backend | Drafter | None = None,
+                 draft_policy: DraftPolicy | None = None, chat_template: str | None = None,
                  parallel: int = 1, speculate_max_busy: int = 1) -> None:
-        """chat_template: a built-in template's name or a .jinja file instead of the model's own;
-        parallel: sequences decoded together (continuous batching; 1: one generation at a time)."""
+        """draft: a draft model's Backend or any Drafter; draft_policy: one for every request
+        (default Auto(), so what it learns about this pair carries across requests); chat_template:
+        a built-in template's name or a .jinja file instead of the model's own; parallel: sequences
+        decoded together (continuous batching; 1: one generation at a time)."""
         if parallel < 1:
             raise UserError(f"parallel must be >= 1, got {parallel}")
-        if draft is not None and not isinstance(draft, NgramDraft):
-            check_same_vocabulary(target, draft)       # refuse a mismatched draft at load, not per request
-        self.target, self.draft, self.tokenizer = target, draft, tokenizer
-        self.model_id = model_id
-        # "auto" becomes one policy for every request, so what it learns about this pair carries over
-        self.num_draft, self.adaptive_draft = resolve_num_draft(num_draft), adaptive_draft
+        self.draft = ModelDrafter(draft) if isinstance(draft, Backend) else draft
+        if self.draft is not None:
+            self.draft.check(target)            # refuse a mismatched draft at load, not per request
+        self.target, self.tokenizer, self.model_id = target, tokenizer, model_id
         # the target's template (its name is the fallback's hint); where it came from is printed at start-up
         self.template, self.template_origin = template_of(tokenizer, chat_template, target.name)
         self.lock = threading.Lock()
         self.parallel, self.speculate_max_busy = parallel, speculate_max_busy
         self.pool = self.draft_pool = None
+        self.policy = draft_policy or Auto()
         if parallel > 1:
-            self.pool = SlotPool(batch_runner(target, parallel))
-            if isinstance(draft, Backend):
-                self.draft_pool = SlotPool(batch_runner(draft, parallel))
+            self.pool = pool = SlotPool(batch_runner(target, parallel))
+            self.policy = Capped(self.policy, busy=lambda: pool.busy, max_busy=speculate_max_busy)
+            if isinstance(self.draft, ModelDrafter):
+                self.draft_pool = SlotPool(batch_runner(self.draft.backend, parallel))
 
     @classmethod
-    def load(cls, model: str | os.PathLike, draft: str | os.PathLike | None = None, num_draft: int | str = "auto",
-             n_ctx: int = 2048, adaptive_draft: bool = False, dtype: str = "auto", n_gpu_layers: int | None = None,
-             revision: str | None = None, chat_template: str | None = None, parallel: int = 1,
-             device: str = "auto", runtime: RuntimeOptions = RuntimeOptions()) -> "Engine":
+    def load(cls, model: str | os.PathLike, draft: str | os.PathLike | None = None,
+             draft_policy: DraftPolicy | None = None, n_ctx: int = 2048, dtype: str = "auto",
+             n_gpu_layers: int | None = None, revision: str | None = None, chat_template: str | None = None,
+             parallel: int = 1, device: str = "auto", runtime: RuntimeOptions = RuntimeOptions()) -> "Engine":
         """model, draft: model references (tinyllama.formats.hub: paths, hub ids, org/name:QUANT); draft
         `ngram` or `ngram:N`: prompt-lookup drafting, no draft model (tinyllama.inference.lookup);
         revision: the hub revision of `model`; dtype: PyTorch models' compute dtype (auto:
@@ -109,19 +108,17 @@ class Engine:
         target, tok = load_backend(model, device=device, n_ctx=n_ctx, dtype=dtype, n_gpu_layers=n_gpu_layers,
                                    revision=revision, runtime=runtime)
         try:
-            lookup = NgramDraft.parse(str(draft)) if draft else None
-            draft_backend = lookup or (load_backend(draft, device=device, n_ctx=n_ctx, dtype=dtype,
-                                                    n_gpu_layers=n_gpu_layers, flag="--draft",
-                                                    runtime=runtime)[0] if draft else None)
+            drafter = open_drafter(draft, device=device, n_ctx=n_ctx, dtype=dtype,
+                                   n_gpu_layers=n_gpu_layers, runtime=runtime) if draft else None
         except BaseException:
             target.close()
             raise
         try:
-            return cls(target, tok, target.name, draft_backend, num_draft, adaptive_draft, chat_template, parallel)
+            return cls(target, tok, target.name, drafter, draft_policy, chat_template, parallel)
         except BaseException:
             target.close()
-            if draft_backend is not None:
-                draft_backend.close()
+            if drafter is not None:
+                drafter.close()
             raise
 
     @property
@@ -129,24 +126,40 @@ class Engine:
         return self.target.context_length
 
     # ---- requests ----------------------------------------------------------------------------
-    def complete(self, prompt: str, sampling: SamplingParams, speculative: bool | None = None) -> TextStream:
-        """Plain text continuation of `prompt` (BOS added). speculative None: use the draft
-        when one is loaded."""
-        return self._stream(self.tokenizer.encode(prompt), sampling, speculative)
+    def complete(self, prompt: str | list[int], sampling: SamplingParams, speculative: bool | None = None,
+                 logprobs: int | None = None, echo: bool = False) -> TextStream:
+        """Plain text continuation of `prompt`: a text (BOS added as the model does) or token ids
+        (used as given). speculative None: use the draft when one is loaded. logprobs: record
+        each token's logprob with this many alternatives (None: off); echo: score the prompt's
+        tokens too (then max_new_tokens may be 0: the prompt's logprobs alone)."""
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else self._known_ids(prompt)
+        return self._stream(ids, sampling, speculative, logprobs, echo)
 
-    def chat(self, messages: list[dict], sampling: SamplingParams, speculative: bool | None = None) -> TextStream:
+    def chat(self, messages: list[dict], sampling: SamplingParams, speculative: bool | None = None,
+             logprobs: int | None = None) -> TextStream:
         """The assistant's next turn, the prompt rendered in the target model's own chat template."""
         ids = apply_chat_template(self.tokenizer, messages, add_generation_prompt=True, template=self.template)
-        return self._stream(ids, sampling, speculative)
+        return self._stream(ids, sampling, speculative, logprobs)
 
-    def _stream(self, ids: list[int], s: SamplingParams, speculative: bool | None) -> TextStream:
+    def _known_ids(self, ids: list[int]) -> list[int]:
+        bad = next((i for i in ids if not 0 <= i < self.target.vocab_size), None)
+        if bad is not None:
+            raise RequestError(f"prompt: token id {bad} is not in the vocabulary (0 to {self.target.vocab_size - 1})",
+                               "prompt")
+        return list(ids)
+
+    def _stream(self, ids: list[int], s: SamplingParams, speculative: bool | None, logprobs: int | None = None,
+                echo: bool = False) -> TextStream:
         """The settings were checked when `s` was made; what depends on this model is checked here."""
+        if not ids:
+            raise RequestError("the prompt is empty (and this model starts none with BOS)", "prompt")
         room = self.context_length - len(ids)
-        if room < 1:
+        if room < min(1, s.max_new_tokens):          # scoring a prompt alone needs no room after it
             raise RequestError(f"the prompt has {len(ids)} tokens; the context length is {self.context_length}",
                                "messages")
-        if s.max_new_tokens < 1:
-            raise RequestError(f"max_tokens must be at least 1, got {s.max_new_tokens}", "max_tokens")
+        if s.max_new_tokens < 1 and not echo:
+            raise RequestError(f"max_tokens must be at least 1, got {s.max_new_tokens} (0 only with echo: the "
+                               "prompt's logprobs alone)", "max_tokens")
         if s.max_new_tokens > self.context_length:
             raise RequestError(f"max_tokens {s.max_new_tokens} exceeds the context length {self.context_length}",
                                "max_tokens")
@@ -154,30 +167,26 @@ class Engine:
             raise RequestError("speculative decoding was asked for but no draft model is loaded", "speculative")
         draft = self.draft if speculative is None or speculative else None
         s = s.replace(max_new_tokens=min(s.max_new_tokens, room))
-        target, release, may_speculate = self.target, None, None
+        target, release = self.target, None
         if self.pool is not None:
             target, draft, release = self._leases(ids, draft)
-            may_speculate = self._few_busy
-        gen = generate(target, ids, s, stop_ids=list(self.tokenizer.stop_ids), draft_model=draft,
-                       num_draft=self.num_draft, adaptive_draft=self.adaptive_draft,
-                       may_speculate=may_speculate, release=release)
+        gen = generate(target, ids, s, stop_ids=list(self.tokenizer.stop_ids), drafter=draft,
+                       draft_policy=self.policy, release=release, logprobs=logprobs, prompt_logprobs=echo)
         return TextStream(gen, self.tokenizer)
 
-    def _leases(self, ids: list[int], draft):
-        """A slot of the target's pool (and of the draft's) as the generation's backends, and
-        the callback that gives them back; the slots are taken when generation starts."""
+    def _leases(self, ids: list[int], draft: Drafter | None):
+        """A slot of the target's pool (and of the draft model's) as the generation's backends,
+        and the callback that gives them back; the slots are taken when generation starts."""
         target = self.pool.lease(ids)
-        if isinstance(draft, Backend):
-            draft = self.draft_pool.lease(ids)
-        leases = [b for b in (target, draft) if isinstance(b, Lease)]      # not prompt lookup
+        leases = [target]
+        if isinstance(draft, ModelDrafter):                 # prompt lookup holds no slot
+            leases.append(self.draft_pool.lease(ids))
+            draft = ModelDrafter(leases[-1])
 
         def release() -> None:
             for lease in leases:
                 lease.release()
         return target, draft, release
-
-    def _few_busy(self) -> bool:
-        return self.pool.busy <= self.speculate_max_busy
 
     def turn(self):
         """What a generation holds while it runs: the engine's lock with one KV cache, nothing
@@ -333,13 +342,10 @@ class ModelDir:
 
 def add_model_arguments(ap: argparse.ArgumentParser, required: bool = True) -> None:
     add_model_args(ap, required=required)
-    ap.add_argument("--draft", help="a draft model with the same vocabulary, for speculative decoding: any form "
-                                    "--model takes (org/name@REV for a revision); or `ngram[:N]`: prompt lookup, "
-                                    "drafts copied from where the last N (default 3) tokens occurred before, no model")
-    ap.add_argument("--num-draft", type=draft_length, default="auto", help=NUM_DRAFT_HELP)
-    ap.add_argument("--adaptive-draft", action="store_true",
-                    help="start at --num-draft and adapt it per round: +2 after a fully accepted round, -1 "
-                         "after a rejection (the output is unchanged; only speed)")
+    add_draft_model_flag(ap, "a draft model with the same vocabulary, for speculative decoding: any form "
+                             "--model takes (org/name@REV for a revision); or `ngram[:N]`: prompt lookup, drafts "
+                             "copied from where the last N (default 3) tokens occurred before, no model")
+    add_draft_policy_flags(ap)
 
 
 def check_model_arguments(ap: argparse.ArgumentParser, args: argparse.Namespace, *more: str) -> ModelArgs:
@@ -357,8 +363,7 @@ def check_model_arguments(ap: argparse.ArgumentParser, args: argparse.Namespace,
 def load_engine(args: argparse.Namespace, model: ModelArgs) -> Engine | None:
     """Engine.load from the CLI arguments; prints one line and returns None on bad input."""
     try:
-        engine = Engine.load(model.model, args.draft, args.num_draft, n_ctx=model.ctx_size,
-                             adaptive_draft=getattr(args, "adaptive_draft", False),
+        engine = Engine.load(model.model, args.model_draft, draft_policy_of(args), n_ctx=model.ctx_size,
                              dtype=model.dtype, n_gpu_layers=model.n_gpu_layers, device=model.device,
                              revision=model.revision, chat_template=model.chat_template,
                              parallel=getattr(args, "parallel", 1), runtime=model.runtime)
@@ -375,8 +380,7 @@ def describe(engine: Engine, runtime: RuntimeOptions | None = None) -> None:
           + (f"; {runtime.describe(INFERENCE)}" if runtime else ""), file=sys.stderr, flush=True)
     print(f"chat template: {engine.template_origin}", file=sys.stderr, flush=True)
     if engine.draft is not None:
-        print(f"draft: {engine.draft.name}: {engine.draft.precision}", file=sys.stderr, flush=True)
+        print(f"draft: {engine.draft.name}: {engine.draft.precision}; {engine.policy}", file=sys.stderr, flush=True)
     if engine.pool is not None:
-        print(f"continuous batching: {engine.parallel} slots of {engine.context_length} tokens"
-              + (f"; speculating while at most {engine.speculate_max_busy} busy" if engine.draft is not None else ""),
+        print(f"continuous batching: {engine.parallel} slots of {engine.context_length} tokens",
               file=sys.stderr, flush=True)

@@ -16,8 +16,15 @@ stops its generation at the next token. Limits: request bodies over `max_body_by
 context length gets 400. With one Engine any `model` name is accepted (OpenAI clients send
 their own); with a ModelDir it must be one the folder lists (404 otherwise, 400 for a path).
 Errors are OpenAI-shaped: {"error": {"message", "type", "param", "code"}} with a 4xx status (a
-500 for a bug); the server keeps serving. Extensions to the OpenAI fields: `top_k`,
-`repetition_penalty` in requests; `stats` (tokens/s, speculative acceptance) in responses.
+500 for a bug); the server keeps serving. The fields a request may carry are listed in
+serve.protocol.FIELDS; any other is a 400 naming it, never silently dropped. Extensions to the
+OpenAI fields: `top_k`, `repetition_penalty` in requests; `stats` (tokens/s, speculative
+acceptance) in responses.
+
+Logprobs (chat `logprobs`/`top_logprobs`, completions' integer `logprobs` and `echo`) are the
+model's own log-softmax of its raw logits, before temperature or cuts (serve.logprobs), for
+every generated token, the end-of-turn token included; `echo` with `max_tokens` 0 returns the
+prompt's token logprobs alone (the first null), which is how lm-eval scores log-likelihoods.
 """
 
 from __future__ import annotations
@@ -27,65 +34,19 @@ import json
 import secrets
 import threading
 import time
-from typing import Any, AsyncIterator, Literal
+from typing import Any, AsyncIterator
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tinyllama.errors import UserError
-from tinyllama.inference.generate import SamplingParams, TextStream
+from tinyllama.inference.generate import TextStream
 
 from .engine import Engine, ModelNotFound, ModelSource, RequestError
-
-
-class SamplingFields(BaseModel):
-    """The request fields shared by both endpoints. Types are checked here; ranges once, by
-    tinyllama.inference.generate.SamplingParams (a 400 naming the field)."""
-
-    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)   # NaN would pass every range check
-
-    model: str | None = None
-    temperature: float | None = None          # None: SamplingParams' default (greedy)
-    top_p: float | None = None
-    top_k: int | None = None
-    repetition_penalty: float | None = None
-    seed: int | None = None
-    stop: str | list[str] | None = None
-    stream: bool = False
-    n: int = 1
-    stream_options: dict[str, Any] | None = None
-
-    def sampling(self, max_tokens: int) -> SamplingParams:
-        """The one sampling object, from the fields the client sent (SamplingError if out of range)."""
-        sent = {k: v for k in ("temperature", "top_p", "top_k", "repetition_penalty", "seed")
-                if (v := getattr(self, k)) is not None}
-        stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
-        return SamplingParams(max_new_tokens=max_tokens, stop=tuple(stop), **sent)
-
-
-class CompletionRequest(SamplingFields):
-    prompt: str
-    max_tokens: int = 16
-
-
-class Message(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
-    role: Literal["system", "user", "assistant"]
-    content: str
-
-
-class ChatRequest(SamplingFields):
-    messages: list[Message] = Field(min_length=1)
-    max_tokens: int | None = None
-    max_completion_tokens: int | None = None
-
-    @property
-    def max_new(self) -> int | None:
-        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+from .logprobs import TokenTexts, chat_logprobs, completion_logprobs
+from .protocol import ChatRequest, CompletionRequest, RequestFields
 
 
 class OneModel:
@@ -198,13 +159,14 @@ class Run:
         self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
 
     def _work(self) -> None:
+        scored = self.stream.generation.token_logprobs
         try:
             with self.models.turn(self.engine):
                 for delta in self.stream:
                     if self.cancel.is_set():
                         self.stream.generation.close()
                         break
-                    self._put(("delta", delta))
+                    self._put(("delta", (delta, len(scored))))     # the tokens this text came from
             self._put(("done", None))
         except Exception as e:          # surfaced to the request, never kills the server
             self._put(("error", e))
@@ -212,7 +174,8 @@ class Run:
             self.models.release(self.name)
             self.admission.release()
 
-    async def deltas(self) -> AsyncIterator[str]:
+    async def deltas(self) -> AsyncIterator[tuple[str, int]]:
+        """(text delta, how many generated tokens it comes from in all)."""
         try:
             while True:
                 kind, value = await self.queue.get()
@@ -238,14 +201,49 @@ def sse(obj: Any) -> str:
     return f"data: {json.dumps(obj)}\n\n"
 
 
-def choice(kind: str, text: str | None, finish: str | None, first: bool = False) -> dict:
+class Reply:
+    """What a response carries besides the generated text, as its request asked: the prompt
+    echoed before it (completions' echo, its text and logprobs) and each token's logprobs, in
+    the endpoint's shape. Streamed, each piece carries the tokens since the last one."""
+
+    def __init__(self, run: Run, req: RequestFields, kind: str) -> None:
+        self.kind, self.top = kind, req.logprob_count
+        self.gen, self.tok = run.stream.generation, run.engine.tokenizer
+        self.echo: str | None = None
+        if req.echoes:
+            prompt = req.one_prompt()
+            self.echo = prompt if isinstance(prompt, str) else self.tok.decode(prompt)
+        self.sent = 0                             # generated tokens whose logprobs went out
+        self.offset = len(self.echo or "")        # where the next generated token's text starts
+
+    def piece(self, text: str, upto: int | None = None) -> tuple[str, dict | None]:
+        """(text, logprobs) of the next piece: `text`, after the echoed prompt the first time, and
+        the logprobs of the generated tokens up to `upto` (None: all so far)."""
+        echo, self.echo = self.echo, None
+        if self.top is None:
+            return (echo or "") + text, None
+        gen, n_prompt = self.gen, len(self.gen.prompt)
+        scored = gen.token_logprobs[self.sent:upto]
+        texts = TokenTexts(self.tok, gen.prompt + [s.token for s in gen.token_logprobs], n_prompt)
+        first, self.sent = n_prompt + self.sent, self.sent + len(scored)
+        if self.kind == "chat":
+            return text, chat_logprobs(texts, scored, first)
+        logprobs, self.offset = completion_logprobs(texts, scored, first, self.offset)
+        if echo is not None:
+            head, _ = completion_logprobs(texts, [None, *(gen.prompt_logprobs or [])], 0)
+            logprobs = {k: head[k] + logprobs[k] for k in logprobs}
+        return (echo or "") + text, logprobs
+
+
+def choice(kind: str, text: str | None, finish: str | None, logprobs: dict | None = None,
+           first: bool = False) -> dict:
     """One streamed choice: a chat delta or a completion's text."""
     if kind == "chat":
         delta: dict = {} if text is None else {"content": text}
         if first:
             delta["role"] = "assistant"
-        return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
-    return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+        return {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
+    return {"index": 0, "text": text or "", "logprobs": logprobs, "finish_reason": finish}
 
 
 def response_head(run: Run, kind: str) -> dict:
@@ -253,36 +251,39 @@ def response_head(run: Run, kind: str) -> dict:
     return {"id": rid, "created": int(time.time()), "model": run.engine.model_id}
 
 
-async def sse_events(run: Run, kind: str, wants_usage: bool) -> AsyncIterator[str]:
+async def sse_events(run: Run, reply: Reply, wants_usage: bool) -> AsyncIterator[str]:
     """The streamed response: a role chunk (chat), a chunk per delta, the finish chunk with stats
     (and usage when asked for), [DONE]; an error after the headers went out is reported in-band."""
-    base, stream = response_head(run, kind), run.stream
+    kind, stream = reply.kind, run.stream
+    base = response_head(run, kind)
     chunk_obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
     if kind == "chat":
         yield sse({**base, "object": chunk_obj, "choices": [choice(kind, "", None, first=True)]})
     try:
-        async for delta in run.deltas():
-            yield sse({**base, "object": chunk_obj, "choices": [choice(kind, delta, None)]})
+        async for delta, upto in run.deltas():
+            text, logprobs = reply.piece(delta, upto)
+            yield sse({**base, "object": chunk_obj, "choices": [choice(kind, text, None, logprobs)]})
     except Exception as e:    # headers are sent: report in-band, as OpenAI does
         yield sse({"error": {"message": str(e), "type": "server_error", "param": None, "code": None}})
         return
-    last = {**base, "object": chunk_obj, "choices": [choice(kind, None, stream.finish_reason)],
-            "stats": stream.stats.as_dict()}
+    text, logprobs = reply.piece("")          # what is left: an unsent echo, the stop token's logprob
+    last = {**base, "object": chunk_obj, "stats": stream.stats.as_dict(),
+            "choices": [choice(kind, text or None, stream.finish_reason, logprobs)]}
     if wants_usage:
         last["usage"] = usage(stream)
     yield sse(last)
     yield "data: [DONE]\n\n"
 
 
-async def whole_response(run: Run, kind: str) -> dict:
-    """The non-streamed response: all the text, usage and stats."""
-    text = "".join([d async for d in run.deltas()])
-    stream = run.stream
+async def whole_response(run: Run, reply: Reply) -> dict:
+    """The non-streamed response: all the text, logprobs as asked, usage and stats."""
+    kind, stream = reply.kind, run.stream
+    text, logprobs = reply.piece("".join([d async for d, _ in run.deltas()]))
     if kind == "chat":
-        ch = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+        ch = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
               "finish_reason": stream.finish_reason}
     else:
-        ch = {"index": 0, "text": text, "logprobs": None, "finish_reason": stream.finish_reason}
+        ch = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": stream.finish_reason}
     return {**response_head(run, kind), "object": "chat.completion" if kind == "chat" else "text_completion",
             "choices": [ch], "usage": usage(stream), "stats": stream.stats.as_dict()}
 
@@ -362,12 +363,13 @@ def _add_model_routes(app: FastAPI, models: ModelSource, admission: Admission) -
 def _add_generation_routes(app: FastAPI, requests: "Requests") -> None:
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest) -> Any:
-        return await requests.handle(req, "text", req.max_tokens, lambda engine, s: engine.complete(req.prompt, s))
+        return await requests.handle(req, "text", req.max_tokens, lambda engine, s: engine.complete(
+            req.one_prompt(), s, logprobs=req.logprob_count, echo=req.echo))
 
     @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatRequest) -> Any:
-        messages = [m.model_dump() for m in req.messages]
-        return await requests.handle(req, "chat", req.max_new, lambda engine, s: engine.chat(messages, s))
+        return await requests.handle(req, "chat", req.max_new, lambda engine, s: engine.chat(
+            req.chat_messages(), s, logprobs=req.logprob_count))
 
 
 class Requests:
@@ -377,10 +379,12 @@ class Requests:
     def __init__(self, models: ModelSource, admission: Admission, max_tokens_limit: int) -> None:
         self.models, self.admission, self.max_tokens_limit = models, admission, max_tokens_limit
 
-    async def handle(self, req: SamplingFields, kind: str, max_tokens: int | None, build) -> Any:
+    async def handle(self, req: RequestFields, kind: str, max_tokens: int | None, build) -> Any:
         """build(engine, sampling) -> TextStream; max_tokens None: as many as fit, up to the cap."""
-        if req.n != 1:
-            return error(400, "only n=1 is supported", param="n")
+        try:
+            req.check()                         # fields not acted on, shapes: before anything is taken
+        except RequestError as e:
+            return error(400, str(e), param=e.param, code=getattr(e, "code", None))
         try:
             self.models.check(req.model)        # before taking a slot: a bad name is never queued
         except ModelNotFound as e:
@@ -393,12 +397,12 @@ class Requests:
             return started
         stream, engine = started
         run = Run(stream, engine, req.model, self.models, self.admission)
+        reply = Reply(run, req, kind)
         if req.stream:
-            wants_usage = bool((req.stream_options or {}).get("include_usage"))
-            return StreamingResponse(sse_events(run, kind, wants_usage), media_type="text/event-stream")
-        return await whole_response(run, kind)
+            return StreamingResponse(sse_events(run, reply, req.wants_usage), media_type="text/event-stream")
+        return await whole_response(run, reply)
 
-    async def _start(self, req: SamplingFields, max_tokens: int | None, build):
+    async def _start(self, req: RequestFields, max_tokens: int | None, build):
         """(stream, engine), or the 4xx response after giving back the slot and the model."""
         engine = None
         try:

@@ -33,7 +33,7 @@ assistant tokens only (each reply and its closing </s>).
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from tinyllama.cli import add_flags, add_renamed
+    from tinyllama.cli import add_flags, add_renamed_flag
     from tinyllama.runtime import TRAINING, add_runtime_args
 
     from .train import SFTArgs
@@ -41,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m sft", description=__doc__, epilog=DATA_HELP,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_flags(p, SFTArgs)
-    add_renamed(p, "--max-len", "--seq-len", dest="seq_len", type=int)
+    add_renamed_flag(p, "--max-len", "--seq-len", dest="seq_len", type=int)
     p.add_argument("--samples", type=int, default=2, metavar="N",
                    help="print the saved model's greedy answers to N held-out questions (default: %(default)s)")
     add_runtime_args(p, TRAINING)

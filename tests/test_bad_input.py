@@ -42,8 +42,8 @@ from tinyllama import Llama, ModelConfig, Tokenizer, save_checkpoint
 ROOT = Path(__file__).resolve().parents[1]
 
 CLIS = {          # python -m NAME -> module holding main(argv)
-    "pretrain.prepare": "pretrain.prepare",
-    "pretrain.corpus": "pretrain.corpus",
+    "prepare": "prepare.__main__",
+    "prepare.corpus": "prepare.corpus",
     "pretrain": "pretrain.__main__",
     "sft": "sft.__main__",
     "sft.distill": "sft.distill",
@@ -73,63 +73,68 @@ class Case:
     files: dict[str, str | bytes] = field(default_factory=dict)    # inputs written under {in}
     subprocess: bool = False        # also run it as `python -m CLI ...`
     env: dict[str, str] = field(default_factory=dict)              # environment ({placeholders} too)
+    llamacpp: bool = False          # the message comes from llama.cpp loading the file: skips without it
 
 
-def C(id, cli, argv, message, files=None, sub=False, env=None):
-    return Case(id, cli, argv, message, files or {}, sub, env or {})
+def C(id, cli, argv, message, files=None, sub=False, env=None, llamacpp=False):
+    return Case(id, cli, argv, message, files or {}, sub, env or {}, llamacpp)
+
+
+def params(cases: list[Case]) -> list:
+    return [pytest.param(c, id=c.id, marks=[pytest.mark.llamacpp] if c.llamacpp else []) for c in cases]
 
 
 CASES = [
-    # ---- python -m pretrain.prepare: raw text -> token shards -----------------------------------
-    C("prepare-missing-source", "pretrain.prepare", ["{in}/nope.jsonl", "--out", "{out}/tok"],
+    # ---- python -m prepare: raw text -> token shards -----------------------------------
+    C("prepare-missing-source", "prepare", ["{in}/nope.jsonl", "--out", "{out}/tok"],
       "nope.jsonl: no such file or directory"),
-    C("prepare-empty-jsonl", "pretrain.prepare", ["{in}/empty.jsonl", "--out", "{out}/tok"],
+    C("prepare-empty-jsonl", "prepare", ["{in}/empty.jsonl", "--out", "{out}/tok"],
       "empty.jsonl: no documents", {"empty.jsonl": ""}),
-    C("prepare-corrupt-jsonl-line", "pretrain.prepare", ["{in}/bad.jsonl", "--out", "{out}/tok"],
+    C("prepare-corrupt-jsonl-line", "prepare", ["{in}/bad.jsonl", "--out", "{out}/tok"],
       "bad.jsonl:2: malformed JSON", {"bad.jsonl": GOOD_DOC + "{not json\n" + GOOD_DOC}, sub=True),
-    C("prepare-truncated-jsonl", "pretrain.prepare", ["{in}/cut.jsonl", "--out", "{out}/tok"],
+    C("prepare-truncated-jsonl", "prepare", ["{in}/cut.jsonl", "--out", "{out}/tok"],
       "cut.jsonl:3: malformed JSON", {"cut.jsonl": GOOD_DOC * 2 + GOOD_DOC[:12]}),
-    C("prepare-jsonl-not-an-object", "pretrain.prepare", ["{in}/list.jsonl", "--out", "{out}/tok"],
+    C("prepare-jsonl-not-an-object", "prepare", ["{in}/list.jsonl", "--out", "{out}/tok"],
       "list.jsonl:1: expected a JSON object per line, got list", {"list.jsonl": '["a", "b"]\n'}),
-    C("prepare-jsonl-no-text-field", "pretrain.prepare", ["{in}/f.jsonl", "--out", "{out}/tok"],
+    C("prepare-jsonl-no-text-field", "prepare", ["{in}/f.jsonl", "--out", "{out}/tok"],
       "f.jsonl:1: no text field; tried text, content (fields: body)", {"f.jsonl": '{"body": "x"}\n'}),
-    C("prepare-jsonl-text-not-a-string", "pretrain.prepare", ["{in}/n.jsonl", "--out", "{out}/tok"],
+    C("prepare-jsonl-text-not-a-string", "prepare", ["{in}/n.jsonl", "--out", "{out}/tok"],
       "n.jsonl:2: text field is a int, not a string", {"n.jsonl": GOOD_DOC + '{"text": 7}\n'}),
-    C("prepare-unknown-text-field", "pretrain.prepare", ["{in}/d.jsonl", "--out", "{out}/tok", "--text-field", "body"],
+    C("prepare-unknown-text-field", "prepare", ["{in}/d.jsonl", "--out", "{out}/tok", "--text-field", "body"],
       "d.jsonl:1: no field 'body'", {"d.jsonl": GOOD_DOC}),
-    C("prepare-truncated-zst", "pretrain.prepare", ["{in}/d.jsonl.zst", "--out", "{out}/tok"],
+    C("prepare-truncated-zst", "prepare", ["{in}/d.jsonl.zst", "--out", "{out}/tok"],
       "d.jsonl.zst: truncated zstd stream", {"d.jsonl.zst": "ZST_TRUNCATED"}),
-    C("prepare-corrupt-parquet", "pretrain.prepare", ["{in}/d.parquet", "--out", "{out}/tok"],
+    C("prepare-corrupt-parquet", "prepare", ["{in}/d.parquet", "--out", "{out}/tok"],
       "d.parquet: not a readable parquet file", {"d.parquet": b"PAR1 this is not parquet PAR1"}),
-    C("prepare-dir-without-matching-files", "pretrain.prepare", ["{in}/src", "--out", "{out}/tok", "--extensions", "py"],
+    C("prepare-dir-without-matching-files", "prepare", ["{in}/src", "--out", "{out}/tok", "--extensions", "py"],
       "src: no files with extension .py", {"src/notes.bin": b"\x00\x01"}),
-    C("prepare-val-fraction-out-of-range", "pretrain.prepare", ["{in}/d.jsonl", "--out", "{out}/tok",
+    C("prepare-val-fraction-out-of-range", "prepare", ["{in}/d.jsonl", "--out", "{out}/tok",
                                                                "--val-fraction", "0.7"],
       "val_fraction must be in [0, 0.5), got 0.7", {"d.jsonl": GOOD_DOC}),
-    C("prepare-shard-tokens-too-small", "pretrain.prepare", ["{in}/d.jsonl", "--out", "{out}/tok",
+    C("prepare-shard-tokens-too-small", "prepare", ["{in}/d.jsonl", "--out", "{out}/tok",
                                                             "--shard-tokens", "10"],
       "shard_tokens must be >= 1024, got 10", {"d.jsonl": GOOD_DOC}),
-    C("prepare-bad-native-variable", "pretrain.prepare", ["{in}/d.jsonl", "--out", "{out}/tok"],
+    C("prepare-bad-native-variable", "prepare", ["{in}/d.jsonl", "--out", "{out}/tok"],
       "TINYLLAMA_NATIVE='yes': expected 0 (off), 1 (required) or auto", {"d.jsonl": GOOD_DOC},
       env={"TINYLLAMA_NATIVE": "yes"}),
-    C("prepare-workers-zero", "pretrain.prepare", ["{in}/d.jsonl", "--out", "{out}/tok", "--workers", "0"],
+    C("prepare-workers-zero", "prepare", ["{in}/d.jsonl", "--out", "{out}/tok", "--workers", "0"],
       "workers must be >= 1, got 0", {"d.jsonl": GOOD_DOC}),
-    C("prepare-workers-not-a-number", "pretrain.prepare", ["{in}/d.jsonl", "--out", "{out}/tok", "--workers", "two"],
+    C("prepare-workers-not-a-number", "prepare", ["{in}/d.jsonl", "--out", "{out}/tok", "--workers", "two"],
       "argument --workers: invalid int value: 'two'", {"d.jsonl": GOOD_DOC}),
-    C("prepare-out-parent-is-a-file", "pretrain.prepare", ["{in}/d.jsonl", "--out", "{in}/d.jsonl/tok"],
+    C("prepare-out-parent-is-a-file", "prepare", ["{in}/d.jsonl", "--out", "{in}/d.jsonl/tok"],
       "is not a folder", {"d.jsonl": GOOD_DOC}),
-    C("prepare-bad-source-leaves-no-new-parent", "pretrain.prepare", ["{in}/bad.jsonl", "--out", "{out}/new/tok"],
+    C("prepare-bad-source-leaves-no-new-parent", "prepare", ["{in}/bad.jsonl", "--out", "{out}/new/tok"],
       "bad.jsonl:1: malformed JSON", {"bad.jsonl": "{oops\n"}),
-    C("prepare-missing-tokenizer-dir", "pretrain.prepare", ["{in}/d.jsonl", "--out", "{out}/tok",
+    C("prepare-missing-tokenizer-dir", "prepare", ["{in}/d.jsonl", "--out", "{out}/tok",
                                                            "--tokenizer", "{in}/no-tok"],
       "no-tok: tokenizer directory not found", {"d.jsonl": GOOD_DOC}),
 
-    # ---- python -m pretrain.corpus: the default corpus --------------------------------------------
-    C("corpus-val-fraction-out-of-range", "pretrain.corpus", ["--out", "{out}/data", "--val-fraction", "0.9"],
+    # ---- python -m prepare.corpus: the default corpus --------------------------------------------
+    C("corpus-val-fraction-out-of-range", "prepare.corpus", ["--out", "{out}/data", "--val-fraction", "0.9"],
       "--val-fraction must be in [0, 0.5), got 0.9", sub=True),
-    C("corpus-workers-zero", "pretrain.corpus", ["--out", "{out}/data", "--workers", "0"],
+    C("corpus-workers-zero", "prepare.corpus", ["--out", "{out}/data", "--workers", "0"],
       "--workers must be >= 1, got 0"),
-    C("corpus-out-is-a-file", "pretrain.corpus", ["--out", "{in}/f"], "f: not a folder", {"f": "x"}),
+    C("corpus-out-is-a-file", "prepare.corpus", ["--out", "{in}/f"], "f: not a folder", {"f": "x"}),
 
     # ---- python -m pretrain: YAML config and flags ------------------------------------------------
     C("pretrain-config-missing", "pretrain", ["--config", "{in}/nope.yaml"], "nope.yaml: config file not found"),
@@ -308,22 +313,29 @@ CASES = [
     C("generate-truncated-safetensors", "serve.complete", ["--model", "{trunc_ckpt}", "--prompt", "hi"],
       "corrupt or truncated safetensors file"),
     C("generate-gguf-llama-cpp-cannot-load", "serve.complete", ["--model", "{gpt2_gguf}", "--prompt", "hi"],
-      "gpt2.gguf: llama.cpp cannot load this file"),
+      "gpt2.gguf: llama.cpp cannot load this file", llamacpp=True),
     C("generate-truncated-gguf", "serve.complete", ["--model", "{trunc_gguf}", "--prompt", "hi"],
       "trunc.gguf: not a readable GGUF file"),
     C("generate-random-bytes-gguf", "serve.complete", ["--model", "{random_gguf}", "--prompt", "hi"],
       "random.gguf: not a readable GGUF file"),
-    C("generate-draft-other-vocab-size", "serve.complete", ["--model", "{ckpt}", "--draft", "{draft_vocab}",
+    C("generate-draft-other-vocab-size", "serve.complete", ["--model", "{ckpt}", "-md", "{draft_vocab}",
                                                              "--prompt", "hi"],
       "has 320 tokens but target ckpt has 32000: speculative decoding needs the same vocabulary", sub=True),
-    C("generate-draft-other-tokens", "serve.complete", ["--model", "{ckpt}", "--draft", "{draft_swapped}",
+    C("generate-draft-other-tokens", "serve.complete", ["--model", "{ckpt}", "--model-draft", "{draft_swapped}",
                                                          "--prompt", "hi"],
       "different vocabularies (same size, different tokens)"),
-    C("generate-draft-missing", "serve.complete", ["--model", "{ckpt}", "--draft", "{in}/nope.gguf", "--prompt", "hi"],
-      "--draft {in}/nope.gguf: no such file or directory"),
+    C("generate-draft-missing", "serve.complete", ["--model", "{ckpt}", "--model-draft", "{in}/nope.gguf",
+                                                   "--prompt", "hi"],
+      "--model-draft {in}/nope.gguf: no such file or directory"),
+    C("generate-old-draft-flag-missing", "serve.complete", ["--model", "{ckpt}", "--draft", "{in}/nope.gguf",
+                                                            "--prompt", "hi"],
+      "--model-draft {in}/nope.gguf: no such file or directory"),
+    C("generate-draft-max-zero", "serve.complete", ["--model", "{ckpt}", "-md", "{ckpt}", "--draft-max", "0",
+                                                     "--prompt", "hi"],
+      "argument --draft-max: the draft length must be an integer >= 1 (or auto), got 0"),
     C("generate-num-draft-zero", "serve.complete", ["--model", "{ckpt}", "--draft", "{ckpt}", "--num-draft", "0",
                                                      "--prompt", "hi"],
-      "argument --num-draft: must be >= 1 (or auto), got 0"),
+      "argument --num-draft: the draft length must be an integer >= 1 (or auto), got 0"),
     C("generate-prompt-longer-than-context", "serve.complete", ["--model", "{ckpt}", "--prompt", "hello " * 300],
       "the prompt has 302 tokens; the context length is 256"),
     C("generate-negative-max-tokens", "serve.complete", ["--model", "{ckpt}", "--prompt", "hi", "--max-tokens", "-5"],
@@ -347,11 +359,16 @@ CASES = [
       sub=True),
     C("serve-model-without-config", "serve", ["--model", "{noconfig}"], "no config.json"),
     C("serve-random-bytes-gguf", "serve", ["--model", "{random_gguf}"], "random.gguf: not a readable GGUF file"),
-    C("serve-gguf-llama-cpp-cannot-load", "serve", ["--model", "{gpt2_gguf}"], "gpt2.gguf: llama.cpp cannot load this file"),
-    C("serve-draft-other-vocabulary", "serve", ["--model", "{gguf}", "--draft", "{draft_vocab}"],
-      "speculative decoding needs the same vocabulary"),
+    C("serve-gguf-llama-cpp-cannot-load", "serve", ["--model", "{gpt2_gguf}"], "gpt2.gguf: llama.cpp cannot load this file",
+      llamacpp=True),
+    C("serve-draft-other-vocabulary", "serve", ["--model", "{gguf}", "--model-draft", "{draft_vocab}"],
+      "speculative decoding needs the same vocabulary", llamacpp=True),
+    C("serve-draft-max-zero", "serve", ["--model", "{ckpt}", "-md", "{ckpt}", "--draft-max", "0"],
+      "argument --draft-max: the draft length must be an integer >= 1 (or auto), got 0"),
+    C("serve-adaptive-draft-zero", "serve", ["--model", "{ckpt}", "-md", "{ckpt}", "--draft-max", "adaptive:0"],
+      "argument --draft-max: the draft length must be an integer >= 1 (or auto), got 0"),
     C("serve-num-draft-zero", "serve", ["--model", "{ckpt}", "--draft", "{ckpt}", "--num-draft", "0"],
-      "argument --num-draft: must be >= 1 (or auto), got 0"),
+      "argument --num-draft: the draft length must be an integer >= 1 (or auto), got 0"),
     C("serve-max-queue-zero", "serve", ["--model", "{ckpt}", "--max-queue", "0"], "--max-queue must be >= 1, got 0"),
     C("serve-n-gpu-layers-below-minus-one", "serve", ["--model", "{ckpt}", "--n-gpu-layers", "-2"],
       "--n-gpu-layers must be >= -1 (-1: all), got -2"),
@@ -361,15 +378,20 @@ CASES = [
       sub=True),
     C("demo-model-without-config", "demo", ["--model", "{noconfig}"], "no config.json"),
     C("demo-truncated-gguf", "demo", ["--model", "{trunc_gguf}"], "trunc.gguf: not a readable GGUF file"),
-    C("demo-gguf-llama-cpp-cannot-load", "demo", ["--model", "{gpt2_gguf}"], "gpt2.gguf: llama.cpp cannot load this file"),
+    C("demo-gguf-llama-cpp-cannot-load", "demo", ["--model", "{gpt2_gguf}"], "gpt2.gguf: llama.cpp cannot load this file",
+      llamacpp=True),
+    C("demo-draft-max-zero", "demo", ["--model", "{ckpt}", "--draft-max", "0"],
+      "argument --draft-max: the draft length must be an integer >= 1 (or auto), got 0"),
     C("demo-num-draft-zero", "demo", ["--model", "{ckpt}", "--num-draft", "0"],
-      "argument --num-draft: must be >= 1 (or auto), got 0"),
+      "argument --num-draft: the draft length must be an integer >= 1 (or auto), got 0"),
     C("demo-bad-gradio-port-variable", "demo", ["--model", "{ckpt}"],
       "GRADIO_SERVER_PORT='http': expected a port number (1-65535)", env={"GRADIO_SERVER_PORT": "http"}, sub=True),
     C("demo-bad-attention-variable", "demo", ["--model", "{ckpt}"],
       "TINYLLAMA_ATTENTION='fast': expected sdpa, flash or xformers", env={"TINYLLAMA_ATTENTION": "fast"}),
+    C("serve-draft-max-word", "serve", ["--model", "{ckpt}", "--draft-max", "many"],
+      "argument --draft-max: expected auto, adaptive[:K] or an integer K >= 1, got 'many'"),
     C("serve-num-draft-word", "serve", ["--model", "{ckpt}", "--num-draft", "many"],
-      "argument --num-draft: expected auto or an integer, got 'many'"),
+      "argument --num-draft: expected auto, adaptive[:K] or an integer K >= 1, got 'many'"),
 
     # ---- python -m evaluation ----------------------------------------------------------------------
     C("eval-no-model", "evaluation", ["--tasks", "none"], "give --model (or --sweep RUN_DIR)"),
@@ -494,7 +516,7 @@ def _gpt2_gguf(path: Path) -> None:
 
 @pytest.fixture(scope="session")
 def assets(tmp_path_factory, llama2_tokenizer) -> Path:
-    from pretrain.prepare import PrepareConfig, prepare
+    from prepare.prepare import PrepareConfig, prepare
     from quantize.export import write_gguf
 
     d = tmp_path_factory.mktemp("bad-input-assets")
@@ -625,7 +647,7 @@ def run_main(cli: str, argv: list[str]) -> tuple[object, BaseException | None]:
         return None, e
 
 
-@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+@pytest.mark.parametrize("case", params(CASES))
 def test_bad_input_in_process(case, assets, tmp_path, monkeypatch, capfd, no_startup):
     p = paths(assets, tmp_path)
     argv = setup_case(case, tmp_path, p)
@@ -655,7 +677,7 @@ def test_every_cli_has_a_case_and_a_subprocess_case():
     assert len(CASES) >= 35
 
 
-@pytest.mark.parametrize("case", SUBPROCESS_CASES, ids=[c.id for c in SUBPROCESS_CASES])
+@pytest.mark.parametrize("case", params(SUBPROCESS_CASES))
 def test_bad_input_subprocess(case, assets, tmp_path):
     p = paths(assets, tmp_path)
     argv = setup_case(case, tmp_path, p)

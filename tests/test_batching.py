@@ -16,6 +16,7 @@ from tinyllama import ModelConfig
 from tinyllama.inference.backends import TorchBackend
 from serve.batch_runners import TorchRunner, batch_runner
 from serve.batching import SlotPool
+from tinyllama.inference.draft_policy import Fixed
 from tinyllama.inference.generate import SamplingParams, generate
 
 PROMPTS = [[1, 450, 6593, 310, 2834, 338], [1, 306], [1, 15043, 29892, 590, 1024, 338, 263, 2107, 29889, 13] * 3,
@@ -23,7 +24,7 @@ PROMPTS = [[1, 450, 6593, 310, 2834, 338], [1, 306], [1, 15043, 29892, 590, 1024
 
 
 def run_together(pool: SlotPool, prompts, sampling: SamplingParams, draft_pool: SlotPool | None = None,
-                 num_draft: int = 3) -> list[list[int]]:
+                 k: int = 3) -> list[list[int]]:
     """Each prompt generated in a thread of its own, all at once, on leases of the pool(s)."""
     out: list = [None] * len(prompts)
     errors = []
@@ -39,7 +40,7 @@ def run_together(pool: SlotPool, prompts, sampling: SamplingParams, draft_pool: 
                 lease.release()
                 if draft is not None:
                     draft.release()
-            out[i] = list(generate(lease, prompts[i], sampling, draft_model=draft, num_draft=num_draft,
+            out[i] = list(generate(lease, prompts[i], sampling, drafter=draft, draft_policy=Fixed(k),
                                    release=release))
         except Exception as e:       # surfaced below, not lost in the thread
             errors.append(e)

@@ -5,13 +5,14 @@ import json
 from bench import speculative
 from serve.engine import Engine
 from tinyllama.inference.generate import SamplingParams
-from tinyllama.inference.lookup import NgramDraft
+from tinyllama.inference.draft_policy import Fixed
+from tinyllama.inference.lookup import NgramDrafter
 
 
 def test_engine_drafts_by_prompt_lookup(tiny_chat_checkpoint):
-    engine = Engine.load(str(tiny_chat_checkpoint), draft="ngram:2", num_draft=3, dtype="float32")
+    engine = Engine.load(str(tiny_chat_checkpoint), draft="ngram:2", draft_policy=Fixed(3), dtype="float32")
     try:
-        assert isinstance(engine.draft, NgramDraft) and engine.draft.max_ngram == 2
+        assert isinstance(engine.draft, NgramDrafter) and engine.draft.max_ngram == 2
         prompt = "one two three four one two three four one two"
         s = SamplingParams(max_new_tokens=24)
         plain = engine.complete(prompt, s, speculative=False)
@@ -24,16 +25,19 @@ def test_engine_drafts_by_prompt_lookup(tiny_chat_checkpoint):
 
 
 def test_bench_speculative_json_rows_with_ngram(tiny_chat_checkpoint, capsys):
+    # the old flag name still works, and says which to use
     speculative.main(["--target", str(tiny_chat_checkpoint), "--draft", "ngram", "--prompt-set", "copy",
                       "--k", "2", "--tokens", "8", "--prompts", "2", "--repeats", "1", "--json"])
-    out = json.loads(capsys.readouterr().out)
+    captured = capsys.readouterr()
+    assert "warning: --draft is an old name: use --model-draft" in captured.err
+    out = json.loads(captured.out)
     assert "drafted by ngram:3" in out["pair"] and "copy prompts" in out["pair"]
     rows = {r["config"]: r for r in out["rows"]}
     assert rows["plain target"]["speedup"] == 1.0 and rows["plain target"]["tokens_per_s"] > 0
     k2 = rows["speculative k=2"]
     assert k2["c"] == 0.0 and 0 <= k2["alpha"] <= 1 and k2["theory"] >= 1 and k2["efficiency"] > 0
     # a model draft: the target drafting for itself is always accepted
-    speculative.main(["--target", str(tiny_chat_checkpoint), "--draft", str(tiny_chat_checkpoint),
+    speculative.main(["--target", str(tiny_chat_checkpoint), "--model-draft", str(tiny_chat_checkpoint),
                       "--k", "2", "--tokens", "8", "--prompts", "1", "--repeats", "1", "--json"])
     rows = {r["config"]: r for r in json.loads(capsys.readouterr().out)["rows"]}
     assert rows["speculative k=2"]["accepted_per_drafted"] == 1.0 and "plain draft" in rows

@@ -169,7 +169,7 @@ def test_a_llama_3_vocabulary_runs_end_to_end_in_uint32_shards(tokenizers, tmp_p
 
     from evaluation.perplexity import perplexity
     from pretrain.config import TrainConfig
-    from pretrain.prepare import PrepareConfig, prepare
+    from prepare.prepare import PrepareConfig, prepare
     from tinyllama.formats.shards import PackedSource
     from pretrain.train import train
     from tinyllama.inference.backends import load_backend
@@ -202,3 +202,56 @@ def test_a_llama_3_vocabulary_runs_end_to_end_in_uint32_shards(tokenizers, tmp_p
     assert run_tok.vocab_size == 128256 and run_tok.fingerprint == tok.fingerprint
     ppl, n = perplexity(backend, tmp_path / "tokens", seq_len=16, max_blocks=4, tokenizer=run_tok)
     assert n > 0 and 1 < ppl < float("inf")
+
+
+def test_a_model_built_from_scratch_takes_another_models_vocabulary(tokenizers, tmp_path):
+    """A draft for a target: pretraining from scratch with config field tokenizer builds the preset
+    in the target's vocabulary, special ids and chat template, tied where asked, and its
+    checkpoint loads with the target's tokenizer."""
+    import json
+
+    import numpy as np
+    import torch
+
+    from prepare.prepare import PrepareConfig, prepare
+    from pretrain.config import ConfigError, TrainConfig
+    from pretrain.train import train
+    from tinyllama.formats.checkpoint import load_checkpoint
+
+    target = tokenizers["starcoder"].with_template("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{% endfor %}")
+    target.save(tmp_path / "target")
+    texts = [f"def f{i}(x):\n    return x * {i}  # Grüße {i}" for i in range(30)]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    prepare(PrepareConfig(source=str(tmp_path / "d.jsonl"), out=tmp_path / "tokens", workers=1,
+                          tokenizer_dir=tmp_path / "target", val_fraction=0.2, progress=False))
+    cfg = dict(preset="tinyllama-debug", data={"code": str(tmp_path / "tokens")}, weights={"code": 1.0},
+               seq_len=32, micro_batch=2, global_batch_tokens=64, max_steps=2, warmup_steps=1, dtype="float32",
+               out=str(tmp_path / "run"), save_every=0, eval_every=0, log_every=1, sample_tokens=0,
+               tensorboard=False, progress=False)
+    result = train(TrainConfig(tokenizer=str(tmp_path / "target"), tie_embeddings=True, **cfg))
+    assert np.isfinite(result["loss"])
+
+    model, tok = load_checkpoint(tmp_path / "run" / "final")
+    assert model.config.vocab_size == target.vocab_size == 49152 and model.config.tie_embeddings
+    assert (model.config.bos_id, model.config.eos_id) == (target.bos_id, target.eos_id)
+    assert tok.fingerprint == target.fingerprint and tok.chat_template == target.chat_template
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+
+    # embeddings_from: the draft starts from the (projected) table of a model in that vocabulary
+    from pretrain.train import projected_embeddings
+    from tinyllama.formats.checkpoint import save_checkpoint
+    from tinyllama.model.config import ModelConfig
+    from tinyllama.model.model import Llama
+
+    save_checkpoint(Llama(ModelConfig.from_name("tinyllama-debug").replace(vocab_size=target.vocab_size, d_model=128,
+                                                                            ffn_dim=256)), target, tmp_path / "big")
+    train(TrainConfig(tokenizer=str(tmp_path / "target"), embeddings_from=str(tmp_path / "big"),
+                      **{**cfg, "out": str(tmp_path / "run-e"), "lr": 1e-7, "min_lr": 0.0}))
+    started, _ = load_checkpoint(tmp_path / "run-e" / "final")
+    expected = projected_embeddings(str(tmp_path / "big"), started.config)
+    torch.testing.assert_close(started.model.embed_tokens.weight, expected, rtol=0, atol=1e-4)
+
+    with pytest.raises(ConfigError, match="config field tokenizer: only for a model built from scratch"):
+        TrainConfig(init_from=str(tmp_path / "run" / "final"), tokenizer=str(tmp_path / "target"), **cfg).validate()
+    with pytest.raises(ConfigError, match="config field tokenizer:.*nope"):
+        train(TrainConfig(tokenizer=str(tmp_path / "nope"), **{**cfg, "out": str(tmp_path / "run2")}))

@@ -159,7 +159,7 @@ def test_library_functions_need_no_environment(small_model, monkeypatch):
 def test_old_flag_names_still_work_and_name_the_new_one(module, argv, old, new, dest, value, capsys):
     args = importlib.import_module(module).build_parser().parse_args(argv)
     assert getattr(args, dest) == value
-    assert capsys.readouterr().err == f"note: {old} is now {new}\n"
+    assert capsys.readouterr().err == f"warning: {old} is an old name: use {new}\n"
 
 
 def test_new_flag_names_say_nothing(capsys):
@@ -174,7 +174,7 @@ def test_the_old_config_field_out_dir_still_loads(tmp_path, capsys):
 
     (tmp_path / "c.yaml").write_text("preset: tinyllama-debug\nout_dir: runs/old\n")
     assert TrainConfig.from_yaml(tmp_path / "c.yaml").out == "runs/old"
-    assert capsys.readouterr().err == f"note: {tmp_path / 'c.yaml'}: config field out_dir is now out\n"
+    assert capsys.readouterr().err == f"warning: {tmp_path / 'c.yaml'}: config field out_dir is an old name: use out\n"
 
 
 def test_the_shipped_configs_and_makefile_use_the_new_names(capsys):

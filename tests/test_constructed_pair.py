@@ -161,7 +161,7 @@ def test_bench_speculative_with_the_llama_cpp_anchor(tmp_path, llama2_tokenizer,
 
     build_pair(DRAFT, TARGET, 1.0, "f32", 0, [], llama2_tokenizer, tmp_path, say=lambda m: None)
     target = str(tmp_path / "target.gguf")
-    speculative.main(["--target", target, "--draft", target, "--anchor", "--k", "2", "--tokens", "12",
+    speculative.main(["--target", target, "--model-draft", target, "--anchor", "--k", "2", "--tokens", "12",
                       "--prompts", "2", "--repeats", "1", "--json"])
     rows = {r["config"]: r for r in json.loads(capsys.readouterr().out)["rows"]}
     ours, theirs = rows["speculative k=2"], rows["llama.cpp's llama-speculative-simple k=2"]

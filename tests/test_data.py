@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 
 from pretrain.data import BatchLoader, FeistelPermutation, Mixture
-from pretrain.prepare import PrepareConfig, prepare
+from prepare.prepare import PrepareConfig, prepare
 from tinyllama.formats.shards import PackedSource, ShardError, ShardWriter
-from pretrain.sources import SourceError
-from pretrain.units import read_documents
+from prepare.sources import SourceError
+from prepare.units import read_documents
 
 DOCS = [f"Document {i}: " + " ".join(["the quick brown fox", "def f(x): return x", "naïve 東京"][i % 3] for _ in range(i % 7 + 1))
         for i in range(60)]
@@ -179,7 +179,7 @@ def test_missing_source_and_offline_hub_name(tmp_path):
 def test_cli_errors_are_clear(tmp_path):
     f = tmp_path / "bad.jsonl"
     f.write_text("not json\n")
-    r = subprocess.run([sys.executable, "-m", "pretrain.prepare", str(f), "--out", str(tmp_path / "out"), "--no-progress"],
+    r = subprocess.run([sys.executable, "-m", "prepare", str(f), "--out", str(tmp_path / "out"), "--no-progress"],
                        capture_output=True, text=True)
     assert r.returncode == 2 and "bad.jsonl:1: malformed JSON" in r.stderr and "Traceback" not in r.stderr
     assert_nothing_written(tmp_path)

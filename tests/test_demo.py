@@ -15,6 +15,7 @@ from demo.app import DEFAULT_SYSTEM, build_app, message_text  # noqa: E402
 from serve.engine import Engine  # noqa: E402
 from tinyllama import Llama, ModelConfig  # noqa: E402
 from tinyllama.inference.backends import TorchBackend  # noqa: E402
+from tinyllama.inference.draft_policy import Fixed  # noqa: E402
 from tinyllama.formats.chat import encode_chat  # noqa: E402
 from tinyllama.inference.generate import generate  # noqa: E402
 
@@ -36,7 +37,7 @@ def demo(llama2_tokenizer):
     # a fixed k: this draft is as large as its target, so `auto` would (rightly) decode plainly and
     # the stats under test would show no drafted tokens
     engine = Engine(TorchBackend(target, llama2_tokenizer), llama2_tokenizer, "tiny",
-                    draft=TorchBackend(draft, llama2_tokenizer), num_draft=2)
+                    draft=TorchBackend(draft, llama2_tokenizer), draft_policy=Fixed(2))
     app = build_app(engine).queue(default_concurrency_limit=1)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -84,7 +84,7 @@ def test_local_task_on_checkpoint_and_gguf(model_dir, task_dir, tmp_path):
 def test_perplexity_is_exp_of_the_trainers_validation_loss(model_dir, tmp_path):
     from pydoc_data.topics import topics
 
-    from pretrain.prepare import PrepareConfig, prepare
+    from prepare.prepare import PrepareConfig, prepare
     from tinyllama.formats.shards import PackedSource
     from pretrain.train import loss_fn
 
@@ -117,7 +117,7 @@ def test_checkpoint_sweep_over_a_pretraining_run(tmp_path, llama2_tokenizer):
 
     from evaluation.sweep import sweep
     from pretrain.config import TrainConfig
-    from pretrain.prepare import PrepareConfig, prepare
+    from prepare.prepare import PrepareConfig, prepare
     from pretrain.train import train
 
     raw = tmp_path / "raw.jsonl"

@@ -13,7 +13,7 @@ import torch
 
 from tinyllama import Llama, ModelConfig
 from tinyllama.inference.backends import Backend, TorchBackend
-from tinyllama.inference.draft_policy import HOPELESS_PROBE_GAP, AutoDraftLength
+from tinyllama.inference.draft_policy import HOPELESS_PROBE_GAP, Adaptive, Auto, Fixed
 from tinyllama.inference.generate import SamplingParams, generate, process_logits
 
 
@@ -84,21 +84,21 @@ def test_bad_arguments(pair):
     target, _ = pair
     with pytest.raises(ValueError, match="at least one prompt token"):
         generate(target, [])
-    with pytest.raises(ValueError, match="num_draft"):
-        generate(target, [1], num_draft=0)
+    with pytest.raises(ValueError, match="draft length must be an integer >= 1"):
+        generate(target, [1], draft_policy=Fixed(0))
     with pytest.raises(ValueError, match="exceed the context length"):
         list(generate(target, [1] * 65, max_new_tokens=1))
 
 
 # ---- speculative decoding: greedy identity and rollback --------------------------------------------
 
-@pytest.mark.parametrize("num_draft,adaptive", [(1, False), (3, False), (6, False), (1, True), (4, True)])
-def test_speculative_greedy_is_token_identical(pair, num_draft, adaptive):
+@pytest.mark.parametrize("policy", [Fixed(1), Fixed(3), Fixed(6), Adaptive(1), Adaptive(4)], ids=str)
+def test_speculative_greedy_is_token_identical(pair, policy):
     target, draft = pair
     prompt = [1, 7, 3]
     plain = list(generate(target, prompt, max_new_tokens=40))
     t, d = TorchBackend(target), TorchBackend(draft)
-    gen = generate(t, prompt, max_new_tokens=40, draft_model=d, num_draft=num_draft, adaptive_draft=adaptive)
+    gen = generate(t, prompt, max_new_tokens=40, drafter=d, draft_policy=policy)
     context = list(prompt)
     snapshots = []
     for token in gen:
@@ -119,30 +119,72 @@ def test_a_perfect_draft_is_always_accepted(pair):
     target, _ = pair
     twin = Llama(target.config).eval()
     twin.load_state_dict(target.state_dict())
-    gen = generate(target, [1, 2], max_new_tokens=21, draft_model=twin, num_draft=4)
+    gen = generate(target, [1, 2], max_new_tokens=21, drafter=twin, draft_policy=Fixed(4))
     assert list(gen) == naive_greedy(target, [1, 2], 21)
     assert gen.stats.acceptance_rate == 1.0 and gen.stats.target_calls == 21 // 5 + 1
     # adaptive k grows while every draft is accepted: k = 1, 3, 5, 7 give 2 + 4 + 6 + 8 tokens
-    adaptive = generate(target, [1, 2], max_new_tokens=21, draft_model=twin, num_draft=1, adaptive_draft=True)
+    adaptive = generate(target, [1, 2], max_new_tokens=21, drafter=twin, draft_policy=Adaptive(1))
     assert list(adaptive) == naive_greedy(target, [1, 2], 21)
     s = adaptive.stats
     assert s.draft_rounds == 4 and s.drafted == 1 + 3 + 5 + 7 and s.target_calls == 5
     assert "mean k 4.0" in s.describe()
 
 
+@pytest.mark.parametrize("draft, sampling", [(None, dict()), (None, dict(temperature=0.8, top_k=5, seed=3)),
+                                             ("model", dict()), ("model", dict(temperature=1.0, seed=4)),
+                                             ("ngram", dict())])
+def test_logprobs_are_the_models_log_softmax(pair, draft, sampling):
+    """Every produced token's logprob (and its top alternatives) is the target's own log-softmax
+    of the raw logits at that position, however it was picked: plain, a speculative round's
+    verification rows, prompt lookup; the prompt's are scored too (in chunks)."""
+    from tinyllama.inference.lookup import NgramDrafter
+
+    target, other = pair
+    prompt = [1, 5, 9, 13, 5, 9, 13, 5, 9]
+    drafter = {"model": other, "ngram": NgramDrafter(), None: None}[draft]
+    gen = generate(target, prompt, max_new_tokens=12, drafter=drafter, draft_policy=Fixed(3), logprobs=4,
+                   prompt_logprobs=True, **sampling)
+    out = list(gen)
+    ids = prompt + out
+    with torch.no_grad():
+        logp = torch.log_softmax(target(torch.tensor([ids]))[0], -1)                 # (T, V)
+    scored = gen.prompt_logprobs + gen.token_logprobs
+    assert [s.token for s in scored] == ids[1:]
+    for i, s in enumerate(scored):
+        assert s.logprob == pytest.approx(float(logp[i, ids[i + 1]]), abs=1e-4)
+        values, top = torch.topk(logp[i], 4)
+        assert [t for t, _ in s.top] == top.tolist()
+        assert [v for _, v in s.top] == pytest.approx(values.tolist(), abs=1e-4)
+
+
+def test_prompt_logprobs_alone_and_in_chunks(pair):
+    from tinyllama.inference.generate import score_tokens
+
+    target, _ = pair
+    prompt = list(range(1, 40))
+    gen = generate(target, prompt, max_new_tokens=0, prompt_logprobs=True)
+    assert list(gen) == [] and gen.stats.stop_reason == "length"
+    backend = TorchBackend(target, pack=False)
+    chunked = score_tokens(backend, prompt, start=1, chunk=7)
+    assert [s.logprob for s in gen.prompt_logprobs] == pytest.approx([s.logprob for s in chunked], abs=1e-4)
+    assert len(chunked) == len(prompt) - 1 and score_tokens(backend, prompt[:1]) == []
+
+
 def test_adaptive_k_shrinks_after_rejections(pair):
     target, draft = pair
-    gen = generate(target, [1, 7, 3], max_new_tokens=40, draft_model=draft, num_draft=6, adaptive_draft=True)
+    policy = Adaptive(6)
+    gen = generate(target, [1, 7, 3], max_new_tokens=40, drafter=draft, draft_policy=policy)
     list(gen)
     # this random pair rejects often: k walks down from 6 towards 1
-    assert gen.num_draft < 6 and gen.stats.drafted / gen.stats.draft_rounds < 6
+    assert gen.policy.k < 6 and gen.stats.drafted / gen.stats.draft_rounds < 6
+    assert policy.k == 6                   # the generation adapted a copy: the next one starts at 6 again
 
 
 def test_vocabulary_mismatch_is_refused(pair, small_config):
     target, _ = pair
     other = random_llama(small_config.replace(vocab_size=300), 2)
     with pytest.raises(ValueError, match="300 tokens but target"):
-        generate(target, [1], draft_model=other)
+        generate(target, [1], drafter=other)
 
 
 # ---- speculative sampling is exact ------------------------------------------------------------------
@@ -176,10 +218,9 @@ def test_speculative_sampling_matches_the_target_distribution(sampling, adaptive
     draft = Stub(torch.randn(6, 6, generator=g) * 1.5, "draft")
     # adaptive: k starts at 1 and changes with each round's outcome (k = 1 then 3, or 1 then 1)
     # auto: one policy across all trials, so its k varies with what it has seen
-    policy = AutoDraftLength() if adaptive == "auto" else None
+    policy = Auto() if adaptive == "auto" else Adaptive(1) if adaptive else Fixed(2)
     assert_target_distribution(target, [0], sampling, lambda s, n: generate(
-        target, [0], max_new_tokens=n, seed=s, draft_model=draft, num_draft=policy or (1 if adaptive else 2),
-        adaptive_draft=adaptive is True, **sampling))
+        target, [0], max_new_tokens=n, seed=s, drafter=draft, draft_policy=policy, **sampling))
 
 
 def assert_target_distribution(target: Stub, prompt: list[int], sampling: dict, draw, n: int = 3,
@@ -238,15 +279,15 @@ def test_gguf_backend_greedy_and_speculative(gguf_pair):
     try:
         assert list(generate(g_target, prompt, max_new_tokens=24)) == torch_plain
         # llama.cpp target and llama.cpp draft; PyTorch target and llama.cpp draft
-        gen = generate(g_target, prompt, max_new_tokens=24, draft_model=g_draft, num_draft=4)
+        gen = generate(g_target, prompt, max_new_tokens=24, drafter=g_draft, draft_policy=Fixed(4))
         snapshots = []
         for _ in gen:
             snapshots.append(g_target.llm.input_ids[: g_target.cached_tokens()].tolist())
         final = prompt + torch_plain
         assert all(cached == final[: len(cached)] for cached in snapshots)     # rejected drafts rolled back
         assert gen.stats.generated_tokens == 24 and 0 < gen.stats.accepted < gen.stats.drafted
-        assert list(generate(g_target, prompt, max_new_tokens=24, draft_model=g_draft)) == torch_plain
-        mixed = generate(TorchBackend(target, tok), prompt, max_new_tokens=24, draft_model=g_draft, num_draft=3)
+        assert list(generate(g_target, prompt, max_new_tokens=24, drafter=g_draft)) == torch_plain
+        mixed = generate(TorchBackend(target, tok), prompt, max_new_tokens=24, drafter=g_draft, draft_policy=Fixed(3))
         assert list(mixed) == torch_plain
         assert g_target.vocab_fingerprint() == TorchBackend(target, tok).vocab_fingerprint()
         backend, gguf_tok = load_backend(files["target"])
@@ -260,42 +301,42 @@ def test_gguf_backend_greedy_and_speculative(gguf_pair):
 # ---- prompt lookup (n-gram) drafting ----------------------------------------------------------------
 
 def test_ngram_proposals():
-    from tinyllama.inference.lookup import NgramDraft
+    from tinyllama.inference.lookup import NgramDrafter
 
-    d = NgramDraft(max_ngram=3)
+    d = NgramDrafter(max_ngram=3)
     #            0  1  2  3  4  5  6  7  8  9
     context = [1, 5, 6, 7, 8, 9, 5, 6, 7, 2, 5, 6, 7]
     assert d.propose(context, 3) == [2, 5, 6]          # latest earlier "5 6 7" is at 6..8
     assert d.propose(context, 10) == [2, 5, 6, 7]      # never past the end of the context
     assert d.propose([1, 2, 3, 4], 4) == []             # no earlier match of any length
     assert d.propose([4, 9, 4], 2) == [9, 4]            # falls back to shorter n-grams
-    assert NgramDraft.parse("ngram").max_ngram == 3 and NgramDraft.parse("ngram:5").max_ngram == 5
-    assert NgramDraft.parse("out/draft") is None and NgramDraft.parse("org/ngram-model") is None
+    assert NgramDrafter.parse("ngram").max_ngram == 3 and NgramDrafter.parse("ngram:5").max_ngram == 5
+    assert NgramDrafter.parse("out/draft") is None and NgramDrafter.parse("org/ngram-model") is None
 
 
 def test_ngram_drafting_is_token_identical_to_greedy(pair):
-    from tinyllama.inference.lookup import NgramDraft
+    from tinyllama.inference.lookup import NgramDrafter
 
     target, _ = pair
     prompt = [1, 7, 8, 9, 10, 11, 7, 8, 9, 10, 11, 7, 8]            # repetitive: lookups find matches
     ref = naive_greedy(target, prompt, 20)
-    gen = generate(target, prompt, max_new_tokens=20, draft_model=NgramDraft(2), num_draft=3)
+    gen = generate(target, prompt, max_new_tokens=20, drafter=NgramDrafter(2), draft_policy=Fixed(3))
     assert list(gen) == ref
     assert gen.stats.drafted > 0 and gen.stats.draft_rounds > 0
     backend = TorchBackend(target)
-    assert list(generate(backend, prompt, max_new_tokens=20, draft_model=NgramDraft(3), adaptive_draft=True)) == ref
+    assert list(generate(backend, prompt, max_new_tokens=20, drafter=NgramDrafter(3), draft_policy=Adaptive())) == ref
     assert backend.cached_tokens() <= len(prompt) + 20
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("sampling", [dict(temperature=1.0), dict(temperature=0.7, top_k=4, repetition_penalty=1.5)])
 def test_ngram_sampling_matches_the_target_distribution(sampling):
-    from tinyllama.inference.lookup import NgramDraft
+    from tinyllama.inference.lookup import NgramDrafter
 
     target = Stub(torch.randn(6, 6, generator=torch.Generator().manual_seed(0)) * 1.5, "target")
     prompt = [0, 1, 2, 0, 1]                 # the tail "0 1" recurs: the lookup proposes "2 0 ..."
     assert_target_distribution(target, prompt, sampling, lambda s, n: generate(
-        target, prompt, max_new_tokens=n, seed=s, draft_model=NgramDraft(2), num_draft=2, **sampling))
+        target, prompt, max_new_tokens=n, seed=s, drafter=NgramDrafter(2), draft_policy=Fixed(2), **sampling))
 
 
 # ---- auto draft length ---------------------------------------------------------------------------------
@@ -337,22 +378,22 @@ def test_auto_draft_length_is_exact(pair):
     target, draft = pair
     prompt = [1, 5, 9, 2]
     ref = naive_greedy(target, prompt, 24)
-    assert list(generate(target, prompt, max_new_tokens=24, draft_model=draft, num_draft="auto")) == ref
+    assert list(generate(target, prompt, max_new_tokens=24, drafter=draft, draft_policy=Auto())) == ref
 
 
 def test_auto_survives_a_clock_that_does_not_advance(pair, clock):
     """A clock too coarse to see a step (every cost measures 0 s) must not divide by zero."""
     target, draft = pair
     ref = naive_greedy(target, [1, 5, 9, 2], 16)
-    assert list(generate(target, [1, 5, 9, 2], max_new_tokens=16, draft_model=draft, num_draft="auto")) == ref
+    assert list(generate(target, [1, 5, 9, 2], max_new_tokens=16, drafter=draft, draft_policy=Auto())) == ref
 
 
 def test_auto_drafts_long_rounds_when_a_cheap_draft_always_agrees(clock):
     V = 8
     table = torch.randn(V, V, generator=torch.Generator().manual_seed(3)) * 3
     tgt, good = SlowStub(table, "target", clock, 0.004, 0.0004), SlowStub(table, "draft", clock, 0.0003)
-    policy = AutoDraftLength()
-    gen = generate(tgt, [0], max_new_tokens=120, draft_model=good, num_draft=policy)
+    policy = Auto()
+    gen = generate(tgt, [0], max_new_tokens=120, drafter=good, draft_policy=policy)
     out = list(gen)
     assert out == list(generate(tgt, [0], max_new_tokens=120))
     assert gen.stats.drafted / gen.stats.draft_rounds >= 3 and policy.alpha > 0.9
@@ -365,8 +406,8 @@ def test_auto_falls_back_to_plain_when_the_draft_is_always_wrong(clock):
     for last in range(V):          # the draft's choice is never the target's
         wrong[last] = -table[last]
     tgt, bad = SlowStub(table, "target", clock, 0.003, 0.0005), SlowStub(wrong, "draft", clock, 0.0015)
-    policy = AutoDraftLength()
-    gen = generate(tgt, [0], max_new_tokens=300, draft_model=bad, num_draft=policy)
+    policy = Auto()
+    gen = generate(tgt, [0], max_new_tokens=300, drafter=bad, draft_policy=policy)
     out = list(gen)
     assert out == list(generate(tgt, [0], max_new_tokens=300))
     # after the first probe it decodes plainly, probing ever more rarely: the extra work stays
@@ -382,8 +423,8 @@ def test_auto_does_not_probe_where_even_perfect_drafts_cannot_pay(clock):
     V = 8
     table = torch.randn(V, V, generator=torch.Generator().manual_seed(5)) * 3
     tgt, right = SlowStub(table, "target", clock, 0.002, 0.002), SlowStub(table, "draft", clock, 0.0004)
-    policy = AutoDraftLength()
-    gen = generate(tgt, [0], max_new_tokens=200, draft_model=right, num_draft=policy)
+    policy = Auto()
+    gen = generate(tgt, [0], max_new_tokens=200, drafter=right, draft_policy=policy)
     assert list(gen) == list(generate(tgt, [0], max_new_tokens=200))
     assert gen.stats.draft_rounds == 1 and policy.alpha > 0.6 and policy.probe_after == HOPELESS_PROBE_GAP
     assert not policy.could_pay(8) and policy.last_k == 0

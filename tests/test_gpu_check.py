@@ -1,8 +1,11 @@
-"""make gpu-check without a GPU: the orchestrator's time boxes and budget (fast), and a DRY=1
-rehearsal of the stages a CPU can run in a few minutes (slow), held to what they record."""
+"""make gpu-check without a GPU: the stage table (benchmarks and probes that exist and take its
+flags), the orchestrator's time boxes and budget (fast), and a DRY=1 rehearsal of the stages a
+CPU can run in a few minutes (slow), held to what they record."""
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import json
 import os
 import subprocess
@@ -12,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from gpu_check.__main__ import Stage, run_stages
+from gpu_check.__main__ import ORDER, PROBES, Stage, run_stages, stage_table
 
 ROOT = Path(__file__).resolve().parent.parent
 # compile is left out: inductor's C++ compile takes minutes on a small CPU
@@ -23,8 +26,26 @@ def stage_records(records: list[dict]) -> dict[str, dict]:
     return {r["stage"]: r for r in records if r.get("what") == "stage"}
 
 
+@pytest.mark.parametrize("dry", [True, False], ids=["dry", "cuda"])    # not "gpu": that id is the GPU marker
+def test_the_stage_table_runs_benchmarks_and_probes_that_exist_with_flags_they_take(dry):
+    """Every stage is `python -m MODULE ARGS`, MODULE a bench module or one of the GPU-only probes,
+    and MODULE's own parser accepts ARGS: the GPU table's flags are checked here, on a CPU."""
+    stages = stage_table(dry)
+    assert tuple(s.name for s in stages) == ORDER
+    for stage in stages:
+        python, dash_m, module, *args = stage.argv
+        assert (python, dash_m) == (sys.executable, "-m"), stage
+        assert module.startswith("bench.") or module in PROBES, f"{stage.name}: {module} is neither"
+        assert importlib.util.find_spec(module) is not None, f"{stage.name}: no module {module}"
+        parsed = importlib.import_module(module).parse_args(args)          # SystemExit on a flag it lacks
+        # every stage but the pretraining smoke names its device (pretrain picks its own)
+        assert module == "bench.kill_resume" or parsed.device == ("cpu" if dry else "cuda"), stage
+        assert not getattr(parsed, "extra", None) or dry, f"{stage.name}: {module} would pass on {parsed.extra}"
+    assert {s.argv[2] for s in stages} >= set(PROBES)
+
+
 def test_a_failing_stage_is_recorded_and_one_past_its_box_is_stopped(tmp_path, monkeypatch):
-    monkeypatch.setenv("OUT", str(tmp_path))
+    monkeypatch.setenv("GPU_CHECK_RESULTS", str(tmp_path / "results.jsonl"))
     stages = [Stage("broken", 10, ("sh", "-c", "exit 3")), Stage("slow", 1, ("sleep", "30")),
               Stage("after", 10, ("true",)), Stage("unselected", 10, ("true",))]
     t0 = time.monotonic()
@@ -41,7 +62,7 @@ def test_a_failing_stage_is_recorded_and_one_past_its_box_is_stopped(tmp_path, m
 
 
 def test_the_budget_cuts_a_box_short_and_skips_what_no_longer_fits(tmp_path, monkeypatch):
-    monkeypatch.setenv("OUT", str(tmp_path))
+    monkeypatch.setenv("GPU_CHECK_RESULTS", str(tmp_path / "results.jsonl"))
     stages = [Stage("long", 100, ("sleep", "30")), Stage("next", 100, ("true",))]
     records = run_stages(stages, {"long", "next"}, budget=1.5, log=tmp_path / "log.txt", env=dict(os.environ),
                          min_left=0.5)

@@ -16,6 +16,7 @@ import torch
 from tinyllama import Llama, ModelConfig
 from tinyllama.model import kernels
 from tinyllama.inference.backends import TorchBackend
+from tinyllama.inference.draft_policy import Fixed
 from tinyllama.inference.generate import generate
 
 DEV = os.environ.get("GPU_CHECK_DEVICE", "cuda")
@@ -85,7 +86,7 @@ def test_self_speculation_is_greedy_identical_and_fully_accepted():
     plain = list(generate(TorchBackend(model, pack=False), prompt, max_new_tokens=32))
     # the draft is a copy: a backend owns its model's KV cache
     g = generate(TorchBackend(model, pack=False), prompt, max_new_tokens=32,
-                 draft_model=TorchBackend(copy.deepcopy(model), pack=False), num_draft=4)
+                 drafter=TorchBackend(copy.deepcopy(model), pack=False), draft_policy=Fixed(4))
     assert list(g) == plain
     assert g.stats.drafted > 0 and g.stats.accepted == g.stats.drafted
 

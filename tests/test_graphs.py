@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from tinyllama.model.config import ModelConfig
+from tinyllama.inference.draft_policy import Fixed
 from tinyllama.inference.graphs import StaticDecoder, count_torch_calls
 from tinyllama.model.model import Llama
 
@@ -115,8 +116,8 @@ def test_a_backend_through_the_static_decoder_generates_what_the_eager_one_does(
     torch.manual_seed(3)
     other = Llama(ModelConfig.from_name("tinyllama-debug")).eval()
     draft = backends.TorchBackend(other, pack=False)
-    spec = list(generate(static, ids, SamplingParams(max_new_tokens=12, temperature=0), draft_model=draft,
-                         num_draft=3))
+    spec = list(generate(static, ids, SamplingParams(max_new_tokens=12, temperature=0), drafter=draft,
+                         draft_policy=Fixed(3)))
     assert spec == want
     static.close()
     draft.close()

@@ -56,6 +56,7 @@ def hub(tmp_path_factory, tiny_chat_checkpoint):
     """HF_HOME with: acme/tiny-chat (no template: the Zephyr fallback), acme/llama2-chat (Llama-2's
     template, generation_config eos [2, 7]), acme/tiny-chat-GGUF (F16 + Q8_0 of llama2-chat),
     acme/draft (another random tinyllama-debug), acme/bin-only (pickles only)."""
+    pytest.importorskip("llama_cpp", reason="the hub's Q8_0 file is quantized by llama.cpp (built by make setup)")
     from quantize.export import quantize_gguf, write_gguf
 
     root = tmp_path_factory.mktemp("hub")
@@ -266,9 +267,10 @@ def test_a_gguf_chats_in_its_own_template(offline_hub):
 
 def test_speculative_with_a_llama2_target_is_greedy_identical(offline_hub):
     from serve.engine import Engine
+    from tinyllama.inference.draft_policy import Fixed
     from tinyllama.inference.generate import SamplingParams
 
-    engine = Engine.load("acme/llama2-chat", draft="acme/draft", dtype="float32", num_draft=3)
+    engine = Engine.load("acme/llama2-chat", draft="acme/draft", dtype="float32", draft_policy=Fixed(3))
     try:
         assert engine.model_id == "acme/llama2-chat" and engine.tokenizer.chat_template == LLAMA2
         s = SamplingParams(max_new_tokens=24)
@@ -328,7 +330,7 @@ def test_server_usage_counts_the_templates_prompt(offline_hub):
 def test_complete_cli(offline_hub, capsys, model, draft):
     from serve.complete import main
 
-    argv = ["--model", model, "--prompt", "Hi", "--chat", "--max-tokens", "3"] + (["--draft", draft] if draft else [])
+    argv = ["--model", model, "--prompt", "Hi", "--chat", "--max-tokens", "3"] + (["--model-draft", draft] if draft else [])
     assert main(argv) == 0, capsys.readouterr().err
     err = capsys.readouterr().err
     assert f"model: {model.split('/llama2')[0] + ':F16' if model.endswith('.gguf') else model}:" in err

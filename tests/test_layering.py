@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-STAGES = {"pretrain", "sft", "quantize", "serve", "demo", "evaluation", "bench", "gpu_check"}
+STAGES = {"prepare", "pretrain", "sft", "quantize", "serve", "demo", "evaluation", "bench", "gpu_check"}
 PACKAGES = ["tinyllama", *sorted(STAGES - {"bench"}), "bench"]
 MAX_FUNCTION_LINES = 80
 
@@ -43,7 +43,7 @@ def test_stages_talk_through_files_not_imports():
     """A stage may import the core and itself; evaluation may read pretrain's shard and config
     formats and sft's data (its inputs), quantize the validation shards (its calibration text);
     bench and gpu_check measure everything."""
-    allowed = {"evaluation": {"pretrain", "sft"}, "sft": set(), "pretrain": set(), "quantize": {"pretrain"},
+    allowed = {"evaluation": {"pretrain", "sft"}, "sft": set(), "prepare": set(), "pretrain": set(), "quantize": {"pretrain"},
                "serve": set(), "demo": {"serve"}}
     offenders = set()
     for stage, may in allowed.items():
@@ -82,6 +82,76 @@ def test_the_core_is_in_rooms_that_import_downward():
             offenders |= {f"{f.relative_to(ROOT)} imports tinyllama.{r}" for r in extra}
     assert not offenders, sorted(offenders)
     assert {d.name for d in core.iterdir() if (d / "__init__.py").is_file()} == {*ROOMS, "llamacpp"}
+
+
+def _core_module(path: Path) -> str:
+    return ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+
+
+def _file_level_core_imports(path: Path, core: set[str]) -> set[str]:
+    """The core modules a file imports when it is loaded (its top-level statements; a function's
+    own import runs on first call). `from a.b import c` counts a.b.c where c is a module."""
+    package = path.relative_to(ROOT).parent.parts
+    out = set()
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = ".".join([*package[:len(package) - node.level + 1], *([node.module] if node.module else [])]) \
+                if node.level else node.module
+            names = [base, *(f"{base}.{a.name}" for a in node.names)]
+        else:
+            continue
+        out |= {n for n in names if n in core}
+    return out - {_core_module(path), "tinyllama"}
+
+
+def test_the_core_import_graph_is_at_most_six_levels_deep():
+    """Levels as in a layered design: a file that imports no core file (errors, definitions, cli)
+    is level 0, every other file one above the highest file it imports when loaded. At most 6:
+    any chain a newcomer follows from a file to the bottom has six imports or fewer."""
+    files = {_core_module(f): f for f in python_files("tinyllama")}
+    graph = {m: _file_level_core_imports(f, set(files)) - {p for p in files if m.startswith(p + ".")}
+             for m, f in files.items()}
+
+    def chain(m: str, seen: tuple = ()) -> list[str]:
+        assert m not in seen, f"import cycle: {' -> '.join((*seen, m))}"
+        below = [chain(d, (*seen, m)) for d in graph[m]]
+        return [m, *max(below, key=len, default=[])]
+
+    deepest = max((chain(m) for m in graph), key=len)
+    assert len(deepest) - 1 <= 6, " -> ".join(deepest)
+
+
+# core files that are commands of their own (python -m ...), not imported by what they serve
+CORE_COMMANDS = {"tinyllama.__main__", "tinyllama.real_model"}
+
+
+def test_no_core_file_serves_a_single_stage():
+    """The core holds what several stages share; what one stage alone uses lives in that stage.
+    bench and gpu_check count as users: they measure what the stages share."""
+    files = {_core_module(f): f for f in python_files("tinyllama")}
+    users = {m: set() for m in files}
+    for f in files.values():
+        for m in _file_level_core_imports(f, set(files)) | _function_level_core_imports(f, set(files)):
+            users[m].add("core")
+    for stage in [*STAGES, "lifecycle.py"]:
+        for f in python_files(stage) if stage in STAGES else [ROOT / stage]:
+            for m in _file_level_core_imports(f, set(files)) | _function_level_core_imports(f, set(files)):
+                users[m].add(stage)
+    lonely = {f"{m}: only {sorted(u) or 'nothing'}" for m, u in users.items()
+              if len(u) < 2 and "core" not in u and m not in CORE_COMMANDS and not files[m].name == "__init__.py"}
+    assert not lonely, sorted(lonely)
+
+
+def _function_level_core_imports(path: Path, core: set[str]) -> set[str]:
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            out |= {n for n in (node.module, *(f"{node.module}.{a.name}" for a in node.names)) if n in core}
+        elif isinstance(node, ast.Import):
+            out |= {a.name for a in node.names if a.name in core}
+    return out
 
 
 def test_the_model_knows_no_optimisation():

@@ -35,7 +35,7 @@ def test_raw_text_to_a_chat_model_in_llama_cpp(tmp_path):
 
     raw = tmp_path / "raw.jsonl"
     raw.write_text("".join(json.dumps({"text": t}) + "\n" for _, t in sorted(topics.items())[:40]))
-    cli("-m", "pretrain.prepare", str(raw), "--out", "tokens", "--workers", "1", "--no-progress", cwd=tmp_path)
+    cli("-m", "prepare", str(raw), "--out", "tokens", "--workers", "1", "--no-progress", cwd=tmp_path)
     cli("-m", "pretrain", "--preset", "tinyllama-debug", "--data", "natural=tokens", "--weights", "natural=1",
         "--seq-len", "64", "--micro-batch", "2", "--global-batch-tokens", "256", "--max-steps", "6",
         "--warmup-steps", "1", "--dtype", "float32", "--out", "pretrain", "--eval-every", "0",

@@ -115,10 +115,11 @@ def test_tools_are_cached_per_build_and_a_missing_sdist_is_named(tmp_path, monke
 
     from tinyllama.llamacpp import tools as llama_cpp_tools
     from tinyllama.errors import NotFound
+    from tinyllama.paths import LLAMA_CPP_VERSION
 
     monkeypatch.setenv("TINYLLAMA_CACHE", str(tmp_path))
     where = llama_cpp_tools.tools_dir()
-    assert where.parent.parent == tmp_path / "tools" and where.parent.name.startswith("llama.cpp-0.3.36-")
+    assert where.parent.parent == tmp_path / "tools" and where.parent.name.startswith(f"llama.cpp-{LLAMA_CPP_VERSION}-")
     with pytest.raises(ValueError, match="not one of the tools"):
         llama_cpp_tools.tool("llama-cli")
     # the suite runs with TINYLLAMA_TOOLS_BUILD=never: a missing tool is named, nothing is built

@@ -1,4 +1,4 @@
-"""tinyllama.pieces: the native (C) piece splitter, BPE and cache against the Python regex
+"""prepare.pieces: the native (C) piece splitter, BPE and cache against the Python regex
 path and the Rust `tokenizers` model they stand in for."""
 
 import json
@@ -13,9 +13,10 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import normalizers
 from tokenizers.models import BPE
 
-import tinyllama.pieces as pieces
+import prepare.pieces as pieces
+from prepare.encoding import clear_piece_cache, encode_batch, encode_packed, piece_encoder
 from tinyllama.errors import UserError
-from tinyllama.pieces import (
+from prepare.pieces import (
     PieceEncoder,
     SplitRules,
     _NativeCache,
@@ -45,14 +46,14 @@ def _real_texts() -> list[str]:
 def native(llama2_tokenizer):
     if not HAS_CC:
         pytest.skip("no C compiler here: the Python path is what runs")
-    enc = llama2_tokenizer.piece_encoder
+    enc = piece_encoder(llama2_tokenizer)
     assert enc.native, "a C compiler is on PATH but the native piece cache did not load"
     return enc
 
 
 @pytest.fixture(scope="module")
 def python_path(llama2_tokenizer):
-    return PieceEncoder(llama2_tokenizer.piece_encoder.rules, llama2_tokenizer.backend, native="off")
+    return PieceEncoder(piece_encoder(llama2_tokenizer).rules, llama2_tokenizer.backend, native="off")
 
 
 def test_native_cuts_exactly_where_the_regex_does(native, python_path):
@@ -167,10 +168,10 @@ def test_unknown_characters_without_byte_fallback_take_the_python_path():
 
 def test_a_tokenizer_crosses_processes_without_its_cache(llama2_tokenizer):
     texts = _texts(50, seed=4)
-    expected = llama2_tokenizer.encode_packed(texts)
+    expected = encode_packed(llama2_tokenizer, texts)
     copy = pickle.loads(pickle.dumps(llama2_tokenizer))
-    assert "piece_encoder" not in copy.__dict__
-    ids, lengths = copy.encode_packed(texts)
+    assert piece_encoder(copy) is not piece_encoder(llama2_tokenizer)     # built afresh where used
+    ids, lengths = encode_packed(copy, texts)
     assert np.array_equal(ids, expected[0]) and np.array_equal(lengths, expected[1])
 
 
@@ -180,8 +181,8 @@ def test_native_mode_switch(monkeypatch, tmp_path, llama2_tokenizer):
     try:
         assert pieces.library("off") is None
         tok = Tokenizer.from_dir(llama2_tokenizer.source)
-        tok.native_pieces = "off"
-        assert not tok.piece_encoder.native
+        assert not piece_encoder(tok, native="off").native
+        assert piece_encoder(tok).mode == "off"                # kept: a later call without a mode reuses it
         pieces.library.cache_clear()
 
         monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
@@ -227,13 +228,13 @@ def test_compiled_once_per_source_version(monkeypatch, tmp_path):
 
 
 def test_threads_share_one_tokenizer(llama2_tokenizer):
-    """ctypes lets go of the GIL during a C call: encode_batch from many threads at once must
+    """ctypes lets go of the GIL during a C call: encoding from many threads at once must
     still give every text its own ids (the C cache is used under a lock)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    llama2_tokenizer.clear_piece_cache()
+    clear_piece_cache(llama2_tokenizer)
     texts = [t * 40 for t in _texts(64, seed=5)]
     expected = [llama2_tokenizer.encode(t) for t in texts]
     with ThreadPoolExecutor(8) as pool:
-        got = list(pool.map(lambda t: llama2_tokenizer.encode_batch([t])[0], texts * 4))
+        got = list(pool.map(lambda t: encode_batch(llama2_tokenizer, [t])[0], texts * 4))
     assert got == expected * 4

@@ -1,4 +1,4 @@
-"""pretrain.prepare at corpus scale: units, the datatrove engine (1 vs N tasks, several
+"""prepare at corpus scale: units, the datatrove engine (1 vs N tasks, several
 machines, SLURM), resuming after kills, a full disk and network errors on hub files."""
 
 import json
@@ -11,9 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pretrain import parts, sources, units
-from pretrain.prepare import PrepareConfig, prepare
-from pretrain.units import jsonl_ranges, plan_units
+from prepare import parts, sources, units
+from prepare.encoding import encode_packed
+from prepare.prepare import PrepareConfig, prepare
+from prepare.units import jsonl_ranges, plan_units
 from tinyllama import paths
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -232,6 +233,6 @@ def test_slurm_submission_runs_as_a_job_array(tmp_path, monkeypatch):
 
 def test_packed_encoder_equals_encode(llama2_tokenizer):
     texts = ["", " ", "hello  world", "def f(x):\n\treturn x  # ünïcode 東京 🙂", "a" * 3000 + " b"]
-    ids, lengths = llama2_tokenizer.encode_packed(texts, bos=True, eos=True)
+    ids, lengths = encode_packed(llama2_tokenizer, texts, bos=True, eos=True)
     assert ids.dtype == np.dtype("<u2") and lengths.tolist() == [len(llama2_tokenizer.encode(t, eos=True)) for t in texts]
     assert ids.tolist() == [i for t in texts for i in llama2_tokenizer.encode(t, bos=True, eos=True)]

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from pretrain.config import ConfigError, TrainConfig
-from pretrain.prepare import PrepareConfig, prepare
+from prepare.prepare import PrepareConfig, prepare
 from pretrain.schedule import lr_at
 from pretrain.train import train
 
@@ -380,3 +380,29 @@ def test_float32_mfu_counts_tf32_only_once_it_is_on(monkeypatch):
         assert device_peak_flops(cuda, torch.bfloat16)[0] == 989e12
     finally:
         torch.set_float32_matmul_precision(before)
+
+
+def test_projected_embeddings_keep_the_geometry_of_tokens(tmp_path, llama2_tokenizer):
+    """A draft's embeddings from its target's: projected onto the principal directions, distances
+    between tokens are kept (exactly, for a table of rank <= d), at the model's own init scale."""
+    from pretrain.train import projected_embeddings
+    from tinyllama import Llama, ModelConfig, save_checkpoint
+
+    big = ModelConfig.from_name("tinyllama-debug").replace(d_model=128, ffn_dim=256)
+    source = Llama(big)
+    g = torch.Generator().manual_seed(0)
+    low_rank = torch.randn(big.vocab_size, 8, generator=g) @ torch.randn(8, 128, generator=g)    # (V, 128), rank 8
+    with torch.no_grad():
+        source.model.embed_tokens.weight.copy_(low_rank)
+    save_checkpoint(source, llama2_tokenizer, tmp_path / "target")
+    small = ModelConfig.from_name("tinyllama-debug")                                          # d_model 64
+    table = projected_embeddings(str(tmp_path / "target"), small)
+    assert table.shape == (big.vocab_size, 64)
+    assert table.std().item() == pytest.approx((2 / (5 * 64)) ** 0.5, rel=1e-3)
+    rows = torch.randint(0, big.vocab_size, (50,), generator=g)
+    ratio = torch.cdist(table[rows], table[rows]) / torch.cdist(low_rank[rows], low_rank[rows]).clamp_min(1e-9)
+    off_diagonal = ratio[~torch.eye(50, dtype=torch.bool)]
+    assert off_diagonal.std() / off_diagonal.mean() < 1e-3                     # one scale for every pair
+
+    with pytest.raises(ConfigError, match="config field embeddings_from: .* needs 32000 rows and at least 256"):
+        projected_embeddings(str(tmp_path / "target"), small.replace(d_model=256, ffn_dim=512))

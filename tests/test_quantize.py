@@ -32,7 +32,7 @@ def model_dir(tmp_path_factory, llama2_tokenizer):
     torch.manual_seed(0)
     cfg = ModelConfig(name="gguf-test", n_layer=2, d_model=256, n_head=4, n_kv_head=2, ffn_dim=512, max_seq_len=256)
     model = Llama(cfg)
-    ids = torch.tensor(sum(llama2_tokenizer.encode_batch([t for _, t in sorted(topics.items())[:40]]), []))
+    ids = torch.tensor([i for _, t in sorted(topics.items())[:40] for i in llama2_tokenizer.encode(t)])
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     g = torch.Generator().manual_seed(0)
     for _ in range(60):
@@ -178,5 +178,12 @@ def test_failed_quantization_leaves_nothing(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["not-a-model.gguf"]
 
 
-def test_sample_text_is_varied():
-    assert "\n" in SAMPLE_TEXT and "def " in SAMPLE_TEXT
+def test_the_verification_text_spans_prose_and_code(llama2_tokenizer):
+    """verify_gguf compares logits over SAMPLE_TEXT's tokens: enough positions, and a spread of
+    ids (prose, code keywords, newlines and indentation) so a layer that only breaks some rows
+    of the embedding or lm_head still shows."""
+    ids = llama2_tokenizer.encode(SAMPLE_TEXT)
+    newline = llama2_tokenizer.encode("\n", bos=False)[-1]
+    code = {i for i in llama2_tokenizer.encode("def return", bos=False)}
+    assert len(ids) >= 64 and len(set(ids)) >= 40, (len(ids), len(set(ids)))
+    assert newline in ids and code & set(ids)

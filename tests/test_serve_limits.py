@@ -54,7 +54,8 @@ def test_cli_options_are_checked(tmp_path, capsys):
                           (["--model", "x", "--models-dir", "y"], "exactly one of"),
                           (["--models-dir", str(tmp_path / "nope")], "not a directory"),
                           (["--models-dir", str(tmp_path)], "no *.gguf files or checkpoint folders"),
-                          (["--models-dir", str(tmp_path), "--draft", "d"], "--draft needs --model"),
+                          (["--models-dir", str(tmp_path), "--model-draft", "d"], "--model-draft needs --model"),
+                          (["--models-dir", str(tmp_path), "--draft", "d"], "--model-draft needs --model"),
                           (["--model", "x", "--max-body-bytes", "0"], "--max-body-bytes must be >= 1"),
                           (["--model", "x", "--ctx-size", "0"], "--ctx-size must be >= 1"),
                           (["--model", "x", "--n-ctx", "0"], "--ctx-size must be >= 1")]:

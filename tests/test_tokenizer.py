@@ -2,6 +2,7 @@ import random
 
 import pytest
 
+from prepare.encoding import encode_batch, piece_encoder
 from tinyllama import Tokenizer
 from tinyllama.__main__ import main as cli_main
 from tinyllama.paths import llama2_dir
@@ -74,25 +75,25 @@ def test_special_tokens_in_text_are_text(llama2_tokenizer):
 
 
 def test_batch_equals_single(llama2_tokenizer):
-    """encode_batch's word cache must give exactly the reference encoder's ids."""
+    """Data preparation's piece cache (prepare.encoding) must give exactly the reference encoder's ids."""
     import json as json_module
 
     real = [open(m.__file__, encoding="utf-8").read() for m in (random, json_module, pytest)]
     texts = _random_texts(200, seed=1) + real + real + ["x" * 5000, "1234567890" * 50, "\n\n\t  \n", ""]
-    assert llama2_tokenizer.encode_batch(texts) == [llama2_tokenizer.encode(t) for t in texts]
-    assert llama2_tokenizer.encode_batch(texts, bos=False, eos=True)[0][-1] == 2
+    assert encode_batch(llama2_tokenizer, texts) == [llama2_tokenizer.encode(t) for t in texts]
+    assert encode_batch(llama2_tokenizer, texts, bos=False, eos=True)[0][-1] == 2
 
 
 def test_safe_cuts_between_letters_and_marks(llama2_tokenizer):
     """The splitter cuts between ASCII letters and the punctuation that never touches a letter
     in a piece; where a mark does (</s>, 's>, /s), or a non-ASCII letter is next, it must not."""
-    cut = llama2_tokenizer.piece_encoder.pieces
+    cut = piece_encoder(llama2_tokenizer).pieces
     assert cut("▁self.assertEqual(x,") == ["▁self", ".", "assertEqual", "(", "x", ","]
     assert cut("▁</s>") == ["▁</s>"] and cut("▁naïve.") == ["▁naïve."]
     texts = ["</s> <s> <unk> a/s b<s c<u k> s> http://x.y/s?q=1&r=<u>", "naïve.café,über(é)ñ[ß]", "it's 'quoted' \"x\"",
              "x->y <=> a<b>c a_b__c __init__ self._x.y_z() #!/usr/bin/env", "«guillemets».”quote”, ‘x’"]
     texts += ["".join(random.Random(i).choice("aZ/<>'.,_(é東 ") for _ in range(200)) for i in range(300)]
-    assert llama2_tokenizer.encode_batch(texts) == [llama2_tokenizer.encode(t) for t in texts]
+    assert encode_batch(llama2_tokenizer, texts) == [llama2_tokenizer.encode(t) for t in texts]
 
 
 @pytest.mark.parametrize("text", ["Hello world", "  two leading spaces", "def f(x):\n    return x ** 2\n",

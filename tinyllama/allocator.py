@@ -7,12 +7,11 @@
 A CPU training step of tinyllama-19m allocates several 65 MB tensors (the (8, 256, 32000)
 logits, their log-softmax and gradients). glibc serves any block over 32 MB with mmap and
 returns it with munmap when freed, and MKL's own buffer pool does the same with its scratch
-memory, so every step the kernel maps ~1 GB afresh and zero-fills it page by page. Measured on
-an AVX2 EPYC (2 threads, tinyllama-19m, batch 8 × 256): 280k minor page faults and 0.7 s of
-system time per 1.6 s step; with both settings below ~20k faults and 0.05-0.07 s of system time
-per 1.2-1.4 s step, for ~+0.3 GB of peak RSS. Either alone does little: glibc's alone leaves
-75k faults (MKL's pool), MKL's alone changes nothing.
-`python -m bench.allocator` measures it on this machine.
+memory, so every step the kernel maps its largest buffers afresh and zero-fills them page by
+page. With both settings below, most of those page faults and the system time they cost go
+away, for some more peak RSS; either alone does little (glibc's alone leaves MKL's pool
+faulting). Page faults, system time, step time and peak RSS with and without are measured by
+bench.allocator (`python -m bench.allocator`).
 """
 
 from __future__ import annotations

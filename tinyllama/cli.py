@@ -12,7 +12,7 @@ The model flags of every CLI that loads a model, and the old names of renamed fl
 
     add_model_args(parser)                   # --model --revision --chat-template --device --dtype -c ...
     model = ModelArgs.from_namespace(parser.parse_args())
-    add_renamed(parser, "--n-ctx", "--ctx-size", dest="ctx_size", type=int)   # says the new name on stderr
+    add_renamed_flag(parser, "--n-ctx", "--ctx-size", dest="ctx_size", type=int)   # an old name still works
 """
 
 from __future__ import annotations
@@ -92,21 +92,29 @@ def _argument(f: dataclasses.Field, meta: dict, defaults: dict, raw: bool) -> di
     return {**kwargs, "help": f"{help_text} (default: {shown})"}
 
 
-NUM_DRAFT_HELP = ("tokens drafted per round, or auto: chosen each round from the measured acceptance rate and "
-                  "costs, 0 (plain decoding) when drafting does not pay (default: %(default)s)")
+class _RenamedFlag(argparse.Action):
+    """An old name of a flag: does what the new one does, after one line on stderr naming it."""
+
+    def __init__(self, option_strings, dest, new: str, **kwargs) -> None:
+        super().__init__(option_strings, dest, **kwargs)
+        self.new = new
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        print(f"warning: {option_string} is an old name: use {self.new}", file=sys.stderr)
+        setattr(namespace, self.dest, True if self.nargs == 0 else values)
 
 
-def draft_length(value: str) -> int | str:
-    """argparse type of --num-draft: "auto" or an integer >= 1."""
-    if value == "auto":
-        return value
-    try:
-        k = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected auto or an integer, got {value!r}") from None
-    if k < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1 (or auto), got {k}")
-    return k
+def add_renamed_flag(ap: argparse.ArgumentParser, old: str, new: str, dest: str, **kwargs) -> None:
+    """`old` as a hidden alias of the flag `new` (which sets `dest`), kept so that scripts written
+    for it still run; kwargs: its type or nargs (0: a switch)."""
+    ap.add_argument(old, dest=dest, action=_RenamedFlag, new=new, default=argparse.SUPPRESS,
+                    help=argparse.SUPPRESS, **kwargs)
+
+
+def add_draft_model_flag(ap: argparse.ArgumentParser, help: str, **kwargs) -> None:
+    """-md/--model-draft (llama.cpp's name; `dest` model_draft), with --draft as its old name."""
+    ap.add_argument("-md", "--model-draft", dest="model_draft", help=help, **kwargs)
+    add_renamed_flag(ap, "--draft", "--model-draft", dest="model_draft")
 
 
 # ---- the model flags ------------------------------------------------------------------------------
@@ -186,32 +194,11 @@ def _add_context_args(parser: argparse.ArgumentParser, only: Sequence[str]) -> N
     if "ctx_size" in only:
         parser.add_argument("-c", "--ctx-size", dest="ctx_size", type=int, default=2048, metavar="N",
                             help=f"{CTX_HELP} (default: %(default)s)")
-        add_renamed(parser, "--n-ctx", "--ctx-size", dest="ctx_size", type=int)
+        add_renamed_flag(parser, "--n-ctx", "--ctx-size", dest="ctx_size", type=int)
     if "n_gpu_layers" in only:
         parser.add_argument("--n-gpu-layers", type=int, default=None, metavar="N",
                             help="GGUF layers to offload to the GPU in a CUDA or Metal build of llama.cpp; -1: all "
                                  "(default: all when --device is auto or cuda and the build can offload, else 0)")
-
-
-# ---- renamed flags ---------------------------------------------------------------------------------
-
-class _Renamed(argparse.Action):
-    """An old flag name that still works: stores into the new flag's dest, and says the new name."""
-
-    def __init__(self, option_strings, dest, new: str, **kwargs) -> None:
-        self.new = new
-        super().__init__(option_strings, dest, **kwargs)
-
-    def __call__(self, parser, namespace, values, option_string=None) -> None:
-        print(f"note: {option_string} is now {self.new}", file=sys.stderr)
-        setattr(namespace, self.dest, values)
-
-
-def add_renamed(parser: argparse.ArgumentParser, old: str, new: str, *, dest: str, **kwargs) -> None:
-    """`old` as a hidden alias of `new` (same dest and type); using it prints one line on stderr.
-    Its default is SUPPRESS so it never overrides the new flag's."""
-    parser.add_argument(old, dest=dest, action=_Renamed, new=new, default=argparse.SUPPRESS,
-                        help=argparse.SUPPRESS, **kwargs)
 
 
 def comma_list(values: Sequence[str] | None) -> list[str] | None:

@@ -6,8 +6,9 @@
     value = cache.get(["train", shape], lambda: measure_it())   # timed once per machine and key
 
 A default that depends on the hardware (bf16 or float32, a weight layout) is chosen by timing
-it here, never by the machine this code was written on: bf16 is ~6x faster than float32 on an
-AMX Xeon and ~100x slower on an AVX2-only EPYC. Decisions are keyed by the CPU's model and
+it here, never by the machine this code was written on: bf16 is several times faster than
+float32 with AMX and far slower where it is emulated (AVX2 only; bench.dtype_choice measures
+it). Decisions are keyed by the CPU's model and
 instruction-set flags, the ISA limits set in the environment (ONEDNN_MAX_CPU_ISA and
 ATEN_CPU_CAPABILITY, which make an AMX machine behave like an AVX2 one), the thread count and
 the torch version, so a cached decision never crosses machines or settings.

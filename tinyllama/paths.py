@@ -11,12 +11,35 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from pathlib import Path
 
 from tinyllama.errors import NotFound, UserError
 
-LLAMA_CPP_VERSION = "0.3.36"       # the llama-cpp-python sdist make setup downloads and builds
+
+def _llama_cpp_version() -> str:
+    """The llama-cpp-python release make setup downloads and builds, and the code is written
+    against: the floor of pyproject.toml's `llama-cpp` extra, the one place it is kept (set-up reads
+    it there too). From the checkout's pyproject.toml, else from the installed project's metadata."""
+    pyproject = Path(__file__).resolve().parent.parent / "pyproject.toml"
+    if pyproject.is_file():
+        text = pyproject.read_text()
+    else:
+        from importlib.metadata import PackageNotFoundError, requires
+
+        try:
+            text = "\n".join(requires("tinyllama-lifecycle") or [])
+        except PackageNotFoundError:
+            text = ""
+    found = re.search(r"llama-cpp-python\s*>=\s*([0-9][^\s\"',;]*)", text)
+    if found is None:
+        raise RuntimeError("cannot tell which llama-cpp-python release this project is written against: no "
+                           "pyproject.toml beside the package and no installed tinyllama-lifecycle; reinstall it")
+    return found.group(1)
+
+
+LLAMA_CPP_VERSION = _llama_cpp_version()
 
 
 def cache_dir() -> Path:
@@ -57,7 +80,7 @@ def check_output_dir(path: str | os.PathLike, flag: str | None = None) -> Path:
 
 class DiskSpaceError(UserError):
     """Not enough free space for the next write; nothing was written. Work that resumes
-    (pretrain.prepare) keeps what it has: free space and run the same command again."""
+    (prepare) keeps what it has: free space and run the same command again."""
     resumable = True
 
 

@@ -2,11 +2,11 @@
 
     choice = choose_dtype("auto", "cpu", ModelConfig.from_name("tinyllama-19m"), work="train", rows=2048)
     choice.dtype            # torch.float32 on an AVX2-only CPU, torch.bfloat16 on an AMX Xeon
-    print(choice)           # "float32 (auto: bf16 matmul 107x slower than float32 on AMD EPYC (avx2, ...))"
+    print(choice)           # "float32 (auto: bf16 matmul ...x slower than float32 (...) on <CPU> (avx2, ...))"
 
 On a CPU, bf16 speed is a property of the instruction set, not of torch: with AMX or AVX-512
 BF16 a bf16 matmul runs several times faster than a float32 one, while without them (AVX2
-laptops, AMD Zen 2/3, many cloud CPUs) torch emulates it ~100x slower. So `auto` times a
+laptops, AMD Zen 2/3, many cloud CPUs) torch emulates it, far slower. So `auto` times a
 float32 and a bf16 matmul of the model's own shapes, as the work will run them (training: many
 rows of tokens, a GEMM; decoding: one row, a GEMV), and picks bf16 only when it wins by a clear
 margin. The decision is cached per machine (tinyllama.measure.DecisionCache) and costs well
@@ -36,8 +36,8 @@ DTYPE_CHOICES = DTYPE_NAMES                          # what the CLIs offer: auto
 WORKS = ("train", "decode")
 # bf16 must cut the matmul time by this much: autocast adds casts (training), and a near-tie
 # is not worth bf16's lost precision: in decoding it also changes greedy outputs. The decode
-# probe overstates bf16's gain by ~1.3x (AVX2 EPYC: tinyllama-1.1b probe 1.4-1.8x, real 1.27x;
-# tinyllama-19m probe 1.0-1.35x, real a tie), so it must show 1.43x
+# probe overstates bf16's gain against real decoding (the probe is set beside real steps by
+# bench.dtype_choice and bench.decode), so it must show 1.43x
 MARGIN = {"train": 0.8, "decode": 0.7}
 FLOPS_PER_PROBE = 1e9            # each training probe matmul: ~10 ms of float32 on a laptop
 DECODE_PROBE_BYTES = 256 * 2**20  # float32 layer weights in the decode probe: beyond any L3
@@ -117,10 +117,10 @@ def forced_dtype() -> torch.dtype | None:
 
 def has_bf16_instructions() -> bool:
     """False on an x86 CPU without AVX-512 BF16 or AMX: there a bf16 GEMM (training) is emulated,
-    ~100x slower than float32, and timing it can only mislead: on a loaded machine a float32
-    probe slowed by other work once lost to it (0.7 vs 0.4 GFLOP/s). Decoding is still measured
-    there: its GEMVs stream weights, and bf16 halves the bytes (tinyllama-1.1b decodes 1.27x
-    faster in bf16 on an AVX2 EPYC). Elsewhere (ARM, unknown CPUs) the measurement decides."""
+    far slower than float32, and timing it can only mislead: on a loaded machine a float32
+    probe slowed by other work once lost to it. Decoding is still measured there: its GEMVs
+    stream weights, and bf16 halves the bytes (a large model can decode faster in bf16 even
+    there; measured by bench.decode). Elsewhere (ARM, unknown CPUs) the measurement decides."""
     if platform.machine().lower() not in ("x86_64", "amd64", "i686", "x86"):
         return True
     return cpu_identity().isa in ("amx", "avx512-bf16")
@@ -165,11 +165,9 @@ def _decode_shapes(cfg: ModelConfig) -> list[list[int]]:
     """One token through the model's own chain of GEMVs (q/k/v, o, gate/up, down per layer, then
     lm_head), for up to DECODE_PROBE_BYTES of float32 layer weights. A decode step streams its
     weights, so whether they fit in the caches decides the winner: bf16 halves the bytes, while
-    its conversions cost more than they save on small, cache-warm weights. Measured on an
-    AVX2-only EPYC, real decoding (TorchBackend, best layout each) against this probe:
-    tinyllama-debug float32 837 vs bf16 514 tok/s (probe: float32 1.8x faster), tinyllama-19m
-    267 vs 275 (a tie; probe: bf16 1.09x, inside the margin: float32), tinyllama-1.1b 6.0 vs 7.6
-    (probe: bf16 1.6x)."""
+    its conversions cost more than they save on small, cache-warm weights. Real decoding in each
+    dtype (TorchBackend, best layout each), to set beside this probe's choice, is measured by
+    bench.decode."""
     d, heads = cfg.d_model, cfg.n_head * cfg.head_dim
     layer = [[1, d, heads + 2 * cfg.kv_dim], [1, heads, d], [1, d, 2 * cfg.ffn_dim], [1, cfg.ffn_dim, d]]
     layer_bytes = 4 * sum(k * n for _, k, n in layer)
@@ -199,10 +197,9 @@ def _layout_chains(shapes: list[list[int]], dtype: torch.dtype) -> list[Callable
     """One pass through all the matmuls in order, a chain as the model runs them (so weights
     larger than the caches stream from memory), per weight layout worth timing. A decode chain
     (one row) also runs with the weight transposed: TorchBackend's packing picks the layout too,
-    and float32 GEMVs gain most from it (tinyllama-19m, AVX2 EPYC: float32 4.6 -> 2.5 ms a pass,
-    bf16 2.3 ms: a tie, as decoding itself is, 267 vs 275 tok/s). The transposed layout is
+    and float32 GEMVs gain most from it (measured by bench.decode). The transposed layout is
     dropped when its first pass takes twice the plain one's (bf16 `x @ Wt` on a CPU without bf16
-    instructions: 50x slower than F.linear)."""
+    instructions is far slower than F.linear)."""
     chains = [_chain(shapes, dtype, "linear")]
     if shapes[0][0] == 1:
         first = median_seconds(chains[0], repeats=1, warmup=0)
@@ -228,9 +225,9 @@ def _chain(shapes: list[list[int]], dtype: torch.dtype, layout: str) -> Callable
 def _race(chains: list[Callable[[], None]], rounds: int = 5, budget_s: float = 2.0) -> list[float]:
     """Seconds per call of each chain: the fastest of `rounds` samples, taken in turn (one sample
     of each chain per round), each sample repeating its chain for at least SAMPLE_SECONDS. A
-    tiny model's pass takes ~0.1 ms, where one call's jitter decided the choice (the same CPU
-    chose bf16 at 1.4x and float32 at 1.0x in two runs); the fastest of long samples is what the
-    hardware does when nothing else runs."""
+    tiny model's pass is so short that one call's jitter could decide the choice (the same CPU
+    chose differently in two runs; bench.dtype_choice repeats the probe); the fastest of long
+    samples is what the hardware does when nothing else runs."""
     repeats = [max(1, math.ceil(SAMPLE_SECONDS / max(median_seconds(c, repeats=1, warmup=1), 1e-9)))
                for c in chains]
     best = [math.inf] * len(chains)

@@ -202,20 +202,34 @@ def apply_chat_template(tok: Tokenizer, messages: Sequence[dict], add_generation
     """The prompt ids for `messages` in `template` (default: the model's own, template_of):
     equal to transformers' apply_chat_template(..., tokenize=True) for ordinary messages."""
     validate(messages)
-    specials = {t: i for i, t in _special_strings(tok).items()}
-    shield = {s: chr(_SHIELD + k) for k, s in enumerate(specials)}
+    shield = {s: chr(_SHIELD + k) for k, s in enumerate(_special_strings(tok).values())}
     shielded = [{**m, "content": _replace_all(m["content"], shield)} for m in messages]
+    text = render_chat_text(tok, shielded, add_generation_prompt, template)
+    return encode_rendered(tok, text, unshield={c: s for s, c in shield.items()})
+
+
+def render_chat_text(tok: Tokenizer, messages: Sequence[dict], add_generation_prompt: bool = True,
+                     template: str | None = None) -> str:
+    """`messages` rendered as text in `template` (default: the model's own), with the
+    tokenizer's special-token strings: transformers' apply_chat_template(..., tokenize=False)."""
+    validate(messages)
     names = {"bos_token": tok.bos_id, "eos_token": tok.eos_id, "unk_token": tok.unk_id, "pad_token": tok.pad_id}
     special = {k: tok.id_to_piece(i) or "" for k, i in names.items()}
-    text = render_template(template or template_of(tok)[0], shielded, special, add_generation_prompt)
-    unshield = {c: s for s, c in shield.items()}
+    return render_template(template or template_of(tok)[0], messages, special, add_generation_prompt)
+
+
+def encode_rendered(tok: Tokenizer, text: str, unshield: dict[str, str] | None = None) -> list[int]:
+    """The ids of a rendered chat: its special-token strings become their ids, the text between
+    them is encoded piece by piece (no BOS added: the template writes it). `unshield` maps the
+    stand-ins apply_chat_template put in messages back to the strings they hide."""
+    specials = {t: i for i, t in _special_strings(tok).items()}
     ids: list[int] = []
     pattern = "(" + "|".join(re.escape(s) for s in sorted(specials, key=len, reverse=True)) + ")"
     for piece in re.split(pattern, text) if specials else [text]:
         if piece in specials:
             ids.append(specials[piece])
         elif piece:
-            ids += tok.encode(_replace_all(piece, unshield), bos=False)
+            ids += tok.encode(_replace_all(piece, unshield or {}), bos=False)
     return ids
 
 

@@ -1,13 +1,13 @@
 """The packed token-shard format (`tinyllama-packed-v1`): the one place that writes and reads it.
 
-    writer = ShardWriter(out_dir, "train", shard_tokens=1 << 24, dtype=tok.packed_dtype)  # pretrain.prepare
+    writer = ShardWriter(out_dir, "train", shard_tokens=1 << 24, dtype=packed_dtype(tok.vocab_size))  # prepare
     writer.add(ids); info = writer.close()                          # {"documents", "tokens", "shards"}
     src = PackedSource("data/tokens/natural", split="validation")   # pretrain.data, evaluation
     src.block(j, seq_len)                                           # (seq_len + 1,) int64 tokens
 
 A source directory holds `<split>-NNNNN.bin` shards (token ids, little-endian uint16, or uint32
 where the vocabulary has more than 65,536 ids) and `manifest.json` (format, name, dtype,
-tokenizer fingerprint, per split its shards with token counts and sha256). pretrain.prepare writes the manifest; every reader checks it through PackedSource.
+tokenizer fingerprint, per split its shards with token counts and sha256). prepare writes the manifest; every reader checks it through PackedSource.
 """
 
 from __future__ import annotations
@@ -20,6 +20,12 @@ import numpy as np
 
 from tinyllama.errors import UserError
 from tinyllama.paths import check_disk_space
+
+
+def packed_dtype(vocab_size: int) -> np.dtype:
+    """Token ids on disk: little-endian uint16 for vocabularies of up to 65,536 ids (Llama-2,
+    SmolLM2: half the bytes), uint32 beyond (Llama-3's 128,256)."""
+    return np.dtype("<u2") if vocab_size <= 65536 else np.dtype("<u4")
 
 FORMAT = "tinyllama-packed-v1"
 
@@ -82,7 +88,7 @@ class PackedSource:
         self.path = Path(path)
         mpath = self.path / "manifest.json"
         if not mpath.exists():
-            raise ShardError(f"{mpath}: not found; build the shards with `python -m pretrain.prepare`")
+            raise ShardError(f"{mpath}: not found; build the shards with `python -m prepare`")
         try:
             self.manifest = json.loads(mpath.read_text())
         except json.JSONDecodeError as e:
@@ -117,7 +123,7 @@ class PackedSource:
         if self.tokenizer_fingerprint != fingerprint:
             raise ShardError(f"{self.path / 'manifest.json'}: shards were tokenized with a different tokenizer "
                             f"(fingerprint {self.tokenizer_fingerprint[:12]}…, this run uses {fingerprint[:12]}…); "
-                            "re-run pretrain.prepare with the run's tokenizer")
+                            "re-run prepare with the run's tokenizer")
 
     def num_blocks(self, seq_len: int) -> int:
         return max(0, (self.tokens - 1) // seq_len)

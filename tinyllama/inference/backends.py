@@ -23,61 +23,16 @@ import torch
 from tinyllama.devices import gguf_gpu_layers, resolve_device
 from tinyllama.errors import NotFound, UserError
 from tinyllama.formats.gguf_file import VocabularyNotRead, file_type_name, gguf_value, open_gguf
+from tinyllama.inference.drafters import Drafter, ModelDrafter
 from tinyllama.inference.graphs import StaticDecoder
+from tinyllama.inference.interface import Backend, check_context, common_prefix  # noqa: F401  (Backend: re-exported beside its implementations)
+from tinyllama.inference.lookup import NgramDrafter
 from tinyllama.formats.hub import ModelRef, resolve_model
 from tinyllama.model.model import Llama
 from tinyllama.inference.packing import pack_for_decoding, unpack
 from tinyllama.model.kernels import use_kernels
 from tinyllama.formats.tokenizer import Tokenizer
 from tinyllama.runtime import RuntimeOptions
-
-
-def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = min(len(a), len(b))
-    if list(a[:n]) == list(b[:n]):      # the usual decode step: one is a prefix of the other
-        return n
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
-
-
-class Backend:
-    """What generate() needs from a model."""
-
-    name: str = "model"
-    path: Path | None = None       # the files it was loaded from (load_backend sets it)
-    precision: str = ""            # what the weights compute in, and why ("float32 (auto: ...)", "Q4_K_M in llama.cpp")
-    vocab_size: int
-    context_length: int
-
-    def logits(self, context: Sequence[int], n_last: int = 1) -> torch.Tensor:
-        raise NotImplementedError
-
-    def cached_tokens(self) -> int:
-        """How many leading context tokens the KV cache currently holds."""
-        raise NotImplementedError
-
-    def trim(self, n: int) -> None:
-        """Forgets cached positions from n on (speculative decoding's rollback)."""
-        raise NotImplementedError
-
-    def vocab_fingerprint(self) -> str | None:
-        """sha256 of the token pieces, to refuse a draft with another vocabulary."""
-        return None
-
-    def reset(self) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-def check_context(context: Sequence[int], n_last: int, context_length: int, name: str) -> None:
-    if not 1 <= n_last <= len(context):
-        raise ValueError(f"n_last={n_last} must be in [1, {len(context)}]")
-    if len(context) > context_length:
-        raise ValueError(f"{name}: {len(context)} tokens exceed the context length {context_length}")
 
 
 MAX_GRAPH_TOKENS = 16          # a decode step, or a verification of up to 15 drafted tokens
@@ -366,3 +321,9 @@ def load_backend(model: str | os.PathLike | ModelRef, device: str | torch.device
                           n_gpu_layers=gguf_gpu_layers(device, n_gpu_layers, _llama_cpp_offloads()))
     backend.name = ref.name
     return backend, backend.tokenizer(reader)
+
+
+def open_drafter(spec: str | os.PathLike, **load_options) -> Drafter:
+    """`ngram[:N]` (prompt lookup) or a model reference loaded as load_backend loads it
+    (load_options: device, dtype, n_ctx, n_gpu_layers)."""
+    return NgramDrafter.parse(str(spec)) or ModelDrafter(load_backend(spec, flag="--model-draft", **load_options)[0])

@@ -1,9 +1,23 @@
-"""`auto` draft length: each round's k chosen from measured acceptance and costs, 0 when
-speculation does not pay.
+"""How many tokens to draft in each round of speculative decoding: one policy, chosen once from
+the flags (`--draft-max K`, `adaptive`, `adaptive:K` or `auto`) and passed whole to the generator.
 
-    policy = AutoDraftLength()                       # one per engine: it learns across requests
-    generate(target, ids, draft_model=draft, num_draft=policy)
+    policy = DraftPolicy.parse("auto")                   # or "4" (Fixed), "adaptive:2" (Adaptive)
+    policy = Capped(policy, busy=lambda: pool.busy)       # a batching server: plain steps while busy
+    generate(target, ids, drafter=draft, draft_policy=policy)
 
+The generator asks `policy.start()` for the policy one generation uses (Adaptive: a copy that
+restarts at its K; Auto: itself, so that what it learns about a pair carries across requests),
+then each round `choose(cap)` for k (0: a plain step), and reports what happened (`record_step`
+after a plain step, `record_round` after a verified draft). k depends only on rounds already
+decided, so no policy changes the output: greedy identity and the sampling guarantee hold.
+
+Fixed(k): k every round. Adaptive(k), as transformers' assisted generation: starts at k, then
+k + 2 after a round whose drafts were all accepted, k - 1 (at least 1) after a rejection, never
+above MAX_ADAPTIVE_DRAFT. Capped(policy, busy, max_busy): the policy while at most max_busy slots
+of a batching server are busy, plain steps otherwise (a batched step already amortises the
+weights' reads, and drafting would only add work); it tells the policy nothing of those steps.
+
+Auto picks each round's k from measured acceptance and costs, 0 when speculation does not pay.
 With a per-token acceptance rate α, a round of k drafts yields (1 − α^(k+1)) / (1 − α) tokens
 on average (Leviathan et al. 2023) and costs k·t_draft + t_verify(k); a plain step yields one
 token for t_step. The policy keeps exponentially weighted estimates of α (from the drafts each
@@ -15,21 +29,169 @@ to 128) so that a draft that starts to agree is noticed; with a draft that never
 costs a few per cent of plain speed at most. Where the measured costs alone rule speculation out
 (not even a draft that is always right would pay: on a CPU where the target's forward is
 compute-bound, verifying k+1 tokens costs nearly k+1 steps), it probes only every 1024 steps,
-to notice costs that change. k depends only on what has already happened, so
-the output is exactly what it would be without speculation (greedy identity and the sampling
-guarantee hold for any such choice).
+to notice costs that change.
 """
 
 from __future__ import annotations
 
+import argparse
 from dataclasses import dataclass, field
+from typing import Callable, Protocol
 
+from tinyllama.cli import add_renamed_flag
+from tinyllama.errors import UserError
+
+DEFAULT_DRAFT = 4            # k of Fixed and Adaptive when none is named
+MAX_ADAPTIVE_DRAFT = 16      # a longer verification pass than this costs more than it saves
 MAX_AUTO_DRAFT = 8
 MARGIN = 1.15                # speculate only where the model expects >= 15% more tokens/s than plain: its
                              # estimates are noisy, and rounds cost a little more than it counts (cache rollback)
 HOPELESS_PROBE_GAP = 1024     # plain steps between probes when no acceptance rate could make drafting pay
 PRIOR_SLOPE = 0.25           # verification cost per extra token, as a fraction of a step, before measuring
 MIN_SECONDS = 1e-9           # a clock too coarse to see a step must not make a cost zero (rates divide by it)
+SPEC_HELP = "auto, adaptive[:K] or an integer K >= 1"
+
+
+class DraftPolicyError(UserError):
+    """A draft policy that is not one: a word other than auto or adaptive, a k below 1."""
+
+
+class DraftPolicy(Protocol):
+    """Decides each round's draft length k. Subclasses inherit the no-op hooks below."""
+
+    @property
+    def spec(self) -> str:
+        """What DraftPolicy.parse reads back into this policy: "4", "adaptive:4", "auto"."""
+
+    def choose(self, cap: int) -> int:
+        """k for the next round, at most `cap` (the tokens still allowed, less one); 0: a plain step."""
+
+    def start(self) -> "DraftPolicy":
+        """The policy one generation uses: this one, or a copy where its state is per generation."""
+        return self
+
+    @property
+    def decoding_plainly(self) -> bool:
+        """Whether it expects plain steps for now (the generator then leaves the draft's prefill
+        to the first round that needs it)."""
+        return False
+
+    def record_step(self, seconds: float) -> None:
+        """A plain step it chose took `seconds`."""
+
+    def record_round(self, k: int, accepted: int, draft_seconds: float, verify_seconds: float) -> None:
+        """A round verified k drafts and accepted the first `accepted` of them."""
+
+    @staticmethod
+    def parse(spec: "str | int | DraftPolicy") -> "DraftPolicy":
+        """The one reader of a policy from a flag or a request: "auto", "adaptive", "adaptive:K"
+        or an integer K >= 1 (a policy passes through)."""
+        if not isinstance(spec, (str, int)):
+            return spec
+        text = str(spec).strip()
+        if text == "auto":
+            return Auto()
+        if text == "adaptive":
+            return Adaptive()
+        word, colon, number = text.rpartition(":")
+        if word == "adaptive" or not colon:
+            k = _draft_length(number, spec)
+            return Adaptive(k) if word else Fixed(k)
+        raise DraftPolicyError(f"expected {SPEC_HELP}, got {spec!r}")
+
+
+def _draft_length(text: str, spec) -> int:
+    try:
+        k = int(text)
+    except ValueError:
+        raise DraftPolicyError(f"expected {SPEC_HELP}, got {spec!r}") from None
+    _check_length(k)
+    return k
+
+
+def _check_length(k: int) -> None:
+    if not (isinstance(k, int) and k >= 1):
+        raise DraftPolicyError(f"the draft length must be an integer >= 1 (or auto), got {k!r}")
+
+
+@dataclass(frozen=True)
+class Fixed(DraftPolicy):
+    k: int = DEFAULT_DRAFT
+
+    def __post_init__(self) -> None:
+        _check_length(self.k)
+
+    @property
+    def spec(self) -> str:
+        return str(self.k)
+
+    def __str__(self) -> str:
+        return f"k={self.k}"
+
+    def choose(self, cap: int) -> int:
+        return min(self.k, cap)
+
+
+@dataclass
+class Adaptive(DraftPolicy):
+    first: int = DEFAULT_DRAFT               # k of a generation's first round
+    max_k: int = MAX_ADAPTIVE_DRAFT
+    k: int = field(init=False)               # k of the next round
+
+    def __post_init__(self) -> None:
+        _check_length(self.first)
+        self.k = self.first
+
+    @property
+    def spec(self) -> str:
+        return f"adaptive:{self.first}"
+
+    def __str__(self) -> str:
+        return f"adaptive k from {self.first}"
+
+    def start(self) -> "Adaptive":
+        return Adaptive(self.first, self.max_k)
+
+    def choose(self, cap: int) -> int:
+        return min(self.k, cap)
+
+    def record_round(self, k: int, accepted: int, draft_seconds: float, verify_seconds: float) -> None:
+        self.k = min(self.k + 2, self.max_k) if accepted == k else max(1, self.k - 1)
+
+
+@dataclass
+class Capped(DraftPolicy):
+    """`policy` while busy() <= max_busy, plain steps otherwise; those steps are not reported."""
+
+    policy: DraftPolicy
+    busy: Callable[[], int]
+    max_busy: int = 1
+    _allowed: bool = True                    # whether the last choice was the policy's
+
+    @property
+    def spec(self) -> str:
+        return self.policy.spec
+
+    def __str__(self) -> str:
+        return f"{self.policy}, speculating while at most {self.max_busy} busy"
+
+    def start(self) -> "Capped":
+        return Capped(self.policy.start(), self.busy, self.max_busy)
+
+    @property
+    def decoding_plainly(self) -> bool:
+        return self.busy() > self.max_busy or self.policy.decoding_plainly
+
+    def choose(self, cap: int) -> int:
+        self._allowed = self.busy() <= self.max_busy
+        return self.policy.choose(cap) if self._allowed else 0
+
+    def record_step(self, seconds: float) -> None:
+        if self._allowed:
+            self.policy.record_step(seconds)
+
+    def record_round(self, k: int, accepted: int, draft_seconds: float, verify_seconds: float) -> None:
+        self.policy.record_round(k, accepted, draft_seconds, verify_seconds)
 
 
 def _ema(old: float | None, new: float, weight: float = 0.2) -> float:
@@ -38,7 +200,10 @@ def _ema(old: float | None, new: float, weight: float = 0.2) -> float:
 
 
 @dataclass
-class AutoDraftLength:
+class Auto(DraftPolicy):
+    """k from measured acceptance and costs (see the module docstring); one per engine, so
+    start() is the policy itself and what it learns carries across requests."""
+
     max_k: int = MAX_AUTO_DRAFT
     decay: float = 0.95                       # per round, on the acceptance counts
     accepted: float = 1.0                     # prior: α = 0.5 with the weight of two drafts
@@ -50,6 +215,13 @@ class AutoDraftLength:
     plain_run: int = 0                        # plain steps since the last round
     last_k: int = 0
     _best: int | None = None                  # the last decision, reused until a round or a probe is due
+
+    @property
+    def spec(self) -> str:
+        return "auto"
+
+    def __str__(self) -> str:
+        return "auto k"
 
     @property
     def alpha(self) -> float:
@@ -121,10 +293,33 @@ class AutoDraftLength:
         self.plain_run = 0
 
 
-def resolve_num_draft(num_draft: int | str | AutoDraftLength) -> int | AutoDraftLength:
-    """A fixed k (>= 1), or the policy: "auto" makes a new one, an AutoDraftLength is shared."""
-    if num_draft == "auto":
-        return AutoDraftLength()
-    if isinstance(num_draft, AutoDraftLength) or (isinstance(num_draft, int) and num_draft >= 1):
-        return num_draft
-    raise ValueError(f"num_draft must be >= 1 or 'auto', got {num_draft!r}")
+
+
+# ---- the flags, as llama.cpp names them -------------------------------------------------------
+
+def draft_policy_arg(value: str) -> DraftPolicy:
+    """argparse type of --draft-max: a DraftPolicy, read once."""
+    try:
+        return DraftPolicy.parse(value)
+    except DraftPolicyError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def add_draft_policy_flags(ap: argparse.ArgumentParser, default: str = "auto") -> None:
+    """--draft-max, with --num-draft and --adaptive-draft as the old names."""
+    ap.add_argument("--draft-max", type=draft_policy_arg, default=default, metavar="K|adaptive[:K]|auto",
+                    help="tokens drafted per round: K every round; adaptive[:K]: from K (default "
+                         f"{DEFAULT_DRAFT}), +2 after a fully accepted round, -1 after a rejection; auto: "
+                         "chosen each round from the measured acceptance rate and costs, 0 (plain decoding) "
+                         "when drafting does not pay (default: %(default)s)")
+    add_renamed_flag(ap, "--num-draft", "--draft-max", dest="draft_max", type=draft_policy_arg)
+    add_renamed_flag(ap, "--adaptive-draft", "--draft-max adaptive[:K]", dest="adaptive_draft", nargs=0)
+
+
+def draft_policy_of(args: argparse.Namespace) -> DraftPolicy:
+    """--draft-max's policy; the old --adaptive-draft turns a fixed K into adaptive:K (with auto it
+    never did anything)."""
+    policy = args.draft_max
+    if getattr(args, "adaptive_draft", False) and isinstance(policy, Fixed):
+        return Adaptive(policy.k)
+    return policy

@@ -5,12 +5,15 @@
         ...
     print(gen.stats.describe())                # prompt/generated tokens, tokens/s, acceptance
 
-    gen = generate(target, prompt_ids, draft_model=draft, num_draft=4)   # speculative decoding
+    gen = generate(target, prompt_ids, drafter=draft, draft_policy=Fixed(4))   # speculative decoding
+    gen = generate(model, prompt_ids, logprobs=5, prompt_logprobs=True)  # gen.token_logprobs, .prompt_logprobs
 
-`model` and `draft_model` are our `Llama` or any `tinyllama.inference.backends.Backend` (a GGUF in
-llama.cpp included). How tokens are picked is one SamplingParams (greedy by default; see its
-docstring). Generation stops at max_new_tokens or after yielding a stop id; TextStream adds
-stop strings.
+`model` is our `Llama` or any `tinyllama.inference.backends.Backend` (a GGUF in llama.cpp
+included); `drafter` one of those too, or any tinyllama.inference.drafters.Drafter. How tokens
+are picked is one SamplingParams (greedy by default; see its docstring). Generation stops at
+max_new_tokens or after yielding a stop id; TextStream adds stop strings. Log-probabilities
+(`logprobs`, `prompt_logprobs`) are those of the target's raw logits, whatever sampling did with
+them (TokenLogprob).
 
 Speculative decoding (Leviathan et al. 2023; Chen et al. 2023): the draft proposes k tokens
 one at a time from its processed distribution q; the target scores all k (+1) positions in one
@@ -21,18 +24,12 @@ is drawn from p_{k+1}. The output is distributed exactly as sampling from the ta
 at temperature 0 (p and q one-hot) it is token-identical to greedy decoding of the target.
 Both KV caches roll back to the accepted length by prefix reuse (see backends.py).
 
-`adaptive_draft=True` starts at k = num_draft and adapts it each round, as transformers'
-assisted generation does: k + 2 after a round whose drafts were all accepted, k - 1 (at least
-1) after a rejection, never above MAX_ADAPTIVE_DRAFT. k depends only on rounds already decided,
-so the output distribution (and greedy identity) is unchanged.
-
-`num_draft="auto"` (or a shared tinyllama.inference.draft_policy.AutoDraftLength) picks each round's k
-from the measured acceptance rate and costs, k = 0 (a plain step) when drafting does not pay.
-
-`draft_model=NgramDraft()` (tinyllama.inference.lookup; `--draft ngram[:N]`) drafts by prompt lookup
-instead of a model: the continuation of the context's tail where it occurred before. Its
-proposal is a point mass q = onehot(x), verified the same way (accepted with probability p(x),
-else a token from p without x), so it is exact too; a round with no match is a plain step.
+Each round's k comes from `draft_policy` (tinyllama.inference.draft_policy: Fixed, Adaptive, Auto,
+Capped; 0 is a plain step). `drafter=NgramDrafter()` (tinyllama.inference.lookup; `--model-draft
+ngram[:N]`) drafts by prompt lookup instead of a model: the continuation of the context's tail
+where it occurred before. Its proposal is a point mass q = onehot(x), verified the same way
+(accepted with probability p(x), else a token from p without x), so it is exact too; a round
+with no match is a plain step.
 """
 
 from __future__ import annotations
@@ -45,10 +42,10 @@ from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 
-from tinyllama.inference.backends import Backend, TorchBackend
-from tinyllama.inference.draft_policy import AutoDraftLength, resolve_num_draft
 from tinyllama.errors import UserError
-from tinyllama.inference.lookup import NgramDraft
+from tinyllama.inference.backends import Backend, TorchBackend
+from tinyllama.inference.draft_policy import DraftPolicy, Fixed
+from tinyllama.inference.drafters import Drafter, ModelDrafter
 from tinyllama.model.model import Llama
 
 
@@ -138,7 +135,45 @@ def process_logits(logits: torch.Tensor, context: Sequence[int], sampling: Sampl
     return probs
 
 
-MAX_ADAPTIVE_DRAFT = 16   # a longer verification pass than this costs more than it saves
+MAX_TOP_LOGPROBS = 20     # alternatives reported per position (OpenAI's limit)
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A token's log-probability under the model's raw logits (log-softmax before temperature,
+    penalties or cuts: what the model itself says, however the token was picked) and the `top`
+    likeliest tokens at that position as (id, logprob), likeliest first."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+def token_logprobs(logits: torch.Tensor, tokens: Sequence[int], top: int = 0) -> list[TokenLogprob]:
+    """logits (n, vocab), row i the one tokens[i] was chosen from -> their TokenLogprobs."""
+    logp = torch.log_softmax(logits.float(), dim=-1)                              # (n, V)
+    chosen = logp[torch.arange(len(tokens)), torch.tensor(list(tokens))].tolist()
+    alternatives: list[tuple] = [()] * len(tokens)
+    if top > 0:
+        values, ids = torch.topk(logp, min(top, logp.shape[-1]), dim=-1)          # (n, top)
+        alternatives = [tuple(zip(i, v)) for i, v in zip(ids.tolist(), values.tolist())]
+    return [TokenLogprob(t, c, a) for t, c, a in zip(tokens, chosen, alternatives)]
+
+
+def score_tokens(model: Backend, ids: Sequence[int], start: int = 1, top: int = 0,
+                 chunk: int = 256) -> list[TokenLogprob]:
+    """The TokenLogprob of each of ids[start:] given the tokens before it (start >= 1), from
+    passes over at most `chunk` positions each: a batching slot's step carries a few hundred
+    tokens, and (chunk, vocab) logits stay small. The backend's KV cache makes each pass compute
+    only its own chunk."""
+    ids = list(ids)
+    out: list[TokenLogprob] = []
+    for first in range(max(1, start), len(ids), chunk):
+        end = min(first + chunk, len(ids))
+        # rows predict tokens first .. end-1 (backends.py: row i predicts len(context) - n_last + i + 1)
+        logits = model.logits(ids[:end - 1], n_last=end - first)                  # (end - first, V)
+        out += token_logprobs(logits, ids[first:end], top)
+    return out
 
 
 @dataclass
@@ -190,24 +225,23 @@ class Generation:
     """An iterator of new token ids (batch size 1) with `.stats`, filled in as it runs."""
 
     def __init__(self, model: Llama | Backend, prompt_ids: Sequence[int], sampling: SamplingParams = SamplingParams(),
-                 stop_ids: Iterable[int] = (), draft_model: Llama | Backend | NgramDraft | None = None,
-                 num_draft: int | str | AutoDraftLength = 4, adaptive_draft: bool = False,
-                 may_speculate: Callable[[], bool] | None = None, release: Callable[[], None] | None = None) -> None:
-        """num_draft: k per round, or "auto" (an AutoDraftLength of its own) or a shared
-        AutoDraftLength: k chosen each round from measured acceptance and costs. may_speculate:
-        asked before each round; False makes it a plain step (a batched server with many busy
-        slots: serve.batching). release: called once when the generation ends, however it
-        ends (a slot goes back to its pool)."""
+                 stop_ids: Iterable[int] = (), drafter: Llama | Backend | Drafter | None = None,
+                 draft_policy: DraftPolicy | None = None, release: Callable[[], None] | None = None,
+                 logprobs: int | None = None, prompt_logprobs: bool = False) -> None:
+        """drafter: what drafts (None: plain decoding); draft_policy: each round's k (default
+        Fixed(4)), started once for this generation. release: called once when the generation
+        ends, however it ends (a slot goes back to its pool). logprobs: record each produced
+        token's TokenLogprob (its log-softmax under the target's raw logits) in
+        `token_logprobs`, with this many alternatives (None: off); prompt_logprobs: also score
+        the prompt's tokens after the first, before generating, into `prompt_logprobs` (with
+        max_new_tokens 0, only that)."""
         if not len(prompt_ids):
             raise ValueError("generate() needs at least one prompt token (e.g. BOS)")
-        num_draft = resolve_num_draft(num_draft)
-        self.auto = num_draft if isinstance(num_draft, AutoDraftLength) else None
         self.target = _as_backend(model)
-        # a model draft (a Backend), or prompt lookup (NgramDraft: proposals without a model)
-        self.lookup = draft_model if isinstance(draft_model, NgramDraft) else None
-        self.draft = _as_backend(draft_model) if draft_model is not None and self.lookup is None else None
-        if self.draft is not None:
-            check_same_vocabulary(self.target, self.draft)
+        # what is made here for a bare Llama frees its KV cache when generation ends
+        self._owned: list[Backend | Drafter] = [self.target] if self.target is not model else []
+        self.drafter = self._as_drafter(drafter)
+        self.policy = (draft_policy or Fixed()).start()
         self.sampling = sampling
         self.greedy = sampling.greedy
         self.generator = torch.Generator()
@@ -218,15 +252,23 @@ class Generation:
         self.prompt = list(prompt_ids)
         self.max_new_tokens = sampling.max_new_tokens
         self.stop_ids = set(stop_ids)
-        self.num_draft = num_draft      # k of the next round (adapted when adaptive_draft)
-        self.adaptive_draft = adaptive_draft
         self.stats = GenerationStats(prompt_tokens=len(self.prompt))
-        # Backends made here for a bare Llama free their KV cache when generation ends.
-        self._owned = [b for b, m in ((self.target, model), (self.draft, draft_model)) if b is not None and b is not m]
-        self._speculating = self.draft is not None or self.lookup is not None
-        self.may_speculate = may_speculate
         self._release = release
+        self.top_logprobs = logprobs
+        self.token_logprobs: list[TokenLogprob] = []
+        self.prompt_logprobs: list[TokenLogprob] | None = [] if prompt_logprobs else None
         self._it = self._run()
+
+    def _as_drafter(self, draft: Llama | Backend | Drafter | None) -> Drafter | None:
+        if draft is None or isinstance(draft, Drafter):
+            drafter = draft
+        else:
+            drafter = ModelDrafter(_as_backend(draft))
+            if drafter.backend is not draft:
+                self._owned.append(drafter)
+        if drafter is not None:
+            drafter.check(self.target)
+        return drafter
 
     def __iter__(self) -> "Generation":
         return self
@@ -247,11 +289,13 @@ class Generation:
             release()
 
     def _run(self) -> Iterator[int]:
-        if self.max_new_tokens == 0:
-            self.stats.stop_reason = "length"
-            return
         try:
-            yield from (self._speculative() if self._speculating else self._plain())
+            if self.prompt_logprobs is not None:
+                self.prompt_logprobs = score_tokens(self.target, self.prompt, 1, self.top_logprobs or 0)
+            if self.max_new_tokens == 0:
+                self.stats.stop_reason = "length"
+                return
+            yield from (self._speculative() if self.drafter is not None else self._plain())
         finally:
             for backend in self._owned:
                 backend.close()
@@ -274,9 +318,12 @@ class Generation:
             return int(probs.argmax())
         return int(torch.multinomial(probs, 1, generator=self.generator))
 
-    def _emit(self, token: int) -> bool:
-        """Counts one produced token; True when generation must end after it."""
+    def _emit(self, token: int, logits: torch.Tensor) -> bool:
+        """Counts one produced token, chosen from the raw `logits` (vocab,); True when generation
+        must end after it."""
         self.stats.generated_tokens += 1
+        if self.top_logprobs is not None:
+            self.token_logprobs += token_logprobs(logits[None], [token], self.top_logprobs)
         if token in self.stop_ids:
             self.stats.stop_reason = "stop_id"
             return True
@@ -295,7 +342,7 @@ class Generation:
             t0 = time.perf_counter()
             token = self._next_token(logits, context)
             self.stats.decode_seconds += time.perf_counter() - t0
-            done = self._emit(token)
+            done = self._emit(token, logits)
             yield token
             if done:
                 return
@@ -312,77 +359,61 @@ class Generation:
         # Prefill both caches (timed as the prefill). A first plain step uses the prefill's
         # logits; a round recomputes only the last context position, whose logits it needs.
         first = self.target.logits(context, 1)[0]                          # (vocab,)
-        # else the draft catches up in its first round: also when `auto` last chose plain
-        # decoding, which may last the whole reply
-        if self.draft is not None and (self.may_speculate is None or self.may_speculate()) and \
-                (self.auto is None or not self.auto.decoding_plainly):
-            self.draft.logits(context, 1)
+        if not self.policy.decoding_plainly:      # else the draft catches up in its first round
+            self.drafter.prefill(context)
         self.stats.prefill_seconds = time.perf_counter() - t0
-        draft_length = self.draft.context_length if self.draft is not None else self.target.context_length
         while True:
-            t0 = time.perf_counter()
-            left = self.max_new_tokens - self.stats.generated_tokens
-            cap = min(left - 1, self.target.context_length - len(context) - 1, draft_length - len(context) - 1)
-            # may_speculate False: a plain step, and nothing for the policy to learn from it
-            allowed = self.may_speculate is None or self.may_speculate()
-            auto = self.auto if allowed else None
-            if not allowed:
-                k = 0
-            else:
-                k = auto.choose(cap) if auto is not None else min(self.num_draft, cap)
-            proposal = self.lookup.propose(context, k) if self.lookup is not None and k >= 1 else None
-            if (k < 1 or proposal == []) and first is not None:
-                new_tokens = [self._next_token(first, context)]     # the prefill's logits: no second pass
-            elif k < 1 or proposal == []:
-                new_tokens = self._plain_step(context)      # nothing to verify: one plain step
-                if auto is not None:
-                    auto.record_step(time.perf_counter() - t0)
-            else:
-                accepted_before = self.stats.accepted
-                drafts, qs = (proposal, None) if proposal is not None else self._draft(context, k)
-                drafted = time.perf_counter()
-                new_tokens = self._verify(context, drafts, qs)
-                k = len(drafts)
-                draft_seconds, verify_seconds = drafted - t0, time.perf_counter() - drafted
-                self.stats.draft_seconds += draft_seconds
-                self.stats.verify_seconds += verify_seconds
-                if auto is not None:
-                    auto.record_round(k, self.stats.accepted - accepted_before, draft_seconds, verify_seconds)
-                if self.adaptive_draft and self.auto is None:
-                    all_accepted = self.stats.accepted - accepted_before == k
-                    self.num_draft = min(self.num_draft + 2, MAX_ADAPTIVE_DRAFT) if all_accepted else \
-                        max(1, self.num_draft - 1)
-            self.stats.decode_seconds += time.perf_counter() - t0
+            new_tokens, rows = self._round(context, first)
             first = None
-            for token in new_tokens:
-                done = self._emit(token)
+            for token, row in zip(new_tokens, rows):      # row: the target's logits it came from
+                done = self._emit(token, row)
                 yield token
                 if done:
                     return
                 context.append(token)
 
-    def _plain_step(self, context: list[int]) -> list[int]:
-        logits = self.target.logits(context, 1)[0]
+    def _round(self, context: list[int], first: torch.Tensor | None) -> tuple[list[int], torch.Tensor]:
+        """One round: k from the policy, drafts, one verification pass; or, with no drafts, a
+        plain step (on the prefill's logits `first` (vocab,) when they are still unused). The
+        new tokens, and the target's logits (n, vocab) each came from."""
+        t0 = time.perf_counter()
+        room = min(self.max_new_tokens - self.stats.generated_tokens, self.target.context_length - len(context),
+                   self.drafter.context_length - len(context))
+        k = self.policy.choose(room - 1)                  # room for the k drafts and the bonus token
+        drafts, qs = self.drafter.draft(context, k, self._sample_draft) if k >= 1 else ([], None)
+        if not drafts and first is not None:
+            new_tokens, rows = [self._next_token(first, context)], first[None]
+        elif not drafts:
+            new_tokens, rows = self._plain_step(context)
+            self.policy.record_step(time.perf_counter() - t0)
+        else:
+            accepted_before, drafted = self.stats.accepted, time.perf_counter()
+            new_tokens, rows = self._verify(context, drafts, qs)
+            draft_seconds, verify_seconds = drafted - t0, time.perf_counter() - drafted
+            self.stats.draft_seconds += draft_seconds
+            self.stats.verify_seconds += verify_seconds
+            self.policy.record_round(len(drafts), self.stats.accepted - accepted_before, draft_seconds, verify_seconds)
+        self.stats.decode_seconds += time.perf_counter() - t0
+        return new_tokens, rows
+
+    def _plain_step(self, context: list[int]) -> tuple[list[int], torch.Tensor]:
+        logits = self.target.logits(context, 1)                              # (1, vocab)
         self.stats.target_calls += 1
-        return [self._next_token(logits, context)]
+        return [self._next_token(logits[0], context)], logits
 
-    def _draft(self, context: list[int], k: int) -> tuple[list[int], list[torch.Tensor]]:
-        """k tokens from the draft model, one at a time, and their distributions (sampling only)."""
-        drafts: list[int] = []
-        qs: list[torch.Tensor] = []
-        for _ in range(k):
-            logits = self.draft.logits(context + drafts, 1)[0]
-            if self.greedy:
-                drafts.append(self._next_token(logits, context + drafts))
-            else:
-                q = self._probs(logits, context + drafts)
-                drafts.append(self._pick(q))
-                qs.append(q)
-        return drafts, qs
+    def _sample_draft(self, logits: torch.Tensor, context: Sequence[int]) -> tuple[int, torch.Tensor | None]:
+        """A draft model's token from its logits (vocab,), picked as the target's would be, and the
+        distribution q it came from (None when greedy: a point mass)."""
+        if self.greedy:
+            return self._next_token(logits, context), None
+        q = self._probs(logits, context)
+        return self._pick(q), q
 
-    def _verify(self, context: list[int], drafts: list[int], qs: list[torch.Tensor] | None) -> list[int]:
-        """One target pass over the k drafts (+1): the accepted tokens and the next one. qs None:
-        the drafts are point masses (prompt lookup)."""
+    def _verify(self, context: list[int], drafts: list[int], qs: list[torch.Tensor] | None
+                ) -> tuple[list[int], torch.Tensor]:
+        """One target pass over the k drafts (+1): the accepted tokens and the next one, and the
+        target's logits (k+1, vocab), row i the one token i came from. qs None: the drafts are
+        point masses (greedy decoding, prompt lookup)."""
         k = len(drafts)
         target_logits = self.target.logits(context + drafts, k + 1)            # (k+1, vocab)
         if qs is None:
@@ -395,13 +426,12 @@ class Generation:
         self.stats.drafted += k
         out: list[int] = []
         try:
-            return self._accept(context, drafts, qs, target_logits, out)
+            return self._accept(context, drafts, qs, target_logits, out), target_logits
         finally:
             # Roll both caches back to the accepted tokens (the last new token is not cached yet).
             n_ok = len(context) + max(0, len(out) - 1)
             self.target.trim(n_ok)
-            if self.draft is not None:
-                self.draft.trim(n_ok)
+            self.drafter.trim(n_ok)
 
     def _accept(self, context: list[int], drafts: list[int], qs: list[torch.Tensor], target_logits: torch.Tensor,
                 out: list[int]) -> list[int]:
@@ -441,10 +471,9 @@ class Generation:
 
 
 def generate(model: Llama | Backend, prompt_ids: Sequence[int], sampling: SamplingParams | None = None, *,
-             stop_ids: Iterable[int] = (), draft_model: Llama | Backend | NgramDraft | None = None,
-             num_draft: int | str | AutoDraftLength = 4, adaptive_draft: bool = False,
-             may_speculate: Callable[[], bool] | None = None, release: Callable[[], None] | None = None,
-             **settings) -> Generation:
+             stop_ids: Iterable[int] = (), drafter: Llama | Backend | Drafter | None = None,
+             draft_policy: DraftPolicy | None = None, release: Callable[[], None] | None = None,
+             logprobs: int | None = None, prompt_logprobs: bool = False, **settings) -> Generation:
     """Streams new token ids; see the module docstring. `sampling` (default: greedy, 64 tokens),
     with any SamplingParams field given as a keyword replacing its value:
 
@@ -455,19 +484,8 @@ def generate(model: Llama | Backend, prompt_ids: Sequence[int], sampling: Sampli
     sampling = sampling or SamplingParams()
     if settings:
         sampling = sampling.replace(**settings)
-    return Generation(model, prompt_ids, sampling, stop_ids, draft_model, num_draft, adaptive_draft,
-                      may_speculate, release)
-
-
-def check_same_vocabulary(target: Backend, draft: Backend) -> None:
-    """A draft must share the target's vocabulary, id for id (as llama.cpp requires)."""
-    if target.vocab_size != draft.vocab_size:
-        raise UserError(f"draft {draft.name} has {draft.vocab_size} tokens but target {target.name} has "
-                         f"{target.vocab_size}: speculative decoding needs the same vocabulary")
-    a, b = target.vocab_fingerprint(), draft.vocab_fingerprint()
-    if a is not None and b is not None and a != b:
-        raise UserError(f"draft {draft.name} and target {target.name} have different vocabularies "
-                         "(same size, different tokens): speculative decoding needs the same tokenizer")
+    return Generation(model, prompt_ids, sampling, stop_ids, drafter, draft_policy, release, logprobs,
+                      prompt_logprobs)
 
 
 class TextStream:

@@ -1,7 +1,7 @@
-"""Prompt-lookup (n-gram) drafting: a draft for speculative decoding that needs no model.
+"""Prompt-lookup (n-gram) drafting: a drafter for speculative decoding that needs no model.
 
-    draft = NgramDraft(max_ngram=3)                  # --draft ngram  (or ngram:N)
-    draft.propose(context, k)                        # up to k token ids, maybe none
+    drafter = NgramDrafter(max_ngram=3)               # --model-draft ngram  (or ngram:N)
+    drafter.propose(context, k)                       # up to k token ids, maybe none
 
 When the output copies from the prompt (editing code, summarising or quoting a text, filling
 a form), the tokens that followed the latest earlier occurrence of the last few tokens are a
@@ -9,10 +9,12 @@ good guess for what comes next. llama.cpp's lookup decoding and transformers'
 `prompt_lookup_num_tokens` do the same. The target verifies the guesses exactly as it verifies
 a model's drafts, so the output is unchanged: greedy stays token-identical and sampling keeps
 the target's distribution (the proposal is a point mass, accepted with probability p(x)).
+It is a tinyllama.inference.drafters.Drafter; ModelDrafter is the other one.
 """
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Sequence
 
@@ -24,13 +26,13 @@ DEFAULT_MAX_NGRAM = 3
 _SPEC = re.compile(r"ngram(?::(\d+))?")
 
 
-class NgramDraft:
+class NgramDrafter:
     """Proposes the continuation of the longest (up to max_ngram tokens), most recent earlier
     match of the context's tail in the context itself (prompt and output so far)."""
 
-    name = "ngram"
     path = None                                  # what stages print for a model draft
     precision = "prompt lookup (no draft model)"
+    context_length = math.inf                    # it drafts from a context of any length
 
     def __init__(self, max_ngram: int = DEFAULT_MAX_NGRAM, min_ngram: int = 1) -> None:
         if not 1 <= min_ngram <= max_ngram:
@@ -39,14 +41,14 @@ class NgramDraft:
         self.name = f"ngram:{max_ngram}"
 
     @classmethod
-    def parse(cls, spec: str) -> "NgramDraft | None":
-        """`ngram` or `ngram:N` as a --draft value, else None (a model reference)."""
+    def parse(cls, spec: str) -> "NgramDrafter | None":
+        """`ngram` or `ngram:N` as a --model-draft value, else None (a model reference)."""
         m = _SPEC.fullmatch(str(spec).strip())
         if m is None:
             return None
         n = int(m.group(1)) if m.group(1) else DEFAULT_MAX_NGRAM
         if n < 1:
-            raise UserError(f"--draft {spec}: the n-gram size must be at least 1")
+            raise UserError(f"--model-draft {spec}: the n-gram size must be at least 1")
         return cls(max_ngram=n)
 
     def propose(self, context: Sequence[int], k: int) -> list[int]:
@@ -62,7 +64,21 @@ class NgramDraft:
                 return ids[start:start + k].tolist()
         return []
 
-    def reset(self) -> None:                 # Backend-like no-ops: a lookup keeps no cache
+    # ---- the Drafter protocol ---------------------------------------------------------------
+    def draft(self, context: Sequence[int], k: int, sample=None) -> tuple[list[int], None]:
+        """The lookup's tokens as point masses (q = onehot(x)): nothing is sampled."""
+        return self.propose(context, k), None
+
+    def check(self, target) -> None:            # any vocabulary: it copies the context's own ids
+        pass
+
+    def prefill(self, context: Sequence[int]) -> None:     # a lookup keeps no cache
+        pass
+
+    def trim(self, n: int) -> None:
+        pass
+
+    def reset(self) -> None:
         pass
 
     def close(self) -> None:

@@ -8,13 +8,11 @@ A CPU decode step is a chain of matrix-vector products, one per weight matrix, a
 of those weights decides how fast they stream. Packing gives the model inference-only copies:
  - one GEMV instead of several for projections that read the same input: q/k/v (3 -> 1) and
    gate/up (2 -> 1), i.e. 4 instead of 7 per block;
- - in one of two layouts (measured on this project's 2-core EPYC, AVX-512 with BF16):
-   "transposed", (in_features, out_features) contiguous so `x @ Wt` streams it with the vector
-   broadcast (tinyllama-19m fp32: 7.9 -> 3.7 ms per one-token forward; its GEMVs are small and
-   start cold, the 33 MB lm_head evicts the blocks from L3), and "onednn", oneDNN's blocked
-   layout for its inner-product kernel (`torch.ops.mkldnn`, what inductor's freezing pass uses;
-   tinyllama-1.1b bf16: 128 -> 105 ms, fp32: 240 -> 165 ms; tinyllama-19m bf16: 4.1 -> 2.6 ms),
-   where ATen's own GEMV reads well below the memory bandwidth.
+ - in one of two layouts: "transposed", (in_features, out_features) contiguous so `x @ Wt`
+   streams it with the vector broadcast (what a small model wants: its GEMVs are small and start
+   cold, and the lm_head evicts the blocks from L3), and "onednn", oneDNN's blocked layout for its
+   inner-product kernel (`torch.ops.mkldnn`, what inductor's freezing pass uses), where ATen's own
+   GEMV reads well below the memory bandwidth. The gains are measured by bench.decode.
 Which layout wins depends on the shapes, the dtype and the machine, so pack_for_decoding times
 one- and four-token forwards of the model itself (a decode step, a verification pass) unpacked
 and packed each way, and keeps the fastest layout if it beats unpacked by 10%; the choice is
@@ -88,10 +86,10 @@ class PackedLinears:
 
     A few rows at once (a speculative verification pass scores k + 1 positions) may want another
     kernel: `few_rows="rowmajor"` (single-linear packs; timed per shape) runs 2..FEW_ROWS rows
-    through MKL's small-M GEMM on the source weight, `(W @ xᵀ)ᵀ`, no second copy (the 32000x256
-    lm_head, 2-8 rows: 1.2-2.9 ms vs 3-6 ms for `x @ Wt`). A second, oneDNN-layout copy for the
-    few-rows case was tried and lost: decode and verification then evict each other's copy
-    (19M fp32, 2-5 rows: 5.1-6.0 vs 4.2-5.4 ms per pass)."""
+    through MKL's small-M GEMM on the source weight, `(W @ xᵀ)ᵀ`, no second copy (faster than
+    `x @ Wt` for a wide lm_head; measured by bench.decode and bench.speculative). A second,
+    oneDNN-layout copy for the few-rows case was tried and lost: decode and verification then
+    evict each other's copy."""
 
     FEW_ROWS = 8
 
@@ -316,12 +314,11 @@ def _time_layouts(model: nn.Module, plan, budget: int, model_bytes: int, rounds:
     """Seconds per decode cost of `model` unpacked (key None) and packed in each layout this
     machine runs. A layout's cost is a one-token forward (a decode step) plus a
     VERIFY_ROWS-token one (a speculative verification pass): where single-token times tie, the
-    layout that also verifies fast wins (tinyllama-19m fp32, both layouts without the few-rows
-    path: 3.7-4.0 ms either way for one token, 5.4 vs 8.0 ms for four). Up to `rounds`
+    layout that also verifies fast wins. Up to `rounds`
     interleaved rounds, so a slow spell hits all alike, as many as fit in ~2 s; each time the
     median of several steps. A layout whose first step takes over twice the unpacked one is
     dropped at once (oneDNN's bf16 kernels on a CPU without bf16 instructions: seconds a step).
-    tinyllama-19m: ~1 s; tinyllama-1.1b bf16: one round, ~15 s."""
+    A large model gets one round."""
     dtype = next(model.parameters()).dtype
     layouts = [None] + [l for l in LAYOUTS if l != "onednn" or onednn_supports(dtype)]
     inputs = [torch.zeros(1, rows, dtype=torch.long) for rows in (1, VERIFY_ROWS)]

@@ -13,7 +13,7 @@ Why not llama-cpp-python's API: `llama_model_quantize`'s `imatrix` field is an o
 C++ map, so imatrix quantization, importance matrices and KL-divergence perplexity need the tools
 themselves; llama-server and llama-speculative-simple are the anchors the serving and speculative
 benchmarks compare with. Built statically (no shared libraries to find at run time), without tests,
-the server's web page, network access or OpenSSL; 6-9 minutes on 2 cores, once.
+the server's web page, network access or OpenSSL; a few minutes, once per machine.
 """
 
 from __future__ import annotations

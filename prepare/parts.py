@@ -11,7 +11,7 @@
       logs/                   the engine's (datatrove's) task logs and stats
 
 Every file is written under a temporary name and renamed (tinyllama.atomic): a kill leaves a
-unit either done or not started. The merge (pretrain.prepare) reads the parts in unit order, so the final shards do
+unit either done or not started. The merge (prepare) reads the parts in unit order, so the final shards do
 not depend on which task or machine tokenized which unit, or when.
 """
 
@@ -30,9 +30,11 @@ import numpy as np
 
 from tinyllama.atomic import atomic_file
 from tinyllama.errors import UserError
-from tinyllama.paths import check_disk_space
+from tinyllama.formats.shards import packed_dtype
 from tinyllama.formats.tokenizer import Tokenizer
+from tinyllama.paths import check_disk_space
 
+from .encoding import encode_packed
 from .sources import ReadStats, SourceError
 from .units import Unit, unit_documents
 
@@ -108,13 +110,13 @@ def tokenize_unit(work: Path, plan: Plan, index: int, tok: Tokenizer, *, chunk_d
     with atomic_file(tok_path) as tmp_tok, atomic_file(part_path(work, index, "len")) as tmp_len, \
             open(tmp_tok, "wb") as ft, open(tmp_len, "wb") as fl:
         for texts in _chunks(docs, chunk_docs, chunk_chars):
-            ids, lengths = tok.encode_packed(texts, eos=True)          # BOS where the model adds one
+            ids, lengths = encode_packed(tok, texts, eos=True)          # BOS where the model adds one
             check_disk_space(tok_path, ids.nbytes + lengths.nbytes)
             ft.write(ids.tobytes())
             fl.write(lengths.astype("<u4").tobytes())
             documents += len(lengths)
             tokens += len(ids)
-    info = {"unit": index, "documents": documents, "tokens": tokens, "dtype": tok.packed_dtype.name,
+    info = {"unit": index, "documents": documents, "tokens": tokens, "dtype": packed_dtype(tok.vocab_size).name,
             "stats": asdict(stats)}
     _write_atomic(part_path(work, index, "json"), (json.dumps(info) + "\n").encode())
     return info

@@ -8,7 +8,7 @@ Why datatrove: it is what Hugging Face runs FineWeb's and SmolLM's data processi
 same task model on a laptop (LocalPipelineExecutor), a SLURM cluster (SlurmPipelineExecutor:
 job arrays, requeue, a dependent job) and Ray (RayPipelineExecutor), with per-task logs and
 stats. Task `rank` of `tasks` tokenizes units rank, rank + tasks, ...; each unit's result is
-its own set of part files (pretrain.parts), so what a task leaves behind when it is killed is
+its own set of part files (prepare.parts), so what a task leaves behind when it is killed is
 exactly the units it finished, and the merged output is the same for any number of tasks.
 """
 
@@ -24,6 +24,7 @@ from datatrove.pipeline.base import PipelineStep
 
 from tinyllama.formats.tokenizer import Tokenizer
 
+from .encoding import piece_encoder
 from .merge import finish
 from .parts import Plan, run_units
 
@@ -33,18 +34,25 @@ _tokenizers: dict[str, Tokenizer] = {}     # per worker process: loaded once, it
 def seed_tokenizer(plan: Plan, tok: Tokenizer) -> None:
     """Hands the tokenizer prepare already loaded to this process's tasks (and, through fork,
     to the worker processes): no second load, and one piece cache."""
-    tok.piece_encoder                   # built here, before the workers fork
+    piece_encoder(tok, native_of(plan))     # built here, before the workers fork
     _tokenizers[plan.settings["tokenizer_dir"] or ""] = tok
 
 
 def plan_tokenizer(plan: Plan) -> Tokenizer:
     key = plan.settings["tokenizer_dir"] or ""
     if key not in _tokenizers:
-        _tokenizers[key] = Tokenizer.from_dir(key) if key else Tokenizer.llama2()
-        _tokenizers[key].native_pieces = plan.settings.get("native", "auto")     # plans from before it: auto
-        if _tokenizers[key].fingerprint != plan.tokenizer_fingerprint:
+        tok = Tokenizer.from_dir(key) if key else Tokenizer.llama2()
+        if tok.fingerprint != plan.tokenizer_fingerprint:
             raise RuntimeError(f"{key or 'the Llama-2 tokenizer'} differs from the one this run was planned with")
+        piece_encoder(tok, native_of(plan))
+        _tokenizers[key] = tok
     return _tokenizers[key]
+
+
+def native_of(plan: Plan) -> str:
+    """The piece cache's native mode the run was started with (tinyllama.runtime; plans from
+    before it: auto)."""
+    return plan.settings.get("native", "auto")
 
 
 class TokenizeUnits(PipelineStep):

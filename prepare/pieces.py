@@ -1,5 +1,5 @@
 """Cutting normalized text where no BPE merge can cross, and caching each piece's ids: what
-`Tokenizer.encode_packed` (data preparation) runs on.
+`prepare.encoding.encode_packed` (data preparation) runs on.
 
     rules = split_rules(backend)            # None: not a Llama-style SentencePiece BPE
     enc = PieceEncoder(rules, backend)
@@ -151,7 +151,7 @@ class PieceEncoder:
     def __init__(self, rules: SplitRules, backend: HFTokenizer, native: str = "auto") -> None:
         """native: auto (C where it builds), off (the Python implementation even where the C one
         builds: benchmarks) or on (an error where it does not build)."""
-        self.rules = rules
+        self.rules, self.mode = rules, native
         self._tokenize = backend.model.tokenize
         self._words = rules.regex
         self._cache: dict[str, bytes] = {}      # Python path: piece -> its ids as uint16 LE bytes
@@ -337,9 +337,17 @@ def library(mode: str = "auto") -> ctypes.CDLL | None:
         return None
 
 
-def _built() -> Path:
+# The safety net's build (tests/test_piece_cache_safety.py): every out-of-bounds access, use after
+# free and undefined behaviour stops the process instead of passing silently.
+SANITIZE_FLAGS = ("-O1", "-g", "-fno-omit-frame-pointer", "-fsanitize=address,undefined",
+                  "-fno-sanitize-recover=undefined")
+
+
+def _built(sanitize: bool = False) -> Path:
+    """The compiled library's path, compiling it first where needed; sanitize: with
+    SANITIZE_FLAGS instead of -O2 (needs libasan preloaded into the process that loads it)."""
     source = SOURCE.read_bytes()
-    tag = hashlib.sha256(source).hexdigest()[:16]
+    tag = hashlib.sha256(source).hexdigest()[:16] + ("-asan" if sanitize else "")
     out = cache_dir() / "native" / f"piece_cache-{tag}-{platform.system().lower()}-{platform.machine()}.so"
     if out.exists():
         return out
@@ -348,7 +356,8 @@ def _built() -> Path:
         raise OSError("no C compiler found (cc, gcc or clang on PATH, or CC)")
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_file(out) as tmp:      # workers that compile at once each rename a whole file
-        r = subprocess.run([*cc.split(), "-O2", "-shared", "-fPIC", "-o", str(tmp), str(SOURCE)],
+        flags = SANITIZE_FLAGS if sanitize else ("-O2",)
+        r = subprocess.run([*cc.split(), *flags, "-shared", "-fPIC", "-o", str(tmp), str(SOURCE)],
                            capture_output=True, text=True, timeout=120)
         if r.returncode != 0:
             raise OSError(f"{cc} failed on {SOURCE.name}: {(r.stderr or r.stdout).strip()[-500:]}")

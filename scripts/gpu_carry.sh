@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # make gpu-carry: run on a CPU machine with network, from the repo root, before a GPU run.
 # The GPU machine is offline and its image lacks trl, datasets, bitsandbytes and liger-kernel,
-# so what gpu-check needs travels with the checkout in two git-ignored folders (name both in
-# the device call's `carry`):
+# so what gpu-check needs travels with the checkout in two git-ignored folders (copy both
+# along with it):
 #   .whl/                      cp312 manylinux x86_64 wheels (~10 MiB), installed by
 #                              `python -m gpu_check` into a temporary folder, never into the image
 #   .cache/tokenizers/llama2/  the offline Llama-2 tokenizer `make setup` built (~4 MiB)

@@ -1,4 +1,4 @@
-"""The last step of `pretrain.prepare`: every unit's tokens, in unit order, into one
+"""The last step of `prepare`: every unit's tokens, in unit order, into one
 `tinyllama-packed-v1` source (fixed-size shards per split, and the manifest).
 
 Document i of the whole source (counted across units, in reading order) goes to the validation
@@ -16,10 +16,9 @@ import numpy as np
 
 from tinyllama.atomic import atomic_dir
 from tinyllama.errors import UserError
-from tinyllama.formats.tokenizer import packed_dtype
 
 from .parts import Plan, first_error, is_done, progress_bar, read_part, remove
-from tinyllama.formats.shards import FORMAT, ShardWriter
+from tinyllama.formats.shards import FORMAT, ShardWriter, packed_dtype
 from .sources import SourceError
 
 SEPARATOR_POLICY = ("each document is BOS + tokens + EOS; documents are concatenated; blocks are cut from the "

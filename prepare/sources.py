@@ -1,8 +1,8 @@
-"""Document readers: every input `python -m pretrain.prepare` accepts, as one stream of texts.
+"""Document readers: every input `python -m prepare` accepts, as one stream of texts.
 
     for doc in read_file("data/raw/natural.jsonl", "text", stats, skip_bad=False, in_code_dir=False):
         doc.text, doc.origin          # origin is "file:line" (or "file:row N") for messages
-    (pretrain.units.read_documents: every document of a source: a file, a folder, a hub dataset)
+    (prepare.units.read_documents: every document of a source: a file, a folder, a hub dataset)
 
 Inputs: local `.jsonl`, `.jsonl.zst`, `.parquet`, `.txt` files, directories (walked in sorted
 order; files selected by extension), or a Hugging Face dataset name (its data files streamed

@@ -1,4 +1,4 @@
-"""Units of work for `pretrain.prepare`: the source cut into pieces that tokenize independently.
+"""Units of work for `prepare`: the source cut into pieces that tokenize independently.
 
     units = plan_units(source, unit_bytes=64 << 20, extensions=(".py",))
     for doc in unit_documents(units[3], text_field=None, stats=stats, skip_bad=False, code_dir=True): ...

@@ -1,9 +1,9 @@
 """Raw text or code -> packed token shards (uint16; uint32 past 65,536 ids) plus a manifest, for one source.
 
-    python -m pretrain.prepare data/raw/natural.jsonl --out data/tokens/natural
-    python -m pretrain.prepare /usr/lib/python3.11 --out data/tokens/code --extensions .py --exclude test tests
-    python -m pretrain.prepare cerebras/SlimPajama-627B --out data/tokens/slimpajama   # online
-    python -m pretrain.prepare cerebras/SlimPajama-627B --out /shared/tok/sp --executor slurm --tasks 1000
+    python -m prepare data/raw/natural.jsonl --out data/tokens/natural
+    python -m prepare /usr/lib/python3.11 --out data/tokens/code --extensions .py --exclude test tests
+    python -m prepare cerebras/SlimPajama-627B --out data/tokens/slimpajama   # online
+    python -m prepare cerebras/SlimPajama-627B --out /shared/tok/sp --executor slurm --tasks 1000
 
 Format (`tinyllama-packed-v1`), in the output directory:
   train-00000.bin ...       token ids, little-endian uint16 (uint32 past 65,536 ids), `shard_tokens`
@@ -28,7 +28,7 @@ units not done yet, and ends with exactly the bytes of an uninterrupted run. The
 itself appears only when complete (written under a temporary name, then renamed).
 
 Speed: the Llama tokenizer cuts text where no BPE merge can cross and runs each distinct piece
-through BPE once, in C (tinyllama/piece_cache.c, compiled by `make setup` or on first use with
+through BPE once, in C (prepare/piece_cache.c, compiled by `make setup` or on first use with
 the system C compiler). Without one it says so and uses the same rule in Python (its encoder ~4x slower).
 --native off (TINYLLAMA_NATIVE=0) chooses the Python path; --native on (TINYLLAMA_NATIVE=1) makes a
 failed build an error.
@@ -115,9 +115,7 @@ class PrepareConfig:
 
 
 def _load_tokenizer(cfg: PrepareConfig) -> Tokenizer:
-    tok = Tokenizer.from_dir(cfg.tokenizer_dir) if cfg.tokenizer_dir else Tokenizer.llama2()
-    tok.native_pieces = cfg.native
-    return tok
+    return Tokenizer.from_dir(cfg.tokenizer_dir) if cfg.tokenizer_dir else Tokenizer.llama2()
 
 
 def prepare(cfg: PrepareConfig) -> dict | None:
@@ -302,7 +300,7 @@ def summary_table(manifests: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m pretrain.prepare", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m prepare", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("source", help="a file (.jsonl, .jsonl.zst, .parquet, .txt), a directory, or a HF dataset name")
     ap.add_argument("--out", required=True, type=Path, help="output directory for the shards and manifest.json")

@@ -1,0 +1,61 @@
+"""The interface every model runs behind: what the generator, the drafters and the server ask
+of a model, whichever backend (tinyllama.inference.backends: PyTorch or llama.cpp) answers.
+
+    backend.logits(context, n_last)     # (n_last, vocab) float32 logits after context's last tokens
+    backend.trim(n)                     # speculative decoding's rollback: keep the first n positions
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    if list(a[:n]) == list(b[:n]):      # the usual decode step: one is a prefix of the other
+        return n
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+class Backend:
+    """What generate() needs from a model."""
+
+    name: str = "model"
+    path: Path | None = None       # the files it was loaded from (load_backend sets it)
+    precision: str = ""            # what the weights compute in, and why ("float32 (auto: ...)", "Q4_K_M in llama.cpp")
+    vocab_size: int
+    context_length: int
+
+    def logits(self, context: Sequence[int], n_last: int = 1) -> torch.Tensor:
+        raise NotImplementedError
+
+    def cached_tokens(self) -> int:
+        """How many leading context tokens the KV cache currently holds."""
+        raise NotImplementedError
+
+    def trim(self, n: int) -> None:
+        """Forgets cached positions from n on (speculative decoding's rollback)."""
+        raise NotImplementedError
+
+    def vocab_fingerprint(self) -> str | None:
+        """sha256 of the token pieces, to refuse a draft with another vocabulary."""
+        return None
+
+    def reset(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def check_context(context: Sequence[int], n_last: int, context_length: int, name: str) -> None:
+    if not 1 <= n_last <= len(context):
+        raise ValueError(f"n_last={n_last} must be in [1, {len(context)}]")
+    if len(context) > context_length:
+        raise ValueError(f"{name}: {len(context)} tokens exceed the context length {context_length}")
