@@ -206,7 +206,6 @@ class GenerationStats:
         share that accepted it; None where no round judged position i."""
         return alpha_by_position(self.rounds)
 
-
     def as_dict(self) -> dict:
         d = dict(self.__dict__)
         d.update(tokens_per_s=round(self.tokens_per_s, 2), acceptance_rate=self.acceptance_rate)
@@ -222,7 +221,6 @@ class GenerationStats:
         return text
 
 
-
 def alpha_by_position(rounds: Iterable[tuple[int, int, int]]) -> list[float | None]:
     """alpha_i over rounds of (drafted, accepted, judged), i = 1 .. the longest k (see GenerationStats)."""
     rounds = list(rounds)
@@ -232,6 +230,7 @@ def alpha_by_position(rounds: Iterable[tuple[int, int, int]]) -> list[float | No
         judged = sum(1 for _, _, j in rounds if j >= i)
         out.append(sum(1 for _, a, _ in rounds if a >= i) / judged if judged else None)
     return out
+
 
 def _as_backend(model: Llama | Backend) -> Backend:
     if isinstance(model, Backend):
