@@ -1,62 +1,10 @@
-"""tinyllama: one front door to every stage of the lifecycle (the `tinyllama` console script).
+"""The `tinyllama` front door under its checkout name: `python -m lifecycle ...` = `tinyllama ...`.
 
-    tinyllama pretrain --config pretrain/configs/cpu.yaml      # = python -m pretrain ...
-    tinyllama sft --base out/pretrain/final --out out/sft      # = python -m sft ...
-    tinyllama quantize --model out/sft --type q4_k_m --out out/gguf
-    tinyllama import SmolLM2-135M-Instruct.Q4_1.gguf --out out/smollm2     # a GGUF -> a checkpoint
-    tinyllama serve --model out/gguf/tinyllama-19m-chat-Q4_K_M.gguf
-    tinyllama presets                                          # the core's own commands
-    tinyllama STAGE --help                                     # each stage's options
-
-It lives outside the core on purpose: the core (tinyllama/) imports no stage, and this only
-dispatches to each stage's own `main(argv)`, loading nothing until a stage is named.
+The dispatcher itself is tinyllama_lifecycle/ (the console script's entry point), which an installed
+wheel also carries; this file is not installed.
 """
 
-from __future__ import annotations
-
-import importlib
-import sys
-
-# command -> (module whose main(argv) runs it, what it does)
-STAGES = {
-    "corpus": ("prepare.corpus", "build and tokenize the default corpus (make data)"),
-    "prepare": ("prepare.__main__", "raw text or code -> packed token shards"),
-    "pretrain": ("pretrain.__main__", "pretrain (or resume) with FSDP2 from a YAML config and flags"),
-    "sft": ("sft.__main__", "chat fine-tuning: full, LoRA or QLoRA"),
-    "distill": ("sft.distill", "a teacher's greedy answers as a draft model's SFT data"),
-    "quantize": ("quantize.__main__", "export to GGUF files for llama.cpp, verified"),
-    "import": ("quantize.gguf_import", "a GGUF file -> an HF-format checkpoint directory (dequantized)"),
-    "complete": ("serve.complete", "stream a completion or a chat reply to the terminal"),
-    "serve": ("serve.__main__", "the OpenAI-compatible HTTP server"),
-    "demo": ("demo.__main__", "the Gradio chat app"),
-    "eval": ("evaluation.__main__", "lm-eval tasks, perplexity, checkpoint sweeps"),
-    "presets": ("tinyllama.__main__", "the model presets with exact parameter counts"),
-    "init": ("tinyllama.__main__", "a freshly initialised checkpoint directory"),
-    "inspect": ("tinyllama.__main__", "load a directory, print its shape, check it against transformers"),
-    "tokenizer": ("tinyllama.__main__", "build the offline Llama-2 tokenizer, or encode a text"),
-}
-CORE = {"presets", "init", "inspect", "tokenizer"}
-
-
-def usage() -> str:
-    width = max(map(len, STAGES))
-    lines = [__doc__.split("\n\n")[0], "", "usage: tinyllama COMMAND [ARGS...]", "", "commands:"]
-    lines += [f"  {name:<{width}}  {what}" for name, (_, what) in STAGES.items()]
-    return "\n".join(lines)
-
-
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help", "help"):
-        print(usage())
-        return 0
-    command, rest = argv[0], argv[1:]
-    if command not in STAGES:
-        print(f"tinyllama: unknown command {command!r}\n\n{usage()}", file=sys.stderr)
-        return 2
-    module = importlib.import_module(STAGES[command][0])
-    return module.main([command, *rest] if command in CORE else rest) or 0
-
+from tinyllama_lifecycle import CORE, STAGES, main, usage  # noqa: F401
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -23,6 +23,16 @@ def chat_prompts(tok, n: int) -> list[list[int]]:
     return [apply_chat_template(tok, [c[0]]) for c in held[:n]]
 
 
+def code_prompts(tok, n: int) -> list[list[int]]:
+    """The first n held-out code prompts (sft.prompts: never in a draft's distillation data), each
+    a user turn in the model's own chat template."""
+    from sft.prompts import code_prompts as prompts
+    from tinyllama.formats.chat import apply_chat_template
+
+    _, held = prompts()
+    return [apply_chat_template(tok, [{"role": "user", "content": p.text}]) for p in held[:n]]
+
+
 def sync(device) -> None:
     """Waits for the GPU, so that a wall-clock interval covers the kernels it launched (a no-op
     on a CPU)."""

@@ -47,9 +47,10 @@ import json
 import sys
 import textwrap
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import chat_prompts, markdown_table
+from . import chat_prompts, code_prompts, markdown_table
 
 COPY_SOURCES = (textwrap.dedent, textwrap.TextWrapper._split, json.JSONEncoder.iterencode, inspect.getdoc,
                  Path.relative_to, argparse.ArgumentParser.add_subparsers)
@@ -71,29 +72,50 @@ def _copy_prompts(tok, n: int, budget: int, max_code: int = 400) -> list[list[in
     return out
 
 
-def _decode(target, prompts, tokens: int, draft=None, policy=None, device=None):
-    """(outputs, seconds, drafted, accepted, target passes, rounds, verification seconds): every
-    prompt decoded, prefill excluded; policy: a DraftPolicy (one object for every prompt);
-    device: a torch device to wait for at both ends of each timing (a GPU's queued kernels)."""
+@dataclass
+class DecodeRun:
+    """Every prompt decoded once in one configuration, prefill excluded."""
+    outputs: list = field(default_factory=list)
+    seconds: float = 0.0
+    drafted: int = 0
+    accepted: int = 0
+    passes: int = 0                      # target forward passes after the prefill
+    rounds: list = field(default_factory=list)   # (drafted, accepted, judged) per speculative round
+    verify_seconds: float = 0.0
+
+    @property
+    def tokens(self) -> int:
+        return sum(len(o) for o in self.outputs)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds if self.seconds else 0.0
+
+
+def _decode(target, prompts, tokens: int, draft=None, policy=None, device=None, stop_ids=()) -> DecodeRun:
+    """Every prompt decoded, up to `tokens` each (and to a stop id where stop_ids are given: what a
+    user gets); policy: a DraftPolicy (one object for every prompt); device: a torch device to wait
+    for at both ends of each timing (a GPU's queued kernels)."""
     from tinyllama.inference.generate import generate
 
     from . import sync
 
-    outs, seconds, drafted, accepted, passes, rounds, verify = [], 0.0, 0, 0, 0, 0, 0.0
+    run = DecodeRun()
     for ids in prompts:
         for b in (target, draft):
             if b is not None:
                 b.reset()
         sync(device)
         t0 = time.perf_counter()
-        gen = generate(target, ids, max_new_tokens=tokens, drafter=draft, draft_policy=policy)
-        outs.append(list(gen))
+        gen = generate(target, ids, max_new_tokens=tokens, drafter=draft, draft_policy=policy, stop_ids=stop_ids)
+        run.outputs.append(list(gen))
         sync(device)
-        seconds += time.perf_counter() - t0 - gen.stats.prefill_seconds
-        drafted, accepted = drafted + gen.stats.drafted, accepted + gen.stats.accepted
-        passes += gen.stats.target_calls
-        rounds, verify = rounds + gen.stats.draft_rounds, verify + gen.stats.verify_seconds
-    return outs, seconds, drafted, accepted, passes, rounds, verify
+        s = gen.stats
+        run.seconds += time.perf_counter() - t0 - s.prefill_seconds
+        run.drafted, run.accepted, run.passes = run.drafted + s.drafted, run.accepted + s.accepted, run.passes + s.target_calls
+        run.rounds += s.rounds
+        run.verify_seconds += s.verify_seconds
+    return run
 
 
 def solve_alpha(tokens_per_pass: float, k: int) -> float:
@@ -110,19 +132,20 @@ def solve_alpha(tokens_per_pass: float, k: int) -> float:
 
 def run(target_path: str, draft_path: str, ks=(1, 2, 4, 6), tokens: int = 48, n_prompts: int = 6,
         repeats: int = 3, prompt_set: str = "chat", as_json: bool = False, anchor: bool = False,
-        note: str = "", device: str = "cpu") -> str:
-    title, rows = measure(target_path, draft_path, ks, tokens, n_prompts, repeats, prompt_set, anchor, device)
+        note: str = "", device: str = "cpu", eos: bool = False) -> str:
+    title, rows = measure(target_path, draft_path, ks, tokens, n_prompts, repeats, prompt_set, anchor, device, eos)
     title += note
     if as_json:
         return json.dumps({"pair": title, "rows": rows}, indent=2)
-    head = (title, "tokens/s", "accepted/drafted", "alpha", "c", "v(k+1)", "speedup", "theory", "efficiency",
-            "theory (measured v)", "efficiency (measured v)", "vs llama.cpp", "same output")
+    head = (title, "tokens/s", "accepted/drafted", "alpha", "alpha by draft position", "c", "v(k+1)", "speedup",
+            "theory", "efficiency", "theory (measured v)", "efficiency (measured v)", "vs llama.cpp", "same output")
 
     def cell(v, fmt):
         return "-" if v is None else fmt.format(v)
 
     return markdown_table(head, [(r["config"], cell(r["tokens_per_s"], "{:,.1f} tok/s"),
                                   cell(r["accepted_per_drafted"], "{:.2f}"), cell(r["alpha"], "{:.2f}"),
+                                  " ".join("-" if a is None else f"{a:.2f}" for a in r["alpha_by_position"]) or "-",
                                   cell(r["c"], "{:.2f}"), cell(r["v"], "{:.2f}"), cell(r["speedup"], "{:.2f}x"),
                                   cell(r["theory"], "{:.2f}x"), cell(r["efficiency"], "{:.0%}"),
                                   cell(r["theory_v"], "{:.2f}x"), cell(r["efficiency_v"], "{:.0%}"),
@@ -143,8 +166,9 @@ def _check_same(config: str, outputs: list, plain: list, exact: bool) -> str:
 
 
 def _row(config, tokens_per_s, accepted_per_drafted=None, alpha=None, c=None, speedup=None, theory=None,
-         v=None, theory_v=None, same=None) -> dict:
+         v=None, theory_v=None, same=None, by_position=()) -> dict:
     return {"config": config, "tokens_per_s": tokens_per_s, "accepted_per_drafted": accepted_per_drafted,
+            "alpha_by_position": list(by_position),
             "same_output_as_plain": same,
             "alpha": alpha, "c": c, "speedup": speedup, "theory": theory,
             "efficiency": speedup / theory if speedup is not None and theory else None,
@@ -162,9 +186,11 @@ def theory(alpha: float, k: int, c: float, v: float = 1.0) -> float:
 
 def measure(target_path: str, draft_path: str, ks=(1, 2, 4, 6), tokens: int = 48, n_prompts: int = 6,
             repeats: int = 3, prompt_set: str = "chat", anchor: bool = False,
-            device: str = "cpu") -> tuple[str, list[dict]]:
+            device: str = "cpu", eos: bool = False) -> tuple[str, list[dict]]:
     """Rows for plain target and draft, each k, adaptive and auto k; with `anchor` (two GGUFs)
-    also llama.cpp's own speculative decoding at each k on the same prompts (bench.speculative_anchor)."""
+    also llama.cpp's own speculative decoding at each k on the same prompts (bench.speculative_anchor).
+    eos: every configuration stops at the target's end of turn (what a user gets), else each
+    decodes `tokens` tokens whatever it produces."""
     from tinyllama.inference.backends import GGUFBackend, load_backend
     from tinyllama.inference.draft_policy import Adaptive, Auto, Fixed
     from tinyllama.inference.backends import open_drafter
@@ -179,7 +205,9 @@ def measure(target_path: str, draft_path: str, ks=(1, 2, 4, 6), tokens: int = 48
     model_draft = isinstance(drafter, ModelDrafter)
     draft = drafter.backend if model_draft else drafter            # a model also decodes plainly below
     budget = target.context_length - tokens - 1
-    prompts = _copy_prompts(tok, n_prompts, budget) if prompt_set == "copy" else chat_prompts(tok, n_prompts)
+    prompts = {"copy": lambda: _copy_prompts(tok, n_prompts, budget), "code": lambda: code_prompts(tok, n_prompts),
+               "chat": lambda: chat_prompts(tok, n_prompts)}[prompt_set]()
+    stop_ids = tuple(tok.stop_ids) if eos else ()
     # warm-up at full length: a 7B GGUF's first pass over its weights after loading runs ~30%
     # slower, and would be charged to whichever configuration came first
     _decode(target, prompts[:1], tokens)
@@ -196,72 +224,77 @@ def measure(target_path: str, draft_path: str, ks=(1, 2, 4, 6), tokens: int = 48
     anchor = anchor and gguf and isinstance(draft, GGUFBackend)
     texts = [tok.decode(ids[1:], skip_special=False) for ids in prompts]    # the tool adds the BOS itself
     best, anchors = _rounds(configs, prompts, tokens, repeats, ks,
-                            (target.path, draft.path, texts) if anchor else None)
-    rows = _rows(best, anchors, ks, prompts, tokens, model_draft, exact=not gguf)
+                            (target.path, draft.path, texts, eos) if anchor else None, stop_ids)
+    rows = _rows(best, anchors, ks, prompts, model_draft, exact=not gguf)
     target.close()
     drafter.close()
     by = Path(draft_path).name if model_draft else drafter.name
-    title = (f"{Path(target_path).name} drafted by {by} (greedy, {len(prompts)} {prompt_set} prompts x "
-             f"{tokens} tokens, best of {repeats} interleaved rounds)")
+    length = f"up to {tokens} tokens, stopping at the end of turn" if eos else f"{tokens} tokens"
+    title = (f"{Path(target_path).name} drafted by {by} (greedy, {len(prompts)} held-out {prompt_set} prompts x "
+             f"{length}, best of {repeats} interleaved rounds)")
     return title, rows
 
 
-def _rounds(configs, prompts, tokens: int, repeats: int, ks, anchor) -> tuple[dict, dict]:
-    """({config: its fastest _decode result}, {k: llama.cpp's fastest AnchorRun}); anchor:
-    (target GGUF, draft GGUF, prompt texts) or None."""
-    best: dict[str, tuple] = {}
+def _rounds(configs, prompts, tokens: int, repeats: int, ks, anchor, stop_ids=()) -> tuple[dict, dict]:
+    """({config: its fastest DecodeRun}, {k: llama.cpp's fastest AnchorRun}); anchor:
+    (target GGUF, draft GGUF, prompt texts, stop at EOS) or None."""
+    best: dict[str, DecodeRun] = {}
     anchors: dict[int, object] = {}
     for r in range(repeats):
         for name, model, kw in configs:
-            result = _decode(model, prompts, tokens, **kw)
-            print(f"round {r + 1}/{repeats}: {name}: {tokens * len(prompts) / result[1]:.1f} tok/s", file=sys.stderr)
-            if name not in best or result[1] < best[name][1]:
+            result = _decode(model, prompts, tokens, stop_ids=stop_ids, **kw)
+            print(f"round {r + 1}/{repeats}: {name}: {result.tokens_per_s:.1f} tok/s", file=sys.stderr)
+            if name not in best or result.tokens_per_s > best[name].tokens_per_s:
                 best[name] = result
         if anchor:
             from .speculative_anchor import llama_cpp_speculative
 
             print(f"round {r + 1}/{repeats}: llama-speculative-simple, k = {list(ks)} ...", file=sys.stderr)
-            for a in llama_cpp_speculative(*anchor, tokens, ks):
+            *files, eos = anchor
+            for a in llama_cpp_speculative(*files, tokens, ks, ignore_eos=not eos):
                 if a.k not in anchors or a.tokens_per_s > anchors[a.k].tokens_per_s:
                     anchors[a.k] = a
     return best, anchors
 
 
-def _rows(best: dict, anchors: dict, ks, prompts, tokens: int, model_draft: bool, exact: bool) -> list[dict]:
-    """The table's rows from the rounds' results."""
-    plain, t_plain = best["plain target"][:2]
-    n_tokens = tokens * len(prompts)
-    rows = [_row("plain target", n_tokens / t_plain, speedup=1.0)]
+def _rows(best: dict, anchors: dict, ks, prompts, model_draft: bool, exact: bool) -> list[dict]:
+    """The table's rows from the rounds' results. Rates are each configuration's own tokens over
+    its own time (with EOS honoured a GGUF run can end a prompt a token apart at a near-tie)."""
+    from tinyllama.inference.generate import alpha_by_position
+
+    plain = best["plain target"]
+    rows = [_row("plain target", plain.tokens_per_s, speedup=1.0)]
+    step = plain.seconds / max(1, plain.tokens)                    # one plain target step
     if model_draft:
-        t_draft = best["plain draft"][1]
-        c = t_draft / t_plain
-        rows.append(_row("plain draft", n_tokens / t_draft))
+        c = plain.tokens_per_s / best["plain draft"].tokens_per_s
+        rows.append(_row("plain draft", best["plain draft"].tokens_per_s))
     else:
         c = 0.0                                        # a lookup costs microseconds, not a forward pass
     for k in ks:
-        out, t_spec, drafted, accepted, passes, rounds, verify = best[f"speculative k={k}"]
-        same = _check_same(f"k={k}", out, plain, exact)
-        # the last pass of a prompt may be cut short by max_new_tokens: a slight underestimate
-        alpha = solve_alpha(n_tokens / passes, k) if passes else 0.0
-        speedup = t_plain / t_spec
+        run = best[f"speculative k={k}"]
+        same = _check_same(f"k={k}", run.outputs, plain.outputs, exact)
+        # the last pass of a prompt may be cut short by max_new_tokens or EOS: a slight underestimate
+        alpha = solve_alpha(run.tokens / run.passes, k) if run.passes else 0.0
+        speedup = run.tokens_per_s / plain.tokens_per_s
         # v: the run's own verification passes (with their rollback), in plain target steps
-        v = (verify / rounds) / (t_plain / n_tokens) if rounds else None
-        rows.append(_row(f"speculative k={k}", n_tokens / t_spec, accepted / max(1, drafted), alpha, c, speedup,
-                         theory(alpha, k, c), v, theory(alpha, k, c, v) if v else None, same))
+        v = (run.verify_seconds / len(run.rounds)) / step if run.rounds else None
+        rows.append(_row(f"speculative k={k}", run.tokens_per_s, run.accepted / max(1, run.drafted), alpha, c,
+                         speedup, theory(alpha, k, c), v, theory(alpha, k, c, v) if v else None, same,
+                         alpha_by_position(run.rounds)))
         if k in anchors:
-            rows[-1]["vs_llama_cpp"] = rows[-1]["tokens_per_s"] / anchors[k].tokens_per_s
+            rows[-1]["vs_llama_cpp"] = run.tokens_per_s / anchors[k].tokens_per_s
     for k, a in sorted(anchors.items()):
         same = "" if all(n == len(p) for n, p in zip(a.prompt_tokens, prompts)) else ", other prompt tokens"
         rows.append(_row(f"llama.cpp's llama-speculative-simple k={k}{same}", a.tokens_per_s,
-                         a.accepted / max(1, a.drafted), speedup=a.tokens_per_s * t_plain / n_tokens))
-    out, t_spec, drafted, accepted, passes, *_ = best["speculative adaptive k"]
-    same = _check_same("adaptive k", out, plain, exact)
-    rows.append(_row(f"speculative adaptive k (from 4; mean {drafted / max(1, passes):.1f})", n_tokens / t_spec,
-                     accepted / max(1, drafted), c=c, speedup=t_plain / t_spec, same=same))
-    out, t_spec, drafted, accepted, passes, *_ = best["speculative auto k"]
-    same = _check_same("auto k", out, plain, exact)
-    rows.append(_row(f"speculative auto k (mean {drafted / max(1, passes):.1f} per target pass)", n_tokens / t_spec,
-                     accepted / drafted if drafted else None, c=c, speedup=t_plain / t_spec, same=same))
+                         a.accepted / max(1, a.drafted), speedup=a.tokens_per_s / plain.tokens_per_s))
+    for name, label in (("speculative adaptive k", "adaptive k (from 4; mean {:.1f})"),
+                        ("speculative auto k", "auto k (mean {:.1f} per target pass)")):
+        run = best[name]
+        same = _check_same(name, run.outputs, plain.outputs, exact)
+        rows.append(_row("speculative " + label.format(run.drafted / max(1, run.passes)), run.tokens_per_s,
+                         run.accepted / run.drafted if run.drafted else None, c=c,
+                         speedup=run.tokens_per_s / plain.tokens_per_s, same=same,
+                         by_position=alpha_by_position(run.rounds)))
     return rows
 
 
@@ -295,8 +328,12 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--prompts", type=int, help="prompts (default 6; with --pair 4)")
     ap.add_argument("--repeats", type=int, help="interleaved rounds; each row keeps its fastest (default 3; "
                                                  "with --pair 1)")
-    ap.add_argument("--prompt-set", choices=["chat", "copy"], default="chat",
-                    help="chat: held-out SFT questions; copy: code to write out again (default: chat)")
+    ap.add_argument("--prompt-set", choices=["chat", "code", "copy"], default="chat",
+                    help="chat: held-out SFT questions; code: held-out code prompts (sft.prompts); copy: code to "
+                         "write out again (default: chat)")
+    ap.add_argument("--eos", action="store_true",
+                    help="stop each reply at the target's end of turn, as a user gets it (default: decode --tokens "
+                         "tokens whatever comes)")
     ap.add_argument("--device", default=None, help="where --target/--model-draft run: cpu, cuda or auto (GGUFs: all "
                                                    "layers offloaded unless cpu) (default: cpu; with --backend torch: "
                                                    "auto)")
@@ -338,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
                           for a in args.alpha))
     else:
         print(run(args.target, args.model_draft, args.k, args.tokens, args.prompts, args.repeats, args.prompt_set, args.json,
-                  anchor=args.anchor, device=args.device or "cpu"))
+                  anchor=args.anchor, device=args.device or "cpu", eos=args.eos))
     return 0
 
 

@@ -51,13 +51,14 @@ def parse_report(text: str) -> dict:
     return out
 
 
-def run_once(target, draft, prompt: str, tokens: int, k: int, threads: int | None = None, n_ctx: int = 2048) -> dict:
+def run_once(target, draft, prompt: str, tokens: int, k: int, threads: int | None = None, n_ctx: int = 2048,
+             ignore_eos: bool = True) -> dict:
     """One prompt through llama-speculative-simple; its parsed report."""
     from tinyllama.llamacpp.tools import LOST_LOG_ATTEMPTS, tool
 
     threads = str(threads or os.cpu_count() or 1)
     cmd = [str(tool("llama-speculative-simple")), "-m", str(target), "-md", str(draft), "-p", prompt,
-           "-n", str(tokens), "--ignore-eos", "--temp", "0", "--top-k", "1", "--seed", "0", "-c", str(n_ctx),
+           "-n", str(tokens), *(["--ignore-eos"] if ignore_eos else []), "--temp", "0", "--top-k", "1", "--seed", "0", "-c", str(n_ctx),
            "-t", threads, "-td", threads, "--spec-type", "draft-simple", "--spec-draft-n-max", str(k), "--spec-draft-n-min", "0",
            "--spec-draft-p-min", "0", "-ngl", "0", "-ngld", "0"]
     for attempt in range(1, LOST_LOG_ATTEMPTS + 1):
@@ -71,13 +72,14 @@ def run_once(target, draft, prompt: str, tokens: int, k: int, threads: int | Non
 
 
 def llama_cpp_speculative(target, draft, prompts: list[str], tokens: int, ks=(1, 2, 4),
-                          threads: int | None = None) -> list[AnchorRun]:
-    """Every k over every prompt: one AnchorRun per k."""
+                          threads: int | None = None, ignore_eos: bool = True) -> list[AnchorRun]:
+    """Every k over every prompt: one AnchorRun per k; ignore_eos False: each reply ends at the
+    end of turn, as ours does with --eos."""
     runs = []
     for k in ks:
         run = AnchorRun(k, prompt_tokens=[])
         for prompt in prompts:
-            rep = run_once(target, draft, prompt, tokens, k, threads)
+            rep = run_once(target, draft, prompt, tokens, k, threads, ignore_eos=ignore_eos)
             run.tokens += rep["tokens"]
             run.seconds += rep["seconds"]
             run.drafted += rep["n_drafted"]

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Iterator
 
 from tinyllama.atomic import atomic_file
+from tinyllama.formats.tokenizer import Tokenizer
 from tinyllama.paths import cache_dir
 
 from .prepare import PrepareConfig, prepare, summary_table
@@ -100,7 +101,10 @@ def write_natural(out: Path) -> dict:
     return counts
 
 
-def build(out: Path, workers: int, val_fraction: float = 0.02, shard_tokens: int = 1 << 22) -> list[dict]:
+def build(out: Path, workers: int, val_fraction: float = 0.02, shard_tokens: int = 1 << 22,
+          tokenizer: Path | None = None) -> list[dict]:
+    """The raw corpus in out/raw and its shards in out/tokens/{natural,code}, in `tokenizer`'s
+    vocabulary (an HF tokenizer directory; None: Llama-2's)."""
     raw, tokens = out / "raw", out / "tokens"
     raw.mkdir(parents=True, exist_ok=True)
     tokens.mkdir(parents=True, exist_ok=True)
@@ -112,10 +116,10 @@ def build(out: Path, workers: int, val_fraction: float = 0.02, shard_tokens: int
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     manifests = [
         prepare(PrepareConfig(source=str(natural), out=tokens / "natural", name="natural", workers=workers,
-                              val_fraction=val_fraction, shard_tokens=shard_tokens)),
+                              val_fraction=val_fraction, shard_tokens=shard_tokens, tokenizer_dir=tokenizer)),
         prepare(PrepareConfig(source=str(stdlib), out=tokens / "code", name="code", extensions=(".py",),
                               exclude=STDLIB_EXCLUDE, workers=workers, val_fraction=val_fraction,
-                              shard_tokens=shard_tokens)),
+                              shard_tokens=shard_tokens, tokenizer_dir=tokenizer)),
     ]
     return manifests
 
@@ -126,6 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=Path("data"), help="data folder (default: %(default)s)")
     ap.add_argument("--workers", type=int, default=max(1, os.cpu_count() or 1), help="tokenizer processes")
     ap.add_argument("--val-fraction", type=float, default=0.02, help="held-out documents (default: %(default)s)")
+    ap.add_argument("--tokenizer", type=Path, help="tokenize in this HF tokenizer directory's vocabulary (a checkpoint "
+                                                   "directory: a draft for that model); default: Llama-2's")
     args = ap.parse_args(argv)
     # checked before minutes of reading texts, not after the raw corpus is written
     if args.workers < 1:
@@ -135,7 +141,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.out.exists() and not args.out.is_dir():
         ap.error(f"--out {args.out}: not a folder")
     try:
-        manifests = build(args.out, args.workers, args.val_fraction)
+        if args.tokenizer is not None:
+            Tokenizer.from_dir(args.tokenizer)      # a bad directory fails here, not after the raw corpus
+        manifests = build(args.out, args.workers, args.val_fraction, tokenizer=args.tokenizer)
     except (OSError, ValueError, subprocess.CalledProcessError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

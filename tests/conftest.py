@@ -4,10 +4,17 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from pathlib import Path
 
 import pytest
 import torch
 
+# The Python processes the tests start (`python -m prepare` from a temporary folder) import this
+# checkout's stages, as the tests themselves do (pyproject.toml's `pythonpath` reaches this process
+# only): an installed project, editable or not, makes only `tinyllama` and `tinyllama_lifecycle`
+# importable, and a second checkout's tests must not run the first one's stages.
+ROOT = Path(__file__).resolve().parent.parent
+os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

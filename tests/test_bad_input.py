@@ -135,6 +135,8 @@ CASES = [
     C("corpus-workers-zero", "prepare.corpus", ["--out", "{out}/data", "--workers", "0"],
       "--workers must be >= 1, got 0"),
     C("corpus-out-is-a-file", "prepare.corpus", ["--out", "{in}/f"], "f: not a folder", {"f": "x"}),
+    C("corpus-tokenizer-dir-missing", "prepare.corpus", ["--out", "{out}/data", "--tokenizer", "{in}/nope"],
+      "nope: tokenizer directory not found"),
 
     # ---- python -m pretrain: YAML config and flags ------------------------------------------------
     C("pretrain-config-missing", "pretrain", ["--config", "{in}/nope.yaml"], "nope.yaml: config file not found"),

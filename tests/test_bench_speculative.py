@@ -41,3 +41,34 @@ def test_bench_speculative_json_rows_with_ngram(tiny_chat_checkpoint, capsys):
                       "--k", "2", "--tokens", "8", "--prompts", "1", "--repeats", "1", "--json"])
     rows = {r["config"]: r for r in json.loads(capsys.readouterr().out)["rows"]}
     assert rows["speculative k=2"]["accepted_per_drafted"] == 1.0 and "plain draft" in rows
+    assert rows["speculative k=2"]["alpha_by_position"] == [1.0, 1.0]
+
+
+def test_bench_speculative_stops_at_the_end_of_turn_on_held_out_code_prompts(tiny_chat_checkpoint, capsys):
+    """--eos: every configuration stops where the target ends its turn (what a user gets), so the
+    rows' rates come from each run's own tokens; --prompt-set code takes the held-out code prompts."""
+    from tinyllama.formats.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_dir(tiny_chat_checkpoint)
+    runs = []
+    real_decode = speculative._decode
+
+    def spy(*args, **kwargs):
+        runs.append(real_decode(*args, **kwargs))
+        return runs[-1]
+
+    speculative._decode = spy
+    try:
+        speculative.main(["--target", str(tiny_chat_checkpoint), "-md", str(tiny_chat_checkpoint), "--eos",
+                          "--prompt-set", "code", "--k", "1", "--tokens", "40", "--prompts", "2", "--repeats", "1",
+                          "--json"])
+    finally:
+        speculative._decode = real_decode
+    out = json.loads(capsys.readouterr().out)
+    assert "held-out code prompts" in out["pair"] and "stopping at the end of turn" in out["pair"]
+    ended = [o for run in runs for o in run.outputs if o and o[-1] in tok.stop_ids]
+    assert all(len(o) <= 40 for run in runs for o in run.outputs)
+    assert all(o.count(s) == 0 for run in runs for o in run.outputs for s in tok.stop_ids if o[-1:] != [s])
+    rows = {r["config"]: r for r in out["rows"]}
+    assert rows["speculative k=1"]["alpha_by_position"] == [1.0] and rows["speculative k=1"]["same_output_as_plain"] == "2/2"
+    assert ended or all(len(o) == 40 for run in runs for o in run.outputs)

@@ -98,3 +98,26 @@ def test_cli_help():
     r = subprocess.run([sys.executable, "-m", "sft.distill", "--help"], capture_output=True, text=True)
     assert r.returncode == 0
     assert "--teacher" in r.stdout and "sequence-level" in r.stdout
+
+
+def test_code_prompts_split_by_name_and_read_the_same_every_run():
+    """The distillation and measurement code prompts never share a function, the split follows
+    the name alone (a prompt stays on its side whatever else this Python has), and no text
+    carries a memory address that would change between runs."""
+    import re
+    import subprocess
+    import sys
+
+    from sft.prompts import CodePrompt, code_prompts
+
+    train, held = code_prompts()
+    assert len(train) >= 100 and len(held) >= 10
+    assert not {p.name for p in train} & {p.name for p in held}
+    assert len({p.name for p in train + held}) == len(train) + len(held)
+    assert all(not p.held_out for p in train) and all(p.held_out for p in held)
+    assert CodePrompt("textwrap.dedent", "x").held_out == CodePrompt("textwrap.dedent", "y").held_out
+    assert not [p.text for p in train + held if re.search(r"0x[0-9a-f]{4,}", p.text)]
+    again = subprocess.run([sys.executable, "-c", "from sft.prompts import code_prompts; "
+                            "print(repr([p.text for p in sum(code_prompts(), [])]))"],
+                           capture_output=True, text=True, check=True).stdout
+    assert again.strip() == repr([p.text for p in train + held])

@@ -428,3 +428,20 @@ def test_auto_does_not_probe_where_even_perfect_drafts_cannot_pay(clock):
     assert list(gen) == list(generate(tgt, [0], max_new_tokens=200))
     assert gen.stats.draft_rounds == 1 and policy.alpha > 0.6 and policy.probe_after == HOPELESS_PROBE_GAP
     assert not policy.could_pay(8) and policy.last_k == 0
+
+
+def test_acceptance_by_draft_position(pair):
+    """alpha_i counts only rounds that judged position i: a draft that is always right is 1.0 at
+    every position; the rounds log agrees with the totals."""
+    from tinyllama.inference.generate import alpha_by_position
+
+    target, _ = pair
+    twin = generate(target, [1, 2], max_new_tokens=20, drafter=target, draft_policy=Fixed(3))
+    list(twin)
+    s = twin.stats
+    assert s.alpha_by_position() == [1.0, 1.0, 1.0]
+    assert sum(k for k, _, _ in s.rounds) == s.drafted and sum(a for _, a, _ in s.rounds) == s.accepted
+    # two rounds of k=3: one rejects at position 2, one at 1; a third accepts all and stops nowhere
+    assert alpha_by_position([(3, 1, 2), (3, 0, 1), (3, 3, 3)]) == [2 / 3, 1 / 2, 1.0]
+    assert alpha_by_position([(2, 1, 1)]) == [1.0]          # an accepted stop id: position 2 never judged
+    assert alpha_by_position([]) == []

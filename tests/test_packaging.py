@@ -19,9 +19,9 @@ ROOT = Path(__file__).resolve().parent.parent
 plan = runpy.run_path(str(ROOT / "scripts" / "setup_plan.py"), run_name="setup_plan")
 PROJECT = plan["load_pyproject"]()
 LOCAL = {"tinyllama", "prepare", "pretrain", "sft", "quantize", "serve", "demo", "evaluation", "bench", "gpu_check",
-         "lifecycle"}
+         "lifecycle", "tinyllama_lifecycle"}
 # each stage, and the extras `pip install tinyllama-lifecycle[...]` must name for it to import
-STAGE_EXTRAS = {"tinyllama": [], "lifecycle.py": [], "prepare": ["prepare"], "pretrain": ["train"], "sft": ["sft"],
+STAGE_EXTRAS = {"tinyllama": [], "tinyllama_lifecycle": [], "lifecycle.py": [], "prepare": ["prepare"], "pretrain": ["train"], "sft": ["sft"],
                 "quantize": ["gguf"], "serve": ["serve"], "demo": ["demo"], "evaluation": ["eval"]}
 # import name -> distribution, where they differ
 DISTRIBUTION = {"yaml": "pyyaml", "llama_cpp": "llama-cpp-python", "lm_eval": "lm-eval", "flash_attn": "flash-attn",

@@ -37,7 +37,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
@@ -189,6 +189,9 @@ class GenerationStats:
     draft_seconds: float = 0.0         # speculative: of decode_seconds, drafting in those rounds
     verify_seconds: float = 0.0        # speculative: of decode_seconds, their verification passes and rollback
     stop_reason: str | None = None     # "stop_id", "length", "stop_string" or "cancelled"
+    # speculative: per round (drafted k, accepted, judged: drafts compared before a rejection or an
+    # accepted stop id), what acceptance by draft position is computed from (alpha_by_position)
+    rounds: list[tuple[int, int, int]] = field(default_factory=list)
 
     @property
     def tokens_per_s(self) -> float:
@@ -197,6 +200,11 @@ class GenerationStats:
     @property
     def acceptance_rate(self) -> float | None:
         return self.accepted / self.drafted if self.drafted else None
+
+    def alpha_by_position(self) -> list[float | None]:
+        """alpha_i: of the rounds whose i-th draft was judged (every draft before it accepted), the
+        share that accepted it; None where no round judged position i."""
+        return alpha_by_position(self.rounds)
 
     def as_dict(self) -> dict:
         d = dict(self.__dict__)
@@ -211,6 +219,17 @@ class GenerationStats:
                      f"({self.acceptance_rate:.0%}), {self.target_calls} target passes, "
                      f"mean k {self.drafted / max(1, self.draft_rounds):.1f}")
         return text
+
+
+def alpha_by_position(rounds: Iterable[tuple[int, int, int]]) -> list[float | None]:
+    """alpha_i over rounds of (drafted, accepted, judged), i = 1 .. the longest k (see GenerationStats)."""
+    rounds = list(rounds)
+    longest = max((judged for _, _, judged in rounds), default=0)
+    out: list[float | None] = []
+    for i in range(1, longest + 1):
+        judged = sum(1 for _, _, j in rounds if j >= i)
+        out.append(sum(1 for _, a, _ in rounds if a >= i) / judged if judged else None)
+    return out
 
 
 def _as_backend(model: Llama | Backend) -> Backend:
@@ -389,10 +408,12 @@ class Generation:
         else:
             accepted_before, drafted = self.stats.accepted, time.perf_counter()
             new_tokens, rows = self._verify(context, drafts, qs)
+            accepted = self.stats.accepted - accepted_before
+            self.stats.rounds.append((len(drafts), accepted, min(len(new_tokens), len(drafts))))
             draft_seconds, verify_seconds = drafted - t0, time.perf_counter() - drafted
             self.stats.draft_seconds += draft_seconds
             self.stats.verify_seconds += verify_seconds
-            self.policy.record_round(len(drafts), self.stats.accepted - accepted_before, draft_seconds, verify_seconds)
+            self.policy.record_round(len(drafts), accepted, draft_seconds, verify_seconds)
         self.stats.decode_seconds += time.perf_counter() - t0
         return new_tokens, rows
 

@@ -1,0 +1,5 @@
+"""python -m tinyllama_lifecycle COMMAND ... : the `tinyllama` console script (see __init__.py)."""
+
+from tinyllama_lifecycle import main
+
+raise SystemExit(main())
