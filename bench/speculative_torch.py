@@ -136,17 +136,18 @@ def _speculative_mode(draft, target, prompts, tokens, ks, lat, how: str) -> None
     runtime = RuntimeOptions(cuda_graphs=how == "graph")
     tb, db = TorchBackend(target, pack=False, runtime=runtime), TorchBackend(draft, pack=False, runtime=runtime)
     _decode(tb, prompts, tokens, device=device)                          # warm-up (and captures)
-    plain, t_plain, *_ = _decode(tb, prompts, tokens, device=device)
-    t_draft = _decode(db, prompts, tokens, device=device)[1]
+    plain = _decode(tb, prompts, tokens, device=device)
+    t_plain, t_draft = plain.seconds, _decode(db, prompts, tokens, device=device).seconds
     n_tok = tokens * len(prompts)
     _emit(what="plain", mode=how, target_tok_s=n_tok / t_plain, draft_tok_s=n_tok / t_draft, c_loop=t_draft / t_plain)
     for k in ks:
-        outs, secs, drafted, accepted, passes, *_ = _decode(tb, prompts, tokens, db, Fixed(k), device=device)
+        run = _decode(tb, prompts, tokens, db, Fixed(k), device=device)
+        outs, secs, drafted, accepted, passes = run.outputs, run.seconds, run.drafted, run.accepted, run.passes
         alpha = solve_alpha(n_tok / passes, k) if passes else 0.0
         t1, d1, tk = lat.get(("target", how, 1)), lat.get(("draft", how, 1)), lat.get(("target", how, k + 1))
         rec = {"k": k, "mode": how, "tok_s": n_tok / secs, "speedup_measured": t_plain / secs,
                "accepted_over_drafted": accepted / max(1, drafted), "alpha_solved": alpha,
-               "outputs_differing_from_plain_greedy": sum(a != b for a, b in zip(outs, plain))}
+               "outputs_differing_from_plain_greedy": sum(a != b for a, b in zip(outs, plain.outputs))}
         if t1 and d1 and tk:
             rec.update(c=d1 / t1, v=tk / t1, theory=theory(alpha, k, d1 / t1, tk / t1),
                        projected_speedup={str(a): round(theory(a, k, d1 / t1, tk / t1), 3) for a in (0.6, 0.7, 0.8, 0.9)})

@@ -114,15 +114,17 @@ def test_the_wheel_holds_two_top_level_packages_and_every_file_they_need(built):
 
 
 def _fresh_venv(where: Path, wheel: Path, cwd: Path) -> dict:
-    _run([sys.executable, "-m", "venv", "--without-pip", where])
+    # no PYTHONPATH (the test run's points at the checkout, whose egg-info pip would take for an
+    # installed copy of the project and skip the wheel)
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
+    _run([sys.executable, "-m", "venv", "--without-pip", where], env=env)
     py = where / "bin" / "python"
     # installed before the .pth exists: pip then sees no other copy of the project it might replace
     _run([sys.executable, "-m", "pip", "--python", py, "install", "--no-deps", "--no-index", "--no-compile",
-          "--disable-pip-version-check", wheel])
-    site = Path(_run([py, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"]).stdout.strip())
+          "--disable-pip-version-check", wheel], env=env, cwd=cwd)
+    site = Path(_run([py, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], env=env).stdout.strip())
     (site / "zz_third_party.pth").write_text(THIRD_PARTY + "\n")
     assert ROOT not in cwd.parents
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
     return {"py": py, "bin": where / "bin", "site": site, "cwd": cwd, "env": env}
 
 
