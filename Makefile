@@ -91,6 +91,7 @@ help:
 	@echo "make quantize  GGUF files of QUANT_MODEL=$(QUANT_MODEL) (QUANT_TYPES='$(QUANT_TYPES)') into $(OUT)/gguf"
 	@echo "             (QUANT_ARGS='--imatrix --quality' or '--target-size 550MB' use llama.cpp's tools: make tools)"
 	@echo "make draft   the speculative-decoding draft: tinyllama-debug pretrained like the default, fully fine-tuned ($(DRAFT_SFT_ARGS)) on DRAFT_TEACHER=$(DRAFT_TEACHER)'s answers, in $(OUT)/draft"
+	@echo "             TARGET=... (a checkpoint, .gguf or hub id): a draft for that model, in its vocabulary (tinyllama draft --help)"
 	@echo "make serve   OpenAI-compatible server for MODEL=$(MODEL) on 127.0.0.1:8000 (DRAFT=... to draft; any model reference)"
 	@echo "make demo    the Gradio chat app on 127.0.0.1:7860 over what make run left, or MODEL=... DRAFT=... (e.g."
 	@echo "             MODEL=TheBloke/Llama-2-7B-Chat-GGUF:Q4_K_M DRAFT=TinyLlama/TinyLlama-1.1B-Chat-v1.0)"
@@ -147,11 +148,17 @@ tools llama-server: setup
 # The draft is fine-tuned on the target's own greedy answers (sft.distill), not the human ones:
 # it learns to agree with the model it drafts for, and all its weights train: LoRA would leave the
 # embeddings and lm_head, nearly all of a 4M model, frozen (acceptance: bench.speculative).
-draft: setup data
+# TARGET=...: a draft for that model instead (any checkpoint, .gguf or hub id; tinyllama draft: its
+# vocabulary and template, embeddings from its own, its answers; resumable), in $(OUT)/draft-NAME.
+draft: setup $(if $(TARGET),,data)
+ifneq ($(TARGET),)
+	$(PY) -m tinyllama_lifecycle draft --target $(TARGET) $(DRAFT_ARGS)
+else
 	$(PY) -m pretrain --config $(DRAFT_CONFIG) --out $(OUT)/draft/pretrain $(SHORT_PRETRAIN)
 	$(PY) -m sft.distill --teacher $(DRAFT_TEACHER) --data $(SFT_DATA) --out $(OUT)/draft/distill.jsonl $(SHORT_DISTILL)
 	$(PY) -m sft --base $(OUT)/draft/pretrain/final --data $(OUT)/draft/distill.jsonl --out $(OUT)/draft/sft $(DRAFT_SFT_ARGS) --samples 0 $(SHORT_SFT)
 	$(PY) -m quantize --model $(OUT)/draft/sft --type q8_0 --out $(OUT)/gguf
+endif
 
 serve: setup
 	$(PY) -m serve --model $(MODEL) $(if $(DRAFT),--model-draft $(DRAFT)) $(SERVE_ARGS)

@@ -121,3 +121,49 @@ def test_code_prompts_split_by_name_and_read_the_same_every_run():
                             "print(repr([p.text for p in sum(code_prompts(), [])]))"],
                            capture_output=True, text=True, check=True).stdout
     assert again.strip() == repr([p.text for p in train + held])
+
+
+def test_code_prompts_and_sampled_answers_never_touch_what_the_benchmark_measures(tiny_chat_checkpoint, tmp_path):
+    """The distillation data and bench.speculative's prompts are disjoint: no held-out chat
+    question (the split bench.chat_prompts takes) and no held-out code prompt is answered; sampled
+    answers come beside the greedy ones, seeded by the prompt, so a second run writes the same."""
+    import json
+
+    from sft.prompts import code_prompts
+
+    out = tmp_path / "d.jsonl"
+    counts = distill(tiny_chat_checkpoint, "sample", out, max_new_tokens=4, progress=False, code=True, samples=1)
+    records = [json.loads(line) for line in out.read_text().split("\n")[:-1]]
+    assert counts["conversations"] == len(records)
+    sources = {r["source"] for r in records}
+    convs = load_conversations("sample")
+    _, held = split_eval(convs, 0.05, seed=42)                      # bench.chat_prompts' held-out questions
+    held_sources = {f"sample:{i}" for i, c in enumerate(convs) if any(c is h for h in held)}
+    assert held_sources and not sources & held_sources
+    assert not sources & {f"code:{p.name}" for p in code_prompts()[1]}
+    assert {f"code:{p.name}" for p in code_prompts()[0]} <= sources
+    assert {r["decoding"] for r in records} == {"greedy", "sampled:1"}
+    again = tmp_path / "e.jsonl"
+    distill(tiny_chat_checkpoint, "sample", again, max_new_tokens=4, progress=False, code=True, samples=1, limit=5)
+    first = again.read_text().split("\n")[:-1]
+    assert first == out.read_text().split("\n")[:len(first)]
+
+
+def test_a_stopped_distillation_resumes_where_it_stopped(tiny_chat_checkpoint, data_file, tmp_path, monkeypatch):
+    """Answers reach OUT.partial one line at a time; a second run answers only what is missing
+    (a last line cut short by the stop is answered again) and OUT appears whole at the end."""
+    import sft.distill as d
+
+    out = tmp_path / "d.jsonl"
+    full = distill(tiny_chat_checkpoint, str(data_file), tmp_path / "ref.jsonl", max_new_tokens=4, eval_fraction=0.25,
+                   seed=1, progress=False)
+    lines = [line + "\n" for line in (tmp_path / "ref.jsonl").read_text().split("\n")[:-1]]
+    (tmp_path / "d.jsonl.partial").write_text(lines[0] + lines[1][:20])         # one whole answer, one cut
+    asked = []
+    real = d.distill_conversation
+    monkeypatch.setattr(d, "distill_conversation", lambda *a, **k: asked.append(a[2]) or real(*a, **k))
+    counts = distill(tiny_chat_checkpoint, str(data_file), out, max_new_tokens=4, eval_fraction=0.25, seed=1,
+                     progress=False)
+    assert len(asked) == full["conversations"] - 1
+    assert out.read_text() == "".join(lines) and not (tmp_path / "d.jsonl.partial").exists()
+    assert counts["conversations"] == full["conversations"] and counts["teacher_replies"] == full["teacher_replies"]

@@ -41,6 +41,7 @@ STAGES = {
     "sft": ("sft.__main__", "chat fine-tuning: full, LoRA or QLoRA"),
     "distill": ("sft.distill", "a teacher's greedy answers as a draft model's SFT data"),
     "quantize": ("quantize.__main__", "export to GGUF files for llama.cpp, verified"),
+    "draft": ("tinyllama_lifecycle.draft", "a speculative-decoding draft for a target: its vocabulary, its answers, a GGUF"),
     "import": ("quantize.gguf_import", "a GGUF file -> an HF-format checkpoint directory (dequantized)"),
     "complete": ("serve.complete", "stream a completion or a chat reply to the terminal"),
     "serve": ("serve.__main__", "the OpenAI-compatible HTTP server"),
