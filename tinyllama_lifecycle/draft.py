@@ -91,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     name = Path(args.target.rstrip("/")).name.removesuffix(".gguf") or "target"
     out = args.out or Path("out") / f"draft-{name}"
+    out.mkdir(parents=True, exist_ok=True)        # the steps write into it (import checks its parent exists)
     for done, command in steps(args.target, out, args.preset, args.steps, args.init_embeddings,
                                args.max_new_tokens, args.corpus, args.limit, args.sft_steps):
         if done.exists():
