@@ -150,12 +150,13 @@ def distill(teacher: str | Path, data: str, out: str | Path, max_new_tokens: int
     (n_ctx, n_gpu_layers: a GGUF's; runtime: a checkpoint's kernels, packing and CUDA graphs)."""
     from tinyllama.inference.backends import load_backend
 
-    for flag, value, ok in (("--max-new-tokens", max_new_tokens, max_new_tokens >= 1),
-                            ("--eval-fraction", eval_fraction, 0 <= eval_fraction < 1),
-                            ("--limit", limit, limit is None or limit >= 1), ("--samples", samples, samples >= 0),
-                            ("--temperature", temperature, temperature > 0)):
+    for flag, value, ok, rule in (("--max-new-tokens", max_new_tokens, max_new_tokens >= 1, "must be >= 1"),
+                                  ("--eval-fraction", eval_fraction, 0 <= eval_fraction < 1, "must be in [0, 1)"),
+                                  ("--limit", limit, limit is None or limit >= 1, "must be >= 1"),
+                                  ("--samples", samples, samples >= 0, "must be >= 0"),
+                                  ("--temperature", temperature, temperature > 0, "must be > 0")):
         if not ok:
-            raise UserError(f"{flag}: {value} is out of range (see --help)")
+            raise UserError(f"{flag} {rule}, got {value}")
     jobs, held = plan_jobs(data, eval_fraction, seed, limit, code, samples)
     # the stored dtype by default: the draft learns to agree with the target as it is served (its
     # GGUF is made from these weights); a bf16 teacher's greedy answers drift from the float32
