@@ -157,6 +157,9 @@ def distill(teacher: str | Path, data: str, out: str | Path, max_new_tokens: int
                                   ("--temperature", temperature, temperature > 0, "must be > 0")):
         if not ok:
             raise UserError(f"{flag} {rule}, got {value}")
+    from tinyllama.paths import check_output_parent
+
+    check_output_parent(out, "--out")                 # before the teacher loads, not after
     jobs, held = plan_jobs(data, eval_fraction, seed, limit, code, samples)
     # the stored dtype by default: the draft learns to agree with the target as it is served (its
     # GGUF is made from these weights); a bf16 teacher's greedy answers drift from the float32
@@ -182,9 +185,7 @@ def _answer_all(backend, tok, jobs: list[Job], out: Path, max_new_tokens: int, c
     from tqdm import tqdm
 
     from tinyllama.formats.chat import template_of
-    from tinyllama.paths import check_output_parent
 
-    check_output_parent(out, "--out")
     template, origin = template_of(tok, chat_template, backend.name)
     print(f"teacher's chat template: {origin}", flush=True)
     partial = Path(str(out) + PARTIAL)

@@ -38,7 +38,7 @@ from tinyllama.model.definitions import (  # noqa: F401  (re-exported: the defin
     reference_rms_norm,
 )
 from tinyllama.errors import UserError
-from tinyllama.runtime import RuntimeOptions
+from tinyllama.runtime import CHOICES, RuntimeOptions
 
 try:  # optional GPU extra
     from flash_attn import flash_attn_func as _flash_attn_func
@@ -62,7 +62,7 @@ def available_backends() -> list[str]:
     return out
 
 
-ATTENTION_CHOICES = ("auto", "sdpa", "flash", "xformers")
+ATTENTION_CHOICES = CHOICES["attention"]      # one list, the one --attention offers
 # The process's choice, as torch.backends' flags are: read per call deep inside the model's
 # forward, where an argument would have to pass through every module of the model definition.
 _attention = "auto"
