@@ -82,7 +82,7 @@ def bench_tokenizer(quick: bool) -> list[tuple[str, str, str, str]]:
 def bench_model(preset: str, quick: bool) -> list[tuple[str, str, str, str]]:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from tinyllama import Llama, ModelConfig
+    from tinyllama import KVCache, Llama, ModelConfig, Step
 
     cfg = ModelConfig.from_name(preset)
     torch.manual_seed(0)
@@ -122,11 +122,11 @@ def bench_model(preset: str, quick: bool) -> list[tuple[str, str, str, str]]:
     ours.eval(), hf.eval()
 
     def ours_decode():
-        ours.setup_kv_cache(1, 64 + n_new + 1)
-        logits = ours(prompt, start_pos=0)
+        cache = KVCache.for_model(ours, 1, 64 + n_new + 1)
+        logits = ours(prompt, cache, Step.span(0, 64))
         for i in range(n_new):
             nxt = logits[:, -1:].argmax(-1)
-            logits = ours(nxt, start_pos=64 + i)
+            logits = ours(nxt, cache, Step.span(64 + i, 1))
 
     def hf_decode():
         from transformers import DynamicCache

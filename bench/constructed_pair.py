@@ -211,7 +211,6 @@ def add_calibrated_noise(draft: Llama, target: Llama, prompts: list[list[int]], 
         rows["h"].append(h.float())
         rows["draft"].append(draft.head(h).float())
         rows["target"].append(target(ids)[0, len(p) - 1:-1].float())
-        draft.clear_kv_cache()
     h, W = torch.cat(rows["h"]), draft.lm_head.weight.detach().float().cpu()
     push = h @ lm_head_noise(W, 1.0, seed).to(device).t()                  # what unit noise adds to the logits
     sigma, agree = calibrate_noise(torch.cat(rows["draft"]), torch.cat(rows["target"]), push, alpha)

@@ -19,6 +19,7 @@ import torch
 from tinyllama.model.config import ModelConfig
 from tinyllama.devices import resolve_device
 from tinyllama.inference.graphs import StaticDecoder, count_torch_calls
+from tinyllama.model.cache import KVCache, Step
 from tinyllama.model.model import Llama
 
 from . import sync
@@ -30,10 +31,10 @@ def calls_per_step(preset: str) -> tuple[int, int]:
     cfg = ModelConfig.from_name(preset)
     small = cfg.replace(d_model=cfg.n_head * 4, ffn_dim=64, vocab_size=128, max_seq_len=64)
     model = Llama(small).eval()
-    model.setup_kv_cache(1, 64)
+    cache = KVCache.for_model(model, 1, 64)
     with torch.inference_mode():
-        model(torch.tensor([[1, 2, 3]]), start_pos=0)
-        eager, _ = count_torch_calls(lambda: model.head(model.hidden_states(torch.tensor([[4]]), start_pos=3)))
+        model(torch.tensor([[1, 2, 3]]), cache, Step.span(0, 3))
+        eager, _ = count_torch_calls(lambda: model.head(model.hidden_states(torch.tensor([[4]]), cache, Step.span(3, 1))))
     decoder = StaticDecoder(model, 64, capture=False)
     static, _ = count_torch_calls(lambda: decoder._run(torch.tensor([[4]]), torch.tensor([3])))
     return eager, static
@@ -77,7 +78,7 @@ def time_preset(preset: str, device: torch.device, tokens: int) -> dict:
 
     def dynamic(i):
         with torch.inference_mode():
-            model.head(model.hidden_states(torch.tensor([[7]], device=device), start_pos=8 + i))
+            model.head(model.hidden_states(torch.tensor([[7]], device=device), eager.cache, Step.span(8 + i, 1)))
     row = {"eager ms": ms_per_token(dynamic, tokens, device),
            "static ms": ms_per_token(lambda i: eager.step([7], 8 + i), tokens, device)}
     if device.type == "cuda":

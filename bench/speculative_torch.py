@@ -31,7 +31,7 @@ import time
 
 import torch
 
-from tinyllama import Llama, ModelConfig
+from tinyllama import KVCache, Llama, ModelConfig, Step
 from tinyllama.inference.backends import TorchBackend
 from tinyllama.inference.draft_policy import Fixed
 from tinyllama.inference.graphs import StaticDecoder
@@ -57,7 +57,7 @@ def _emit(**fields) -> dict:
 
 
 @torch.inference_mode()
-def per_token_eager(model: Llama, T: int, n: int = 20) -> float:
+def per_token_eager(model: Llama, cache: KVCache, T: int, n: int = 20) -> float:
     """Median seconds of a T-token cached forward + head at POSITION."""
     device = model.lm_head.weight.device
     x = torch.randint(3, model.config.vocab_size, (1, T), device=device)
@@ -65,7 +65,7 @@ def per_token_eager(model: Llama, T: int, n: int = 20) -> float:
     for i in range(n + 3):
         sync(device)
         t0 = time.perf_counter()
-        model.head(model.hidden_states(x, start_pos=POSITION)[0, -T:]).float()
+        model.head(model.hidden_states(x, cache, Step.span(POSITION, T))[0, -T:]).float()
         sync(device)
         if i >= 3:
             times.append(time.perf_counter() - t0)
@@ -95,15 +95,15 @@ def latencies(models: dict[str, Llama], ks: list[int]) -> dict:
     """(model, eager|graph, T) -> seconds; T = 1 and k+1 for the pair, 1 for the plain target."""
     out = {}
     for name, model in models.items():
-        model.setup_kv_cache(1, 1024)
+        cache = KVCache.for_model(model, 1, 1024)
         for T in [1] + ([k + 1 for k in ks] if name != "plain7b" else []):
-            out[(name, "eager", T)] = per_token_eager(model, T)
+            out[(name, "eager", T)] = per_token_eager(model, cache, T)
             try:
                 out[(name, "graph", T)] = per_token_graph(model, T)
             except Exception as e:                 # recorded; the eager numbers still stand
                 out[(name, "graph", T)] = None
                 _emit(what="graph_error", model=name, T=T, error=repr(e)[:300])
-        model.clear_kv_cache()
+        del cache
     return out
 
 

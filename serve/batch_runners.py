@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from tinyllama.inference.backends import Backend, GGUFBackend, TorchBackend
+from tinyllama.model.cache import KVCache, Step
 from .batching import BatchRunner, Row
 
 
@@ -24,8 +25,8 @@ class TorchRunner(BatchRunner):
         self.backend, self.model = backend, backend.model
         self.n_slots, self.name, self.precision = n_slots, backend.name, backend.precision
         self.vocab_size, self.context_length = backend.vocab_size, backend.context_length
-        backend.reset()                   # the backend's own batch-1 cache is replaced by the slots'
-        self.model.setup_kv_cache(batch_size=n_slots, max_seq_len=self.context_length)
+        # the slots' cache, beside (not instead of) the backend's own batch-1 one
+        self.cache = KVCache.for_model(self.model, batch_size=n_slots, max_seq_len=self.context_length)
         self.device = self.model.lm_head.weight.device
 
     def run(self, rows: list[Row]) -> list[torch.Tensor | None]:
@@ -35,15 +36,16 @@ class TorchRunner(BatchRunner):
             if singles:
                 ids = torch.tensor([rows[i].tokens for i in singles], device=self.device)           # (B, 1)
                 positions = torch.tensor([rows[i].start for i in singles], device=self.device)      # (B,)
-                h = self.model.hidden_states(ids, start_pos=positions, rows=[rows[i].slot for i in singles])
+                step = Step.per_row([rows[i].slot for i in singles], positions)
+                h = self.model.hidden_states(ids, self.cache, step)                                 # (B, 1, d)
                 logits = self.model.head(h[:, 0]).float().cpu()                                     # (B, V)
                 for j, i in enumerate(singles):
                     out[i] = logits[j:j + 1].clone() if rows[i].n_out else None
             for i, r in enumerate(rows):
                 if len(r.tokens) == 1:
                     continue
-                h = self.model.hidden_states(torch.tensor([r.tokens], device=self.device), start_pos=r.start,
-                                             rows=r.slot)[0]                                        # (T, d)
+                step = Step.span(r.start, len(r.tokens), row=r.slot)
+                h = self.model.hidden_states(torch.tensor([r.tokens], device=self.device), self.cache, step)[0]  # (T, d)
                 if r.n_out:
                     out[i] = self.model.head(h[-r.n_out:]).float().cpu().clone()                  # (n_out, V)
         return out
@@ -55,7 +57,7 @@ class TorchRunner(BatchRunner):
         return self.backend.vocab_fingerprint()
 
     def close(self) -> None:
-        self.model.clear_kv_cache()
+        self.cache = None
 
 
 class LlamaCppRunner(BatchRunner):

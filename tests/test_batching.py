@@ -12,7 +12,7 @@ import pytest
 import torch
 from test_generate import noisy_pair, random_llama
 
-from tinyllama import ModelConfig
+from tinyllama import KVCache, ModelConfig, Step
 from tinyllama.inference.backends import TorchBackend
 from serve.batch_runners import TorchRunner, batch_runner
 from serve.batching import SlotPool
@@ -61,19 +61,25 @@ def target_and_draft():
 def test_per_row_positions_equal_separate_forwards():
     model = random_llama(ModelConfig.from_name("tinyllama-debug"), 0)
     seqs = [torch.randint(0, model.config.vocab_size, (n,)) for n in (5, 9, 3, 7)]
-    model.setup_kv_cache(batch_size=4, max_seq_len=32)
+    cache = KVCache.for_model(model, batch_size=4, max_seq_len=32)
     with torch.inference_mode():
         for row, s in enumerate(seqs):                          # each prompt into its own cache row
-            model.hidden_states(s[None, :-1], start_pos=0, rows=row)
+            model.hidden_states(s[None, :-1], cache, Step.span(0, len(s) - 1, row=row))
         order = [2, 0, 3]                                       # a subset of rows, out of order
         last = torch.stack([seqs[r][-1:] for r in order])                   # (3, 1)
         positions = torch.tensor([len(seqs[r]) - 1 for r in order])         # (3,)
-        batched = model.hidden_states(last, start_pos=positions, rows=order)[:, 0]
+        batched = model.hidden_states(last, cache, Step.per_row(order, positions))[:, 0]
         for j, r in enumerate(order):
             alone = model.hidden_states(seqs[r][None])[0, -1]
             torch.testing.assert_close(batched[j], alone, atol=1e-5, rtol=1e-5)
+        run = [0, 1]                                            # consecutive rows: read as a view, not gathered
+        step = Step.per_row(run, torch.tensor([len(seqs[r]) - 1 for r in run]))
+        assert isinstance(step.rows, slice)
+        together = model.hidden_states(torch.stack([seqs[r][-1:] for r in run]), cache, step)[:, 0]
+        for j, r in enumerate(run):
+            torch.testing.assert_close(together[j], model.hidden_states(seqs[r][None])[0, -1], atol=1e-5, rtol=1e-5)
         with pytest.raises(ValueError, match="one token per row"):
-            model.hidden_states(torch.zeros(2, 2, dtype=torch.long), start_pos=positions[:2], rows=[0, 1])
+            model.hidden_states(torch.zeros(2, 2, dtype=torch.long), cache, Step.per_row([0, 1], positions[:2]))
 
 
 def test_torch_slots_batch_and_equal_alone(target_and_draft, llama2_tokenizer):
@@ -96,9 +102,7 @@ def test_torch_slots_batch_and_equal_alone(target_and_draft, llama2_tokenizer):
 
 
 def backend_alone(model, tok):
-    backend = TorchBackend(model, tok, pack=False)
-    model.clear_kv_cache()
-    return backend
+    return TorchBackend(model, tok, pack=False)
 
 
 def test_speculative_decoding_in_slots_is_exact(target_and_draft, llama2_tokenizer):

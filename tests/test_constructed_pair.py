@@ -14,7 +14,7 @@ import torch
 
 from bench.constructed_pair import build_pair, calibrate_noise, check_embeddable, embed_draft
 from bench.speculative_anchor import parse_report
-from tinyllama import Llama, ModelConfig
+from tinyllama import KVCache, Llama, ModelConfig, Step
 
 DRAFT = ModelConfig(name="d", n_layer=2, d_model=64, n_head=4, n_kv_head=2, ffn_dim=96, max_seq_len=256)
 # one target KV head per draft KV group (GQA kept), a wider FFN and an extra identity layer
@@ -40,10 +40,9 @@ def test_embedded_target_computes_the_draft_in_fp32(n_kv_head):
         a, b = draft(ids), target(ids)
         assert (a - b).abs().max() <= 1e-5 * a.abs().max()
         # the KV-cache path: prefill, then a 3-token verification
-        for m in (draft, target):
-            m.setup_kv_cache(2, 64)
-        draft(ids[:, :30], start_pos=0), target(ids[:, :30], start_pos=0)
-        va, vb = draft(ids[:, 30:33], start_pos=30), target(ids[:, 30:33], start_pos=30)
+        dc, tc = KVCache.for_model(draft, 2, 64), KVCache.for_model(target, 2, 64)
+        draft(ids[:, :30], dc, Step.span(0, 30)), target(ids[:, :30], tc, Step.span(0, 30))
+        va, vb = draft(ids[:, 30:33], dc, Step.span(30, 3)), target(ids[:, 30:33], tc, Step.span(30, 3))
     assert (va - vb).abs().max() <= 1e-5 * va.abs().max()
 
 

@@ -67,6 +67,7 @@ def on_fake_gpu(monkeypatch):
     monkeypatch.setattr(fused, "_working", {})
     monkeypatch.setattr(fused, "_wanted_provider", "auto")     # use_provider's choice, restored after
     monkeypatch.setattr(kernels, "_attention", "auto")
+    monkeypatch.setattr(kernels, "_chosen", {})                # attention's choices, made again
     return monkeypatch
 
 

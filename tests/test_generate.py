@@ -62,7 +62,8 @@ def test_plain_greedy_equals_full_forward_and_reports_stats(pair):
     s = gen.stats
     assert (s.prompt_tokens, s.generated_tokens, s.stop_reason, s.drafted) == (4, 20, "length", 0)
     assert s.tokens_per_s > 0 and "20 generated" in s.describe()
-    assert target.kv_cache_len == 0              # a bare Llama gets its cache freed at the end
+    # a bare Llama keeps no state of the generation: the KV cache was the backend's
+    assert {name for name, _ in target.named_buffers()} == {"rope.cos", "rope.sin"}
 
 
 def test_stop_ids_and_cancel(pair):

@@ -13,7 +13,7 @@ import os
 import pytest
 import torch
 
-from tinyllama import Llama, ModelConfig
+from tinyllama import KVCache, Llama, ModelConfig, Step
 from tinyllama.model import kernels
 from tinyllama.inference.backends import TorchBackend
 from tinyllama.inference.draft_policy import Fixed
@@ -69,10 +69,10 @@ def test_kv_cache_decode_matches_full_forward(dtype):
     ids = torch.randint(0, CFG.vocab_size, (1, 40), device=DEV)
     with torch.no_grad():
         full = model(ids)
-        model.setup_kv_cache(1, 64)
-        prefill = model(ids[:, :30], start_pos=0)
-        verify = model(ids[:, 30:35], start_pos=30)                  # a k=4 verification pass
-        steps = torch.cat([model(ids[:, i:i + 1], start_pos=i) for i in range(35, 40)], 1)
+        cache = KVCache.for_model(model, 1, 64)
+        prefill = model(ids[:, :30], cache, Step.span(0, 30))
+        verify = model(ids[:, 30:35], cache, Step.span(30, 5))                  # a k=4 verification pass
+        steps = torch.cat([model(ids[:, i:i + 1], cache, Step.span(i, 1)) for i in range(35, 40)], 1)
     tol = 1e-4 if dtype == torch.float32 else 3e-2
     assert rel(prefill, full[:, :30]) < tol
     assert rel(verify, full[:, 30:35]) < tol

@@ -1,4 +1,4 @@
-"""Static-shape decoding (tinyllama.inference.graphs, Llama.static_hidden_states) on the CPU: the same
+"""Static-shape decoding (tinyllama.inference.graphs, Step.static) on the CPU: the same
 numbers as the dynamic KV-cache path, traceable whole (no graph breaks, no host syncs: what a
 CUDA graph capture needs), and the torch-call count it exists to collapse. Capture itself is
 in the gpu-marked test."""
@@ -6,6 +6,7 @@ in the gpu-marked test."""
 import pytest
 import torch
 
+from tinyllama.model.cache import KVCache, Step
 from tinyllama.model.config import ModelConfig
 from tinyllama.inference.draft_policy import Fixed
 from tinyllama.inference.graphs import StaticDecoder, count_torch_calls
@@ -19,12 +20,12 @@ def model():
 
 
 def dynamic_logits(model, ids, chunks):
-    """Logits of each chunk through the dynamic cache path (positional start_pos)."""
-    model.setup_kv_cache(1, 64)
+    """Logits of each chunk through the dynamic cache path (span steps)."""
+    cache = KVCache.for_model(model, 1, 64)
     out, pos = [], 0
     with torch.inference_mode():
         for n in chunks:
-            out.append(model(torch.tensor([ids[pos:pos + n]]), start_pos=pos)[0])
+            out.append(model(torch.tensor([ids[pos:pos + n]]), cache, Step.span(pos, n))[0])
             pos += n
     return torch.cat(out)
 
@@ -69,10 +70,10 @@ def test_the_static_step_traces_whole_without_graph_breaks(model):
 
 
 def test_count_torch_calls_of_an_eager_decode_step(model):
-    model.setup_kv_cache(1, 32)
+    cache = KVCache.for_model(model, 1, 32)
     with torch.inference_mode():
-        model(torch.tensor([[1, 2, 3]]), start_pos=0)
-        n, calls = count_torch_calls(lambda: model(torch.tensor([[4]]), start_pos=3))
+        model(torch.tensor([[1, 2, 3]]), cache, Step.span(0, 3))
+        n, calls = count_torch_calls(lambda: model(torch.tensor([[4]]), cache, Step.span(3, 1)))
     layers = model.config.n_layer
     assert n > 10 * layers and calls["linear"] >= 7 * layers      # q, k, v, o, gate, up, down per layer
 
@@ -110,8 +111,11 @@ def test_a_backend_through_the_static_decoder_generates_what_the_eager_one_does(
     static = backends.TorchBackend(model, pack=False)
     assert static.graphs is not None
     assert list(generate(static, ids, SamplingParams(max_new_tokens=12, temperature=0))) == want
-    model.setup_kv_cache(2, 16)                     # someone else's cache: the backend starts over
-    assert list(generate(static, ids, SamplingParams(max_new_tokens=12, temperature=0))) == want
+    other_user = backends.TorchBackend(model, pack=False)      # the same model decoding elsewhere meanwhile
+    list(generate(other_user, [7, 8, 9, 10], SamplingParams(max_new_tokens=6, temperature=0)))
+    other_user.close()
+    assert static.cached_tokens() > len(ids)                   # the next call reuses its cached prefix...
+    assert list(generate(static, ids, SamplingParams(max_new_tokens=12, temperature=0))) == want   # ...untouched
     # speculative: the model drafting for itself, verifications of k+1 = 4 tokens, rollbacks
     torch.manual_seed(3)
     other = Llama(ModelConfig.from_name("tinyllama-debug")).eval()

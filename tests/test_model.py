@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from tinyllama import Llama, ModelConfig
+from tinyllama import KVCache, Llama, ModelConfig, Step
 from tinyllama.model.kernels import attention, reference_attention, sdpa_attention, select_backend
 
 
@@ -44,9 +44,9 @@ def test_kv_cache_decoding_equals_full_forward(small_model):
     ids = torch.randint(0, 320, (2, 24), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         full = small_model(ids)
-        small_model.setup_kv_cache(batch_size=2, max_seq_len=32)
-        prefill = small_model(ids[:, :10], start_pos=0)
-        steps = [small_model(ids[:, t:t + 1], start_pos=t) for t in range(10, 24)]
+        cache = KVCache.for_model(small_model, batch_size=2, max_seq_len=32)
+        prefill = small_model(ids[:, :10], cache, Step.span(0, 10))
+        steps = [small_model(ids[:, t:t + 1], cache, Step.span(t, 1)) for t in range(10, 24)]
     incremental = torch.cat([prefill] + steps, dim=1)
     assert (incremental - full).abs().max().item() < 1e-5
 
@@ -58,20 +58,26 @@ def test_kv_cache_chunked_prefill_and_rollback(small_model):
     wrong[0, 12:] = (wrong[0, 12:] + 7) % 320
     with torch.no_grad():
         full = small_model(ids)
-        small_model.setup_kv_cache(batch_size=1, max_seq_len=20)
-        small_model(ids[:, :8], start_pos=0)
-        small_model(wrong[:, 8:16], start_pos=8)        # 8 tokens at once, 4 of them wrong
-        out = small_model(ids[:, 12:20], start_pos=12)  # roll back to 12 and continue
+        cache = KVCache.for_model(small_model, batch_size=1, max_seq_len=20)
+        small_model(ids[:, :8], cache, Step.span(0, 8))
+        small_model(wrong[:, 8:16], cache, Step.span(8, 8))        # 8 tokens at once, 4 of them wrong
+        out = small_model(ids[:, 12:20], cache, Step.span(12, 8))  # roll back to 12 and continue
     assert (out - full[:, 12:20]).abs().max().item() < 1e-5
 
 
 def test_kv_cache_overflow_and_misuse_are_clear(small_model):
-    small_model.setup_kv_cache(batch_size=1, max_seq_len=8)
+    cache = KVCache.for_model(small_model, batch_size=1, max_seq_len=8)
     with pytest.raises(ValueError, match="KV cache overflow"):
-        small_model(torch.zeros(1, 9, dtype=torch.long), start_pos=0)
-    small_model.clear_kv_cache()
-    with pytest.raises(RuntimeError, match="setup_kv_cache"):
-        small_model(torch.zeros(1, 2, dtype=torch.long), start_pos=0)
+        small_model(torch.zeros(1, 9, dtype=torch.long), cache, Step.span(0, 9))
+    assert not cache.k.any()                               # refused before anything was written
+    with pytest.raises(ValueError, match="batch size 2 differs"):
+        small_model(torch.zeros(2, 2, dtype=torch.long), cache, Step.span(0, 2))
+    with pytest.raises(ValueError, match="takes 3 tokens per row, input_ids has 2"):
+        small_model(torch.zeros(1, 2, dtype=torch.long), cache, Step.span(0, 3))
+    with pytest.raises(ValueError, match="pass both or neither"):
+        small_model(torch.zeros(1, 2, dtype=torch.long), cache)
+    with pytest.raises(ValueError, match="pass both or neither"):
+        small_model(torch.zeros(1, 2, dtype=torch.long), step=Step.span(0, 2))
     with pytest.raises(ValueError, match=r"\(batch, seq\)"):
         small_model(torch.zeros(5, dtype=torch.long))
 

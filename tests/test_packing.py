@@ -12,6 +12,7 @@ import pytest
 import torch
 from torch import nn
 
+from tinyllama import KVCache, Step
 from tinyllama.inference import packing
 from tinyllama.inference.backends import TorchBackend
 from tinyllama.inference.generate import generate
@@ -79,9 +80,9 @@ def test_kv_cache_decoding_with_packs_matches_full_forward(small_model, always_p
     with torch.no_grad():
         full = small_model(ids)[0]
         packing.pack_for_decoding(small_model)
-        small_model.setup_kv_cache(1, 16)
-        steps = [small_model(ids[:, :5], start_pos=0)[0]] + \
-                [small_model(ids[:, t:t + 1], start_pos=t)[0] for t in range(5, 9)]
+        cache = KVCache.for_model(small_model, 1, 16)
+        steps = [small_model(ids[:, :5], cache, Step.span(0, 5))[0]] + \
+                [small_model(ids[:, t:t + 1], cache, Step.span(t, 1))[0] for t in range(5, 9)]
     torch.testing.assert_close(torch.cat(steps), full, rtol=1e-5, atol=1e-5)
 
 
@@ -352,9 +353,9 @@ def test_decoding_leaves_normal_tensors_behind(small_config):
     logits = backend.logits([1, 2, 3, 4], n_last=2)
     logits[0, 0] = 0.0                           # callers may edit what they get
     assert model.rope.cos.shape[0] >= 4 and not model.rope.cos.is_inference()
-    assert not model.model.layers[0].self_attn.kv_cache.k.is_inference()
+    assert not backend.cache.k.is_inference()
     with torch.no_grad():
-        model(torch.tensor([[5]]), start_pos=4)  # writes into the cache outside inference_mode
+        model(torch.tensor([[5]]), backend.cache, Step.span(4, 1))  # writes into the cache outside inference_mode
     model.train()
     model(torch.tensor([[1, 2, 3]])).sum().backward()
     assert model.model.embed_tokens.weight.grad is not None

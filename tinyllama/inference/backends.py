@@ -28,6 +28,7 @@ from tinyllama.inference.graphs import StaticDecoder
 from tinyllama.inference.interface import Backend, check_context, common_prefix  # noqa: F401  (Backend: re-exported beside its implementations)
 from tinyllama.inference.lookup import NgramDrafter
 from tinyllama.formats.hub import ModelRef, resolve_model
+from tinyllama.model.cache import KVCache, Step
 from tinyllama.model.model import Llama
 from tinyllama.inference.packing import pack_for_decoding, unpack
 from tinyllama.model.kernels import use_kernels
@@ -60,6 +61,7 @@ class TorchBackend(Backend):
         self.vocab_size = model.config.vocab_size
         self.context_length = model.config.max_seq_len
         self._cached: list[int] = []
+        self.cache: KVCache | None = None      # this backend's: grown in steps by _fit_cache
         self._fingerprint: str | None = None
         # fused q/k/v, gate/up, o, down and lm_head copies in the layout (transposed or oneDNN)
         # that decodes fastest here (tinyllama/inference/packing.py); dropped again by close()
@@ -67,6 +69,8 @@ class TorchBackend(Backend):
         # on CUDA: decode and verification steps replayed as CUDA graphs over a cache of the
         # whole context (tinyllama.inference.graphs); eager steps would leave the GPU waiting on the host
         self.graphs = StaticDecoder(model, self.context_length) if use_cuda_graphs(model, runtime.cuda_graphs) else None
+        if self.graphs is not None:       # longer steps (a prompt) run eagerly into the graphs' cache
+            self.cache = self.graphs.cache
 
     def logits(self, context: Sequence[int], n_last: int = 1) -> torch.Tensor:
         check_context(context, n_last, self.context_length, self.name)
@@ -81,7 +85,8 @@ class TorchBackend(Backend):
             # inference_mode: no version counters or view tracking, ~5% of a 19M decode step. The
             # KV cache was allocated outside it, so it stays a normal tensor.
             with torch.inference_mode():
-                h = self.model.hidden_states(torch.tensor([new], device=device), start_pos=start)[0]
+                h = self.model.hidden_states(torch.tensor([new], device=device), self.cache,
+                                             Step.span(start, len(new)))[0]
                 h = h[-n_last:]                                                       # (n_last, d)
                 out = self.model.head(h)                                              # (n_last, V)
             out = out.float().cpu().clone()     # a normal tensor again: callers may edit it in place
@@ -89,16 +94,15 @@ class TorchBackend(Backend):
         return out
 
     def _fit_cache(self, n: int) -> None:
-        """A KV cache that holds `n` positions. With CUDA graphs: the static decoder's, of the
-        whole context, set up again if another user (a batch runner) replaced it. Otherwise
-        grown in steps, so a long generation reallocates a handful of times, not per token."""
+        """A KV cache that holds `n` positions (with CUDA graphs the static decoder's own, of the
+        whole context): grown in steps, so a long generation reallocates a handful of times, not
+        per token. Allocated outside inference_mode, so it stays a normal tensor."""
         if self.graphs is not None:
-            if not self.graphs.owns_cache():
-                self.graphs.reset()
-                self._cached = []
-        elif self.model.kv_cache_len < n:
-            size = min(self.context_length, max(n, 2 * self.model.kv_cache_len, 256))
-            self.model.setup_kv_cache(batch_size=1, max_seq_len=size)
+            return
+        have = 0 if self.cache is None else self.cache.max_seq_len
+        if have < n:
+            size = min(self.context_length, max(n, 2 * have, 256))
+            self.cache = KVCache.for_model(self.model, batch_size=1, max_seq_len=size)
             self._cached = []
 
     def cached_tokens(self) -> int:
@@ -121,7 +125,7 @@ class TorchBackend(Backend):
 
     def close(self) -> None:
         self.graphs = None
-        self.model.clear_kv_cache()
+        self.cache = None
         if self.packed_bytes:
             unpack(self.model)
         self._cached = []

@@ -6,7 +6,7 @@ with `count_torch_calls`); at 5-10 µs of launch overhead each, that is 4-9 ms p
 GPU, while reading the 2.2 GB of bf16 weights takes ~0.5 ms on an H200. A CUDA graph replays
 the whole step's kernels with one launch. Capture needs every shape and address fixed, which
 the eager path does not give (the KV cache is read up to a Python-int end that grows each
-step). The static step (`Llama.static_hidden_states`) instead:
+step). The static step (`Step.static`, tinyllama.model.cache) instead:
 
   - writes K/V at a positions tensor (index_copy_) into the preallocated cache,
   - attends over the whole cache with a (T, S) mask built once per step from the positions,
@@ -16,7 +16,7 @@ So one step of T tokens has the same shapes at every position, and `StaticDecode
 one graph per T (1 for decoding, k+1 for a speculative verification) and replays it. On a CPU
 the same static step runs eagerly (tested equal to the dynamic path there).
 
-    decoder = StaticDecoder(model, max_seq_len=2048)        # allocates the model's KV cache
+    decoder = StaticDecoder(model, max_seq_len=2048)        # allocates its own KV cache
     logits = decoder.step([token], start_pos=n)             # (T, vocab) float32
 """
 
@@ -28,6 +28,7 @@ from typing import Callable, Sequence
 import torch
 from torch.overrides import TorchFunctionMode
 
+from tinyllama.model.cache import KVCache, Step
 from tinyllama.model.model import Llama
 
 # calls that are metadata or views: no kernel launch
@@ -58,10 +59,10 @@ def count_torch_calls(fn: Callable[[], object]) -> tuple[int, Counter]:
 
 
 class StaticDecoder:
-    """Steps of T tokens (batch 1) at given positions over a preallocated KV cache of
-    `max_seq_len`, through `Llama.static_hidden_states`: captured as one CUDA graph per T on CUDA
-    (`capture=None`: when the model is on CUDA), run eagerly otherwise. Owns the model's KV
-    cache: another cache set up on the model invalidates its graphs (`reset()` rebuilds)."""
+    """Steps of T tokens (batch 1) at given positions over its own preallocated KV cache of
+    `max_seq_len` (static steps): captured as one CUDA graph per T on CUDA (`capture=None`: when
+    the model is on CUDA), run eagerly otherwise. The graphs write into `cache` at fixed
+    addresses, so it lives as long as they do (`reset()` makes both again)."""
 
     def __init__(self, model: Llama, max_seq_len: int | None = None, capture: bool | None = None) -> None:
         self.model = model.eval()
@@ -73,19 +74,15 @@ class StaticDecoder:
 
     def reset(self) -> None:
         """A fresh cache (and rotary tables) of max_seq_len on the model's device; graphs re-captured."""
-        self.model.setup_kv_cache(batch_size=1, max_seq_len=self.max_seq_len)
-        self._cache = self.model.model.layers[0].self_attn.kv_cache
+        self.cache = KVCache.for_model(self.model, batch_size=1, max_seq_len=self.max_seq_len)
         self.model.rope.build(self.max_seq_len, device=self.device)
         self._graphs.clear()
-
-    def owns_cache(self) -> bool:
-        """Whether the model's KV cache is still the one this decoder's graphs write into."""
-        return self.model.model.layers[0].self_attn.kv_cache is self._cache
 
     @torch.inference_mode()
     def _run(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """ids (1, T), positions (T,) -> logits (T, vocab) in the model's dtype."""
-        return self.model.head(self.model.static_hidden_states(ids, positions)[0])
+        step = Step.static(positions, self.max_seq_len)                  # its (T, S) mask, inside the graph
+        return self.model.head(self.model.hidden_states(ids, self.cache, step)[0])
 
     def step(self, tokens: Sequence[int], start_pos: int) -> torch.Tensor:
         """Logits (T, vocab) float32 on the CPU for `tokens` at positions [start_pos, start_pos + T)."""

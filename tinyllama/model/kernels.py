@@ -69,7 +69,7 @@ _attention = "auto"
 
 
 def use_attention(choice: str = "auto") -> None:
-    """auto picks per call by what runs here; a backend's name forces it."""
+    """auto picks by what runs here, once per device and dtype; a backend's name forces it."""
     global _attention
     if choice not in ATTENTION_CHOICES:
         raise UserError(f"attention {choice!r}: expected {', '.join(ATTENTION_CHOICES)}")
@@ -83,7 +83,19 @@ def use_kernels(runtime: RuntimeOptions) -> None:
     fused.use_provider(runtime.fused)
 
 
+# what the choice depends on -> the backend: decided on the first call for a device and dtype,
+# not on every call of every layer (xformers' probe runs a kernel)
+_chosen: dict[tuple, str] = {}
+
+
 def select_backend(q: torch.Tensor) -> str:
+    key = (q.device, q.dtype, fused._serves(q), _attention)
+    if key not in _chosen:
+        _chosen[key] = _decide_backend(q)
+    return _chosen[key]
+
+
+def _decide_backend(q: torch.Tensor) -> str:
     forced = _attention
     on_gpu = fused._serves(q)
     if forced != "auto":
@@ -122,10 +134,15 @@ def _xformers_works(device: torch.device) -> bool:
     return _xformers_ok[str(device)]
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_lengths: torch.Tensor | None = None) -> torch.Tensor:
-    """key_lengths (B,): one query per row (T == 1) that sees only its row's first
-    key_lengths[b] keys (sequences of different lengths batched together); the rest of the
-    row is padding."""
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_lengths: torch.Tensor | None = None,
+              mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The one entry point the model calls. Causal bottom-right by default, else:
+    key_lengths (B,): one query per row (T == 1) that sees only its row's first key_lengths[b]
+    keys (sequences of different lengths batched together); the rest of the row is padding.
+    mask (T, S) bool: query t sees key s where True (a static-shape step over a whole
+    preallocated cache, tinyllama.inference.graphs)."""
+    if mask is not None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=q.shape[1] != k.shape[1])
     if key_lengths is not None:
         return sdpa_attention_lengths(q, k, v, key_lengths)
     backend = select_backend(q)
@@ -148,12 +165,6 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.T
         mask = causal_lower_right(T, S)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
                                           enable_gqa=q.shape[1] != k.shape[1])
-
-
-def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
-    """q (B, H, T, hd) over k, v (B, Hkv, S, hd) where allowed (T, S) is True: the static-shape
-    step's attention over a whole preallocated cache (tinyllama.inference.graphs)."""
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, enable_gqa=q.shape[1] != k.shape[1])
 
 
 def sdpa_attention_lengths(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_lengths: torch.Tensor) -> torch.Tensor:
