@@ -200,8 +200,17 @@ def measure(target_path: str, draft_path: str, ks=(1, 2, 4, 6), tokens: int = 48
     # bf16 a (k+1)-token verification and a 1-token step round differently, which can flip a
     # near-tied argmax (seen on the 19M pair, which `auto` decodes in bf16 on an AVX2 CPU)
     target, tok = load_backend(target_path, dtype="float32", device=device)
-    drafter = open_drafter(draft_path, dtype="float32", device=device)
-    drafter.check(target)
+    try:
+        drafter = open_drafter(draft_path, dtype="float32", device=device)
+    except BaseException:
+        target.close()
+        raise
+    try:
+        drafter.check(target)             # the pair: one line naming both files and the difference
+    except BaseException:
+        target.close()
+        drafter.close()
+        raise
     model_draft = isinstance(drafter, ModelDrafter)
     draft = drafter.backend if model_draft else drafter            # a model also decodes plainly below
     budget = target.context_length - tokens - 1
@@ -362,7 +371,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Prints the tables; a model that cannot be loaded or a draft that cannot draft for the target
+    is one line on stderr and exit status 2."""
+    from tinyllama.errors import UserError, report
+
     args = parse_args(argv)
+    try:
+        return _main(args)
+    except UserError as e:
+        return report(e)
+
+
+def _main(args: argparse.Namespace) -> int:
     if args.backend == "torch":
         from tinyllama.devices import resolve_device
 

@@ -8,7 +8,8 @@
 
 --model and --model-draft take a checkpoint directory (PyTorch) or a .gguf file (llama.cpp), or a
 Hugging Face hub id (org/name, org/name:QUANT, org/name/FILE.gguf), in any combination; the
-draft must share the target's vocabulary. --chat renders the prompt in the target's own chat
+draft must share the target's vocabulary and special ids (and its chat template, where it has one).
+--chat renders the prompt in the target's own chat
 template.
 """
 

@@ -83,10 +83,13 @@ def record_to_messages(record: Any) -> Conversation:
     elif "text" in record:
         return parse_guanaco(record["text"])
     elif "prompt" in record:
-        response = next((record[k] for k in ("response", "completion", "output") if k in record), None)
-        if response is None:
+        reply = next((k for k in ("response", "completion", "output") if k in record), None)
+        if reply is None:
             raise ChatFormatError("field 'prompt' without a 'response' (or 'completion'/'output')")
-        messages = [{"role": "user", "content": record["prompt"]}, {"role": "assistant", "content": response}]
+        for name in ("prompt", reply):
+            if not isinstance(record[name], str) or not record[name].strip():
+                raise ChatFormatError(f"field {name!r} must be a non-empty string, got {record[name]!r}"[:200])
+        messages = [{"role": "user", "content": record["prompt"]}, {"role": "assistant", "content": record[reply]}]
     else:
         raise ChatFormatError(f"no 'text', 'messages' or 'prompt' field (fields: {', '.join(sorted(record))})")
     validate(messages, for_training=True)
@@ -104,6 +107,7 @@ def read_conversations_jsonl(path: str | Path, skip_invalid: bool = False,
     path = Path(path)
     stats = stats if stats is not None else LoadStats()
     out: list[Conversation] = []
+    records = 0
     try:
         fh = path.open("rb")             # decoded line by line, so bad bytes are named by line
     except OSError as e:
@@ -113,6 +117,7 @@ def read_conversations_jsonl(path: str | Path, skip_invalid: bool = False,
             if not raw.strip():
                 continue
             stats.read += 1
+            records += 1
             try:
                 record = json.loads(raw.decode("utf-8"))
             except UnicodeDecodeError as e:
@@ -129,7 +134,9 @@ def read_conversations_jsonl(path: str | Path, skip_invalid: bool = False,
                 raise err
             stats.skipped += 1
     if not out:
-        raise DataError(f"{path}: no conversations")
+        why = "the file is empty" if not path.stat().st_size else "only blank lines" if not records else \
+            f"all {records} records invalid"
+        raise DataError(f"{path}: no conversations ({why})")
     return out
 
 

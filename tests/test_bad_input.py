@@ -38,6 +38,7 @@ import pytest
 import torch
 
 from tinyllama import Llama, ModelConfig, Tokenizer, save_checkpoint
+from tinyllama.formats.chat import CHAT_TEMPLATE, CHATML_TEMPLATE
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -255,6 +256,26 @@ CASES = [
       "--samples must be >= 0, got -1"),
     C("distill-temperature-zero", "sft.distill", ["--teacher", "{ckpt}", "--out", "{out}/d.jsonl", "--samples", "1",
                                                   "--temperature", "0"], "--temperature must be > 0, got 0.0"),
+    C("distill-data-empty", "sft.distill", ["--teacher", "{ckpt}", "--out", "{out}/d.jsonl", "--data", "{in}/e.jsonl"],
+      "e.jsonl: no conversations (the file is empty)", {"e.jsonl": ""}),
+    C("distill-data-blank-lines", "sft.distill", ["--teacher", "{ckpt}", "--out", "{out}/d.jsonl", "--data",
+                                                  "{in}/b.jsonl"], "b.jsonl: no conversations (only blank lines)",
+      {"b.jsonl": "\n  \n"}),
+    C("distill-data-truncated-line", "sft.distill", ["--teacher", "{ckpt}", "--out", "{out}/d.jsonl", "--data",
+                                                     "{in}/t.jsonl"], "t.jsonl:3: invalid JSON",
+      {"t.jsonl": GOOD_CHAT * 2 + GOOD_CHAT[:20]}),
+    C("distill-data-no-prompt-field", "sft.distill", ["--teacher", "{ckpt}", "--out", "{out}/d.jsonl", "--data",
+                                                      "{in}/f.jsonl"],
+      "f.jsonl:2: no 'text', 'messages' or 'prompt' field (fields: question)",
+      {"f.jsonl": GOOD_CHAT + json.dumps({"question": "What does len() do?"}) + "\n"}),
+    C("distill-data-turn-without-content", "sft.distill", ["--teacher", "{ckpt}", "--out", "{out}/d.jsonl",
+                                                           "--data", "{in}/m.jsonl"],
+      "m.jsonl:1: turn 1: no 'content' field (fields: role)",
+      {"m.jsonl": json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant"}]}) + "\n"}),
+    C("distill-data-prompt-not-a-string", "sft.distill", ["--teacher", "{ckpt}", "--out", "{out}/d.jsonl",
+                                                          "--data", "{in}/p.jsonl"],
+      "p.jsonl:1: field 'prompt' must be a non-empty string, got 5",
+      {"p.jsonl": json.dumps({"prompt": 5, "response": "five"}) + "\n"}),
     C("distill-out-folder-missing", "sft.distill", ["--teacher", "{ckpt}", "--out", "{out}/none/d.jsonl", "--data",
                                                     "{in}/c.jsonl", "--no-progress"],
       "none: output folder does not exist", {"c.jsonl": GOOD_CHAT * 2}),
@@ -326,10 +347,27 @@ CASES = [
       "random.gguf: not a readable GGUF file"),
     C("generate-draft-other-vocab-size", "serve.complete", ["--model", "{ckpt}", "-md", "{draft_vocab}",
                                                              "--prompt", "hi"],
-      "has 320 tokens but target ckpt has 32000: speculative decoding needs the same vocabulary", sub=True),
+      "draft {draft_vocab} has 320 tokens but target {ckpt} has 32000: speculative decoding needs the same "
+      "vocabulary", sub=True),
     C("generate-draft-other-tokens", "serve.complete", ["--model", "{ckpt}", "--model-draft", "{draft_swapped}",
                                                          "--prompt", "hi"],
-      "different vocabularies (same size, different tokens)"),
+      "draft {draft_swapped} and target {ckpt} have different vocabularies (same size, different tokens): "
+      "token 263 is '▁the' in the draft, '▁a' in the target"),
+    C("generate-draft-other-bos", "serve.complete", ["--model", "{ckpt}", "-md", "{draft_bos}", "--prompt", "hi"],
+      "draft {draft_bos} has BOS id 0 ('<unk>') but target {ckpt} has BOS id 1 ('<s>'): speculative decoding "
+      "needs the same special tokens"),
+    C("generate-draft-other-eos", "serve.complete", ["--model", "{ckpt}", "-md", "{draft_eos}", "--prompt", "hi"],
+      "draft {draft_eos} has EOS id 0 ('<unk>') but target {ckpt} has EOS id 2 ('</s>'): speculative decoding "
+      "needs the same special tokens", sub=True),
+    C("generate-draft-other-end-of-turn", "serve.complete", ["--model", "{chat_ckpt}", "-md", "{draft_eot}",
+                                                              "--prompt", "hi", "--chat"],
+      "draft {draft_eot} ends a turn on 29889 ('.') but target {chat_ckpt} on 13 ('<0x0A>'): speculative "
+      "decoding needs the same end-of-turn tokens"),
+    C("generate-draft-other-chat-template", "serve.complete", ["--model", "{chat_ckpt}", "-md", "{draft_chatml}",
+                                                                "--prompt", "hi", "--chat"],
+      "draft {draft_chatml} (ChatML template) and target {chat_ckpt} (custom template) render a chat "
+      "differently: token 0 of a sample conversation is 529 ('▁<') in the draft, 1 ('<s>') in the target; a draft "
+      "with no chat template of its own uses the target's"),
     C("generate-draft-missing", "serve.complete", ["--model", "{ckpt}", "--model-draft", "{in}/nope.gguf",
                                                    "--prompt", "hi"],
       "--model-draft {in}/nope.gguf: no such file or directory"),
@@ -368,7 +406,12 @@ CASES = [
     C("serve-gguf-llama-cpp-cannot-load", "serve", ["--model", "{gpt2_gguf}"], "gpt2.gguf: llama.cpp cannot load this file",
       llamacpp=True),
     C("serve-draft-other-vocabulary", "serve", ["--model", "{gguf}", "--model-draft", "{draft_vocab}"],
-      "speculative decoding needs the same vocabulary", llamacpp=True),
+      "draft {draft_vocab} has 320 tokens but target {gguf} has 32000: speculative decoding needs the same "
+      "vocabulary", llamacpp=True),
+    C("serve-gguf-target-draft-other-eos", "serve", ["--model", "{gguf}", "--model-draft", "{draft_eos}"],
+      "draft {draft_eos} has EOS id 0 ('<unk>') but target {gguf} has EOS id 2 ('</s>')", llamacpp=True),
+    C("serve-draft-other-chat-template", "serve", ["--model", "{chat_ckpt}", "--model-draft", "{draft_chatml}"],
+      "draft {draft_chatml} (ChatML template) and target {chat_ckpt} (custom template) render a chat differently"),
     C("serve-draft-max-zero", "serve", ["--model", "{ckpt}", "-md", "{ckpt}", "--draft-max", "0"],
       "argument --draft-max: the draft length must be an integer >= 1 (or auto), got 0"),
     C("serve-adaptive-draft-zero", "serve", ["--model", "{ckpt}", "-md", "{ckpt}", "--draft-max", "adaptive:0"],
@@ -471,6 +514,17 @@ def _swap_two_tokens(tokenizer_json: Path) -> None:
     tokenizer_json.write_text(json.dumps(data, ensure_ascii=False))
 
 
+def _variant(d: Path, name: str, tokenizer: dict | None = None, generation: dict | None = None) -> None:
+    """d/name: a copy of d/ckpt (the same weights and vocabulary) with keys of its
+    tokenizer_config.json and generation_config.json replaced: a draft or target that differs
+    from d/ckpt in its special ids or chat template alone."""
+    shutil.copytree(d / "ckpt", d / name)
+    for file, changes in (("tokenizer_config.json", tokenizer), ("generation_config.json", generation)):
+        if changes:
+            f = d / name / file
+            f.write_text(json.dumps({**json.loads(f.read_text()), **changes}))
+
+
 def _small_vocab_tokenizer(n: int) -> Tokenizer:
     from tokenizers import Tokenizer as HFTokenizer
     from tokenizers import models, pre_tokenizers
@@ -548,6 +602,11 @@ def assets(tmp_path_factory, llama2_tokenizer) -> Path:
     (d / "gpt2_ckpt" / "config.json").write_text(json.dumps(cfg))
     shutil.copytree(d / "ckpt", d / "draft_swapped")
     _swap_two_tokens(d / "draft_swapped" / "tokenizer.json")
+    _variant(d, "draft_bos", tokenizer={"bos_token": "<unk>"})
+    _variant(d, "draft_eos", tokenizer={"eos_token": "<unk>"})
+    _variant(d, "chat_ckpt", tokenizer={"chat_template": CHAT_TEMPLATE}, generation={"eos_token_id": [2, 13]})
+    _variant(d, "draft_chatml", tokenizer={"chat_template": CHATML_TEMPLATE})
+    _variant(d, "draft_eot", generation={"eos_token_id": [2, 29889]})
     small = ModelConfig(name="small-vocab", n_layer=1, d_model=32, n_head=2, n_kv_head=1, ffn_dim=64,
                         vocab_size=320, max_seq_len=64)
     save_checkpoint(Llama(small), _small_vocab_tokenizer(320), d / "draft_vocab")
@@ -564,7 +623,9 @@ def paths(assets: Path, tmp: Path) -> dict[str, str]:
             "trunc_ckpt": str(assets / "trunc_ckpt"),
             "gpt2_ckpt": str(assets / "gpt2_ckpt"), "draft_swapped": str(assets / "draft_swapped"),
             "draft_vocab": str(assets / "draft_vocab"), "shards": str(assets / "shards"),
-            "i32_gguf": str(assets / "i32.gguf"), "jieba_gguf": str(assets / "jieba.gguf")}
+            "i32_gguf": str(assets / "i32.gguf"), "jieba_gguf": str(assets / "jieba.gguf"),
+            **{name: str(assets / name) for name in ("draft_bos", "draft_eos", "chat_ckpt", "draft_chatml",
+                                                      "draft_eot")}}
 
 
 def _truncated_zst() -> bytes:
@@ -670,6 +731,24 @@ def test_bad_input_in_process(case, assets, tmp_path, monkeypatch, capfd, no_sta
                     + "".join(traceback.format_exception(exc)) + "\nstderr:\n" + err)
     assert_clear_error(code, err, case, p)
     assert_nothing_written(before, snapshot(tmp_path, assets), case)
+
+
+def test_a_draft_is_refused_for_a_difference_only(assets):
+    """The pairs above are refused for what differs, not for what a draft may leave out: a draft
+    with no chat template or end-of-turn id of its own drafts for a target that has both (the
+    target's template renders every prompt), and so does one with the target's own files."""
+    from tinyllama.inference.backends import load_backend, open_drafter
+
+    target, _ = load_backend(assets / "chat_ckpt", dtype="float32", device="cpu")
+    try:
+        for name in ("ckpt", "chat_ckpt"):
+            drafter = open_drafter(assets / name, dtype="float32", device="cpu")
+            try:
+                drafter.check(target)
+            finally:
+                drafter.close()
+    finally:
+        target.close()
 
 
 # ---- subprocess: a few per CLI family, end to end -----------------------------------------------

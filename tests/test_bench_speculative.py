@@ -72,3 +72,22 @@ def test_bench_speculative_stops_at_the_end_of_turn_on_held_out_code_prompts(tin
     rows = {r["config"]: r for r in out["rows"]}
     assert rows["speculative k=1"]["alpha_by_position"] == [1.0] and rows["speculative k=1"]["same_output_as_plain"] == "2/2"
     assert ended or all(len(o) == 40 for run in runs for o in run.outputs)
+
+
+def test_bench_speculative_refuses_a_draft_with_other_special_ids(tiny_chat_checkpoint, tmp_path, capsys):
+    """A pair that cannot draft (here: the same weights and vocabulary, another EOS) is one line
+    naming both folders and the difference, exit status 2, and no table."""
+    import shutil
+
+    draft = tmp_path / "draft"
+    shutil.copytree(tiny_chat_checkpoint, draft)
+    config = draft / "tokenizer_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "eos_token": "<unk>"}))
+    before = sorted((p, p.stat().st_mtime_ns) for p in [*tmp_path.rglob("*"), *tiny_chat_checkpoint.rglob("*")])
+    assert speculative.main(["--target", str(tiny_chat_checkpoint), "-md", str(draft), "--k", "1", "--tokens", "4",
+                             "--prompts", "1", "--repeats", "1"]) == 2
+    captured = capsys.readouterr()
+    assert (f"error: draft {draft} has EOS id 0 ('<unk>') but target {tiny_chat_checkpoint} has EOS id 2 ('</s>')"
+            in captured.err)
+    assert "Traceback" not in captured.err and captured.out == ""
+    assert sorted((p, p.stat().st_mtime_ns) for p in [*tmp_path.rglob("*"), *tiny_chat_checkpoint.rglob("*")]) == before

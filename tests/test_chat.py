@@ -72,7 +72,8 @@ def test_eos_typed_in_a_message_stays_text(llama2_tokenizer):
     ([{"role": "user", "content": "a"}, {"role": "system", "content": "b"}], "system turn may only come first"),
     ([{"role": "user", "content": "   "}, {"role": "assistant", "content": "b"}], "empty text"),
     ([{"role": "bot", "content": "a"}], "unknown role"),
-    ([{"content": "a"}], "expected"),
+    ([{"content": "a"}], "turn 0: no 'role' field"),
+    (["a"], "turn 0: expected"),
 ])
 def test_bad_conversations_are_named(llama2_tokenizer, messages, message):
     with pytest.raises(ChatFormatError, match=message):

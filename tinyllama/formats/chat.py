@@ -65,8 +65,12 @@ def validate(messages: Sequence[dict], for_training: bool = False) -> None:
         raise ChatFormatError("empty conversation")
     expected = "user"
     for i, m in enumerate(messages):
-        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+        if not isinstance(m, dict):
             raise ChatFormatError(f"turn {i}: expected {{'role': ..., 'content': ...}}, got {m!r}"[:200])
+        missing = [k for k in ("role", "content") if k not in m]
+        if missing:
+            raise ChatFormatError(f"turn {i}: no {' or '.join(map(repr, missing))} field (fields: "
+                                  f"{', '.join(map(str, m)) or 'none'})"[:200])
         role, content = m["role"], m["content"]
         if role not in ROLES:
             raise ChatFormatError(f"turn {i}: unknown role {role!r}; expected one of {', '.join(ROLES)}")

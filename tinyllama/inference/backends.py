@@ -116,9 +116,13 @@ class TorchBackend(Backend):
         if self.tokenizer is None:
             return None
         if self._fingerprint is None:     # computed once: generate() checks it on every call
-            pieces = [self.tokenizer.id_to_piece(i) or "" for i in range(self.tokenizer.vocab_size)]
-            self._fingerprint = hashlib.sha256("\n".join(pieces).encode()).hexdigest()
+            self._fingerprint = hashlib.sha256("\n".join(self.vocab_pieces()).encode()).hexdigest()
         return self._fingerprint
+
+    def vocab_pieces(self) -> list[str] | None:
+        if self.tokenizer is None:
+            return None
+        return [self.tokenizer.id_to_piece(i) or "" for i in range(self.tokenizer.vocab_size)]
 
     def reset(self) -> None:
         self._cached = []
@@ -189,9 +193,11 @@ class GGUFBackend(Backend):
 
     def vocab_fingerprint(self) -> str | None:
         if self._fingerprint is None:     # computed once: generate() checks it on every call
-            pieces = llama_cpp_pieces(self.llm)
-            self._fingerprint = hashlib.sha256("\n".join(pieces).encode()).hexdigest()
+            self._fingerprint = hashlib.sha256("\n".join(self.vocab_pieces()).encode()).hexdigest()
         return self._fingerprint
+
+    def vocab_pieces(self) -> list[str]:
+        return llama_cpp_pieces(self.llm)
 
     def reset(self) -> None:
         self.llm.reset()
@@ -199,10 +205,14 @@ class GGUFBackend(Backend):
     def close(self) -> None:
         self.llm.close()
 
-    def tokenizer(self, reader) -> Tokenizer:
-        """The file's tokenizer: for a Llama GGUF whose vocabulary is read here, rebuilt with
-        `tokenizers` (ids equal llama.cpp's; it also saves as tokenizer.json); for any other,
-        llama.cpp's own through this loaded file."""
+    def read_tokenizer(self, reader) -> Tokenizer:
+        """The file's tokenizer, kept as `self.tokenizer`: for a Llama GGUF whose vocabulary is
+        read here, rebuilt with `tokenizers` (ids equal llama.cpp's; it also saves as
+        tokenizer.json); for any other, llama.cpp's own through this loaded file."""
+        self.tokenizer = self._file_tokenizer(reader)
+        return self.tokenizer
+
+    def _file_tokenizer(self, reader) -> Tokenizer:
         if self.architecture == "llama":
             try:
                 return Tokenizer.from_gguf_vocab(self.path, reader=reader)
@@ -295,7 +305,8 @@ def load_backend(model: str | os.PathLike | ModelRef, device: str | torch.device
                  runtime: RuntimeOptions = RuntimeOptions()) -> tuple[Backend, Tokenizer]:
     """A model reference (tinyllama.formats.hub: a checkpoint directory or .gguf file, or a hub id, a hub
     GGUF as org/name:QUANT) loaded in PyTorch (directories) or llama.cpp (GGUFs), with its
-    tokenizer: the directory's own, or for a GGUF the file's (GGUFBackend.tokenizer).
+    tokenizer: the directory's own, or for a GGUF the file's (GGUFBackend.read_tokenizer); either is
+    also `backend.tokenizer`.
     `backend.name` is the reference's short name.
 
     dtype (PyTorch): "auto" measures what decodes faster here (tinyllama.precision: bf16 only on
@@ -324,7 +335,7 @@ def load_backend(model: str | os.PathLike | ModelRef, device: str | torch.device
     backend = GGUFBackend(ref.path, n_ctx=n_ctx, reader=reader,
                           n_gpu_layers=gguf_gpu_layers(device, n_gpu_layers, _llama_cpp_offloads()))
     backend.name = ref.name
-    return backend, backend.tokenizer(reader)
+    return backend, backend.read_tokenizer(reader)
 
 
 def open_drafter(spec: str | os.PathLike, **load_options) -> Drafter:

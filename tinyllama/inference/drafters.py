@@ -35,7 +35,8 @@ class Drafter(Protocol):
     context_length: float                # the longest context it drafts from
 
     def check(self, target: Backend) -> None:
-        """Raises UserError unless it can draft for `target` (a model: the same vocabulary)."""
+        """Raises UserError unless it can draft for `target` (a model: the same vocabulary, special
+        ids and chat template: check_pair)."""
 
     def prefill(self, context: Sequence[int]) -> None:
         """Reads the prompt before the first round (a model fills its KV cache)."""
@@ -55,6 +56,7 @@ class ModelDrafter:
 
     def __init__(self, backend: Backend) -> None:
         self.backend = backend
+        self._checked: Backend | None = None
 
     name = property(lambda self: self.backend.name)
     path = property(lambda self: self.backend.path)
@@ -62,7 +64,9 @@ class ModelDrafter:
     context_length = property(lambda self: self.backend.context_length)
 
     def check(self, target: Backend) -> None:
-        check_same_vocabulary(target, self.backend)
+        if target is not self._checked:           # once per target: the generator checks on every call
+            check_pair(target, self.backend)
+            self._checked = target
 
     def prefill(self, context: Sequence[int]) -> None:
         self.backend.logits(context, 1)
@@ -88,12 +92,105 @@ class ModelDrafter:
         self.backend.close()
 
 
+def check_pair(target: Backend, draft: Backend) -> None:
+    """Raises UserError, in one line naming both models' files and the difference, unless `draft`
+    can draft for `target`: the same vocabulary id for id; the same BOS (where either starts its
+    texts with one), EOS and end-of-turn ids; and where both carry a chat template, the same ids
+    for a sample conversation. A draft with no template of its own is fine: the target's renders
+    every prompt. Tokenizer checks are skipped where a backend does not know its tokenizer (a
+    bare model, a batching slot: a pair checked when it was loaded)."""
+    check_same_vocabulary(target, draft)
+    check_same_special_ids(target, draft)
+    check_same_template(target, draft)
+
+
 def check_same_vocabulary(target: Backend, draft: Backend) -> None:
     """A draft must share the target's vocabulary, id for id (as llama.cpp requires)."""
+    t, d = where(target), where(draft)
     if target.vocab_size != draft.vocab_size:
-        raise UserError(f"draft {draft.name} has {draft.vocab_size} tokens but target {target.name} has "
+        raise UserError(f"draft {d} has {draft.vocab_size} tokens but target {t} has "
                         f"{target.vocab_size}: speculative decoding needs the same vocabulary")
     a, b = target.vocab_fingerprint(), draft.vocab_fingerprint()
     if a is not None and b is not None and a != b:
-        raise UserError(f"draft {draft.name} and target {target.name} have different vocabularies "
-                        "(same size, different tokens): speculative decoding needs the same tokenizer")
+        tp, dp = target.vocab_pieces(), draft.vocab_pieces()
+        first = None if tp is None or dp is None else _first_difference(tp, dp)
+        at = "" if first is None else (f": token {first} is {_piece(dp, first)} in the draft, "
+                                       f"{_piece(tp, first)} in the target")
+        raise UserError(f"draft {d} and target {t} have different vocabularies (same size, different "
+                        f"tokens){at}; speculative decoding needs the same tokenizer")
+
+
+def check_same_special_ids(target: Backend, draft: Backend) -> None:
+    """BOS (where either model starts its texts with one), EOS, and the end-of-turn ids both
+    name (the stop ids besides EOS): a draft whose turns end on another token drafts past the
+    target's end of turn."""
+    tt, dt = getattr(target, "tokenizer", None), getattr(draft, "tokenizer", None)
+    if tt is None or dt is None:
+        return
+    specials = [("EOS", tt.eos_id, dt.eos_id)]
+    if tt.add_bos or dt.add_bos:
+        specials.insert(0, ("BOS", tt.bos_id, dt.bos_id))
+    for what, a, b in specials:
+        if a != b:
+            raise UserError(f"draft {where(draft)} has {what} id {b} ({dt.id_to_piece(b)!r}) but target "
+                            f"{where(target)} has {what} id {a} ({tt.id_to_piece(a)!r}): speculative decoding "
+                            "needs the same special tokens")
+    t_end, d_end = tt.stop_ids[1:], dt.stop_ids[1:]
+    if t_end and d_end and set(t_end) != set(d_end):
+        raise UserError(f"draft {where(draft)} ends a turn on {_ids(dt, d_end)} but target {where(target)} on "
+                        f"{_ids(tt, t_end)}: speculative decoding needs the same end-of-turn tokens")
+
+
+# a conversation both templates render when both models carry one: a system turn is left out,
+# since some templates refuse one
+SAMPLE_CHAT = ({"role": "user", "content": "What does len() do?"},
+               {"role": "assistant", "content": "It counts the items."},
+               {"role": "user", "content": "And sum()?"})
+
+
+def check_same_template(target: Backend, draft: Backend) -> None:
+    """Where both models carry a chat template, they must render SAMPLE_CHAT (with the generation
+    prompt) to the same ids: a draft trained on another layout drafts the wrong turn markers. A
+    template that cannot render the sample is left to the chat that uses it."""
+    from tinyllama.formats.chat import ChatFormatError, apply_chat_template, template_family
+
+    tt, dt = getattr(target, "tokenizer", None), getattr(draft, "tokenizer", None)
+    if tt is None or dt is None or not tt.chat_template or not dt.chat_template \
+            or tt.chat_template == dt.chat_template:
+        return
+    try:
+        a = apply_chat_template(tt, list(SAMPLE_CHAT), template=tt.chat_template)
+        b = apply_chat_template(dt, list(SAMPLE_CHAT), template=dt.chat_template)
+    except ChatFormatError:
+        return
+    if a == b:
+        return
+    i = _first_difference(a, b)
+    raise UserError(f"draft {where(draft)} ({template_family(dt.chat_template)} template) and target "
+                    f"{where(target)} ({template_family(tt.chat_template)} template) render a chat differently: "
+                    f"token {i} of a sample conversation is {_at(dt, b, i)} in the draft, {_at(tt, a, i)} in the "
+                    "target; a draft with no chat template of its own uses the target's")
+
+
+def where(backend: Backend) -> str:
+    """A backend as a message names it: the file or folder it was loaded from, else its name."""
+    return str(backend.path) if getattr(backend, "path", None) is not None else backend.name
+
+
+def _first_difference(a: Sequence, b: Sequence) -> int | None:
+    """The first index where two sequences differ (the shorter one's length where one is a
+    prefix of the other); None where they are equal."""
+    i = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+    return None if i == len(a) == len(b) else i
+
+
+def _piece(pieces: list[str], i: int) -> str:
+    return repr(pieces[i]) if i < len(pieces) else "absent"
+
+
+def _ids(tok, ids: Sequence[int]) -> str:
+    return ", ".join(f"{i} ({tok.id_to_piece(i)!r})" for i in ids)
+
+
+def _at(tok, ids: Sequence[int], i: int) -> str:
+    return f"{ids[i]} ({tok.id_to_piece(ids[i])!r})" if i < len(ids) else "the end"

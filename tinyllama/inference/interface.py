@@ -8,9 +8,12 @@ of a model, whichever backend (tinyllama.inference.backends: PyTorch or llama.cp
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
+
+if TYPE_CHECKING:
+    from tinyllama.formats.tokenizer import Tokenizer
 
 
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -31,6 +34,9 @@ class Backend:
     precision: str = ""            # what the weights compute in, and why ("float32 (auto: ...)", "Q4_K_M in llama.cpp")
     vocab_size: int
     context_length: int
+    # the model's own tokenizer where the backend knows it (load_backend sets it): what a draft's
+    # special ids and chat template are checked against; None skips those checks
+    tokenizer: "Tokenizer | None" = None
 
     def logits(self, context: Sequence[int], n_last: int = 1) -> torch.Tensor:
         raise NotImplementedError
@@ -45,6 +51,11 @@ class Backend:
 
     def vocab_fingerprint(self) -> str | None:
         """sha256 of the token pieces, to refuse a draft with another vocabulary."""
+        return None
+
+    def vocab_pieces(self) -> list[str] | None:
+        """Every token's text by id (what the fingerprint hashes), to name the first token two
+        vocabularies disagree on; None where unknown."""
         return None
 
     def reset(self) -> None:
