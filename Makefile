@@ -56,10 +56,10 @@ DRAFT_CONFIG ?= pretrain/configs/cpu-draft.yaml
 DRAFT_TEACHER ?= $(OUT)/sft
 DRAFT_SFT_ARGS ?= --method full --lr 1e-3 --epochs 3
 # MODEL / DRAFT: what `make serve` and `make demo` run; any model reference (a directory, a .gguf,
-# a hub id, org/name:Q4_K_M). The demo drafts with our 4M draft only for our own default model.
+# a hub id, org/name:Q4_K_M). Without MODEL: the real model (make real-model) drafted by the draft
+# `make draft TARGET=...` built for it when both are here, else the 19M chat model and its draft.
 SERVE_MODEL ?= $(OUT)/gguf/tinyllama-19m-chat-Q4_K_M.gguf
-MODEL ?= $(SERVE_MODEL)
-DEFAULT_DRAFT := $(OUT)/gguf/tinyllama-debug-chat-Q8_0.gguf
+MODEL ?=
 DRAFT ?=
 SERVE_ARGS ?=
 # continued pretraining: INIT_FROM=DIR or a hub id (the checkpoint's shape replaces the preset)
@@ -92,8 +92,9 @@ help:
 	@echo "             (QUANT_ARGS='--imatrix --quality' or '--target-size 550MB' use llama.cpp's tools: make tools)"
 	@echo "make draft   the speculative-decoding draft: tinyllama-debug pretrained like the default, fully fine-tuned ($(DRAFT_SFT_ARGS)) on DRAFT_TEACHER=$(DRAFT_TEACHER)'s answers, in $(OUT)/draft"
 	@echo "             TARGET=... (a checkpoint, .gguf or hub id): a draft for that model, in its vocabulary (tinyllama draft --help)"
-	@echo "make serve   OpenAI-compatible server for MODEL=$(MODEL) on 127.0.0.1:8000 (DRAFT=... to draft; any model reference)"
-	@echo "make demo    the Gradio chat app on 127.0.0.1:7860 over what make run left, or MODEL=... DRAFT=... (e.g."
+	@echo "make serve   OpenAI-compatible server on 127.0.0.1:8000: the real model + its draft when built, else what make run"
+	@echo "             left; MODEL=... DRAFT=... (any model reference) for another pair"
+	@echo "make demo    the Gradio chat app on 127.0.0.1:7860 over the same default pair, or MODEL=... DRAFT=... (e.g."
 	@echo "             MODEL=TheBloke/Llama-2-7B-Chat-GGUF:Q4_K_M DRAFT=TinyLlama/TinyLlama-1.1B-Chat-v1.0)"
 	@echo "make eval    lm-eval tasks (EVAL_TASKS='$(EVAL_TASKS)') + validation perplexity, chat model and its GGUF side by side"
 	@echo "make run     the main job on a small CPU default (outputs under $(OUT)/; STEPS=20 for a short run)"
@@ -161,7 +162,7 @@ else
 endif
 
 serve: setup
-	$(PY) -m serve --model $(MODEL) $(if $(DRAFT),--model-draft $(DRAFT)) $(SERVE_ARGS)
+	$(PY) -m serve $(if $(MODEL),--model $(MODEL)) $(if $(DRAFT),--model-draft $(DRAFT)) $(SERVE_ARGS)
 
 # Offline, TinyLlama's seven hub tasks cannot be downloaded: the default is the shipped local
 # task; EVAL_TASKS=hellaswag,openbookqa,winogrande,arc_challenge,arc_easy,boolq,piqa where online
@@ -174,7 +175,7 @@ eval: setup
 
 DEMO_ARGS ?=
 demo: setup
-	$(PY) -m demo --model $(MODEL) $(if $(DRAFT),--model-draft $(DRAFT),$(if $(filter $(MODEL),$(SERVE_MODEL)),--model-draft $(DEFAULT_DRAFT),--no-draft)) $(DEMO_ARGS)
+	$(PY) -m demo $(if $(MODEL),--model $(MODEL)) $(if $(DRAFT),--model-draft $(DRAFT)) $(DEMO_ARGS)
 
 # The lifecycle so far: corpus -> shards -> pretrained base -> chat model (SFT) -> GGUF for llama.cpp.
 run: setup data

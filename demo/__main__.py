@@ -1,6 +1,6 @@
 """python -m demo: the Gradio chat app (make demo).
 
-    python -m demo                              # what `make run` left: the chat GGUF + its draft
+    python -m demo                              # the real model + its draft, else what `make run` left
     python -m demo --model out/sft --model-draft out/draft/sft --draft-max 4
     python -m demo --model out/sft -md ngram                    # prompt lookup: no draft model
     python -m demo --model llama-2-7b-chat.Q4_K_M.gguf -md out/gguf/tinyllama-debug-chat-Q8_0.gguf
@@ -18,14 +18,14 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from pathlib import Path
 
 from tinyllama.cli import MODEL_HELP, ModelArgs, add_draft_model_flag, add_model_args
 from tinyllama.errors import UserError, report
 from tinyllama.inference.draft_policy import add_draft_policy_flags, draft_policy_of
+from tinyllama.real_model import default_pair
 
-DEFAULT_MODEL = Path("out/gguf/tinyllama-19m-chat-Q4_K_M.gguf")
-DEFAULT_DRAFT = Path("out/gguf/tinyllama-debug-chat-Q8_0.gguf")
+DEFAULT_WHY = ("the real model SmolLM2-135M-Instruct with the draft `make draft TARGET=...` built for it, "
+               "when both are here; else what `make run` left, out/gguf/tinyllama-19m-chat-Q4_K_M.gguf")
 
 
 def gradio_address(env=os.environ) -> tuple[str, int]:
@@ -40,9 +40,9 @@ def gradio_address(env=os.environ) -> tuple[str, int]:
 def build_parser(host: str = "127.0.0.1", port: int = 7860) -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m demo", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_model_args(ap, required=False, help=f"{MODEL_HELP} (default: {DEFAULT_MODEL})")
+    add_model_args(ap, required=False, help=f"{MODEL_HELP} (default: {DEFAULT_WHY})")
     add_draft_model_flag(ap, "draft model for speculative decoding, any form --model takes, or ngram[:N] for "
-                             f"prompt lookup (no draft model) (default: {DEFAULT_DRAFT} when it exists)")
+                             "prompt lookup (no draft model) (default without --model: the default model's draft)")
     ap.add_argument("--no-draft", action="store_true", help="no draft even if the default one exists")
     add_draft_policy_flags(ap)
     ap.add_argument("--host", default=host, help="($GRADIO_SERVER_NAME; default: %(default)s)")
@@ -58,12 +58,17 @@ def main(argv: list[str] | None = None) -> int:
         chosen = ModelArgs.from_namespace(args)
     except UserError as e:
         return report(e)
-    model = args.model or str(DEFAULT_MODEL)
-    draft = None if args.no_draft else (args.model_draft or (str(DEFAULT_DRAFT) if DEFAULT_DRAFT.exists() else None))
+    model, draft = args.model, args.model_draft
+    if model is None:
+        pair = default_pair()
+        if not pair.model.is_file():
+            print(f"error: {pair.model}: no such model (run `make run` or `make real-model` first, or pass --model)",
+                  file=sys.stderr)
+            return 2
+        print(f"no --model: {pair.why}", file=sys.stderr)
+        model, draft = str(pair.model), draft or (str(pair.draft) if pair.draft else None)
+    draft = None if args.no_draft else draft
     policy = draft_policy_of(args)
-    if args.model is None and not DEFAULT_MODEL.exists():
-        print(f"error: {model}: no such model (run `make run` first, or pass --model)", file=sys.stderr)
-        return 2
 
     from serve.engine import Engine, describe
 

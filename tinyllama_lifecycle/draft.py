@@ -72,6 +72,12 @@ def steps(target: str, out: Path, preset: str, max_steps: int | None = None, ini
     ]
 
 
+def default_out(target: str, root: Path = Path("out")) -> Path:
+    """out/draft-NAME, NAME the target's file or folder name without .gguf (where the demo and the
+    server look for the real model's draft: tinyllama.real_model.draft_path)."""
+    return root / f"draft-{Path(target.rstrip('/')).name.removesuffix('.gguf') or 'target'}"
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="tinyllama draft", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -89,8 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--limit", type=int, help="answer only this many of the distillation prompts (a quick run)")
     ap.add_argument("--sft-steps", type=int, help="fine-tuning steps instead of 3 epochs (a quick run)")
     args = ap.parse_args(argv)
-    name = Path(args.target.rstrip("/")).name.removesuffix(".gguf") or "target"
-    out = args.out or Path("out") / f"draft-{name}"
+    out = args.out or default_out(args.target)
     out.mkdir(parents=True, exist_ok=True)        # the steps write into it (import checks its parent exists)
     for done, command in steps(args.target, out, args.preset, args.steps, args.init_embeddings,
                                args.max_new_tokens, args.corpus, args.limit, args.sft_steps):
