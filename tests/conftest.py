@@ -76,6 +76,18 @@ def small_config() -> ModelConfig:
 
 
 @pytest.fixture
+def fresh_layout_cache(tmp_path, monkeypatch):
+    """No packing decision in memory or on disk yet (as for a new model on a new machine), and
+    those the test makes forgotten after it. Yields the layouts' decision file."""
+    from tinyllama.inference import packing
+
+    packing.forget_decisions()
+    monkeypatch.setenv("TINYLLAMA_DECISIONS", str(tmp_path / "cache"))
+    yield tmp_path / "cache" / "packing-layouts.json"
+    packing.forget_decisions()
+
+
+@pytest.fixture
 def small_model(small_config) -> Llama:
     torch.manual_seed(0)
     model = Llama(small_config).eval()

@@ -1,7 +1,7 @@
-"""The fused-kernel layer (tinyllama.model.fused) on the CPU: fake providers that keep the real
-libraries' calling conventions and asserts stand in for liger-kernel and flash-attn, and a
-seam makes CPU tensors count as CUDA ones. What only a GPU can show (the Triton kernels'
-numbers) is in the gpu-marked tests of test_model.py."""
+"""The fused-kernel layer (tinyllama.model.fused) on the CPU: fake modules that keep the real
+libraries' calling conventions and asserts stand in for liger-kernel and flash-attn (tests/fakes.py,
+held to the real signatures by test_fakes.py), and a seam makes CPU tensors count as CUDA ones.
+What only a GPU can show (the Triton kernels' numbers) is in the gpu-marked tests of test_model.py."""
 
 import types
 import warnings
@@ -9,6 +9,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from fakes import block, flash_ops, install, liger_functional
 
 from pretrain.train import loss_fn
 from tinyllama.model import fused, kernels
@@ -20,43 +21,6 @@ from tinyllama.runtime import RuntimeOptions
 def _rotate_half(x):
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
-def fake_liger(calls: list):
-    """liger_kernel.transformers.functional's signatures and layouts, reference math inside."""
-    def liger_rope(q, k, cos, sin, position_ids=None, unsqueeze_dim=1):
-        calls.append("rope")
-        assert q.dim() == 4 and cos.dim() == 2 and q.shape[2] == cos.shape[0], "q (B, H, T, hd), cos (T, hd)"
-        assert q.dtype == cos.dtype == k.dtype, (q.dtype, cos.dtype)
-        c, s = cos[None, None], sin[None, None]
-        rq, rk = q * c + _rotate_half(q) * s, k * c + _rotate_half(k) * s
-        return q.copy_(rq), k.copy_(rk)              # liger rotates in place, in q's and k's storage
-
-    def liger_rms_norm(x, w, eps, offset=0.0, casting_mode="llama", in_place=True):
-        calls.append("rms")
-        assert casting_mode == "llama" and not in_place
-        return w * (x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
-
-    def liger_fused_linear_cross_entropy(h, w, targets):
-        calls.append("linear_ce")
-        assert h.dtype == w.dtype, "liger's chunked matmul needs one dtype"
-        return F.cross_entropy((h @ w.T).float(), targets)
-
-    return types.SimpleNamespace(
-        liger_rope=liger_rope, liger_rms_norm=liger_rms_norm,
-        liger_swiglu=lambda a, b: (calls.append("swiglu"), F.silu(a) * b)[1],
-        liger_cross_entropy=lambda logits, t: (calls.append("ce"), F.cross_entropy(logits.float(), t))[1],
-        liger_fused_linear_cross_entropy=liger_fused_linear_cross_entropy)
-
-
-def fake_flash_rotary(calls: list):
-    """flash_attn.layers.rotary.apply_rotary_emb: half-width tables, and its dtype assert."""
-    def apply_rotary_emb(x, cos, sin, interleaved=False):
-        calls.append("flash_rope")
-        assert x.dtype == cos.dtype, f"Input and cos/sin must have the same dtype, got {x.dtype} and {cos.dtype}"
-        c, s = torch.cat([cos, cos], -1)[:, None], torch.cat([sin, sin], -1)[:, None]
-        return x * c + _rotate_half(x) * s
-    return apply_rotary_emb
 
 
 @pytest.fixture
@@ -71,22 +35,18 @@ def on_fake_gpu(monkeypatch):
     return monkeypatch
 
 
-def install_liger(monkeypatch, calls):
-    ops = fused.LigerOps.__new__(fused.LigerOps)
-    ops._lf = fake_liger(calls)
-    monkeypatch.setitem(fused._loaded, "liger", ops)
-    monkeypatch.setitem(fused._loaded, "flash", None)
-    return ops
+def install_liger(monkeypatch, calls, module=None):
+    """liger-kernel's fake as the one provider installed; returns what fused loads from it."""
+    install(monkeypatch, module or liger_functional(calls))
+    block(monkeypatch, "flash_attn")
+    return fused._load("liger")
 
 
 def install_flash(monkeypatch, calls):
-    ops = fused.FlashOps.__new__(fused.FlashOps)
-    ops._rotary = fake_flash_rotary(calls)
-    ops._rms = lambda x, w, b, eps: kernels.reference_rms_norm(x, w, eps)
-    ops._ce = lambda logits, t: (F.cross_entropy(logits.float(), t, reduction="none"), None)
-    monkeypatch.setitem(fused._loaded, "flash", ops)
-    monkeypatch.setitem(fused._loaded, "liger", None)
-    return ops
+    """flash-attn's fakes as the one provider installed; returns what fused loads from them."""
+    install(monkeypatch, *flash_ops(calls))
+    block(monkeypatch, "liger_kernel")
+    return fused._load("flash")
 
 
 def small_model():
@@ -143,8 +103,9 @@ def test_liger_linear_cross_entropy_gets_one_dtype_under_autocast(on_fake_gpu):
 
 def test_a_provider_that_fails_its_check_is_skipped_with_a_warning(on_fake_gpu):
     calls = []
-    ops = install_liger(on_fake_gpu, calls)
-    ops._lf.liger_rms_norm = lambda *a, **k: (_ for _ in ()).throw(RuntimeError("no kernel image for sm_90"))
+    liger = liger_functional(calls)
+    liger.liger_rms_norm = lambda *a, **k: (_ for _ in ()).throw(RuntimeError("no kernel image for sm_90"))
+    install_liger(on_fake_gpu, calls, liger)
     x, w = torch.randn(2, 3, 8, dtype=torch.bfloat16), torch.ones(8, dtype=torch.bfloat16)
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
@@ -159,11 +120,8 @@ def test_a_provider_that_fails_its_check_is_skipped_with_a_warning(on_fake_gpu):
 
 def test_liger_is_preferred_and_flash_is_the_fallback(on_fake_gpu):
     calls = []
-    liger = install_liger(on_fake_gpu, calls)
-    flash = fused.FlashOps.__new__(fused.FlashOps)
-    flash._rotary, flash._rms = fake_flash_rotary(calls), lambda x, w, b, eps: kernels.reference_rms_norm(x, w, eps)
-    flash._ce = lambda logits, t: (F.cross_entropy(logits.float(), t, reduction="none"), None)
-    on_fake_gpu.setitem(fused._loaded, "flash", flash)
+    install(on_fake_gpu, liger_functional(calls), *flash_ops(calls))
+    liger, flash = fused._load("liger"), fused._load("flash")
     x = torch.randn(2, 3, dtype=torch.bfloat16)
     assert fused.provider_for(x) is liger
     fused.use_provider("flash")

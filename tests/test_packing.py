@@ -10,6 +10,7 @@ import json
 
 import pytest
 import torch
+from fakes import never_timed, timings
 from torch import nn
 
 from tinyllama import KVCache, Step
@@ -19,11 +20,10 @@ from tinyllama.inference.generate import generate
 
 _NO_ONEDNN = pytest.mark.skipif(not packing.onednn_supports(torch.float32), reason="this torch has no oneDNN")
 @pytest.fixture(params=["transposed", pytest.param("onednn", marks=_NO_ONEDNN)])
-def always_packed(request, monkeypatch):
-    """Packing decisions come from timing; tests pin them so every group is packed, in each
-    layout, and single-linear packs take the few-rows path."""
-    monkeypatch.setattr(packing, "_remembered_layout", lambda *a, **k: request.param)   # what auto times
-    monkeypatch.setattr(packing, "_rowmajor_few_rows_is_faster", lambda *a, **k: True)
+def always_packed(request, fresh_layout_cache, monkeypatch):
+    """Packing decisions come from timing; tests choose the timings (on fresh decisions) so every
+    group is packed, in each layout, and single-linear packs take the few-rows path."""
+    monkeypatch.setattr(packing, "timer", timings({request.param: 0.5, "rowmajor": 0.1}))   # what auto times
     return request.param
 
 
@@ -166,17 +166,8 @@ def test_wrapped_linears_are_not_packed(small_model, always_packed):
     assert packing.pack_of(small_model.model.layers[1].self_attn) is not None
 
 
-@pytest.fixture
-def fresh_layout_cache(tmp_path, monkeypatch):
-    """No decision in memory or on disk yet (as for a new model on a new machine)."""
-    packing._LAYOUTS.forget()
-    monkeypatch.setenv("TINYLLAMA_DECISIONS", str(tmp_path / "cache"))
-    yield tmp_path / "cache" / "packing-layouts.json"
-    packing._LAYOUTS.forget()
-
-
 def test_nothing_is_packed_when_timing_says_no(small_model, fresh_layout_cache, monkeypatch):
-    monkeypatch.setattr(packing, "_fastest_layout", lambda *a, **k: None)
+    monkeypatch.setattr(packing, "timer", timings({"transposed": 0.95, "onednn": 0.97}))   # none 10% faster
     assert packing.pack_for_decoding(small_model) == 0
     assert packs(small_model) == []
 
@@ -185,8 +176,14 @@ def test_the_layout_is_timed_once_and_remembered_across_processes(small_model, f
     """The real timing runs the model in each layout and leaves nothing packed behind; the
     decision is reused in this process and, through the cache file, by the next one."""
     timed = []
-    real = packing._fastest_layout
-    monkeypatch.setattr(packing, "_fastest_layout", lambda *a, **k: timed.append(1) or real(*a, **k))
+    real = packing.timer
+
+    def counting(candidates, how):
+        if how == "race":                                             # the layouts (not the few-rows kernels)
+            timed.append(1)
+        return real(candidates, how)
+
+    monkeypatch.setattr(packing, "timer", counting)
     n_bytes = packing.pack_for_decoding(small_model)
     (saved,) = json.loads(fresh_layout_cache.read_text()).values()
     layout = None if saved == "none" else saved
@@ -204,7 +201,7 @@ def test_the_layout_is_timed_once_and_remembered_across_processes(small_model, f
 def test_a_corrupt_cache_file_is_timed_over(small_model, fresh_layout_cache, monkeypatch):
     fresh_layout_cache.parent.mkdir()
     fresh_layout_cache.write_text("{not json")
-    monkeypatch.setattr(packing, "_fastest_layout", lambda *a, **k: "transposed")
+    monkeypatch.setattr(packing, "timer", timings({"transposed": 0.5}))
     assert packing.pack_for_decoding(small_model) > 0
     assert list(json.loads(fresh_layout_cache.read_text()).values()) == ["transposed"]
 
@@ -214,7 +211,7 @@ def test_the_environment_forces_a_layout(small_model, fresh_layout_cache, monkey
     """TINYLLAMA_PACKING, read once by a CLI (tinyllama.runtime), reaches the packer as its layout."""
     from tinyllama.runtime import RuntimeOptions
 
-    monkeypatch.setattr(packing, "_fastest_layout", lambda *a, **k: "transposed")   # what auto times
+    monkeypatch.setattr(packing, "timer", timings({"transposed": 0.5}))   # what auto times
     layout = RuntimeOptions.from_env({"TINYLLAMA_PACKING": value}).packing
     assert (packing.pack_for_decoding(small_model, layout=layout) > 0) == packed
     backend = TorchBackend(small_model, runtime=RuntimeOptions(packing=layout))
@@ -275,11 +272,11 @@ def test_the_few_rows_decision_follows_the_timing_and_is_cached(layout, monkeypa
         packing._ROWMAJOR_FEW_ROWS_IS_FASTER.pop(key, None)
         seen = []
 
-        def fake(candidates, flush_bytes, times=(packed, rowmajor)):
+        def fake(candidates, how, times=(packed, rowmajor)):
             seen.append([tuple(f().shape) for f in candidates])          # both kernels, same output
             return list(times)
 
-        monkeypatch.setattr(packing, "_time_cold", fake)
+        monkeypatch.setattr(packing, "timer", fake)
         assert packing._rowmajor_few_rows_is_faster(48, 32, torch.float32, layout, flush_bytes=1 << 20) is want
         assert packing._rowmajor_few_rows_is_faster(48, 32, torch.float32, layout, flush_bytes=1 << 20) is want
         assert seen == [[(packing.VERIFY_ROWS, 48), (packing.VERIFY_ROWS, 48)]]      # timed once
@@ -317,7 +314,7 @@ def test_generate_on_a_bare_llama_neither_packs_nor_times(small_model, always_pa
     import tinyllama.inference.backends
 
     monkeypatch.setattr(tinyllama.inference.backends, "pack_for_decoding", lambda *a, **k: pytest.fail("packed a bare model"))
-    monkeypatch.setattr(packing, "_fastest_layout", lambda *a, **k: pytest.fail("timed a bare model"))
+    monkeypatch.setattr(packing, "timer", never_timed("timed a bare model"))
     assert len(list(generate(small_model, [1, 2, 3], max_new_tokens=3))) == 3
     assert packs(small_model) == []
 

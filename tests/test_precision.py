@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from fakes import never_timed
 
 from tinyllama import ModelConfig, precision
 from tinyllama.measure import DecisionCache, cpu_identity
@@ -31,36 +32,34 @@ def test_parse_dtype_names_and_errors():
 
 
 def test_an_explicit_dtype_always_wins(monkeypatch):
-    monkeypatch.setattr(precision, "_measure_matmuls", lambda *a: pytest.fail("an explicit dtype must not be timed"))
+    monkeypatch.setattr(precision, "timer", never_timed("an explicit dtype must not be timed"))
     choice = choose_dtype("bfloat16", "cpu", CFG)
     assert choice == DtypeChoice(torch.bfloat16, "as asked")
     assert str(choose_dtype(torch.float32, "cpu", CFG)) == "float32 (as asked)"
 
 
-def _fake_timings(monkeypatch, fp32: float, bf16: float) -> list:
-    """The probe's chains and race as if each dtype ran at a fixed rate (seconds per GFLOP: fp32,
-    bf16); records what was timed: ("race", dtypes raced) and ("first", dtype)."""
-    calls = []
+def _rate_timer(fp32: float, bf16: float, calls: list):
+    """A Timer (precision.timer) that answers as if each dtype ran at a fixed rate (seconds per
+    GFLOP: fp32, bf16), without running anything; records what was timed, as (how, ((dtype,
+    matmuls in the chain), ...)): ("race", ...) for the careful race, ("first call", ...) for a
+    first look."""
     rate = {torch.float32: fp32, torch.bfloat16: bf16}
 
     def gflops(shape):
         m, k, n = shape
         return 2 * m * k * n / 1e9
 
-    def chains(shapes, dtype):
-        return [(dtype, sum(map(gflops, shapes)))]
+    def timer(chains, how):
+        calls.append((how, tuple((c.dtype, len(c.shapes)) for c in chains)))
+        return [sum(map(gflops, c.shapes)) * rate[c.dtype] for c in chains]
 
-    def race(chains):
-        calls.append(("race", tuple(dtype for dtype, _ in chains)))
-        return [work * rate[dtype] for dtype, work in chains]
+    return timer
 
-    def first(shape, dtype):
-        calls.append(("first", dtype))
-        return gflops(shape) * rate[dtype]
 
-    monkeypatch.setattr(precision, "_layout_chains", chains)
-    monkeypatch.setattr(precision, "_race", race)
-    monkeypatch.setattr(precision, "_first_call_seconds", first)
+def _fake_timings(monkeypatch, fp32: float, bf16: float) -> list:
+    """The probe timed by _rate_timer on a CPU with bf16 instructions; returns its record."""
+    calls = []
+    monkeypatch.setattr(precision, "timer", _rate_timer(fp32, bf16, calls))
     monkeypatch.setattr(precision, "has_bf16_instructions", lambda: True)      # rates given, not flags
     monkeypatch.delenv(precision.FORCE_ENV, raising=False)
     return calls
@@ -73,12 +72,11 @@ def test_training_without_bf16_instructions_is_float32_untimed(monkeypatch):
 
     monkeypatch.setattr(precision.platform, "machine", lambda: "x86_64")
     monkeypatch.setattr(m, "_IDENTITY", m.CPUIdentity("AMD EPYC", ("avx2", "fma", "f16c"), "AVX2", ()))
-    monkeypatch.setattr(precision, "_measure_matmuls", lambda *a: pytest.fail("training must not be timed here"))
+    monkeypatch.setattr(precision, "timer", never_timed("training must not be timed here"))
     choice = choose_dtype("auto", "cpu", CFG, work="train")
     assert choice.dtype is torch.float32 and "no bf16 matrix instructions" in choice.reason
     measured = []
-    monkeypatch.setattr(precision, "_measure_matmuls",
-                        lambda shapes, margin: measured.append(1) or precision._decision(0.5, margin, "decode GEMVs", ""))
+    monkeypatch.setattr(precision, "timer", _rate_timer(fp32=1.0, bf16=0.5, calls=measured))   # bf16 2x faster
     assert choose_dtype("auto", "cpu", CFG, work="decode").dtype is torch.bfloat16 and measured   # decoding is timed
     monkeypatch.setattr(m, "_IDENTITY", m.CPUIdentity("Xeon", ("avx2", "avx512f", "amx_bf16"), "AVX512", ()))
     assert precision.has_bf16_instructions()
@@ -95,12 +93,14 @@ def test_emulated_bf16_is_refused_after_one_call(monkeypatch):
     calls = _fake_timings(monkeypatch, fp32=0.01, bf16=1.0)    # AVX2 only: ~100x slower
     choice = choose_dtype("auto", "cpu", CFG, work="train")
     assert choice.dtype is torch.float32 and "100.0x slower" in choice.reason
-    assert calls == [("race", (torch.float32,)), ("first", torch.bfloat16)]     # never the full bf16 probe
+    # float32's chain (the up and down projections) raced; of bf16 one first call of its first
+    # matmul: never the full bf16 probe
+    assert calls == [("race", ((torch.float32, 2),)), ("first call", ((torch.bfloat16, 1),))]
     precision._CACHE.forget()
     precision._CACHE.path.unlink()
     calls = _fake_timings(monkeypatch, fp32=1.0, bf16=0.3)
     choose_dtype("auto", "cpu", CFG, work="train")              # native bf16: raced beside float32
-    assert calls[-1] == ("race", (torch.float32, torch.bfloat16))
+    assert calls[-1] == ("race", ((torch.float32, 2), (torch.bfloat16, 2)))
 
 
 def test_a_near_tie_keeps_float32(monkeypatch):
@@ -227,7 +227,7 @@ def test_isa_limit_makes_training_float32_untimed(monkeypatch):
     monkeypatch.setattr(precision.platform, "machine", lambda: "x86_64")
     monkeypatch.setattr(m, "_IDENTITY", m.CPUIdentity("Xeon", ("avx2", "avx512f", "avx512_bf16", "amx_bf16"), "AVX2",
                                                       ("ONEDNN_MAX_CPU_ISA=AVX2", "ATEN_CPU_CAPABILITY=avx2")))
-    monkeypatch.setattr(precision, "_measure_matmuls", lambda *a: pytest.fail("an emulated bf16 must not be timed"))
+    monkeypatch.setattr(precision, "timer", never_timed("an emulated bf16 must not be timed"))
     choice = choose_dtype("auto", "cpu", CFG, work="train")
     assert choice.dtype is torch.float32 and "no bf16 matrix instructions" in choice.reason
 
@@ -235,7 +235,7 @@ def test_isa_limit_makes_training_float32_untimed(monkeypatch):
 def test_the_environment_can_force_what_auto_means(monkeypatch):
     """TINYLLAMA_AUTO_DTYPE: the suite's forced tiers (bf16 even where it is emulated); an
     explicit dtype and CUDA's own rule still win; a bad value is a clear error."""
-    monkeypatch.setattr(precision, "_measure_matmuls", lambda *a: pytest.fail("a forced auto must not be timed"))
+    monkeypatch.setattr(precision, "timer", never_timed("a forced auto must not be timed"))
     monkeypatch.setenv(precision.FORCE_ENV, "bfloat16")
     for work in ("train", "decode"):
         choice = choose_dtype("auto", "cpu", CFG, work=work)

@@ -14,6 +14,7 @@ exceptions and keep their tracebacks.
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 
 
 class UserError(ValueError):
@@ -22,6 +23,14 @@ class UserError(ValueError):
 
 class NotFound(UserError, FileNotFoundError):
     """A path the user named that does not exist (still a FileNotFoundError for callers)."""
+
+
+def checked_choice(what: str, value: str, choices: Sequence[str]) -> str:
+    """`value` if it is one of `choices`, else a UserError naming `what` (a flag, a setting) and
+    the choices: "attention 'bogus': expected auto, sdpa, flash, xformers"."""
+    if value not in choices:
+        raise UserError(f"{what} {value!r}: expected {', '.join(choices)}")
+    return value
 
 
 def report(error: BaseException, prefix: str = "error") -> int:

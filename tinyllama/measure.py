@@ -5,6 +5,11 @@
     cache = DecisionCache("dtype-choices")   # $TINYLLAMA_CACHE/dtype-choices.json
     value = cache.get(["train", shape], lambda: measure_it())   # timed once per machine and key
 
+Decisions made by timing (tinyllama.precision's dtype, tinyllama.inference.packing's decode
+layouts) take their timings from their module's `timer`, a Timer: by default the module's own
+`time_here`; a test or a replay sets another there to choose the timings, and the decision, its
+margins and its cache run as they do.
+
 A default that depends on the hardware (bf16 or float32, a weight layout) is chosen by timing
 it here, never by the machine this code was written on: bf16 is several times faster than
 float32 with AMX and far slower where it is emulated (AVX2 only; bench.dtype_choice measures
@@ -24,7 +29,7 @@ import platform
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Protocol, Sequence
 
 import torch
 
@@ -116,6 +121,17 @@ def _read_cpuinfo() -> tuple[str, tuple[str, ...]]:
         model = platform.processor()
     present = cpu_flags()
     return model, tuple(f for f in _ISA_FLAGS if f in present)
+
+
+class Timer(Protocol):
+    """Seconds per call of each candidate, in order (math.inf for one given up on).
+
+    `how` is the measurement the decision asks for, as its module names them (its `time_here`
+    lists them: a careful race, a first look that only rules out what is far slower, ...).
+    Candidates are callables that say what they are (precision.MatmulChain: its dtype and shapes;
+    packing's: a name), so a fake Timer can answer from that without running them."""
+
+    def __call__(self, candidates: Sequence[Callable[[], Any]], how: str) -> list[float]: ...
 
 
 def median_seconds(fn: Callable[[], Any], repeats: int = 5, warmup: int = 1, budget_s: float | None = None,

@@ -12,6 +12,9 @@ rows of tokens, a GEMM; decoding: one row, a GEMV), and picks bf16 only when it 
 margin. The decision is cached per machine (tinyllama.measure.DecisionCache) and costs well
 under a second the first time, because an emulated bf16 matmul is abandoned after one call. On
 CUDA, `auto` is bf16 where the device supports it. An explicit dtype always wins.
+
+Every timing goes through the module's `timer` (a tinyllama.measure.Timer, `time_here` by
+default): a test sets another to choose the timings of each MatmulChain it is asked about.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import os
 import platform
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +32,7 @@ import torch.nn.functional as F
 from tinyllama.cli import DTYPE_NAMES
 from tinyllama.model.config import ModelConfig
 from tinyllama.errors import UserError
-from tinyllama.measure import DecisionCache, cpu_identity, median_seconds
+from tinyllama.measure import DecisionCache, Timer, cpu_identity, median_seconds
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DTYPE_CHOICES = DTYPE_NAMES                          # what the CLIs offer: auto and DTYPES' names
@@ -148,14 +151,14 @@ def _measure_matmuls(shapes: list[list[int]], margin: float) -> dict:
     both again interleaved (_race), so that a load on the machine slows both alike."""
     flops = [2 * m * k * n for m, k, n in shapes]
     fp32_chains = _layout_chains(shapes, torch.float32)
-    fp32 = min(_race(fp32_chains))
+    fp32 = min(timer(fp32_chains, "race"))
     first_share = flops[0] / sum(flops)
-    once = _first_call_seconds(shapes[0], torch.bfloat16)
+    (once,) = timer([MatmulChain(shapes[:1], torch.bfloat16)], "first call")
     if once > 4 * fp32 * first_share:
         bf16 = once / first_share
     else:
         bf16_chains = _layout_chains(shapes, torch.bfloat16)
-        times = _race(fp32_chains + bf16_chains)
+        times = timer(fp32_chains + bf16_chains, "race")
         fp32, bf16 = min(fp32, *times[:len(fp32_chains)]), min(times[len(fp32_chains):])
     return _decision(bf16 / fp32, margin, "matmul" if shapes[0][0] > 1 else "decode GEMVs",
                      f"{sum(flops) / bf16 / 1e9:.1f} vs {sum(flops) / fp32 / 1e9:.1f} GFLOP/s")
@@ -180,46 +183,63 @@ def _decision(ratio: float, margin: float, what: str, figures: str) -> dict:
             "figures": figures, "margin": margin}
 
 
-def _first_call_seconds(shape: list[int], dtype: torch.dtype) -> float:
-    """One timed call after one untimed (kernel selection, weight packing)."""
-    x, w = _operands(shape, dtype)
-    with torch.no_grad():
-        return median_seconds(lambda: F.linear(x, w), repeats=1, warmup=1)
-
-
 def _operands(shape: list[int], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """Constant operands: filling is all they cost, and values do not change a CPU kernel's speed."""
     m, k, n = shape
     return torch.full((m, k), 0.5, dtype=dtype), torch.full((n, k), 0.01, dtype=dtype)
 
 
-def _layout_chains(shapes: list[list[int]], dtype: torch.dtype) -> list[Callable[[], None]]:
-    """One pass through all the matmuls in order, a chain as the model runs them (so weights
-    larger than the caches stream from memory), per weight layout worth timing. A decode chain
-    (one row) also runs with the weight transposed: TorchBackend's packing picks the layout too,
-    and float32 GEMVs gain most from it (measured by bench.decode). The transposed layout is
-    dropped when its first pass takes twice the plain one's (bf16 `x @ Wt` on a CPU without bf16
-    instructions is far slower than F.linear)."""
-    chains = [_chain(shapes, dtype, "linear")]
+class MatmulChain:
+    """One pass through matmuls of `shapes` ([rows, in, out] each) in `dtype`, in order, as the
+    model runs them (so weights larger than the caches stream from memory): what the probe times.
+    layout: "linear" keeps each weight (out, in) for F.linear; "transposed" stores it (in, out)
+    contiguous for `x @ w`, as TorchBackend's packing may."""
+
+    def __init__(self, shapes: Sequence[Sequence[int]], dtype: torch.dtype, layout: str = "linear") -> None:
+        self.shapes, self.dtype, self.layout = [list(s) for s in shapes], dtype, layout
+        operands = [_operands(shape, dtype) for shape in self.shapes]
+        if layout == "transposed":
+            operands = [(x, w.t().contiguous()) for x, w in operands]          # (in, out): x @ w
+        self._operands = operands
+
+    @torch.no_grad()
+    def __call__(self) -> None:
+        for x, w in self._operands:
+            F.linear(x, w) if self.layout == "linear" else x @ w
+
+    def __repr__(self) -> str:
+        return f"MatmulChain({len(self.shapes)} matmuls, {self.dtype}, {self.layout})"
+
+
+def _layout_chains(shapes: list[list[int]], dtype: torch.dtype) -> list[MatmulChain]:
+    """The chain per weight layout worth timing. A decode chain (one row) also runs with the
+    weight transposed: TorchBackend's packing picks the layout too, and float32 GEMVs gain most
+    from it (measured by bench.decode). The transposed layout is dropped when its first pass takes
+    twice the plain one's (bf16 `x @ Wt` on a CPU without bf16 instructions is far slower than
+    F.linear)."""
+    chains = [MatmulChain(shapes, dtype)]
     if shapes[0][0] == 1:
-        first = median_seconds(chains[0], repeats=1, warmup=0)
-        transposed = _chain(shapes, dtype, "transposed")
-        if median_seconds(transposed, repeats=1, warmup=0, give_up=2 * first) != math.inf:
+        (first,) = timer(chains, "first pass")
+        transposed = MatmulChain(shapes, dtype, "transposed")
+        if timer([transposed], "first pass")[0] <= 2 * first:
             chains.append(transposed)
     return chains
 
 
-def _chain(shapes: list[list[int]], dtype: torch.dtype, layout: str) -> Callable[[], None]:
-    operands = [_operands(shape, dtype) for shape in shapes]
-    if layout == "transposed":
-        operands = [(x, w.t().contiguous()) for x, w in operands]          # (in, out): x @ w
+def time_here(candidates: Sequence[Callable[[], object]], how: str) -> list[float]:
+    """The default `timer`: seconds per call of each candidate on this machine. how: "race"
+    (_race: the fastest of interleaved samples), "first call" (one timed call after one untimed:
+    kernel selection, weight packing) or "first pass" (one call, cold: enough to drop a layout
+    that takes twice another's)."""
+    if how == "race":
+        return _race(list(candidates))
+    if how not in ("first call", "first pass"):
+        raise ValueError(f"how {how!r}: expected race, first call or first pass")
+    return [median_seconds(c, repeats=1, warmup=1 if how == "first call" else 0) for c in candidates]
 
-    @torch.no_grad()
-    def chain() -> None:
-        for x, w in operands:
-            F.linear(x, w) if layout == "linear" else x @ w
 
-    return chain
+# Where every timing above comes from: set it to another Timer to choose the timings (tests).
+timer: Timer = time_here
 
 
 def _race(chains: list[Callable[[], None]], rounds: int = 5, budget_s: float = 2.0) -> list[float]:

@@ -26,7 +26,7 @@ import os
 from dataclasses import dataclass
 from typing import Mapping
 
-from tinyllama.errors import UserError
+from tinyllama.errors import UserError, checked_choice
 
 ENV = {"attention": "TINYLLAMA_ATTENTION", "fused": "TINYLLAMA_FUSED", "packing": "TINYLLAMA_PACKING",
        "cuda_graphs": "TINYLLAMA_CUDA_GRAPHS", "native": "TINYLLAMA_NATIVE", "allocator": "TINYLLAMA_ALLOCATOR"}
@@ -71,8 +71,7 @@ class RuntimeOptions:
         if not isinstance(self.cuda_graphs, bool):
             raise UserError(f"cuda_graphs: expected True or False, got {self.cuda_graphs!r}")
         for name, allowed in CHOICES.items():
-            if getattr(self, name) not in allowed:
-                raise UserError(f"--{flag_name(name)} {getattr(self, name)!r}: expected {', '.join(allowed)}")
+            checked_choice(f"--{flag_name(name)}", getattr(self, name), allowed)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "RuntimeOptions":

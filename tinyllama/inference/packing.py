@@ -16,7 +16,10 @@ of those weights decides how fast they stream. Packing gives the model inference
 Which layout wins depends on the shapes, the dtype and the machine, so pack_for_decoding times
 one- and four-token forwards of the model itself (a decode step, a verification pass) unpacked
 and packed each way, and keeps the fastest layout if it beats unpacked by 10%; the choice is
-cached per model shape, dtype, CPU, thread count and torch, in memory and on disk.
+cached per model shape, dtype, CPU, thread count and torch, in memory and on disk. Those timings,
+and the few-rows kernels' (PackedLinears), come from the module's `timer` (a
+tinyllama.measure.Timer, `time_here` by default): a test sets another to choose them, by each
+candidate's name (DecodeLayout, FewRowsKernel).
 
 The model itself knows nothing of this (as gpt-fast swaps modules from outside): packing turns
 each Attention into a PackedAttention whose `qkv` is one fused matmul, each MLP into a PackedMLP
@@ -36,14 +39,14 @@ from __future__ import annotations
 import math
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from tinyllama.errors import UserError
-from tinyllama.measure import DecisionCache, median_seconds
+from tinyllama.measure import DecisionCache, Timer, median_seconds
 from tinyllama.model.model import MLP, Attention, Llama
 
 MIN_PACK_BUDGET = 512 * 2**20
@@ -303,45 +306,65 @@ def _pack(plan, layout: str, budget: int, flush_bytes: int | None) -> int:
 VERIFY_ROWS = 4     # the rows of a typical speculative verification pass (k = 3)
 
 
-def _fastest_layout(model: nn.Module, plan, budget: int, model_bytes: int, rounds: int = 3) -> str | None:
-    """The fastest layout (_time_layouts) if it beats unpacked by LAYOUT_MARGIN, else None."""
-    best = _time_layouts(model, plan, budget, model_bytes, rounds)
-    fastest = min((l for l in best if l is not None), key=best.__getitem__, default=None)
-    return fastest if fastest is not None and best[fastest] < LAYOUT_MARGIN * best[None] else None
-
-
-def _time_layouts(model: nn.Module, plan, budget: int, model_bytes: int, rounds: int) -> dict[str | None, float]:
-    """Seconds per decode cost of `model` unpacked (key None) and packed in each layout this
-    machine runs. A layout's cost is a one-token forward (a decode step) plus a
+class DecodeLayout:
+    """A candidate of the layout timing: `model` with the groups of `plan` packed in `name`
+    ("none": unpacked, or one of LAYOUTS). Its cost is a one-token forward (a decode step) plus a
     VERIFY_ROWS-token one (a speculative verification pass): where single-token times tie, the
-    layout that also verifies fast wins. Up to `rounds`
-    interleaved rounds, so a slow spell hits all alike, as many as fit in ~2 s; each time the
-    median of several steps. A layout whose first step takes over twice the unpacked one is
-    dropped at once (oneDNN's bf16 kernels on a CPU without bf16 instructions: seconds a step).
-    A large model gets one round."""
+    layout that also verifies fast wins. prepare() packs the model so (untimed); a call runs both
+    forwards on the model as it is."""
+
+    def __init__(self, model: nn.Module, name: str, plan, budget: int, model_bytes: int) -> None:
+        self.model, self.name, self.plan, self.budget, self.model_bytes = model, name, plan, budget, model_bytes
+        self.inputs = [torch.zeros(1, rows, dtype=torch.long) for rows in (1, VERIFY_ROWS)]
+
+    def prepare(self) -> None:
+        unpack(self.model)
+        if self.name != "none":
+            _pack(self.plan, self.name, self.budget, flush_bytes=self.model_bytes)
+
+    def __call__(self) -> None:
+        for ids in self.inputs:
+            self.model(ids)
+
+    def __repr__(self) -> str:
+        return f"DecodeLayout({self.name})"
+
+
+def _fastest_layout(model: nn.Module, plan, budget: int, model_bytes: int) -> str | None:
+    """The fastest layout this machine runs, timed against unpacked by `timer`, if it beats
+    unpacked by LAYOUT_MARGIN, else None. Leaves the model unpacked."""
     dtype = next(model.parameters()).dtype
-    layouts = [None] + [l for l in LAYOUTS if l != "onednn" or onednn_supports(dtype)]
-    inputs = [torch.zeros(1, rows, dtype=torch.long) for rows in (1, VERIFY_ROWS)]
-    best = {layout: float("inf") for layout in layouts}
-    steps = 3
-    stop = time.perf_counter() + 2.0          # a big model gets one round: its steps are long
+    names = ["none"] + [l for l in LAYOUTS if l != "onednn" or onednn_supports(dtype)]
+    candidates = [DecodeLayout(model, name, plan, budget, model_bytes) for name in names]
     try:
-        with torch.inference_mode():
-            for round_ in range(rounds):
-                if time.perf_counter() > stop:
-                    break
-                for layout in layouts:
-                    if round_ and best[layout] == math.inf:
-                        continue                      # given up in the first round
-                    unpack(model)
-                    if layout is not None:
-                        _pack(plan, layout, budget, flush_bytes=model_bytes)
-                    cost = _decode_cost(model, inputs, steps, give_up=2 * best[None] if layout else math.inf)
-                    best[layout] = min(best[layout], cost)
-                    # ~0.1 s of steps per layout and round: many for a small model, 3 for 1.1B
-                    steps = max(steps, min(30, int(0.1 / max(best[None], 1e-6))))
+        seconds = dict(zip(names, timer(candidates, "race")))
     finally:
         unpack(model)
+    fastest = min(names[1:], key=seconds.__getitem__, default=None)
+    return fastest if fastest is not None and seconds[fastest] < LAYOUT_MARGIN * seconds["none"] else None
+
+
+def _race_layouts(candidates: Sequence[DecodeLayout], rounds: int = 3) -> list[float]:
+    """Seconds per decode cost of each candidate, the first (unpacked) the baseline. Up to
+    `rounds` interleaved rounds, so a slow spell hits all alike, as many as fit in ~2 s; each time
+    the median of several steps. A layout whose first step takes over twice the baseline is
+    dropped at once (oneDNN's bf16 kernels on a CPU without bf16 instructions: seconds a step).
+    A large model gets one round."""
+    best = [math.inf] * len(candidates)
+    steps = 3
+    stop = time.perf_counter() + 2.0          # a big model gets one round: its steps are long
+    with torch.inference_mode():
+        for round_ in range(rounds):
+            if time.perf_counter() > stop:
+                break
+            for i, candidate in enumerate(candidates):
+                if round_ and best[i] == math.inf:
+                    continue                      # given up in the first round
+                candidate.prepare()
+                cost = _decode_cost(candidate.model, candidate.inputs, steps, give_up=2 * best[0] if i else math.inf)
+                best[i] = min(best[i], cost)
+                # ~0.1 s of steps per layout and round: many for a small model, 3 for 1.1B
+                steps = max(steps, min(30, int(0.1 / max(best[0], 1e-6))))
     return best
 
 
@@ -364,18 +387,34 @@ def unpack(model: nn.Module) -> None:
             module.__class__ = _PLAIN_CLASS[type(module)]
 
 
-def _time_cold(candidates: Sequence, flush_bytes: int, repeats: int = 7) -> list[float]:
-    """Median seconds of each callable, each run after reading `flush_bytes` (what the rest of
-    a decode step reads, so weights start as cold as they would there), runs interleaved so a
-    slow spell of the machine hits all alike."""
-    flush = torch.ones(min(flush_bytes, 256 * 2**20) // 4 + 1)
+class FewRowsKernel:
+    """A candidate of the few-rows timing: `name` ("rowmajor", or the layout of the packed copy)
+    and its kernel on VERIFY_ROWS rows. prepare() reads `flush` (what the rest of a decode step
+    reads), so the weights start as cold as they would there."""
+
+    def __init__(self, name: str, run: Callable[[], torch.Tensor], flush: torch.Tensor) -> None:
+        self.name, self.run, self.flush = name, run, flush
+
+    def prepare(self) -> None:
+        self.flush.sum()
+
+    def __call__(self) -> torch.Tensor:
+        return self.run()
+
+    def __repr__(self) -> str:
+        return f"FewRowsKernel({self.name})"
+
+
+def _time_cold(candidates: Sequence[FewRowsKernel], repeats: int = 7) -> list[float]:
+    """Median seconds of each candidate, each run right after its prepare(), runs interleaved so
+    a slow spell of the machine hits all alike."""
     times: list[list[float]] = [[] for _ in candidates]
     with torch.no_grad():
         for _ in range(repeats):
-            for f, ts in zip(candidates, times):
-                flush.sum()
+            for c, ts in zip(candidates, times):
+                c.prepare()
                 t0 = time.perf_counter()
-                f()
+                c()
                 ts.append(time.perf_counter() - t0)
     return [sorted(ts)[len(ts) // 2] for ts in times]
 
@@ -398,6 +437,28 @@ def _rowmajor_few_rows_is_faster(out_features: int, in_features: int, dtype: tor
         else:
             wt = w.t().contiguous()
             packed = lambda: x @ wt
-        base, rowmajor = _time_cold([packed, lambda: (w @ x.t()).t().contiguous()], flush_bytes)
+        flush = torch.ones(min(flush_bytes, 256 * 2**20) // 4 + 1)
+        base, rowmajor = timer([FewRowsKernel(layout, packed, flush),
+                                FewRowsKernel("rowmajor", lambda: (w @ x.t()).t().contiguous(), flush)], "cold")
         _ROWMAJOR_FEW_ROWS_IS_FASTER[key] = rowmajor < 0.8 * base
     return _ROWMAJOR_FEW_ROWS_IS_FASTER[key]
+
+
+def time_here(candidates: Sequence, how: str) -> list[float]:
+    """The default `timer`: seconds per call of each candidate on this machine. how: "race"
+    (DecodeLayouts, _race_layouts) or "cold" (FewRowsKernels, _time_cold)."""
+    if how == "race":
+        return _race_layouts(candidates)
+    if how == "cold":
+        return _time_cold(candidates)
+    raise ValueError(f"how {how!r}: expected race or cold")
+
+
+# Where every timing of this module comes from: set it to another Timer to choose them (tests).
+timer: Timer = time_here
+
+
+def forget_decisions() -> None:
+    """Drops the layout and few-rows decisions kept in memory (tests; the file is left as it is)."""
+    _LAYOUTS.forget()
+    _ROWMAJOR_FEW_ROWS_IS_FASTER.clear()

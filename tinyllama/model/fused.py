@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from tinyllama.model.definitions import apply_rotary, reference_rms_norm
-from tinyllama.errors import UserError
+from tinyllama.errors import checked_choice
 
 
 class LigerOps:
@@ -109,9 +109,7 @@ _wanted_provider = "auto"
 
 def use_provider(choice: str = "auto") -> None:
     global _wanted_provider
-    if choice not in PROVIDER_CHOICES:
-        raise UserError(f"fused {choice!r}: expected {', '.join(PROVIDER_CHOICES)}")
-    _wanted_provider = choice
+    _wanted_provider = checked_choice("fused", choice, PROVIDER_CHOICES)
 
 
 def _wanted() -> str:

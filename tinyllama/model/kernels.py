@@ -37,7 +37,7 @@ from tinyllama.model.definitions import (  # noqa: F401  (re-exported: the defin
     reference_attention,
     reference_rms_norm,
 )
-from tinyllama.errors import UserError
+from tinyllama.errors import checked_choice
 from tinyllama.runtime import CHOICES, RuntimeOptions
 
 try:  # optional GPU extra
@@ -71,9 +71,7 @@ _attention = "auto"
 def use_attention(choice: str = "auto") -> None:
     """auto picks by what runs here, once per device and dtype; a backend's name forces it."""
     global _attention
-    if choice not in ATTENTION_CHOICES:
-        raise UserError(f"attention {choice!r}: expected {', '.join(ATTENTION_CHOICES)}")
-    _attention = choice
+    _attention = checked_choice("attention", choice, ATTENTION_CHOICES)
 
 
 def use_kernels(runtime: RuntimeOptions) -> None:
