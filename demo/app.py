@@ -61,7 +61,7 @@ def stats_markdown(stats, speculative: bool, last_plain_tps: float | None, done:
     line = ("" if done else "generating · ") + f"**{stats.tokens_per_s:.1f} tok/s**, {stats.generated_tokens} tokens"
     if speculative and stats.drafted:
         line += (f" · speculative: {stats.accepted}/{stats.drafted} drafted tokens accepted "
-                 f"({stats.acceptance_rate:.0%}), {stats.target_calls} target passes, "
+                 f"(α {stats.acceptance_rate:.2f}), {stats.target_calls} target passes, "
                  f"k {stats.drafted / max(1, stats.draft_rounds):.1f} a round over {stats.draft_rounds} rounds")
         if last_plain_tps:
             line += f" · speedup vs last plain reply: {stats.tokens_per_s / last_plain_tps:.2f}x"

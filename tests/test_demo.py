@@ -77,7 +77,7 @@ def test_speculative_toggle_shows_stats_and_same_greedy_reply(demo, llama2_token
     _, (plain_history, _, _) = chat(url, question, [], speculative=False)
     _, (history, _, stats) = chat(url, question, [], speculative=True)
     assert message_text(history[-1]["content"]) == message_text(plain_history[-1]["content"])
-    assert "drafted tokens accepted" in stats and "speedup vs last plain reply" in stats
+    assert "drafted tokens accepted (α " in stats and "speedup vs last plain reply" in stats
 
 
 def test_history_is_kept_and_empty_messages_are_refused(demo):

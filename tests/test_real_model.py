@@ -385,6 +385,11 @@ def test_the_demo_opens_on_the_real_pair_in_a_browser(real_gguf, tmp_path):
             time.sleep(0.5)
         text = log.read_text()
         assert f":{port}" in text, text
+        while demo.poll() is None and time.time() < deadline:       # the line comes just before Gradio listens
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            time.sleep(0.5)
         assert "no --model: the real model (SmolLM2-135M-Instruct.Q4_1.gguf) drafted by" in text
         assert "auto" in text                                   # the draft length is chosen live
         browser = _browser()
