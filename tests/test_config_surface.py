@@ -17,6 +17,8 @@ from tinyllama.cli import ModelArgs, comma_list
 from tinyllama.errors import UserError
 from tinyllama.runtime import INFERENCE, RuntimeOptions
 
+pytestmark = pytest.mark.cpu_isa
+
 ROOT = Path(__file__).resolve().parents[1]
 
 ALL = {"revision", "chat_template", "device", "dtype", "ctx_size", "n_gpu_layers", "runtime"}

@@ -18,6 +18,7 @@ from tinyllama.inference import packing
 from tinyllama.inference.backends import TorchBackend
 from tinyllama.inference.generate import generate
 
+pytestmark = pytest.mark.cpu_isa
 _NO_ONEDNN = pytest.mark.skipif(not packing.onednn_supports(torch.float32), reason="this torch has no oneDNN")
 @pytest.fixture(params=["transposed", pytest.param("onednn", marks=_NO_ONEDNN)])
 def always_packed(request, fresh_layout_cache, monkeypatch):

@@ -10,6 +10,8 @@ from tinyllama import ModelConfig, precision
 from tinyllama.measure import DecisionCache, cpu_identity
 from tinyllama.precision import DtypeChoice, choose_dtype, parse_dtype
 
+pytestmark = pytest.mark.cpu_isa
+
 CFG = ModelConfig.from_name("tinyllama-debug")
 
 
