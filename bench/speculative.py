@@ -7,6 +7,8 @@ own speculative decoding beside ours.
                                 -md out/gguf/tinyllama-debug-chat-Q8_0.gguf [--anchor]
     python -m bench.speculative --pair 7b [--alpha 0.6 0.7 0.8]         # llama-2-7b-shaped target, 1.1B draft
     python -m bench.speculative --pair 1b                       # the quick variant (1.1B target, ~110M draft)
+    python -m bench.speculative --target out/smollm2 -md out/draft/gguf/draft-Q8_0.gguf \\
+                                --draft-checkpoint out/draft/sft      # with transformers' assisted generation
     python -m bench.speculative -md ngram --prompt-set copy         # prompt lookup, copy-heavy prompts
     python -m bench.speculative --pair 7b --backend torch --device cuda   # built on the GPU, eager and captured
     python -m bench.speculative --json                              # the rows as JSON
@@ -33,6 +35,15 @@ prompt lookup (tinyllama.inference.lookup): no draft model, c taken as 0. `--pro
 whose answer copies from the prompt: a piece of the standard library's source, then a request to
 write it again, started with its first line; `chat` (default) uses the held-out SFT questions.
 
+With a checkpoint directory as target and the draft as one too (`--model-draft DIR`, or
+`--draft-checkpoint DIR` beside a GGUF or other draft), transformers runs the same pair on the
+same prompts in the same rounds (bench.speculative_transformers): LlamaForCausalLM in float32 with
+sdpa, plain `generate` and assisted generation (`assistant_model`) with its default settings and at
+each fixed k; their speedups are over transformers' plain `generate`. "vs transformers" = our
+tokens/s over transformers' in the same configuration (plain, or k = num_assistant_tokens), and a
+last row our fastest configuration over its fastest assisted one; their "same output" counts the
+prompts where transformers' assisted, its plain and our plain outputs are all equal.
+
 `--pair 7b|1b|tiny --backend torch` builds the pair in memory on `--device` instead (bf16 on a
 GPU) and records, as JSON, per-token latencies eager and through captured CUDA graphs and the
 generator's speculative loop in both modes against the theory (bench.speculative_torch; the
@@ -42,15 +53,15 @@ GPU suite's spec stage).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import inspect
 import json
 import sys
 import textwrap
-import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import chat_prompts, code_prompts, markdown_table
+from .speculative_runs import DecodeRun, decode_prompts, solve_alpha, theory
 
 COPY_SOURCES = (textwrap.dedent, textwrap.TextWrapper._split, json.JSONEncoder.iterencode, inspect.getdoc,
                  Path.relative_to, argparse.ArgumentParser.add_subparsers)
@@ -72,73 +83,17 @@ def _copy_prompts(tok, n: int, budget: int, max_code: int = 400) -> list[list[in
     return out
 
 
-@dataclass
-class DecodeRun:
-    """Every prompt decoded once in one configuration, prefill excluded."""
-    outputs: list = field(default_factory=list)
-    seconds: float = 0.0
-    drafted: int = 0
-    accepted: int = 0
-    passes: int = 0                      # target forward passes after the prefill
-    rounds: list = field(default_factory=list)   # (drafted, accepted, judged) per speculative round
-    verify_seconds: float = 0.0
-
-    @property
-    def tokens(self) -> int:
-        return sum(len(o) for o in self.outputs)
-
-    @property
-    def tokens_per_s(self) -> float:
-        return self.tokens / self.seconds if self.seconds else 0.0
-
-
-def _decode(target, prompts, tokens: int, draft=None, policy=None, device=None, stop_ids=()) -> DecodeRun:
-    """Every prompt decoded, up to `tokens` each (and to a stop id where stop_ids are given: what a
-    user gets); policy: a DraftPolicy (one object for every prompt); device: a torch device to wait
-    for at both ends of each timing (a GPU's queued kernels)."""
-    from tinyllama.inference.generate import generate
-
-    from . import sync
-
-    run = DecodeRun()
-    for ids in prompts:
-        for b in (target, draft):
-            if b is not None:
-                b.reset()
-        sync(device)
-        t0 = time.perf_counter()
-        gen = generate(target, ids, max_new_tokens=tokens, drafter=draft, draft_policy=policy, stop_ids=stop_ids)
-        run.outputs.append(list(gen))
-        sync(device)
-        s = gen.stats
-        run.seconds += time.perf_counter() - t0 - s.prefill_seconds
-        run.drafted, run.accepted, run.passes = run.drafted + s.drafted, run.accepted + s.accepted, run.passes + s.target_calls
-        run.rounds += s.rounds
-        run.verify_seconds += s.verify_seconds
-    return run
-
-
-def solve_alpha(tokens_per_pass: float, k: int) -> float:
-    """alpha with (1 - alpha^(k+1)) / (1 - alpha) = tokens_per_pass (bisection; increasing in alpha)."""
-    lo, hi = 0.0, 1.0
-    for _ in range(60):
-        mid = (lo + hi) / 2
-        if sum(mid ** i for i in range(k + 1)) < tokens_per_pass:
-            lo = mid
-        else:
-            hi = mid
-    return (lo + hi) / 2
-
-
 def run(target_path: str, draft_path: str, ks=(1, 2, 4, 6), tokens: int = 48, n_prompts: int = 6,
         repeats: int = 3, prompt_set: str = "chat", as_json: bool = False, anchor: bool = False,
-        note: str = "", device: str = "cpu", eos: bool = False) -> str:
-    title, rows = measure(target_path, draft_path, ks, tokens, n_prompts, repeats, prompt_set, anchor, device, eos)
+        note: str = "", device: str = "cpu", eos: bool = False, draft_checkpoint: str | None = None) -> str:
+    title, rows = measure(target_path, draft_path, ks, tokens, n_prompts, repeats, prompt_set, anchor, device, eos,
+                          draft_checkpoint)
     title += note
     if as_json:
         return json.dumps({"pair": title, "rows": rows}, indent=2)
     head = (title, "tokens/s", "accepted/drafted", "alpha", "alpha by draft position", "c", "v(k+1)", "speedup",
-            "theory", "efficiency", "theory (measured v)", "efficiency (measured v)", "vs llama.cpp", "same output")
+            "theory", "efficiency", "theory (measured v)", "efficiency (measured v)", "vs llama.cpp", "vs transformers",
+            "same output")
 
     def cell(v, fmt):
         return "-" if v is None else fmt.format(v)
@@ -149,7 +104,8 @@ def run(target_path: str, draft_path: str, ks=(1, 2, 4, 6), tokens: int = 48, n_
                                   cell(r["c"], "{:.2f}"), cell(r["v"], "{:.2f}"), cell(r["speedup"], "{:.2f}x"),
                                   cell(r["theory"], "{:.2f}x"), cell(r["efficiency"], "{:.0%}"),
                                   cell(r["theory_v"], "{:.2f}x"), cell(r["efficiency_v"], "{:.0%}"),
-                                  cell(r.get("vs_llama_cpp"), "{:.2f}x"), cell(r["same_output_as_plain"], "{}"))
+                                  cell(r.get("vs_llama_cpp"), "{:.2f}x"), cell(r.get("vs_transformers"), "{:.2f}x"),
+                                  cell(r["same_output_as_plain"], "{}"))
                         for r in rows])
 
 
@@ -176,85 +132,102 @@ def _row(config, tokens_per_s, accepted_per_drafted=None, alpha=None, c=None, sp
             "efficiency_v": speedup / theory_v if speedup is not None and theory_v else None}
 
 
-def theory(alpha: float, k: int, c: float, v: float = 1.0) -> float:
-    """Expected speedup (Leviathan et al. 2023): tokens per round, (1 - alpha^(k+1)) / (1 - alpha),
-    over a round's cost in target passes, k c + v, where v = the cost of verifying k+1 tokens in
-    one pass against one token (1 in the paper's model: a pass costs the same at any length)."""
-    tokens = (1 - alpha ** (k + 1)) / (1 - alpha) if alpha < 1 else k + 1
-    return tokens / (k * c + v)
-
-
 def measure(target_path: str, draft_path: str, ks=(1, 2, 4, 6), tokens: int = 48, n_prompts: int = 6,
             repeats: int = 3, prompt_set: str = "chat", anchor: bool = False,
-            device: str = "cpu", eos: bool = False) -> tuple[str, list[dict]]:
+            device: str = "cpu", eos: bool = False, draft_checkpoint: str | None = None) -> tuple[str, list[dict]]:
     """Rows for plain target and draft, each k, adaptive and auto k; with `anchor` (two GGUFs)
-    also llama.cpp's own speculative decoding at each k on the same prompts (bench.speculative_anchor).
-    eos: every configuration stops at the target's end of turn (what a user gets), else each
-    decodes `tokens` tokens whatever it produces."""
-    from tinyllama.inference.backends import GGUFBackend, load_backend
+    also llama.cpp's own speculative decoding at each k on the same prompts (bench.speculative_anchor);
+    with a checkpoint directory as target and an HF-format draft (`draft_checkpoint`, else
+    `draft_path` when it is one) also transformers' plain and assisted generation
+    (bench.speculative_transformers). eos: every configuration stops at the target's end of turn
+    (what a user gets), else each decodes `tokens` tokens whatever it produces."""
+    from tinyllama.inference.backends import GGUFBackend, load_backend, open_drafter
     from tinyllama.inference.draft_policy import Adaptive, Auto, Fixed
-    from tinyllama.inference.backends import open_drafter
     from tinyllama.inference.drafters import ModelDrafter
 
-    # float32 for checkpoint directories: identity with plain greedy decoding is checked, and in
-    # bf16 a (k+1)-token verification and a 1-token step round differently, which can flip a
-    # near-tied argmax (seen on the 19M pair, which `auto` decodes in bf16 on an AVX2 CPU)
-    target, tok = load_backend(target_path, dtype="float32", device=device)
-    try:
+    from .speculative_transformers import is_checkpoint_dir
+
+    with contextlib.ExitStack() as stack:
+        # float32 for checkpoint directories: identity with plain greedy decoding is checked, and in
+        # bf16 a (k+1)-token verification and a 1-token step round differently, which can flip a
+        # near-tied argmax (seen on the 19M pair, which `auto` decodes in bf16 on an AVX2 CPU)
+        target, tok = load_backend(target_path, dtype="float32", device=device)
+        stack.callback(target.close)
         drafter = open_drafter(draft_path, dtype="float32", device=device)
-    except BaseException:
-        target.close()
-        raise
-    try:
+        stack.callback(drafter.close)
         drafter.check(target)             # the pair: one line naming both files and the difference
-    except BaseException:
-        target.close()
-        drafter.close()
-        raise
-    model_draft = isinstance(drafter, ModelDrafter)
-    draft = drafter.backend if model_draft else drafter            # a model also decodes plainly below
-    budget = target.context_length - tokens - 1
-    prompts = {"copy": lambda: _copy_prompts(tok, n_prompts, budget), "code": lambda: code_prompts(tok, n_prompts),
-               "chat": lambda: chat_prompts(tok, n_prompts)}[prompt_set]()
-    stop_ids = tuple(tok.stop_ids) if eos else ()
-    # warm-up at full length: a 7B GGUF's first pass over its weights after loading runs ~30%
-    # slower, and would be charged to whichever configuration came first
-    _decode(target, prompts[:1], tokens)
-    if model_draft:
-        _decode(draft, prompts[:1], tokens)
-    # Every configuration once per round, rounds repeated, each configuration's fastest round
-    # kept: a slow spell of a shared machine then hits all configurations alike.
-    configs = [("plain target", target, {})] + ([("plain draft", draft, {})] if model_draft else [])
-    configs += [(f"speculative k={k}", target, dict(draft=draft, policy=Fixed(k))) for k in ks]
-    configs += [("speculative adaptive k", target, dict(draft=draft, policy=Adaptive(4)))]
-    # auto: one policy for all prompts and rounds, as the engine keeps one across requests
-    configs += [("speculative auto k", target, dict(draft=draft, policy=Auto()))]
-    gguf = isinstance(target, GGUFBackend)
-    anchor = anchor and gguf and isinstance(draft, GGUFBackend)
-    texts = [tok.decode(ids[1:], skip_special=False) for ids in prompts]    # the tool adds the BOS itself
-    best, anchors = _rounds(configs, prompts, tokens, repeats, ks,
-                            (target.path, draft.path, texts, eos) if anchor else None, stop_ids)
-    rows = _rows(best, anchors, ks, prompts, model_draft, exact=not gguf)
-    target.close()
-    drafter.close()
+        draft_checkpoint = draft_checkpoint or (draft_path if is_checkpoint_dir(draft_path) else None)
+        hf = _transformers_pair(target_path, draft_checkpoint, device, ks)
+        if hf:
+            stack.callback(hf[0].close)
+        model_draft = isinstance(drafter, ModelDrafter)
+        draft = drafter.backend if model_draft else drafter            # a model also decodes plainly below
+        budget = target.context_length - tokens - 1
+        prompts = {"copy": lambda: _copy_prompts(tok, n_prompts, budget), "code": lambda: code_prompts(tok, n_prompts),
+                   "chat": lambda: chat_prompts(tok, n_prompts)}[prompt_set]()
+        stop_ids = tuple(tok.stop_ids) if eos else ()
+        # warm-up at full length: a 7B GGUF's first pass over its weights after loading runs ~30%
+        # slower, and would be charged to whichever configuration came first
+        decode_prompts(target, prompts[:1], tokens)
+        if model_draft:
+            decode_prompts(draft, prompts[:1], tokens)
+        if hf:
+            for settings in (None, {}):
+                hf[0].decode(prompts[:1], tokens, settings, stop_ids)
+        # Every configuration once per round, rounds repeated, each configuration's fastest round
+        # kept: a slow spell of a shared machine then hits all configurations alike.
+        configs = [("plain target", target, {})] + ([("plain draft", draft, {})] if model_draft else [])
+        configs += [(f"speculative k={k}", target, dict(draft=draft, policy=Fixed(k))) for k in ks]
+        configs += [("speculative adaptive k", target, dict(draft=draft, policy=Adaptive(4)))]
+        # auto: one policy for all prompts and rounds, as the engine keeps one across requests
+        configs += [("speculative auto k", target, dict(draft=draft, policy=Auto()))]
+        gguf = isinstance(target, GGUFBackend)
+        anchor = anchor and gguf and isinstance(draft, GGUFBackend)
+        texts = [tok.decode(ids[1:], skip_special=False) for ids in prompts]    # the tool adds the BOS itself
+        best, anchors = _rounds(configs, prompts, tokens, repeats, ks,
+                                (target.path, draft.path, texts, eos) if anchor else None, stop_ids, hf)
+        rows = _rows(best, anchors, ks, prompts, model_draft, exact=not gguf)
+        if hf:
+            rows += _transformers_rows(best, rows, [name for name, _ in hf[1]], ks)
     by = Path(draft_path).name if model_draft else drafter.name
     length = f"up to {tokens} tokens, stopping at the end of turn" if eos else f"{tokens} tokens"
     title = (f"{Path(target_path).name} drafted by {by} (greedy, {len(prompts)} held-out {prompt_set} prompts x "
              f"{length}, best of {repeats} interleaved rounds)")
+    if hf:
+        title += f"; transformers assisted by {draft_checkpoint}"
     return title, rows
 
 
-def _rounds(configs, prompts, tokens: int, repeats: int, ks, anchor, stop_ids=()) -> tuple[dict, dict]:
+def _transformers_pair(target_path: str, draft_checkpoint: str | None, device: str, ks):
+    """(TransformersPair, its configurations) for transformers' rows, or None with the reason on
+    stderr where the pair has no HF-format checkpoint directory for either model."""
+    from tinyllama.devices import resolve_device
+
+    from .speculative_transformers import TransformersPair, skip_reason
+
+    why = skip_reason(target_path, draft_checkpoint)
+    if why:
+        print(f"transformers' assisted generation skipped: {why}", file=sys.stderr)
+        return None
+    pair = TransformersPair(target_path, draft_checkpoint, resolve_device(device))
+    return pair, pair.configs(ks)
+
+
+def _keep(best: dict, name: str, result, round_: str) -> None:
+    print(f"round {round_}: {name}: {result.tokens_per_s:.1f} tok/s", file=sys.stderr)
+    if name not in best or result.tokens_per_s > best[name].tokens_per_s:
+        best[name] = result
+
+
+def _rounds(configs, prompts, tokens: int, repeats: int, ks, anchor, stop_ids=(), transformers=None) -> tuple[dict, dict]:
     """({config: its fastest DecodeRun}, {k: llama.cpp's fastest AnchorRun}); anchor:
-    (target GGUF, draft GGUF, prompt texts, stop at EOS) or None."""
+    (target GGUF, draft GGUF, prompt texts, stop at EOS) or None; transformers: (TransformersPair,
+    its configurations) or None."""
     best: dict[str, DecodeRun] = {}
     anchors: dict[int, object] = {}
     for r in range(repeats):
         for name, model, kw in configs:
-            result = _decode(model, prompts, tokens, stop_ids=stop_ids, **kw)
-            print(f"round {r + 1}/{repeats}: {name}: {result.tokens_per_s:.1f} tok/s", file=sys.stderr)
-            if name not in best or result.tokens_per_s > best[name].tokens_per_s:
-                best[name] = result
+            _keep(best, name, decode_prompts(model, prompts, tokens, stop_ids=stop_ids, **kw), f"{r + 1}/{repeats}")
         if anchor:
             from .speculative_anchor import llama_cpp_speculative
 
@@ -263,6 +236,10 @@ def _rounds(configs, prompts, tokens: int, repeats: int, ks, anchor, stop_ids=()
             for a in llama_cpp_speculative(*files, tokens, ks, ignore_eos=not eos):
                 if a.k not in anchors or a.tokens_per_s > anchors[a.k].tokens_per_s:
                     anchors[a.k] = a
+        if transformers:
+            pair, hf_configs = transformers
+            for name, settings in hf_configs:
+                _keep(best, name, pair.decode(prompts, tokens, settings, stop_ids), f"{r + 1}/{repeats}")
     return best, anchors
 
 
@@ -307,6 +284,35 @@ def _rows(best: dict, anchors: dict, ks, prompts, model_draft: bool, exact: bool
     return rows
 
 
+def _transformers_rows(best: dict, ours: list[dict], names: list[str], ks) -> list[dict]:
+    """transformers' rows (names: plain generate first, then its assisted configurations), their
+    speedups over transformers' plain generate; "vs transformers" on our plain and fixed-k rows
+    (ours over transformers' at the same k), and a last row: our fastest PyTorch-target
+    configuration over transformers' fastest assisted one. "same output" counts the prompts whose
+    output equals our plain greedy decoding's and, for assisted rows, transformers' plain one's:
+    counted, not raised (other kernels may take the other token at a near-tie)."""
+    from .speculative_transformers import PLAIN
+
+    plain, mine = best[PLAIN], best["plain target"].outputs
+    by_name = {r["config"]: r for r in ours}
+    by_name["plain target"]["vs_transformers"] = by_name["plain target"]["tokens_per_s"] / plain.tokens_per_s
+    for k in ks:
+        by_name[f"speculative k={k}"]["vs_transformers"] = (by_name[f"speculative k={k}"]["tokens_per_s"]
+                                                            / best[f"transformers assisted k={k} (constant)"].tokens_per_s)
+    n = len(mine)
+    rows = [_row(PLAIN, plain.tokens_per_s, speedup=1.0, same=f"{sum(a == b for a, b in zip(plain.outputs, mine))}/{n}")]
+    for name in names[1:]:
+        run = best[name]
+        same = sum(a == b == c for a, b, c in zip(run.outputs, plain.outputs, mine))
+        rows.append(_row(name, run.tokens_per_s, speedup=run.tokens_per_s / plain.tokens_per_s, same=f"{same}/{n}"))
+    fastest = max((r for r in ours if r["config"] == "plain target" or r["config"].startswith("speculative")),
+                  key=lambda r: r["tokens_per_s"])
+    theirs = max(rows[1:], key=lambda r: r["tokens_per_s"])
+    rows.append(_row(f"ours, fastest ({fastest['config']}) vs transformers assisted, fastest ({theirs['config']})", None))
+    rows[-1]["vs_transformers"] = fastest["tokens_per_s"] / theirs["tokens_per_s"]
+    return rows
+
+
 def _parser() -> argparse.ArgumentParser:
     from tinyllama.cli import add_draft_model_flag
 
@@ -317,6 +323,11 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--target", default="out/sft")
     add_draft_model_flag(ap, "a draft model, or ngram[:N] for prompt lookup (default: %(default)s)",
                          default="out/draft/sft")
+    ap.add_argument("--draft-checkpoint", metavar="DIR",
+                    help="the draft as an HF-format checkpoint directory (the same model as a GGUF --model-draft) "
+                         "for transformers' assisted generation beside ours, with a checkpoint directory as --target "
+                         "(default: --model-draft where it is one; without either, transformers' rows are skipped, "
+                         "saying why)")
     ap.add_argument("--pair", choices=["7b", "1b", "tiny"],
                     help="instead of --target/--model-draft: a constructed pair (bench.constructed_pair): 7b = "
                          "tinyllama-1.1b drafting for a llama-2-7b-shaped target, 1b = a ~110M draft for a "
@@ -395,7 +406,7 @@ def _main(args: argparse.Namespace) -> int:
                           for a in args.alpha))
     else:
         print(run(args.target, args.model_draft, args.k, args.tokens, args.prompts, args.repeats, args.prompt_set, args.json,
-                  anchor=args.anchor, device=args.device or "cpu", eos=args.eos))
+                  anchor=args.anchor, device=args.device or "cpu", eos=args.eos, draft_checkpoint=args.draft_checkpoint))
     return 0
 
 

@@ -42,6 +42,7 @@ from .constructed_pair import PAIRS as GGUF_PAIRS
 from .constructed_pair import add_calibrated_noise, embed_draft
 from .random_models import random_model
 from .records import env_ceiling, record
+from .speculative_runs import decode_prompts, solve_alpha, theory
 
 # "tiny": a draft and target small enough to rehearse every step on a CPU in seconds
 PAIRS = {**GGUF_PAIRS,
@@ -130,18 +131,16 @@ def speculative_runs(draft: Llama, target: Llama, prompts: list[list[int]], toke
 
 
 def _speculative_mode(draft, target, prompts, tokens, ks, lat, how: str) -> None:
-    from .speculative import _decode, solve_alpha, theory
-
     device = target.lm_head.weight.device
     runtime = RuntimeOptions(cuda_graphs=how == "graph")
     tb, db = TorchBackend(target, pack=False, runtime=runtime), TorchBackend(draft, pack=False, runtime=runtime)
-    _decode(tb, prompts, tokens, device=device)                          # warm-up (and captures)
-    plain = _decode(tb, prompts, tokens, device=device)
-    t_plain, t_draft = plain.seconds, _decode(db, prompts, tokens, device=device).seconds
+    decode_prompts(tb, prompts, tokens, device=device)                          # warm-up (and captures)
+    plain = decode_prompts(tb, prompts, tokens, device=device)
+    t_plain, t_draft = plain.seconds, decode_prompts(db, prompts, tokens, device=device).seconds
     n_tok = tokens * len(prompts)
     _emit(what="plain", mode=how, target_tok_s=n_tok / t_plain, draft_tok_s=n_tok / t_draft, c_loop=t_draft / t_plain)
     for k in ks:
-        run = _decode(tb, prompts, tokens, db, Fixed(k), device=device)
+        run = decode_prompts(tb, prompts, tokens, db, Fixed(k), device=device)
         outs, secs, drafted, accepted, passes = run.outputs, run.seconds, run.drafted, run.accepted, run.passes
         alpha = solve_alpha(n_tok / passes, k) if passes else 0.0
         t1, d1, tk = lat.get(("target", how, 1)), lat.get(("draft", how, 1)), lat.get(("target", how, k + 1))

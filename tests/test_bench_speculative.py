@@ -51,19 +51,19 @@ def test_bench_speculative_stops_at_the_end_of_turn_on_held_out_code_prompts(tin
 
     tok = Tokenizer.from_dir(tiny_chat_checkpoint)
     runs = []
-    real_decode = speculative._decode
+    real_decode = speculative.decode_prompts
 
     def spy(*args, **kwargs):
         runs.append(real_decode(*args, **kwargs))
         return runs[-1]
 
-    speculative._decode = spy
+    speculative.decode_prompts = spy
     try:
         speculative.main(["--target", str(tiny_chat_checkpoint), "-md", str(tiny_chat_checkpoint), "--eos",
                           "--prompt-set", "code", "--k", "1", "--tokens", "40", "--prompts", "2", "--repeats", "1",
                           "--json"])
     finally:
-        speculative._decode = real_decode
+        speculative.decode_prompts = real_decode
     out = json.loads(capsys.readouterr().out)
     assert "held-out code prompts" in out["pair"] and "stopping at the end of turn" in out["pair"]
     ended = [o for run in runs for o in run.outputs if o and o[-1] in tok.stop_ids]
@@ -91,3 +91,41 @@ def test_bench_speculative_refuses_a_draft_with_other_special_ids(tiny_chat_chec
             in captured.err)
     assert "Traceback" not in captured.err and captured.out == ""
     assert sorted((p, p.stat().st_mtime_ns) for p in [*tmp_path.rglob("*"), *tiny_chat_checkpoint.rglob("*")]) == before
+
+
+def test_bench_speculative_runs_transformers_assisted_generation_beside_ours(tiny_chat_checkpoint, llama2_tokenizer,
+                                                                            tmp_path, capsys):
+    """A checkpoint-directory pair: transformers' plain and assisted generate run on the same
+    prompts, and every output agrees token for token with ours; a draft that is not a checkpoint
+    directory skips them, saying why."""
+    import torch
+
+    from tinyllama import Llama, ModelConfig, save_checkpoint
+
+    torch.manual_seed(1)            # another, smaller model in the same vocabulary: some drafts rejected
+    draft = tmp_path / "draft"
+    save_checkpoint(Llama(ModelConfig.from_name("tinyllama-debug").replace(n_layer=1, d_model=32, n_head=2,
+                                                                           n_kv_head=1, ffn_dim=64)),
+                    llama2_tokenizer, draft)
+    speculative.main(["--target", str(tiny_chat_checkpoint), "-md", str(draft), "--k", "1", "3", "--tokens", "12",
+                      "--prompts", "2", "--repeats", "1", "--json"])
+    out = json.loads(capsys.readouterr().out)
+    rows = {r["config"]: r for r in out["rows"]}
+    hf = [r for r in out["rows"] if r["config"].startswith("transformers")]
+    names = [r["config"] for r in hf]
+    assert names[0] == "transformers plain generate" and names[1].startswith("transformers assisted, its defaults")
+    assert names[2:] == ["transformers assisted k=1 (constant)", "transformers assisted k=3 (constant)"]
+    assert all(r["tokens_per_s"] > 0 and r["same_output_as_plain"] == "2/2" for r in hf)
+    assert hf[0]["speedup"] == 1.0 and all(r["speedup"] > 0 for r in hf)
+    assert rows["speculative k=3"]["vs_transformers"] > 0 and rows["plain target"]["vs_transformers"] > 0
+    assert rows["speculative k=3"]["same_output_as_plain"] == "2/2"
+    last = out["rows"][-1]
+    assert last["config"].startswith("ours, fastest (") and "vs transformers assisted, fastest (" in last["config"]
+    assert last["vs_transformers"] > 0
+    assert f"transformers assisted by {draft}" in out["pair"]
+
+    speculative.main(["--target", str(tiny_chat_checkpoint), "-md", "ngram", "--k", "1", "--tokens", "4",
+                      "--prompts", "1", "--repeats", "1", "--json"])
+    captured = capsys.readouterr()
+    assert "transformers' assisted generation skipped: no HF-format draft" in captured.err
+    assert not any(r["config"].startswith("transformers") for r in json.loads(captured.out)["rows"])
