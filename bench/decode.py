@@ -88,7 +88,8 @@ def gguf_row(gguf: Path, n: int, repeats: int = 5, prompt: list[int] | None = No
     from tinyllama.inference.generate import generate
 
     backend = GGUFBackend(gguf, n_ctx=512)
-    llm = llama_cpp.Llama(model_path=str(gguf), n_ctx=512, verbose=False, n_threads=backend.llm.n_threads)
+    llm = llama_cpp.Llama(model_path=str(gguf), n_ctx=512, verbose=False, n_threads=backend.llm.n_threads,
+                          flash_attn=True)        # as the backend runs it: the loops compared, not the kernels
     prompt = prompt or list(range(1, 33))
     eos = llama_cpp.llama_vocab_eos(llm._model.vocab)
     try:

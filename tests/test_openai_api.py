@@ -226,7 +226,8 @@ def test_gguf_logprobs_are_llama_cpps_own(tiny_chat_checkpoint, tmp_path):
     from quantize.export import write_gguf
 
     gguf = write_gguf(tiny_chat_checkpoint, tmp_path / "m.gguf", "f32")
-    llm = llama_cpp.Llama(model_path=str(gguf), n_ctx=256, logits_all=True, verbose=False)
+    llm = llama_cpp.Llama(model_path=str(gguf), n_ctx=256, logits_all=True, verbose=False,
+                          flash_attn=True)       # as GGUFBackend runs it
     try:
         for parallel in (1, 2):
             engine = Engine.load(gguf, parallel=parallel)
@@ -235,7 +236,9 @@ def test_gguf_logprobs_are_llama_cpps_own(tiny_chat_checkpoint, tmp_path):
                     ids = engine.tokenizer.encode(PROMPT)
                     out = produced(engine, PROMPT, 5)
                     llm.reset()
-                    llm.eval(ids + out)
+                    llm.eval(ids)                    # as the engine runs it: the prompt in one pass,
+                    for token in out:                # then a pass per token (flash attention's sums
+                        llm.eval([token])            # follow the pass's shape)
                     logp = torch.log_softmax(torch.from_numpy(llm.scores[:len(ids) + len(out)].copy()), -1)
                     r = client.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 5, "logprobs": 2,
                                                              "echo": True})

@@ -126,7 +126,7 @@ def test_the_gguf_chats_in_its_own_template_as_llama_cpp_does(real_gguf, real_to
         ours = list(gen)
     finally:
         backend.close()
-    llm = llama_cpp.Llama(model_path=str(real_gguf), n_ctx=512, verbose=False)
+    llm = llama_cpp.Llama(model_path=str(real_gguf), n_ctx=512, verbose=False, flash_attn=True)  # as the backend
     try:
         prompt = Jinja2ChatFormatter(template=tok.chat_template, eos_token="<|im_end|>", bos_token="<|im_start|>")(
             messages=PARIS).prompt

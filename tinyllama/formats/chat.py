@@ -27,6 +27,7 @@ strings typed inside a message stay text (transformers would parse them).
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from datetime import datetime
@@ -185,6 +186,17 @@ def render_template(template: str, messages: Sequence[dict], special: dict[str, 
     """`template` rendered as transformers renders a chat template; `special` maps
     bos_token/eos_token/... to their strings."""
     from jinja2 import TemplateError
+
+    try:
+        return _compiled(template).render(messages=list(messages), add_generation_prompt=add_generation_prompt,
+                                          **special)
+    except TemplateError as e:
+        raise ChatFormatError(f"the model's chat template cannot be rendered: {e}") from None
+
+
+@functools.lru_cache(maxsize=16)
+def _compiled(template: str):
+    """The template compiled once (milliseconds a request otherwise, as transformers caches it too)."""
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     def raise_exception(msg: str):
@@ -194,11 +206,7 @@ def render_template(template: str, messages: Sequence[dict], special: dict[str, 
     env.filters["tojson"] = lambda x, indent=None, separators=None, sort_keys=False: json.dumps(
         x, ensure_ascii=False, indent=indent, separators=separators, sort_keys=sort_keys)
     env.globals.update(raise_exception=raise_exception, strftime_now=lambda fmt: datetime.now().strftime(fmt))
-    try:
-        return env.from_string(template).render(messages=list(messages), add_generation_prompt=add_generation_prompt,
-                                                **special)
-    except TemplateError as e:
-        raise ChatFormatError(f"the model's chat template cannot be rendered: {e}") from None
+    return env.from_string(template)
 
 
 def apply_chat_template(tok: Tokenizer, messages: Sequence[dict], add_generation_prompt: bool = True,

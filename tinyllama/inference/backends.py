@@ -157,9 +157,11 @@ class GGUFBackend(Backend):
         if trained:
             n_ctx = min(n_ctx, int(trained))     # no longer than the model was trained for
         try:
+            # flash attention on, as llama.cpp's own tools run it (`-fa auto`) on the CPU and GPU
+            # backends; llama-cpp-python's wrapper leaves it off (measured by bench.server_compare)
             self.llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, logits_all=True, verbose=False,
                                        n_threads=n_threads or max(1, (os.cpu_count() or 2)),
-                                       n_gpu_layers=n_gpu_layers)
+                                       n_gpu_layers=n_gpu_layers, flash_attn=True)
         except ValueError as e:
             raise UserError(f"{path}: llama.cpp cannot load this file ({e})") from None
         if llama_cpp.llama_model_is_recurrent(self.llm._model.model):
