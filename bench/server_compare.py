@@ -2,6 +2,7 @@
 batching) and llama.cpp's own `llama-server`, on the same GGUF, with the same clients, in one run.
 
     python -m bench.server_compare [--model PATH] [--clients 1 8 32] [--duration 60] [--parallel 8]
+    python -m bench.server_compare --model TARGET.gguf -md DRAFT.gguf --clients 1    # speculative, both servers
 
 Each server is started with `parallel` slots of `n_ctx` tokens (ours: --parallel N --ctx-size C;
 llama-server: -np N -c N*C, its defaults otherwise), then for each client count that many
@@ -38,8 +39,10 @@ QUESTIONS = ("Tell me about llamas.", "What is the capital of France?", "Write a
              "What does a compiler do?", "Give me a tip for a job interview.")
 
 
-def start_server(kind: str, model: Path, port: int, parallel: int, n_ctx: int, log: Path) -> subprocess.Popen:
-    """`python -m serve` (kind "ours") or llama-server (kind "llama-server") on 127.0.0.1:port."""
+def start_server(kind: str, model: Path, port: int, parallel: int, n_ctx: int, log: Path,
+                 draft: Path | None = None) -> subprocess.Popen:
+    """`python -m serve` (kind "ours") or llama-server (kind "llama-server") on 127.0.0.1:port;
+    with `draft`, each drafting with it by its own default settings (ours: --draft-max auto)."""
     if kind == "ours":
         cmd = [sys.executable, "-m", "serve", "--model", str(model), "--port", str(port), "--parallel", str(parallel),
                "--ctx-size", str(n_ctx), "--max-queue", "1000"]
@@ -48,6 +51,7 @@ def start_server(kind: str, model: Path, port: int, parallel: int, n_ctx: int, l
 
         cmd = [str(tool("llama-server")), "-m", str(model), "--port", str(port), "--host", "127.0.0.1",
                "-np", str(parallel), "-c", str(parallel * n_ctx), "-t", str(os.cpu_count() or 2)]
+    cmd += ["-md", str(draft)] if draft else []
     with open(log, "w") as fh:
         return subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT,
                                 env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
@@ -130,20 +134,21 @@ async def steady_load(url: str, clients: int, duration_s: float, max_tokens: int
 
 
 def measure(model: Path, clients=(1, 8, 32), duration_s: float = 60.0, parallel: int = 8, n_ctx: int = 512,
-            max_tokens: int = 32, kinds=("ours", "llama-server")) -> list[dict]:
+            max_tokens: int = 32, kinds=("ours", "llama-server"), draft: Path | None = None) -> list[dict]:
     """One row per (server, client count); each server started once, warmed up by one request."""
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for kind in kinds:
             port, log = free_port(), Path(tmp) / f"{kind}.log"
-            server = start_server(kind, model, port, parallel, n_ctx, log)
+            server = start_server(kind, model, port, parallel, n_ctx, log, draft)
             try:
                 url = f"http://127.0.0.1:{port}"
                 wait_until_up(url, server, log)
                 asyncio.run(steady_load(url, 1, 0.0, 4))            # warm-up: one short request
                 for n in clients:
                     row = asyncio.run(steady_load(url, n, duration_s, max_tokens))
-                    rows.append({"server": kind, "model": model.name, **row})
+                    name = model.name + (f" drafted by {draft.name}" if draft else "")
+                    rows.append({"server": kind, "model": name, **row})
                     print(f"  {kind}, {n} clients: {row['tokens_per_s']:.1f} tok/s"
                           + (f"; first error: {row['first_error']}" if row["first_error"] else ""),
                           file=sys.stderr, flush=True)
@@ -181,10 +186,10 @@ def default_models() -> list[Path]:
 
 
 def measure_models(models: list[Path] | None, clients, duration_s: float, parallel: int, n_ctx: int,
-                   max_tokens: int) -> list[dict]:
+                   max_tokens: int, draft: Path | None = None) -> list[dict]:
     """measure() for each model (default: default_models()), the rows in one list."""
     return [r for m in (models or default_models())
-            for r in measure(Path(m), clients, duration_s, parallel, n_ctx, max_tokens)]
+            for r in measure(Path(m), clients, duration_s, parallel, n_ctx, max_tokens, draft=draft)]
 
 
 def run(duration_s: float = 60.0, clients=(1, 8, 32), parallel: int = 8, n_ctx: int = 512, max_tokens: int = 32,
@@ -205,10 +210,14 @@ def main(argv: list[str] | None = None) -> int:
                     help="context per slot (default: %(default)s)")
     add_renamed_flag(ap, "--n-ctx", "--ctx-size", dest="ctx_size", type=int)
     ap.add_argument("--max-tokens", type=int, default=32, help="per request (default: %(default)s)")
+    ap.add_argument("-md", "--model-draft", type=Path, help="a draft .gguf both servers speculate with, each by "
+                                                            "its own default settings (default: none)")
     ap.add_argument("--json", action="store_true", help="print the rows as JSON instead of the table")
     args = ap.parse_args(argv)
+    if args.model_draft and not args.model_draft.is_file():
+        ap.error(f"--model-draft {args.model_draft}: no such file")
     rows = measure_models([Path(m) for m in args.model or []], args.clients, args.duration, args.parallel,
-                          args.ctx_size, args.max_tokens)
+                          args.ctx_size, args.max_tokens, args.model_draft)
     print(json.dumps(rows, indent=1) if args.json else table(rows, args.parallel, args.ctx_size, args.max_tokens))
     return 0 if all(r["bad_status"] + r["stream_errors"] + r["transport_errors"] == 0 for r in rows) else 1
 

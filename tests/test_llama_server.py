@@ -88,3 +88,16 @@ def test_side_by_side_load_benchmark_short(chat_gguf):
         assert r["bad_status"] + r["stream_errors"] + r["transport_errors"] == 0, r["first_error"]
     text = table(rows, 4, 128, 8)
     assert "llama-server" in text and "vs llama-server" in text
+
+
+def test_side_by_side_with_a_draft_speculates_in_both_servers(chat_gguf):
+    """-md: both servers load the draft (the chat model drafting for itself here) and answer every
+    request; the rows name the pair."""
+    from bench.server_compare import measure
+
+    rows = measure(chat_gguf, clients=(1,), duration_s=2.0, parallel=2, n_ctx=128, max_tokens=8, draft=chat_gguf)
+    assert [r["server"] for r in rows] == ["ours", "llama-server"]
+    for r in rows:
+        assert r["model"] == f"{chat_gguf.name} drafted by {chat_gguf.name}"
+        assert r["served"] > 0 and r["tokens_per_s"] > 0, r
+        assert r["bad_status"] + r["stream_errors"] + r["transport_errors"] == 0, r["first_error"]
