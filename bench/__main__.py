@@ -140,6 +140,8 @@ def _sections(args) -> list[tuple[str, object]]:
         ("GGUF sizes and llama.cpp decode (`python -m bench.gguf`)", gguf_tables),
         ("GGUF quality on the real model, SmolLM2-135M-Instruct (`python -m bench.gguf --real-model`)",
          lambda: gguf.real_model_quality(gguf.REAL_MODEL_TYPES)),
+        ("Speculative decoding on the real target, SmolLM2-135M-Instruct (`python -m bench.speculative --eos`)",
+         lambda: real_pair_tables(args.quick)),
         ("Speculative decoding, the CPU-default pair (`python -m bench.speculative`)" if have_pairs else
          "Speculative decoding (`python -m bench.speculative`)",
          (lambda: "\n\n".join([speculative.run(t, d) for t, d in pairs] +
@@ -158,18 +160,53 @@ def _sections(args) -> list[tuple[str, object]]:
         ("Server under load (`python -m bench.server_load`)",
          lambda: server_load.run(duration_s=20.0 if args.quick else 60.0)),
         ("Serving side by side with llama-server, continuous batching (`python -m bench.server_compare`)",
-         lambda: server_compare.run(duration_s=15.0 if args.quick else 60.0,
-                                    clients=(1, 8) if args.quick else (1, 8, 32))),
+         lambda: server_tables(args.quick)),
         ("Crash safety: SIGKILLed pretraining resumed (`python -m bench.kill_resume`)",
          lambda: kill_resume.run(kills=4 if args.quick else 12, steps=12 if args.quick else 24)),
     ]
     return todo
 
 
+def real_pair_tables(quick: bool) -> str:
+    """The real model drafted by the draft `tinyllama draft` built for it: GGUF and PyTorch
+    targets with llama.cpp's and transformers' own speculative decoding beside ours, chat and
+    code prompts held out of the distillation, EOS honoured; then prompt lookup."""
+    from tinyllama import real_model as rm
+
+    target, draft = rm.path(), rm.draft_path()
+    if target is None or not draft.is_file():
+        return ("Not measured: the real model and its draft are not both here (`make real-model`, then "
+                f"`make draft TARGET={rm.models_dir() / rm.GGUF_NAME}`).")
+    recipe = draft.parent.parent                 # out/draft-NAME: the import in target/, the draft in sft/
+    n, tokens = (3, 64) if quick else (6, 128)
+    tables = [speculative.run(str(target), str(draft), n_prompts=n, tokens=tokens, anchor=True, eos=True,
+                              prompt_set=ps, repeats=1 if quick else 2) for ps in ("chat", "code")]
+    if (recipe / "target" / "config.json").exists():
+        tables.append(speculative.run(str(recipe / "target"), str(draft), n_prompts=n, tokens=tokens, eos=True,
+                                      repeats=1 if quick else 2, draft_checkpoint=str(recipe / "sft")))
+    tables.append(speculative.run(str(target), "ngram", ks=(2, 4), n_prompts=n, tokens=tokens, eos=True,
+                                  repeats=1))
+    return "\n\n".join(tables)
+
+
+def server_tables(quick: bool) -> str:
+    """bench.server_compare's default models, then the real model with its draft at 1 client
+    when both are here."""
+    from tinyllama import real_model as rm
+
+    text = server_compare.run(duration_s=15.0 if quick else 60.0, clients=(1, 8) if quick else (1, 8, 32))
+    if rm.path() is not None and rm.draft_path().is_file():
+        rows = server_compare.measure(rm.path(), clients=(1,), duration_s=15.0 if quick else 60.0,
+                                      draft=rm.draft_path())
+        text += "\n\nWith the real model's draft, each server by its own speculative settings:\n\n" + \
+            server_compare.table(rows, 8, 512, 32)
+    return text
+
+
 def module_of(title: str) -> str:
-    """A section's name for --only: its module, and its --pair or --real-model if any
-    ("speculative-7b", "gguf-real-model")."""
-    m = re.search(r"`python -m bench\.(\w+)(?: --pair (\w+)| --(real-model))?`", title)
+    """A section's name for --only: its module, and its --pair, --real-model or --eos if any
+    ("speculative-7b", "gguf-real-model", "speculative-eos": the real target)."""
+    m = re.search(r"`python -m bench\.(\w+)(?: --pair (\w+)| --(real-model|eos))?`", title)
     extra = m.group(2) or m.group(3)
     return m.group(1) + (f"-{extra}" if extra else "")
 

@@ -11,8 +11,9 @@ each, questions cycled from one list and numbered, so no prompt repeats: both se
 finished prompts for reuse, and this measures batching, not that cache). Reported per server and client count: generated tokens/s
 (all clients together, from each response's usage), requests/s, time to first token and request
 latency (p50 / p99), and errors: non-200 answers, errors inside a stream, broken connections.
-The model: tinyllama-1.1b-shaped with random weights (bench.random_models; speed does not
-depend on the values) as Q4_K_M, and the 19M chat GGUF `make run` leaves, when present.
+The models: tinyllama-1.1b-shaped with random weights (bench.random_models; speed does not
+depend on the values) as Q4_K_M, the 19M chat GGUF `make run` leaves and the real model
+(SmolLM2-135M-Instruct, `make real-model`), each when present.
 llama-server is built from the llama.cpp sources in the llama-cpp-python sdist
 (tinyllama.llamacpp.tools, `make tools`).
 """
@@ -181,8 +182,10 @@ def table(rows: list[dict], parallel: int, n_ctx: int, max_tokens: int) -> str:
 def default_models() -> list[Path]:
     from .random_models import random_gguf
 
+    from tinyllama import real_model
+
     models = [random_gguf("tinyllama-1.1b", "Q4_K_M", say=lambda m: print(m, file=sys.stderr))]
-    return models + ([DEFAULT_MODEL] if DEFAULT_MODEL.exists() else [])
+    return models + [m for m in (DEFAULT_MODEL, real_model.path()) if m is not None and m.exists()]
 
 
 def measure_models(models: list[Path] | None, clients, duration_s: float, parallel: int, n_ctx: int,
