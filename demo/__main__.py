@@ -60,11 +60,10 @@ def main(argv: list[str] | None = None) -> int:
         return report(e)
     model, draft = args.model, args.model_draft
     if model is None:
-        pair = default_pair()
-        if not pair.model.is_file():
-            print(f"error: {pair.model}: no such model (run `make run` or `make real-model` first, or pass --model)",
-                  file=sys.stderr)
-            return 2
+        try:
+            pair = default_pair().require()
+        except UserError as e:
+            return report(e)
         print(f"no --model: {pair.why}", file=sys.stderr)
         model, draft = str(pair.model), draft or (str(pair.draft) if pair.draft else None)
     draft = None if args.no_draft else draft

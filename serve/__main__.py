@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from tinyllama.errors import UserError
 from tinyllama.real_model import default_pair
 from tinyllama.runtime import INFERENCE
 
@@ -75,10 +76,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.model and args.models_dir:
         ap.error("give exactly one of --model and --models-dir, not both")
     if args.model is None and args.models_dir is None:
-        pair = default_pair()
-        if not pair.model.is_file():
-            ap.error(f"no --model or --models-dir, and no default model: {pair.model} does not exist "
-                     "(run `make run` or `make real-model` first)")
+        try:
+            pair = default_pair().require()
+        except UserError as e:
+            ap.error(f"no --model or --models-dir, and {e}")
         print(f"no --model: {pair.why}", file=sys.stderr)
         args.model, args.model_draft = str(pair.model), args.model_draft or (str(pair.draft) if pair.draft else None)
     if args.models_dir and args.model_draft:

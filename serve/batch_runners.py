@@ -84,7 +84,7 @@ class LlamaCppRunner(BatchRunner):
             params.n_threads = params.n_threads_batch = n_threads
         # one KV buffer the sequences share: a step's rows then go through llama.cpp in one
         # ubatch, where split per-sequence buffers cut a mixed step into several passes
-        # (bench.server_compare: 8 clients 0.72x llama-server split, 1.0x unified)
+        # (measured by bench.server_compare)
         params.kv_unified = unified_kv
         params.no_perf = True
         self.ctx = llama_cpp.llama_init_from_model(backend.llm._model.model, params)

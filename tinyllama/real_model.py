@@ -77,6 +77,13 @@ class ChatPair:
     draft: Path | None
     why: str
 
+    def require(self) -> "ChatPair":
+        """This pair, or a UserError naming the missing model and how to get one."""
+        if not self.model.is_file():
+            raise UserError(f"no default model: {self.model} does not exist (run `make run` or `make real-model` "
+                            "first, or pass --model)")
+        return self
+
 
 def default_pair(out: Path = Path("out")) -> ChatPair:
     """The real model drafted by the draft built for it, when both are here; else what `make run`

@@ -61,7 +61,7 @@ class TorchBackend(Backend):
         self.vocab_size = model.config.vocab_size
         self.context_length = model.config.max_seq_len
         self._cached: list[int] = []
-        self.cache: KVCache | None = None      # this backend's: grown in steps by _fit_cache
+        self._cache: KVCache | None = None     # this backend's own, grown in steps by _fit_cache
         self._fingerprint: str | None = None
         # fused q/k/v, gate/up, o, down and lm_head copies in the layout (transposed or oneDNN)
         # that decodes fastest here (tinyllama/inference/packing.py); dropped again by close()
@@ -69,8 +69,6 @@ class TorchBackend(Backend):
         # on CUDA: decode and verification steps replayed as CUDA graphs over a cache of the
         # whole context (tinyllama.inference.graphs); eager steps would leave the GPU waiting on the host
         self.graphs = StaticDecoder(model, self.context_length) if use_cuda_graphs(model, runtime.cuda_graphs) else None
-        if self.graphs is not None:       # longer steps (a prompt) run eagerly into the graphs' cache
-            self.cache = self.graphs.cache
 
     def logits(self, context: Sequence[int], n_last: int = 1) -> torch.Tensor:
         check_context(context, n_last, self.context_length, self.name)
@@ -93,6 +91,12 @@ class TorchBackend(Backend):
         self._cached = context
         return out
 
+    @property
+    def cache(self) -> KVCache | None:
+        """The KV cache steps run in: with CUDA graphs the static decoder's (longer steps, a
+        prompt, run eagerly into it), else this backend's own."""
+        return self.graphs.cache if self.graphs is not None else self._cache
+
     def _fit_cache(self, n: int) -> None:
         """A KV cache that holds `n` positions (with CUDA graphs the static decoder's own, of the
         whole context): grown in steps, so a long generation reallocates a handful of times, not
@@ -102,7 +106,7 @@ class TorchBackend(Backend):
         have = 0 if self.cache is None else self.cache.max_seq_len
         if have < n:
             size = min(self.context_length, max(n, 2 * have, 256))
-            self.cache = KVCache.for_model(self.model, batch_size=1, max_seq_len=size)
+            self._cache = KVCache.for_model(self.model, batch_size=1, max_seq_len=size)
             self._cached = []
 
     def cached_tokens(self) -> int:
@@ -129,7 +133,7 @@ class TorchBackend(Backend):
 
     def close(self) -> None:
         self.graphs = None
-        self.cache = None
+        self._cache = None
         if self.packed_bytes:
             unpack(self.model)
         self._cached = []

@@ -20,7 +20,7 @@ from typing import Callable, Protocol, Sequence, runtime_checkable
 import torch
 
 from tinyllama.errors import UserError
-from tinyllama.inference.interface import Backend
+from tinyllama.inference.interface import Backend, common_prefix
 
 # the generator's sampler: logits (vocab,) after a context -> a token and the q (vocab,) it was
 # drawn from, None for a point mass (greedy)
@@ -180,7 +180,7 @@ def where(backend: Backend) -> str:
 def _first_difference(a: Sequence, b: Sequence) -> int | None:
     """The first index where two sequences differ (the shorter one's length where one is a
     prefix of the other); None where they are equal."""
-    i = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+    i = common_prefix(a, b)
     return None if i == len(a) == len(b) else i
 
 

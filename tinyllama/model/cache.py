@@ -56,10 +56,11 @@ class Step:
             raise ValueError(f"{len(rows)} cache rows for {positions.shape[0]} positions: one each")
         rows = list(rows)
         consecutive = rows == list(range(rows[0], rows[0] + len(rows)))
-        index = slice(rows[0], rows[0] + len(rows)) if consecutive else torch.tensor(rows, device=positions.device)
+        row_index = torch.tensor(rows, device=positions.device)
+        read = slice(rows[0], rows[0] + len(rows)) if consecutive else row_index
         # the one host sync of the step: how far to read, shared by every layer
-        return cls("per_row", 1, rows=index, row_index=torch.tensor(rows, device=positions.device),
-                   positions=positions, end=int(positions.max()) + 1, lengths=positions + 1)
+        return cls("per_row", 1, rows=read, row_index=row_index, positions=positions, end=int(positions.max()) + 1,
+                   lengths=positions + 1)
 
     @classmethod
     def static(cls, positions: torch.Tensor, cache_len: int) -> "Step":
