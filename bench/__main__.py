@@ -1,4 +1,5 @@
-"""Runs every benchmark and rewrites bench/RESULTS.md with the machine and the date.
+"""Runs every benchmark and rewrites bench/RESULTS.md with the machine and the date (sections no
+benchmark writes, one-off measurements, stay).
 
     python -m bench [--quick | --full]      (make bench: the default)
     python -m bench --only server_load       rerun some benchmarks, replacing only their sections
@@ -77,14 +78,43 @@ def main(argv: list[str] | None = None) -> int:
     head = (f"# Benchmark results\n\nWritten by `make bench` on {dt.date.today().isoformat()}.\n"
             f"Machine: {machine()}.\n\nEach row measures ours and the reference in the same run; "
             "'ours vs ref' > 1 means ours is faster.\n")
-    body = "".join(f"\n## {t}\n\n{tbl}\n" for t, tbl in sections)
-    # Figures measured on a GPU (make gpu-check) live below this marker and survive a CPU re-run.
     old = RESULTS.read_text() if RESULTS.exists() else ""
-    gpu_part = old[old.index(GPU_MARKER):] if GPU_MARKER in old else ""
     with atomic_file(RESULTS) as tmp:
-        tmp.write_text(head + body + ("\n" + gpu_part if gpu_part else ""))
+        tmp.write_text(full_results(head, sections, old))
     print(f"\nwrote {RESULTS}")
     return 0
+
+
+def full_results(head: str, sections: list[tuple[str, str]], old: str) -> str:
+    """RESULTS.md after a full run: `head`, then every section the run wrote, in order, except
+    that a "Not measured" placeholder leaves the old file's measured section for the same command
+    in place (the 7B-shaped pair runs only under --full or --only); then the old sections no
+    benchmark of the run writes (one-off measurements, each titled by its own command); then the
+    GPU part, whose figures (make gpu-check) survive a CPU re-run."""
+    gpu_part = old[old.index(GPU_MARKER):] if GPU_MARKER in old else ""
+    kept = dict(_old_sections(old[:len(old) - len(gpu_part)]))
+    body = []
+    for title, tbl in sections:
+        before = kept.pop(_key(title), None)
+        body.append(before if before and _placeholder(tbl) else f"## {title}\n\n{tbl}\n")
+    body += kept.values()
+    return head + "".join(f"\n{s.rstrip()}\n" for s in body) + ("\n" + gpu_part if gpu_part else "")
+
+
+def _old_sections(text: str) -> list[tuple[str, str]]:
+    """(the title's key, the whole section from its "## " line) for each section of `text`."""
+    starts = [m.start() for m in re.finditer(r"^## ", text, re.M)]
+    return [(_key(text[a + 3:].split("\n", 1)[0]), text[a:b]) for a, b in zip(starts, starts[1:] + [len(text)])]
+
+
+def _key(title: str) -> str:
+    """What identifies a section across runs: the command its title names, else the title."""
+    m = re.search(r"`(python -m bench\.[^`]+)`", title)
+    return m.group(1) if m else title.strip()
+
+
+def _placeholder(table: str) -> bool:
+    return re.match(r"(CPU: [^\n]*\n\n)?Not measured", table) is not None
 
 
 def with_cpu(text: str) -> str:
@@ -173,17 +203,21 @@ def real_pair_tables(quick: bool) -> str:
     code prompts held out of the distillation, EOS honoured; then prompt lookup."""
     from tinyllama import real_model as rm
 
+    from tinyllama.inference.draft_policy import DEFAULT_P_MIN
+
     target, draft = rm.path(), rm.draft_path()
     if target is None or not draft.is_file():
         return ("Not measured: the real model and its draft are not both here (`make real-model`, then "
                 f"`make draft TARGET={rm.models_dir() / rm.GGUF_NAME}`).")
     recipe = draft.parent.parent                 # out/draft-NAME: the import in target/, the draft in sft/
     n, tokens = (3, 64) if quick else (6, 128)
+    p_mins = (DEFAULT_P_MIN, 0.75)               # the default stop, and llama.cpp's server default
     tables = [speculative.run(str(target), str(draft), n_prompts=n, tokens=tokens, anchor=True, eos=True,
-                              prompt_set=ps, repeats=1 if quick else 2) for ps in ("chat", "code")]
+                              prompt_set=ps, repeats=1 if quick else 2, p_mins=p_mins) for ps in ("chat", "code")]
     if (recipe / "target" / "config.json").exists():
         tables.append(speculative.run(str(recipe / "target"), str(draft), n_prompts=n, tokens=tokens, eos=True,
-                                      repeats=1 if quick else 2, draft_checkpoint=str(recipe / "sft")))
+                                      repeats=1 if quick else 2, draft_checkpoint=str(recipe / "sft"),
+                                      p_mins=p_mins))
     tables.append(speculative.run(str(target), "ngram", ks=(2, 4), n_prompts=n, tokens=tokens, eos=True,
                                   repeats=1))
     return "\n\n".join(tables)
@@ -211,17 +245,13 @@ def module_of(title: str) -> str:
     return m.group(1) + (f"-{extra}" if extra else "")
 
 
-def _command(title: str) -> str:
-    return re.search(r"`(python -m bench\.[^`]+)`", title).group(1)
-
-
 def replace_sections(sections: list[tuple[str, str]]) -> int:
     """Puts each section in place of the one for the same benchmark in RESULTS.md (or adds it
     before the GPU part), leaving the others as they were measured."""
     text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
     for title, tbl in sections:
         new = f"## {title}\n\n{tbl}\n"
-        old = re.search(rf"^## [^\n]*`{re.escape(_command(title))}`.*?(?=^## |{GPU_MARKER}|\Z)", text,
+        old = re.search(rf"^## [^\n]*`{re.escape(_key(title))}`.*?(?=^## |{GPU_MARKER}|\Z)", text,
                         re.M | re.S)
         if old:
             text = text[:old.start()] + new + ("\n" if old.group(0).endswith("\n\n") else "") + text[old.end():]

@@ -59,6 +59,7 @@ import json
 import sys
 import textwrap
 from pathlib import Path
+from typing import Sequence
 
 from . import chat_prompts, code_prompts, markdown_table
 from .speculative_runs import DecodeRun, decode_prompts, solve_alpha, theory
@@ -85,9 +86,10 @@ def _copy_prompts(tok, n: int, budget: int, max_code: int = 400) -> list[list[in
 
 def run(target_path: str, draft_path: str, ks=(1, 2, 4, 6), tokens: int = 48, n_prompts: int = 6,
         repeats: int = 3, prompt_set: str = "chat", as_json: bool = False, anchor: bool = False,
-        note: str = "", device: str = "cpu", eos: bool = False, draft_checkpoint: str | None = None) -> str:
+        note: str = "", device: str = "cpu", eos: bool = False, draft_checkpoint: str | None = None,
+        p_mins: Sequence[float] = ()) -> str:
     title, rows = measure(target_path, draft_path, ks, tokens, n_prompts, repeats, prompt_set, anchor, device, eos,
-                          draft_checkpoint)
+                          draft_checkpoint, p_mins)
     title += note
     if as_json:
         return json.dumps({"pair": title, "rows": rows}, indent=2)
@@ -134,8 +136,11 @@ def _row(config, tokens_per_s, accepted_per_drafted=None, alpha=None, c=None, sp
 
 def measure(target_path: str, draft_path: str, ks=(1, 2, 4, 6), tokens: int = 48, n_prompts: int = 6,
             repeats: int = 3, prompt_set: str = "chat", anchor: bool = False,
-            device: str = "cpu", eos: bool = False, draft_checkpoint: str | None = None) -> tuple[str, list[dict]]:
-    """Rows for plain target and draft, each k, adaptive and auto k; with `anchor` (two GGUFs)
+            device: str = "cpu", eos: bool = False, draft_checkpoint: str | None = None,
+            p_mins: Sequence[float] = ()) -> tuple[str, list[dict]]:
+    """Rows for plain target and draft, each k, adaptive and auto k, and adaptive and auto k
+    again with each of `p_mins` (--draft-p-min: rounds that draft only what the draft is sure
+    of); with `anchor` (two GGUFs)
     also llama.cpp's own speculative decoding at each k on the same prompts (bench.speculative_anchor);
     with a checkpoint directory as target and an HF-format draft (`draft_checkpoint`, else
     `draft_path` when it is one) also transformers' plain and assisted generation
@@ -178,15 +183,16 @@ def measure(target_path: str, draft_path: str, ks=(1, 2, 4, 6), tokens: int = 48
         # kept: a slow spell of a shared machine then hits all configurations alike.
         configs = [("plain target", target, {})] + ([("plain draft", draft, {})] if model_draft else [])
         configs += [(f"speculative k={k}", target, dict(draft=draft, policy=Fixed(k))) for k in ks]
-        configs += [("speculative adaptive k", target, dict(draft=draft, policy=Adaptive(4)))]
         # auto: one policy for all prompts and rounds, as the engine keeps one across requests
-        configs += [("speculative auto k", target, dict(draft=draft, policy=Auto()))]
+        for p in (0.0, *p_mins) if model_draft else (0.0,):
+            configs += [(_policy_name("adaptive", p), target, dict(draft=draft, policy=Adaptive(4, p_min=p))),
+                        (_policy_name("auto", p), target, dict(draft=draft, policy=Auto(p_min=p)))]
         gguf = isinstance(target, GGUFBackend)
         anchor = anchor and gguf and isinstance(draft, GGUFBackend)
         texts = [tok.decode(ids[1:], skip_special=False) for ids in prompts]    # the tool adds the BOS itself
         best, anchors = _rounds(configs, prompts, tokens, repeats, ks,
                                 (target.path, draft.path, texts, eos) if anchor else None, stop_ids, hf)
-        rows = _rows(best, anchors, ks, prompts, model_draft, exact=not gguf)
+        rows = _rows(best, anchors, ks, prompts, model_draft, exact=not gguf, p_mins=p_mins if model_draft else ())
         if hf:
             rows += _transformers_rows(best, rows, [name for name, _ in hf[1]], ks)
     by = Path(draft_path).name if model_draft else drafter.name
@@ -243,7 +249,13 @@ def _rounds(configs, prompts, tokens: int, repeats: int, ks, anchor, stop_ids=()
     return best, anchors
 
 
-def _rows(best: dict, anchors: dict, ks, prompts, model_draft: bool, exact: bool) -> list[dict]:
+def _policy_name(word: str, p_min: float) -> str:
+    """A configuration's name: "speculative auto k", "speculative auto k, p-min 0.75"."""
+    return f"speculative {word} k" + (f", p-min {p_min:g}" if p_min else "")
+
+
+def _rows(best: dict, anchors: dict, ks, prompts, model_draft: bool, exact: bool,
+          p_mins: Sequence[float] = ()) -> list[dict]:
     """The table's rows from the rounds' results. Rates are each configuration's own tokens over
     its own time (with EOS honoured a GGUF run can end a prompt a token apart at a near-tie)."""
     from tinyllama.inference.generate import alpha_by_position
@@ -273,14 +285,15 @@ def _rows(best: dict, anchors: dict, ks, prompts, model_draft: bool, exact: bool
         same = "" if all(n == len(p) for n, p in zip(a.prompt_tokens, prompts)) else ", other prompt tokens"
         rows.append(_row(f"llama.cpp's llama-speculative-simple k={k}{same}", a.tokens_per_s,
                          a.accepted / max(1, a.drafted), speedup=a.tokens_per_s / plain.tokens_per_s))
-    for name, label in (("speculative adaptive k", "adaptive k (from 4; mean {:.1f})"),
-                        ("speculative auto k", "auto k (mean {:.1f} per target pass)")):
-        run = best[name]
-        same = _check_same(name, run.outputs, plain.outputs, exact)
-        rows.append(_row("speculative " + label.format(run.drafted / max(1, run.passes)), run.tokens_per_s,
-                         run.accepted / run.drafted if run.drafted else None, c=c,
-                         speedup=run.tokens_per_s / plain.tokens_per_s, same=same,
-                         by_position=alpha_by_position(run.rounds)))
+    for p in (0.0, *p_mins):
+        for word, label in (("adaptive", "from 4; mean {:.1f}"), ("auto", "mean {:.1f} per target pass")):
+            name = _policy_name(word, p)
+            run = best[name]
+            same = _check_same(name, run.outputs, plain.outputs, exact)
+            rows.append(_row(f"{name} ({label.format(run.drafted / max(1, run.passes))})", run.tokens_per_s,
+                             run.accepted / run.drafted if run.drafted else None, c=c,
+                             speedup=run.tokens_per_s / plain.tokens_per_s, same=same,
+                             by_position=alpha_by_position(run.rounds)))
     return rows
 
 
@@ -315,6 +328,7 @@ def _transformers_rows(best: dict, ours: list[dict], names: list[str], ks) -> li
 
 def _parser() -> argparse.ArgumentParser:
     from tinyllama.cli import add_draft_model_flag
+    from tinyllama.inference.draft_policy import p_min_arg
 
     from .constructed_pair import qtypes
 
@@ -357,6 +371,9 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--device", default=None, help="where --target/--model-draft run: cpu, cuda or auto (GGUFs: all "
                                                    "layers offloaded unless cpu) (default: cpu; with --backend torch: "
                                                    "auto)")
+    ap.add_argument("--draft-p-min", type=p_min_arg, nargs="+", default=[], metavar="P",
+                    help="also run adaptive and auto k with each P as --draft-p-min (rounds that stop drafting "
+                         "where the draft's top probability falls below P)")
     ap.add_argument("--json", action="store_true", help="print the rows as JSON")
     return ap
 
@@ -406,7 +423,8 @@ def _main(args: argparse.Namespace) -> int:
                           for a in args.alpha))
     else:
         print(run(args.target, args.model_draft, args.k, args.tokens, args.prompts, args.repeats, args.prompt_set, args.json,
-                  anchor=args.anchor, device=args.device or "cpu", eos=args.eos, draft_checkpoint=args.draft_checkpoint))
+                  anchor=args.anchor, device=args.device or "cpu", eos=args.eos, draft_checkpoint=args.draft_checkpoint,
+                  p_mins=args.draft_p_min))
     return 0
 
 

@@ -38,10 +38,16 @@ def test_bench_speculative_json_rows_with_ngram(tiny_chat_checkpoint, capsys):
     assert k2["c"] == 0.0 and 0 <= k2["alpha"] <= 1 and k2["theory"] >= 1 and k2["efficiency"] > 0
     # a model draft: the target drafting for itself is always accepted
     speculative.main(["--target", str(tiny_chat_checkpoint), "--model-draft", str(tiny_chat_checkpoint),
-                      "--k", "2", "--tokens", "8", "--prompts", "1", "--repeats", "1", "--json"])
+                      "--k", "2", "--tokens", "8", "--prompts", "1", "--repeats", "1", "--json",
+                      "--draft-p-min", "0.01"])
     rows = {r["config"]: r for r in json.loads(capsys.readouterr().out)["rows"]}
     assert rows["speculative k=2"]["accepted_per_drafted"] == 1.0 and "plain draft" in rows
     assert rows["speculative k=2"]["alpha_by_position"] == [1.0, 1.0]
+    # each --draft-p-min adds adaptive and auto rows with that stop, decoding the same tokens
+    sure = [r for name, r in rows.items() if ", p-min 0.01 (" in name]
+    assert [r["config"].split(" (")[0] for r in sure] == ["speculative adaptive k, p-min 0.01",
+                                                         "speculative auto k, p-min 0.01"]
+    assert all(r["same_output_as_plain"] == "1/1" for r in sure)
 
 
 def test_bench_speculative_stops_at_the_end_of_turn_on_held_out_code_prompts(tiny_chat_checkpoint, capsys):

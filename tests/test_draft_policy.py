@@ -13,6 +13,7 @@ from test_generate import naive_greedy, noisy_pair
 from tinyllama.cli import add_draft_model_flag
 from tinyllama.inference.backends import TorchBackend
 from tinyllama.inference.draft_policy import (
+    DEFAULT_P_MIN,
     MAX_ADAPTIVE_DRAFT,
     Adaptive,
     Auto,
@@ -22,6 +23,7 @@ from tinyllama.inference.draft_policy import (
     Fixed,
     add_draft_policy_flags,
     draft_policy_of,
+    with_p_min,
 )
 from tinyllama.inference.backends import open_drafter
 from tinyllama.inference.drafters import Drafter, ModelDrafter
@@ -138,6 +140,21 @@ def test_a_busy_server_decodes_plainly_and_the_same_tokens(small_config):
     assert out == plain and gen.stats.drafted > 0 and gen.stats.target_calls < 19
 
 
+def test_every_policy_carries_p_min_and_the_cap_passes_it_on():
+    assert Fixed(3).p_min == 0.0 and str(Fixed(3)) == "k=3"                 # a fixed k drafts k
+    assert Auto().p_min == Adaptive().p_min == DEFAULT_P_MIN > 0
+    for policy in (Fixed(3), Adaptive(2), Auto(), Capped(Auto(), busy=lambda: 0)):
+        before = policy.p_min
+        sure = with_p_min(policy, 0.75)
+        assert sure.p_min == 0.75 and sure.spec == policy.spec and policy.p_min == before   # a copy
+        assert "p-min 0.75" in str(sure)
+        assert sure.start().p_min == 0.75                       # Adaptive's per-generation copy keeps it
+    assert str(with_p_min(Auto(), 0.25)) == "auto k, p-min 0.25" and str(with_p_min(Auto(), 0)) == "auto k"
+    for bad in (-0.1, 1.0, 2, float("nan")):
+        with pytest.raises(DraftPolicyError, match=r"--draft-p-min\) must be in \[0, 1\)"):
+            with_p_min(Fixed(2), bad)
+
+
 # ---- drafters ------------------------------------------------------------------------------------------
 
 def test_both_drafters_are_drafters(small_config):
@@ -199,6 +216,20 @@ def test_old_flag_names_do_what_the_new_ones_do_and_say_so(new, old, capsys):
     assert str(draft_policy_of(a)) == str(draft_policy_of(b))
 
 
+def test_draft_p_min_flag(capsys):
+    ap = draft_parser()
+    policy = draft_policy_of(ap.parse_args(["--draft-max", "adaptive:2", "--draft-p-min", "0.8"]))
+    assert isinstance(policy, Adaptive) and policy.first == 2 and policy.p_min == 0.8
+    assert draft_policy_of(ap.parse_args([])).p_min == DEFAULT_P_MIN                   # auto's own
+    assert draft_policy_of(ap.parse_args(["--draft-max", "3"])).p_min == 0.0
+    assert draft_policy_of(ap.parse_args(["--draft-max", "3", "--draft-p-min", "0.6"])) == Fixed(3, p_min=0.6)
+    for bad in ("1.5", "-1", "sure"):
+        with pytest.raises(SystemExit) as e:
+            ap.parse_args(["--draft-p-min", bad])
+        assert e.value.code == 2
+        assert f"--draft-p-min: expected a probability in [0, 1), got '{bad}'" in capsys.readouterr().err
+
+
 def test_defaults_and_help():
     ap = draft_parser()
     a = ap.parse_args([])
@@ -218,11 +249,11 @@ def test_bench_speculative_takes_both_names(capsys):
 
 
 def test_complete_cli_with_old_and_new_flags(tiny_chat_checkpoint, capsys):
-    """The target drafting for itself, adaptive from 1: k = 1, 3, 5, all accepted."""
+    """The target drafting for itself, adaptive from 1 with no p-min stop: k = 1, 3, 5, all accepted."""
     from serve.complete import main
 
     ckpt = str(tiny_chat_checkpoint)
-    base = ["--model", ckpt, "--prompt", "Hi", "--max-tokens", "12", "--dtype", "float32"]
+    base = ["--model", ckpt, "--prompt", "Hi", "--max-tokens", "12", "--dtype", "float32", "--draft-p-min", "0"]
     for flags, warnings in [(["-md", ckpt, "--draft-max", "adaptive:1"], 0),
                             (["--draft", ckpt, "--num-draft", "1", "--adaptive-draft"], 3)]:
         assert main(base + flags) == 0

@@ -13,7 +13,8 @@ import torch
 
 from tinyllama import Llama, ModelConfig
 from tinyllama.inference.backends import Backend, TorchBackend
-from tinyllama.inference.draft_policy import HOPELESS_PROBE_GAP, Adaptive, Auto, Fixed
+from tinyllama.inference.draft_policy import HOPELESS_PROBE_GAP, Adaptive, Auto, Capped, Fixed
+from tinyllama.inference.drafters import ModelDrafter
 from tinyllama.inference.generate import SamplingParams, generate, process_logits
 
 
@@ -92,6 +93,41 @@ def test_bad_arguments(pair):
 
 
 # ---- speculative decoding: greedy identity and rollback --------------------------------------------
+
+def draft_confidences(draft: Llama, context: list[int]) -> list[float]:
+    """The draft's probability of its own greedy pick after each prefix context[:i], i >= 1."""
+    with torch.no_grad():
+        probs = torch.softmax(draft(torch.tensor([context]))[0].float(), -1)     # (T, vocab)
+    return probs.max(-1).values.tolist()
+
+
+def test_p_min_drafts_only_what_the_draft_is_sure_of_and_keeps_the_output(pair):
+    target, draft = pair
+    prompt = [1, 7, 3]
+    plain = list(generate(target, prompt, max_new_tokens=40))
+    sure = draft_confidences(draft, prompt + plain)[len(prompt) - 1:]
+    p_min = sorted(sure)[len(sure) // 2]                  # the median: about half the drafts pass
+    # the drafter: the drafts without p-min, cut before the first whose probability is below p_min
+    drafter = ModelDrafter(TorchBackend(draft))
+    greedy = lambda logits, ctx: (int(logits.argmax()), None)
+    for cut in range(0, 30, 3):
+        context = prompt + plain[:cut]
+        full, _ = drafter.draft(context, 6, greedy)
+        drafter.trim(0)
+        kept, _ = drafter.draft(context, 6, greedy, p_min)
+        drafter.trim(0)
+        p = draft_confidences(draft, context + full)[len(context) - 1:]
+        n = next((i for i, x in enumerate(p[:6]) if x < p_min), 6)
+        assert kept == full[:n]
+    # the generator: the same tokens, fewer drafts a round, and a round that drafts none is a plain step
+    gen = generate(TorchBackend(target), prompt, max_new_tokens=40, drafter=TorchBackend(draft),
+                   draft_policy=Fixed(6, p_min=p_min))
+    assert list(gen) == plain
+    s = gen.stats
+    assert 0 < s.drafted < 6 * s.draft_rounds
+    assert s.target_calls > s.draft_rounds                # some rounds were plain steps
+
+
 
 @pytest.mark.parametrize("policy", [Fixed(1), Fixed(3), Fixed(6), Adaptive(1), Adaptive(4)], ids=str)
 def test_speculative_greedy_is_token_identical(pair, policy):
@@ -212,14 +248,17 @@ class Stub(Backend):
 @pytest.mark.slow
 @pytest.mark.parametrize("sampling,adaptive", [(dict(temperature=1.0), False),
                                                (dict(temperature=0.7, top_k=4, repetition_penalty=1.5), False),
-                                               (dict(temperature=1.0), True), (dict(temperature=1.0), "auto")])
+                                               (dict(temperature=1.0), True), (dict(temperature=1.0), "auto"),
+                                               (dict(temperature=1.0), "p_min")])
 def test_speculative_sampling_matches_the_target_distribution(sampling, adaptive):
     g = torch.Generator().manual_seed(0)
     target = Stub(torch.randn(6, 6, generator=g) * 1.5, "target")
     draft = Stub(torch.randn(6, 6, generator=g) * 1.5, "draft")
     # adaptive: k starts at 1 and changes with each round's outcome (k = 1 then 3, or 1 then 1)
     # auto: one policy across all trials, so its k varies with what it has seen
-    policy = Auto() if adaptive == "auto" else Adaptive(1) if adaptive else Fixed(2)
+    # p_min: a round stops at a draft the draft gives p < 0.3, which depends on the draft alone
+    policy = (Auto() if adaptive == "auto" else Fixed(2, p_min=0.3) if adaptive == "p_min" else
+              Adaptive(1) if adaptive else Fixed(2))
     assert_target_distribution(target, [0], sampling, lambda s, n: generate(
         target, [0], max_new_tokens=n, seed=s, drafter=draft, draft_policy=policy, **sampling))
 
@@ -375,6 +414,50 @@ class SlowStub(Stub):
         return super().logits(context, n_last)
 
 
+class ReadingStub(Stub):
+    """A Stub whose calls take `per_token` seconds on `clock` for each token it had not read."""
+
+    def __init__(self, table, name, clock, per_token):
+        super().__init__(table, name)
+        self.clock, self.per_token = clock, per_token
+
+    def logits(self, context, n_last=1):
+        read = next((i for i, (a, b) in enumerate(zip(self.cached, context)) if a != b),
+                    min(len(self.cached), len(context)))
+        self.clock.now += self.per_token * max(n_last, len(context) - read)
+        return super().logits(context, n_last)
+
+
+class Recording(Fixed):
+    """Fixed(k) that keeps what each round reported."""
+
+    def __init__(self, k):
+        super().__init__(k)
+        object.__setattr__(self, "reported", [])
+
+    def record_round(self, k, accepted, draft_seconds, verify_seconds):
+        self.reported.append((k, draft_seconds))
+
+
+def test_a_draft_catching_up_after_plain_steps_is_not_charged_to_drafting(clock):
+    """After plain steps (a busy server, or auto decoding plainly) the draft first reads what it
+    missed, the prompt included: that one-off cost is the draft's, but the policy's per-token
+    draft cost must not include it, or auto would judge drafting too dear and stay plain."""
+    V = 8
+    table = torch.randn(V, V, generator=torch.Generator().manual_seed(6)) * 3
+    tgt, draft = ReadingStub(table, "target", clock, 0.01), ReadingStub(table, "draft", clock, 0.001)
+    policy, busy = Recording(2), [2]
+    gen = generate(tgt, list(range(1, 8)) * 10, max_new_tokens=40, drafter=draft,
+                   draft_policy=Capped(policy, busy=lambda: busy[0]))
+    out = [next(gen) for _ in range(12)]            # 12 plain steps: the draft never read the prompt
+    busy[0] = 1
+    out += list(gen)
+    assert out == list(generate(tgt, list(range(1, 8)) * 10, max_new_tokens=40))
+    # each round's draft time: k calls reading one or two new tokens each, never the 82 missed
+    assert policy.reported and all(s <= 0.001 * (k + 1) + 1e-9 for k, s in policy.reported)
+    assert gen.stats.draft_seconds >= 0.001 * 80                 # the catch-up is still counted
+
+
 def test_auto_draft_length_is_exact(pair):
     target, draft = pair
     prompt = [1, 5, 9, 2]
@@ -391,7 +474,8 @@ def test_auto_survives_a_clock_that_does_not_advance(pair, clock):
 
 def test_auto_drafts_long_rounds_when_a_cheap_draft_always_agrees(clock):
     V = 8
-    table = torch.randn(V, V, generator=torch.Generator().manual_seed(3)) * 3
+    # sharp logits: a draft sure of every token, so the default p-min stops no round early
+    table = torch.randn(V, V, generator=torch.Generator().manual_seed(3)) * 10
     tgt, good = SlowStub(table, "target", clock, 0.004, 0.0004), SlowStub(table, "draft", clock, 0.0003)
     policy = Auto()
     gen = generate(tgt, [0], max_new_tokens=120, drafter=good, draft_policy=policy)

@@ -235,9 +235,10 @@ def test_cli_generate_streams_and_reports(tmp_path, llama2_tokenizer):
                         "--chat", "--max-tokens", "5"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert "prompt tokens" in r.stderr and "generated at" in r.stderr
-    # speculative with an adaptive k: the model drafts for itself, so every draft is accepted
+    # speculative with an adaptive k and no p-min stop (a random model is sure of nothing): the
+    # model drafts for itself, so every draft is accepted
     r = subprocess.run([sys.executable, "-m", "serve.complete", "--model", str(tmp_path / "m"), "--prompt", "Hi",
-                        "-md", str(tmp_path / "m"), "--draft-max", "adaptive:1", "--max-tokens", "12",
+                        "-md", str(tmp_path / "m"), "--draft-max", "adaptive:1", "--draft-p-min", "0", "--max-tokens", "12",
                         "--temperature", "0"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert "9/9 drafted tokens accepted (100%)" in r.stderr and "mean k 3.0" in r.stderr, r.stderr   # k = 1, 3, 5

@@ -11,6 +11,12 @@ then each round `choose(cap)` for k (0: a plain step), and reports what happened
 after a plain step, `record_round` after a verified draft). k depends only on rounds already
 decided, so no policy changes the output: greedy identity and the sampling guarantee hold.
 
+Every policy also carries p_min (llama.cpp's --draft-p-min; 0: off): a round stops drafting at
+the first position where the draft's top probability is below p_min, so a round drafts what the
+draft is sure of and no more (a round that drafts nothing is a plain step). The stop depends on
+the draft's distribution alone, not on the token it draws, so it too leaves the output unchanged.
+Auto and Adaptive stop at DEFAULT_P_MIN unless told otherwise; a fixed k drafts k.
+
 Fixed(k): k every round. Adaptive(k), as transformers' assisted generation: starts at k, then
 k + 2 after a round whose drafts were all accepted, k - 1 (at least 1) after a rejection, never
 above MAX_ADAPTIVE_DRAFT. Capped(policy, busy, max_busy): the policy while at most max_busy slots
@@ -35,6 +41,7 @@ to notice costs that change.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
@@ -48,6 +55,7 @@ MARGIN = 1.15                # speculate only where the model expects >= 15% mor
                              # estimates are noisy, and rounds cost a little more than it counts (cache rollback)
 HOPELESS_PROBE_GAP = 1024     # plain steps between probes when no acceptance rate could make drafting pay
 PRIOR_SLOPE = 0.25           # verification cost per extra token, as a fraction of a step, before measuring
+DEFAULT_P_MIN = 0.5          # auto's and adaptive's p_min (a fixed k drafts k): measured best on the real pair
 MIN_SECONDS = 1e-9           # a clock too coarse to see a step must not make a cost zero (rates divide by it)
 SPEC_HELP = "auto, adaptive[:K] or an integer K >= 1"
 
@@ -58,6 +66,8 @@ class DraftPolicyError(UserError):
 
 class DraftPolicy(Protocol):
     """Decides each round's draft length k. Subclasses inherit the no-op hooks below."""
+
+    p_min: float = 0.0           # stop a round's drafting before a token the draft gives p < p_min
 
     @property
     def spec(self) -> str:
@@ -114,19 +124,38 @@ def _check_length(k: int) -> None:
         raise DraftPolicyError(f"the draft length must be an integer >= 1 (or auto), got {k!r}")
 
 
+def _check_p_min(p: float) -> None:
+    if not (isinstance(p, (int, float)) and 0.0 <= p < 1.0):
+        raise DraftPolicyError(f"the draft's minimum probability (--draft-p-min) must be in [0, 1), got {p!r}")
+
+
+def _p_min_text(p: float) -> str:
+    return f", p-min {p:g}" if p else ""
+
+
+def with_p_min(policy: "DraftPolicy", p_min: float) -> "DraftPolicy":
+    """`policy` with its drafting stopped below p_min (a copy; Capped: the policy inside)."""
+    _check_p_min(p_min)
+    if isinstance(policy, Capped):
+        return Capped(with_p_min(policy.policy, p_min), policy.busy, policy.max_busy)
+    return dataclasses.replace(policy, p_min=float(p_min))
+
+
 @dataclass(frozen=True)
 class Fixed(DraftPolicy):
     k: int = DEFAULT_DRAFT
+    p_min: float = 0.0
 
     def __post_init__(self) -> None:
         _check_length(self.k)
+        _check_p_min(self.p_min)
 
     @property
     def spec(self) -> str:
         return str(self.k)
 
     def __str__(self) -> str:
-        return f"k={self.k}"
+        return f"k={self.k}{_p_min_text(self.p_min)}"
 
     def choose(self, cap: int) -> int:
         return min(self.k, cap)
@@ -136,10 +165,12 @@ class Fixed(DraftPolicy):
 class Adaptive(DraftPolicy):
     first: int = DEFAULT_DRAFT               # k of a generation's first round
     max_k: int = MAX_ADAPTIVE_DRAFT
+    p_min: float = DEFAULT_P_MIN
     k: int = field(init=False)               # k of the next round
 
     def __post_init__(self) -> None:
         _check_length(self.first)
+        _check_p_min(self.p_min)
         self.k = self.first
 
     @property
@@ -147,10 +178,10 @@ class Adaptive(DraftPolicy):
         return f"adaptive:{self.first}"
 
     def __str__(self) -> str:
-        return f"adaptive k from {self.first}"
+        return f"adaptive k from {self.first}{_p_min_text(self.p_min)}"
 
     def start(self) -> "Adaptive":
-        return Adaptive(self.first, self.max_k)
+        return Adaptive(self.first, self.max_k, self.p_min)
 
     def choose(self, cap: int) -> int:
         return min(self.k, cap)
@@ -171,6 +202,10 @@ class Capped(DraftPolicy):
     @property
     def spec(self) -> str:
         return self.policy.spec
+
+    @property
+    def p_min(self) -> float:
+        return self.policy.p_min
 
     def __str__(self) -> str:
         return f"{self.policy}, speculating while at most {self.max_busy} busy"
@@ -205,6 +240,7 @@ class Auto(DraftPolicy):
     start() is the policy itself and what it learns carries across requests."""
 
     max_k: int = MAX_AUTO_DRAFT
+    p_min: float = DEFAULT_P_MIN
     decay: float = 0.95                       # per round, on the acceptance counts
     accepted: float = 1.0                     # prior: α = 0.5 with the weight of two drafts
     judged: float = 2.0
@@ -220,8 +256,11 @@ class Auto(DraftPolicy):
     def spec(self) -> str:
         return "auto"
 
+    def __post_init__(self) -> None:
+        _check_p_min(self.p_min)
+
     def __str__(self) -> str:
-        return "auto k"
+        return f"auto k{_p_min_text(self.p_min)}"
 
     @property
     def alpha(self) -> float:
@@ -305,6 +344,16 @@ def draft_policy_arg(value: str) -> DraftPolicy:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def p_min_arg(value: str) -> float:
+    """argparse type of --draft-p-min: a probability in [0, 1)."""
+    try:
+        p = float(value)
+        _check_p_min(p)
+    except (ValueError, DraftPolicyError):
+        raise argparse.ArgumentTypeError(f"expected a probability in [0, 1), got {value!r}") from None
+    return p
+
+
 def add_draft_policy_flags(ap: argparse.ArgumentParser, default: str = "auto") -> None:
     """--draft-max, with --num-draft and --adaptive-draft as the old names."""
     ap.add_argument("--draft-max", type=draft_policy_arg, default=default, metavar="K|adaptive[:K]|auto",
@@ -312,14 +361,19 @@ def add_draft_policy_flags(ap: argparse.ArgumentParser, default: str = "auto") -
                          f"{DEFAULT_DRAFT}), +2 after a fully accepted round, -1 after a rejection; auto: "
                          "chosen each round from the measured acceptance rate and costs, 0 (plain decoding) "
                          "when drafting does not pay (default: %(default)s)")
+    ap.add_argument("--draft-p-min", type=p_min_arg, default=None, metavar="P",
+                    help="a round stops drafting where the draft's top probability falls below P, "
+                         "so it drafts only what it is sure of (0: always the full k; as llama.cpp's "
+                         f"--draft-p-min; default: {DEFAULT_P_MIN} with auto and adaptive, 0 with a fixed K)")
     add_renamed_flag(ap, "--num-draft", "--draft-max", dest="draft_max", type=draft_policy_arg)
     add_renamed_flag(ap, "--adaptive-draft", "--draft-max adaptive[:K]", dest="adaptive_draft", nargs=0)
 
 
 def draft_policy_of(args: argparse.Namespace) -> DraftPolicy:
-    """--draft-max's policy; the old --adaptive-draft turns a fixed K into adaptive:K (with auto it
-    never did anything)."""
+    """--draft-max's policy with --draft-p-min's stop; the old --adaptive-draft turns a fixed K into
+    adaptive:K (with auto it never did anything)."""
     policy = args.draft_max
     if getattr(args, "adaptive_draft", False) and isinstance(policy, Fixed):
-        return Adaptive(policy.k)
-    return policy
+        policy = Adaptive(policy.k)
+    p_min = getattr(args, "draft_p_min", None)
+    return policy if p_min is None else with_p_min(policy, p_min)

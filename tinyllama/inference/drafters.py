@@ -41,8 +41,11 @@ class Drafter(Protocol):
     def prefill(self, context: Sequence[int]) -> None:
         """Reads the prompt before the first round (a model fills its KV cache)."""
 
-    def draft(self, context: Sequence[int], k: int, sample: Sample) -> tuple[list[int], list[torch.Tensor] | None]:
-        """Up to k tokens to follow `context` (maybe none), with their q (vocab,) each or None."""
+    def draft(self, context: Sequence[int], k: int, sample: Sample, p_min: float = 0.0
+              ) -> tuple[list[int], list[torch.Tensor] | None]:
+        """Up to k tokens to follow `context` (maybe none), with their q (vocab,) each or None;
+        none from the first position where the drafter's top probability is below p_min (where
+        it has probabilities: drafters.confidence)."""
 
     def trim(self, n: int) -> None:
         """Keeps only the first n context tokens cached (after rejected drafts)."""
@@ -71,13 +74,16 @@ class ModelDrafter:
     def prefill(self, context: Sequence[int]) -> None:
         self.backend.logits(context, 1)
 
-    def draft(self, context: Sequence[int], k: int, sample: Sample) -> tuple[list[int], list[torch.Tensor] | None]:
+    def draft(self, context: Sequence[int], k: int, sample: Sample, p_min: float = 0.0
+              ) -> tuple[list[int], list[torch.Tensor] | None]:
         drafts: list[int] = []
         qs: list[torch.Tensor | None] = []
         for _ in range(k):
             ahead = [*context, *drafts]
             logits = self.backend.logits(ahead, 1)[0]                             # (vocab,)
             token, q = sample(logits, ahead)
+            if p_min and confidence(logits, q) < p_min:
+                break                       # the draft is unsure: the target decides from here
             drafts.append(token)
             qs.append(q)
         return drafts, None if any(q is None for q in qs) else qs
@@ -90,6 +96,14 @@ class ModelDrafter:
 
     def close(self) -> None:
         self.backend.close()
+
+
+def confidence(logits: torch.Tensor, q: torch.Tensor | None) -> float:
+    """How sure the draft is at one position: the top probability of the q (vocab,) it samples
+    from, else (greedy) of the softmax of its raw logits (vocab,), as llama.cpp's p-min reads it.
+    Not the probability of the token it drew: a stop that depended on the draw would bias which
+    drafts reach the target, and sampling would no longer follow the target's distribution."""
+    return float((q if q is not None else torch.softmax(logits.float(), -1)).max())
 
 
 def check_pair(target: Backend, draft: Backend) -> None:

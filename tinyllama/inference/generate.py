@@ -378,7 +378,8 @@ class Generation:
         # Prefill both caches (timed as the prefill). A first plain step uses the prefill's
         # logits; a round recomputes only the last context position, whose logits it needs.
         first = self.target.logits(context, 1)[0]                          # (vocab,)
-        if not self.policy.decoding_plainly:      # else the draft catches up in its first round
+        self._draft_behind = self.policy.decoding_plainly   # plain steps ran since the draft last read
+        if not self._draft_behind:                # else the draft catches up in its first round
             self.drafter.prefill(context)
         self.stats.prefill_seconds = time.perf_counter() - t0
         while True:
@@ -399,14 +400,21 @@ class Generation:
         room = min(self.max_new_tokens - self.stats.generated_tokens, self.target.context_length - len(context),
                    self.drafter.context_length - len(context))
         k = self.policy.choose(room - 1)                  # room for the k drafts and the bonus token
-        drafts, qs = self.drafter.draft(context, k, self._sample_draft) if k >= 1 else ([], None)
+        if k >= 1 and self._draft_behind:
+            self._catch_up(context)
+            t0 = time.perf_counter()
+        self._draft_behind = k == 0
+        drafts, qs = self.drafter.draft(context, k, self._sample_draft, self.policy.p_min) if k >= 1 else ([], None)
+        drafted = time.perf_counter()
+        if k >= 1 and not drafts:                         # p-min stopped the first draft: its cost is the draft's
+            self.stats.draft_seconds += drafted - t0
         if not drafts and first is not None:
             new_tokens, rows = [self._next_token(first, context)], first[None]
         elif not drafts:
             new_tokens, rows = self._plain_step(context)
-            self.policy.record_step(time.perf_counter() - t0)
+            self.policy.record_step(time.perf_counter() - drafted)
         else:
-            accepted_before, drafted = self.stats.accepted, time.perf_counter()
+            accepted_before = self.stats.accepted
             new_tokens, rows = self._verify(context, drafts, qs)
             accepted = self.stats.accepted - accepted_before
             self.stats.rounds.append((len(drafts), accepted, min(len(new_tokens), len(drafts))))
@@ -416,6 +424,17 @@ class Generation:
             self.policy.record_round(len(drafts), accepted, draft_seconds, verify_seconds)
         self.stats.decode_seconds += time.perf_counter() - t0
         return new_tokens, rows
+
+    def _catch_up(self, context: list[int]) -> None:
+        """Has the draft read what plain steps added since it last drafted (all but the last
+        token, which its first draft step reads), timed apart: a one-off cost of resuming
+        speculation (the whole prompt, the first time), which must not count as the cost of
+        drafting a token (auto would then think drafting dear and stay plain)."""
+        t0 = time.perf_counter()
+        if len(context) > 1:
+            self.drafter.prefill(context[:-1])
+        self.stats.draft_seconds += time.perf_counter() - t0
+        self.stats.decode_seconds += time.perf_counter() - t0
 
     def _plain_step(self, context: list[int]) -> tuple[list[int], torch.Tensor]:
         logits = self.target.logits(context, 1)                              # (1, vocab)

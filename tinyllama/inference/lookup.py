@@ -65,8 +65,9 @@ class NgramDrafter:
         return []
 
     # ---- the Drafter protocol ---------------------------------------------------------------
-    def draft(self, context: Sequence[int], k: int, sample=None) -> tuple[list[int], None]:
-        """The lookup's tokens as point masses (q = onehot(x)): nothing is sampled."""
+    def draft(self, context: Sequence[int], k: int, sample=None, p_min: float = 0.0) -> tuple[list[int], None]:
+        """The lookup's tokens as point masses (q = onehot(x)): nothing is sampled, and with no
+        probabilities p_min has nothing to stop (as in llama.cpp's n-gram drafting)."""
         return self.propose(context, k), None
 
     def check(self, target) -> None:            # any vocabulary: it copies the context's own ids

@@ -1,0 +1,67 @@
+"""bench/RESULTS.md after a full `make bench`: what a run writes, what it keeps."""
+
+from bench.__main__ import GPU_MARKER, full_results, module_of
+
+HEAD = "# Benchmark results\n\nWritten by `make bench` on today.\n"
+
+OLD = """# Benchmark results
+
+Written by `make bench` on an earlier day.
+
+## Decode speed (`python -m bench.decode`)
+
+CPU: old
+
+| old decode |
+
+## Draft size for the real target (`python -m bench.speculative --eos -md DRAFT`)
+
+| a one-off table |
+
+### its subsection
+
+text
+
+## Speculative decoding on a constructed 7B-shaped pair (`python -m bench.speculative --pair 7b`)
+
+CPU: old
+
+| measured 7B pair |
+
+""" + GPU_MARKER + """
+## GPU figures
+
+| kept |
+"""
+
+
+def test_a_full_run_rewrites_its_sections_and_keeps_the_rest():
+    sections = [("Decode speed (`python -m bench.decode`)", "CPU: new\n\n| new decode |"),
+                ("Speculative decoding on a constructed 7B-shaped pair (`python -m bench.speculative --pair 7b`)",
+                 "CPU: new\n\nNot measured by default: `python -m bench --full`."),
+                ("Server under load (`python -m bench.server_load`)", "CPU: new\n\n| new server |")]
+    text = full_results(HEAD, sections, OLD)
+
+    assert text.startswith(HEAD)
+    assert "| new decode |" in text and "| old decode |" not in text
+    # a placeholder leaves the measured section of the same command in place, in the run's order
+    assert "| measured 7B pair |" in text and "Not measured" not in text
+    assert text.index("| new decode |") < text.index("| measured 7B pair |") < text.index("| new server |")
+    # a section no benchmark writes stays whole, subsections included, after the run's sections
+    assert "| a one-off table |\n\n### its subsection\n\ntext" in text
+    assert text.index("| new server |") < text.index("| a one-off table |") < text.index(GPU_MARKER)
+    assert text.endswith(GPU_MARKER + "\n## GPU figures\n\n| kept |\n")
+    assert text.count("## Decode speed") == 1
+
+
+def test_a_placeholder_with_nothing_measured_before_is_written():
+    title = "Speculative decoding on a constructed 7B-shaped pair (`python -m bench.speculative --pair 7b`)"
+    text = full_results(HEAD, [(title, "CPU: new\n\nNot measured by default.")], "")
+    assert f"## {title}\n\nCPU: new\n\nNot measured by default.\n" in text
+
+
+def test_module_names_for_only():
+    assert module_of("Decode speed (`python -m bench.decode`)") == "decode"
+    assert module_of("Real pair (`python -m bench.speculative --eos`)") == "speculative-eos"
+    assert module_of("7B (`python -m bench.speculative --pair 7b`)") == "speculative-7b"
+    assert module_of("GGUF (`python -m bench.gguf --real-model`)") == "gguf-real-model"
