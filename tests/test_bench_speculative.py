@@ -135,3 +135,20 @@ def test_bench_speculative_runs_transformers_assisted_generation_beside_ours(tin
     captured = capsys.readouterr()
     assert "transformers' assisted generation skipped: no HF-format draft" in captured.err
     assert not any(r["config"].startswith("transformers") for r in json.loads(captured.out)["rows"])
+
+
+def test_bench_draft_confidence_on_a_model_drafting_for_itself(tiny_chat_checkpoint, capsys):
+    """A model drafting for itself is always right: alpha 1 among the positions at every threshold,
+    all of them drafted at P = 0; the paired runs report one ratio per pair."""
+    from bench import draft_confidence
+
+    ckpt = str(tiny_chat_checkpoint)
+    assert draft_confidence.main(["--target", ckpt, "-md", ckpt, "--prompts", "2", "--tokens", "8",
+                                  "--pairs", "2"]) == 0
+    out = capsys.readouterr().out
+    rows = [line.split("|")[1:-1] for line in out.splitlines() if line.startswith("| ")]
+    thresholds = [r for r in rows if r[0].strip() in {f"{t:g}" for t in draft_confidence.THRESHOLDS}]
+    assert [r[0].strip() for r in thresholds][:1] == ["0"] and thresholds[0][1].strip() == "100%"
+    assert all(r[2].strip() in ("1.00", "-") for r in thresholds) and thresholds[0][2].strip() == "1.00"
+    assert "2 pairs of runs in alternating order" in out
+    assert draft_confidence.main(["--target", ckpt, "-md", "nope.gguf", "--pairs", "0"]) == 2

@@ -28,6 +28,9 @@ from pathlib import Path
 from . import stage_root
 
 
+DEFAULT_STEPS = 3000        # 6M tokens, under one pass over the default corpus
+
+
 def _run(args: list[str]) -> None:
     """One stage, as `tinyllama STAGE ...` would run it; a failure stops the recipe with its status."""
     print(f"\n== tinyllama {' '.join(args)}", flush=True)
@@ -86,7 +89,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, help="where the draft and every intermediate go (default: out/draft-NAME)")
     ap.add_argument("--preset", default="tinyllama-19m", help="the draft's shape, in the target's vocabulary "
                                                               "(python -m tinyllama presets; default: %(default)s)")
-    ap.add_argument("--steps", type=int, help="pretraining steps (default: pretrain/configs/cpu-draft.yaml's)")
+    ap.add_argument("--steps", type=int, default=DEFAULT_STEPS,
+                    help="pretraining steps, 2,048 tokens each (default: %(default)s, ~30 minutes for tinyllama-19m "
+                         "on 2 cores; the acceptance rate grew with them: bench/RESULTS.md)")
     ap.add_argument("--no-embeddings-init", dest="init_embeddings", action="store_false",
                     help="start the embedding table at random instead of from the target's")
     ap.add_argument("--max-new-tokens", type=int, default=256, help="per teacher reply (default: %(default)s)")
