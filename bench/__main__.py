@@ -202,7 +202,6 @@ def real_pair_tables(quick: bool) -> str:
     targets with llama.cpp's and transformers' own speculative decoding beside ours, chat and
     code prompts held out of the distillation, EOS honoured; then prompt lookup."""
     from tinyllama import real_model as rm
-
     from tinyllama.inference.draft_policy import DEFAULT_P_MIN
 
     target, draft = rm.path(), rm.draft_path()

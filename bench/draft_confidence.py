@@ -30,6 +30,7 @@ THRESHOLDS = (0.0, 0.3, 0.5, 0.6, 0.75, 0.8, 0.9)
 
 def confidence_rows(target, draft, prompts, tokens: int, stop_ids) -> list[tuple[float, float, float, float | None]]:
     """(P, share of positions with the draft's top probability >= P, α among them, α below)."""
+    from tinyllama.inference.drafters import confidence
     from tinyllama.inference.generate import generate
 
     sure, right = [], []
@@ -40,9 +41,8 @@ def confidence_rows(target, draft, prompts, tokens: int, stop_ids) -> list[tuple
         if not answer:
             continue
         logits = draft.logits(list(ids) + answer[:-1], len(answer))            # (len(answer), vocab)
-        probs = torch.softmax(logits.float(), -1)
-        sure += probs.max(-1).values.tolist()
-        right += (probs.argmax(-1) == torch.tensor(answer)).tolist()
+        sure += [confidence(row, None) for row in logits]                     # what the greedy stop reads
+        right += (logits.argmax(-1) == torch.tensor(answer)).tolist()
     p, ok = torch.tensor(sure), torch.tensor(right, dtype=torch.float)
     rows = []
     for threshold in THRESHOLDS:

@@ -166,6 +166,7 @@ def measure(target_path: str, draft_path: str, ks=(1, 2, 4, 6), tokens: int = 48
         if hf:
             stack.callback(hf[0].close)
         model_draft = isinstance(drafter, ModelDrafter)
+        p_mins = tuple(p_mins) if model_draft else ()                  # prompt lookup has no probabilities
         draft = drafter.backend if model_draft else drafter            # a model also decodes plainly below
         budget = target.context_length - tokens - 1
         prompts = {"copy": lambda: _copy_prompts(tok, n_prompts, budget), "code": lambda: code_prompts(tok, n_prompts),
@@ -184,7 +185,7 @@ def measure(target_path: str, draft_path: str, ks=(1, 2, 4, 6), tokens: int = 48
         configs = [("plain target", target, {})] + ([("plain draft", draft, {})] if model_draft else [])
         configs += [(f"speculative k={k}", target, dict(draft=draft, policy=Fixed(k))) for k in ks]
         # auto: one policy for all prompts and rounds, as the engine keeps one across requests
-        for p in (0.0, *p_mins) if model_draft else (0.0,):
+        for p in (0.0, *p_mins):
             configs += [(_policy_name("adaptive", p), target, dict(draft=draft, policy=Adaptive(4, p_min=p))),
                         (_policy_name("auto", p), target, dict(draft=draft, policy=Auto(p_min=p)))]
         gguf = isinstance(target, GGUFBackend)
@@ -192,7 +193,7 @@ def measure(target_path: str, draft_path: str, ks=(1, 2, 4, 6), tokens: int = 48
         texts = [tok.decode(ids[1:], skip_special=False) for ids in prompts]    # the tool adds the BOS itself
         best, anchors = _rounds(configs, prompts, tokens, repeats, ks,
                                 (target.path, draft.path, texts, eos) if anchor else None, stop_ids, hf)
-        rows = _rows(best, anchors, ks, prompts, model_draft, exact=not gguf, p_mins=p_mins if model_draft else ())
+        rows = _rows(best, anchors, ks, prompts, model_draft, exact=not gguf, p_mins=p_mins)
         if hf:
             rows += _transformers_rows(best, rows, [name for name, _ in hf[1]], ks)
     by = Path(draft_path).name if model_draft else drafter.name

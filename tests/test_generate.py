@@ -15,6 +15,7 @@ from tinyllama import Llama, ModelConfig
 from tinyllama.inference.backends import Backend, TorchBackend
 from tinyllama.inference.draft_policy import HOPELESS_PROBE_GAP, Adaptive, Auto, Capped, Fixed
 from tinyllama.inference.drafters import ModelDrafter
+from tinyllama.inference.interface import common_prefix
 from tinyllama.inference.generate import SamplingParams, generate, process_logits
 
 
@@ -422,8 +423,7 @@ class ReadingStub(Stub):
         self.clock, self.per_token = clock, per_token
 
     def logits(self, context, n_last=1):
-        read = next((i for i, (a, b) in enumerate(zip(self.cached, context)) if a != b),
-                    min(len(self.cached), len(context)))
+        read = common_prefix(self.cached, context)
         self.clock.now += self.per_token * max(n_last, len(context) - read)
         return super().logits(context, n_last)
 

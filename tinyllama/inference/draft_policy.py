@@ -67,7 +67,7 @@ class DraftPolicyError(UserError):
 class DraftPolicy(Protocol):
     """Decides each round's draft length k. Subclasses inherit the no-op hooks below."""
 
-    p_min: float = 0.0           # stop a round's drafting before a token the draft gives p < p_min
+    p_min: float = 0.0           # stop a round's drafting where the draft's top probability is below it
 
     @property
     def spec(self) -> str:

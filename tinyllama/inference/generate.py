@@ -402,12 +402,13 @@ class Generation:
         k = self.policy.choose(room - 1)                  # room for the k drafts and the bonus token
         if k >= 1 and self._draft_behind:
             self._catch_up(context)
-            t0 = time.perf_counter()
         self._draft_behind = k == 0
+        started = time.perf_counter()                     # drafting's own cost starts after the catch-up
         drafts, qs = self.drafter.draft(context, k, self._sample_draft, self.policy.p_min) if k >= 1 else ([], None)
         drafted = time.perf_counter()
-        if k >= 1 and not drafts:                         # p-min stopped the first draft: its cost is the draft's
-            self.stats.draft_seconds += drafted - t0
+        draft_seconds = drafted - started
+        if k >= 1:                                        # also a round p-min stopped before any draft
+            self.stats.draft_seconds += draft_seconds
         if not drafts and first is not None:
             new_tokens, rows = [self._next_token(first, context)], first[None]
         elif not drafts:
@@ -418,11 +419,10 @@ class Generation:
             new_tokens, rows = self._verify(context, drafts, qs)
             accepted = self.stats.accepted - accepted_before
             self.stats.rounds.append((len(drafts), accepted, min(len(new_tokens), len(drafts))))
-            draft_seconds, verify_seconds = drafted - t0, time.perf_counter() - drafted
-            self.stats.draft_seconds += draft_seconds
+            verify_seconds = time.perf_counter() - drafted
             self.stats.verify_seconds += verify_seconds
             self.policy.record_round(len(drafts), accepted, draft_seconds, verify_seconds)
-        self.stats.decode_seconds += time.perf_counter() - t0
+        self.stats.decode_seconds += time.perf_counter() - t0       # the whole round, catch-up included
         return new_tokens, rows
 
     def _catch_up(self, context: list[int]) -> None:
@@ -434,7 +434,6 @@ class Generation:
         if len(context) > 1:
             self.drafter.prefill(context[:-1])
         self.stats.draft_seconds += time.perf_counter() - t0
-        self.stats.decode_seconds += time.perf_counter() - t0
 
     def _plain_step(self, context: list[int]) -> tuple[list[int], torch.Tensor]:
         logits = self.target.logits(context, 1)                              # (1, vocab)
