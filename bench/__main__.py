@@ -33,6 +33,7 @@ from . import (
     server_load,
     sft_memory,
     speculative,
+    torch_threads,
     train_throughput,
 )
 
@@ -191,6 +192,8 @@ def _sections(args) -> list[tuple[str, object]]:
          lambda: server_load.run(duration_s=20.0 if args.quick else 60.0)),
         ("Serving side by side with llama-server, continuous batching (`python -m bench.server_compare`)",
          lambda: server_tables(args.quick)),
+        ("torch's threads beside llama.cpp's (`python -m bench.torch_threads`)",
+         lambda: torch_threads.run(requests=4 if args.quick else 8, pairs=2 if args.quick else 6)),
         ("Crash safety: SIGKILLed pretraining resumed (`python -m bench.kill_resume`)",
          lambda: kill_resume.run(kills=4 if args.quick else 12, steps=12 if args.quick else 24)),
     ]

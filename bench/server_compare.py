@@ -4,9 +4,11 @@ batching) and llama.cpp's own `llama-server`, on the same GGUF, with the same cl
     python -m bench.server_compare [--model PATH] [--clients 1 8 32] [--duration 60] [--parallel 8]
     python -m bench.server_compare --model TARGET.gguf -md DRAFT.gguf --clients 1    # speculative, both servers
 
-Each server is started with `parallel` slots of `n_ctx` tokens (ours: --parallel N --ctx-size C;
+Both servers are started with `parallel` slots of `n_ctx` tokens (ours: --parallel N --ctx-size C;
 llama-server: -np N -c N*C, its defaults otherwise), then for each client count that many
-streaming chat clients send requests back to back for `duration` seconds (greedy, `max_tokens`
+streaming chat clients send requests back to back for `duration` seconds per server, in
+`--windows` turns that alternate between the servers (this machine's speed drifts from minute to
+minute; turns make both see the same drift, and give a paired ratio per window) (greedy, `max_tokens`
 each, questions cycled from one list and numbered, so no prompt repeats: both servers keep
 finished prompts for reuse, and this measures batching, not that cache). Reported per server and client count: generated tokens/s
 (all clients together, from each response's usage), requests/s, time to first token and request
@@ -22,8 +24,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -105,12 +109,13 @@ async def one_request(client, tally: Tally, question: str, max_tokens: int) -> N
         tally.ttft.append(ttft)
 
 
-async def steady_load(url: str, clients: int, duration_s: float, max_tokens: int) -> dict:
+async def steady_load(url: str, clients: int, duration_s: float, max_tokens: int, tally: Tally | None = None) -> float:
     """`clients` streaming clients sending requests back to back until `duration_s` has passed
-    (requests under way then are finished and counted; the time counted is until the last ends)."""
+    (requests under way then are finished and counted), counted into `tally`; the seconds until
+    the last one ended."""
     import httpx
 
-    tally = Tally()
+    tally = tally if tally is not None else Tally()
     # A connection per request: llama-server (cpp-httplib) closes a kept-alive connection after a
     # few requests, and a request sent just then fails as a broken connection that is no error of
     # either server. Local connects cost the same for both.
@@ -125,7 +130,11 @@ async def steady_load(url: str, clients: int, duration_s: float, max_tokens: int
                 await one_request(client, tally, QUESTIONS[(i + n) % len(QUESTIONS)], max_tokens)
                 n += 1
         await asyncio.gather(*(client_loop(i) for i in range(clients)))
-        elapsed = time.perf_counter() - t0
+        return time.perf_counter() - t0
+
+
+def summary(tally: Tally, clients: int, elapsed: float) -> dict:
+    """One row's figures from what `clients` clients got in `elapsed` seconds."""
     return {"clients": clients, "seconds": elapsed, "served": tally.served, "tokens_per_s": tally.tokens / elapsed,
             "requests_per_s": tally.served / elapsed, "ttft_p50": percentile(tally.ttft, 0.5),
             "ttft_p99": percentile(tally.ttft, 0.99), "latency_p50": percentile(tally.latency, 0.5),
@@ -135,47 +144,79 @@ async def steady_load(url: str, clients: int, duration_s: float, max_tokens: int
 
 
 def measure(model: Path, clients=(1, 8, 32), duration_s: float = 60.0, parallel: int = 8, n_ctx: int = 512,
-            max_tokens: int = 32, kinds=("ours", "llama-server"), draft: Path | None = None) -> list[dict]:
-    """One row per (server, client count); each server started once, warmed up by one request."""
-    rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for kind in kinds:
-            port, log = free_port(), Path(tmp) / f"{kind}.log"
-            server = start_server(kind, model, port, parallel, n_ctx, log, draft)
-            try:
-                url = f"http://127.0.0.1:{port}"
-                wait_until_up(url, server, log)
-                asyncio.run(steady_load(url, 1, 0.0, 4))            # warm-up: one short request
-                for n in clients:
-                    row = asyncio.run(steady_load(url, n, duration_s, max_tokens))
-                    name = model.name + (f" drafted by {draft.name}" if draft else "")
-                    rows.append({"server": kind, "model": name, **row})
-                    print(f"  {kind}, {n} clients: {row['tokens_per_s']:.1f} tok/s"
-                          + (f"; first error: {row['first_error']}" if row["first_error"] else ""),
-                          file=sys.stderr, flush=True)
-            finally:
-                server.terminate()
-                server.wait(30)
-            if "Traceback" in log.read_text():
-                raise RuntimeError(f"{kind} logged a traceback:\n{log.read_text()[-3000:]}")
-    return rows
+            max_tokens: int = 32, kinds=("ours", "llama-server"), draft: Path | None = None,
+            windows: int = 4) -> list[dict]:
+    """One row per (server, client count). Both servers run at once (an idle one costs nothing)
+    and take turns: each client count's `duration_s` per server is split into `windows` windows,
+    alternating which server goes first, so that a machine whose speed drifts by tens of per cent
+    from minute to minute slows both alike. Each row also keeps its rate in each window
+    ("window_rates"), for the paired ratio."""
+    name = model.name + (f" drafted by {draft.name}" if draft else "")
+    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
+        urls = {kind: stack.enter_context(running_server(kind, model, parallel, n_ctx, Path(tmp), draft))
+                for kind in kinds}
+        rows = {}
+        for n in clients:
+            tallies, seconds, rates = {k: Tally() for k in kinds}, dict.fromkeys(kinds, 0.0), {k: [] for k in kinds}
+            for w in range(windows):
+                for kind in (kinds if w % 2 == 0 else kinds[::-1]):
+                    tokens = tallies[kind].tokens
+                    elapsed = asyncio.run(steady_load(urls[kind], n, duration_s / windows, max_tokens, tallies[kind]))
+                    seconds[kind] += elapsed
+                    rates[kind].append((tallies[kind].tokens - tokens) / elapsed)
+            for kind in kinds:
+                row = rows[kind, n] = {"server": kind, "model": name, **summary(tallies[kind], n, seconds[kind]),
+                                       "window_rates": rates[kind]}
+                print(f"  {kind}, {n} clients: {row['tokens_per_s']:.1f} tok/s"
+                      + (f"; first error: {row['first_error']}" if row["first_error"] else ""),
+                      file=sys.stderr, flush=True)
+    return [rows[kind, n] for kind in kinds for n in clients]
+
+
+@contextlib.contextmanager
+def running_server(kind: str, model: Path, parallel: int, n_ctx: int, tmp: Path, draft: Path | None):
+    """A started and warmed-up server's URL; stopped on exit, which fails if it logged a traceback."""
+    port, log = free_port(), tmp / f"{kind}.log"
+    server = start_server(kind, model, port, parallel, n_ctx, log, draft)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_until_up(url, server, log)
+        asyncio.run(steady_load(url, 1, 0.0, 4))            # warm-up: one short request
+        yield url
+    finally:
+        server.terminate()
+        server.wait(30)
+    if "Traceback" in log.read_text():
+        raise RuntimeError(f"{kind} logged a traceback:\n{log.read_text()[-3000:]}")
+
+
+def paired_ratio(ours: dict, theirs: dict) -> str:
+    """The median of ours over theirs window by window, with the range: "1.04x (0.97-1.10)"."""
+    ratios = sorted(a / b for a, b in zip(ours.get("window_rates", []), theirs.get("window_rates", [])) if b > 0)
+    if not ratios:
+        return "-"
+    return f"{statistics.median(ratios):.2f}x ({ratios[0]:.2f}-{ratios[-1]:.2f})"
 
 
 def table(rows: list[dict], parallel: int, n_ctx: int, max_tokens: int) -> str:
-    head = ("model", "server", "clients", "generated tok/s", "vs 1 client", "vs llama-server", "requests/s",
-            "first token p50 / p99", "latency p50 / p99", "errors")
+    head = ("model", "server", "clients", "generated tok/s", "vs 1 client", "vs llama-server",
+            "vs llama-server per window", "requests/s", "first token p50 / p99", "latency p50 / p99", "errors")
     single = {(r["model"], r["server"]): r["tokens_per_s"] for r in rows if r["clients"] == 1}
-    anchor = {(r["model"], r["clients"]): r["tokens_per_s"] for r in rows if r["server"] == "llama-server"}
+    anchor = {(r["model"], r["clients"]): r for r in rows if r["server"] == "llama-server"}
     out = []
     for r in rows:
         one, ref = single.get((r["model"], r["server"])), anchor.get((r["model"], r["clients"]))
         out.append((r["model"], "ours (`python -m serve`)" if r["server"] == "ours" else "llama-server", str(r["clients"]),
                     f"{r['tokens_per_s']:,.1f}", f"{r['tokens_per_s'] / one:.2f}x" if one else "-",
-                    f"{r['tokens_per_s'] / ref:.2f}x" if ref else "-", f"{r['requests_per_s']:.2f}",
+                    f"{r['tokens_per_s'] / ref['tokens_per_s']:.2f}x" if ref else "-",
+                    paired_ratio(r, ref) if ref and r is not ref else "-", f"{r['requests_per_s']:.2f}",
                     f"{r['ttft_p50']:.2f} / {r['ttft_p99']:.2f} s", f"{r['latency_p50']:.2f} / {r['latency_p99']:.2f} s",
                     f"{r['bad_status'] + r['stream_errors'] + r['transport_errors']}"))
+    windows = max((len(r.get("window_rates", [])) for r in rows), default=0)
     return (markdown_table(head, out) + f"\n\nBoth servers: {parallel} slots of {n_ctx} tokens, {os.cpu_count()} "
-            f"threads; streaming chat clients back to back, greedy, max_tokens {max_tokens}. errors: non-200 "
+            f"threads; streaming chat clients back to back, greedy, max_tokens {max_tokens}; both running at once, "
+            f"taking turns in {windows} windows per client count, alternating which goes first (per window: the "
+            "median of ours over llama-server's window by window, and the range). errors: non-200 "
             "answers + errors inside a stream + broken connections.")
 
 
@@ -189,10 +230,10 @@ def default_models() -> list[Path]:
 
 
 def measure_models(models: list[Path] | None, clients, duration_s: float, parallel: int, n_ctx: int,
-                   max_tokens: int, draft: Path | None = None) -> list[dict]:
+                   max_tokens: int, draft: Path | None = None, windows: int = 4) -> list[dict]:
     """measure() for each model (default: default_models()), the rows in one list."""
     return [r for m in (models or default_models())
-            for r in measure(Path(m), clients, duration_s, parallel, n_ctx, max_tokens, draft=draft)]
+            for r in measure(Path(m), clients, duration_s, parallel, n_ctx, max_tokens, draft=draft, windows=windows)]
 
 
 def run(duration_s: float = 60.0, clients=(1, 8, 32), parallel: int = 8, n_ctx: int = 512, max_tokens: int = 32,
@@ -208,6 +249,8 @@ def main(argv: list[str] | None = None) -> int:
                                                      "Q4_K_M, and the 19M chat GGUF if `make run` left it)")
     ap.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32], help="client counts (default: 1 8 32)")
     ap.add_argument("--duration", type=float, default=60.0, help="seconds per client count (default: %(default)s)")
+    ap.add_argument("--windows", type=int, default=4, help="turns per client count each server's duration is "
+                                                           "split into (default: %(default)s)")
     ap.add_argument("--parallel", type=int, default=8, help="slots in both servers (default: %(default)s)")
     ap.add_argument("-c", "--ctx-size", dest="ctx_size", type=int, default=512,
                     help="context per slot (default: %(default)s)")
@@ -220,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.model_draft and not args.model_draft.is_file():
         ap.error(f"--model-draft {args.model_draft}: no such file")
     rows = measure_models([Path(m) for m in args.model or []], args.clients, args.duration, args.parallel,
-                          args.ctx_size, args.max_tokens, args.model_draft)
+                          args.ctx_size, args.max_tokens, args.model_draft, args.windows)
     print(json.dumps(rows, indent=1) if args.json else table(rows, args.parallel, args.ctx_size, args.max_tokens))
     return 0 if all(r["bad_status"] + r["stream_errors"] + r["transport_errors"] == 0 for r in rows) else 1
 

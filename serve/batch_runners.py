@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from tinyllama.inference import threads as torch_threads
 from tinyllama.inference.backends import Backend, GGUFBackend, TorchBackend
 from tinyllama.model.cache import KVCache, Step
 from .batching import BatchRunner, Row
@@ -30,6 +31,7 @@ class TorchRunner(BatchRunner):
         self.device = self.model.lm_head.weight.device
 
     def run(self, rows: list[Row]) -> list[torch.Tensor | None]:
+        torch_threads.for_torch_compute()
         out: list[torch.Tensor | None] = [None] * len(rows)
         singles = [i for i, r in enumerate(rows) if len(r.tokens) == 1]
         with torch.inference_mode():

@@ -39,7 +39,8 @@ from tinyllama.cli import ModelArgs, add_draft_model_flag, add_model_args
 from tinyllama.errors import NotFound, UserError
 from tinyllama.formats.chat import apply_chat_template, template_of
 from tinyllama.formats.tokenizer import Tokenizer
-from tinyllama.inference.backends import Backend, load_backend
+from tinyllama.inference import threads as torch_threads
+from tinyllama.inference.backends import Backend, GGUFBackend, load_backend
 from tinyllama.inference.draft_policy import Auto, Capped, DraftPolicy, add_draft_policy_flags, draft_policy_of
 from tinyllama.inference.backends import open_drafter
 from tinyllama.inference.drafters import Drafter, ModelDrafter
@@ -91,6 +92,10 @@ class Engine:
             self.policy = Capped(self.policy, busy=lambda: pool.busy, max_busy=speculate_max_busy)
             if isinstance(self.draft, ModelDrafter):
                 self.draft_pool = SlotPool(batch_runner(self.draft.backend, parallel))
+        # torch does only per-token math beside llama.cpp's models, and its threads would slow them
+        self.uses_torch = not all(isinstance(m, GGUFBackend) for m in self._models())
+        self._open = True
+        torch_threads.engine_opened(self.uses_torch)
 
     @classmethod
     def load(cls, model: str | os.PathLike, draft: str | os.PathLike | None = None,
@@ -202,13 +207,22 @@ class Engine:
         return {"total": self.parallel, "busy": p.busy, "steps": p.steps, "rows": p.rows,
                 "step_seconds": round(p.run_seconds, 3)}
 
+    def _models(self) -> list[Backend]:
+        """The models it runs: the target, and the draft's unless it drafts without one."""
+        return [self.target] + ([self.draft.backend] if isinstance(self.draft, ModelDrafter) else [])
+
     def close(self) -> None:
+        """Frees the models and their slots; closing again does nothing."""
+        if not self._open:
+            return
+        self._open = False
         for pool in (self.pool, self.draft_pool):
             if pool is not None:
                 pool.close()
         self.target.close()
         if self.draft is not None:
             self.draft.close()
+        torch_threads.engine_closed(self.uses_torch)
 
 
 @runtime_checkable

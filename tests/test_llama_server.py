@@ -5,6 +5,7 @@ the model's own template and answer as ours does. Also the side-by-side load ben
 from __future__ import annotations
 
 import copy
+import re
 import subprocess
 from pathlib import Path
 
@@ -80,14 +81,18 @@ def test_llama_server_chats_in_our_template_and_answers_as_we_do(chat_gguf, tmp_
 def test_side_by_side_load_benchmark_short(chat_gguf):
     from bench.server_compare import measure, table
 
-    rows = measure(chat_gguf, clients=(1, 4), duration_s=2.0, parallel=4, n_ctx=128, max_tokens=8)
+    rows = measure(chat_gguf, clients=(1, 4), duration_s=2.0, parallel=4, n_ctx=128, max_tokens=8, windows=2)
     assert [(r["server"], r["clients"]) for r in rows] == [("ours", 1), ("ours", 4), ("llama-server", 1),
                                                            ("llama-server", 4)]
     for r in rows:
         assert r["served"] > 0 and r["tokens_per_s"] > 0, r
         assert r["bad_status"] + r["stream_errors"] + r["transport_errors"] == 0, r["first_error"]
+    for r in rows:                   # two windows each, taken in turns: the paired ratio per window
+        assert len(r["window_rates"]) == 2 and all(rate > 0 for rate in r["window_rates"]), r
     text = table(rows, 4, 128, 8)
-    assert "llama-server" in text and "vs llama-server" in text
+    assert "llama-server" in text and "vs llama-server per window" in text
+    ours = next(line for line in text.splitlines() if "ours" in line and "| 1 " in line)
+    assert re.search(r"\| \d+\.\d\dx \(\d+\.\d\d-\d+\.\d\d\) +\|", ours), ours
 
 
 def test_side_by_side_with_a_draft_speculates_in_both_servers(chat_gguf):

@@ -31,6 +31,7 @@ from tinyllama.formats.hub import ModelRef, resolve_model
 from tinyllama.model.cache import KVCache, Step
 from tinyllama.model.model import Llama
 from tinyllama.inference.packing import pack_for_decoding, unpack
+from tinyllama.inference.threads import for_torch_compute
 from tinyllama.model.kernels import use_kernels
 from tinyllama.formats.tokenizer import Tokenizer
 from tinyllama.runtime import RuntimeOptions
@@ -72,6 +73,7 @@ class TorchBackend(Backend):
 
     def logits(self, context: Sequence[int], n_last: int = 1) -> torch.Tensor:
         check_context(context, n_last, self.context_length, self.name)
+        for_torch_compute()
         context = list(context)
         self._fit_cache(len(context))
         start = min(common_prefix(self._cached, context), len(context) - n_last)
