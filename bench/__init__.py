@@ -1,5 +1,7 @@
 """Benchmarks: each measures ours and the reference in the same run and prints a table."""
 
+import statistics
+
 from tinyllama.measure import median_seconds, peak_rss_bytes  # noqa: F401  (the benchmarks' helpers)
 
 
@@ -11,6 +13,13 @@ def markdown_table(head: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
         return "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"
 
     return "\n".join([line(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)])
+
+
+def paired(ratios: list[float]) -> str:
+    """Ratios of paired runs as their median and range: "1.04x (0.97-1.10)"; "-" when there are none."""
+    if not ratios:
+        return "-"
+    return f"{statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f})"
 
 
 def chat_prompts(tok, n: int) -> list[list[int]]:

@@ -27,7 +27,6 @@ import asyncio
 import contextlib
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -36,7 +35,7 @@ from pathlib import Path
 
 from tinyllama.cli import add_renamed_flag
 
-from . import markdown_table
+from . import markdown_table, paired
 from .server_load import DEFAULT_MODEL, free_port, percentile, wait_until_up
 
 QUESTIONS = ("Tell me about llamas.", "What is the capital of France?", "Write a haiku about the sea.",
@@ -192,10 +191,7 @@ def running_server(kind: str, model: Path, parallel: int, n_ctx: int, tmp: Path,
 
 def paired_ratio(ours: dict, theirs: dict) -> str:
     """The median of ours over theirs window by window, with the range: "1.04x (0.97-1.10)"."""
-    ratios = sorted(a / b for a, b in zip(ours.get("window_rates", []), theirs.get("window_rates", [])) if b > 0)
-    if not ratios:
-        return "-"
-    return f"{statistics.median(ratios):.2f}x ({ratios[0]:.2f}-{ratios[-1]:.2f})"
+    return paired([a / b for a, b in zip(ours.get("window_rates", []), theirs.get("window_rates", [])) if b > 0])
 
 
 def table(rows: list[dict], parallel: int, n_ctx: int, max_tokens: int) -> str:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import subprocess
 import sys
 import time
@@ -28,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from . import markdown_table
+from . import markdown_table, paired
 from .server_compare import QUESTIONS
 from .server_load import DEFAULT_MODEL
 
@@ -69,7 +68,7 @@ def window_in_child(model: Path, temperature: float, requests: int, first: int, 
 
 
 def measure(model: Path, requests: int = 8, pairs: int = 6, temperatures=(0.0, 0.7)) -> list[tuple]:
-    """(temperature, tok/s with a torch team, tok/s without, median ratio, lowest, highest)."""
+    """(temperature, tok/s with a torch team, tok/s without, the paired ratios: without over with)."""
     rows, n = [], 0
     for temperature in temperatures:
         totals = {True: [0, 0.0], False: [0, 0.0]}
@@ -85,16 +84,15 @@ def measure(model: Path, requests: int = 8, pairs: int = 6, temperatures=(0.0, 0
             ratios.append(rates[False] / rates[True])
             print(f"  temperature {temperature}, pair {p + 1}: without / with a torch team: {ratios[-1]:.2f}x",
                   file=sys.stderr, flush=True)
-        rows.append((temperature, totals[True][0] / totals[True][1], totals[False][0] / totals[False][1],
-                     statistics.median(ratios), min(ratios), max(ratios)))
+        rows.append((temperature, totals[True][0] / totals[True][1], totals[False][0] / totals[False][1], ratios))
     return rows
 
 
 def table(model: Path, rows: list[tuple], threads: int, requests: int, pairs: int) -> str:
     head = ("model", "sampling", f"a torch op ran on {threads} threads, tok/s", "torch at 1 thread (the engine's), tok/s",
             "1 thread over {threads}, paired median (range)".format(threads=threads))
-    out = [(model.name, "greedy" if t == 0 else f"temperature {t:g}", f"{a:.1f}", f"{b:.1f}",
-            f"{med:.2f}x ({lo:.2f}-{hi:.2f})") for t, a, b, med, lo, hi in rows]
+    out = [(model.name, "greedy" if t == 0 else f"temperature {t:g}", f"{a:.1f}", f"{b:.1f}", paired(ratios))
+           for t, a, b, ratios in rows]
     return (markdown_table(head, out) + f"\n\nAn engine (8 slots, llama.cpp on its compute thread), chats of 32 "
             f"tokens one at a time; {pairs} pairs of {requests}-request windows, each in a fresh process, the order "
             "alternating.")

@@ -87,7 +87,7 @@ def test_side_by_side_load_benchmark_short(chat_gguf):
     for r in rows:
         assert r["served"] > 0 and r["tokens_per_s"] > 0, r
         assert r["bad_status"] + r["stream_errors"] + r["transport_errors"] == 0, r["first_error"]
-    for r in rows:                   # two windows each, taken in turns: the paired ratio per window
+        # two windows each, taken in turns: the paired ratio per window
         assert len(r["window_rates"]) == 2 and all(rate > 0 for rate in r["window_rates"]), r
     text = table(rows, 4, 128, 8)
     assert "llama-server" in text and "vs llama-server per window" in text

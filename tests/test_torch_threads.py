@@ -74,8 +74,7 @@ def test_a_pytorch_model_computing_in_a_lowered_thread_gets_the_process_count(pr
 
 
 @pytest.mark.llamacpp
-def test_the_engine_lowers_for_a_gguf_and_not_for_a_pytorch_target(process_threads, tiny_chat_checkpoint, tmp_path,
-                                                                    llama2_tokenizer):
+def test_the_engine_lowers_for_a_gguf_and_not_for_a_pytorch_target(process_threads, tiny_chat_checkpoint, tmp_path):
     pytest.importorskip("llama_cpp")
     from quantize.export import write_gguf
     from serve.engine import Engine
