@@ -304,7 +304,8 @@ def create_app(models: Engine | ModelSource, api_key: str | None = None, max_que
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
     admission = Admission(max_queue)
     _add_error_handlers(app, max_body_bytes)
-    _add_auth(app, api_key)
+    if api_key:
+        app.add_middleware(ApiKey, api_key=api_key)
     _add_model_routes(app, models, admission)
     _add_generation_routes(app, Requests(models, admission, max_tokens_limit))
     return app
@@ -332,16 +333,21 @@ def _add_error_handlers(app: FastAPI, max_body_bytes: int) -> None:
         return error(500, f"internal error: {type(exc).__name__}", type_="server_error")
 
 
-def _add_auth(app: FastAPI, api_key: str | None) -> None:
-    @app.middleware("http")
-    async def _auth(request: Request, call_next):
-        if api_key and request.url.path.startswith("/v1/"):
-            # bytes, not str: compare_digest refuses non-ASCII str, which a client controls
-            given = request.headers.get("authorization", "").encode("latin-1")
-            if not secrets.compare_digest(given, f"Bearer {api_key}".encode()):
-                return error(401, "invalid or missing API key (send Authorization: Bearer KEY)",
-                             type_="authentication_error", code="invalid_api_key")
-        return await call_next(request)
+class ApiKey:
+    """401 for a /v1/ request without `Authorization: Bearer <api_key>`. Plain ASGI, not
+    @app.middleware("http"): that one relays every streamed chunk through a task of its own."""
+
+    def __init__(self, app, api_key: str) -> None:
+        # bytes, not str: compare_digest refuses non-ASCII str, which a client controls
+        self.app, self.expected = app, f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and scope["path"].startswith("/v1/"):
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not secrets.compare_digest(given, self.expected):
+                return await error(401, "invalid or missing API key (send Authorization: Bearer KEY)",
+                                   type_="authentication_error", code="invalid_api_key")(scope, receive, send)
+        await self.app(scope, receive, send)
 
 
 def _add_model_routes(app: FastAPI, models: ModelSource, admission: Admission) -> None:

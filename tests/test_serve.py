@@ -155,6 +155,18 @@ def test_api_key_is_required(server):
         openai.OpenAI(base_url=f"{server}/v1", api_key="nope", max_retries=0).models.list()
 
 
+def test_streams_pass_no_http_middleware(engine):
+    """Starlette's @app.middleware("http") relays every streamed chunk through a task of its
+    own (CPU a 2-core server takes from llama.cpp's threads): the key check is plain ASGI, and
+    without a key there is none."""
+    from starlette.middleware.base import BaseHTTPMiddleware
+
+    for key in (None, KEY):
+        app = create_app(engine, api_key=key)
+        assert not [m for m in app.user_middleware if m.cls is BaseHTTPMiddleware]
+        assert any(m.cls.__name__ == "ApiKey" for m in app.user_middleware) == (key is not None)
+
+
 def test_full_queue_is_429_and_disconnect_cancels(llama2_tokenizer):
     torch.manual_seed(0)
     inner = TorchBackend(Llama(ModelConfig.from_name("tinyllama-debug")).eval(), llama2_tokenizer)
