@@ -161,10 +161,12 @@ def test_streams_pass_no_http_middleware(engine):
     without a key there is none."""
     from starlette.middleware.base import BaseHTTPMiddleware
 
+    from serve.server import ApiKey
+
     for key in (None, KEY):
         app = create_app(engine, api_key=key)
         assert not [m for m in app.user_middleware if m.cls is BaseHTTPMiddleware]
-        assert any(m.cls.__name__ == "ApiKey" for m in app.user_middleware) == (key is not None)
+        assert any(m.cls is ApiKey for m in app.user_middleware) == (key is not None)
 
 
 def test_full_queue_is_429_and_disconnect_cancels(llama2_tokenizer):
