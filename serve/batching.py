@@ -75,6 +75,7 @@ class _Request:
     logits: torch.Tensor | None = None
     error: BaseException | None = None
     done: bool = False
+    answered: threading.Condition | None = None    # what its thread waits on (the compute lock's)
 
 
 @dataclass(eq=False)
@@ -90,11 +91,16 @@ class _ComputeThread:
     """The one thread that runs every pool's steps, in this process. Not the generations' own
     threads: llama.cpp and torch parallelise each pass with OpenMP, and OpenMP teams started from
     several live threads slow each other down several-fold on a few cores, so all batched
-    compute goes through this one. Its lock also guards
-    every pool's slots and requests."""
+    compute goes through this one. Its lock also guards every pool's slots and requests.
+
+    Each waiter has a condition of its own on that lock (this thread `cond`, a request its
+    `answered`, a pool's slot queue `changed`), so that a step wakes the generations it answered
+    and nobody else: with one condition for all, each of 8 slots' next request woke every
+    thread already waiting, dozens of wake-ups per step beside llama.cpp's two threads."""
 
     def __init__(self) -> None:
-        self.cond = threading.Condition()
+        self.lock = threading.RLock()
+        self.cond = threading.Condition(self.lock)      # the compute thread's: work may be ready
         self.pools: list[SlotPool] = []
         self.thread: threading.Thread | None = None
 
@@ -126,7 +132,8 @@ class SlotPool:
         """max_wait: the longest a ready request waits for the other busy slots' (seconds)."""
         self.runner, self.max_wait = runner, max_wait
         self.slots = [_Slot(i) for i in range(runner.n_slots)]
-        self._cond = _COMPUTE.cond
+        self._cond = _COMPUTE.cond                 # the compute thread's
+        self._changed = threading.Condition(_COMPUTE.lock)   # a slot freed, the pool closing
         self._pending: list[_Request] = []
         self._queue: deque[object] = deque()     # requests waiting for a slot, in arrival order
         self._last_step = self._last_end = 0.0
@@ -157,9 +164,9 @@ class SlotPool:
                 if self._closed:
                     self._queue.remove(ticket)
                     raise RuntimeError(f"{self.runner.name} was closed")
-                self._cond.wait()
+                self._changed.wait()
             self._queue.popleft()
-            self._cond.notify_all()        # the next in the queue may take another free slot
+            self._changed.notify_all()     # the next in the queue may take another free slot
             free = [s for s in self.slots if not s.busy]
             best = max(free, key=lambda s: (common_prefix(s.cached, prompt), -s.last_used))
             if 2 * common_prefix(best.cached, prompt) < len(prompt):
@@ -172,17 +179,20 @@ class SlotPool:
             slot.busy = False
             self._uses += 1
             slot.last_used = self._uses
-            self._cond.notify_all()       # the others' requests may now be all there are
+            self._changed.notify_all()    # a request waiting for a slot may take it
+            self._cond.notify()           # the others' requests may now be all there are
 
     # ---- steps (run by the compute thread) -------------------------------------------------------
     def _submit(self, request: _Request) -> torch.Tensor:
         with self._cond:
             if self._closed:
                 raise RuntimeError(f"{self.runner.name} was closed")
+            request.answered = threading.Condition(_COMPUTE.lock)
             self._pending.append(request)
-            self._cond.notify_all()
+            if len(self._pending) == 1 or self._time_to_step() == 0.0:
+                self._cond.notify()       # the first starts the wait for the others; the last ends it
             while not request.done:
-                self._cond.wait()
+                request.answered.wait()
         if request.error is not None:
             raise request.error
         return request.logits
@@ -236,7 +246,11 @@ class SlotPool:
             if row.n_out:
                 request.logits, request.done = outputs[i], True
         self._pending = [r for r in self._pending if not r.done]
-        self._cond.notify_all()
+        for request, _ in plan:
+            if request.done:
+                request.answered.notify()
+        if self._closed:
+            self._changed.notify_all()    # close() waits for this step
 
     def _plan(self) -> list[tuple[_Request, Row]]:
         """The rows of the next step: the shortest suffixes first (decoding, verification), then
@@ -268,11 +282,12 @@ class SlotPool:
             self._closed = True
             _COMPUTE.pools.remove(self)
             while self._stepping:
-                self._cond.wait()
+                self._changed.wait()
             for request in self._pending:
                 request.error, request.done = RuntimeError(f"{self.runner.name} was closed"), True
+                request.answered.notify()
             self._pending = []
-            self._cond.notify_all()
+            self._changed.notify_all()
         self.runner.close()
 
 

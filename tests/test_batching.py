@@ -231,6 +231,45 @@ def test_a_failed_step_fails_its_requests_only(target_and_draft, llama2_tokenize
         pool.close()
 
 
+def test_a_step_wakes_only_the_generations_it_answered(target_and_draft, llama2_tokenizer, monkeypatch):
+    """Each logits() call waits once and is woken once, by the step that answers it: a
+    generation already waiting is not woken when another slot asks (every wake-up of a Python
+    thread takes CPU from llama.cpp's threads between and during passes)."""
+    target, _ = target_and_draft
+    pool = SlotPool(TorchRunner(TorchBackend(target, llama2_tokenizer, pack=False), n_slots=6))
+    wait, wakes = threading.Condition.wait, []
+
+    def counted(cond, timeout=None):
+        woke = wait(cond, timeout)
+        if threading.current_thread().name.startswith("gen-"):
+            wakes.append(threading.current_thread().name)
+        return woke
+    monkeypatch.setattr(threading.Condition, "wait", counted)
+    calls, lock = [], threading.Lock()
+
+    def work(i: int) -> None:
+        lease = pool.lease(PROMPTS[i])
+        logits = lease.logits
+
+        def counted_logits(context, n_last=1):
+            with lock:
+                calls.append(i)
+            return logits(context, n_last)
+        lease.logits = counted_logits
+        list(generate(lease, PROMPTS[i], max_new_tokens=12, release=lease.release))
+    threads = [threading.Thread(target=work, args=(i,), name=f"gen-{i}") for i in range(len(PROMPTS))]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+    finally:
+        monkeypatch.undo()
+        pool.close()
+    assert len(calls) == 12 * len(PROMPTS)
+    assert len(wakes) == len(calls), f"{len(wakes) - len(calls)} wake-ups of generations not yet answered"
+
+
 @pytest.mark.llamacpp
 def test_gguf_slots_batch_in_one_llama_decode_and_equal_alone(tmp_path, target_and_draft, llama2_tokenizer):
     pytest.importorskip("llama_cpp", reason="llama-cpp-python is built by make setup")
