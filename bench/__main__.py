@@ -3,6 +3,9 @@ benchmark writes, one-off measurements, stay).
 
     python -m bench [--quick | --full]      (make bench: the default)
     python -m bench --only server_load       rerun some benchmarks, replacing only their sections
+
+A full run rewrites the file after each section, so that a run stopped part-way keeps what it
+measured (its head then says how many sections it got to).
 """
 
 from __future__ import annotations
@@ -70,20 +73,34 @@ def main(argv: list[str] | None = None) -> int:
         if unknown := set(args.only) - known:
             ap.error(f"--only: no benchmark {', '.join(sorted(unknown))}; one of {', '.join(sorted(known))}")
         todo = [(t, f) for t, f in todo if module_of(t) in args.only]
+    old = RESULTS.read_text() if RESULTS.exists() else ""
     sections = []
     for title, measure in todo:
         sections.append((title, with_cpu(measure())))
         print(f"\n## {title}\n\n{sections[-1][1]}", flush=True)
+        if not args.only and len(sections) < len(todo):
+            # a run of an hour or more keeps what it measured if it stops (killed, a benchmark failing)
+            write_results(results_head(len(sections), len(todo)), sections, old)
     if args.only:
         return replace_sections(sections)
-    head = (f"# Benchmark results\n\nWritten by `make bench` on {dt.date.today().isoformat()}.\n"
-            f"Machine: {machine()}.\n\nEach row measures ours and the reference in the same run; "
-            "'ours vs ref' > 1 means ours is faster.\n")
-    old = RESULTS.read_text() if RESULTS.exists() else ""
-    with atomic_file(RESULTS) as tmp:
-        tmp.write_text(full_results(head, sections, old))
+    write_results(results_head(), sections, old)
     print(f"\nwrote {RESULTS}")
     return 0
+
+
+def results_head(done: int | None = None, total: int | None = None) -> str:
+    """The head of RESULTS.md: the date and the machine; while a run is under way, how far it got."""
+    progress = ("" if done is None else
+                f" That run measured {done} of its {total} sections; the others are from an earlier run.")
+    return (f"# Benchmark results\n\nWritten by `make bench` on {dt.date.today().isoformat()}.{progress}\n"
+            f"Machine: {machine()}.\n\nEach row measures ours and the reference in the same run; "
+            "'ours vs ref' > 1 means ours is faster.\n")
+
+
+def write_results(head: str, sections: list[tuple[str, str]], old: str) -> None:
+    """RESULTS.md as full_results makes it from the file as it was before the run."""
+    with atomic_file(RESULTS) as tmp:
+        tmp.write_text(full_results(head, sections, old))
 
 
 def full_results(head: str, sections: list[tuple[str, str]], old: str) -> str:

@@ -1,5 +1,8 @@
 """bench/RESULTS.md after a full `make bench`: what a run writes, what it keeps."""
 
+import pytest
+
+import bench.__main__ as bench_main
 from bench.__main__ import GPU_MARKER, full_results, module_of
 
 HEAD = "# Benchmark results\n\nWritten by `make bench` on today.\n"
@@ -65,3 +68,29 @@ def test_module_names_for_only():
     assert module_of("Real pair (`python -m bench.speculative --eos`)") == "speculative-eos"
     assert module_of("7B (`python -m bench.speculative --pair 7b`)") == "speculative-7b"
     assert module_of("GGUF (`python -m bench.gguf --real-model`)") == "gguf-real-model"
+
+
+def test_a_run_that_stops_part_way_keeps_what_it_measured(tmp_path, monkeypatch):
+    results = tmp_path / "RESULTS.md"
+    results.write_text(OLD)
+
+    def fails():
+        raise RuntimeError("a benchmark failed")
+    todo = [("Server under load (`python -m bench.server_load`)", lambda: "CPU: new\n\n| new server |"),
+            ("Decode speed (`python -m bench.decode`)", fails)]
+    monkeypatch.setattr(bench_main, "RESULTS", results)
+    monkeypatch.setattr(bench_main, "_sections", lambda args: todo)
+    monkeypatch.setattr(bench_main, "machine", lambda: "a test CPU")
+    with pytest.raises(RuntimeError, match="a benchmark failed"):
+        bench_main.main([])
+
+    text = results.read_text()
+    assert "That run measured 1 of its 2 sections; the others are from an earlier run." in text
+    assert "| new server |" in text and "| old decode |" in text and "| a one-off table |" in text
+    assert text.endswith(GPU_MARKER + "\n## GPU figures\n\n| kept |\n")
+
+    todo[1] = (todo[1][0], lambda: "CPU: new\n\n| new decode |")
+    assert bench_main.main([]) == 0
+    text = results.read_text()
+    assert "That run measured" not in text and "| new decode |" in text and "| old decode |" not in text
+    assert text.count("| new server |") == 1
