@@ -4,8 +4,9 @@ benchmark writes, one-off measurements, stay).
     python -m bench [--quick | --full]      (make bench: the default)
     python -m bench --only server_load       rerun some benchmarks, replacing only their sections
 
-A full run rewrites the file after each section, so that a run stopped part-way keeps what it
-measured (its head then says how many sections it got to).
+Each section is written as soon as it is measured, so that a run stopped part-way keeps what it
+measured (a full run's head then says how many sections it got to); the console shows how long
+each took.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import os
 import platform
 import re
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -76,13 +78,16 @@ def main(argv: list[str] | None = None) -> int:
     old = RESULTS.read_text() if RESULTS.exists() else ""
     sections = []
     for title, measure in todo:
+        t0 = time.perf_counter()
         sections.append((title, with_cpu(measure())))
-        print(f"\n## {title}\n\n{sections[-1][1]}", flush=True)
-        if not args.only and len(sections) < len(todo):
-            # a run of an hour or more keeps what it measured if it stops (killed, a benchmark failing)
+        print(f"\n## {title}\n\n{sections[-1][1]}\n\n({(time.perf_counter() - t0) / 60:.1f} minutes)", flush=True)
+        # a run of an hour or more keeps what it measured if it stops (killed, a benchmark failing)
+        if args.only:
+            replace_sections(sections[-1:])
+        elif len(sections) < len(todo):
             write_results(results_head(len(sections), len(todo)), sections, old)
     if args.only:
-        return replace_sections(sections)
+        return 0
     write_results(results_head(), sections, old)
     print(f"\nwrote {RESULTS}")
     return 0

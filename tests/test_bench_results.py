@@ -94,3 +94,20 @@ def test_a_run_that_stops_part_way_keeps_what_it_measured(tmp_path, monkeypatch)
     text = results.read_text()
     assert "That run measured" not in text and "| new decode |" in text and "| old decode |" not in text
     assert text.count("| new server |") == 1
+
+
+def test_only_replaces_each_section_as_it_is_measured(tmp_path, monkeypatch):
+    results = tmp_path / "RESULTS.md"
+    results.write_text(OLD)
+
+    def fails():
+        raise RuntimeError("a benchmark failed")
+    todo = [("Decode speed (`python -m bench.decode`)", lambda: "CPU: new\n\n| new decode |"),
+            ("Server under load (`python -m bench.server_load`)", fails)]
+    monkeypatch.setattr(bench_main, "RESULTS", results)
+    monkeypatch.setattr(bench_main, "_sections", lambda args: todo)
+    with pytest.raises(RuntimeError, match="a benchmark failed"):
+        bench_main.main(["--only", "decode", "server_load"])
+    text = results.read_text()
+    assert "| new decode |" in text and "| old decode |" not in text and "| a one-off table |" in text
+    assert text.startswith("# Benchmark results\n\nWritten by `make bench` on an earlier day.")
