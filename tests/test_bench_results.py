@@ -70,17 +70,27 @@ def test_module_names_for_only():
     assert module_of("GGUF (`python -m bench.gguf --real-model`)") == "gguf-real-model"
 
 
-def test_a_run_that_stops_part_way_keeps_what_it_measured(tmp_path, monkeypatch):
+SERVER = "Server under load (`python -m bench.server_load`)"
+DECODE = "Decode speed (`python -m bench.decode`)"
+
+
+def fails():
+    raise RuntimeError("a benchmark failed")
+
+
+def stub_run(tmp_path, monkeypatch, todo):
+    """RESULTS.md (as OLD) in tmp_path, and `todo` as the benchmarks a run measures; the file."""
     results = tmp_path / "RESULTS.md"
     results.write_text(OLD)
-
-    def fails():
-        raise RuntimeError("a benchmark failed")
-    todo = [("Server under load (`python -m bench.server_load`)", lambda: "CPU: new\n\n| new server |"),
-            ("Decode speed (`python -m bench.decode`)", fails)]
     monkeypatch.setattr(bench_main, "RESULTS", results)
     monkeypatch.setattr(bench_main, "_sections", lambda args: todo)
     monkeypatch.setattr(bench_main, "machine", lambda: "a test CPU")
+    return results
+
+
+def test_a_run_that_stops_part_way_keeps_what_it_measured(tmp_path, monkeypatch):
+    todo = [(SERVER, lambda: "CPU: new\n\n| new server |"), (DECODE, fails)]
+    results = stub_run(tmp_path, monkeypatch, todo)
     with pytest.raises(RuntimeError, match="a benchmark failed"):
         bench_main.main([])
 
@@ -89,7 +99,7 @@ def test_a_run_that_stops_part_way_keeps_what_it_measured(tmp_path, monkeypatch)
     assert "| new server |" in text and "| old decode |" in text and "| a one-off table |" in text
     assert text.endswith(GPU_MARKER + "\n## GPU figures\n\n| kept |\n")
 
-    todo[1] = (todo[1][0], lambda: "CPU: new\n\n| new decode |")
+    todo[1] = (DECODE, lambda: "CPU: new\n\n| new decode |")
     assert bench_main.main([]) == 0
     text = results.read_text()
     assert "That run measured" not in text and "| new decode |" in text and "| old decode |" not in text
@@ -97,15 +107,7 @@ def test_a_run_that_stops_part_way_keeps_what_it_measured(tmp_path, monkeypatch)
 
 
 def test_only_replaces_each_section_as_it_is_measured(tmp_path, monkeypatch):
-    results = tmp_path / "RESULTS.md"
-    results.write_text(OLD)
-
-    def fails():
-        raise RuntimeError("a benchmark failed")
-    todo = [("Decode speed (`python -m bench.decode`)", lambda: "CPU: new\n\n| new decode |"),
-            ("Server under load (`python -m bench.server_load`)", fails)]
-    monkeypatch.setattr(bench_main, "RESULTS", results)
-    monkeypatch.setattr(bench_main, "_sections", lambda args: todo)
+    results = stub_run(tmp_path, monkeypatch, [(DECODE, lambda: "CPU: new\n\n| new decode |"), (SERVER, fails)])
     with pytest.raises(RuntimeError, match="a benchmark failed"):
         bench_main.main(["--only", "decode", "server_load"])
     text = results.read_text()
