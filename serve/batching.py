@@ -75,7 +75,8 @@ class _Request:
     logits: torch.Tensor | None = None
     error: BaseException | None = None
     done: bool = False
-    answered: threading.Condition | None = None    # what its thread waits on (the compute lock's)
+    # what its thread waits on, a condition of the compute lock (made when the request is)
+    answered: threading.Condition = field(default_factory=lambda: threading.Condition(_COMPUTE.lock))
 
 
 @dataclass(eq=False)
@@ -187,7 +188,6 @@ class SlotPool:
         with self._cond:
             if self._closed:
                 raise RuntimeError(f"{self.runner.name} was closed")
-            request.answered = threading.Condition(_COMPUTE.lock)
             self._pending.append(request)
             if len(self._pending) == 1 or self._time_to_step() == 0.0:
                 self._cond.notify()       # the first starts the wait for the others; the last ends it
