@@ -69,7 +69,7 @@ class LlamaCppRunner(BatchRunner):
     requested only at the positions a row wants."""
 
     def __init__(self, backend: GGUFBackend, n_slots: int, step_tokens: int = 512, n_threads: int | None = None,
-                 unified_kv: bool = True) -> None:
+                 unified_kv: bool = False) -> None:
         import llama_cpp
 
         self.lib, self.backend = llama_cpp, backend
@@ -84,9 +84,10 @@ class LlamaCppRunner(BatchRunner):
         params.n_seq_max = n_slots
         if n_threads:
             params.n_threads = params.n_threads_batch = n_threads
-        # one KV buffer the sequences share: a step's rows then go through llama.cpp in one
-        # ubatch, where split per-sequence buffers cut a mixed step into several passes
-        # (measured by bench.server_compare)
+        # a KV stream per sequence, as llama-server runs: each row attends to its own cells only,
+        # where in one shared buffer it spans every slot's (bench/RESULTS.md, the 8-client gap).
+        # llama.cpp passes only consecutive sequences of such a cache together, so
+        # run() orders a step's rows by slot and the pool keeps busy slots consecutive.
         params.kv_unified = unified_kv
         params.no_perf = True
         self.ctx = llama_cpp.llama_init_from_model(backend.llm._model.model, params)
@@ -97,6 +98,13 @@ class LlamaCppRunner(BatchRunner):
         self.batch = llama_cpp.llama_batch_init(step_tokens, 0, 1)
 
     def run(self, rows: list[Row]) -> list[torch.Tensor | None]:
+        order = sorted(range(len(rows)), key=lambda i: rows[i].slot)      # sequences in increasing order
+        out: list[torch.Tensor | None] = [None] * len(rows)
+        for i, logits in zip(order, self._decode([rows[i] for i in order])):
+            out[i] = logits
+        return out
+
+    def _decode(self, rows: list[Row]) -> list[torch.Tensor | None]:
         b, n = self.batch, 0
         for r in rows:
             first_out = len(r.tokens) - r.n_out

@@ -156,7 +156,7 @@ class SlotPool:
     def _acquire(self, prompt: list[int]) -> _Slot:
         """A free slot (waiting in arrival order for one): the one whose cache holds the most of `prompt` when that is
         at least half of it (the same conversation, a shared system prompt), else the least
-        recently used, so an unrelated prompt does not overwrite a cache that a later request
+        recently used (either way, among slots alike, one next to the busy ones), so an unrelated prompt does not overwrite a cache that a later request
         may want (what llama-server's --slot-prompt-similarity does)."""
         with self._cond:
             ticket = object()              # first come, first served: no request waits for ever
@@ -169,11 +169,18 @@ class SlotPool:
             self._queue.popleft()
             self._changed.notify_all()     # the next in the queue may take another free slot
             free = [s for s in self.slots if not s.busy]
-            best = max(free, key=lambda s: (common_prefix(s.cached, prompt), -s.last_used))
+            best = max(free, key=lambda s: (common_prefix(s.cached, prompt), -self._runs_with(s), -s.last_used))
             if 2 * common_prefix(best.cached, prompt) < len(prompt):
-                best = min(free, key=lambda s: s.last_used)
+                best = min(free, key=lambda s: (self._runs_with(s), s.last_used))
             best.busy = True
             return best
+
+    def _runs_with(self, slot: _Slot) -> int:
+        """How many runs of consecutive indices the busy slots would make with `slot` taken too:
+        llama.cpp puts only consecutive sequences of a per-slot KV cache in one pass, so
+        between slots that are otherwise alike the one next to the busy ones is taken."""
+        busy = {s.index for s in self.slots if s.busy} | {slot.index}
+        return sum(i - 1 not in busy for i in busy)
 
     def _release(self, slot: _Slot) -> None:
         with self._cond:

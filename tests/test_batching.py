@@ -138,6 +138,24 @@ def test_a_free_slot_keeps_its_prefix_and_is_reused(target_and_draft, llama2_tok
         pool.close()
 
 
+def test_a_new_prompt_takes_a_free_slot_next_to_the_busy_ones(target_and_draft, llama2_tokenizer):
+    """llama.cpp passes only consecutive sequences of a per-slot KV cache together, so between
+    free slots that are otherwise alike the pool takes one next to the busy slots (the least
+    recently used of those)."""
+    target, _ = target_and_draft
+    pool = SlotPool(TorchRunner(TorchBackend(target, llama2_tokenizer, pack=False), n_slots=4))
+    try:
+        first, second = pool.lease(PROMPTS[0]), pool.lease(PROMPTS[1])
+        assert (first.slot.index, second.slot.index) == (0, 1)
+        first.release()
+        third = pool.lease(PROMPTS[3])
+        assert third.slot.index == 2         # 0 and 2 both border slot 1; 3 would not: 2 was used less recently
+        fourth = pool.lease(PROMPTS[4])
+        assert fourth.slot.index in (0, 3)   # either keeps 1, 2 and it one run
+    finally:
+        pool.close()
+
+
 def test_a_stop_id_gives_the_slot_back_at_once(target_and_draft, llama2_tokenizer):
     """A reply that ends on its end-of-turn id frees its slot as the text ends (regression: the
     slot stayed taken until garbage collection, and a loaded server ran out of slots)."""
