@@ -126,6 +126,11 @@ class _ComputeThread:
 _COMPUTE = _ComputeThread()
 
 
+def _runs(indices: set[int]) -> int:
+    """How many runs of consecutive integers `indices` makes ({0, 1, 3}: 2)."""
+    return sum(i - 1 not in indices for i in indices)
+
+
 class SlotPool:
     """`runner.n_slots` sequences of one model, leased to generations and batched step by step."""
 
@@ -156,8 +161,10 @@ class SlotPool:
     def _acquire(self, prompt: list[int]) -> _Slot:
         """A free slot (waiting in arrival order for one): the one whose cache holds the most of `prompt` when that is
         at least half of it (the same conversation, a shared system prompt), else the least
-        recently used (either way, among slots alike, one next to the busy ones), so an unrelated prompt does not overwrite a cache that a later request
-        may want (what llama-server's --slot-prompt-similarity does)."""
+        recently used, so an unrelated prompt does not overwrite a cache that a later request
+        may want (what llama-server's --slot-prompt-similarity does). Between slots otherwise
+        alike, one next to the busy ones: llama.cpp puts only consecutive sequences of a
+        per-slot KV cache in one pass."""
         with self._cond:
             ticket = object()              # first come, first served: no request waits for ever
             self._queue.append(ticket)
@@ -169,18 +176,12 @@ class SlotPool:
             self._queue.popleft()
             self._changed.notify_all()     # the next in the queue may take another free slot
             free = [s for s in self.slots if not s.busy]
-            best = max(free, key=lambda s: (common_prefix(s.cached, prompt), -self._runs_with(s), -s.last_used))
+            busy = {s.index for s in self.slots if s.busy}
+            best = max(free, key=lambda s: (common_prefix(s.cached, prompt), -_runs(busy | {s.index}), -s.last_used))
             if 2 * common_prefix(best.cached, prompt) < len(prompt):
-                best = min(free, key=lambda s: (self._runs_with(s), s.last_used))
+                best = min(free, key=lambda s: (_runs(busy | {s.index}), s.last_used))
             best.busy = True
             return best
-
-    def _runs_with(self, slot: _Slot) -> int:
-        """How many runs of consecutive indices the busy slots would make with `slot` taken too:
-        llama.cpp puts only consecutive sequences of a per-slot KV cache in one pass, so
-        between slots that are otherwise alike the one next to the busy ones is taken."""
-        busy = {s.index for s in self.slots if s.busy} | {slot.index}
-        return sum(i - 1 not in busy for i in busy)
 
     def _release(self, slot: _Slot) -> None:
         with self._cond:
