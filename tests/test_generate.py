@@ -16,7 +16,7 @@ from tinyllama.inference.backends import Backend, TorchBackend
 from tinyllama.inference.draft_policy import HOPELESS_PROBE_GAP, Adaptive, Auto, Capped, Fixed
 from tinyllama.inference.drafters import ModelDrafter
 from tinyllama.inference.interface import common_prefix
-from tinyllama.inference.generate import SamplingParams, generate, process_logits
+from tinyllama.inference.generate import SamplingParams, argmax, generate, process_logits
 
 
 def random_llama(cfg: ModelConfig, seed: int) -> Llama:
@@ -54,6 +54,18 @@ def naive_greedy(model: Llama, prompt: list[int], n: int) -> list[int]:
 
 
 # ---- plain decoding ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("values", [
+    torch.randn(49152),
+    torch.tensor([1.0, 3.0, 3.0, 2.0]),                    # equal maxima: the first
+    torch.tensor([1.0, float("nan"), 3.0]),                # NaN counts as the largest, as in torch
+    torch.tensor([-float("inf"), -float("inf")]),
+    torch.randn(64, 7)[:, 3],                              # strided
+    torch.randn(500).bfloat16(),                           # no numpy dtype: torch's own
+], ids=["vocab", "ties", "nan", "all -inf", "strided", "bf16"])
+def test_argmax_is_torchs(values):
+    assert argmax(values) == int(values.argmax())
+
 
 def test_plain_greedy_equals_full_forward_and_reports_stats(pair):
     target, _ = pair

@@ -106,6 +106,15 @@ def _check(ok: bool, message: str, param: str) -> None:
         raise SamplingError(message, param)
 
 
+def argmax(values: torch.Tensor) -> int:
+    """The index of the largest of 1-D `values` (the first of equal ones, as torch.argmax). A
+    float32 CPU tensor goes through numpy, whose argmax is vectorised where torch's CPU one is
+    not: over a 49,152-token vocabulary that is most of the Python a greedy token costs."""
+    if values.device.type == "cpu" and values.dtype == torch.float32:
+        return int(values.numpy().argmax())
+    return int(values.argmax())
+
+
 def process_logits(logits: torch.Tensor, context: Sequence[int], sampling: SamplingParams) -> torch.Tensor:
     """logits (vocab,) float32 -> the distribution sampling draws from, as probabilities.
     Temperature 0 gives a one-hot on the argmax."""
@@ -117,7 +126,7 @@ def process_logits(logits: torch.Tensor, context: Sequence[int], sampling: Sampl
                                   picked * sampling.repetition_penalty)
     if sampling.greedy:
         probs = torch.zeros_like(logits)
-        probs[int(logits.argmax())] = 1.0
+        probs[argmax(logits)] = 1.0
         return probs
     logits = logits / sampling.temperature
     top_k, top_p = sampling.top_k, sampling.top_p
@@ -329,12 +338,12 @@ class Generation:
         argmax of the logits themselves (the one-hot distribution's argmax): no copy of the
         vocabulary-sized vector on the per-token path."""
         if self.greedy and self.sampling.repetition_penalty == 1.0:
-            return int(logits.argmax())
+            return argmax(logits)
         return self._pick(self._probs(logits, context))
 
     def _pick(self, probs: torch.Tensor) -> int:
         if self.greedy:
-            return int(probs.argmax())
+            return argmax(probs)
         return int(torch.multinomial(probs, 1, generator=self.generator))
 
     def _emit(self, token: int, logits: torch.Tensor) -> bool:
