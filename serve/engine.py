@@ -242,6 +242,10 @@ class ModelSource(Protocol):
     def acquire(self, name: str | None) -> "Engine":
         """The engine for `name`, loaded if needed; every acquire is paired with one release."""
 
+    def acquire_loaded(self, name: str | None) -> "Engine | None":
+        """acquire(name) when `name` is loaded already (never blocks: no load, no lock held for
+        long), else None; a request then calls acquire off the event loop."""
+
     def release(self, name: str | None) -> None:
         """Gives back what acquire took (a loaded model may then be closed)."""
 
@@ -329,6 +333,11 @@ class ModelDir:
                 engine = self._use(name)
                 self._evict()
             return engine
+
+    def acquire_loaded(self, name: str) -> Engine | None:
+        self.check(name)
+        with self._state:
+            return self._use(name) if name in self._loaded else None
 
     def release(self, name: str) -> None:
         with self._state:

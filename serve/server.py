@@ -34,7 +34,7 @@ import json
 import secrets
 import threading
 import time
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -69,6 +69,8 @@ class OneModel:
 
     def acquire(self, name: str | None) -> Engine:
         return self.engine
+
+    acquire_loaded = acquire
 
     def release(self, name: str | None) -> None:
         pass
@@ -251,6 +253,14 @@ def response_head(run: Run, kind: str) -> dict:
     return {"id": rid, "created": int(time.time()), "model": run.engine.model_id}
 
 
+def sse_text(kind: str, head: dict) -> Callable[[str], str]:
+    """text -> the line sse() writes for a chunk (`head` and one choice) carrying that text alone:
+    the JSON around the text is rendered once per response, not once per token."""
+    marker = "\ue000"
+    before, after = sse({**head, "choices": [choice(kind, marker, None)]}).rsplit(json.dumps(marker), 1)
+    return lambda text: before + json.dumps(text) + after
+
+
 async def sse_events(run: Run, reply: Reply, wants_usage: bool) -> AsyncIterator[str]:
     """The streamed response: a role chunk (chat), a chunk per delta, the finish chunk with stats
     (and usage when asked for), [DONE]; an error after the headers went out is reported in-band."""
@@ -259,10 +269,14 @@ async def sse_events(run: Run, reply: Reply, wants_usage: bool) -> AsyncIterator
     chunk_obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
     if kind == "chat":
         yield sse({**base, "object": chunk_obj, "choices": [choice(kind, "", None, first=True)]})
+    text_chunk = sse_text(kind, {**base, "object": chunk_obj})
     try:
         async for delta, upto in run.deltas():
             text, logprobs = reply.piece(delta, upto)
-            yield sse({**base, "object": chunk_obj, "choices": [choice(kind, text, None, logprobs)]})
+            if logprobs is None:
+                yield text_chunk(text)
+            else:
+                yield sse({**base, "object": chunk_obj, "choices": [choice(kind, text, None, logprobs)]})
     except Exception as e:    # headers are sent: report in-band, as OpenAI does
         yield sse({"error": {"message": str(e), "type": "server_error", "param": None, "code": None}})
         return
@@ -437,8 +451,12 @@ class Requests:
                                "max_tokens")
 
     async def _acquire(self, name: str | None) -> Engine:
-        """models.acquire off the event loop (it may load); if this request is cancelled meanwhile,
-        the engine it gets is released when the load ends, so it is never held for ever."""
+        """The engine, loaded already, or models.acquire off the event loop (it may load); if this
+        request is cancelled meanwhile, the engine it gets is released when the load ends, so it
+        is never held for ever."""
+        engine = self.models.acquire_loaded(name)
+        if engine is not None:                  # no thread hop for a model that is loaded
+            return engine
         job = asyncio.ensure_future(asyncio.to_thread(self.models.acquire, name))
         try:
             return await asyncio.shield(job)

@@ -255,3 +255,16 @@ def test_a_model_built_from_scratch_takes_another_models_vocabulary(tokenizers, 
         TrainConfig(init_from=str(tmp_path / "run" / "final"), tokenizer=str(tmp_path / "target"), **cfg).validate()
     with pytest.raises(ConfigError, match="config field tokenizer:.*nope"):
         train(TrainConfig(tokenizer=str(tmp_path / "nope"), **{**cfg, "out": str(tmp_path / "run2")}))
+
+
+@pytest.mark.parametrize("name", ("gpt-2", "llama-bpe"))
+def test_text_stream_equals_decoding_the_whole_reply(tokenizers, name):
+    """A byte-level vocabulary streamed token by token (each byte its own token where a
+    character is split) gives the text decoding all the ids at once gives."""
+    from tests.test_serve import check_stream_is_the_whole_decode
+
+    tok, rng = tokenizers[name], random.Random(1)
+    ids = list(range(300)) + [rng.randrange(tok.vocab_size) for _ in range(3000)]
+    ids = [i for i in ids if i not in set(tok.stop_ids) | {tok.bos_id}]
+    check_stream_is_the_whole_decode(tok, [tok.encode(t, bos=False) for t in random_texts(100, seed=3)]
+                                     + [rng.choices(ids, k=rng.randint(1, 60)) for _ in range(150)])

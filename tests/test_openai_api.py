@@ -18,7 +18,7 @@ pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
 
 from serve.engine import Engine  # noqa: E402
-from serve.server import create_app  # noqa: E402
+from serve.server import choice, create_app, sse, sse_text  # noqa: E402
 
 PROMPT = "The quick brown fox jumps over"
 
@@ -247,3 +247,11 @@ def test_gguf_logprobs_are_llama_cpps_own(tiny_chat_checkpoint, tmp_path):
                 engine.close()
     finally:
         llm.close()
+
+
+@pytest.mark.parametrize("kind", ["chat", "text"])
+def test_a_text_chunk_is_the_json_of_the_whole_chunk(kind):
+    head = {"id": "chatcmpl-1", "created": 1, "model": 'a "model" \ue000 name', "object": "chat.completion.chunk"}
+    render = sse_text(kind, head)
+    for text in ["", " llama", 'quotes " and \\ backslash', "line\nbreak\ttab", "🦙 中文 é", "\ue000", "\x00\x1f"]:
+        assert render(text) == sse({**head, "choices": [choice(kind, text, None)]})

@@ -225,6 +225,36 @@ def stream_of(tok, text: str, stop=(), max_new=100):
     return TextStream(gen, tok, stop=stop)
 
 
+def stream_ids(tok, ids: list[int]) -> TextStream:
+    """A TextStream over a generation that emits `ids`, then EOS."""
+    gen = generate(Scripted(ids + [tok.eos_id], prompt_len=1, vocab=tok.vocab_size), [tok.bos_id],
+                   max_new_tokens=len(ids) + 1, stop_ids=[tok.eos_id])
+    return TextStream(gen, tok)
+
+
+def check_stream_is_the_whole_decode(tok, samples: list[list[int]]) -> None:
+    """Streamed token by token, each id sequence gives exactly the text decoding it at once
+    gives, and no delta ends in half a character that the text completes."""
+    for ids in samples:
+        deltas = list(stream_ids(tok, ids))
+        assert "".join(deltas) == tok.decode(ids), ids
+        assert not any(d.endswith("\ufffd") for d in deltas if "\ufffd" not in tok.decode(ids)), ids
+
+
+def test_text_stream_equals_decoding_the_whole_reply(llama2_tokenizer):
+    """What incremental decoding must keep: SentencePiece's leading spaces, byte-fallback pieces
+    of one character split across tokens, and random ids (lone bytes: replacement characters
+    in mid-text)."""
+    import random
+
+    tok, rng = llama2_tokenizer, random.Random(0)
+    texts = ["Llamas 🦙 eat grass.", " leading space", "a  b\n\n c", "中文 and 語 ё", "x" * 300, "🦙🦙🦙"]
+    specials = set(tok.stop_ids) | {tok.bos_id}
+    ids = [i for i in range(tok.vocab_size) if i not in specials]
+    check_stream_is_the_whole_decode(tok, [tok.encode(t, bos=False) for t in texts]
+                                     + [rng.choices(ids, k=rng.randint(1, 60)) for _ in range(200)])
+
+
 def test_text_stream_utf8_and_stop_strings(llama2_tokenizer):
     tok = llama2_tokenizer
     s = stream_of(tok, "Llamas 🦙 eat grass.\n\nThe end.")

@@ -544,9 +544,11 @@ class TextStream:
             print(delta, end="", flush=True)
         stream.text, stream.finish_reason        # "stop" (stop id or string) or "length"
 
-    Text is decoded from all ids so far (SentencePiece joins pieces with context), held back
-    while it ends in an incomplete UTF-8 character or in what could be the start of a stop
-    string; a stop string ends generation and is not part of the text. Stop ids are not text.
+    Each token's text is decoded from the newest few ids with the ones before them as context
+    (SentencePiece writes a piece's leading space only after another piece), so a token costs
+    the same at the end of a long reply as at its start. Text is held back while it ends in an
+    incomplete UTF-8 character or in what could be the start of a stop string; a stop string
+    ends generation and is not part of the text. Stop ids are not text.
     """
 
     def __init__(self, generation: Generation, tokenizer, stop: Sequence[str] | None = None) -> None:
@@ -555,7 +557,10 @@ class TextStream:
         self.tokenizer = tokenizer
         self.stop = [s for s in (generation.sampling.stop if stop is None else stop) if s]
         self.ids: list[int] = []
-        self.text = ""
+        self.text = ""                  # what was yielded
+        self._full = ""                 # the text of ids[:_read]
+        self._start = self._read = 0    # ids[_start:_read]: the context the next token is decoded after
+        self._context = ""              # its text
 
     @property
     def stats(self) -> GenerationStats:
@@ -580,8 +585,8 @@ class TextStream:
             if token in stop_ids:
                 break
             self.ids.append(token)
-            full = self.tokenizer.decode(self.ids)
-            if full.endswith("\ufffd"):
+            full = self._decoded()
+            if full is None:
                 continue                          # a multi-byte character still arriving
             cut = self._first_stop(full)
             if cut is not None:
@@ -592,6 +597,20 @@ class TextStream:
             yield from self._advance(full[: len(full) - self._held_back(full)])
         if self.ids:
             yield from self._advance(self.tokenizer.decode(self.ids))
+
+    def _decoded(self) -> str | None:
+        """The text of all ids so far, decoding only those since `_start`; None while it ends in
+        an incomplete UTF-8 character (then the next call decodes from the same start)."""
+        window = self.tokenizer.decode(self.ids[self._start:])
+        if window.endswith("\ufffd"):
+            return None
+        if window.startswith(self._context):
+            self._full += window[len(self._context):]
+        else:                                     # a decoder that rewrites what came before
+            self._full = self.tokenizer.decode(self.ids)
+        self._start, self._read = self._read, len(self.ids)
+        self._context = self.tokenizer.decode(self.ids[self._start:])
+        return self._full
 
     def _advance(self, upto: str) -> Iterator[str]:
         if len(upto) > len(self.text) and upto.startswith(self.text):
