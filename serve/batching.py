@@ -66,6 +66,12 @@ class BatchRunner:
         pass
 
 
+def _held_lock() -> threading.Lock:
+    lock = threading.Lock()
+    lock.acquire()
+    return lock
+
+
 @dataclass(eq=False)
 class _Request:
     slot: "_Slot"
@@ -75,8 +81,10 @@ class _Request:
     logits: torch.Tensor | None = None
     error: BaseException | None = None
     done: bool = False
-    # what its thread waits on, a condition of the compute lock (made when the request is)
-    answered: threading.Condition = field(default_factory=lambda: threading.Condition(_COMPUTE.lock))
+    # held until the step that answers it releases it: its thread waits by acquiring it, and
+    # wakes already free of the compute lock (no second wait for that lock after each answer);
+    # the helper looked up per request, so that a test can count the answers
+    answered: threading.Lock = field(default_factory=lambda: _held_lock())
 
 
 @dataclass(eq=False)
@@ -94,10 +102,11 @@ class _ComputeThread:
     several live threads slow each other down several-fold on a few cores, so all batched
     compute goes through this one. Its lock also guards every pool's slots and requests.
 
-    Each waiter has a condition of its own on that lock (this thread `cond`, a request its
-    `answered`, a pool's slot queue `changed`), so that a step wakes the generations it answered
-    and nobody else: with one condition for all, each of 8 slots' next request woke every
-    thread already waiting, dozens of wake-ups per step beside llama.cpp's two threads."""
+    Each waiter waits on something of its own (this thread on `cond` and a pool's slot queue on
+    `changed`, conditions of that lock; a request's thread on the request's `answered` lock),
+    so that a step wakes the generations it answered and nobody else: with one condition for
+    all, each of 8 slots' next request woke every thread already waiting, dozens of wake-ups per
+    step beside llama.cpp's two threads."""
 
     def __init__(self) -> None:
         self.lock = threading.RLock()
@@ -199,8 +208,7 @@ class SlotPool:
             self._pending.append(request)
             if len(self._pending) == 1 or self._time_to_step() == 0.0:
                 self._cond.notify()       # the first starts the wait for the others; the last ends it
-            while not request.done:
-                request.answered.wait()
+        request.answered.acquire()        # released once, by the step that answers it (or close)
         if request.error is not None:
             raise request.error
         return request.logits
@@ -256,7 +264,7 @@ class SlotPool:
         self._pending = [r for r in self._pending if not r.done]
         for request, _ in plan:
             if request.done:
-                request.answered.notify()
+                request.answered.release()
         if self._closed:
             self._changed.notify_all()    # close() waits for this step
 
@@ -293,7 +301,7 @@ class SlotPool:
                 self._changed.wait()
             for request in self._pending:
                 request.error, request.done = RuntimeError(f"{self.runner.name} was closed"), True
-                request.answered.notify()
+                request.answered.release()
             self._pending = []
             self._changed.notify_all()
         self.runner.close()

@@ -251,18 +251,36 @@ def test_a_failed_step_fails_its_requests_only(target_and_draft, llama2_tokenize
 
 def test_a_step_wakes_only_the_generations_it_answered(target_and_draft, llama2_tokenizer, monkeypatch):
     """Each logits() call waits once and is woken once, by the step that answers it: a
-    generation already waiting is not woken when another slot asks (every wake-up of a Python
-    thread takes CPU from llama.cpp's threads between and during passes)."""
+    generation already waiting is not woken when another slot asks, and wakes without waiting
+    again for the pool's lock (every wake-up of a Python thread takes CPU from llama.cpp's
+    threads between and during passes)."""
+    import serve.batching as batching
+
     target, _ = target_and_draft
     pool = SlotPool(TorchRunner(TorchBackend(target, llama2_tokenizer, pack=False), n_slots=6))
-    wait, wakes = threading.Condition.wait, []
+    wait, cond_wakes, answers = threading.Condition.wait, [], []
 
-    def counted(cond, timeout=None):
+    def counted_wait(cond, timeout=None):
         woke = wait(cond, timeout)
         if threading.current_thread().name.startswith("gen-"):
-            wakes.append(threading.current_thread().name)
+            cond_wakes.append(threading.current_thread().name)
         return woke
-    monkeypatch.setattr(threading.Condition, "wait", counted)
+
+    class CountedLock:
+        """The request's answer lock, counting who releases it."""
+
+        def __init__(self) -> None:
+            self.lock = threading.Lock()
+            self.lock.acquire()
+
+        def acquire(self) -> bool:
+            return self.lock.acquire()
+
+        def release(self) -> None:
+            answers.append(threading.current_thread().name)
+            self.lock.release()                 # a second release of one answer would raise
+    monkeypatch.setattr(threading.Condition, "wait", counted_wait)
+    monkeypatch.setattr(batching, "_held_lock", CountedLock)
     calls, lock = [], threading.Lock()
 
     def work(i: int) -> None:
@@ -285,7 +303,8 @@ def test_a_step_wakes_only_the_generations_it_answered(target_and_draft, llama2_
         monkeypatch.undo()
         pool.close()
     assert len(calls) == 12 * len(PROMPTS)
-    assert len(wakes) == len(calls), f"{len(wakes) - len(calls)} wake-ups of generations not yet answered"
+    assert len(answers) == len(calls) and set(answers) == {"tinyllama-batch"}, "an answer released twice or elsewhere"
+    assert not cond_wakes, f"{len(cond_wakes)} wake-ups of generations on the pool's conditions"
 
 
 @pytest.mark.llamacpp
