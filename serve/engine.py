@@ -335,7 +335,8 @@ class ModelDir:
             return engine
 
     def acquire_loaded(self, name: str) -> Engine | None:
-        self.check(name)
+        # no check(name) here: a request checks its name as it comes in, and a name that is not
+        # loaded (valid or not) gives None, after which acquire() checks it
         with self._state:
             return self._use(name) if name in self._loaded else None
 
