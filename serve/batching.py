@@ -19,12 +19,15 @@ question) gets that slot and computes only the rest.
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
+import traceback
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
+import greenlet
 import torch
 
 from tinyllama.inference.backends import Backend, check_context, common_prefix
@@ -85,6 +88,9 @@ class _Request:
     # wakes already free of the compute lock (no second wait for that lock after each answer);
     # the helper looked up per request, so that a test can count the answers
     answered: threading.Lock = field(default_factory=lambda: _held_lock())
+    # a generation on the compute thread (_ComputeThread.spawn) parks instead, and the answering
+    # step puts it back on that thread's ready list
+    waiter: greenlet.greenlet | None = None
 
 
 @dataclass(eq=False)
@@ -102,34 +108,88 @@ class _ComputeThread:
     several live threads slow each other down several-fold on a few cores, so all batched
     compute goes through this one. Its lock also guards every pool's slots and requests.
 
-    Each waiter waits on something of its own (this thread on `cond` and a pool's slot queue on
-    `changed`, conditions of that lock; a request's thread on the request's `answered` lock),
-    so that a step wakes the generations it answered and nobody else: with one condition for
-    all, each of 8 slots' next request woke every thread already waiting, dozens of wake-ups per
-    step beside llama.cpp's two threads."""
+    Generations may run here too (spawn): each as a greenlet that parks where a thread would
+    block (waiting for its step's logits or for a free slot) and is resumed once it is answered,
+    all of them between two steps. A token then costs no thread wake-up and no lock hand-off:
+    the step's answers are resumed in turn, each samples and asks again, and the next step
+    starts. A generation in a thread of its own (the CLI, the demo) waits as a thread does.
+
+    Each waiting thread waits on something of its own (this thread on `cond` and a pool's slot
+    queue on `changed`, conditions of that lock; a request's thread on the request's `answered`
+    lock), so that a step wakes the generations it answered and nobody else: with one condition
+    for all, each of 8 slots' next request woke every thread already waiting, dozens of wake-ups
+    per step beside llama.cpp's two threads."""
 
     def __init__(self) -> None:
         self.lock = threading.RLock()
         self.cond = threading.Condition(self.lock)      # the compute thread's: work may be ready
         self.pools: list[SlotPool] = []
         self.thread: threading.Thread | None = None
+        self.hub: greenlet.greenlet | None = None       # the thread's own greenlet: its loop
+        self.ready: deque[greenlet.greenlet | Callable[[], None]] = deque()   # to start or resume
+
+    def _start(self) -> None:
+        if self.thread is None:
+            self.thread = threading.Thread(target=self._loop, daemon=True, name="tinyllama-batch")
+            self.thread.start()
 
     def add(self, pool: "SlotPool") -> None:
         with self.cond:
             self.pools.append(pool)
-            if self.thread is None:
-                self.thread = threading.Thread(target=self._loop, daemon=True, name="tinyllama-batch")
-                self.thread.start()
+            self._start()
+
+    def spawn(self, work: Callable[[], None]) -> None:
+        """Runs work() on this thread, as a greenlet among the generations, from the next round on.
+        What it raises is printed (as a thread's would be); the loop goes on."""
+        def run() -> None:
+            try:
+                work()
+            except greenlet.GreenletExit:
+                raise
+            except BaseException:           # not into the loop, which would stop every pool
+                traceback.print_exc(file=sys.stderr)
+        with self.cond:
+            self.ready.append(run)
+            self._start()
+            self.cond.notify()
+
+    def in_generation(self) -> bool:
+        """Whether the caller is a generation spawned here (so it must park, not block)."""
+        return self.hub is not None and greenlet.getcurrent().parent is self.hub
+
+    def park(self) -> None:
+        """Suspends the calling generation, with the lock not held, until wake() puts it back."""
+        self.hub.switch()
+
+    def wake(self, waiter: greenlet.greenlet) -> None:
+        """Resumes a parked generation in the next round (lock held; from any thread)."""
+        self.ready.append(waiter)
+        self.cond.notify()
 
     def _loop(self) -> None:
+        self.hub = greenlet.getcurrent()
         with self.cond:
             while True:
+                if self.ready:
+                    self._run_ready()
+                    continue
                 waits = [(pool._time_to_step(), i) for i, pool in enumerate(self.pools)]
                 wait, i = min(waits, default=(float("inf"), -1))
                 if wait > 0:
                     self.cond.wait(None if wait == float("inf") else wait)
                     continue
                 self.pools[i]._step()
+
+    def _run_ready(self) -> None:
+        """One round: each ready generation runs until it parks or ends, with the lock released
+        (they take it as threads would, and other threads may take it meanwhile)."""
+        ready, self.ready = self.ready, deque()
+        self.cond.release()
+        try:
+            for item in ready:
+                (item if isinstance(item, greenlet.greenlet) else greenlet.greenlet(item)).switch()
+        finally:
+            self.cond.acquire()
 
 
 _COMPUTE = _ComputeThread()
@@ -151,6 +211,7 @@ class SlotPool:
         self._changed = threading.Condition(_COMPUTE.lock)   # a slot freed, the pool closing
         self._pending: list[_Request] = []
         self._queue: deque[object] = deque()     # requests waiting for a slot, in arrival order
+        self._parked: list[greenlet.greenlet] = []   # generations on the compute thread in that queue
         self._last_step = self._last_end = 0.0
         self._stepping = self._closed = False
         self._uses = 0
@@ -165,6 +226,12 @@ class SlotPool:
 
     def lease(self, prompt: Sequence[int] = ()) -> "Lease":
         return Lease(self, list(prompt))
+
+    @staticmethod
+    def spawn(work: Callable[[], None]) -> None:
+        """Runs work() (a generation's loop over leases of this or any pool) on the compute
+        thread, as a greenlet that parks while it waits (see _ComputeThread)."""
+        _COMPUTE.spawn(work)
 
     # ---- slots ---------------------------------------------------------------------------------
     def _acquire(self, prompt: list[int]) -> _Slot:
@@ -181,9 +248,9 @@ class SlotPool:
                 if self._closed:
                     self._queue.remove(ticket)
                     raise RuntimeError(f"{self.runner.name} was closed")
-                self._changed.wait()
+                self._wait_for_change()
             self._queue.popleft()
-            self._changed.notify_all()     # the next in the queue may take another free slot
+            self._notify_change()          # the next in the queue may take another free slot
             free = [s for s in self.slots if not s.busy]
             busy = {s.index for s in self.slots if s.busy}
             best = max(free, key=lambda s: (common_prefix(s.cached, prompt), -_runs(busy | {s.index}), -s.last_used))
@@ -197,18 +264,44 @@ class SlotPool:
             slot.busy = False
             self._uses += 1
             slot.last_used = self._uses
-            self._changed.notify_all()    # a request waiting for a slot may take it
+            self._notify_change()         # a request waiting for a slot may take it
             self._cond.notify()           # the others' requests may now be all there are
+
+    def _wait_for_change(self) -> None:
+        """self._changed.wait() (lock held once), parking instead in a generation on the compute thread."""
+        if not _COMPUTE.in_generation():
+            self._changed.wait()
+            return
+        self._parked.append(greenlet.getcurrent())
+        self._cond.release()
+        try:
+            _COMPUTE.park()
+        finally:
+            self._cond.acquire()
+
+    def _notify_change(self) -> None:
+        """Wakes whoever waits on the pool: a slot freed, the queue moved, the pool closing (lock held)."""
+        self._changed.notify_all()
+        for waiter in self._parked:
+            _COMPUTE.wake(waiter)
+        self._parked.clear()
 
     # ---- steps (run by the compute thread) -------------------------------------------------------
     def _submit(self, request: _Request) -> torch.Tensor:
+        if _COMPUTE.in_generation():
+            request.waiter = greenlet.getcurrent()
         with self._cond:
             if self._closed:
                 raise RuntimeError(f"{self.runner.name} was closed")
             self._pending.append(request)
             if len(self._pending) == 1 or self._time_to_step() == 0.0:
                 self._cond.notify()       # the first starts the wait for the others; the last ends it
-        request.answered.acquire()        # released once, by the step that answers it (or close)
+        # answered once, by the step that answers it (or close); no step runs before a parked
+        # generation has switched away: steps run on this same thread
+        if request.waiter is not None:
+            _COMPUTE.park()
+        else:
+            request.answered.acquire()
         if request.error is not None:
             raise request.error
         return request.logits
@@ -264,9 +357,17 @@ class SlotPool:
         self._pending = [r for r in self._pending if not r.done]
         for request, _ in plan:
             if request.done:
-                request.answered.release()
+                self._answer(request)
         if self._closed:
-            self._changed.notify_all()    # close() waits for this step
+            self._notify_change()         # close() waits for this step
+
+    @staticmethod
+    def _answer(request: _Request) -> None:
+        """Lets the request's generation go on (lock held)."""
+        if request.waiter is not None:
+            _COMPUTE.wake(request.waiter)
+        else:
+            request.answered.release()
 
     def _plan(self) -> list[tuple[_Request, Row]]:
         """The rows of the next step: the shortest suffixes first (decoding, verification), then
@@ -301,9 +402,9 @@ class SlotPool:
                 self._changed.wait()
             for request in self._pending:
                 request.error, request.done = RuntimeError(f"{self.runner.name} was closed"), True
-                request.answered.release()
+                self._answer(request)
             self._pending = []
-            self._changed.notify_all()
+            self._notify_change()
         self.runner.close()
 
 

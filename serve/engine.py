@@ -33,7 +33,7 @@ import threading
 from collections import Counter, OrderedDict
 from pathlib import Path
 
-from typing import ContextManager, Protocol, runtime_checkable
+from typing import Callable, ContextManager, Protocol, runtime_checkable
 
 from tinyllama.cli import ModelArgs, add_draft_model_flag, add_model_args
 from tinyllama.errors import NotFound, UserError
@@ -192,6 +192,15 @@ class Engine:
             for lease in leases:
                 lease.release()
         return target, draft, release
+
+    def start(self, work: Callable[[], None]) -> None:
+        """Runs work(), a loop over one of this engine's streams, where its generations run best:
+        with slots, on the compute thread among the other slots' generations (a greenlet that
+        parks while it waits for a step: serve.batching); with one KV cache, in a thread of its own."""
+        if self.pool is not None:
+            self.pool.spawn(work)
+        else:
+            threading.Thread(target=work, daemon=True, name="generate").start()
 
     def turn(self):
         """What a generation holds while it runs: the engine's lock with one KV cache, nothing

@@ -8,8 +8,8 @@
     app = create_app(Engine.load(path), api_key="sk-...", max_queue=8)
     app = create_app(ModelDir("models/"))          # the request's `model` picks one, loaded on demand
 
-Generation runs in a worker thread per request: one at a time for an engine with one KV cache,
-batched with the others for one with slots (Engine(parallel=N)); at most `max_queue` requests
+Generation runs in a worker thread per request, one at a time, for an engine with one KV cache;
+for one with slots (Engine(parallel=N)), batched with the others on the compute thread; at most `max_queue` requests
 may be in flight (running or waiting), more get HTTP 429. A streaming client that goes away
 stops its generation at the next token. Limits: request bodies over `max_body_bytes` get 413
 (on Content-Length, or as a chunked body arrives), `max_tokens` over `max_tokens_limit` or the
@@ -144,9 +144,10 @@ class Admission:
 # ---- one request's generation -----------------------------------------------------------------
 
 class Run:
-    """A generation started in a worker thread at once (so its slot is always released), read as
-    async text deltas; leaving the read early cancels it at the next token. The engine (and the
-    admission slot) are released when the generation ends, however it ends."""
+    """A generation started at once (so its slot is always released; Engine.start: on the compute
+    thread for a batching engine, else in a worker thread), read as async text deltas; leaving
+    the read early cancels it at the next token. The engine (and the admission slot) are
+    released when the generation ends, however it ends."""
 
     def __init__(self, stream: TextStream, engine: Engine, name: str | None, models: ModelSource,
                  admission: Admission) -> None:
@@ -155,7 +156,7 @@ class Run:
         self.loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue = asyncio.Queue()
         self.cancel = threading.Event()
-        threading.Thread(target=self._work, daemon=True, name="generate").start()
+        engine.start(self._work)
 
     def _put(self, item: tuple) -> None:
         self.loop.call_soon_threadsafe(self.queue.put_nowait, item)

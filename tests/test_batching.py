@@ -23,18 +23,25 @@ PROMPTS = [[1, 450, 6593, 310, 2834, 338], [1, 306], [1, 15043, 29892, 590, 1024
            [1, 1576, 4996, 17354], [1, 822, 1667, 7295, 13, 1678], [1, 29871, 29896, 29892, 29871, 29906]]
 
 
+ON = ["threads", "compute thread", "both"]
+
+
 def run_together(pool: SlotPool, prompts, sampling: SamplingParams, draft_pool: SlotPool | None = None,
-                 k: int = 3) -> list[list[int]]:
-    """Each prompt generated in a thread of its own, all at once, on leases of the pool(s)."""
+                 k: int = 3, on: str = "threads") -> list[list[int]]:
+    """Each prompt generated at once on leases of the pool(s): each in a thread of its own, or
+    each spawned on the compute thread (SlotPool.spawn, all in one round), or every other one."""
     out: list = [None] * len(prompts)
     errors = []
-    barrier = threading.Barrier(len(prompts))
+    spawned = [on == "compute thread" or (on == "both" and i % 2 == 1) for i in range(len(prompts))]
+    barrier = threading.Barrier(spawned.count(False)) if not all(spawned) else None
+    done = threading.Semaphore(0)
 
     def work(i: int) -> None:
         try:
             lease = pool.lease(prompts[i])
             draft = draft_pool.lease(prompts[i]) if draft_pool is not None else None
-            barrier.wait()
+            if not spawned[i]:
+                barrier.wait()
 
             def release():
                 lease.release()
@@ -44,11 +51,17 @@ def run_together(pool: SlotPool, prompts, sampling: SamplingParams, draft_pool: 
                                    release=release))
         except Exception as e:       # surfaced below, not lost in the thread
             errors.append(e)
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(prompts))]
+        finally:
+            done.release()
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(prompts)) if not spawned[i]]
+    with pool._cond:                 # the spawned ones start in one round, as the threads do
+        for i in range(len(prompts)):
+            if spawned[i]:
+                pool.spawn(lambda i=i: work(i))
     for t in threads:
         t.start()
-    for t in threads:
-        t.join(120)
+    for _ in prompts:
+        assert done.acquire(timeout=120), "a generation did not end"
     assert not errors, errors
     return out
 
@@ -82,7 +95,8 @@ def test_per_row_positions_equal_separate_forwards():
             model.hidden_states(torch.zeros(2, 2, dtype=torch.long), cache, Step.per_row([0, 1], positions[:2]))
 
 
-def test_torch_slots_batch_and_equal_alone(target_and_draft, llama2_tokenizer):
+@pytest.mark.parametrize("on", ON)
+def test_torch_slots_batch_and_equal_alone(target_and_draft, llama2_tokenizer, on):
     target, _ = target_and_draft
     backend = TorchBackend(target, llama2_tokenizer, pack=False)
     greedy = SamplingParams(max_new_tokens=20)
@@ -93,10 +107,10 @@ def test_torch_slots_batch_and_equal_alone(target_and_draft, llama2_tokenizer):
     runner.step_tokens = 16                    # the 30-token prompt goes in chunks between decode steps
     pool = SlotPool(runner)
     try:
-        assert run_together(pool, PROMPTS, greedy) == alone      # 6 requests on 4 slots: two wait
+        assert run_together(pool, PROMPTS, greedy, on=on) == alone      # 6 requests on 4 slots: two wait
         assert pool.rows > 1.5 * pool.steps                      # steps carried several sequences
         assert pool.busy == 0
-        assert run_together(pool, PROMPTS[:4], seeded) == sampled_alone
+        assert run_together(pool, PROMPTS[:4], seeded, on=on) == sampled_alone
     finally:
         pool.close()
 
@@ -105,13 +119,14 @@ def backend_alone(model, tok):
     return TorchBackend(model, tok, pack=False)
 
 
-def test_speculative_decoding_in_slots_is_exact(target_and_draft, llama2_tokenizer):
+@pytest.mark.parametrize("on", ON)
+def test_speculative_decoding_in_slots_is_exact(target_and_draft, llama2_tokenizer, on):
     target, draft = target_and_draft
     greedy = SamplingParams(max_new_tokens=20)
     alone = [list(generate(backend_alone(target, llama2_tokenizer), p, greedy)) for p in PROMPTS[:4]]
     pools = [SlotPool(batch_runner(TorchBackend(m, llama2_tokenizer, pack=False), 4)) for m in (target, draft)]
     try:
-        assert run_together(pools[0], PROMPTS[:4], greedy, draft_pool=pools[1]) == alone
+        assert run_together(pools[0], PROMPTS[:4], greedy, draft_pool=pools[1], on=on) == alone
     finally:
         for p in pools:
             p.close()
@@ -175,12 +190,14 @@ def test_a_stop_id_gives_the_slot_back_at_once(target_and_draft, llama2_tokenize
         pool.close()
 
 
-def test_requests_waiting_for_a_slot_get_one_in_arrival_order(target_and_draft, llama2_tokenizer):
+@pytest.mark.parametrize("on", ON)
+def test_requests_waiting_for_a_slot_get_one_in_arrival_order(target_and_draft, llama2_tokenizer, on):
+    """...whether they wait as threads or parked on the compute thread, or some of each."""
     target, _ = target_and_draft
     pool = SlotPool(TorchRunner(TorchBackend(target, llama2_tokenizer, pack=False), n_slots=1))
     holder = pool.lease(PROMPTS[0])
     holder.slot                                    # the only slot is taken
-    order, threads = [], []
+    order, threads, done = [], [], threading.Semaphore(0)
     try:
         for i in range(4):
             def wait_for_slot(i=i):
@@ -188,13 +205,17 @@ def test_requests_waiting_for_a_slot_get_one_in_arrival_order(target_and_draft, 
                 lease.slot
                 order.append(i)
                 lease.release()
-            threads.append(threading.Thread(target=wait_for_slot))
-            threads[-1].start()
+                done.release()
+            if on == "compute thread" or (on == "both" and i % 2):
+                pool.spawn(wait_for_slot)
+            else:
+                threads.append(threading.Thread(target=wait_for_slot))
+                threads[-1].start()
             while len(pool._queue) < i + 1:       # queued before the next one arrives
                 threading.Event().wait(0.001)
         holder.release()
-        for t in threads:
-            t.join(10)
+        for _ in range(4):
+            assert done.acquire(timeout=10)
         assert order == [0, 1, 2, 3]
     finally:
         pool.close()
@@ -225,6 +246,44 @@ def test_closing_a_pool_waits_for_its_step_and_fails_what_waits(target_and_draft
     assert errors and "closed" in errors[0]
     with pytest.raises(RuntimeError, match="closed"):
         pool.lease(PROMPTS[0]).logits(PROMPTS[0])
+
+
+def test_closing_a_pool_fails_the_generations_parked_on_the_compute_thread(target_and_draft, llama2_tokenizer,
+                                                                          capsys):
+    """One waits for a step (that waits for a busy slot to ask), one for a slot; close() resumes
+    both with the pool's error, and the compute thread goes on serving, past work that raised too."""
+    import time
+
+    target, _ = target_and_draft
+    pool = SlotPool(TorchRunner(TorchBackend(target, llama2_tokenizer, pack=False), n_slots=2), max_wait=60)
+    pool._last_step = 60.0                        # a step waits up to a minute for the busy slots
+    holder = pool.lease(PROMPTS[1])
+    holder.slot                                   # busy, never asking
+    errors, done = [], threading.Semaphore(0)
+
+    def ask():
+        try:
+            list(generate(lease := pool.lease(PROMPTS[0]), PROMPTS[0], max_new_tokens=50, release=lease.release))
+        except RuntimeError as e:
+            errors.append(str(e))
+        finally:
+            done.release()
+    pool.spawn(ask)                               # takes the other slot, asks, waits for the holder
+    pool.spawn(ask)                               # waits for a slot
+    while len(pool._pending) < 1 or len(pool._parked) < 1:
+        time.sleep(0.001)
+    pool.close()
+    assert done.acquire(timeout=10) and done.acquire(timeout=10), "a parked generation was never resumed"
+    assert len(errors) == 2 and all("closed" in e for e in errors) and pool.steps == 0
+
+    SlotPool.spawn(lambda: 1 / 0)                 # printed, as an uncaught error in a thread is
+    again = SlotPool(TorchRunner(TorchBackend(target, llama2_tokenizer, pack=False), n_slots=2))
+    try:
+        assert run_together(again, PROMPTS[:2], SamplingParams(max_new_tokens=5), on="compute thread") == [
+            list(generate(backend_alone(target, llama2_tokenizer), p, max_new_tokens=5)) for p in PROMPTS[:2]]
+    finally:
+        again.close()
+    assert "ZeroDivisionError" in capsys.readouterr().err
 
 
 def test_a_failed_step_fails_its_requests_only(target_and_draft, llama2_tokenizer):
@@ -305,6 +364,36 @@ def test_a_step_wakes_only_the_generations_it_answered(target_and_draft, llama2_
     assert len(calls) == 12 * len(PROMPTS)
     assert len(answers) == len(calls) and set(answers) == {"tinyllama-batch"}, "an answer released twice or elsewhere"
     assert not cond_wakes, f"{len(cond_wakes)} wake-ups of generations on the pool's conditions"
+
+
+def test_generations_on_the_compute_thread_park_and_wake_no_thread(target_and_draft, llama2_tokenizer, monkeypatch):
+    """Spawned generations are resumed by the compute thread itself: no request's answer lock
+    is ever taken or released, and the work runs on that thread."""
+    import serve.batching as batching
+
+    target, _ = target_and_draft
+    answers, names = [], set()
+
+    class CountedLock:
+        def acquire(self) -> bool:
+            answers.append("acquire")
+            return True
+
+        def release(self) -> None:
+            answers.append("release")
+    monkeypatch.setattr(batching, "_held_lock", CountedLock)
+    logits = batching.Lease.logits
+    monkeypatch.setattr(batching.Lease, "logits", lambda lease, context, n_last=1: (
+        names.add(threading.current_thread().name), logits(lease, context, n_last))[1])
+    pool = SlotPool(TorchRunner(TorchBackend(target, llama2_tokenizer, pack=False), n_slots=4))
+    greedy = SamplingParams(max_new_tokens=8)
+    try:
+        got = run_together(pool, PROMPTS[:4], greedy, on="compute thread")
+    finally:
+        pool.close()
+    assert got == [list(generate(backend_alone(target, llama2_tokenizer), p, greedy)) for p in PROMPTS[:4]]
+    assert answers == [] and names == {"tinyllama-batch"}
+    assert pool.rows >= 3 * pool.steps            # in lockstep: the steps carry (nearly) all four
 
 
 @pytest.mark.llamacpp
