@@ -4,6 +4,7 @@
     lease = pool.lease(prompt_ids)                       # a Backend; takes a free slot on first use
     gen = generate(lease, prompt_ids, sampling, release=lease.release)   # in any thread
     for token in gen: ...                                # runs in step with the other slots' generations
+    pool.spawn(lambda: consume(gen))                     # or on the compute thread, parked between steps
 
 Each slot is one sequence of the model's KV cache (a llama.cpp seq_id, a row of our batched
 cache). A lease is a Backend, so generate() and speculative decoding work on it unchanged:
