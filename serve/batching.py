@@ -85,12 +85,12 @@ class _Request:
     logits: torch.Tensor | None = None
     error: BaseException | None = None
     done: bool = False
-    # held until the step that answers it releases it: its thread waits by acquiring it, and
-    # wakes already free of the compute lock (no second wait for that lock after each answer);
-    # the helper looked up per request, so that a test can count the answers
-    answered: threading.Lock = field(default_factory=lambda: _held_lock())
-    # a generation on the compute thread (_ComputeThread.spawn) parks instead, and the answering
-    # step puts it back on that thread's ready list
+    # How the request's generation waits for its answer (_submit sets one of the two). A thread:
+    # on `answered`, held until the step that answers it releases it, so the thread wakes already
+    # free of the compute lock (no second wait for that lock after each answer). A generation on
+    # the compute thread (_ComputeThread.spawn): parked, and the answering step puts `waiter`
+    # back on that thread's ready list.
+    answered: threading.Lock | None = None
     waiter: greenlet.greenlet | None = None
 
 
@@ -291,6 +291,8 @@ class SlotPool:
     def _submit(self, request: _Request) -> torch.Tensor:
         if _COMPUTE.in_generation():
             request.waiter = greenlet.getcurrent()
+        else:
+            request.answered = _held_lock()   # looked up per request, so that a test can count the answers
         with self._cond:
             if self._closed:
                 raise RuntimeError(f"{self.runner.name} was closed")

@@ -9,11 +9,11 @@
     app = create_app(ModelDir("models/"))          # the request's `model` picks one, loaded on demand
 
 Generation runs in a worker thread per request, one at a time, for an engine with one KV cache;
-for one with slots (Engine(parallel=N)), batched with the others on the compute thread; at most `max_queue` requests
-may be in flight (running or waiting), more get HTTP 429. A streaming client that goes away
-stops its generation at the next token. Limits: request bodies over `max_body_bytes` get 413
-(on Content-Length, or as a chunked body arrives), `max_tokens` over `max_tokens_limit` or the
-context length gets 400. With one Engine any `model` name is accepted (OpenAI clients send
+for one with slots (Engine(parallel=N)), batched with the others on the compute thread. At most
+`max_queue` requests may be in flight (running or waiting), more get HTTP 429. A streaming
+client that goes away stops its generation at the next token. Limits: request bodies over
+`max_body_bytes` get 413 (on Content-Length, or as a chunked body arrives), `max_tokens` over
+`max_tokens_limit` or the context length gets 400. With one Engine any `model` name is accepted (OpenAI clients send
 their own); with a ModelDir it must be one the folder lists (404 otherwise, 400 for a path).
 Errors are OpenAI-shaped: {"error": {"message", "type", "param", "code"}} with a 4xx status (a
 500 for a bug); the server keeps serving. The fields a request may carry are listed in
