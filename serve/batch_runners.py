@@ -97,14 +97,14 @@ class LlamaCppRunner(BatchRunner):
         self.memory = llama_cpp.llama_get_memory(self.ctx)
         self.batch = llama_cpp.llama_batch_init(step_tokens, 0, 1)
 
-    def run(self, rows: list[Row]) -> list[torch.Tensor | None]:
+    def run(self, rows: list[Row]) -> list[torch.Tensor | int | None]:
         order = sorted(range(len(rows)), key=lambda i: rows[i].slot)      # sequences in increasing order
         out: list[torch.Tensor | None] = [None] * len(rows)
         for i, logits in zip(order, self._decode([rows[i] for i in order])):
             out[i] = logits
         return out
 
-    def _decode(self, rows: list[Row]) -> list[torch.Tensor | None]:
+    def _decode(self, rows: list[Row]) -> list[torch.Tensor | int | None]:
         b, n = self.batch, 0
         for r in rows:
             first_out = len(r.tokens) - r.n_out
@@ -120,9 +120,15 @@ class LlamaCppRunner(BatchRunner):
         n_out = sum(r.n_out for r in rows)
         # the requested outputs, contiguous in batch order: (n_out, vocab)
         every = np.ctypeslib.as_array(self.lib.llama_get_logits(self.ctx), shape=(n_out, self.vocab_size))
+        # greedy rows get the id of their largest logit, read where the pass left it (one call for
+        # the step); only the rows that want logits are copied out, before the next pass overwrites them
+        best = every.argmax(axis=1) if any(r.argmax for r in rows) else None    # (n_out,)
         out, at = [], 0
         for r in rows:
-            out.append(torch.from_numpy(every[at:at + r.n_out].copy()) if r.n_out else None)
+            if r.argmax:
+                out.append(int(best[at]))
+            else:
+                out.append(torch.from_numpy(every[at:at + r.n_out].copy()) if r.n_out else None)
             at += r.n_out
         return out
 

@@ -32,17 +32,20 @@ import greenlet
 import torch
 
 from tinyllama.inference.backends import Backend, check_context, common_prefix
+from tinyllama.inference.interface import argmax
 
 
 @dataclass
 class Row:
     """One slot's part of a step: `tokens` at positions [start, start + len(tokens)) of sequence
-    `slot`; logits wanted at the last `n_out` of them (0 for a prompt chunk that is not the last)."""
+    `slot`; logits wanted at the last `n_out` of them (0 for a prompt chunk that is not the last).
+    argmax: only the id of the largest logit is wanted (n_out 1: greedy decoding's next token)."""
 
     slot: int
     tokens: list[int]
     start: int
     n_out: int
+    argmax: bool = False
 
 
 class BatchRunner:
@@ -55,8 +58,10 @@ class BatchRunner:
     name: str = "model"
     precision: str = ""
 
-    def run(self, rows: list[Row]) -> list[torch.Tensor | None]:
-        """One forward pass over every row -> per row its logits (n_out, vocab) float32 (None when n_out is 0)."""
+    def run(self, rows: list[Row]) -> list[torch.Tensor | int | None]:
+        """One forward pass over every row -> per row its logits (n_out, vocab) float32 (None when
+        n_out is 0); for an `argmax` row, the id of its largest logit where the runner finds it in
+        place (else its logits, and the pool takes the argmax)."""
         raise NotImplementedError
 
     def forget(self, slot: int, start: int) -> None:
@@ -81,8 +86,9 @@ class _Request:
     slot: "_Slot"
     context: list[int]
     n_last: int
+    argmax: bool = False                  # only the largest logit's id is wanted (n_last 1)
     since: float = field(default_factory=time.perf_counter)
-    logits: torch.Tensor | None = None
+    logits: torch.Tensor | int | None = None        # the answer: an int for an argmax request
     error: BaseException | None = None
     done: bool = False
     # How the request's generation waits for its answer (_submit sets one of the two). A thread:
@@ -288,7 +294,7 @@ class SlotPool:
         self._parked.clear()
 
     # ---- steps (run by the compute thread) -------------------------------------------------------
-    def _submit(self, request: _Request) -> torch.Tensor:
+    def _submit(self, request: _Request) -> torch.Tensor | int:
         if _COMPUTE.in_generation():
             request.waiter = greenlet.getcurrent()
         else:
@@ -356,7 +362,10 @@ class SlotPool:
             slot.cached.extend(row.tokens)
             slot.kv_len = len(slot.cached)
             if row.n_out:
-                request.logits, request.done = outputs[i], True
+                out = outputs[i]
+                if request.argmax and isinstance(out, torch.Tensor):
+                    out = argmax(out[0])
+                request.logits, request.done = out, True
         self._pending = [r for r in self._pending if not r.done]
         for request, _ in plan:
             if request.done:
@@ -389,7 +398,9 @@ class SlotPool:
             if take <= 0 or (plan and take < min(n, 16)):  # no room left worth a row
                 continue
             tokens = request.context[start:start + take]
-            plan.append((request, Row(request.slot.index, tokens, start, request.n_last if take == n else 0)))
+            last = take == n
+            plan.append((request, Row(request.slot.index, tokens, start, request.n_last if last else 0,
+                                      request.argmax and last)))
             budget -= take
             if budget <= 0:
                 break
@@ -434,6 +445,11 @@ class Lease(Backend):
     def logits(self, context: Sequence[int], n_last: int = 1) -> torch.Tensor:
         check_context(context, n_last, self.context_length, self.name)
         return self.pool._submit(_Request(self.slot, list(context), n_last))
+
+    def argmax(self, context: Sequence[int]) -> int:
+        """Greedy decoding's next token, found by the runner where the pass left the logits."""
+        check_context(context, 1, self.context_length, self.name)
+        return self.pool._submit(_Request(self.slot, list(context), 1, argmax=True))
 
     def cached_tokens(self) -> int:
         return len(self.slot.cached)

@@ -340,17 +340,16 @@ def test_a_step_wakes_only_the_generations_it_answered(target_and_draft, llama2_
             self.lock.release()                 # a second release of one answer would raise
     monkeypatch.setattr(threading.Condition, "wait", counted_wait)
     monkeypatch.setattr(batching, "_held_lock", CountedLock)
-    calls, lock = [], threading.Lock()
+    calls, lock, submit = [], threading.Lock(), pool._submit
+
+    def counted_submit(request):               # every request a lease makes (logits or argmax)
+        with lock:
+            calls.append(threading.current_thread().name)
+        return submit(request)
+    pool._submit = counted_submit
 
     def work(i: int) -> None:
         lease = pool.lease(PROMPTS[i])
-        logits = lease.logits
-
-        def counted_logits(context, n_last=1):
-            with lock:
-                calls.append(i)
-            return logits(context, n_last)
-        lease.logits = counted_logits
         list(generate(lease, PROMPTS[i], max_new_tokens=12, release=lease.release))
     threads = [threading.Thread(target=work, args=(i,), name=f"gen-{i}") for i in range(len(PROMPTS))]
     try:
@@ -382,9 +381,9 @@ def test_generations_on_the_compute_thread_park_and_wake_no_thread(target_and_dr
         def release(self) -> None:
             answers.append("release")
     monkeypatch.setattr(batching, "_held_lock", CountedLock)
-    logits = batching.Lease.logits
-    monkeypatch.setattr(batching.Lease, "logits", lambda lease, context, n_last=1: (
-        names.add(threading.current_thread().name), logits(lease, context, n_last))[1])
+    submit = batching.SlotPool._submit
+    monkeypatch.setattr(batching.SlotPool, "_submit", lambda pool, request: (
+        names.add(threading.current_thread().name), submit(pool, request))[1])
     pool = SlotPool(TorchRunner(TorchBackend(target, llama2_tokenizer, pack=False), n_slots=4))
     greedy = SamplingParams(max_new_tokens=8)
     try:
@@ -394,6 +393,35 @@ def test_generations_on_the_compute_thread_park_and_wake_no_thread(target_and_dr
     assert got == [list(generate(backend_alone(target, llama2_tokenizer), p, greedy)) for p in PROMPTS[:4]]
     assert answers == [] and names == {"tinyllama-batch"}
     assert pool.rows >= 3 * pool.steps            # in lockstep: the steps carry (nearly) all four
+
+
+@pytest.mark.llamacpp
+def test_gguf_runner_finds_greedy_tokens_where_the_pass_left_the_logits(tmp_path, target_and_draft,
+                                                                       llama2_tokenizer):
+    """An argmax row (a greedy generation's step) gets the id of its largest logit and no copy of
+    them; a row in the same pass that wants logits gets them, as it would without the other."""
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is built by make setup")
+    from quantize.export import write_gguf
+    from tinyllama import save_checkpoint
+    from tinyllama.inference.backends import GGUFBackend
+    from tinyllama.inference.interface import argmax
+    from serve.batch_runners import LlamaCppRunner
+    from serve.batching import Row
+
+    save_checkpoint(target_and_draft[0], llama2_tokenizer, tmp_path / "m")
+    runner = LlamaCppRunner(GGUFBackend(write_gguf(tmp_path / "m", tmp_path / "m.gguf", "f32"), n_ctx=128), n_slots=2)
+
+    def step(greedy: bool) -> list:
+        for slot in (0, 1):
+            runner.forget(slot, 0)
+        return runner.run([Row(1, PROMPTS[1], 0, 2), Row(0, PROMPTS[0], 0, 1, argmax=greedy)])
+    try:
+        logits, token = step(True)
+        logits_alone, row = step(False)
+    finally:
+        runner.close()
+    assert isinstance(token, int) and token == argmax(row[0])
+    assert logits.shape == (2, runner.vocab_size) and torch.equal(logits, logits_alone)
 
 
 @pytest.mark.llamacpp

@@ -80,6 +80,34 @@ def test_plain_greedy_equals_full_forward_and_reports_stats(pair):
     assert {name for name, _ in target.named_buffers()} == {"rope.cos", "rope.sin"}
 
 
+@pytest.mark.parametrize("sampling, logprobs, asks", [
+    (SamplingParams(max_new_tokens=6), None, "argmax"),
+    (SamplingParams(max_new_tokens=6), 2, "logits"),                        # logprobs read the logits
+    (SamplingParams(max_new_tokens=6, repetition_penalty=1.3), None, "logits"),
+    (SamplingParams(max_new_tokens=6, temperature=0.8, seed=0), None, "logits"),
+])
+def test_greedy_decoding_asks_the_target_for_its_token_alone(pair, sampling, logprobs, asks):
+    """Where nothing reads the logits (greedy, no penalty, no logprobs) a plain step asks
+    Backend.argmax, which a batching slot answers without copying the row out; the tokens are
+    the same either way."""
+    calls = Counter()
+
+    class Counting(TorchBackend):
+        def logits(self, context, n_last=1):
+            calls["logits"] += 1
+            return super().logits(context, n_last)
+
+        def argmax(self, context):
+            calls["argmax"] += 1
+            return super().argmax(context)
+    counted = list(generate(Counting(pair[0], pack=False), [1, 5, 9], sampling, logprobs=logprobs))
+    assert counted == list(generate(TorchBackend(pair[0], pack=False), [1, 5, 9], sampling, logprobs=logprobs))
+    if asks == "argmax":       # Backend.argmax itself reads the logits: once per token, through it
+        assert calls["argmax"] == calls["logits"] == len(counted)
+    else:
+        assert calls["argmax"] == 0 and calls["logits"] == len(counted)
+
+
 def test_stop_ids_and_cancel(pair):
     target, _ = pair
     prompt = [1, 5, 9, 13]

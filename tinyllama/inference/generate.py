@@ -46,6 +46,7 @@ from tinyllama.errors import UserError
 from tinyllama.inference.backends import Backend, TorchBackend
 from tinyllama.inference.draft_policy import DraftPolicy, Fixed
 from tinyllama.inference.drafters import Drafter, ModelDrafter
+from tinyllama.inference.interface import argmax
 from tinyllama.model.model import Llama
 
 
@@ -104,15 +105,6 @@ class SamplingParams:
 def _check(ok: bool, message: str, param: str) -> None:
     if not ok:
         raise SamplingError(message, param)
-
-
-def argmax(values: torch.Tensor) -> int:
-    """The index of the largest of 1-D `values` (the first of equal ones, as torch.argmax). A
-    float32 CPU tensor goes through numpy, whose argmax is vectorised where torch's CPU one is
-    not: over a 49,152-token vocabulary that is most of the Python a greedy token costs."""
-    if values.device.type == "cpu" and values.dtype == torch.float32:
-        return int(values.numpy().argmax())
-    return int(values.argmax())
 
 
 def process_logits(logits: torch.Tensor, context: Sequence[int], sampling: SamplingParams) -> torch.Tensor:
@@ -284,6 +276,8 @@ class Generation:
         self._release = release
         self.top_logprobs = logprobs
         self.token_logprobs: list[TokenLogprob] = []
+        # what a plain step needs of the target: only its greedy token, or the logits themselves
+        self._token_only = self.greedy and sampling.repetition_penalty == 1.0 and logprobs is None
         self.prompt_logprobs: list[TokenLogprob] | None = [] if prompt_logprobs else None
         self._it = self._run()
 
@@ -346,9 +340,9 @@ class Generation:
             return argmax(probs)
         return int(torch.multinomial(probs, 1, generator=self.generator))
 
-    def _emit(self, token: int, logits: torch.Tensor) -> bool:
-        """Counts one produced token, chosen from the raw `logits` (vocab,); True when generation
-        must end after it."""
+    def _emit(self, token: int, logits: torch.Tensor | None) -> bool:
+        """Counts one produced token, chosen from the raw `logits` (vocab,; None when only the
+        token was asked for, so no logprobs are recorded); True when generation must end after it."""
         self.stats.generated_tokens += 1
         if self.top_logprobs is not None:
             self.token_logprobs += token_logprobs(logits[None], [token], self.top_logprobs)
@@ -364,21 +358,27 @@ class Generation:
     def _plain(self) -> Iterator[int]:
         context = list(self.prompt)
         t0 = time.perf_counter()
-        logits = self.target.logits(context, 1)[0]                         # (vocab,)
+        token, logits = self._target_next(context)
         self.stats.prefill_seconds = time.perf_counter() - t0
         while True:
-            t0 = time.perf_counter()
-            token = self._next_token(logits, context)
-            self.stats.decode_seconds += time.perf_counter() - t0
             done = self._emit(token, logits)
             yield token
             if done:
                 return
             context.append(token)
             t0 = time.perf_counter()
-            logits = self.target.logits(context, 1)[0]
+            token, logits = self._target_next(context)
             self.stats.target_calls += 1
             self.stats.decode_seconds += time.perf_counter() - t0
+
+    def _target_next(self, context: list[int]) -> tuple[int, torch.Tensor | None]:
+        """The target's next token after `context` and the logits (vocab,) it came from; the token
+        alone (logits None) where nothing else reads them (greedy, no repetition penalty, no
+        logprobs): Backend.argmax, which a batching slot answers without copying the row out."""
+        if self._token_only:
+            return self.target.argmax(context), None
+        logits = self.target.logits(context, 1)[0]                              # (vocab,)
+        return self._next_token(logits, context), logits
 
     # ---- speculative decoding ----------------------------------------------------------------
     def _speculative(self) -> Iterator[int]:
@@ -401,10 +401,12 @@ class Generation:
                     return
                 context.append(token)
 
-    def _round(self, context: list[int], first: torch.Tensor | None) -> tuple[list[int], torch.Tensor]:
+    def _round(self, context: list[int], first: torch.Tensor | None
+               ) -> tuple[list[int], Sequence[torch.Tensor | None]]:
         """One round: k from the policy, drafts, one verification pass; or, with no drafts, a
         plain step (on the prefill's logits `first` (vocab,) when they are still unused). The
-        new tokens, and the target's logits (n, vocab) each came from."""
+        new tokens, and the target's logits (vocab,) each came from (a plain step's None when it
+        asked for the token alone)."""
         t0 = time.perf_counter()
         room = min(self.max_new_tokens - self.stats.generated_tokens, self.target.context_length - len(context),
                    self.drafter.context_length - len(context))
@@ -444,10 +446,10 @@ class Generation:
             self.drafter.prefill(context[:-1])
         self.stats.draft_seconds += time.perf_counter() - t0
 
-    def _plain_step(self, context: list[int]) -> tuple[list[int], torch.Tensor]:
-        logits = self.target.logits(context, 1)                              # (1, vocab)
+    def _plain_step(self, context: list[int]) -> tuple[list[int], Sequence[torch.Tensor | None]]:
+        token, logits = self._target_next(context)
         self.stats.target_calls += 1
-        return [self._next_token(logits[0], context)], logits
+        return [token], [logits]
 
     def _sample_draft(self, logits: torch.Tensor, context: Sequence[int]) -> tuple[int, torch.Tensor | None]:
         """A draft model's token from its logits (vocab,), picked as the target's would be, and the

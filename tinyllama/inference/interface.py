@@ -2,6 +2,7 @@
 of a model, whichever backend (tinyllama.inference.backends: PyTorch or llama.cpp) answers.
 
     backend.logits(context, n_last)     # (n_last, vocab) float32 logits after context's last tokens
+    backend.argmax(context)             # greedy decoding's next token, without handing the logits out
     backend.trim(n)                     # speculative decoding's rollback: keep the first n positions
 """
 
@@ -26,6 +27,15 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     return i
 
 
+def argmax(values: torch.Tensor) -> int:
+    """The index of the largest of 1-D `values` (the first of equal ones, as torch.argmax). A
+    float32 CPU tensor goes through numpy, whose argmax is vectorised where torch's CPU one is
+    not: over a 49,152-token vocabulary that is most of the Python a greedy token costs."""
+    if values.device.type == "cpu" and values.dtype == torch.float32:
+        return int(values.numpy().argmax())
+    return int(values.argmax())
+
+
 class Backend:
     """What generate() needs from a model."""
 
@@ -40,6 +50,12 @@ class Backend:
 
     def logits(self, context: Sequence[int], n_last: int = 1) -> torch.Tensor:
         raise NotImplementedError
+
+    def argmax(self, context: Sequence[int]) -> int:
+        """The token greedy decoding picks after `context`: argmax(logits(context, 1)[0]). A
+        backend that can find it without handing its logits out overrides it (a batching slot:
+        no copy of the vocabulary-sized row)."""
+        return argmax(self.logits(context, 1)[0])
 
     def cached_tokens(self) -> int:
         """How many leading context tokens the KV cache currently holds."""
