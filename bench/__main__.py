@@ -248,13 +248,23 @@ def real_pair_tables(quick: bool) -> str:
 
 
 def server_tables(quick: bool) -> str:
-    """bench.server_compare's default models, then the real model with its draft at 1 client
-    when both are here."""
+    """bench.server_compare's default models, 4 windows each; then the real model, where the two
+    servers are closest, paired twice as long (8 windows of 15 s per client count: one window
+    moves by up to +-20% on these machines, so 4 pairs cannot settle a few per cent), plain and
+    with its draft at 1 client when both are here."""
     from tinyllama import real_model as rm
 
-    text = server_compare.run(duration_s=15.0 if quick else 60.0, clients=(1, 8) if quick else (1, 8, 32))
-    if rm.path() is not None and rm.draft_path().is_file():
-        rows = server_compare.measure(rm.path(), clients=(1,), duration_s=15.0 if quick else 60.0,
+    duration, clients = (15.0, (1, 8)) if quick else (60.0, (1, 8, 32))
+    real = rm.path()
+    text = server_compare.run(duration_s=duration, clients=clients,
+                              models=[m for m in server_compare.default_models() if m != real])
+    if real is None:
+        return text
+    windows = 4 if quick else 8
+    rows = server_compare.measure(real, clients, duration_s=duration * windows / 4, windows=windows)
+    text += "\n\nThe real model, paired longer:\n\n" + server_compare.table(rows, 8, 512, 32)
+    if rm.draft_path().is_file():
+        rows = server_compare.measure(real, clients=(1,), duration_s=duration * windows / 4, windows=windows,
                                       draft=rm.draft_path())
         text += "\n\nWith the real model's draft, each server by its own speculative settings:\n\n" + \
             server_compare.table(rows, 8, 512, 32)
