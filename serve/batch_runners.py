@@ -99,7 +99,7 @@ class LlamaCppRunner(BatchRunner):
 
     def run(self, rows: list[Row]) -> list[torch.Tensor | int | None]:
         order = sorted(range(len(rows)), key=lambda i: rows[i].slot)      # sequences in increasing order
-        out: list[torch.Tensor | None] = [None] * len(rows)
+        out: list[torch.Tensor | int | None] = [None] * len(rows)
         for i, logits in zip(order, self._decode([rows[i] for i in order])):
             out[i] = logits
         return out

@@ -276,8 +276,10 @@ class Generation:
         self._release = release
         self.top_logprobs = logprobs
         self.token_logprobs: list[TokenLogprob] = []
-        # what a plain step needs of the target: only its greedy token, or the logits themselves
-        self._token_only = self.greedy and sampling.repetition_penalty == 1.0 and logprobs is None
+        # greedy without a repetition penalty: the token is the raw logits' argmax; with no
+        # logprobs either, a plain step needs nothing else of the target (Backend.argmax)
+        self._raw_argmax = self.greedy and sampling.repetition_penalty == 1.0
+        self._token_only = self._raw_argmax and logprobs is None
         self.prompt_logprobs: list[TokenLogprob] | None = [] if prompt_logprobs else None
         self._it = self._run()
 
@@ -331,7 +333,7 @@ class Generation:
         """One token from raw logits (vocab,). Greedy without a repetition penalty is the
         argmax of the logits themselves (the one-hot distribution's argmax): no copy of the
         vocabulary-sized vector on the per-token path."""
-        if self.greedy and self.sampling.repetition_penalty == 1.0:
+        if self._raw_argmax:
             return argmax(logits)
         return self._pick(self._probs(logits, context))
 
