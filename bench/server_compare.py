@@ -9,8 +9,9 @@ llama-server: -np N -c N*C, its defaults otherwise), then for each client count 
 streaming chat clients send requests back to back for `duration` seconds per server, in
 `--windows` turns that alternate between the servers (this machine's speed drifts from minute to
 minute; turns make both see the same drift, and give a paired ratio per window) (greedy, `max_tokens`
-each, questions cycled from one list and numbered, so no prompt repeats: both servers keep
-finished prompts for reuse, and this measures batching, not that cache). Reported per server and client count: generated tokens/s
+each, questions cycled from one list and numbered once for the whole run, so no prompt repeats:
+both servers keep finished prompts for reuse, llama-server also in RAM across slots, and this
+measures batching, not that cache). Reported per server and client count: generated tokens/s
 (all clients together, from each response's usage), requests/s, time to first token and request
 latency (p50 / p99), and errors: non-200 answers, errors inside a stream, broken connections.
 The models: tinyllama-1.1b-shaped with random weights (bench.random_models; speed does not
@@ -25,6 +26,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import itertools
 import json
 import os
 import subprocess
@@ -41,6 +43,16 @@ from .server_load import DEFAULT_MODEL, free_port, percentile, wait_until_up
 QUESTIONS = ("Tell me about llamas.", "What is the capital of France?", "Write a haiku about the sea.",
              "How do I reverse a list in Python?", "Why is the sky blue?", "Name three prime numbers.",
              "What does a compiler do?", "Give me a tip for a job interview.")
+# One numbering for the whole process, across windows, client counts and servers: llama-server
+# keeps the states of earlier prompts in RAM (--cache-ram, 8 GiB by default) and skips the prefill
+# of the longest one it has seen, so a numbering that restarted with each client count would
+# measure that cache on the repeats instead of batching.
+_PROMPT_NUMBERS = itertools.count(1)
+
+
+def numbered(question: str) -> str:
+    """The question with a number no earlier prompt of this process had."""
+    return f"({next(_PROMPT_NUMBERS)}) {question}"
 
 
 def start_server(kind: str, model: Path, port: int, parallel: int, n_ctx: int, log: Path,
@@ -75,8 +87,8 @@ class Tally:
 async def one_request(client, tally: Tally, question: str, max_tokens: int) -> None:
     import httpx
 
-    tally.sent += 1           # numbered, so that no prompt repeats: what is measured is batching, not a prompt cache
-    body = {"messages": [{"role": "user", "content": f"({tally.sent}) {question}"}], "max_tokens": max_tokens,
+    tally.sent += 1
+    body = {"messages": [{"role": "user", "content": numbered(question)}], "max_tokens": max_tokens,
             "temperature": 0,
             "stream": True, "stream_options": {"include_usage": True}}
     t0, ttft, usage = time.perf_counter(), None, None
