@@ -34,11 +34,12 @@ import json
 import secrets
 import threading
 import time
+from collections import deque
 from typing import Any, AsyncIterator, Callable
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tinyllama.errors import UserError
@@ -154,12 +155,36 @@ class Run:
         self.stream, self.engine, self.name = stream, engine, name
         self.models, self.admission = models, admission
         self.loop = asyncio.get_running_loop()
-        self.queue: asyncio.Queue = asyncio.Queue()
         self.cancel = threading.Event()
+        self._arrived: deque[tuple] = deque()       # (kind, value) handed over, read on the loop
+        self._wake: asyncio.Future | None = None    # set when something arrives for a waiting read
         engine.start(self._work)
 
     def _put(self, item: tuple) -> None:
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        self.loop.call_soon_threadsafe(self._arrive, item)
+
+    def _arrive(self, item: tuple) -> None:
+        """On the event loop: keeps the item and wakes the read waiting for it (if any). A bare
+        future, not an asyncio.Queue: one token costs the loop one wake-up and nothing else."""
+        self._arrived.append(item)
+        if self._wake is not None and not self._wake.done():
+            self._wake.set_result(None)
+
+    def stop(self) -> None:
+        """The reader went away: the generation stops at its next token, the read ends now."""
+        self.cancel.set()
+        self._arrive(("gone", None))
+
+    async def arrived(self) -> list[tuple]:
+        """Everything handed over since the last call, (kind, value) in order, waiting until
+        there is something: ("delta", (text, tokens so far)), ("error", exception), ("done" |
+        "gone", None). Several deltas when the loop was busy as they came."""
+        while not self._arrived:
+            self._wake = self.loop.create_future()
+            await self._wake
+        items = list(self._arrived)
+        self._arrived.clear()
+        return items
 
     def _work(self) -> None:
         scored = self.stream.generation.token_logprobs
@@ -181,13 +206,13 @@ class Run:
         """(text delta, how many generated tokens it comes from in all)."""
         try:
             while True:
-                kind, value = await self.queue.get()
-                if kind == "delta":
-                    yield value
-                elif kind == "error":
-                    raise value
-                else:
-                    return
+                for kind, value in await self.arrived():
+                    if kind == "delta":
+                        yield value
+                    elif kind == "error":
+                        raise value
+                    else:
+                        return
         finally:
             self.cancel.set()
 
@@ -262,32 +287,80 @@ def sse_text(kind: str, head: dict) -> Callable[[str], str]:
     return lambda text: before + json.dumps(text) + after
 
 
-async def sse_events(run: Run, reply: Reply, wants_usage: bool) -> AsyncIterator[str]:
-    """The streamed response: a role chunk (chat), a chunk per delta, the finish chunk with stats
-    (and usage when asked for), [DONE]; an error after the headers went out is reported in-band."""
-    kind, stream = reply.kind, run.stream
-    base = response_head(run, kind)
-    chunk_obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
-    if kind == "chat":
-        yield sse({**base, "object": chunk_obj, "choices": [choice(kind, "", None, first=True)]})
-    text_chunk = sse_text(kind, {**base, "object": chunk_obj})
-    try:
-        async for delta, upto in run.deltas():
-            text, logprobs = reply.piece(delta, upto)
-            if logprobs is None:
-                yield text_chunk(text)
-            else:
-                yield sse({**base, "object": chunk_obj, "choices": [choice(kind, text, None, logprobs)]})
-    except Exception as e:    # headers are sent: report in-band, as OpenAI does
-        yield sse({"error": {"message": str(e), "type": "server_error", "param": None, "code": None}})
-        return
-    text, logprobs = reply.piece("")          # what is left: an unsent echo, the stop token's logprob
-    last = {**base, "object": chunk_obj, "stats": stream.stats.as_dict(),
-            "choices": [choice(kind, text or None, stream.finish_reason, logprobs)]}
-    if wants_usage:
-        last["usage"] = usage(stream)
-    yield sse(last)
-    yield "data: [DONE]\n\n"
+class EventStream(Response):
+    """The streamed response, server-sent events: a role chunk (chat), a chunk per delta, the
+    finish chunk with stats (and usage when asked for), [DONE]; an error after the headers went
+    out is reported in-band, as OpenAI does. A client that goes away (http.disconnect) stops the
+    generation at its next token.
+
+    Its own ASGI app rather than a StreamingResponse over async generators: one coroutine takes
+    what the run handed over and writes it with one `send`, so a token costs the event loop one
+    wake-up, one JSON string and one socket write, which is what the per-token Python of a small
+    model's server comes down to (bench/RESULTS.md, the servers side by side)."""
+
+    media_type = "text/event-stream"
+
+    def __init__(self, run: Run, reply: Reply, wants_usage: bool) -> None:
+        self.run, self.reply, self.wants_usage = run, reply, wants_usage
+        self.status_code, self.background = 200, None
+        self.init_headers()
+
+    async def __call__(self, scope, receive, send) -> None:
+        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+        watcher = asyncio.ensure_future(self._watch(receive))
+        try:
+            await self._stream(send)
+        finally:
+            watcher.cancel()
+            self.run.cancel.set()
+
+    async def _watch(self, receive) -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        self.run.stop()
+
+    async def _stream(self, send) -> None:
+        run, reply, kind = self.run, self.reply, self.reply.kind
+        base = {**response_head(run, kind), "object": "chat.completion.chunk" if kind == "chat" else "text_completion"}
+        if kind == "chat":
+            await send_events(send, [sse({**base, "choices": [choice(kind, "", None, first=True)]})], more=True)
+        text_chunk = sse_text(kind, base)
+        while True:
+            events, ended = [], False
+            try:
+                for what, value in await run.arrived():
+                    if what == "delta":
+                        text, logprobs = reply.piece(*value)
+                        events.append(text_chunk(text) if logprobs is None else
+                                      sse({**base, "choices": [choice(kind, text, None, logprobs)]}))
+                    elif what == "error":
+                        raise value
+                    elif what == "gone":
+                        return
+                    else:
+                        events += [self._last(base), "data: [DONE]\n\n"]
+                        ended = True
+            except Exception as e:
+                events.append(sse({"error": {"message": str(e), "type": "server_error", "param": None, "code": None}}))
+                ended = True
+            await send_events(send, events, more=not ended)
+            if ended:
+                return
+
+    def _last(self, base: dict) -> str:
+        """The finish chunk: what is left (an unsent echo, the stop token's logprob), the finish
+        reason, stats, and usage when asked for."""
+        stream, kind = self.run.stream, self.reply.kind
+        text, logprobs = self.reply.piece("")
+        last = {**base, "stats": stream.stats.as_dict(),
+                "choices": [choice(kind, text or None, stream.finish_reason, logprobs)]}
+        if self.wants_usage:
+            last["usage"] = usage(stream)
+        return sse(last)
+
+
+async def send_events(send, events: list[str], more: bool) -> None:
+    await send({"type": "http.response.body", "body": "".join(events).encode(), "more_body": more})
 
 
 async def whole_response(run: Run, reply: Reply) -> dict:
@@ -420,7 +493,7 @@ class Requests:
         run = Run(stream, engine, req.model, self.models, self.admission)
         reply = Reply(run, req, kind)
         if req.stream:
-            return StreamingResponse(sse_events(run, reply, req.wants_usage), media_type="text/event-stream")
+            return EventStream(run, reply, req.wants_usage)
         return await whole_response(run, reply)
 
     async def _start(self, req: RequestFields, max_tokens: int | None, build):

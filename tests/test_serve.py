@@ -169,6 +169,90 @@ def test_streams_pass_no_http_middleware(engine):
         assert any(m.cls is ApiKey for m in app.user_middleware) == (key is not None)
 
 
+
+def _event_stream_run(tok, text: str, **req):
+    """(EventStream, Run) for a chat request whose generation emits `text`, on a running loop."""
+    from serve.protocol import ChatRequest
+    from serve.server import Admission, EventStream, OneModel, Reply, Run
+
+    ids = tok.encode(text, bos=False) + [tok.eos_id]
+    engine = Engine(Scripted(ids, prompt_len=1, vocab=tok.vocab_size), tok, "scripted")
+    gen = generate(engine.target, [tok.bos_id], max_new_tokens=len(ids), stop_ids=[tok.eos_id])
+    admission = Admission(1)
+    admission.admit()
+    request = ChatRequest(messages=[{"role": "user", "content": "hi"}], stream=True, **req)
+    run = Run(TextStream(gen, tok), engine, None, OneModel(engine), admission)
+    return EventStream(run, Reply(run, request, "chat"), request.wants_usage), run, admission
+
+
+def _events(body: bytes) -> list:
+    return [json.loads(line[6:]) if line != "data: [DONE]" else "[DONE]"
+            for line in body.decode().split("\n\n") if line]
+
+
+def test_event_stream_writes_what_arrived_together_with_one_send(llama2_tokenizer):
+    """Deltas that reach the event loop before it runs go out in one body message, in order,
+    with the finish chunk and [DONE] when the generation ended meanwhile: a token costs the loop
+    a wake-up and a write, and a busy loop catches up with one."""
+    import asyncio
+
+    text = "Llamas eat grass and hay."
+    sent = []
+
+    async def send(message):
+        sent.append(message)
+
+    async def receive():
+        await asyncio.sleep(3600)           # the client stays
+
+    async def main():
+        response, run, admission = _event_stream_run(llama2_tokenizer, text, stream_options={"include_usage": True})
+        for _ in range(200):                # the loop blocked (no await) while the generation runs to its end
+            if admission.in_flight == 0:
+                break
+            time.sleep(0.01)
+        await response(None, receive, send)
+        return run
+
+    run = asyncio.run(main())
+    assert [m["type"] for m in sent] == ["http.response.start"] + ["http.response.body"] * 2
+    assert (b"content-type", b"text/event-stream; charset=utf-8") in sent[0]["headers"]
+    role, = _events(sent[1]["body"])
+    assert role["choices"][0]["delta"] == {"role": "assistant", "content": ""} and sent[1]["more_body"]
+    *deltas, last, done = _events(sent[2]["body"])
+    assert len(deltas) > 1 and "".join(d["choices"][0]["delta"]["content"] for d in deltas) == text
+    assert last["choices"][0]["finish_reason"] == "stop" and last["usage"]["completion_tokens"] == len(deltas) + 1
+    assert done == "[DONE]" and sent[2]["more_body"] is False
+    assert run.cancel.is_set()              # set however the response ends; the generation had ended
+
+
+def test_event_stream_stops_the_generation_when_the_client_goes(llama2_tokenizer):
+    """http.disconnect ends the response without another write and cancels the generation at
+    its next token (it gives its slot back: nothing stays in flight)."""
+    import asyncio
+
+    sent = []
+
+    async def send(message):
+        sent.append(message)
+
+    async def receive():
+        return {"type": "http.disconnect"}
+
+    async def main():
+        response, run, admission = _event_stream_run(llama2_tokenizer, "word " * 5000)
+        await response(None, receive, send)
+        for _ in range(200):
+            if admission.in_flight == 0:
+                break
+            await asyncio.sleep(0.01)
+        return run, admission
+
+    run, admission = asyncio.run(main())
+    assert run.cancel.is_set() and admission.in_flight == 0
+    assert run.stream.finish_reason == "cancelled" and run.stream.stats.generated_tokens < 5000
+    assert all(m.get("more_body", True) for m in sent)     # no end of body written to a client that left
+
 def test_full_queue_is_429_and_disconnect_cancels(llama2_tokenizer):
     torch.manual_seed(0)
     inner = TorchBackend(Llama(ModelConfig.from_name("tinyllama-debug")).eval(), llama2_tokenizer)
