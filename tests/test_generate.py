@@ -541,6 +541,32 @@ def test_auto_falls_back_to_plain_when_the_draft_is_always_wrong(clock):
     assert policy.last_k == 0 and policy.alpha < 0.2          # the prior (0.5 over 2 drafts) decays away
 
 
+class CountingSlowStub(SlowStub):
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        self.calls = 0
+
+    def logits(self, context, n_last=1):
+        self.calls += 1
+        return super().logits(context, n_last)
+
+
+def test_auto_goes_plain_when_the_draft_is_never_sure_enough(clock):
+    """A draft whose top probability is always under p-min stops every round before its first
+    draft, yet each such round costs a draft step. Auto counts it (the draft's cost, a position
+    left to the target) and decodes plainly, probing now and then; it does not try a measuring
+    round again at every token, which cost a server with such a draft a fifth of its speed."""
+    V = 8
+    table = torch.randn(V, V, generator=torch.Generator().manual_seed(7)) * 3
+    tgt = SlowStub(table, "target", clock, 0.003, 0.0005)
+    unsure = CountingSlowStub(torch.zeros(V, V), "draft", clock, 0.0005)    # uniform: top p 1/8 < 0.5
+    policy = Auto()
+    gen = generate(tgt, [0], max_new_tokens=300, drafter=unsure, draft_policy=policy)
+    assert list(gen) == list(generate(tgt, [0], max_new_tokens=300))
+    assert gen.stats.drafted == 0 and unsure.calls <= 20, (unsure.calls, gen.stats)
+    assert policy.last_k == 0 and policy.alpha < 0.2 and policy.t_draft is not None
+
+
 def test_auto_does_not_probe_where_even_perfect_drafts_cannot_pay(clock):
     """A compute-bound target (verifying k+1 tokens costs k+1 steps, as 7B-shaped GGUFs measure on
     a 2-core AVX2 CPU) with a draft that is always right: no acceptance rate could pay, so after

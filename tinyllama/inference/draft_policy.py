@@ -8,7 +8,8 @@ the flags (`--draft-max K`, `adaptive`, `adaptive:K` or `auto`) and passed whole
 The generator asks `policy.start()` for the policy one generation uses (Adaptive: a copy that
 restarts at its K; Auto: itself, so that what it learns about a pair carries across requests),
 then each round `choose(cap)` for k (0: a plain step), and reports what happened (`record_step`
-after a plain step, `record_round` after a verified draft). k depends only on rounds already
+after a plain step, `record_round` after a verified draft, `record_unsure` when p_min stopped a
+round before its first draft). k depends only on rounds already
 decided, so no policy changes the output: greedy identity and the sampling guarantee hold.
 
 Every policy also carries p_min (llama.cpp's --draft-p-min; 0: off): a round stops drafting at
@@ -91,6 +92,10 @@ class DraftPolicy(Protocol):
 
     def record_round(self, k: int, accepted: int, draft_seconds: float, verify_seconds: float) -> None:
         """A round verified k drafts and accepted the first `accepted` of them."""
+
+    def record_unsure(self, draft_seconds: float) -> None:
+        """A round it chose stopped before its first draft (the draft's top probability under
+        p_min): one draft step spent, then a plain step (reported by record_step)."""
 
     @staticmethod
     def parse(spec: "str | int | DraftPolicy") -> "DraftPolicy":
@@ -228,6 +233,9 @@ class Capped(DraftPolicy):
     def record_round(self, k: int, accepted: int, draft_seconds: float, verify_seconds: float) -> None:
         self.policy.record_round(k, accepted, draft_seconds, verify_seconds)
 
+    def record_unsure(self, draft_seconds: float) -> None:
+        self.policy.record_unsure(draft_seconds)
+
 
 def _ema(old: float | None, new: float, weight: float = 0.2) -> float:
     new = max(new, MIN_SECONDS)
@@ -329,6 +337,15 @@ class Auto(DraftPolicy):
         self.judged = self.judged * self.decay + judged
         self.t_draft = _ema(self.t_draft, draft_seconds / k)
         self.t_verify[k] = _ema(self.t_verify.get(k), verify_seconds)
+        self.plain_run = 0
+
+    def record_unsure(self, draft_seconds: float) -> None:
+        """Counted as one draft rejected at no verification cost: the draft step's time is the
+        draft's cost, and the position judged against drafting. Without it a draft never sure
+        enough would leave t_draft unmeasured, and every round would be a measuring one."""
+        self.accepted *= self.decay
+        self.judged = self.judged * self.decay + 1
+        self.t_draft = _ema(self.t_draft, draft_seconds)
         self.plain_run = 0
 
 
