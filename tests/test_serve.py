@@ -169,7 +169,6 @@ def test_streams_pass_no_http_middleware(engine):
         assert any(m.cls is ApiKey for m in app.user_middleware) == (key is not None)
 
 
-
 def _event_stream_run(tok, text: str, **req):
     """(EventStream, Run) for a chat request whose generation emits `text`, on a running loop."""
     from serve.protocol import ChatRequest
@@ -252,6 +251,7 @@ def test_event_stream_stops_the_generation_when_the_client_goes(llama2_tokenizer
     assert run.cancel.is_set() and admission.in_flight == 0
     assert run.stream.finish_reason == "cancelled" and run.stream.stats.generated_tokens < 5000
     assert all(m.get("more_body", True) for m in sent)     # no end of body written to a client that left
+
 
 def test_full_queue_is_429_and_disconnect_cancels(llama2_tokenizer):
     torch.manual_seed(0)

@@ -332,20 +332,21 @@ class Auto(DraftPolicy):
         self.plain_run += 1
 
     def record_round(self, k: int, accepted: int, draft_seconds: float, verify_seconds: float) -> None:
-        judged = k if accepted == k else accepted + 1
-        self.accepted = self.accepted * self.decay + accepted
-        self.judged = self.judged * self.decay + judged
-        self.t_draft = _ema(self.t_draft, draft_seconds / k)
+        self._judge(accepted, k if accepted == k else accepted + 1, draft_seconds / k)
         self.t_verify[k] = _ema(self.t_verify.get(k), verify_seconds)
-        self.plain_run = 0
 
     def record_unsure(self, draft_seconds: float) -> None:
         """Counted as one draft rejected at no verification cost: the draft step's time is the
         draft's cost, and the position judged against drafting. Without it a draft never sure
         enough would leave t_draft unmeasured, and every round would be a measuring one."""
-        self.accepted *= self.decay
-        self.judged = self.judged * self.decay + 1
-        self.t_draft = _ema(self.t_draft, draft_seconds)
+        self._judge(0, 1, draft_seconds)
+
+    def _judge(self, accepted: int, judged: int, seconds_per_draft: float) -> None:
+        """A round's verdict on `judged` draft positions (`accepted` of them taken) and the draft's
+        cost per token; the plain steps since the last round start again from 0."""
+        self.accepted = self.accepted * self.decay + accepted
+        self.judged = self.judged * self.decay + judged
+        self.t_draft = _ema(self.t_draft, seconds_per_draft)
         self.plain_run = 0
 
 

@@ -422,8 +422,8 @@ class Generation:
         draft_seconds = drafted - started
         if k >= 1:                                        # also a round p-min stopped before any draft
             self.stats.draft_seconds += draft_seconds
-        if k >= 1 and not drafts:                         # the draft was unsure at once (p-min)
-            self.policy.record_unsure(draft_seconds)
+            if not drafts:                                # the draft was unsure at once (p-min)
+                self.policy.record_unsure(draft_seconds)
         if not drafts and first is not None:
             new_tokens, rows = [self._next_token(first, context)], first[None]
         elif not drafts:
