@@ -14,6 +14,9 @@ both servers keep finished prompts for reuse, llama-server also in RAM across sl
 measures batching, not that cache). Reported per server and client count: generated tokens/s
 (all clients together, from each response's usage), requests/s, time to first token and request
 latency (p50 / p99), and errors: non-200 answers, errors inside a stream, broken connections.
+With -md both servers speculate with the draft by their own defaults: ours `--draft-max auto`,
+llama-server `--spec-type draft-simple` (-md alone loads the draft and leaves speculation off), whose
+responses' `timings` give the tokens it drafted and accepted.
 The models: tinyllama-1.1b-shaped with random weights (bench.random_models; speed does not
 depend on the values) as Q4_K_M, the 19M chat GGUF `make run` leaves and the real model
 (SmolLM2-135M-Instruct, `make real-model`), each when present.
@@ -58,7 +61,8 @@ def numbered(question: str) -> str:
 def start_server(kind: str, model: Path, port: int, parallel: int, n_ctx: int, log: Path,
                  draft: Path | None = None) -> subprocess.Popen:
     """`python -m serve` (kind "ours") or llama-server (kind "llama-server") on 127.0.0.1:port;
-    with `draft`, each drafting with it by its own default settings (ours: --draft-max auto)."""
+    with `draft`, each drafting with it by its own default settings (ours: --draft-max auto;
+    llama-server: --spec-type draft-simple)."""
     if kind == "ours":
         cmd = [sys.executable, "-m", "serve", "--model", str(model), "--port", str(port), "--parallel", str(parallel),
                "--ctx-size", str(n_ctx), "--max-queue", "1000"]
@@ -67,7 +71,11 @@ def start_server(kind: str, model: Path, port: int, parallel: int, n_ctx: int, l
 
         cmd = [str(tool("llama-server")), "-m", str(model), "--port", str(port), "--host", "127.0.0.1",
                "-np", str(parallel), "-c", str(parallel * n_ctx), "-t", str(os.cpu_count() or 2)]
-    cmd += ["-md", str(draft)] if draft else []
+    if draft:
+        # llama-server's speculative types are off by default (--spec-type none): -md alone loads the
+        # draft and never drafts. draft-simple is its draft-model speculation, at its own defaults
+        # (--spec-draft-n-max 3, --spec-draft-p-min 0).
+        cmd += ["-md", str(draft)] + (["--spec-type", "draft-simple"] if kind == "llama-server" else [])
     with open(log, "w") as fh:
         return subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT,
                                 env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
@@ -76,6 +84,7 @@ def start_server(kind: str, model: Path, port: int, parallel: int, n_ctx: int, l
 class Tally:
     def __init__(self) -> None:
         self.tokens = self.sent = self.served = self.bad_status = self.stream_errors = self.transport_errors = 0
+        self.drafted = self.accepted = 0             # from llama-server's `timings`; ours reports none
         self.ttft: list[float] = []
         self.latency: list[float] = []
         self.first_error: str | None = None
@@ -91,7 +100,7 @@ async def one_request(client, tally: Tally, question: str, max_tokens: int) -> N
     body = {"messages": [{"role": "user", "content": numbered(question)}], "max_tokens": max_tokens,
             "temperature": 0,
             "stream": True, "stream_options": {"include_usage": True}}
-    t0, ttft, usage = time.perf_counter(), None, None
+    t0, ttft, usage, timings = time.perf_counter(), None, None, {}
     try:
         async with client.stream("POST", "/v1/chat/completions", json=body) as r:
             if r.status_code != 200:
@@ -109,6 +118,7 @@ async def one_request(client, tally: Tally, question: str, max_tokens: int) -> N
                 if ttft is None and event.get("choices") and event["choices"][0].get("delta", {}).get("content"):
                     ttft = time.perf_counter() - t0
                 usage = event.get("usage") or usage
+                timings = event.get("timings") or timings
     except httpx.TransportError as e:
         tally.error(f"{type(e).__name__}: {e}")
         tally.transport_errors += 1
@@ -116,6 +126,8 @@ async def one_request(client, tally: Tally, question: str, max_tokens: int) -> N
     tally.served += 1
     tally.latency.append(time.perf_counter() - t0)
     tally.tokens += usage["completion_tokens"] if usage else 0
+    tally.drafted += timings.get("draft_n", 0)
+    tally.accepted += timings.get("draft_n_accepted", 0)
     if ttft is not None:
         tally.ttft.append(ttft)
 
@@ -151,7 +163,7 @@ def summary(tally: Tally, clients: int, elapsed: float) -> dict:
             "ttft_p99": percentile(tally.ttft, 0.99), "latency_p50": percentile(tally.latency, 0.5),
             "latency_p99": percentile(tally.latency, 0.99), "bad_status": tally.bad_status,
             "stream_errors": tally.stream_errors, "transport_errors": tally.transport_errors,
-            "first_error": tally.first_error}
+            "first_error": tally.first_error, "drafted": tally.drafted, "accepted": tally.accepted}
 
 
 def measure(model: Path, clients=(1, 8, 32), duration_s: float = 60.0, parallel: int = 8, n_ctx: int = 512,
@@ -221,11 +233,18 @@ def table(rows: list[dict], parallel: int, n_ctx: int, max_tokens: int) -> str:
                     f"{r['ttft_p50']:.2f} / {r['ttft_p99']:.2f} s", f"{r['latency_p50']:.2f} / {r['latency_p99']:.2f} s",
                     f"{r['bad_status'] + r['stream_errors'] + r['transport_errors']}"))
     windows = max((len(r.get("window_rates", [])) for r in rows), default=0)
-    return (markdown_table(head, out) + f"\n\nBoth servers: {parallel} slots of {n_ctx} tokens, {os.cpu_count()} "
+    return (markdown_table(head, out) + drafted_note(rows) + f"\n\nBoth servers: {parallel} slots of {n_ctx} tokens, {os.cpu_count()} "
             f"threads; streaming chat clients back to back, greedy, max_tokens {max_tokens}; both running at once, "
             f"taking turns in {windows} windows per client count, alternating which goes first (per window: the "
             "median of ours over llama-server's window by window, and the range). errors: non-200 "
             "answers + errors inside a stream + broken connections.")
+
+
+def drafted_note(rows: list[dict]) -> str:
+    """What llama-server's responses say it drafted (`timings.draft_n`), for the rows where it did."""
+    said = [f"{r['drafted']:,} tokens drafted and {r['accepted']:,} accepted ({r['accepted'] / r['drafted']:.0%}) "
+            f"at {r['clients']} client{'s' if r['clients'] > 1 else ''}" for r in rows if r.get("drafted")]
+    return f"\n\nllama-server's responses: {'; '.join(said)}." if said else ""
 
 
 def default_models() -> list[Path]:
@@ -265,7 +284,8 @@ def main(argv: list[str] | None = None) -> int:
     add_renamed_flag(ap, "--n-ctx", "--ctx-size", dest="ctx_size", type=int)
     ap.add_argument("--max-tokens", type=int, default=32, help="per request (default: %(default)s)")
     ap.add_argument("-md", "--model-draft", type=Path, help="a draft .gguf both servers speculate with, each by "
-                                                            "its own default settings (default: none)")
+                                                            "its own default settings (ours --draft-max auto, "
+                                                            "llama-server --spec-type draft-simple; default: none)")
     ap.add_argument("--json", action="store_true", help="print the rows as JSON instead of the table")
     args = ap.parse_args(argv)
     if args.model_draft and not args.model_draft.is_file():

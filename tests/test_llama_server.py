@@ -97,8 +97,10 @@ def test_side_by_side_load_benchmark_short(chat_gguf):
 
 def test_side_by_side_with_a_draft_speculates_in_both_servers(chat_gguf):
     """-md: both servers load the draft (the chat model drafting for itself here) and answer every
-    request; the rows name the pair."""
-    from bench.server_compare import measure
+    request; the rows name the pair. llama-server really drafts (`-md` alone would leave its
+    speculation off), and a draft identical to the target has nearly all its drafts accepted (a
+    multi-token pass may round a near tie the other way)."""
+    from bench.server_compare import measure, table
 
     rows = measure(chat_gguf, clients=(1,), duration_s=2.0, parallel=2, n_ctx=128, max_tokens=8, draft=chat_gguf)
     assert [r["server"] for r in rows] == ["ours", "llama-server"]
@@ -106,3 +108,6 @@ def test_side_by_side_with_a_draft_speculates_in_both_servers(chat_gguf):
         assert r["model"] == f"{chat_gguf.name} drafted by {chat_gguf.name}"
         assert r["served"] > 0 and r["tokens_per_s"] > 0, r
         assert r["bad_status"] + r["stream_errors"] + r["transport_errors"] == 0, r["first_error"]
+    theirs = rows[1]
+    assert theirs["drafted"] > 0 and theirs["accepted"] >= 0.8 * theirs["drafted"], theirs
+    assert f"llama-server's responses: {theirs['drafted']:,} tokens drafted" in table(rows, 2, 128, 8)
