@@ -15,8 +15,8 @@ measures batching, not that cache). Reported per server and client count: genera
 (all clients together, from each response's usage), requests/s, time to first token and request
 latency (p50 / p99), and errors: non-200 answers, errors inside a stream, broken connections.
 With -md both servers speculate with the draft by their own defaults: ours `--draft-max auto`,
-llama-server `--spec-type draft-simple` (-md alone loads the draft and leaves speculation off), whose
-responses' `timings` give the tokens it drafted and accepted.
+llama-server `--spec-type draft-simple` (-md alone loads the draft and leaves speculation off); the
+tokens each drafted and had accepted come from its responses (llama-server's `timings`, our `stats`).
 The models: tinyllama-1.1b-shaped with random weights (bench.random_models; speed does not
 depend on the values) as Q4_K_M, the 19M chat GGUF `make run` leaves and the real model
 (SmolLM2-135M-Instruct, `make real-model`), each when present.
@@ -84,13 +84,23 @@ def start_server(kind: str, model: Path, port: int, parallel: int, n_ctx: int, l
 class Tally:
     def __init__(self) -> None:
         self.tokens = self.sent = self.served = self.bad_status = self.stream_errors = self.transport_errors = 0
-        self.drafted = self.accepted = 0             # from llama-server's `timings`; ours reports none
+        self.drafted = self.accepted = 0             # speculative drafts, as each server's responses report them
         self.ttft: list[float] = []
         self.latency: list[float] = []
         self.first_error: str | None = None
 
     def error(self, what: str) -> None:
         self.first_error = self.first_error or what
+
+
+def draft_counts(event: dict) -> tuple[int, int] | None:
+    """(drafted, accepted) from a response's last event: llama-server's `timings` (draft_n,
+    draft_n_accepted) or our `stats` (drafted, accepted); None where it carries neither."""
+    if "timings" in event:
+        return event["timings"].get("draft_n", 0), event["timings"].get("draft_n_accepted", 0)
+    if "stats" in event:
+        return event["stats"].get("drafted", 0), event["stats"].get("accepted", 0)
+    return None
 
 
 async def one_request(client, tally: Tally, question: str, max_tokens: int) -> None:
@@ -100,7 +110,7 @@ async def one_request(client, tally: Tally, question: str, max_tokens: int) -> N
     body = {"messages": [{"role": "user", "content": numbered(question)}], "max_tokens": max_tokens,
             "temperature": 0,
             "stream": True, "stream_options": {"include_usage": True}}
-    t0, ttft, usage, timings = time.perf_counter(), None, None, {}
+    t0, ttft, usage, drafts = time.perf_counter(), None, None, (0, 0)
     try:
         async with client.stream("POST", "/v1/chat/completions", json=body) as r:
             if r.status_code != 200:
@@ -118,7 +128,7 @@ async def one_request(client, tally: Tally, question: str, max_tokens: int) -> N
                 if ttft is None and event.get("choices") and event["choices"][0].get("delta", {}).get("content"):
                     ttft = time.perf_counter() - t0
                 usage = event.get("usage") or usage
-                timings = event.get("timings") or timings
+                drafts = draft_counts(event) or drafts
     except httpx.TransportError as e:
         tally.error(f"{type(e).__name__}: {e}")
         tally.transport_errors += 1
@@ -126,8 +136,8 @@ async def one_request(client, tally: Tally, question: str, max_tokens: int) -> N
     tally.served += 1
     tally.latency.append(time.perf_counter() - t0)
     tally.tokens += usage["completion_tokens"] if usage else 0
-    tally.drafted += timings.get("draft_n", 0)
-    tally.accepted += timings.get("draft_n_accepted", 0)
+    tally.drafted += drafts[0]
+    tally.accepted += drafts[1]
     if ttft is not None:
         tally.ttft.append(ttft)
 
@@ -189,7 +199,7 @@ def measure(model: Path, clients=(1, 8, 32), duration_s: float = 60.0, parallel:
                     rates[kind].append((tallies[kind].tokens - tokens) / elapsed)
             for kind in kinds:
                 row = rows[kind, n] = {"server": kind, "model": name, **summary(tallies[kind], n, seconds[kind]),
-                                       "window_rates": rates[kind]}
+                                       "window_rates": rates[kind], "draft": draft.name if draft else None}
                 print(f"  {kind}, {n} clients: {row['tokens_per_s']:.1f} tok/s"
                       + (f"; first error: {row['first_error']}" if row["first_error"] else ""),
                       file=sys.stderr, flush=True)
@@ -241,10 +251,13 @@ def table(rows: list[dict], parallel: int, n_ctx: int, max_tokens: int) -> str:
 
 
 def drafted_note(rows: list[dict]) -> str:
-    """What llama-server's responses say it drafted (`timings.draft_n`), for the rows where it did."""
-    said = [f"{r['drafted']:,} tokens drafted and {r['accepted']:,} accepted ({r['accepted'] / r['drafted']:.0%}) "
-            f"at {r['clients']} client{'s' if r['clients'] > 1 else ''}" for r in rows if r.get("drafted")]
-    return f"\n\nllama-server's responses: {'; '.join(said)}." if said else ""
+    """What each server's responses say it drafted and had accepted, for the rows with a draft."""
+    def said(r: dict) -> str:
+        share = f" ({r['accepted'] / r['drafted']:.0%})" if r["drafted"] else ""
+        return (f"{'ours' if r['server'] == 'ours' else 'llama-server'} at {r['clients']} "
+                f"client{'s' if r['clients'] > 1 else ''} drafted {r['drafted']:,} tokens, {r['accepted']:,} accepted{share}")
+    drafted = [said(r) for r in rows if r.get("draft")]
+    return f"\n\nSpeculation, from the responses: {'; '.join(drafted)}." if drafted else ""
 
 
 def default_models() -> list[Path]:
