@@ -243,10 +243,11 @@ def table(rows: list[dict], parallel: int, n_ctx: int, max_tokens: int) -> str:
                     f"{r['ttft_p50']:.2f} / {r['ttft_p99']:.2f} s", f"{r['latency_p50']:.2f} / {r['latency_p99']:.2f} s",
                     f"{r['bad_status'] + r['stream_errors'] + r['transport_errors']}"))
     windows = max((len(r.get("window_rates", [])) for r in rows), default=0)
-    return (markdown_table(head, out) + drafted_note(rows) + f"\n\nBoth servers: {parallel} slots of {n_ctx} tokens, {os.cpu_count()} "
-            f"threads; streaming chat clients back to back, greedy, max_tokens {max_tokens}; both running at once, "
-            f"taking turns in {windows} windows per client count, alternating which goes first (per window: the "
-            "median of ours over llama-server's window by window, and the range). errors: non-200 "
+    return (markdown_table(head, out) + drafted_note(rows) +
+            f"\n\nBoth servers: {parallel} slots of {n_ctx} tokens, {os.cpu_count()} threads; streaming chat "
+            f"clients back to back, greedy, max_tokens {max_tokens}; both running at once, taking turns in "
+            f"{windows} windows per client count, alternating which goes first (per window: the median of ours "
+            "over llama-server's window by window, and the range). errors: non-200 "
             "answers + errors inside a stream + broken connections.")
 
 
@@ -255,7 +256,8 @@ def drafted_note(rows: list[dict]) -> str:
     def said(r: dict) -> str:
         share = f" ({r['accepted'] / r['drafted']:.0%})" if r["drafted"] else ""
         return (f"{'ours' if r['server'] == 'ours' else 'llama-server'} at {r['clients']} "
-                f"client{'s' if r['clients'] > 1 else ''} drafted {r['drafted']:,} tokens, {r['accepted']:,} accepted{share}")
+                f"client{'s' if r['clients'] > 1 else ''} drafted {r['drafted']:,} tokens, "
+                f"{r['accepted']:,} accepted{share}")
     drafted = [said(r) for r in rows if r.get("draft")]
     return f"\n\nSpeculation, from the responses: {'; '.join(drafted)}." if drafted else ""
 

@@ -56,7 +56,8 @@ def test_drafts_are_counted_from_either_servers_report():
 
     async def run(last: dict) -> Tally:
         tally = Tally()
-        async with httpx.AsyncClient(transport=streaming_chat_transport([], last), base_url="http://server") as client:
+        transport = streaming_chat_transport([], last)
+        async with httpx.AsyncClient(transport=transport, base_url="http://server") as client:
             for question in QUESTIONS[:3]:
                 await one_request(client, tally, question, max_tokens=2)
         return tally
